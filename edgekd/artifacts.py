@@ -1,0 +1,90 @@
+"""Writing run artifacts safely: whole or not at all, hashed, recorded in the run's manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator
+
+from edgekd.types import Artifact
+
+MANIFEST_NAME = "manifest.json"
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; it replaces `target` only if the block finishes.
+
+    A killed process leaves at most a stray temporary file, never a half-written artifact.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(target: Path, text: str) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(target: Path, payload: Any) -> None:
+    write_text_atomic(target, json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def config_hash(config: Any) -> str:
+    """A stable short hash of a JSON-able config: the cache key of a stage."""
+    blob = json.dumps(config, sort_keys=True, default=_json_default).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def read_manifest(run_dir: Path) -> list[Artifact]:
+    path = Path(run_dir) / MANIFEST_NAME
+    if not path.exists():
+        return []
+    return [Artifact(**entry) for entry in json.loads(path.read_text())]
+
+
+def record_artifact(run_dir: Path, artifact: Artifact) -> None:
+    """Add or replace (by path) one manifest entry; the manifest itself is rewritten atomically."""
+    entries = [a for a in read_manifest(run_dir) if a.path != artifact.path]
+    entries.append(artifact)
+    write_json_atomic(Path(run_dir) / MANIFEST_NAME, [asdict(a) for a in entries])
+
+
+def make_artifact(run_dir: Path, stage: str, path: Path, *, parent: str | None = None,
+                  config: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> Artifact:
+    """Hash a finished file and record it in the run's manifest."""
+    run_dir = Path(run_dir)
+    artifact = Artifact(stage=stage, path=str(Path(path).resolve().relative_to(run_dir.resolve())),
+                        sha256=sha256_file(path), parent=parent, config=config or {}, metrics=metrics or {})
+    record_artifact(run_dir, artifact)
+    return artifact

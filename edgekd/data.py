@@ -1,0 +1,324 @@
+"""Datasets behind --data: an ImageFolder tree, a folder of unlabeled images, or the real Fashion-MNIST.
+
+Every source yields (PIL image, label) records; label is -1 when there are none. ModelInputs turns a
+record into one tensor per model, each with that model's own timm preprocessing, so a teacher and a
+student with different sizes or mean/std each see their own input of the same augmented view.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from timm.data import create_transform
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from edgekd.errors import EdgekdError
+from edgekd.types import DatasetInfo, DataSpec, Preprocess
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST = "fashion-mnist"
+FASHION_MNIST_DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+UNLABELED = -1
+
+
+class ArrayRecords(Dataset):
+    """Images held in memory as a uint8 array (N, H, W) or (N, H, W, 3)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images = images
+        self.labels = labels.astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.images[index]), int(self.labels[index])
+
+
+class FileRecords(Dataset):
+    """Images on disk, decoded lazily."""
+
+    def __init__(self, paths: Sequence[Path], labels: Sequence[int]):
+        self.paths = list(paths)
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return image.copy(), int(self.labels[index])
+        except (OSError, UnidentifiedImageError) as error:
+            raise EdgekdError(f"cannot decode image {path}: {error}; remove or replace the file") from error
+
+
+@dataclass(frozen=True)
+class LoadedData:
+    info: DatasetInfo
+    train: ArrayRecords | FileRecords
+    val: ArrayRecords | FileRecords
+
+
+def load_data(spec: DataSpec) -> LoadedData:
+    """Resolve --data into train and validation records."""
+    if spec.source.lower() in (FASHION_MNIST, "fashion_mnist", "fmnist"):
+        loaded = _load_fashion_mnist(spec)
+    else:
+        loaded = _load_folder(spec)
+    return _limit(loaded, spec)
+
+
+# ---------------------------------------------------------------------------------------------- Fashion-MNIST
+
+def fashion_mnist_root(root: Path | None) -> Path:
+    candidates = [root] if root else [Path(os.environ["EDGEKD_FASHION_MNIST"])] \
+        if os.environ.get("EDGEKD_FASHION_MNIST") else [FASHION_MNIST_DEFAULT_ROOT]
+    for candidate in candidates:
+        if candidate and (candidate / "train-images-idx3-ubyte.gz").exists():
+            return candidate
+    raise EdgekdError(
+        f"Fashion-MNIST not found in {candidates[0]}: install it with `sudo apt-get install dataset-fashion-mnist` "
+        "or pass --fashion-mnist-root DIR holding the four *-idx*-ubyte.gz files")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (the MNIST format): magic, dims, then raw uint8 data."""
+    with gzip.open(path, "rb") as handle:
+        raw = handle.read()
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _load_fashion_mnist(spec: DataSpec) -> LoadedData:
+    root = fashion_mnist_root(spec.fashion_mnist_root)
+    train = ArrayRecords(_read_idx(root / "train-images-idx3-ubyte.gz"), _read_idx(root / "train-labels-idx1-ubyte.gz"))
+    val = ArrayRecords(_read_idx(root / "t10k-images-idx3-ubyte.gz"), _read_idx(root / "t10k-labels-idx1-ubyte.gz"))
+    info = DatasetInfo(source=f"{FASHION_MNIST}:{root}", class_names=FASHION_MNIST_CLASSES, labeled=True,
+                       num_train=len(train), num_val=len(val))
+    return LoadedData(info, train, val)
+
+
+# ---------------------------------------------------------------------------------------------- folders
+
+def _images_in(folder: Path, recursive: bool) -> list[Path]:
+    pattern = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except Exception:  # noqa: BLE001 - PIL raises many types for a bad file; any of them means "skip it"
+        return False
+
+
+def _scan_split(folder: Path, class_names: tuple[str, ...] | None) -> tuple[list[Path], list[int], tuple[str, ...], int]:
+    """Index one split folder: class sub-folders (labeled) or loose images (unlabeled). Corrupt files are skipped."""
+    sub_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    paths: list[Path] = []
+    labels: list[int] = []
+    if sub_dirs:
+        names = tuple(d.name for d in sub_dirs)
+        if class_names is not None:
+            unknown = sorted(set(names) - set(class_names))
+            if unknown:
+                raise EdgekdError(f"{folder} has class folders the training split lacks: {', '.join(unknown)}; "
+                                  "use the same class folder names in train/ and val/")
+            names = class_names
+        for sub_dir in sub_dirs:
+            found = _images_in(sub_dir, recursive=True)
+            if not found:
+                raise EdgekdError(f"class folder {sub_dir} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                                  "add images or remove the folder")
+            paths += found
+            labels += [names.index(sub_dir.name)] * len(found)
+    else:
+        names = ()
+        paths = _images_in(folder, recursive=False)
+        labels = [UNLABELED] * len(paths)
+    if not paths:
+        raise EdgekdError(f"no images found in {folder}; point --data at a folder of images "
+                          "(one sub-folder per class, or loose images for label-free distillation)")
+    readable = [_readable(p) for p in paths]
+    skipped = readable.count(False)
+    if skipped:
+        bad = [str(p) for p, ok in zip(paths, readable) if not ok]
+        log.warning("skipped %d unreadable image(s) in %s, e.g. %s", skipped, folder, bad[0])
+        paths = [p for p, ok in zip(paths, readable) if ok]
+        labels = [label for label, ok in zip(labels, readable) if ok]
+        if not paths:
+            raise EdgekdError(f"every image in {folder} is unreadable (e.g. {bad[0]}); check the files")
+    return paths, labels, names, skipped
+
+
+def _load_folder(spec: DataSpec) -> LoadedData:
+    root = Path(spec.source).expanduser()
+    if not root.exists():
+        raise EdgekdError(f"data folder {root} does not exist; pass --data DIR (or --data fashion-mnist)")
+    if not root.is_dir():
+        raise EdgekdError(f"--data {root} is not a folder; pass a folder of images (or --data fashion-mnist)")
+    val_dir = next((root / name for name in ("val", "validation", "test") if (root / name).is_dir()), None)
+    if (root / "train").is_dir() and val_dir is not None:
+        train_paths, train_labels, names, skipped_train = _scan_split(root / "train", None)
+        val_paths, val_labels, _, skipped_val = _scan_split(val_dir, names if names else None)
+        skipped = skipped_train + skipped_val
+    else:
+        paths, labels, names, skipped = _scan_split(root, None)
+        train_idx, val_idx = stratified_split(np.asarray(labels), spec.val_fraction, spec.seed)
+        train_paths, train_labels = [paths[i] for i in train_idx], [labels[i] for i in train_idx]
+        val_paths, val_labels = [paths[i] for i in val_idx], [labels[i] for i in val_idx]
+    train, val = FileRecords(train_paths, train_labels), FileRecords(val_paths, val_labels)
+    info = DatasetInfo(source=str(root), class_names=names, labeled=bool(names), num_train=len(train),
+                       num_val=len(val), skipped_corrupt=skipped)
+    return LoadedData(info, train, val)
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded per-class split; every class with 2+ images keeps at least one in each part."""
+    if not 0.0 < val_fraction < 1.0:
+        raise EdgekdError(f"validation fraction must be between 0 and 1, got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for index, label in enumerate(labels.tolist()):
+        by_class[label].append(index)
+    train_idx: list[int] = []
+    val_idx: list[int] = []
+    for label in sorted(by_class):
+        members = rng.permutation(by_class[label]).tolist()
+        n_val = min(len(members) - 1, max(1, round(len(members) * val_fraction))) if len(members) > 1 else 0
+        val_idx += members[:n_val]
+        train_idx += members[n_val:]
+    if not val_idx:
+        raise EdgekdError("too few images to hold any out for validation; add images or a val/ folder")
+    return sorted(train_idx), sorted(val_idx)
+
+
+def stratified_subset(labels: np.ndarray, count: int, seed: int) -> list[int]:
+    """A seeded subset of `count` indices with the class balance of the whole."""
+    if count >= len(labels):
+        return list(range(len(labels)))
+    fraction = count / len(labels)
+    _, chosen = stratified_split(labels, fraction, seed) if fraction < 1 else ([], list(range(len(labels))))
+    return chosen[:count]
+
+
+def _limit(loaded: LoadedData, spec: DataSpec) -> LoadedData:
+    train, val = loaded.train, loaded.val
+    if spec.max_train is not None:
+        train = _subset(train, stratified_subset(train.labels, spec.max_train, spec.seed))
+    if spec.max_val is not None:
+        val = _subset(val, stratified_subset(val.labels, spec.max_val, spec.seed + 1))
+    info = DatasetInfo(source=loaded.info.source, class_names=loaded.info.class_names, labeled=loaded.info.labeled,
+                       num_train=len(train), num_val=len(val), skipped_corrupt=loaded.info.skipped_corrupt)
+    return LoadedData(info, train, val)
+
+
+def _subset(records: ArrayRecords | FileRecords, indices: list[int]) -> ArrayRecords | FileRecords:
+    if isinstance(records, ArrayRecords):
+        return ArrayRecords(records.images[indices], records.labels[indices])
+    return FileRecords([records.paths[i] for i in indices], records.labels[indices])
+
+
+# ---------------------------------------------------------------------------------------------- transforms
+
+class ToMode:
+    """Convert to the channel layout a model was built for: grayscale feeds a 3-channel model and vice versa."""
+
+    def __init__(self, channels: int):
+        self.mode = "L" if channels == 1 else "RGB"
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image if image.mode == self.mode else image.convert(self.mode)
+
+
+def eval_transform(pre: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
+    """The model's own deployment preprocessing (timm's eval transform: resize, center crop, normalize)."""
+    return T.Compose([ToMode(pre.channels), create_transform(
+        input_size=pre.input_size, is_training=False, interpolation=pre.interpolation, mean=pre.mean, std=pre.std,
+        crop_pct=pre.crop_pct, crop_mode=pre.crop_mode)])
+
+
+def _finish_transform(pre: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
+    """After the shared augmentation: resize to this model's size and normalize with its statistics."""
+    return T.Compose([ToMode(pre.channels), T.Resize(pre.image_size, interpolation=_interp(pre.interpolation)),
+                      T.ToTensor(), T.Normalize(pre.mean, pre.std)])
+
+
+def _interp(name: str) -> T.InterpolationMode:
+    return {"bicubic": T.InterpolationMode.BICUBIC, "nearest": T.InterpolationMode.NEAREST}.get(
+        name, T.InterpolationMode.BILINEAR)
+
+
+class ModelInputs(Dataset):
+    """Records -> (input for model 0, input for model 1, ..., label).
+
+    Training: one random crop + flip shared by all models (teacher and student must see the same view
+    to distil), then each model's own resize and normalization. Eval: each model's timm eval transform.
+    """
+
+    def __init__(self, records: Dataset, preprocesses: Sequence[Preprocess], training: bool,
+                 crop_scale: tuple[float, float] = (0.5, 1.0)):
+        self.records = records
+        self.preprocesses = tuple(preprocesses)
+        self.unique = tuple(dict.fromkeys(self.preprocesses))
+        self.training = training
+        largest = max((p.image_size for p in self.unique), key=lambda hw: hw[0] * hw[1])
+        self.augment = T.Compose([T.RandomResizedCrop(largest, scale=crop_scale), T.RandomHorizontalFlip()])
+        make = _finish_transform if training else eval_transform
+        self.per_model = {pre: make(pre) for pre in self.unique}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple:
+        image, label = self.records[index]
+        if self.training:
+            image = self.augment(image)
+        tensors = {pre: transform(image) for pre, transform in self.per_model.items()}
+        return (*[tensors[pre] for pre in self.preprocesses], label)
+
+
+def default_workers() -> int:
+    """Leave one core for the training loop itself."""
+    return min(6, max(0, (os.cpu_count() or 1) - 1))
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, num_workers: int | None = None,
+                device: torch.device | None = None, drop_last: bool = False,
+                sampler: torch.utils.data.Sampler | None = None) -> DataLoader:
+    """A DataLoader with worker processes and, on CUDA, pinned memory, so loading is not the bottleneck."""
+    workers = default_workers() if num_workers is None else num_workers
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=workers, pin_memory=bool(device and device.type == "cuda"),
+                      persistent_workers=workers > 0, generator=generator, drop_last=drop_last,
+                      worker_init_fn=_seed_worker)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Seed numpy/random in each worker from torch's per-worker seed, so augmentation is reproducible.
+    import random
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)

@@ -1,0 +1,97 @@
+"""Supervised fine-tuning of a classifier on labeled data (used to fit a teacher's head to the data's classes).
+
+Resumable: the training state is written whole after every epoch, and a re-run continues from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from edgekd.artifacts import atomic_path, config_hash, write_json_atomic
+from edgekd.data import LoadedData, ModelInputs, make_loader
+from edgekd.train_utils import (autocast, evaluate, make_optimizer, pick_device, prepare_model, progress,
+                                seed_everything, to_device, warmup_cosine)
+from edgekd.types import Preprocess, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def train_classifier(model: torch.nn.Module, data: LoadedData, preprocess: Preprocess, config: TrainConfig,
+                     work_dir: Path, label: str = "train") -> tuple[torch.nn.Module, list[dict[str, float]]]:
+    """Train `model` with cross-entropy; returns it (on CPU, eval mode) and one metrics dict per epoch."""
+    seed_everything(config.seed)
+    device = pick_device(config.device)
+    model = prepare_model(model, device)
+    train_loader = make_loader(ModelInputs(data.train, [preprocess], training=True), config.batch_size,
+                               shuffle=True, seed=config.seed, num_workers=config.num_workers, device=device,
+                               drop_last=len(data.train) > config.batch_size)
+    val_loader = make_loader(ModelInputs(data.val, [preprocess], training=False), config.batch_size * 2,
+                             shuffle=False, num_workers=config.num_workers, device=device)
+    steps_per_epoch = len(train_loader)
+    total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
+    optimizer = make_optimizer(model.parameters(), config.lr, config.weight_decay)
+    scheduler = warmup_cosine(optimizer, total_steps, config.warmup_fraction)
+
+    state_path = Path(work_dir) / "train_state.pt"
+    key = config_hash({"config": config.__dict__, "preprocess": preprocess.to_dict(), "n": len(data.train)})
+    step, history = _resume(state_path, key, model, optimizer, scheduler)
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    for epoch in range(step // steps_per_epoch, epochs):
+        model.train()
+        started, seen, running = time.perf_counter(), 0, 0.0
+        epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+        bar = progress(train_loader, total=epoch_steps, desc=f"{label} epoch {epoch + 1}/{epochs}", unit="batch")
+        for batch_index, (inputs, labels) in enumerate(bar):
+            if batch_index >= epoch_steps:
+                break
+            inputs, labels = to_device(inputs, device), labels.to(device)
+            with autocast(device):
+                loss = F.cross_entropy(model(inputs).float(), labels, label_smoothing=0.1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            seen += len(labels)
+            running += loss.item()
+            bar.set_postfix(loss=f"{running / (batch_index + 1):.3f}",
+                                 img_s=f"{seen / (time.perf_counter() - started):.0f}")
+        bar.close()
+        result = evaluate(model, val_loader, device, description=f"{label} val")
+        metrics = {"epoch": epoch + 1, "train_loss": running / max(1, epoch_steps), "val_top1": result.top1,
+                   "val_top5": result.top5, "seconds": time.perf_counter() - started,
+                   "images_per_s": seen / (time.perf_counter() - started)}
+        history.append(metrics)
+        log.info("%s epoch %d: loss %.4f, val top-1 %.4f", label, epoch + 1, metrics["train_loss"], result.top1 or 0)
+        _save_state(state_path, key, step, history, model, optimizer, scheduler)
+    write_json_atomic(Path(work_dir) / "train_log.json", history)
+    return model.cpu().eval(), history
+
+
+def _save_state(path: Path, key: str, step: int, history: list, model, optimizer, scheduler) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"key": key, "step": step, "history": json.dumps(history), "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp)
+
+
+def _resume(path: Path, key: str, model, optimizer, scheduler) -> tuple[int, list[dict[str, float]]]:
+    """Continue from a previous run's last finished epoch when its configuration is the same."""
+    if not path.exists():
+        return 0, []
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("key") != key:
+        log.info("ignoring %s: it was written for another configuration", path)
+        return 0, []
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    log.info("resuming from %s at step %d", path, state["step"])
+    return int(state["step"]), json.loads(state["history"])

@@ -1,0 +1,187 @@
+"""timm models by name: aliases users type, creation at an input size and class count, safe checkpoint loading."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import socket
+from functools import lru_cache
+from pathlib import Path
+
+import timm
+import torch
+from timm.data import resolve_model_data_config
+
+from edgekd.errors import EdgekdError
+from edgekd.types import Preprocess
+
+log = logging.getLogger(__name__)
+
+# Short names people type, mapped to the timm architecture they mean.
+MODEL_ALIASES: dict[str, str] = {
+    "vit_base": "vit_base_patch16_224",
+    "vit_small": "vit_small_patch16_224",
+    "vit_tiny": "vit_tiny_patch16_224",
+    "vit_large": "vit_large_patch16_224",
+    "deit_base": "deit_base_patch16_224",
+    "deit_small": "deit_small_patch16_224",
+    "deit_tiny": "deit_tiny_patch16_224",
+    "swin_tiny": "swin_tiny_patch4_window7_224",
+    "resnet18": "resnet18",
+    "resnet50": "resnet50",
+    "convnext_tiny": "convnext_tiny",
+    "convnext_small": "convnext_small",
+    "efficientnet_b0": "efficientnet_b0",
+    "efficientnet_lite0": "tf_efficientnet_lite0",
+    "mobilenetv3_large": "mobilenetv3_large_100",
+    "mobilenetv3_small": "mobilenetv3_small_100",
+    "regnety_016": "regnety_016",
+}
+
+
+def alias_help() -> str:
+    return ", ".join(f"{alias}={name}" if alias != name else alias for alias, name in MODEL_ALIASES.items())
+
+
+@lru_cache(maxsize=1)
+def _known_models() -> frozenset[str]:
+    return frozenset(timm.list_models())
+
+
+def resolve_model_name(name: str) -> str:
+    """An alias or timm name -> a timm architecture name; an unknown name gets the closest timm names."""
+    cleaned = name.strip()
+    if cleaned in MODEL_ALIASES:
+        return MODEL_ALIASES[cleaned]
+    architecture = cleaned.split(".")[0]  # timm accepts "arch.pretrained_tag"
+    if architecture in _known_models():
+        return cleaned
+    close = difflib.get_close_matches(architecture, sorted(_known_models() | set(MODEL_ALIASES)), n=5, cutoff=0.6)
+    hint = f"; closest: {', '.join(close)}" if close else "; `python -c \"import timm; print(timm.list_models('*vit*'))\"` lists names"
+    raise EdgekdError(f"unknown model {name!r}{hint}")
+
+
+def _accepts_img_size(model_name: str) -> bool:
+    # Transformers fix their input size at construction (position embeddings); CNNs take any size.
+    cfg = timm.get_pretrained_cfg(model_name.split(".")[0], allow_unregistered=True)
+    return bool(cfg and getattr(cfg, "fixed_input_size", False))
+
+
+def create_model(model_name: str, num_classes: int, image_size: tuple[int, int] | None = None,
+                 pretrained: bool = False, in_chans: int = 3) -> torch.nn.Module:
+    """Create a timm model for this task's classes and, for fixed-size models, its input size."""
+    kwargs: dict = {"num_classes": num_classes, "in_chans": in_chans}
+    if image_size is not None and _accepts_img_size(model_name):
+        kwargs["img_size"] = image_size
+    if pretrained:
+        kwargs["pretrained_cfg_overlay"] = _pretrained_overlay(model_name)
+    try:
+        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    except (AssertionError, ValueError) as error:
+        size = f" at input size {image_size[0]}x{image_size[1]}" if image_size else ""
+        raise EdgekdError(f"cannot build {model_name}{size}: {error}; pick another --input-size") from error
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _pretrained_overlay(model_name: str) -> dict:
+    """Point timm at a locally cached weights file when the hub cannot be reached, or fail clearly.
+
+    timm's own download retries for ~45 s offline before failing; checking once saves the user that wait.
+    """
+    if _hub_reachable():
+        return {}
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.get_pretrained_cfg(model_name, allow_unregistered=True)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg else None
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        cached = try_to_load_from_cache(hub_id, filename) if hub_id else None
+        if isinstance(cached, str):
+            return {"file": cached}
+    raise EdgekdError(f"pretrained weights for {model_name} are not cached and the Hugging Face hub is unreachable; "
+                      "pass --teacher-checkpoint PATH (a .safetensors or .pth state_dict) or --random-init")
+
+
+def preprocess_for(model: torch.nn.Module, image_size: tuple[int, int] | None = None) -> Preprocess:
+    """The model's own timm data config, at `image_size` when given (recorded: budgets depend on it)."""
+    cfg = resolve_model_data_config(model)
+    channels = int(cfg["input_size"][0])
+    size = image_size or (int(cfg["input_size"][1]), int(cfg["input_size"][2]))
+    mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
+    if channels == 1 and len(mean) == 3:
+        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    return Preprocess(input_size=(channels, size[0], size[1]), mean=mean, std=std,
+                      interpolation=str(cfg.get("interpolation", "bilinear")),
+                      crop_pct=float(cfg.get("crop_pct", 1.0)), crop_mode=str(cfg.get("crop_mode", "center")))
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load a checkpoint from elsewhere safely: safetensors, or torch.load with weights_only=True."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgekdError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any failure to parse means the file is not a usable checkpoint
+        raise EdgekdError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}; "
+                          "give a state_dict saved as .safetensors or with torch.save") from error
+    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):  # common wrappers (timm train.py, others)
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise EdgekdError(f"checkpoint {path} is not a state_dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def classifier_keys(model: torch.nn.Module) -> list[str]:
+    """State-dict keys of the model's classification head (timm names it in pretrained_cfg)."""
+    head = model.pretrained_cfg.get("classifier", "head") if hasattr(model, "pretrained_cfg") else "head"
+    heads = head if isinstance(head, (list, tuple)) else [head]
+    return [k for k in model.state_dict() if any(k.startswith(h + ".") for h in heads)]
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, *,
+                 allow_head_mismatch: bool) -> bool:
+    """Load `state` into `model`; returns True when the head was left fresh because its shape differed.
+
+    Any other missing key, unexpected key or shape difference is a clear error naming the keys.
+    """
+    own = model.state_dict()
+    head = set(classifier_keys(model))
+    head_mismatch = any(k in state and state[k].shape != own[k].shape for k in head) or \
+        (head and not any(k in state for k in head))
+    if head_mismatch and allow_head_mismatch:
+        state = {k: v for k, v in state.items() if k not in head}
+    missing = [k for k in own if k not in state and not (head_mismatch and k in head)]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
+              if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append(f"{len(shapes)} shape(s) differ (checkpoint vs model), e.g. {'; '.join(shapes[:3])}")
+        if missing:
+            parts.append(f"{len(missing)} key(s) missing, e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:3])}")
+        raise EdgekdError(f"checkpoint {source} does not fit {model.__class__.__name__} "
+                          f"({getattr(model, 'pretrained_cfg', {}).get('architecture', '?')}): {'; '.join(parts)}")
+    model.load_state_dict(state, strict=False)
+    return bool(head_mismatch)

@@ -1,0 +1,154 @@
+"""Teachers: a timm model with real weights, fitted to the data's classes and measured before distillation."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from edgekd.artifacts import atomic_path, config_hash, make_artifact, write_json_atomic
+from edgekd.data import LoadedData, ModelInputs, make_loader
+from edgekd.errors import EdgekdError
+from edgekd.finetune import train_classifier
+from edgekd.models import (count_params, create_model, load_weights, preprocess_for, read_state_dict,
+                           resolve_model_name)
+from edgekd.train_utils import evaluate, pick_device
+from edgekd.types import TeacherResult, TeacherSpec, TrainConfig
+
+log = logging.getLogger(__name__)
+
+RESULT_NAME = "teacher.json"
+WEIGHTS_NAME = "teacher.safetensors"
+
+
+def build_teacher(spec: TeacherSpec, num_classes: int, image_size: tuple[int, int] | None) -> tuple[
+        torch.nn.Module, str, bool]:
+    """Create the teacher with its weights. Returns (model, where the weights came from, head is fresh)."""
+    model_name = resolve_model_name(spec.name)
+    if spec.checkpoint is not None:
+        model = create_model(model_name, num_classes, image_size, pretrained=False)
+        state = read_state_dict(spec.checkpoint)
+        fresh_head = load_weights(model, state, str(spec.checkpoint), allow_head_mismatch=True)
+        return model, f"checkpoint:{spec.checkpoint}", fresh_head
+    if spec.random_init:
+        return create_model(model_name, num_classes, image_size, pretrained=False), "random", True
+    model = create_model(model_name, num_classes, image_size, pretrained=True)
+    # timm re-initialises the classifier when num_classes differs from the pretrained head's.
+    return model, "pretrained", num_classes != model.pretrained_cfg.get("num_classes", num_classes)
+
+
+def prepare_teacher(spec: TeacherSpec, data: LoadedData, out_dir: Path, *, image_size: tuple[int, int] | None,
+                    train_config: TrainConfig, run_dir: Path | None = None) -> TeacherResult:
+    """Load the teacher, fine-tune it when its head does not fit the data, measure it, save it under out_dir.
+
+    A finished teacher whose inputs are unchanged is loaded from out_dir instead of being made again.
+    """
+    out_dir = Path(out_dir)
+    key = config_hash({"spec": [spec.name, str(spec.checkpoint), spec.random_init], "data": data.info.source,
+                       "classes": data.info.class_names, "n": [data.info.num_train, data.info.num_val],
+                       "size": image_size, "train": train_config.__dict__})
+    cached = _load_cached(out_dir, key)
+    if cached is not None:
+        log.info("teacher %s: reusing %s (val top-1 %s)", cached.model_name, out_dir / WEIGHTS_NAME,
+                 _pct(cached.val_top1))
+        return cached
+
+    labeled = data.info.labeled
+    num_classes = data.info.num_classes if labeled else _unlabeled_class_count(spec, image_size)
+    model, source, fresh_head = build_teacher(spec, num_classes, image_size)
+    model_name = resolve_model_name(spec.name)
+    preprocess = preprocess_for(model, image_size)
+    history: list[dict[str, float]] = []
+    if fresh_head:
+        if not labeled:
+            raise EdgekdError(f"teacher {model_name} has no classifier for this data and the data has no labels; "
+                              "give a --teacher-checkpoint trained for your classes, or labeled class folders")
+        why = "random weights" if source == "random" else f"its head does not match the {num_classes} classes"
+        log.info("fine-tuning teacher %s on %s (%s), %g epoch(s)", model_name, data.info.source, why,
+                 train_config.epochs)
+        model, history = train_classifier(model, data, preprocess, train_config, out_dir, label="teacher")
+    if history:  # fine-tuning just measured it on the validation split
+        top1, top5 = history[-1]["val_top1"], history[-1]["val_top5"]
+    else:
+        top1, top5 = measure_accuracy(model, data, preprocess, train_config)
+
+    weights_path = out_dir / WEIGHTS_NAME
+    with atomic_path(weights_path) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    class_names = data.info.class_names or tuple(f"class_{i}" for i in range(num_classes))
+    result = TeacherResult(model_name=model_name, weights_path=weights_path, num_classes=num_classes,
+                           class_names=class_names, preprocess=preprocess, weights_source=source,
+                           fine_tuned=bool(history), val_top1=top1, val_top5=top5,
+                           params=count_params(model), history=tuple(history))
+    write_json_atomic(out_dir / RESULT_NAME, {"key": key, **result.to_dict()})
+    if run_dir is not None:
+        make_artifact(run_dir, "teacher", weights_path, parent=str(spec.checkpoint) if spec.checkpoint else None,
+                      config={"model": model_name, "weights": source, "input_size": list(preprocess.input_size)},
+                      metrics={"val_top1": top1, "val_top5": top5, "params": result.params})
+    log.info("teacher %s ready: val top-1 %s on %d images", model_name, _pct(top1), data.info.num_val)
+    return result
+
+
+def measure_accuracy(model: torch.nn.Module, data: LoadedData, preprocess, config: TrainConfig) -> tuple[
+        float | None, float | None]:
+    device = pick_device(config.device)
+    loader = make_loader(ModelInputs(data.val, [preprocess], training=False), config.batch_size * 2,
+                         shuffle=False, num_workers=config.num_workers, device=device)
+    measured = evaluate(model.to(device), loader, device, description="teacher val")
+    model.cpu()
+    return measured.top1, measured.top5
+
+
+def load_teacher_model(result: TeacherResult) -> torch.nn.Module:
+    """The prepared teacher as an eval-mode module (weights from our own safetensors file)."""
+    model = create_model(result.model_name, result.num_classes, result.preprocess.image_size)
+    model.load_state_dict(load_file(str(result.weights_path)))
+    return model.eval()
+
+
+def prepare_teachers(specs: list[TeacherSpec], data: LoadedData, out_dir: Path, *,
+                     image_size: tuple[int, int] | None, train_config: TrainConfig,
+                     run_dir: Path | None = None) -> list[TeacherResult]:
+    """Several teachers (for multi-teacher distillation), each in its own folder."""
+    if not specs:
+        raise EdgekdError("no teacher given; pass --teacher NAME (e.g. --teacher vit_base)")
+    if len(specs) == 1:
+        return [prepare_teacher(specs[0], data, out_dir, image_size=image_size, train_config=train_config,
+                                run_dir=run_dir)]
+    return [prepare_teacher(spec, data, Path(out_dir) / f"{i}-{resolve_model_name(spec.name)}", image_size=image_size,
+                            train_config=replace(train_config, seed=train_config.seed + i), run_dir=run_dir)
+            for i, spec in enumerate(specs)]
+
+
+def _unlabeled_class_count(spec: TeacherSpec, image_size: tuple[int, int] | None) -> int:
+    """Without labels, keep the teacher's own head: its class count comes from the checkpoint or timm config."""
+    if spec.checkpoint is not None:
+        state = read_state_dict(spec.checkpoint)
+        probe = create_model(resolve_model_name(spec.name), 1, image_size)
+        from edgekd.models import classifier_keys
+
+        weights = [k for k in classifier_keys(probe) if k.endswith("weight") and k in state]
+        if weights:
+            return int(state[weights[-1]].shape[0])
+    import timm
+
+    cfg = timm.get_pretrained_cfg(resolve_model_name(spec.name), allow_unregistered=True)
+    return int(getattr(cfg, "num_classes", 1000) or 1000)
+
+
+def _load_cached(out_dir: Path, key: str) -> TeacherResult | None:
+    path = out_dir / RESULT_NAME
+    if not path.exists() or not (out_dir / WEIGHTS_NAME).exists():
+        return None
+    raw = json.loads(path.read_text())
+    if raw.pop("key", None) != key:
+        return None
+    return TeacherResult.from_dict(raw)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a (no labels)" if value is None else f"{100 * value:.2f}%"
