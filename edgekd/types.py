@@ -143,3 +143,35 @@ class Artifact:
     parent: str | None = None  # the artifact path it was made from
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StudentCheckpoint:
+    """A trained student on disk: what export, quantization and bench need to rebuild and run it.
+
+    Saved as <dir>/student.safetensors (weights) + <dir>/student.json (this object, via to_dict).
+    """
+
+    model_name: str  # a name students.build_student understands (a timm name, or a teacher-derived name)
+    weights_path: Path
+    num_classes: int
+    class_names: tuple[str, ...]
+    preprocess: Preprocess
+    val_top1: float | None = None
+    val_top5: float | None = None
+    teacher_agreement: float | None = None  # top-1 agreement with the (first) teacher on the validation split
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["weights_path"] = str(self.weights_path)
+        out["preprocess"] = self.preprocess.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> StudentCheckpoint:
+        return cls(model_name=raw["model_name"], weights_path=Path(raw["weights_path"]),
+                   num_classes=int(raw["num_classes"]), class_names=tuple(raw["class_names"]),
+                   preprocess=Preprocess.from_dict(raw["preprocess"]), val_top1=raw.get("val_top1"),
+                   val_top5=raw.get("val_top5"), teacher_agreement=raw.get("teacher_agreement"),
+                   metrics=dict(raw.get("metrics", {})))
