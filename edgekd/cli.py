@@ -98,12 +98,13 @@ def train_teacher_command(
     from edgekd.types import DataSpec, TrainConfig
 
     specs = teacher_specs(teacher, teacher_checkpoint, random_init)
+    image_size = parse_input_size(input_size)
     loaded = load_data(DataSpec(source=data, fashion_mnist_root=fashion_mnist_root, seed=seed,
                                 max_train=max_train, max_val=max_val))
     log.info("data: %s, %d train / %d val images, %s", loaded.info.source, loaded.info.num_train,
              loaded.info.num_val, f"{loaded.info.num_classes} classes" if loaded.info.labeled else "no labels")
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, num_workers=workers, device=device)
-    results = prepare_teachers(specs, loaded, out, image_size=parse_input_size(input_size), train_config=config)
+    results = prepare_teachers(specs, loaded, out, image_size=image_size, train_config=config)
     for result in results:
         accuracy = "n/a (no labels)" if result.val_top1 is None else \
             f"top-1 {100 * result.val_top1:.2f}%, top-5 {100 * (result.val_top5 or 0):.2f}%"
@@ -115,8 +116,11 @@ def train_teacher_command(
 
 def teacher_specs(names: list[str], checkpoints: list[Path], random_init: bool):
     """Pair each --teacher with its --teacher-checkpoint (in order)."""
+    from edgekd.models import resolve_model_name
     from edgekd.types import TeacherSpec
 
+    for name in names:  # fail on a typo before any data is read
+        resolve_model_name(name)
     if checkpoints and len(checkpoints) != len(names):
         raise EdgekdError(f"{len(names)} --teacher but {len(checkpoints)} --teacher-checkpoint; "
                           "give one checkpoint per teacher, in the same order")
@@ -124,6 +128,87 @@ def teacher_specs(names: list[str], checkpoints: list[Path], random_init: bool):
         raise EdgekdError("--random-init and --teacher-checkpoint contradict each other; pick one")
     return [TeacherSpec(name=name, checkpoint=checkpoints[i] if checkpoints else None, random_init=random_init)
             for i, name in enumerate(names)]
+
+
+# ----------------------------------------------------------------------------------------------- devices + selection
+
+PROFILE_HELP = ("Target device: a profile name (see `edgekd profiles`), a profile .toml, or the latency_table.json "
+                "a probe pack wrote on the device.")
+CANDIDATES_HELP = "Comma-separated candidate names (timm names or derived:<teacher>:depth=F); default: the whole pool."
+
+
+def _names(candidates: Optional[str]) -> Optional[list[str]]:
+    return [name.strip() for name in candidates.split(",") if name.strip()] if candidates else None
+
+
+@app.command("profiles")
+@user_errors
+def profiles_command() -> None:
+    """List the device profiles edgekd knows (profiles/*.toml, and $EDGEKD_PROFILES)."""
+    from edgekd.profiles import list_profiles
+
+    for p in list_profiles():
+        size = "teacher's" if p.input_size is None else f"{p.input_size}px"
+        typer.echo(f"{p.name:14} {p.description}\n{'':14} providers {', '.join(p.providers)}; {p.threads} threads, "
+                   f"batch {p.batch}, input {size}, precisions {', '.join(p.precisions)}, isa {p.isa}, "
+                   f"latency: {'measured here' if p.latency == 'host' else 'probe pack on the device'} ({p.source})")
+
+
+@app.command("select")
+@user_errors
+def select_command(
+    teacher: str = typer.Option(..., "--teacher", "-t", help="The teacher (timm name or alias)."),
+    budget: str = typer.Option(..., "--budget", "-b", help="Latency budget per image, e.g. 10ms, 2.5 ms, 0.01s."),
+    profile: str = typer.Option("host", "--profile", "-p", help=PROFILE_HELP),
+    student: Optional[str] = typer.Option(None, "--student", help="Pin this student; still reports if it fits."),
+    num_classes: int = typer.Option(1000, "--num-classes", help="The task's classes (the students' head size)."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="Side in pixels (default: the profile's)."),
+    candidates: Optional[str] = typer.Option(None, "--candidates", help=CANDIDATES_HELP),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Latency cache (default ~/.cache/edgekd)."),
+) -> None:
+    """Measure every candidate student on the profile's device in its deployment form; choose one that fits."""
+    from edgekd.candidates import measure_for_teacher
+    from edgekd.models import resolve_model_name
+    from edgekd.profiles import load_profile
+    from edgekd.select import RULE, format_table, parse_budget, select_student
+
+    budget_ms = parse_budget(budget)
+    device = load_profile(profile)
+    measured = measure_for_teacher(resolve_model_name(teacher), device, num_classes=num_classes,
+                                   image_size=parse_input_size(input_size), student=student,
+                                   names=_names(candidates), cache_dir=cache_dir)
+    source = f"the device's table {device.table_path}" if device.table_path else f"this machine ({device.name})"
+    typer.echo(f"latency measured on {source}: {', '.join(device.providers)}, {device.threads} threads, batch "
+               f"{device.batch}; fastest of {', '.join(device.precisions)} per candidate; budget {budget_ms:g} ms p90")
+    try:
+        selection = select_student(measured, budget_ms, student=student)
+    except EdgekdError:
+        typer.echo(format_table(measured, budget_ms, device.precisions))
+        raise
+    typer.echo(format_table(measured, budget_ms, device.precisions, chosen=selection.chosen.model_name))
+    typer.echo(f"rule: {RULE}")
+    typer.echo(f"chosen: {selection.reason}")
+
+
+@app.command("probe-pack")
+@user_errors
+def probe_pack_command(
+    teacher: str = typer.Option(..., "--teacher", "-t", help="The teacher (its derived student joins the pool)."),
+    profile: str = typer.Option(..., "--profile", "-p", help=PROFILE_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the pack (models, runner, pack.json)."),
+    num_classes: int = typer.Option(1000, "--num-classes", help="The task's classes (the students' head size)."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="Side in pixels (default: the profile's)."),
+    candidates: Optional[str] = typer.Option(None, "--candidates", help=CANDIDATES_HELP),
+) -> None:
+    """Write the candidates' deployment-form ONNX files and a runner needing only onnxruntime + numpy."""
+    from edgekd.models import resolve_model_name
+    from edgekd.probe import TABLE_NAME, write_probe_pack
+    from edgekd.profiles import load_profile
+
+    runner = write_probe_pack(resolve_model_name(teacher), load_profile(profile), out, num_classes=num_classes,
+                              image_size=parse_input_size(input_size), names=_names(candidates))
+    typer.echo(f"probe pack written to {out}. On the device: pip install onnxruntime numpy; python {runner.name}; "
+               f"then bring back {TABLE_NAME} and pass --profile {TABLE_NAME}")
 
 
 if __name__ == "__main__":

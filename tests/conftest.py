@@ -1,0 +1,40 @@
+"""Shared fixtures: real Fashion-MNIST images, as arrays and as image folders on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgekd.data import FASHION_MNIST_DEFAULT_ROOT, LoadedData, load_data
+from edgekd.types import DataSpec
+from tests.helpers.images import write_images
+
+
+@pytest.fixture(scope="session")
+def fmnist_root() -> Path:
+    if not (FASHION_MNIST_DEFAULT_ROOT / "train-images-idx3-ubyte.gz").exists():
+        pytest.fail("Fashion-MNIST is missing: `apt-get install dataset-fashion-mnist` (.ci/run installs it)")
+    return FASHION_MNIST_DEFAULT_ROOT
+
+
+@pytest.fixture(scope="session")
+def small_fmnist(fmnist_root: Path) -> LoadedData:
+    """A stratified 600/300 slice of the real Fashion-MNIST."""
+    return load_data(DataSpec("fashion-mnist", max_train=600, max_val=300))
+
+
+@pytest.fixture(scope="session")
+def fmnist_arrays(small_fmnist: LoadedData) -> tuple[np.ndarray, np.ndarray]:
+    """The first 3 classes of the slice, 12 images each (uint8 28x28 arrays and labels 0..2)."""
+    images, labels = small_fmnist.train.images, small_fmnist.train.labels
+    keep = np.concatenate([np.flatnonzero(labels == c)[:12] for c in range(3)])
+    return images[keep], labels[keep]
+
+
+@pytest.fixture()
+def class_folder(tmp_path: Path, fmnist_arrays) -> Path:
+    images, labels = fmnist_arrays
+    write_images(tmp_path / "shop", images, labels, ("tshirt", "trouser", "pullover"))
+    return tmp_path / "shop"

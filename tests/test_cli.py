@@ -1,0 +1,64 @@
+"""The command line as a user meets it: help, version, a real run, and one-line errors for mistakes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from edgekd import __version__
+from edgekd.cli import app
+
+runner = CliRunner()
+
+
+def run_cli(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_help_lists_commands_and_version():
+    result = run_cli("--help")
+    assert result.exit_code == 0 and "train-teacher" in result.output
+    assert run_cli("--version").output.strip() == f"edgekd {__version__}"
+
+
+def test_train_teacher_end_to_end(tmp_path: Path, fmnist_root):
+    result = run_cli("train-teacher", "--teacher", "test_resnet", "--random-init", "--data", "fashion-mnist",
+                     "--input-size", "32", "--epochs", "0.5", "--max-train", "400", "--max-val", "200",
+                     "--workers", "0", "--out", str(tmp_path / "t"))
+    assert result.exit_code == 0, result.output
+    assert "validation top-1" in result.output and "on 200 images" in result.output
+    assert (tmp_path / "t" / "teacher.safetensors").exists() and (tmp_path / "t" / "teacher.json").exists()
+
+
+def _one_line_error(args: list[str]) -> str:
+    """Run the installed console script as a user would; a mistake must be one line, exit 2, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "edgekd.cli", *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+def test_unknown_teacher_is_one_line_with_suggestions():
+    assert "closest: vit_base" in _one_line_error(["train-teacher", "--teacher", "vit_bse", "--data", "x"])
+
+
+def test_missing_data_folder_is_one_line(tmp_path: Path):
+    line = _one_line_error(["train-teacher", "--teacher", "test_resnet", "--random-init",
+                            "--data", str(tmp_path / "missing")])
+    assert "does not exist" in line
+
+
+def test_bad_checkpoint_is_one_line(tmp_path: Path):
+    (tmp_path / "w.pth").write_bytes(b"garbage")
+    line = _one_line_error(["train-teacher", "--teacher", "test_resnet", "--teacher-checkpoint", str(tmp_path / "w.pth"),
+                            "--data", "fashion-mnist", "--max-train", "50", "--max-val", "20"])
+    assert "cannot read checkpoint" in line
+
+
+def test_bad_input_size_is_one_line():
+    assert "--input-size" in _one_line_error(["train-teacher", "--teacher", "test_resnet", "--input-size", "2"])

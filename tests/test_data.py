@@ -1,0 +1,109 @@
+"""Data sources behind --data, on real Fashion-MNIST images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgekd.data import FASHION_MNIST_CLASSES, ModelInputs, eval_transform, load_data, stratified_split
+from edgekd.errors import EdgekdError
+from edgekd.types import DataSpec, Preprocess
+from tests.helpers.images import write_images
+
+
+def test_fashion_mnist_is_the_real_dataset(fmnist_root: Path):
+    loaded = load_data(DataSpec("fashion-mnist"))
+    assert (loaded.info.num_train, loaded.info.num_val) == (60000, 10000)
+    assert loaded.info.class_names == FASHION_MNIST_CLASSES and loaded.info.labeled
+    assert np.bincount(loaded.val.labels).tolist() == [1000] * 10
+    image, label = loaded.train[0]
+    assert image.size == (28, 28) and image.mode == "L" and 0 <= label < 10
+
+
+def test_fashion_mnist_missing_root_says_how_to_install(tmp_path: Path):
+    with pytest.raises(EdgekdError, match="apt-get install dataset-fashion-mnist"):
+        load_data(DataSpec("fashion-mnist", fashion_mnist_root=tmp_path))
+
+
+def test_subsets_are_stratified_and_seeded(fmnist_root: Path):
+    first = load_data(DataSpec("fashion-mnist", max_train=500, max_val=200, seed=3))
+    again = load_data(DataSpec("fashion-mnist", max_train=500, max_val=200, seed=3))
+    assert first.info.num_train == 500 and first.info.num_val == 200
+    assert np.array_equal(first.train.images, again.train.images)
+    assert np.bincount(first.train.labels).tolist() == [50] * 10
+
+
+def test_class_folder_without_split_is_split_per_class(class_folder: Path):
+    loaded = load_data(DataSpec(str(class_folder), val_fraction=0.25, seed=1))
+    assert loaded.info.class_names == ("pullover", "trouser", "tshirt") and loaded.info.labeled
+    assert loaded.info.num_val == 9 and loaded.info.num_train == 27
+    assert np.bincount(loaded.val.labels).tolist() == [3, 3, 3]
+    assert set(loaded.train.paths).isdisjoint(loaded.val.paths)
+    assert load_data(DataSpec(str(class_folder), val_fraction=0.25, seed=1)).val.paths == loaded.val.paths
+
+
+def test_train_and_val_folders_are_used_as_given(tmp_path: Path, fmnist_arrays):
+    images, labels = fmnist_arrays
+    names = ("a", "b", "c")
+    write_images(tmp_path / "train", images[::2], labels[::2], names)
+    write_images(tmp_path / "val", images[1::2], labels[1::2], names)
+    loaded = load_data(DataSpec(str(tmp_path)))
+    assert (loaded.info.num_train, loaded.info.num_val) == (18, 18)
+    image, label = loaded.val[0]
+    assert image.size == (28, 28) and label in (0, 1, 2)
+
+
+def test_unlabeled_folder_gives_label_minus_one(tmp_path: Path, fmnist_arrays):
+    images, _ = fmnist_arrays
+    write_images(tmp_path / "loose", images[:10], None, suffix=".jpg")
+    loaded = load_data(DataSpec(str(tmp_path / "loose"), val_fraction=0.2))
+    assert not loaded.info.labeled and loaded.info.class_names == ()
+    assert loaded.info.num_train + loaded.info.num_val == 10
+    assert set(loaded.train.labels.tolist()) == {-1}
+
+
+def test_corrupt_images_are_skipped_and_counted(class_folder: Path):
+    (class_folder / "tshirt" / "broken.png").write_bytes(b"not an image at all")
+    (class_folder / "trouser" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0")
+    loaded = load_data(DataSpec(str(class_folder)))
+    assert loaded.info.skipped_corrupt == 2
+    assert loaded.info.num_train + loaded.info.num_val == 36
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: root / "nowhere", "does not exist"),
+    (lambda root: (root / "file.txt").write_text("x") and root / "file.txt", "is not a folder"),
+    (lambda root: (root / "empty").mkdir() or root / "empty", "no images found"),
+    (lambda root: (root / "c" / "cat").mkdir(parents=True) or root / "c", "class folder .* has no images"),
+])
+def test_bad_data_folders_get_clear_errors(tmp_path: Path, make, message):
+    with pytest.raises(EdgekdError, match=message):
+        load_data(DataSpec(str(make(tmp_path))))
+
+
+def test_stratified_split_keeps_every_class_on_both_sides():
+    train, val = stratified_split(np.array([0] * 10 + [1] * 2 + [2] * 5), 0.2, seed=0)
+    labels = np.array([0] * 10 + [1] * 2 + [2] * 5)
+    assert set(labels[val]) == {0, 1, 2} and set(labels[train]) == {0, 1, 2}
+
+
+def test_each_model_gets_its_own_preprocessing(small_fmnist):
+    rgb = Preprocess((3, 32, 32), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic", 0.9)
+    gray = Preprocess((1, 24, 24), (0.5,), (0.5,), "bilinear", 1.0)
+    x_rgb, x_gray, label = ModelInputs(small_fmnist.val, [rgb, gray], training=False)[0]
+    assert x_rgb.shape == (3, 32, 32) and x_gray.shape == (1, 24, 24)
+    assert torch.allclose(x_rgb[0] * 0.229 + 0.485, x_rgb[1] * 0.224 + 0.456, atol=1e-5)  # gray fed to RGB
+    assert torch.allclose(x_gray, eval_transform(gray)(small_fmnist.val[0][0]))
+    assert label == int(small_fmnist.val.labels[0])
+
+
+def test_training_views_are_shared_between_models(small_fmnist):
+    """Teacher and student must see the same random crop, or distillation compares different images."""
+    pre = Preprocess((3, 32, 32), (0.5,) * 3, (0.5,) * 3)
+    other = Preprocess((3, 32, 32), (0.2,) * 3, (0.25,) * 3)
+    torch.manual_seed(0)
+    x_a, x_b, _ = ModelInputs(small_fmnist.train, [pre, other], training=True)[5]
+    assert torch.allclose(x_a * 0.5 + 0.5, x_b * 0.25 + 0.2, atol=1e-5)

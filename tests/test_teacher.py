@@ -1,0 +1,106 @@
+"""Teachers: names, real weights arriving intact, fine-tuning to the data's classes, bad checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from edgekd.errors import EdgekdError
+from edgekd.models import create_model, resolve_model_name
+from edgekd.teacher import build_teacher, load_teacher_model, prepare_teacher
+from edgekd.types import DataSpec, TeacherSpec, TrainConfig
+from tests.helpers.efficientnet_lite0 import ARCHITECTURE, convert_to_timm, source_state_dict
+
+QUICK = TrainConfig(epochs=1, batch_size=32, lr=3e-3, num_workers=0)
+
+
+def test_aliases_and_timm_names_resolve():
+    assert resolve_model_name("vit_base") == "vit_base_patch16_224"
+    assert resolve_model_name("resnet50") == "resnet50"
+    assert resolve_model_name("convnext_tiny.fb_in22k") == "convnext_tiny.fb_in22k"
+
+
+def test_unknown_model_suggests_the_closest_names():
+    with pytest.raises(EdgekdError, match="closest: resnet18"):
+        resolve_model_name("resnt18")
+
+
+def test_random_teacher_is_fine_tuned_and_measured(small_fmnist, tmp_path: Path):
+    spec = TeacherSpec("test_resnet", random_init=True)
+    result = prepare_teacher(spec, small_fmnist, tmp_path, image_size=(32, 32), train_config=QUICK)
+    assert result.fine_tuned and result.weights_source == "random"
+    assert result.preprocess.input_size == (3, 32, 32) and result.num_classes == 10
+    assert result.val_top1 is not None and result.val_top1 > 0.25  # 10 classes: chance is 0.10
+    assert len(result.history) == 1
+    reloaded = load_teacher_model(result)
+    assert sum(p.numel() for p in reloaded.parameters()) == result.params
+
+    stamp = os.stat(result.weights_path).st_mtime_ns
+    again = prepare_teacher(spec, small_fmnist, tmp_path, image_size=(32, 32), train_config=QUICK)
+    assert again == result and os.stat(result.weights_path).st_mtime_ns == stamp  # reused, not retrained
+
+
+def test_pretrained_weights_arrive_intact(tmp_path: Path):
+    """The real ImageNet weights of efficientnet-lite0, loaded through --teacher-checkpoint, give the same outputs."""
+    checkpoint = convert_to_timm(tmp_path / "lite0.safetensors")
+    teacher, source, fresh_head = build_teacher(TeacherSpec(ARCHITECTURE, checkpoint=checkpoint), 1000, (64, 64))
+    assert source.startswith("checkpoint:") and not fresh_head
+    reference = create_model(ARCHITECTURE, 1000)
+    reference.load_state_dict(dict(zip(reference.state_dict(), source_state_dict().values())))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(teacher.eval()(x), reference.eval()(x))
+
+
+def test_pretrained_teacher_fine_tunes_better_than_random(small_fmnist, tmp_path: Path):
+    """Same steps, same data: ImageNet weights must beat random init, proving the weights are real and used."""
+    checkpoint = convert_to_timm(tmp_path / "lite0.safetensors")
+    config = TrainConfig(epochs=1, batch_size=32, lr=1e-3, num_workers=0)
+    pretrained = prepare_teacher(TeacherSpec(ARCHITECTURE, checkpoint=checkpoint), small_fmnist, tmp_path / "pre",
+                                 image_size=(64, 64), train_config=config)
+    scratch = prepare_teacher(TeacherSpec(ARCHITECTURE, random_init=True), small_fmnist, tmp_path / "scratch",
+                              image_size=(64, 64), train_config=config)
+    assert pretrained.fine_tuned and pretrained.num_classes == 10  # the 1000-class head was replaced
+    assert pretrained.val_top1 > scratch.val_top1 + 0.10, (pretrained.val_top1, scratch.val_top1)
+
+
+def test_checkpoint_for_another_architecture_names_the_differences(tmp_path: Path):
+    path = tmp_path / "vit.safetensors"
+    save_file(create_model("test_vit", 10, (32, 32)).state_dict(), str(path))
+    with pytest.raises(EdgekdError, match=r"does not fit .*(missing|unexpected|differ)"):
+        build_teacher(TeacherSpec("test_resnet", checkpoint=path), 10, (32, 32))
+
+
+def test_checkpoint_with_a_changed_layer_lists_the_shape(tmp_path: Path):
+    state = create_model("test_resnet", 10).state_dict()
+    state["conv1.0.weight"] = torch.zeros(3, 3, 3, 3)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(EdgekdError, match=r"conv1\.0\.weight \(3, 3, 3, 3\) vs"):
+        build_teacher(TeacherSpec("test_resnet", checkpoint=tmp_path / "bad.pth"), 10, None)
+
+
+def test_unreadable_checkpoint_is_rejected(tmp_path: Path):
+    (tmp_path / "junk.pth").write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(EdgekdError, match="cannot read checkpoint"):
+        build_teacher(TeacherSpec("test_resnet", checkpoint=tmp_path / "junk.pth"), 10, None)
+
+
+def test_offline_pretrained_request_names_the_checkpoint_option(monkeypatch, tmp_path: Path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache: nothing to fall back on
+    with pytest.raises(EdgekdError, match="--teacher-checkpoint"):
+        build_teacher(TeacherSpec("resnet18"), 10, (32, 32))
+
+
+def test_unlabeled_data_cannot_fit_a_fresh_head(tmp_path: Path, fmnist_arrays):
+    from edgekd.data import load_data
+    from tests.helpers.images import write_images
+
+    write_images(tmp_path / "loose", fmnist_arrays[0][:10], None)
+    data = load_data(DataSpec(str(tmp_path / "loose")))
+    with pytest.raises(EdgekdError, match="no labels"):
+        prepare_teacher(TeacherSpec("test_resnet", random_init=True), data, tmp_path / "t", image_size=(32, 32),
+                        train_config=QUICK)
