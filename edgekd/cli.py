@@ -30,7 +30,7 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
                                       help="Print the version and exit."),
          verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="edgekd: %(message)s",
-                        stream=sys.stderr)
+                        stream=sys.stderr, force=True)
 
 
 def user_errors(func: Callable) -> Callable:
@@ -209,6 +209,247 @@ def probe_pack_command(
                               image_size=parse_input_size(input_size), names=_names(candidates))
     typer.echo(f"probe pack written to {out}. On the device: pip install onnxruntime numpy; python {runner.name}; "
                f"then bring back {TABLE_NAME} and pass --profile {TABLE_NAME}")
+
+
+# ----------------------------------------------------------------------------------------------- export + predict
+
+MOBILE_PROVIDERS = ("XnnpackExecutionProvider", "NnapiExecutionProvider", "CoreMLExecutionProvider")
+
+
+@app.command("export")
+@user_errors
+def export_command(
+    checkpoint: Path = typer.Argument(..., help="A student checkpoint folder (student.json + student.safetensors)."),
+    out: Path = typer.Option(Path("export"), "--out", "-o", help="The bundle folder to write."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP + " Needed for int8 (calibration)."),
+    profile: str = typer.Option("host", "--profile", "-p", help="Target device profile: ISA, threads, precisions."),
+    max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", help="Top-1 points int8 may lose."),
+    search: bool = typer.Option(False, "--search", help="Try every quantization preset of the ISA; keep the fastest."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset (17-20)."),
+    ort_format: Optional[bool] = typer.Option(None, "--ort-format/--no-ort-format",
+                                              help="Also write model.ort (default: for mobile profiles)."),
+    max_train: Optional[int] = typer.Option(512, "--max-train", help="Calibration images from the training split."),
+    max_val: Optional[int] = typer.Option(1000, "--max-val", help="Validation images for the accuracy guard."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle."),
+) -> None:
+    """Export a trained student to a bundle: model.onnx (int8 where it pays), preprocess.json, manifest.json."""
+    from edgekd.bundle import BundleOptions, bundle_from_checkpoint
+    from edgekd.data import load_data
+    from edgekd.profiles import load_profile
+    from edgekd.quantize import GuardConfig
+    from edgekd.students import read_student_checkpoint
+    from edgekd.types import DataSpec
+
+    student = read_student_checkpoint(checkpoint)
+    device = load_profile(profile)
+    loaded = load_data(DataSpec(source=data, max_train=max_train, max_val=max_val)) if data else None
+    if loaded is None:
+        log.info("no --data: the bundle ships fp32 (int8 needs calibration images and an accuracy check)")
+    options = BundleOptions(
+        isa=device.isa, precisions=tuple(p for p in device.precisions if p != "fp32"), search=search, opset=opset,
+        guard=GuardConfig(max_accuracy_drop=max_accuracy_drop), threads=device.threads, overwrite=overwrite,
+        time_models=device.latency == "host", calibration_images=max_train or 512, validation_images=max_val,
+        ort_format=any(p in MOBILE_PROVIDERS for p in device.providers) if ort_format is None else ort_format)
+    result = bundle_from_checkpoint(student, out, loaded, options)
+    accuracy = "" if result.shipped.top1 is None else \
+        f", top-1 {100 * result.shipped.top1:.2f}% (fp32 {100 * (result.fp32.top1 or 0):.2f}%)"
+    typer.echo(f"bundle {result.path}: {result.precision}{accuracy}, parity max |logit diff| "
+               f"{result.parity.max_abs_diff:.2g}" + (f"; {result.decision.reason}" if result.decision else ""))
+
+
+@app.command("predict")
+@user_errors
+def predict_command(
+    bundle: Path = typer.Argument(..., help="A bundle folder written by `edgekd export`."),
+    images: list[Path] = typer.Argument(..., help="Image files."),
+    top_k: int = typer.Option(5, "--top-k", "-k", help="Labels to print per image."),
+) -> None:
+    """Print the top-k labels with probabilities for each image (what edgekd.runtime.Predictor gives apps)."""
+    from edgekd.runtime import BundleError, Predictor
+
+    try:
+        predictor = Predictor(bundle)
+        for image in images:
+            ranked = predictor.predict(image, top_k=top_k)
+            typer.echo(f"{image}: " + ", ".join(f"{label} {prob:.3f}" for label, prob in ranked))
+    except BundleError as error:
+        raise EdgekdError(str(error)) from error
+
+
+@app.command("compress")
+@user_errors
+def compress_command(
+    teacher: list[str] = typer.Option(..., "--teacher", "-t", help=_teacher_help()),
+    budget: str = typer.Option(..., "--budget", "-b", help="Latency budget per image on the profile: 10ms, 2.5 ms, 0.01s."),
+    data: str = typer.Option("fashion-mnist", "--data", "-d", help=DATA_HELP),
+    profile: str = typer.Option("host", "--profile", "-p", help="Device profile name or TOML/table path "
+                                "(`edgekd profiles` lists them)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<teacher>-<budget>)."),
+    student: Optional[str] = typer.Option(None, "--student", help="Pin the student instead of selecting one."),
+    candidates: Optional[str] = typer.Option(None, "--candidates", help=CANDIDATES_HELP),
+    teacher_checkpoint: list[Path] = typer.Option([], "--teacher-checkpoint", help="A state_dict per --teacher."),
+    random_init: bool = typer.Option(False, "--random-init", help="Teacher(s) from random weights, trained here."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="Side in pixels (default: the teacher's)."),
+    teacher_epochs: float = typer.Option(2.0, "--teacher-epochs", help="Epochs when the teacher needs fine-tuning."),
+    epochs: float = typer.Option(3.0, "--epochs", help="Distillation epochs (fractions allowed)."),
+    loss: list[str] = typer.Option([], "--loss", help="name=weight, repeatable (default: the standard combination)."),
+    temperature: float = typer.Option(4.0, "--temperature", help="Softmax temperature of the response losses."),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate of distillation."),
+    max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop",
+                                            help="Top-1 points int8 may lose against the fp32 student."),
+    search_quantization: bool = typer.Option(False, "--search-quantization",
+                                             help="Try every quantization preset of the ISA, keep the fastest."),
+    max_train: Optional[int] = typer.Option(None, "--max-train", help="Use a stratified subset of training images."),
+    max_val: Optional[int] = typer.Option(None, "--max-val", help="Use a stratified subset of validation images."),
+    eval_images: int = typer.Option(2000, "--eval-images", help="Validation images for the int8 guard and bench."),
+    fashion_mnist_root: Optional[Path] = typer.Option(None, "--fashion-mnist-root", help="Where the idx files are."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Data loader processes (default: cores - 1)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (training)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Teacher + budget in; a distilled, quantized, checked student bundle and a report out. Resumable."""
+    from edgekd.distill.losses import parse_loss_specs
+    from edgekd.distill.train import DistillConfig
+    from edgekd.pipeline import CompressConfig, compress
+    from edgekd.report import summary_lines
+    from edgekd.select import parse_budget
+    from edgekd.types import DataSpec, TrainConfig
+
+    budget_ms = parse_budget(budget)
+    specs = teacher_specs(teacher, teacher_checkpoint, random_init)
+    image_size = parse_input_size(input_size)
+    run_dir = out or Path("runs") / f"{specs[0].name.split('.')[0]}-{budget.replace(' ', '')}"
+    config = CompressConfig(
+        teachers=tuple(specs), budget_ms=budget_ms, out=run_dir, profile=profile, image_size=image_size,
+        student=student, candidates=tuple(_names(candidates) or ()) or None, max_accuracy_drop=max_accuracy_drop, search_quantization=search_quantization,
+        eval_images=eval_images,
+        data=DataSpec(source=data, fashion_mnist_root=fashion_mnist_root, seed=seed, max_train=max_train,
+                      max_val=max_val),
+        teacher_training=TrainConfig(epochs=teacher_epochs, batch_size=batch_size, seed=seed, num_workers=workers,
+                                     device=device),
+        distillation=DistillConfig(losses=tuple(parse_loss_specs(loss)), temperature=temperature, epochs=epochs,
+                                   batch_size=batch_size, lr=lr, seed=seed, num_workers=workers, device=device))
+    result = compress(config)
+    for line in summary_lines(result.report):
+        typer.echo(line)
+    typer.echo(f"Report: {result.run_dir / 'report.html'} (also report.md, report.json)")
+    typer.echo(f"Bundle: {result.bundle_dir} (edgekd predict {result.bundle_dir} IMAGE)")
+
+
+@app.command("bench")
+@user_errors
+def bench_command(
+    targets: list[Path] = typer.Argument(..., help="A run folder, bundle folders or .onnx files."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Images for accuracy (a run folder's by default)."),
+    threads: list[int] = typer.Option([], "--threads", help="Thread counts (default: 1 and the profile's)."),
+    profile: str = typer.Option("host", "--profile", "-p", help="Profile whose thread count is measured."),
+    batch: int = typer.Option(32, "--batch", help="Batch size of the throughput measurement."),
+    eval_images: int = typer.Option(2000, "--eval-images", help="Validation images for accuracy."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the results as JSON here."),
+) -> None:
+    """Teacher vs student (or any models): latency p50/p90/p99, throughput, start-up, memory, size, accuracy."""
+    import json
+
+    from edgekd.artifacts import write_json_atomic
+    from edgekd.bench import bench, models_from_paths
+    from edgekd.data import load_data
+    from edgekd.profiles import load_profile
+    from edgekd.report import bench_tables
+    from edgekd.types import DataSpec
+
+    models = models_from_paths(targets)
+    run_json = targets[0] / "run.json"
+    if data is None and len(targets) == 1 and run_json.is_file():
+        raw = json.loads(run_json.read_text())["config"]["data"]
+        spec = DataSpec(source=raw["source"], fashion_mnist_root=raw.get("fashion_mnist_root"), seed=raw["seed"],
+                        max_train=raw.get("max_train"), max_val=raw.get("max_val"))
+    else:
+        spec = DataSpec(source=data) if data else None
+    loaded = load_data(spec) if spec else None
+    counts = threads or sorted({1, load_profile(profile).threads})
+    result = bench(models, data=loaded, threads=counts, throughput_batch=batch, max_eval_images=eval_images)
+    for title, header, rows in bench_tables(result.to_dict()):
+        typer.echo(f"\n{title}")
+        widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+        for row in [header, *rows]:
+            typer.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
+    for note in result.notes:
+        typer.echo(f"note: {note}")
+    if out:
+        write_json_atomic(out, result.to_dict())
+        typer.echo(f"wrote {out}")
+
+
+@app.command("distill")
+@user_errors
+def distill_command(
+    student: str = typer.Option(..., "--student", "-s", help="Student: a timm name or alias (or a derived name)."),
+    teacher: list[str] = typer.Option([], "--teacher", "-t", help=_teacher_help()),
+    teacher_checkpoint: list[Path] = typer.Option([], "--teacher-checkpoint", help="A state_dict per --teacher."),
+    teacher_dir: list[Path] = typer.Option([], "--teacher-dir", help="A prepared teacher folder (teacher.json), "
+                                           "e.g. from `edgekd train-teacher`. Repeatable."),
+    random_init: bool = typer.Option(False, "--random-init", help="Teacher(s) from random weights, trained here."),
+    data: str = typer.Option("fashion-mnist", "--data", "-d", help=DATA_HELP),
+    out: Path = typer.Option(Path("runs/distill"), "--out", "-o", help="Folder for the student, its log and state."),
+    loss: list[str] = typer.Option([], "--loss", help="name=weight or name=start:end (ramped over training), "
+                                   "repeatable; known: ce, kd, dkd, fitnet, at, rkd, sp. "
+                                   "Default: ce=1 kd=1 (no ce without labels)."),
+    epochs: float = typer.Option(10.0, "--epochs", help="Distillation epochs (fractions allowed)."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Global batch, split across torchrun processes."),
+    lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate (AdamW, warm-up + cosine)."),
+    temperature: float = typer.Option(4.0, "--temperature", help="Softmax temperature of kd and dkd."),
+    feature_pairs: Optional[str] = typer.Option(None, "--feature-pairs", help="STUDENT:TEACHER layer pairs, "
+                                                "comma-separated (default: stage ends matched by relative depth)."),
+    teacher_weighting: str = typer.Option("confidence", "--teacher-weighting", help="Several teachers: confidence "
+                                          "(per sample) or mean."),
+    no_augment: bool = typer.Option(False, "--no-augment", help="No random crop/flip."),
+    cache_teacher: bool = typer.Option(False, "--cache-teacher", help="Reuse teacher outputs across epochs "
+                                       "(needs --no-augment and no feature losses)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the student (CUDA)."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="Side in pixels (default: the teacher's)."),
+    teacher_epochs: float = typer.Option(2.0, "--teacher-epochs", help="Epochs when the teacher needs fine-tuning."),
+    max_train: Optional[int] = typer.Option(None, "--max-train", help="Use a stratified subset of training images."),
+    max_val: Optional[int] = typer.Option(None, "--max-val", help="Use a stratified subset of validation images."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Data loader processes (default: cores - 1)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (torchrun: each rank's GPU)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Distil the teacher(s) into the student. Runs on several GPUs when launched with torchrun."""
+    import os
+
+    from edgekd.data import load_data
+    from edgekd.distill import DistillConfig, distill, parse_loss_specs
+    from edgekd.distill.features import parse_feature_pairs
+    from edgekd.teacher import prepare_teachers, read_teacher_result
+    from edgekd.types import DataSpec, TrainConfig
+
+    if bool(teacher) == bool(teacher_dir):
+        raise EdgekdError("give the teacher either by --teacher NAME or by --teacher-dir DIR (one of them)")
+    if teacher and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise EdgekdError("under torchrun, prepare the teacher once first (`edgekd train-teacher ... --out DIR`) "
+                          "and pass --teacher-dir DIR")
+    config = DistillConfig(losses=parse_loss_specs(loss), temperature=temperature,
+                           feature_pairs=parse_feature_pairs(feature_pairs), teacher_weighting=teacher_weighting,
+                           epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                           image_size=parse_input_size(input_size), augment=not no_augment,
+                           cache_teacher=cache_teacher, compile=compile_model, resume=resume, num_workers=workers,
+                           device=device)
+    specs = teacher_specs(teacher, teacher_checkpoint, random_init) if teacher else []
+    loaded = load_data(DataSpec(source=data, seed=seed, max_train=max_train, max_val=max_val))
+    if specs:
+        teachers = prepare_teachers(specs, loaded, out / "teacher", image_size=config.image_size,
+                                    train_config=TrainConfig(epochs=teacher_epochs, batch_size=batch_size, seed=seed,
+                                                             num_workers=workers, device=device))
+    else:
+        teachers = [read_teacher_result(folder) for folder in teacher_dir]
+    result = distill(teachers, student, loaded, config, out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        accuracy = "n/a (no labels)" if result.val_top1 is None else f"top-1 {100 * result.val_top1:.2f}%"
+        agreement = "n/a" if result.teacher_agreement is None else f"{100 * result.teacher_agreement:.2f}%"
+        typer.echo(f"student {student}: validation {accuracy}, agreement with {teachers[0].model_name} {agreement} "
+                   f"-> {result.weights_path} (log: {out / 'distill_log.json'})")
 
 
 if __name__ == "__main__":

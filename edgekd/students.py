@@ -1,21 +1,152 @@
-"""Student architectures: timm models by name (and, later, students derived from the teacher)."""
+"""Student architectures: timm models by name, and shallower students derived from the teacher's own architecture.
+
+A derived student is named "derived:<teacher timm name>:depth=<fraction>", e.g.
+"derived:vit_base_patch16_224:depth=0.5" (a ViT-B keeping every other block). The name alone rebuilds the
+architecture, so distillation, export and bench rebuild it from StudentCheckpoint.model_name like any timm name;
+`derive_from_teacher` builds it initialised from the teacher's weights, the usual start for distillation.
+"""
 
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from edgekd.errors import EdgekdError
-from edgekd.models import create_model, resolve_model_name
+from edgekd.models import create_model, load_weights, preprocess_for, resolve_model_name
 from edgekd.types import StudentCheckpoint
+
+DERIVED_PREFIX = "derived:"
+_DERIVED_RE = re.compile(r"^derived:(?P<teacher>[^:]+):depth=(?P<depth>[0-9.]+)$")
+
+
+@dataclass(frozen=True)
+class DerivedSpec:
+    """A shallower copy of the teacher: each run of repeated blocks keeps `depth` of its blocks, evenly spaced."""
+
+    teacher: str  # timm architecture name
+    depth: float  # fraction of blocks kept, 0 < depth < 1
+
+    @property
+    def name(self) -> str:
+        return f"{DERIVED_PREFIX}{self.teacher}:depth={self.depth:g}"
+
+
+def derived_name(teacher: str, depth: float) -> str:
+    """The canonical derived-student name (teacher alias resolved), validated."""
+    spec = parse_derived(f"{DERIVED_PREFIX}{teacher}:depth={depth:g}")
+    assert spec is not None
+    return spec.name
+
+
+def parse_derived(name: str) -> DerivedSpec | None:
+    """The spec of a derived-student name; None for a plain timm name; an error for a malformed derived name."""
+    if not name.startswith(DERIVED_PREFIX):
+        return None
+    match = _DERIVED_RE.match(name.strip())
+    depth = float(match["depth"]) if match and match["depth"].count(".") <= 1 else -1.0
+    if not match or not 0.0 < depth < 1.0:
+        raise EdgekdError(f"bad derived student name {name!r}; write derived:<teacher>:depth=<fraction in (0, 1)>, "
+                          "e.g. derived:vit_base_patch16_224:depth=0.5")
+    return DerivedSpec(teacher=resolve_model_name(match["teacher"]), depth=depth)
 
 
 def build_student(name: str, num_classes: int, image_size: tuple[int, int] | None) -> torch.nn.Module:
-    """A fresh student module for `name` (randomly initialised)."""
-    return create_model(resolve_model_name(name), num_classes, image_size)
+    """A fresh student module for `name` (randomly initialised): a timm name or a derived-student name."""
+    spec = parse_derived(name)
+    if spec is None:
+        return create_model(resolve_model_name(name), num_classes, image_size)
+    return shallower(create_model(spec.teacher, num_classes, image_size), spec, image_size)
+
+
+def derive_from_teacher(name: str, teacher_state: dict[str, torch.Tensor], num_classes: int,
+                        image_size: tuple[int, int] | None) -> torch.nn.Module:
+    """The derived student `name` with the teacher's weights in every layer it keeps (the head too, when the
+    class count matches); the same architecture `build_student(name, ...)` gives."""
+    spec = parse_derived(name)
+    if spec is None:
+        raise EdgekdError(f"{name!r} is not a teacher-derived student name (derived:<teacher>:depth=<fraction>)")
+    model = create_model(spec.teacher, num_classes, image_size)
+    load_weights(model, teacher_state, f"of teacher {spec.teacher}", allow_head_mismatch=True)
+    return shallower(model, spec, image_size)
+
+
+def shallower(model: torch.nn.Module, spec: DerivedSpec, image_size: tuple[int, int] | None) -> torch.nn.Module:
+    """Drop blocks in place: in every nn.Sequential run of same-class blocks whose blocks after the first keep
+    their input's shape (transformer blocks, residual CNN blocks), keep `spec.depth` of them, evenly spaced and
+    always the first (it may downsample). Shape-changing containers are descended into, never shortened."""
+    model = model.eval()
+    sample = torch.zeros(1, *preprocess_for(model, image_size).input_size)
+    preserving = _shape_preserving_modules(model, sample)
+    renames: dict[str, dict[int, int]] = {}
+    _prune(model, "", spec.depth, preserving, renames)
+    if not renames:
+        raise EdgekdError(f"cannot derive a shallower student from {spec.teacher}: it has no runs of repeated "
+                          "shape-preserving blocks; pick a timm student instead")
+    _rename_feature_info(model, renames)
+    with torch.no_grad():
+        model(sample)  # the shortened model must still run end to end
+    return model
+
+
+def _shape_preserving_modules(model: torch.nn.Module, sample: torch.Tensor) -> set[int]:
+    """ids of modules whose (first) call returned a tensor shaped like its first input."""
+    preserving: set[int] = set()
+    seen: set[int] = set()
+
+    def hook(module: torch.nn.Module, args: tuple, output: object) -> None:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor) \
+                and args[0].shape == output.shape:
+            preserving.add(id(module))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return preserving
+
+
+def _prune(module: torch.nn.Module, prefix: str, depth: float, preserving: set[int],
+           renames: dict[str, dict[int, int]]) -> None:
+    for child_name, child in list(module.named_children()):
+        path = f"{prefix}{child_name}"
+        blocks = list(child.children())
+        repeated = isinstance(child, torch.nn.Sequential) and len(blocks) >= 2 \
+            and len({type(b) for b in blocks}) == 1 and not isinstance(blocks[0], torch.nn.Sequential)
+        if repeated and all(id(b) in preserving for b in blocks[1:]):
+            keep = sorted({round(i * len(blocks) / max(1, round(len(blocks) * depth)))
+                           for i in range(max(1, round(len(blocks) * depth)))})
+            setattr(module, child_name, torch.nn.Sequential(*[blocks[i] for i in keep]))
+            renames[path] = {old: new for new, old in enumerate(keep)}
+        else:
+            _prune(child, f"{path}.", depth, preserving, renames)
+
+
+def _rename_feature_info(model: torch.nn.Module, renames: dict[str, dict[int, int]]) -> None:
+    """Keep timm's feature_info (used for feature taps) pointing at blocks that still exist."""
+    info = getattr(model, "feature_info", None)
+    if not isinstance(info, list):
+        return
+    updated = []
+    for entry in info:
+        module_path = entry.get("module", "") if isinstance(entry, dict) else ""
+        head, _, index = module_path.rpartition(".")
+        if head in renames and index.isdigit():
+            if int(index) not in renames[head]:
+                continue
+            entry = {**entry, "module": f"{head}.{renames[head][int(index)]}"}
+        updated.append(entry)
+    model.feature_info = updated
 
 
 def read_student_checkpoint(folder_or_json: Path) -> StudentCheckpoint:

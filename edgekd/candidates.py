@@ -1,0 +1,288 @@
+"""The student candidate pool, and measuring each candidate on a device profile in the form it would ship.
+
+Every candidate is built at the task's input size and class count, exported to ONNX, quantized to each of the
+profile's precisions (exactly as `compress` would ship it), and timed with edgekd.latency's one routine. int8 is
+not always faster (dynamic int8 convolutions are 10-20x slower than fp32 on x86), so each precision is measured
+and the fastest form kept. Results are cached per (profile, model, input size, classes, precision, onnxruntime
+version): a second selection only reads the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import onnxruntime as ort
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from edgekd.artifacts import config_hash, write_json_atomic
+from edgekd.errors import EdgekdError
+from edgekd.export import export_onnx
+from edgekd.latency import LatencyStats, measure_onnx
+from edgekd.models import count_params, preprocess_for, resolve_model_name
+from edgekd.profiles import DeviceProfile
+from edgekd.quantize import MIN_CALIBRATION_IMAGES, prepare_for_quantization, quantize_onnx
+from edgekd.select import DERIVED_FAMILY, Candidate, Measurement, Selection, select_student
+from edgekd.students import build_student, derived_name, parse_derived
+from edgekd.train_utils import progress
+
+CNN, HYBRID = "efficient CNN", "hybrid / small ViT"
+CSV = "timm results-imagenet.csv"
+README = "timm README (MobileNetV4 table, 224 px)"
+PAPER = "the architecture's paper (timm has no results row)"
+DERIVED_DEPTH = 0.5  # the issue's starting point: a ViT keeps every other block, a CNN half of each stage's blocks
+CACHE_ENV = "EDGEKD_CACHE_DIR"
+
+
+@dataclass(frozen=True)
+class PoolEntry:
+    """A timm student architecture and its published ImageNet-1k top-1 (the selection's accuracy proxy)."""
+
+    name: str
+    family: str
+    top1: float
+    source: str
+
+
+# Figures: timm's results/results-imagenet.csv (pytorch-image-models, commit 0173a13) at each model's default
+# resolution, the MobileNetV4 table of timm's README, or (marked) the model's paper.
+POOL: tuple[PoolEntry, ...] = (
+    PoolEntry("mobilenetv3_small_100", CNN, 67.66, CSV),
+    PoolEntry("mobilenetv3_large_100", CNN, 75.77, CSV),
+    PoolEntry("mobilenetv4_conv_small", CNN, 73.76, README),
+    PoolEntry("mobilenetv4_conv_medium", CNN, 79.09, README),
+    PoolEntry("efficientnet_b0", CNN, 77.69, CSV),
+    PoolEntry("tf_efficientnet_lite0", CNN, 74.83, CSV),
+    PoolEntry("lcnet_050", CNN, 63.12, CSV),
+    PoolEntry("lcnet_100", CNN, 72.10, CSV),
+    PoolEntry("ghostnet_100", CNN, 73.98, CSV),
+    PoolEntry("regnetx_002", CNN, 68.75, CSV),
+    PoolEntry("regnetx_004", CNN, 72.40, CSV),
+    PoolEntry("fastvit_t8", HYBRID, 75.6, PAPER),
+    PoolEntry("repvit_m1", HYBRID, 78.5, PAPER),
+    PoolEntry("efficientvit_b0", HYBRID, 71.6, PAPER),
+    PoolEntry("efficientvit_m2", HYBRID, 70.8, PAPER),
+    PoolEntry("levit_128s", HYBRID, 76.53, CSV),
+    PoolEntry("mobilevit_xxs", HYBRID, 68.93, CSV),
+    PoolEntry("edgenext_xx_small", HYBRID, 71.88, CSV),
+    PoolEntry("deit_tiny_patch16_224", HYBRID, 72.17, CSV),
+)
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    """How long edgekd.latency.measure_onnx times each form (defaults: a stable median on a busy laptop)."""
+
+    warmup: int = 10
+    min_runs: int = 30
+    min_seconds: float = 1.0
+    max_seconds: float = 10.0
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "edgekd" / "latency")
+
+
+def candidate_names(teacher: str, pool: tuple[PoolEntry, ...] = POOL) -> list[str]:
+    """The pool plus the teacher-derived student (half the teacher's depth, its own weights)."""
+    return [entry.name for entry in pool] + [derived_name(resolve_model_name(teacher), DERIVED_DEPTH)]
+
+
+def resolve_image_size(teacher: str, profile: DeviceProfile, override: tuple[int, int] | None) -> tuple[int, int]:
+    """--input-size, else the profile's input size, else the teacher's own (timm pretrained config)."""
+    if override is not None:
+        return override
+    if profile.input_size is not None:
+        return profile.input_size, profile.input_size
+    cfg = timm.get_pretrained_cfg(resolve_model_name(teacher).split(".")[0], allow_unregistered=True)
+    size = getattr(cfg, "input_size", None) or (3, 224, 224)
+    return int(size[1]), int(size[2])
+
+
+def choose_student(teacher: str, budget_ms: float, profile: DeviceProfile, *, num_classes: int,
+                   image_size: tuple[int, int] | None = None, student: str | None = None,
+                   names: list[str] | None = None, pool: tuple[PoolEntry, ...] = POOL, cache_dir: Path | None = None,
+                   timing: TimingConfig = TimingConfig()) -> Selection:
+    """What `edgekd select` and `compress` run: measure the candidates on `profile`, then apply the rule."""
+    measured = measure_for_teacher(teacher, profile, num_classes=num_classes, image_size=image_size,
+                                   student=student, names=names, pool=pool, cache_dir=cache_dir, timing=timing)
+    return select_student(measured, budget_ms, student=student)
+
+
+def measure_for_teacher(teacher: str, profile: DeviceProfile, *, num_classes: int,
+                        image_size: tuple[int, int] | None = None, student: str | None = None,
+                        names: list[str] | None = None, pool: tuple[PoolEntry, ...] = POOL,
+                        cache_dir: Path | None = None, timing: TimingConfig = TimingConfig()) -> list[Candidate]:
+    """The candidates for `teacher` (`names`, default: the pool plus the teacher-derived student, plus `student`)
+    measured at the resolved input size."""
+    size = resolve_image_size(teacher, profile, image_size)
+    names = list(names) if names else candidate_names(teacher, pool)
+    if student is not None and student not in names:
+        names.append(student)
+    return measure_candidates(names, profile, num_classes=num_classes, image_size=size, pool=pool,
+                              cache_dir=cache_dir, timing=timing)
+
+
+def measure_candidates(names: list[str], profile: DeviceProfile, *, num_classes: int, image_size: tuple[int, int],
+                       pool: tuple[PoolEntry, ...] = POOL, cache_dir: Path | None = None,
+                       timing: TimingConfig = TimingConfig()) -> list[Candidate]:
+    """Measure every candidate's deployment forms on `profile` (timed here, or read from a probe's table)."""
+    if profile.latency == "probe":
+        raise EdgekdError(f"profile {profile.name} is measured on the device itself: run `edgekd probe-pack "
+                          f"--profile {profile.name} --teacher T --out DIR`, run DIR/run_probe.py on the device, "
+                          "then pass --profile DIR/latency_table.json")
+    table = read_table_rows(profile.table_path) if profile.table_path else None
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    published = {entry.name: entry for entry in pool}
+    return [_measure_one(name, profile, num_classes, image_size, published.get(name), table, cache, timing)
+            for name in progress(names, desc=f"measuring candidates on {profile.name}", unit="model")]
+
+
+def _measure_one(name: str, profile: DeviceProfile, num_classes: int, image_size: tuple[int, int],
+                 entry: PoolEntry | None, table: dict[tuple[str, str], dict[str, Any]] | None, cache: Path,
+                 timing: TimingConfig) -> Candidate:
+    family = DERIVED_FAMILY if parse_derived(name) else entry.family if entry else "outside the pool"
+    top1, top1_source = (entry.top1, entry.source) if entry else (None, "none published")
+    info_key = {"kind": "info", "model": name, "image_size": list(image_size), "classes": num_classes,
+                "timm": timm.__version__}
+    info = _cache_read(cache, info_key)
+    model = None
+    if info is None:
+        try:
+            model = build_student(name, num_classes, image_size).eval()
+        except EdgekdError as error:
+            return Candidate(name, family, 0, 0, (0, 0, 0), top1, top1_source, error=str(error))
+        info = model_info(model, image_size)
+        _cache_write(cache, info_key, info)
+    input_size = (int(info["input_size"][0]), int(info["input_size"][1]), int(info["input_size"][2]))
+    base = Candidate(name, family, info["params"], info["macs"], input_size, top1, top1_source)
+    if table is not None:
+        return replace(base, measurements=tuple(_from_table(table, name, p, input_size, profile)
+                                                for p in profile.precisions))
+    keys = {p: {"kind": "latency", "profile": profile.timing_key(), "model": name, "input_size": list(input_size),
+                "classes": num_classes, "precision": p, "ort": ort.__version__, "timing": asdict(timing)}
+            for p in profile.precisions}
+    found = {p: _cache_read(cache, key) for p, key in keys.items()}
+    measured = {p: Measurement(p, LatencyStats.from_dict(hit["stats"]), f"measured on {profile.name} (cached)")
+                for p, hit in found.items() if hit is not None}
+    missing = [p for p in profile.precisions if p not in measured]
+    if missing:
+        model = model if model is not None else build_student(name, num_classes, image_size).eval()
+        with tempfile.TemporaryDirectory(prefix="edgekd-candidate-") as work:
+            for precision, form in deployment_forms(model, input_size, missing, profile.isa, Path(work),
+                                                    "model").items():
+                measured[precision] = _time_form(form, precision, input_size, profile, timing)
+                stats = measured[precision].stats
+                if stats is not None:
+                    _cache_write(cache, keys[precision], {"stats": stats.to_dict()})
+    return replace(base, measurements=tuple(measured[p] for p in profile.precisions))
+
+
+def model_info(model: torch.nn.Module, image_size: tuple[int, int]) -> dict[str, Any]:
+    """Parameters, MACs of one image (torch's FLOP counter / 2) and the input size the model runs at."""
+    input_size = preprocess_for(model, image_size).input_size
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, *input_size))
+    return {"params": count_params(model), "macs": int(counter.get_total_flops() // 2),
+            "input_size": list(input_size)}
+
+
+def deployment_forms(model: torch.nn.Module, input_size: tuple[int, int, int], precisions: Sequence[str], isa: str,
+                     out_dir: Path, stem: str) -> dict[str, Path | str]:
+    """Export once and quantize to each precision as `compress` ships it: precision -> file, or the error text.
+
+    Calibration for int8 static uses random images: the graph (and so the latency) is the same as with real ones.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _quiet_root_logger():
+        return _export_and_quantize(model, input_size, precisions, isa, out_dir, stem)
+
+
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """onnxruntime's exporter fusions and quantizer log every tensor on the root logger: keep the table readable."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _export_and_quantize(model: torch.nn.Module, input_size: tuple[int, int, int], precisions: Sequence[str],
+                         isa: str, out_dir: Path, stem: str) -> dict[str, Path | str]:
+    fp32 = out_dir / f"{stem}.export.onnx"
+    try:
+        export_onnx(model, fp32, input_size)
+    except EdgekdError as error:
+        return {p: f"export failed: {error}" for p in precisions}
+    forms: dict[str, Path | str] = {}
+    prepared: Path | None = None
+    calibration = np.random.default_rng(0).standard_normal((MIN_CALIBRATION_IMAGES, *input_size)).astype(np.float32)
+    for precision in precisions:
+        target = out_dir / f"{stem}.{precision}.onnx"
+        int8 = precision.startswith("int8")
+        try:
+            if int8 and prepared is None:
+                prepared = prepare_for_quantization(fp32, out_dir / f"{stem}.prepared.onnx")
+            forms[precision] = quantize_onnx(prepared if int8 and prepared else fp32, target, precision, isa=isa,
+                                             calibration=calibration, prepared=int8)
+        except Exception as error:  # noqa: BLE001 - onnxruntime.quantization raises many types; record and go on
+            forms[precision] = f"{precision} quantization failed: {str(error).strip().splitlines()[0][:200]}"
+    for leftover in (fp32, prepared):
+        if leftover is not None and leftover.exists():
+            leftover.unlink()
+    return forms
+
+
+def _time_form(form: Path | str, precision: str, input_size: tuple[int, int, int], profile: DeviceProfile,
+               timing: TimingConfig) -> Measurement:
+    if isinstance(form, str):
+        return Measurement(precision, None, "", error=form)
+    stats = measure_onnx(form, input_size, threads=profile.threads, providers=profile.providers,
+                         batch=profile.batch, warmup=timing.warmup, min_runs=timing.min_runs,
+                         min_seconds=timing.min_seconds, max_seconds=timing.max_seconds)
+    return Measurement(precision, stats, f"measured on {profile.name}")
+
+
+def read_table_rows(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """A probe's latency table: (model name, precision) -> row (stats or error)."""
+    raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    return {(row["model_name"], row["precision"]): row for row in raw.get("rows", [])}
+
+
+def _from_table(table: dict[tuple[str, str], dict[str, Any]], name: str, precision: str,
+                input_size: tuple[int, ...], profile: DeviceProfile) -> Measurement:
+    source = f"measured on the device (table {profile.table_path})"
+    row = table.get((name, precision))
+    if row is None:
+        return Measurement(precision, None, source, error="not in the latency table; make a new probe pack")
+    if row.get("error"):
+        return Measurement(precision, None, source, error=f"failed on the device: {row['error']}")
+    stats = LatencyStats.from_dict(row["stats"])
+    if tuple(stats.input_shape[1:]) != tuple(input_size):
+        return Measurement(precision, None, source, error=f"measured at {stats.input_shape[1:]}, not {input_size}")
+    return Measurement(precision, stats, source)
+
+
+def _cache_read(cache: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    path = cache / f"{config_hash(key)}.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return raw.get("value") if raw.get("key") == json.loads(json.dumps(key)) else None
+
+
+def _cache_write(cache: Path, key: dict[str, Any], value: dict[str, Any]) -> None:
+    write_json_atomic(cache / f"{config_hash(key)}.json", {"key": key, "value": value})

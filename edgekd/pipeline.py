@@ -1,0 +1,237 @@
+"""compress(): the stages in order, in one resumable run folder.
+
+    teacher -> select -> distill -> export (bundle) -> bench models -> bench -> report
+
+Each stage records the hash of its inputs and config in stages.json; a stage whose key is unchanged and whose
+outputs exist is skipped, so re-running the same command continues where it stopped and a changed option
+redoes only what depends on it. Distillation also resumes mid-way from its per-epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from edgekd.artifacts import config_hash, make_artifact, sha256_file, write_json_atomic
+from edgekd.bench import BENCH_MODELS_NAME, BenchModel, BenchResult, bench, bench_model_to_dict
+from edgekd.bundle import BundleOptions, bundle_from_checkpoint
+from edgekd.candidates import choose_student
+from edgekd.data import LoadedData, load_data
+from edgekd.distill.train import DistillConfig, distill
+from edgekd.errors import EdgekdError
+from edgekd.profiles import DeviceProfile, load_profile
+from edgekd.quantize import GuardConfig
+from edgekd.select import Selection
+from edgekd.students import derive_from_teacher, parse_derived, read_student_checkpoint
+from edgekd.teacher import prepare_teachers
+from edgekd.types import DataSpec, StudentCheckpoint, TeacherResult, TeacherSpec, TrainConfig
+
+log = logging.getLogger(__name__)
+
+STAGES_NAME = "stages.json"
+RUN_NAME = "run.json"
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Everything `edgekd compress` was asked for."""
+
+    teachers: tuple[TeacherSpec, ...]
+    budget_ms: float
+    out: Path
+    data: DataSpec = DataSpec("fashion-mnist")
+    profile: str = "host"
+    image_size: tuple[int, int] | None = None
+    student: str | None = None  # pin the student instead of selecting one
+    candidates: tuple[str, ...] | None = None  # None: the whole pool plus the teacher-derived student
+    teacher_training: TrainConfig = TrainConfig()
+    distillation: DistillConfig = DistillConfig()
+    max_accuracy_drop: float = 1.0  # points of top-1 the int8 model may lose against the fp32 student
+    search_quantization: bool = False
+    eval_images: int | None = 2000  # validation images for quantization guard and bench accuracy
+
+
+@dataclass(frozen=True)
+class CompressResult:
+    run_dir: Path
+    selection: Selection
+    teacher: TeacherResult
+    student: StudentCheckpoint
+    bundle_dir: Path
+    bench: BenchResult
+    report: dict[str, Any]
+
+
+class Stages:
+    """The run's record of which stage ran with which inputs (stages.json)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / STAGES_NAME
+        self.keys: dict[str, str] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def fresh(self, stage: str, key: str, *outputs: Path) -> bool:
+        return self.keys.get(stage) == key and all(Path(p).exists() for p in outputs)
+
+    def done(self, stage: str, key: str) -> None:
+        self.keys[stage] = key
+        write_json_atomic(self.path, self.keys)
+
+
+def compress(config: CompressConfig) -> CompressResult:
+    """Teacher and budget in, a checked, benchmarked student bundle and a report out."""
+    started = time.perf_counter()
+    run_dir = Path(config.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_run(run_dir, config)
+    stages = Stages(run_dir)
+    profile = load_profile(config.profile)
+    data = load_data(config.data)
+    log.info("data: %s, %d train / %d val images, %s", data.info.source, data.info.num_train, data.info.num_val,
+             f"{data.info.num_classes} classes" if data.info.labeled else "no labels")
+
+    teachers = prepare_teachers(list(config.teachers), data, run_dir / "teacher", image_size=config.image_size,
+                                train_config=config.teacher_training, run_dir=run_dir)
+    teacher = teachers[0]
+    selection = _select(config, profile, teacher)
+    student = _distill(config, stages, run_dir, teachers, selection, data)
+    bundle_dir, bundle_key = _export(config, stages, run_dir, profile, student, data)
+    models = _bench_models(stages, run_dir, profile, teacher, student, bundle_dir, bundle_key, data)
+    bench_result = _bench(config, stages, run_dir, profile, models, data)
+
+    from edgekd.report import build_report, write_reports
+
+    report = build_report(run_dir=run_dir, config=config, profile=profile, data=data, teachers=teachers,
+                          selection=selection, student=student, bundle_dir=bundle_dir, bench=bench_result,
+                          seconds=time.perf_counter() - started)
+    write_reports(run_dir, report)
+    return CompressResult(run_dir, selection, teacher, student, bundle_dir, bench_result, report)
+
+
+def _check_same_run(run_dir: Path, config: CompressConfig) -> None:
+    """Record what this run folder is for; another teacher or data set in the same folder would mix results."""
+    identity = {"teachers": [t.name for t in config.teachers], "data": config.data.source}
+    path = run_dir / RUN_NAME
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous.get("identity") != identity:
+            raise EdgekdError(f"{run_dir} holds a run for {previous.get('identity')}; pass another --out, "
+                              "or remove the folder to start over")
+    write_json_atomic(path, {"identity": identity, "config": _jsonable(config)})
+
+
+def _select(config: CompressConfig, profile: DeviceProfile, teacher: TeacherResult) -> Selection:
+    """Measured on the profile; the latency cache makes a repeated selection quick."""
+    selection = choose_student(teacher.model_name, config.budget_ms, profile, num_classes=teacher.num_classes,
+                               image_size=teacher.preprocess.image_size, student=config.student,
+                               names=list(config.candidates) if config.candidates else None)
+    best = selection.chosen.best
+    log.info("student: %s (%s, p90 %.3f ms against a %.3f ms budget): %s", selection.chosen.model_name,
+             selection.precision, best.p90_ms if best else float("nan"), config.budget_ms, selection.reason)
+    return selection
+
+
+def _distill(config: CompressConfig, stages: Stages, run_dir: Path, teachers: list[TeacherResult],
+             selection: Selection, data: LoadedData) -> StudentCheckpoint:
+    out_dir = run_dir / "distill"
+    name = selection.chosen.model_name
+    settings = replace(config.distillation, image_size=teachers[0].preprocess.image_size, resume=True)
+    key = config_hash({"teachers": [sha256_file(t.weights_path) for t in teachers], "student": name,
+                       "config": _jsonable(replace(settings, resume=False, num_workers=None, device="")),
+                       "data": [data.info.source, data.info.num_train, data.info.num_val]})
+    if stages.fresh("distill", key, out_dir / "student.json"):
+        log.info("distill: reusing %s", out_dir)
+        return read_student_checkpoint(out_dir)
+    student_init = None
+    if parse_derived(name) is not None:
+        from safetensors.torch import load_file
+
+        log.info("distill: %s starts from the teacher's own weights", name)
+        student_init = derive_from_teacher(name, load_file(str(teachers[0].weights_path)), teachers[0].num_classes,
+                                           settings.image_size)
+    checkpoint = distill(teachers, name, data, settings, out_dir, student_init=student_init)
+    make_artifact(run_dir, "distill", checkpoint.weights_path, parent=str(teachers[0].weights_path),
+                  config={"student": name, "epochs": settings.epochs},
+                  metrics={"val_top1": checkpoint.val_top1, "teacher_agreement": checkpoint.teacher_agreement})
+    stages.done("distill", key)
+    return checkpoint
+
+
+def _export(config: CompressConfig, stages: Stages, run_dir: Path, profile: DeviceProfile,
+            student: StudentCheckpoint, data: LoadedData) -> tuple[Path, str]:
+    bundle_dir = run_dir / "export"
+    precisions = tuple(p for p in profile.precisions if p != "fp32")
+    options = BundleOptions(isa=profile.isa, precisions=precisions, search=config.search_quantization,
+                            guard=GuardConfig(max_accuracy_drop=config.max_accuracy_drop),
+                            ort_format="ort" in profile.runtime, threads=profile.threads,
+                            time_models=profile.latency == "host", validation_images=config.eval_images,
+                            overwrite=True)
+    key = config_hash({"student": sha256_file(student.weights_path), "options": _jsonable(options)})
+    if stages.fresh("export", key, bundle_dir / "model.onnx"):
+        log.info("export: reusing %s", bundle_dir)
+        return bundle_dir, key
+    result = bundle_from_checkpoint(student, bundle_dir, data, options)
+    make_artifact(run_dir, "export", bundle_dir / "model.onnx", parent=str(student.weights_path),
+                  config={"precision": result.precision, "isa": profile.isa},
+                  metrics={"parity_max_abs_diff": result.parity.max_abs_diff, "top1": result.shipped.top1})
+    stages.done("export", key)
+    return bundle_dir, key
+
+
+def _bench_models(stages: Stages, run_dir: Path, profile: DeviceProfile, teacher: TeacherResult,
+                  student: StudentCheckpoint, bundle_dir: Path, bundle_key: str, data: LoadedData) -> list[BenchModel]:
+    """Teacher fp32 + int8 and student fp32 as ONNX beside the shipped student, for side-by-side measurement."""
+    from edgekd.reference import export_reference_models
+
+    folder = run_dir / "models"
+    listing = run_dir / BENCH_MODELS_NAME
+    key = config_hash({"teacher": sha256_file(teacher.weights_path), "student": sha256_file(student.weights_path),
+                       "bundle": bundle_key, "isa": profile.isa})
+    if not stages.fresh("bench-models", key, listing):
+        models = export_reference_models(teacher, student, bundle_dir, folder, data, profile.isa)
+        write_json_atomic(listing, [bench_model_to_dict(m, run_dir) for m in models])
+        stages.done("bench-models", key)
+    from edgekd.bench import models_from_paths
+
+    return models_from_paths([run_dir])
+
+
+def _bench(config: CompressConfig, stages: Stages, run_dir: Path, profile: DeviceProfile,
+           models: list[BenchModel], data: LoadedData) -> BenchResult:
+    path = run_dir / "bench.json"
+    threads = tuple(dict.fromkeys((1, profile.threads)))
+    key = config_hash({"models": [sha256_file(m.path) for m in models], "threads": threads,
+                       "eval": config.eval_images})
+    if stages.fresh("bench", key, path):
+        log.info("bench: reusing %s", path)
+        return bench_result_from_dict(json.loads(path.read_text()))
+    result = bench(models, data=data, threads=threads, max_eval_images=config.eval_images)
+    write_json_atomic(path, result.to_dict())
+    stages.done("bench", key)
+    return result
+
+
+def bench_result_from_dict(raw: dict[str, Any]) -> BenchResult:
+    from edgekd.bench import ModelFacts, TimingRow
+
+    models = tuple(ModelFacts(**{**m, "input_size": tuple(m["input_size"]) if m["input_size"] else None})
+                   for m in raw["models"])
+    return BenchResult(models=models, timings=tuple(TimingRow(**t) for t in raw["timings"]),
+                       ort_version=raw["ort_version"], notes=tuple(raw["notes"]))
+
+
+def _jsonable(value: Any) -> Any:
+    """Dataclasses and paths as plain JSON values (for hashing and run.json)."""
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: _jsonable(v) for k, v in asdict(value).items()}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+

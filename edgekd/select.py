@@ -1,0 +1,202 @@
+"""Pure student selection: a latency budget and measured candidates in, a Selection with its reasons out.
+
+The rule (printed with every selection): among candidates whose measured p90 fits the budget, take a
+teacher-derived student if one fits (it starts from the teacher's own weights, the best starting point for
+distillation), otherwise the one with the highest published ImageNet-1k top-1 (the accuracy proxy); ties go to
+the lower p90. A candidate's latency is its fastest deployment form among the profile's precisions.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from edgekd.errors import EdgekdError
+from edgekd.latency import LatencyStats
+
+RULE = ("among candidates whose measured p90 fits the budget, a teacher-derived student first (it starts from the "
+        "teacher's weights), else the highest published ImageNet-1k top-1 (the accuracy proxy); ties: lower p90")
+DERIVED_FAMILY = "teacher-derived"
+
+_BUDGET_RE = re.compile(r"^\s*(?P<value>[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)\s*(?P<unit>ms|s|us|µs)?\s*$", re.I)
+_UNIT_MS = {"ms": 1.0, "s": 1e3, "us": 1e-3, "µs": 1e-3}
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One deployment form (precision) of one candidate, timed on the profile's device."""
+
+    precision: str
+    stats: LatencyStats | None  # None when the form could not be made or run
+    source: str  # where the figure comes from, e.g. "measured on host" or "probe table <file>"
+    error: str | None = None
+
+    @property
+    def p50_ms(self) -> float:
+        return self.stats.p50_ms if self.stats is not None else math.inf
+
+    @property
+    def p90_ms(self) -> float:
+        return self.stats.p90_ms if self.stats is not None else math.inf
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A student architecture at the task's input size and classes, with its measured deployment forms."""
+
+    model_name: str
+    family: str
+    params: int
+    macs: int  # multiply-accumulates of one image
+    input_size: tuple[int, int, int]
+    top1: float | None  # published ImageNet-1k top-1 (%); None for teacher-derived students
+    top1_source: str
+    measurements: tuple[Measurement, ...] = ()
+    error: str | None = None  # why the candidate could not be built at all
+
+    @property
+    def best(self) -> Measurement | None:
+        """The fastest measured form (lowest p90: the figure the budget is checked against)."""
+        measured = [m for m in self.measurements if m.stats is not None]
+        return min(measured, key=lambda m: m.p90_ms) if measured else None
+
+    @property
+    def derived(self) -> bool:
+        return self.family == DERIVED_FAMILY
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One row of the selection table."""
+
+    candidate: Candidate
+    fits: bool | None  # None: no measurement
+    note: str
+
+
+@dataclass(frozen=True)
+class Selection:
+    chosen: Candidate
+    precision: str  # the chosen deployment form
+    budget_ms: float
+    fits: bool
+    pinned: bool  # the user named the student (--student)
+    reason: str
+    verdicts: tuple[Verdict, ...]  # every candidate, in table order
+    rule: str = RULE
+
+
+def parse_budget(text: str) -> float:
+    """`--budget`: "10ms", "2.5 ms", "0.01s", "500us" -> milliseconds."""
+    match = _BUDGET_RE.match(str(text))
+    if not match:
+        raise EdgekdError(f"--budget {text!r} is not a duration; write it like 10ms, 2.5 ms or 0.01s")
+    value = float(match["value"])
+    if not (math.isfinite(value) and value > 0):
+        raise EdgekdError(f"--budget {text!r} must be a positive duration, e.g. 10ms")
+    if match["unit"] is None:
+        raise EdgekdError(f"--budget {text!r} has no unit; write {match['value']}ms or {match['value']}s")
+    return value * _UNIT_MS[match["unit"].lower()]
+
+
+def verdicts(candidates: list[Candidate], budget_ms: float) -> list[Verdict]:
+    """Every candidate with fits / does not fit (by its fastest form's p90), fastest first."""
+    rows = []
+    for candidate in candidates:
+        best = candidate.best
+        if best is None:
+            why = candidate.error or "; ".join(f"{m.precision}: {m.error}" for m in candidate.measurements if m.error)
+            rows.append(Verdict(candidate, None, f"not measured: {why or 'no precision measured'}"))
+            continue
+        fits = best.p90_ms <= budget_ms
+        note = f"fits ({best.precision} p90 {best.p90_ms:.2f} <= {budget_ms:g} ms)" if fits else \
+            f"too slow (fastest form {best.precision}: p90 {best.p90_ms:.2f} > {budget_ms:g} ms)"
+        rows.append(Verdict(candidate, fits, note))
+    return sorted(rows, key=lambda v: (v.candidate.best is None, _p90(v.candidate)))
+
+
+def select_student(candidates: list[Candidate], budget_ms: float, *, student: str | None = None) -> Selection:
+    """Apply the rule (see RULE); `student` pins one candidate by name and only reports whether it fits."""
+    rows = verdicts(candidates, budget_ms)
+    if not any(v.fits is not None for v in rows):
+        raise EdgekdError("no candidate could be measured (see the table); check the profile's providers and "
+                          "precisions, or pass --student with a timm model name")
+    if student is not None:
+        return _pinned(rows, budget_ms, student)
+    fitting = [v.candidate for v in rows if v.fits]
+    if not fitting:
+        fastest = rows[0].candidate
+        form = _best(fastest)
+        raise EdgekdError(f"no candidate fits {budget_ms:g} ms: the fastest is {fastest.model_name} at p90 "
+                          f"{form.p90_ms:.2f} ms ({form.precision}); raise --budget to at least "
+                          f"{math.ceil(form.p90_ms * 100) / 100:g}ms or pick a faster profile")
+    # Published accuracy first; names from outside the pool have none and rank after, by capacity (params).
+    chosen = min(fitting, key=lambda c: (not c.derived, -_depth_rank(c), c.top1 is None, -(c.top1 or 0.0),
+                                         -c.params, _p90(c)))
+    best = _best(chosen)
+    if chosen.derived:
+        why = "teacher-derived: initialised from the teacher's own weights, the rule's first preference"
+    elif chosen.top1 is None:
+        why = f"none of the {len(fitting)} that fit has a published ImageNet-1k top-1; the largest " \
+              f"({chosen.params / 1e6:.2f}M params) stands in as the most accurate"
+    else:
+        why = f"highest published ImageNet-1k top-1 among the {len(fitting)} that fit: " \
+              f"{chosen.top1:.1f}% ({chosen.top1_source})"
+    reason = (f"{chosen.model_name} ({best.precision}, p50 {best.p50_ms:.2f} ms, p90 {best.p90_ms:.2f} ms "
+              f"<= {budget_ms:g} ms): {why}")
+    return Selection(chosen=chosen, precision=best.precision, budget_ms=budget_ms, fits=True, pinned=False,
+                     reason=reason, verdicts=tuple(rows))
+
+
+def _pinned(rows: list[Verdict], budget_ms: float, student: str) -> Selection:
+    match = next((v for v in rows if v.candidate.model_name == student), None)
+    if match is None:
+        raise EdgekdError(f"--student {student} was not among the measured candidates")
+    best = match.candidate.best
+    if best is None:
+        raise EdgekdError(f"--student {student} could not be measured: {match.note}")
+    fits = bool(match.fits)
+    verdict = "fits" if fits else "does NOT fit"
+    reason = (f"{student} pinned with --student; its fastest form ({best.precision}, p90 {best.p90_ms:.2f} ms) "
+              f"{verdict} the {budget_ms:g} ms budget")
+    return Selection(chosen=match.candidate, precision=best.precision, budget_ms=budget_ms, fits=fits, pinned=True,
+                     reason=reason, verdicts=tuple(rows))
+
+
+def _best(candidate: Candidate) -> Measurement:
+    best = candidate.best
+    assert best is not None, "only measured candidates reach here"
+    return best
+
+
+def _p90(candidate: Candidate) -> float:
+    best = candidate.best
+    return best.p90_ms if best is not None else math.inf
+
+
+def _depth_rank(candidate: Candidate) -> float:
+    """Among derived students, more of the teacher kept ranks higher (the MACs kept stand in for depth)."""
+    return float(candidate.macs) if candidate.derived else 0.0
+
+
+def format_table(candidates: list[Candidate], budget_ms: float, precisions: tuple[str, ...],
+                 chosen: str | None = None) -> str:
+    """The selection table: every candidate, its size, each measured form's p50/p90, and whether it fits."""
+    header = ["", "candidate", "family", "params", "GMACs", "top-1", *[f"{p} p50/p90 ms" for p in precisions],
+              "verdict"]
+    lines = [header]
+    failures: list[str] = []
+    for verdict in verdicts(candidates, budget_ms):
+        c = verdict.candidate
+        forms = {m.precision: m for m in c.measurements}
+        cells = [f"{forms[p].p50_ms:.2f} / {forms[p].p90_ms:.2f}" if p in forms and forms[p].stats else
+                 "failed" if p in forms else "-" for p in precisions]
+        failures += [f"  {c.model_name} {m.precision}: {m.error}" for m in c.measurements if m.error and c.best]
+        lines.append(["*" if c.model_name == chosen else "", c.model_name, c.family,
+                      f"{c.params / 1e6:.2f}M" if c.params else "-", f"{c.macs / 1e9:.3f}" if c.macs else "-",
+                      f"{c.top1:.1f}%" if c.top1 is not None else "-", *cells, verdict.note])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header) - 1)]
+    table = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in lines)
+    return table + ("\nforms that could not be measured (the candidate keeps its other forms):\n" +
+                    "\n".join(failures) if failures else "")

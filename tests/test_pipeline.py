@@ -1,0 +1,131 @@
+"""`edgekd compress` end to end on real Fashion-MNIST with tiny timm models, its resumability, `edgekd bench`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+from typer.testing import CliRunner
+
+from edgekd.cli import app
+from edgekd.report import SCHEMA_PATH
+
+runner = CliRunner()
+
+TINY = ["--teacher", "resnet18", "--random-init", "--data", "fashion-mnist", "--input-size", "32",
+        "--max-train", "320", "--max-val", "120", "--teacher-epochs", "1", "--eval-images", "120",
+        "--candidates", "lcnet_050,derived:resnet18:depth=0.5", "--workers", "0", "--batch-size", "32"]
+
+
+def compress(run_dir: Path, *extra: str):
+    result = runner.invoke(app, ["compress", *TINY, "--budget", "50ms", "--epochs", "1", "--out", str(run_dir),
+                                 *extra])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def mtimes(run_dir: Path) -> dict[str, int]:
+    return {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in run_dir.rglob("*")
+            if p.is_file() and p.suffix in (".safetensors", ".onnx")}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, fmnist_root) -> tuple[Path, str]:
+    run_dir = tmp_path_factory.mktemp("compress") / "run"
+    return run_dir, compress(run_dir).output
+
+
+def test_compress_writes_a_report_a_bundle_and_a_verdict(run):
+    run_dir, output = run
+    assert "meets the 50.0 ms budget" in output and "Bundle:" in output
+    report = json.loads((run_dir / "report.json").read_text())
+    jsonschema.validate(report, json.loads(SCHEMA_PATH.read_text()))
+    summary = report["summary"]
+    assert summary["student"] == "derived:resnet18:depth=0.5"  # the rule prefers the teacher-derived student
+    assert summary["meets_budget"] and summary["student_p90_ms"] <= 50
+    assert 0.0 <= summary["student_top1"] <= 1.0 and summary["teacher_agreement"] is not None
+    assert {m["role"] for m in report["bench"]["models"]} == {"teacher", "teacher-int8", "student-fp32", "student"}
+    assert [c["model"] for c in report["selection"]["candidates"] if c["chosen"]] == [summary["student"]]
+    for name in ("model.onnx", "preprocess.json", "manifest.json"):
+        assert (run_dir / "export" / name).is_file()
+    page = (run_dir / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "<table>" in page
+    assert "| model | precision |" in (run_dir / "report.md").read_text()
+
+
+def test_rerun_reuses_every_stage_and_a_changed_option_redoes_only_its_dependents(run):
+    run_dir, _ = run
+    before = mtimes(run_dir)
+    again = compress(run_dir)
+    assert "distill: reusing" in again.output and "export: reusing" in again.output
+    assert mtimes(run_dir) == before
+
+    compress(run_dir, "--max-accuracy-drop", "5")
+    after = mtimes(run_dir)
+    assert after["distill/student.safetensors"] == before["distill/student.safetensors"]
+    assert after["teacher/teacher.safetensors"] == before["teacher/teacher.safetensors"]
+    assert after["export/model.onnx"] != before["export/model.onnx"]
+
+
+def test_another_teacher_in_the_same_run_folder_is_refused(run):
+    run_dir, _ = run
+    result = runner.invoke(app, ["compress", "--teacher", "test_vit", "--random-init", "--budget", "5ms",
+                                 "--out", str(run_dir)])
+    assert result.exit_code == 2 and "holds a run for" in result.output
+
+
+def test_bench_a_run_folder(run, tmp_path: Path):
+    run_dir, _ = run
+    result = runner.invoke(app, ["bench", str(run_dir), "--threads", "1", "--eval-images", "60",
+                                 "--out", str(tmp_path / "bench.json")])
+    assert result.exit_code == 0, result.output
+    measured = json.loads((tmp_path / "bench.json").read_text())
+    assert len(measured["models"]) == 4 and all(t["threads"] == 1 for t in measured["timings"])
+    teacher = next(m for m in measured["models"] if m["role"] == "teacher")
+    assert teacher["teacher_agreement"] == 1.0 and teacher["eval_images"] == 60
+    assert all(m["peak_rss_mb"] > m["model_rss_mb"] > 0 for m in measured["models"])
+
+
+def test_bench_plain_onnx_files_and_bundles(run):
+    run_dir, _ = run
+    result = runner.invoke(app, ["bench", str(run_dir / "models" / "teacher.fp32.onnx"), str(run_dir / "export"),
+                                 "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "teacher.fp32" in result.output and "export" in result.output
+
+
+def test_bench_rejects_a_corrupt_model(tmp_path: Path):
+    (tmp_path / "broken.onnx").write_bytes(b"\x08\x07garbage")
+    result = runner.invoke(app, ["bench", str(tmp_path / "broken.onnx")])
+    assert result.exit_code == 2 and "not a valid ONNX model" in result.output
+
+
+def test_killed_distillation_resumes_without_redoing_finished_stages(tmp_path: Path, fmnist_root):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "edgekd.cli", "compress", *TINY, "--budget", "50ms", "--epochs", "4",
+               "--out", str(run_dir)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    state = run_dir / "distill" / "distill_state.pt"
+    deadline = time.monotonic() + 300
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert state.exists(), proc.stderr.read() if proc.poll() is not None else "no distillation checkpoint in time"
+    proc.send_signal(signal.SIGKILL)  # a crash, not a polite stop: nothing gets to clean up
+    proc.wait()
+    assert not (run_dir / "distill" / "student.json").exists()
+    teacher_written = (run_dir / "teacher" / "teacher.safetensors").stat().st_mtime_ns
+
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "reusing" in finished.stderr and "resuming" in finished.stderr.lower()
+    assert (run_dir / "teacher" / "teacher.safetensors").stat().st_mtime_ns == teacher_written
+    log = json.loads((run_dir / "distill" / "distill_log.json").read_text())
+    assert [e["epoch"] for e in log["epoch_log"]] == [1, 2, 3, 4]

@@ -1,0 +1,100 @@
+"""Probe packs: written here, run in a fresh environment holding only onnxruntime and numpy, read back as a profile."""
+
+import json
+import re
+import subprocess
+import venv
+from pathlib import Path
+
+import numpy
+import onnxruntime
+import pytest
+
+from edgekd.candidates import PoolEntry, TimingConfig, measure_candidates
+from edgekd.errors import EdgekdError
+from edgekd.probe import TABLE_NAME, write_probe_pack
+from edgekd.profiles import load_profile
+from edgekd.select import select_student
+
+NAMES = ["test_resnet", "derived:test_vit:depth=0.5"]
+POOL = (PoolEntry("test_resnet", "efficient CNN", 60.0, "test"),)
+PROFILE = """
+name = "board"
+description = "a device we cannot run on here"
+providers = ["XnnpackExecutionProvider", "CPUExecutionProvider"]
+threads = 1
+batch = 1
+input_size = 32
+precisions = ["fp32", "int8_dynamic"]
+isa = "arm64"
+latency = "probe"
+"""
+
+
+def bare_python(root: Path) -> Path:
+    """A fresh virtual environment whose only third-party packages are onnxruntime and numpy (linked, offline)."""
+    venv.EnvBuilder(with_pip=False).create(root)
+    python = root / "bin" / "python"
+    site = Path(subprocess.check_output([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                        text=True).strip())
+    for package in (onnxruntime, numpy):
+        source = Path(package.__file__).parent
+        for item in [source, source.with_name(source.name + ".libs")]:
+            if item.exists():
+                (site / item.name).symlink_to(item)
+    return python
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe")
+    (root / "board.toml").write_text(PROFILE)
+    profile = load_profile(str(root / "board.toml"))
+    runner = write_probe_pack("test_vit", profile, root / "pack", num_classes=10, names=NAMES,
+                              timing=TimingConfig(warmup=2, min_runs=8, min_seconds=0.0))
+    return root, profile, runner
+
+
+def test_pack_holds_every_deployment_form_and_a_standalone_runner(pack):
+    root, profile, runner = pack
+    manifest = json.loads((runner.parent / "pack.json").read_text())
+    assert {(m["model_name"], m["precision"]) for m in manifest["models"]} == \
+        {(n, p) for n in NAMES for p in profile.precisions}
+    assert all((runner.parent / m["file"]).is_file() for m in manifest["models"])
+    assert manifest["profile"]["name"] == "board"
+    assert not re.search(r"^\s*(from|import) (edgekd|torch|timm)\b", runner.read_text(), re.M)
+
+
+def test_a_probe_profile_is_not_timed_here(pack):
+    _, profile, _ = pack
+    with pytest.raises(EdgekdError, match="probe-pack"):
+        measure_candidates(NAMES, profile, num_classes=10, image_size=(32, 32))
+
+
+def test_runner_in_a_bare_environment_and_its_table_as_profile(pack, tmp_path):
+    _, _, runner = pack
+    python = bare_python(tmp_path / "venv")
+    isolated = subprocess.run([python, "-c", "import torch"], capture_output=True)
+    assert isolated.returncode != 0  # nothing but onnxruntime and numpy there
+    done = subprocess.run([python, str(runner)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    table_path = runner.parent / TABLE_NAME
+    table = json.loads(table_path.read_text())
+    assert all("stats" in row for row in table["rows"]) and table["device"]["onnxruntime"] == onnxruntime.__version__
+
+    profile = load_profile(str(table_path))
+    assert profile.latency == "table" and profile.table_path == table_path and profile.isa == "arm64"
+    candidates = measure_candidates(NAMES + ["test_efficientnet"], profile, num_classes=10, image_size=(32, 32),
+                                    pool=POOL, cache_dir=tmp_path / "cache")
+    by_name = {c.model_name: c for c in candidates}
+    for name in NAMES:
+        assert all(m.stats is not None and "table" in m.source for m in by_name[name].measurements)
+    assert all("not in the latency table" in m.error for m in by_name["test_efficientnet"].measurements)
+    assert select_student(candidates, 1000.0).chosen.model_name == "derived:test_vit:depth=0.5"
+
+
+def test_pack_refuses_a_folder_that_is_not_a_pack(pack, tmp_path):
+    _, profile, _ = pack
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(EdgekdError, match="not a probe pack"):
+        write_probe_pack("test_vit", profile, tmp_path, num_classes=10, names=NAMES[:1])

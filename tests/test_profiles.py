@@ -1,0 +1,95 @@
+"""Device profiles: the shipped TOML files load, and a bad profile names the field that is wrong."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgekd.cli import app
+from edgekd.errors import EdgekdError
+from edgekd.profiles import ISAS, PRECISIONS, known_profiles, load_profile, profile_from_dict
+
+GOOD = """
+name = "tiny"
+providers = ["CPUExecutionProvider"]
+threads = 1
+batch = 1
+input_size = 32
+precisions = ["fp32", "int8_dynamic"]
+isa = "avx2"
+latency = "host"
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "custom.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_shipped_profiles_load_and_cover_the_targets():
+    names = set(known_profiles())
+    assert {"host", "desktop-avx2", "phone-arm64", "rpi4"} <= names
+    for name in names:
+        profile = load_profile(name)
+        assert profile.name == name
+        assert profile.threads >= 1 and profile.batch >= 1
+        assert set(profile.precisions) <= set(PRECISIONS) and profile.isa in ISAS
+    host = load_profile("host")
+    assert host.latency == "host" and host.input_size is None
+    phone = load_profile("phone-arm64")
+    assert phone.isa == "arm64" and phone.providers[0] == "XnnpackExecutionProvider" and phone.latency == "probe"
+
+
+def test_profile_file_by_path(tmp_path):
+    profile = load_profile(str(write(tmp_path, GOOD)))
+    assert (profile.name, profile.threads, profile.input_size, profile.precisions) == \
+        ("tiny", 1, 32, ("fp32", "int8_dynamic"))
+    assert profile_from_dict(profile.to_dict()) == profile.__class__(**{**profile.__dict__, "source": "<dict>"})
+
+
+def test_unknown_profile_lists_the_known_ones():
+    with pytest.raises(EdgekdError, match=r"unknown profile 'pixel9'.*host.*phone-arm64"):
+        load_profile("pixel9")
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda t: t.replace("threads = 1\n", ""), "threads"),
+    (lambda t: t.replace("threads = 1", 'threads = "many"'), "threads"),
+    (lambda t: t.replace("batch = 1", "batch = 0"), "batch"),
+    (lambda t: t.replace('"int8_dynamic"', '"int4"'), "precisions"),
+    (lambda t: t.replace('isa = "avx2"', 'isa = "sse2"'), "isa"),
+    (lambda t: t.replace('latency = "host"', 'latency = "guess"'), "latency"),
+    (lambda t: t.replace("input_size = 32", 'input_size = "big"'), "input_size"),
+    (lambda t: t.replace('["CPUExecutionProvider"]', '["CPU"]'), "providers"),
+    (lambda t: t + 'thread_count = 4\n', "thread_count"),
+])
+def test_bad_field_is_named(tmp_path, edit, field):
+    with pytest.raises(EdgekdError, match=f"'{field}'"):
+        load_profile(str(write(tmp_path, edit(GOOD))))
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    with pytest.raises(EdgekdError, match="not valid TOML"):
+        load_profile(str(write(tmp_path, "name = [unclosed\n")))
+    with pytest.raises(EdgekdError, match="does not exist"):
+        load_profile(str(tmp_path / "nope.toml"))
+
+
+def test_a_json_that_is_not_a_latency_table_is_refused(tmp_path):
+    with pytest.raises(EdgekdError, match="not an edgekd latency table"):
+        load_profile(str(write(tmp_path, '{"rows": []}', "table.json")))
+
+
+def test_profiles_from_the_environment_are_listed(tmp_path, monkeypatch):
+    write(tmp_path, GOOD, "tiny.toml")
+    monkeypatch.setenv("EDGEKD_PROFILES", str(tmp_path))
+    assert load_profile("tiny").source == str(tmp_path / "tiny.toml")
+
+
+def test_cli_profiles_and_unknown_profile():
+    runner = CliRunner()
+    listed = runner.invoke(app, ["profiles"])
+    assert listed.exit_code == 0 and "phone-arm64" in listed.output and "rpi4" in listed.output
+    bad = runner.invoke(app, ["select", "--teacher", "test_vit", "--budget", "10ms", "--profile", "nope"])
+    assert bad.exit_code == 2 and "known profiles" in bad.output

@@ -1,0 +1,146 @@
+"""Budget parsing, the selection rule, and selection on this machine with real tiny timm candidates."""
+
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from edgekd.candidates import PoolEntry, TimingConfig, choose_student, measure_candidates
+from edgekd.cli import app
+from edgekd.errors import EdgekdError
+from edgekd.export import export_onnx
+from edgekd.latency import LatencyStats, measure_onnx
+from edgekd.profiles import profile_from_dict
+from edgekd.select import DERIVED_FAMILY, Candidate, Measurement, format_table, parse_budget, select_student
+from edgekd.students import build_student
+
+FAST = TimingConfig(warmup=2, min_runs=8, min_seconds=0.0)
+POOL = (PoolEntry("test_resnet", "efficient CNN", 60.0, "test"), PoolEntry("test_efficientnet", "efficient CNN", 70.0,
+                                                                            "test"))
+TINY = ["test_resnet", "test_efficientnet", "derived:test_vit:depth=0.5"]
+
+
+@pytest.mark.parametrize("text, ms", [("10ms", 10.0), ("2.5 ms", 2.5), ("0.01s", 10.0), (" 7MS ", 7.0),
+                                      ("500us", 0.5), (".5ms", 0.5)])
+def test_budget_accepts_durations(text, ms):
+    assert math.isclose(parse_budget(text), ms)
+
+
+@pytest.mark.parametrize("text, message", [("0", "positive"), ("0ms", "positive"), ("-5ms", "positive"),
+                                           ("ten ms", "not a duration"), ("10", "no unit"), ("", "not a duration"),
+                                           ("10 min", "not a duration"), ("nan ms", "not a duration")])
+def test_budget_rejects_bad_input(text, message):
+    with pytest.raises(EdgekdError, match=message):
+        parse_budget(text)
+
+
+def stats(p50: float, p90: float) -> LatencyStats:
+    return LatencyStats(p50_ms=p50, p90_ms=p90, p99_ms=p90, mean_ms=p50, min_ms=p50, std_ms=0.0, runs=30, warmup=10,
+                        threads=1, batch=1, providers=("CPUExecutionProvider",), input_shape=(1, 3, 32, 32),
+                        session_ms=1.0, ort_version="x")
+
+
+def candidate(name: str, top1: float | None, *forms: tuple[str, float, float], family: str = "efficient CNN",
+              macs: int = 1) -> Candidate:
+    return Candidate(name, family, 1000, macs, (3, 32, 32), top1, "test",
+                     tuple(Measurement(p, stats(p50, p90), "test") for p, p50, p90 in forms))
+
+
+def test_best_form_is_the_lowest_p90():
+    c = candidate("m", 70.0, ("fp32", 1.0, 1.2), ("int8_static", 1.5, 1.9), ("int8_dynamic", 9.0, 12.0))
+    assert c.best.precision == "fp32"
+
+
+def test_rule_picks_the_most_accurate_that_fits():
+    pool = [candidate("fast", 60.0, ("fp32", 1, 2)), candidate("accurate", 80.0, ("int8_static", 4, 5)),
+            candidate("best_but_slow", 90.0, ("fp32", 9, 30))]
+    selection = select_student(pool, 10.0)
+    assert selection.chosen.model_name == "accurate" and selection.precision == "int8_static" and selection.fits
+    assert "80.0%" in selection.reason and "2 that fit" in selection.reason
+    assert [v.fits for v in selection.verdicts] == [True, True, False]
+
+
+def test_a_fitting_teacher_derived_student_comes_first():
+    pool = [candidate("accurate", 80.0, ("fp32", 1, 2)),
+            candidate("derived:t:depth=0.5", None, ("fp32", 3, 4), family=DERIVED_FAMILY)]
+    assert select_student(pool, 10.0).chosen.derived
+    assert select_student(pool, 3.0).chosen.model_name == "accurate"
+
+
+def test_budget_below_the_fastest_names_it():
+    pool = [candidate("a", 60.0, ("fp32", 4, 5)), candidate("b", 70.0, ("fp32", 2, 3.14))]
+    with pytest.raises(EdgekdError, match=r"fastest is b at p90 3\.14 ms \(fp32\)"):
+        select_student(pool, 1.0)
+
+
+def test_pinned_student_reports_whether_it_fits():
+    pool = [candidate("a", 60.0, ("fp32", 1, 2)), candidate("b", 70.0, ("fp32", 20, 30))]
+    pinned = select_student(pool, 10.0, student="b")
+    assert pinned.pinned and not pinned.fits and "does NOT fit" in pinned.reason
+    with pytest.raises(EdgekdError, match="not among"):
+        select_student(pool, 10.0, student="zzz")
+
+
+def test_unmeasured_candidates_are_reported_not_chosen():
+    broken = Candidate("broken", "efficient CNN", 0, 0, (0, 0, 0), 99.0, "test", error="cannot build")
+    selection = select_student([broken, candidate("ok", 50.0, ("fp32", 1, 2))], 10.0)
+    assert selection.chosen.model_name == "ok"
+    assert "cannot build" in format_table([broken], 10.0, ("fp32",))
+
+
+@pytest.fixture(scope="module")
+def host():
+    return profile_from_dict({"name": "host-test", "providers": ["CPUExecutionProvider"], "threads": 1, "batch": 1,
+                              "input_size": 32, "precisions": ["fp32", "int8_static", "int8_dynamic"],
+                              "isa": "avx2", "latency": "host"})
+
+
+@pytest.fixture(scope="module")
+def measured(host, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    first = measure_candidates(TINY, host, num_classes=10, image_size=(32, 32), pool=POOL, cache_dir=cache,
+                               timing=FAST)
+    return first, cache
+
+
+def test_every_candidate_is_measured_in_every_precision(measured, host):
+    candidates, _ = measured
+    assert [c.model_name for c in candidates] == TINY
+    for c in candidates:
+        assert c.params > 0 and c.macs > 0 and c.input_size == (3, 32, 32)
+        assert [m.precision for m in c.measurements] == list(host.precisions)
+        assert all(m.stats is not None and m.stats.threads == 1 for m in c.measurements), c.measurements
+    assert candidates[2].family == DERIVED_FAMILY and candidates[2].top1 is None
+
+
+def test_second_selection_reads_the_cache(measured, host):
+    first, cache = measured
+    second = measure_candidates(TINY, host, num_classes=10, image_size=(32, 32), pool=POOL, cache_dir=cache,
+                                timing=FAST)
+    assert all("cached" in m.source for c in second for m in c.measurements)
+    assert [m.stats for c in second for m in c.measurements] == [m.stats for c in first for m in c.measurements]
+    other_classes = measure_candidates(TINY[:1], host, num_classes=7, image_size=(32, 32), pool=POOL,
+                                       cache_dir=cache, timing=FAST)
+    assert not any("cached" in m.source for m in other_classes[0].measurements)
+
+
+def test_chosen_student_fits_when_measured_again(host, measured, tmp_path):
+    _, cache = measured
+    selection = choose_student("test_vit", 50.0, host, num_classes=10, names=TINY, pool=POOL, cache_dir=cache,
+                               timing=FAST)
+    assert selection.fits and selection.chosen.model_name in TINY
+    path = export_onnx(build_student(selection.chosen.model_name, 10, (32, 32)).eval(), tmp_path / "s.onnx",
+                       (3, 32, 32))
+    assert measure_onnx(path, (3, 32, 32), threads=1, warmup=2, min_runs=8, min_seconds=0).p50_ms <= 50.0
+
+
+def test_cli_select_prints_the_table_and_the_choice(measured, tmp_path):
+    _, cache = measured
+    args = ["select", "--teacher", "test_vit", "--profile", "host", "--num-classes", "10", "--input-size", "32",
+            "--candidates", ",".join(TINY), "--cache-dir", str(cache)]
+    runner = CliRunner()
+    low = runner.invoke(app, [*args, "--budget", "0.001ms"])
+    assert low.exit_code == 2 and "no candidate fits 0.001 ms: the fastest is" in low.output
+    assert all(name in low.output for name in TINY) and "too slow" in low.output
+    pinned = runner.invoke(app, [*args, "--budget", "0.001ms", "--student", "test_resnet"])
+    assert pinned.exit_code == 0 and "does NOT fit" in pinned.output
