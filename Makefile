@@ -11,6 +11,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?=
+DEMO_BUDGET ?= 1ms
 
 .PHONY: install demo test clean
 
@@ -25,8 +26,9 @@ install: $(BIN)/edgekd
 
 demo: install
 	@test -d $(FASHION_MNIST) || { echo "Fashion-MNIST not found at $(FASHION_MNIST): sudo apt-get install dataset-fashion-mnist"; exit 2; }
-	$(BIN)/edgekd train-teacher --teacher resnet18 --random-init --data fashion-mnist --input-size 32 \
-		--epochs 2 --out runs/demo-teacher $(DEMO_ARGS)
+	$(BIN)/edgekd compress --teacher resnet18 --random-init --data fashion-mnist --input-size 32 \
+		--budget $(DEMO_BUDGET) --profile host --teacher-epochs 2 --epochs 3 --out runs/demo $(DEMO_ARGS)
+	@echo "Open runs/demo/report.html, or run: $(BIN)/edgekd bench runs/demo"
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -40,7 +40,7 @@ MODEL_ALIASES: dict[str, str] = {
 
 
 def alias_help() -> str:
-    return ", ".join(f"{alias}={name}" if alias != name else alias for alias, name in MODEL_ALIASES.items())
+    return ", ".join(MODEL_ALIASES)
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,194 @@
+"""The deployable bundle: model.onnx (+ model.ort), preprocess.json and manifest.json, written whole or not at all.
+
+The folder is assembled in a temporary sibling and renamed into place at the end, so an app never sees a
+bundle whose model, preprocessing and manifest disagree.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from edgekd import __version__
+from edgekd.artifacts import MANIFEST_NAME, sha256_file, write_json_atomic
+from edgekd.data import LoadedData
+from edgekd.errors import EdgekdError
+from edgekd.export import export_with_parity
+from edgekd.latency import measure_onnx
+from edgekd.quantize import GuardConfig, QuantDecision, guarded_quantize, quantize_onnx
+from edgekd.runtime import MODEL_NAME, PREPROCESS_NAME
+from edgekd.students import load_student
+from edgekd.types import Artifact, Preprocess, StudentCheckpoint
+from edgekd.verify import (INPUT_NAME, OUTPUT_NAME, EvalSet, OnnxMetrics, Parity, evaluate_onnx, onnx_logits,
+                           preprocess_records)
+
+log = logging.getLogger(__name__)
+
+ORT_MODEL_NAME = "model.ort"
+PARITY_IMAGES = 64
+
+
+@dataclass(frozen=True)
+class BundleOptions:
+    """How to build a bundle; the defaults suit a desktop x86 CPU."""
+
+    isa: str = "avx2"
+    precisions: tuple[str, ...] = ("int8_static", "int8_dynamic")  # may ship instead of fp32 (int8 needs data)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    search: bool = False  # try every quantization preset of the ISA, not only its defaults
+    opset: int = 17
+    ort_format: bool = False  # also write model.ort for onnxruntime-mobile
+    threads: int = 1  # for timing: int8 ships only where it beats fp32 at this thread count
+    time_models: bool = True
+    timing_seconds: float = 1.0
+    calibration_images: int = 256
+    validation_images: int | None = 1000
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class BundleResult:
+    path: Path
+    precision: str
+    parity: Parity
+    fp32: OnnxMetrics
+    shipped: OnnxMetrics
+    latency_ms: float | None
+    decision: QuantDecision | None
+
+
+def bundle_from_checkpoint(checkpoint: StudentCheckpoint, out_dir: Path, data: LoadedData | None,
+                           options: BundleOptions = BundleOptions()) -> BundleResult:
+    """Export, verify, quantize under the accuracy guard and write the bundle for a trained student.
+
+    Without data the bundle ships fp32, or fp16 when asked (parity on random inputs): int8 needs real images.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not options.overwrite:
+        raise EdgekdError(f"{out_dir} already exists; remove it, pass another --out, or pass --overwrite")
+    model = load_student(checkpoint)
+    evalset = preprocess_records(data.val, checkpoint.preprocess, options.validation_images) if data else None
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgekd-export-") as work:
+            result = _build(model, checkpoint, Path(work), staging, data, evalset, options)
+        _move_into_place(staging, out_dir, options.overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("bundle: %s (%s) -> %s", MODEL_NAME, result.precision, out_dir)
+    return replace(result, path=out_dir)
+
+
+def _build(model: torch.nn.Module, checkpoint: StudentCheckpoint, work: Path, staging: Path,
+           data: LoadedData | None, evalset: EvalSet | None, options: BundleOptions) -> BundleResult:
+    pre = checkpoint.preprocess
+    fp32_path = work / "model.fp32.onnx"
+    check = evalset.images[:PARITY_IMAGES] if evalset else None
+    _, parity = export_with_parity(model, fp32_path, pre.input_size, opset=options.opset, check_inputs=check)
+    log.info("export: parity max |logit diff| %.2g, top-1 agreement %.1f%% on %d image(s)",
+             parity.max_abs_diff, 100 * parity.top1_agreement, parity.count)
+    model_path = staging / MODEL_NAME
+    decision = None
+    int8 = tuple(p for p in options.precisions if p.startswith("int8"))
+    if evalset is not None and data is not None and int8:
+        calibration = preprocess_records(data.train, pre, options.calibration_images).images
+        timer = _timer(options, pre) if options.time_models else None
+        decision = guarded_quantize(fp32_path, model_path, evalset=evalset, calibration=calibration, isa=options.isa,
+                                    precisions=int8, guard=options.guard, search=options.search, timing=timer)
+        precision = decision.precision
+    else:
+        precision = "fp16" if "fp16" in options.precisions else "fp32"  # fp16 needs no calibration
+        quantize_onnx(fp32_path, model_path, precision)
+    reference = onnx_logits(fp32_path, evalset.images).argmax(1) if evalset else None
+    fp32_metrics = evaluate_onnx(fp32_path, evalset, reference) if evalset else OnnxMetrics(None, None, 0)
+    shipped = evaluate_onnx(model_path, evalset, reference) if evalset else OnnxMetrics(None, None, 0)
+    if precision == "fp16" and evalset is not None and (_drop(fp32_metrics, shipped) or 0) > \
+            options.guard.max_accuracy_drop:
+        log.warning("fp16 loses %.2f points of top-1 (guard %.2f): shipping fp32", _drop(fp32_metrics, shipped),
+                    options.guard.max_accuracy_drop)
+        precision, shipped = "fp32", fp32_metrics
+        quantize_onnx(fp32_path, model_path, precision)
+    latency = decision.latency_ms if decision else None
+    if options.ort_format:
+        write_ort_format(model_path, staging / ORT_MODEL_NAME)
+    write_json_atomic(staging / PREPROCESS_NAME, preprocess_json(pre, checkpoint.class_names))
+    write_json_atomic(staging / MANIFEST_NAME, _manifest(staging, checkpoint, options, parity, fp32_metrics, shipped,
+                                                         precision, latency, decision))
+    return BundleResult(staging, precision, parity, fp32_metrics, shipped, latency, decision)
+
+
+def preprocess_json(pre: Preprocess, labels: tuple[str, ...]) -> dict[str, Any]:
+    """Everything an app needs to feed the model the pixels it was validated on."""
+    return {**pre.to_dict(), "resize_shorter_side_to": int(pre.input_size[1] / pre.crop_pct),
+            "channel_order": "L" if pre.channels == 1 else "RGB", "layout": "NCHW", "scale": 1 / 255,
+            "input_name": INPUT_NAME, "output_name": OUTPUT_NAME, "output": "logits (apply softmax)",
+            "model": MODEL_NAME, "labels": list(labels)}
+
+
+def write_ort_format(onnx_path: Path, ort_path: Path) -> Path:
+    """The ORT flatbuffer format onnxruntime-mobile loads; only portable (basic) optimisations are baked in."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(ort_path)
+    options.add_session_config_entry("session.save_model_format", "ORT")
+    ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    return ort_path
+
+
+def _timer(options: BundleOptions, pre: Preprocess):
+    def p50_ms(path: Path) -> float:
+        return measure_onnx(path, pre.input_size, threads=options.threads, min_seconds=options.timing_seconds,
+                            min_runs=10).p50_ms
+
+    return p50_ms
+
+
+def _manifest(folder: Path, checkpoint: StudentCheckpoint, options: BundleOptions, parity: Parity,
+              fp32: OnnxMetrics, shipped: OnnxMetrics, precision: str, latency_ms: float | None,
+              decision: QuantDecision | None) -> list[dict[str, Any]]:
+    parent = str(checkpoint.weights_path)
+    entries = [Artifact(stage="export", path=MODEL_NAME, sha256=sha256_file(folder / MODEL_NAME), parent=parent,
+                        config={"model_name": checkpoint.model_name, "weights_sha256": sha256_file(
+                            checkpoint.weights_path), "opset": options.opset, "precision": precision,
+                            "isa": options.isa, "guard": asdict(options.guard), "search": options.search,
+                            "edgekd": __version__, "onnxruntime": ort.__version__},
+                        metrics={"parity": parity.to_dict(), "fp32": fp32.to_dict(), "shipped": shipped.to_dict(),
+                                 "accuracy_drop_points": _drop(fp32, shipped), "latency_p50_ms": latency_ms,
+                                 "size_bytes": (folder / MODEL_NAME).stat().st_size,
+                                 "quantization": decision.to_dict() if decision else None})]
+    if (folder / ORT_MODEL_NAME).exists():
+        entries.append(Artifact(stage="export", path=ORT_MODEL_NAME, sha256=sha256_file(folder / ORT_MODEL_NAME),
+                                parent=MODEL_NAME, config={"format": "ort", "optimization": "basic"}))
+    entries.append(Artifact(stage="export", path=PREPROCESS_NAME, sha256=sha256_file(folder / PREPROCESS_NAME),
+                            parent=MODEL_NAME))
+    return [asdict(entry) for entry in entries]
+
+
+def _drop(fp32: OnnxMetrics, shipped: OnnxMetrics) -> float | None:
+    if fp32.top1 is None or shipped.top1 is None:
+        return None
+    return float(np.round(100 * (fp32.top1 - shipped.top1), 4))
+
+
+def _move_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename the finished folder to `out_dir`; an old bundle is swapped out only after the new one is complete."""
+    if out_dir.exists():
+        if not overwrite and any(out_dir.iterdir()):
+            raise EdgekdError(f"{out_dir} appeared while exporting; remove it or pass --overwrite")
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+        os.replace(out_dir, old / out_dir.name)
+        os.replace(staging, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, out_dir)

@@ -1,0 +1,417 @@
+"""fp32 ONNX -> int8 (static QDQ/QOperator or dynamic) or fp16, with public onnxruntime.quantization APIs only.
+
+Presets are chosen by the target's ISA. What pays on x86 (measured with ORT at 1 thread, batch 1, 224 px):
+uint8 activations with int8 weights (U8S8) turn every conv into an int8 kernel (resnet 3.1x faster than fp32),
+int8 activations (S8S8) leave half of them in float (1.2x); without VNNI, U8S8 needs `reduce_range` (7-bit
+weights) against VPMADDUBSW saturation. On arm64 (and XNNPACK) S8S8 QDQ is the native form.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                      quant_pre_process, quantize_dynamic, quantize_static)
+
+from edgekd.artifacts import atomic_path
+from edgekd.errors import EdgekdError
+from edgekd.export import check_model, quiet_onnxruntime
+from edgekd.sensitivity import NodeSensitivity, rank_sensitive_nodes
+from edgekd.verify import INPUT_NAME, EvalSet, evaluate_onnx, metrics_from_predictions, onnx_logits
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "int8_static", "int8_dynamic", "fp16")
+ISAS = ("avx2", "avx512", "avx512_vnni", "arm64")
+MIN_CALIBRATION_IMAGES = 32  # fewer gives ranges from a handful of images: clipping on everything else
+CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                       "percentile": CalibrationMethod.Percentile}
+_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+_FORMATS = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
+DYNAMIC_OP_TYPES = ("MatMul", "Attention")  # dynamic Conv runs 5-12x slower than fp32 on x86: never by default
+
+
+@dataclass(frozen=True)
+class QuantPreset:
+    """One way to quantize: how weights and activations are typed and which ops are touched."""
+
+    name: str
+    mode: str  # "static" (calibrated activation ranges) or "dynamic" (ranges computed at run time)
+    quant_format: str = "qdq"  # "qdq" (portable, what XNNPACK/NNAPI/QNN expect) or "qoperator" (QLinearConv...)
+    activation_type: str = "uint8"
+    weight_type: str = "int8"
+    per_channel: bool = True
+    reduce_range: bool = False  # 7-bit weights: avoids int16 saturation in AVX2/AVX-512 (non-VNNI) u8s8 kernels
+    op_types: tuple[str, ...] | None = None  # None: every op type the quantizer supports
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> QuantPreset:
+        return cls(**{**raw, "op_types": tuple(raw["op_types"]) if raw.get("op_types") else None})
+
+
+U8S8 = QuantPreset("u8s8_qdq_per_channel", "static")
+U8S8_REDUCED = replace(U8S8, name="u8s8_qdq_per_channel_reduce_range", reduce_range=True)
+S8S8 = QuantPreset("s8s8_qdq_per_channel", "static", activation_type="int8")
+U8S8_QOPERATOR = replace(U8S8, name="u8s8_qoperator_per_channel", quant_format="qoperator")
+U8S8_PER_TENSOR = replace(U8S8, name="u8s8_qdq_per_tensor", per_channel=False)
+DYNAMIC_MATMUL = QuantPreset("dynamic_matmul", "dynamic", quant_format="qoperator", per_channel=False,
+                             op_types=DYNAMIC_OP_TYPES)
+DYNAMIC_MATMUL_REDUCED = replace(DYNAMIC_MATMUL, name="dynamic_matmul_reduce_range", reduce_range=True)
+
+# The first static and first dynamic preset of each ISA are its defaults; the rest are what the search tries.
+ISA_PRESETS: dict[str, tuple[QuantPreset, ...]] = {
+    "avx512_vnni": (U8S8, DYNAMIC_MATMUL, U8S8_QOPERATOR, S8S8, U8S8_PER_TENSOR),
+    "avx512": (U8S8_REDUCED, DYNAMIC_MATMUL_REDUCED, U8S8, S8S8, DYNAMIC_MATMUL),
+    "avx2": (U8S8_REDUCED, DYNAMIC_MATMUL_REDUCED, U8S8, S8S8, DYNAMIC_MATMUL),
+    "arm64": (S8S8, DYNAMIC_MATMUL, U8S8, replace(S8S8, name="s8s8_qdq_per_tensor", per_channel=False)),
+}
+
+
+def presets_for(isa: str, mode: str | None = None) -> tuple[QuantPreset, ...]:
+    """The presets of an ISA, defaults first; `mode` keeps only "static" or "dynamic" ones."""
+    if isa not in ISA_PRESETS:
+        raise EdgekdError(f"unknown ISA {isa!r}; use one of {', '.join(ISAS)}")
+    return tuple(p for p in ISA_PRESETS[isa] if mode is None or p.mode == mode)
+
+
+def default_preset(isa: str, precision: str) -> QuantPreset:
+    return presets_for(isa, "static" if precision == "int8_static" else "dynamic")[0]
+
+
+class ArrayCalibrationReader(CalibrationDataReader):
+    """Feeds preprocessed real images (float32 N x C x H x W) to the calibrator in small batches."""
+
+    def __init__(self, images: np.ndarray, batch_size: int = 16, input_name: str = INPUT_NAME):
+        self.images, self.batch_size, self.input_name = images.astype(np.float32), batch_size, input_name
+        self.position = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.position >= len(self.images):
+            return None
+        batch = self.images[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return {self.input_name: batch}
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def check_calibration(calibration: np.ndarray | None, input_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Static int8 needs enough real images, shaped like the model's input."""
+    if calibration is None or len(calibration) < MIN_CALIBRATION_IMAGES:
+        have = 0 if calibration is None else len(calibration)
+        raise EdgekdError(f"int8 static calibration needs at least {MIN_CALIBRATION_IMAGES} images, got {have}; "
+                          "give more training images (--data) or use int8_dynamic")
+    if calibration.ndim != 4 or (input_shape is not None and tuple(calibration.shape[1:]) != tuple(input_shape)):
+        raise EdgekdError(f"calibration images have shape {tuple(calibration.shape[1:])}, the model wants "
+                          f"{tuple(input_shape or ())}; preprocess them with the model's own preprocess.json")
+    return calibration
+
+
+def prepare_for_quantization(fp32_path: Path, out_path: Path) -> Path:
+    """quant_pre_process: symbolic shape inference + ORT graph optimisation, which the quantizer relies on.
+
+    Some graphs (e.g. efficientvit_m2) defeat ORT's symbolic shape inference; ONNX's own shape inference is
+    enough for the quantizer there, so retry without it rather than lose int8 for that model.
+    """
+    source, target = str(Path(fp32_path).resolve()), str(Path(out_path).resolve())
+    with quiet_onnxruntime(), _inside_scratch_folder():
+        try:
+            quant_pre_process(source, target, skip_symbolic_shape=False)
+        except Exception as error:  # noqa: BLE001 - ORT raises a bare Exception("Incomplete symbolic shape inference")
+            if "symbolic shape" not in str(error):
+                raise
+            log.info("symbolic shape inference failed for %s; quantizing with ONNX shape inference only",
+                     Path(fp32_path).name)
+            quant_pre_process(source, target, skip_symbolic_shape=True)
+    return out_path
+
+
+@contextlib.contextmanager
+def _inside_scratch_folder():
+    """Run in a temporary working folder: ORT's symbolic shape inference dumps sym_shape_infer_temp.onnx and its
+    external data into the current folder when it fails, which would litter the user's project."""
+    previous = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="edgekd-quant-") as scratch:
+        os.chdir(scratch)
+        try:
+            yield
+        finally:
+            os.chdir(previous)
+
+
+def quantize_onnx(fp32_path: Path, out_path: Path, precision: str, *, isa: str = "avx2",
+                  calibration: np.ndarray | None = None, preset: QuantPreset | None = None,
+                  calibration_method: str = "minmax", nodes_to_exclude: tuple[str, ...] = (),
+                  prepared: bool = False) -> Path:
+    """Write `fp32_path` at `precision` to `out_path` (whole or not at all) and return it.
+
+    `preset` overrides the ISA's default; `prepared` says `fp32_path` already went through quant_pre_process
+    (the option search prepares once and quantizes many times).
+    """
+    if precision not in PRECISIONS:
+        raise EdgekdError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    fp32_path, out_path = Path(fp32_path), Path(out_path)
+    model = check_model(fp32_path)
+    with atomic_path(out_path) as tmp, tempfile.TemporaryDirectory(prefix="edgekd-quant-") as work:
+        if precision == "fp32":
+            shutil.copyfile(fp32_path, tmp)
+        elif precision == "fp16":
+            _to_fp16(model, tmp)
+        else:
+            preset = preset or default_preset(isa, precision)
+            if preset.mode != precision.removeprefix("int8_"):
+                raise EdgekdError(f"preset {preset.name} is {preset.mode}, not {precision}")
+            source = fp32_path if prepared else prepare_for_quantization(fp32_path, Path(work) / "prepared.onnx")
+            images = check_calibration(calibration, _input_chw(model)) if preset.mode == "static" else None
+            try:
+                if images is not None:
+                    _quantize_static(source, tmp, preset, images, calibration_method, nodes_to_exclude)
+                else:
+                    _quantize_dynamic(source, tmp, preset, nodes_to_exclude)
+            except EdgekdError:
+                raise
+            except Exception as error:  # noqa: BLE001 - the quantizer fails in many ways on graphs it cannot handle
+                detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+                raise EdgekdError(f"onnxruntime could not quantize {fp32_path.name} with preset {preset.name} "
+                                  f"({detail}); try another preset, int8_dynamic or fp32") from error
+        check_model(tmp)
+    return out_path
+
+
+def _quantize_static(source: Path, target: Path, preset: QuantPreset, images: np.ndarray, method: str,
+                     exclude: tuple[str, ...]) -> None:
+    if method not in CALIBRATION_METHODS:
+        raise EdgekdError(f"unknown calibration method {method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
+    extra = {"ActivationSymmetric": preset.activation_type == "int8", "WeightSymmetric": True}
+    if method == "percentile":
+        extra["CalibPercentile"] = 99.999
+    with quiet_onnxruntime():
+        quantize_static(str(source), str(target), ArrayCalibrationReader(images),
+                        quant_format=_FORMATS[preset.quant_format], op_types_to_quantize=_op_types(preset),
+                        per_channel=preset.per_channel, reduce_range=preset.reduce_range,
+                        activation_type=_TYPES[preset.activation_type], weight_type=_TYPES[preset.weight_type],
+                        nodes_to_exclude=list(exclude), calibrate_method=CALIBRATION_METHODS[method],
+                        extra_options=extra)
+
+
+def _quantize_dynamic(source: Path, target: Path, preset: QuantPreset, exclude: tuple[str, ...]) -> None:
+    with quiet_onnxruntime():
+        quantize_dynamic(str(source), str(target), op_types_to_quantize=_op_types(preset),
+                         per_channel=preset.per_channel, reduce_range=preset.reduce_range,
+                         weight_type=_TYPES[preset.weight_type], nodes_to_exclude=list(exclude))
+
+
+def _op_types(preset: QuantPreset) -> list[str] | None:
+    return list(preset.op_types) if preset.op_types else None
+
+
+def _to_fp16(model: onnx.ModelProto, target: Path) -> None:
+    """fp16 weights and compute, fp32 inputs and outputs so apps feed the same arrays."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    converted = OnnxModel(model)
+    converted.convert_float_to_float16(keep_io_types=True)
+    converted.topological_sort()  # the converter appends its input casts last; onnx.checker wants them first
+    onnx.save(converted.model, str(target))
+
+
+def _input_chw(model: onnx.ModelProto) -> tuple[int, ...] | None:
+    dims = model.graph.input[0].type.tensor_type.shape.dim[1:]
+    return tuple(d.dim_value for d in dims) if all(d.dim_value for d in dims) else None
+
+
+# ------------------------------------------------------------------------------------------ accuracy guard + search
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """When a quantized model is good enough, and how hard to try before giving up on a preset."""
+
+    max_accuracy_drop: float = 1.0  # points of top-1 (of agreement with fp32 when the data has no labels)
+    min_agreement: float | None = None  # optional floor on top-1 agreement with the fp32 model
+    max_rounds: int = 4  # rounds of "keep the most sensitive nodes in float, quantize again"
+    first_exclusion: float = 0.05  # share of quantizable nodes kept in float after round 1; doubles each round
+    min_speedup: float = 1.05  # int8 must beat fp32 by this factor (beyond timing noise) to be worth its error
+    calibration_method: str = "minmax"
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One quantization attempt and its figures."""
+
+    precision: str
+    preset: QuantPreset
+    excluded_nodes: tuple[str, ...]
+    top1: float | None
+    agreement: float
+    accuracy_drop: float  # points
+    passed: bool
+    latency_ms: float | None = None
+    size_bytes: int = 0
+    error: str | None = None  # the quantizer could not handle this preset on this graph
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "preset": self.preset.to_dict(), "excluded_nodes": list(self.excluded_nodes)}
+
+
+@dataclass(frozen=True)
+class QuantDecision:
+    """What shipped, why, and every attempt that led there (for the manifest and the log)."""
+
+    precision: str  # what was shipped: "fp32" when no int8 form passed the guard and paid
+    path: Path
+    isa: str
+    preset: QuantPreset | None
+    fp32_top1: float | None
+    fp32_latency_ms: float | None
+    latency_ms: float | None
+    reason: str
+    trials: tuple[Trial, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"precision": self.precision, "path": str(self.path), "isa": self.isa,
+                "preset": self.preset.to_dict() if self.preset else None, "fp32_top1": self.fp32_top1,
+                "fp32_latency_ms": self.fp32_latency_ms, "latency_ms": self.latency_ms, "reason": self.reason,
+                "trials": [t.to_dict() for t in self.trials]}
+
+
+def search_presets(isa: str, precisions: tuple[str, ...], search: bool) -> tuple[tuple[str, QuantPreset], ...]:
+    """(precision, preset) pairs to try: the ISA's defaults, or with `search` every preset of the ISA."""
+    chosen = []
+    for precision in precisions:
+        mode = precision.removeprefix("int8_")
+        presets = presets_for(isa, mode)
+        chosen += [(precision, p) for p in (presets if search else presets[:1])]
+    return tuple(chosen)
+
+
+def guarded_quantize(fp32_path: Path, out_path: Path, *, evalset: EvalSet, calibration: np.ndarray,
+                     isa: str = "avx2", precisions: tuple[str, ...] = ("int8_static", "int8_dynamic"),
+                     guard: GuardConfig = GuardConfig(), search: bool = False,
+                     timing: Callable[[Path], float] | None = None) -> QuantDecision:
+    """Quantize within the accuracy guard and ship the fastest passing form, or fp32 when int8 does not pay.
+
+    Each (precision, preset) is tried; one whose accuracy drop exceeds the guard keeps its most sensitive nodes
+    in float and is quantized again, up to `guard.max_rounds` times. `timing(path) -> p50 ms` ranks the passing
+    forms against fp32 (without it the first passing form ships). Everything tried is in `trials`.
+    """
+    unknown = [p for p in precisions if p not in ("int8_static", "int8_dynamic")]
+    if unknown:
+        raise EdgekdError(f"the accuracy guard handles int8_static and int8_dynamic, not {', '.join(unknown)}")
+    fp32_predictions = onnx_logits(fp32_path, evalset.images).argmax(axis=1)
+    fp32_top1 = metrics_from_predictions(fp32_predictions, evalset).top1
+    fp32_ms = timing(fp32_path) if timing else None
+    trials: list[Trial] = []
+    best: tuple[Trial, Path] | None = None
+    with tempfile.TemporaryDirectory(prefix="edgekd-guard-") as work:
+        prepared = prepare_for_quantization(fp32_path, Path(work) / "prepared.onnx")
+        for index, (precision, preset) in enumerate(search_presets(isa, precisions, search)):
+            attempt = Path(work) / f"{index}_{preset.name}.onnx"
+            rounds = _guarded_rounds(prepared, attempt, precision, preset, isa, evalset, calibration, guard,
+                                     fp32_predictions, fp32_top1)
+            final = rounds[-1]
+            if final.passed and timing:
+                final = replace(final, latency_ms=timing(attempt))
+                rounds[-1] = final
+            trials += rounds
+            if final.passed and (best is None or _faster(final, best[0])):
+                best = (final, attempt.rename(Path(work) / f"best_{index}.onnx"))
+        decision = _decide(best, fp32_top1, fp32_ms, isa, out_path, tuple(trials), guard.min_speedup)
+        quantize_onnx(best[1] if decision.precision != "fp32" and best else fp32_path, out_path, "fp32")
+    log.info("quantization: shipped %s (%s)", decision.precision, decision.reason)
+    return decision
+
+
+def _faster(candidate: Trial, incumbent: Trial) -> bool:
+    if candidate.latency_ms is None or incumbent.latency_ms is None:
+        return False
+    return candidate.latency_ms < incumbent.latency_ms
+
+
+def _decide(best: tuple[Trial, Path] | None, fp32_top1: float | None, fp32_ms: float | None, isa: str,
+            out_path: Path, trials: tuple[Trial, ...], min_speedup: float) -> QuantDecision:
+    if best is None:
+        return QuantDecision("fp32", out_path, isa, None, fp32_top1, fp32_ms, fp32_ms, trials=trials,
+                             reason="no int8 form stayed within the accuracy guard")
+    trial = best[0]
+    if fp32_ms is not None and trial.latency_ms is not None and trial.latency_ms * min_speedup > fp32_ms:
+        return QuantDecision("fp32", out_path, isa, None, fp32_top1, fp32_ms, fp32_ms, trials=trials,
+                             reason=f"fastest int8 ({trial.preset.name}, {trial.latency_ms:.2f} ms) is no faster "
+                                    f"than fp32 ({fp32_ms:.2f} ms) by the {min_speedup:g}x it must gain")
+    speed = f", {fp32_ms / trial.latency_ms:.2f}x faster than fp32" if fp32_ms and trial.latency_ms else ""
+    return QuantDecision(trial.precision, out_path, isa, trial.preset, fp32_top1, fp32_ms, trial.latency_ms,
+                         trials=trials, reason=f"{trial.preset.name}: accuracy drop {trial.accuracy_drop:.2f} "
+                                                f"points, agreement {trial.agreement:.1%}{speed}")
+
+
+def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantPreset, isa: str, evalset: EvalSet,
+                    calibration: np.ndarray, guard: GuardConfig, fp32_predictions: np.ndarray,
+                    fp32_top1: float | None) -> list[Trial]:
+    """Quantize, measure, and while the guard fails keep the most sensitive nodes in float and try again."""
+    excluded: tuple[str, ...] = ()
+    rounds: list[Trial] = []
+    for round_index in range(guard.max_rounds + 1):
+        try:
+            quantize_onnx(prepared, target, precision, isa=isa, calibration=calibration, preset=preset,
+                          prepared=True, calibration_method=guard.calibration_method, nodes_to_exclude=excluded)
+        except EdgekdError as error:
+            log.info("quantization %s: %s", preset.name, error)
+            rounds.append(Trial(precision, preset, excluded, None, 0.0, 100.0, False, error=str(error)))
+            break
+        trial = _measure(target, precision, preset, excluded, evalset, fp32_predictions, fp32_top1, guard)
+        rounds.append(trial)
+        log.info("quantization %s round %d: %d node(s) in float, accuracy drop %.2f points, agreement %.1f%% -> %s",
+                 preset.name, round_index, len(excluded), trial.accuracy_drop, 100 * trial.agreement,
+                 "pass" if trial.passed else "fail")
+        if trial.passed or round_index == guard.max_rounds:
+            break
+        ranked = [s for s in _rank(prepared, target, precision, preset, isa, calibration, guard, excluded,
+                                   evalset.images[:SENSITIVITY_IMAGES]) if s.added_error > 0]
+        count = max(1, round(len(ranked) * guard.first_exclusion * 2 ** round_index))
+        newly = tuple(s.name for s in ranked[:count])
+        if not newly:
+            break
+        log.info("keeping in float: %s", ", ".join(f"{s.name} ({s.added_error:.2g})" for s in ranked[:count]))
+        excluded += newly
+    return rounds
+
+
+def _rank(prepared: Path, quantized: Path, precision: str, preset: QuantPreset, isa: str, calibration: np.ndarray,
+          guard: GuardConfig, excluded: tuple[str, ...], images: np.ndarray) -> list[NodeSensitivity]:
+    """Sensitivity of each node; a static QOperator model is ranked through its QDQ twin (same scales, but the
+    float tensors keep their names, so they can be compared with fp32)."""
+    if preset.mode == "static" and preset.quant_format != "qdq":
+        quantized = quantized.with_name(quantized.stem + ".qdq.onnx")
+        quantize_onnx(prepared, quantized, precision, isa=isa, calibration=calibration, prepared=True,
+                      preset=replace(preset, quant_format="qdq"), calibration_method=guard.calibration_method,
+                      nodes_to_exclude=excluded)
+    ranked = rank_sensitive_nodes(prepared, quantized, images, skip=excluded)
+    return [s for s in ranked if not preset.op_types or s.op_type in preset.op_types]  # only what it quantized
+
+
+SENSITIVITY_IMAGES = 32  # enough to rank nodes by the error they add; the guard itself uses the whole set
+
+
+def _measure(path: Path, precision: str, preset: QuantPreset, excluded: tuple[str, ...], evalset: EvalSet,
+             fp32_predictions: np.ndarray, fp32_top1: float | None, guard: GuardConfig) -> Trial:
+    metrics = evaluate_onnx(path, evalset, reference=fp32_predictions)
+    agreement = metrics.agreement if metrics.agreement is not None else 0.0
+    if fp32_top1 is not None and metrics.top1 is not None:
+        drop = 100.0 * (fp32_top1 - metrics.top1)
+    else:
+        drop = 100.0 * (1.0 - agreement)
+    drop = round(drop, 6)  # 3/300 images is 1.0 point, not 1.0000000000000009
+    passed = drop <= guard.max_accuracy_drop and (guard.min_agreement is None or agreement >= guard.min_agreement)
+    return Trial(precision, preset, excluded, metrics.top1, agreement, drop, passed, size_bytes=path.stat().st_size)

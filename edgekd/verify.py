@@ -1,0 +1,121 @@
+"""Checking ONNX models against the truth: ORT vs PyTorch parity, and accuracy/agreement on validation images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch.utils.data import Dataset
+
+from edgekd.data import eval_transform
+from edgekd.errors import EdgekdError
+from edgekd.types import Preprocess
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+PARITY_RTOL = 1e-3  # allowed |logit diff|, relative to the largest |logit| (at least 1)
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Preprocessed images (float32 N x C x H x W, exactly what the model sees) and labels (-1 = none)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def labeled(self) -> bool:
+        return bool((self.labels >= 0).any())
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+@dataclass(frozen=True)
+class Parity:
+    """ORT vs PyTorch on the same real batch."""
+
+    max_abs_diff: float
+    tolerance: float
+    top1_agreement: float
+    count: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_abs_diff": self.max_abs_diff, "tolerance": self.tolerance,
+                "top1_agreement": self.top1_agreement, "count": self.count}
+
+
+@dataclass(frozen=True)
+class OnnxMetrics:
+    """Accuracy of an ONNX model, and its top-1 agreement with a reference (the fp32 student)."""
+
+    top1: float | None  # None without labels
+    agreement: float | None  # None without a reference
+    count: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"top1": self.top1, "agreement": self.agreement, "count": self.count}
+
+
+def preprocess_records(records: Dataset, preprocess: Preprocess, limit: int | None = None) -> EvalSet:
+    """Run the deployment (eval) preprocessing over the first `limit` records."""
+    transform = eval_transform(preprocess)
+    count = len(records) if limit is None else min(limit, len(records))
+    images, labels = [], []
+    for index in range(count):
+        image, label = records[index]
+        images.append(transform(image).numpy())
+        labels.append(label)
+    if not images:
+        raise EdgekdError("no images to evaluate on; check --data")
+    return EvalSet(np.stack(images).astype(np.float32), np.asarray(labels, dtype=np.int64))
+
+
+def session(path: Path, threads: int = 0) -> ort.InferenceSession:
+    """A CPU session; `threads` 0 lets ORT pick."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_logits(path: Path | ort.InferenceSession, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Logits of an ONNX classifier over `images`, in batches."""
+    sess = path if isinstance(path, ort.InferenceSession) else session(path)
+    name = sess.get_inputs()[0].name
+    chunks = [sess.run(None, {name: images[i:i + batch_size].astype(np.float32)})[0]
+              for i in range(0, len(images), batch_size)]
+    return np.concatenate(chunks).astype(np.float32)
+
+
+def evaluate_onnx(path: Path, evalset: EvalSet, reference: np.ndarray | None = None) -> OnnxMetrics:
+    """Top-1 accuracy on the labeled images and agreement with `reference` top-1 predictions."""
+    predictions = onnx_logits(path, evalset.images).argmax(axis=1)
+    return metrics_from_predictions(predictions, evalset, reference)
+
+
+def metrics_from_predictions(predictions: np.ndarray, evalset: EvalSet,
+                             reference: np.ndarray | None = None) -> OnnxMetrics:
+    mask = evalset.labels >= 0
+    top1 = float((predictions[mask] == evalset.labels[mask]).mean()) if mask.any() else None
+    agreement = float((predictions == reference).mean()) if reference is not None else None
+    return OnnxMetrics(top1=top1, agreement=agreement, count=len(predictions))
+
+
+def check_parity(model: torch.nn.Module, onnx_path: Path, images: np.ndarray, rtol: float = PARITY_RTOL) -> Parity:
+    """ORT must reproduce PyTorch's logits on `images`; a mismatch is an error, so no broken export ships."""
+    with torch.no_grad():
+        expected = model.eval()(torch.from_numpy(images.astype(np.float32))).float().numpy()
+    actual = onnx_logits(onnx_path, images)
+    diff = float(np.abs(actual - expected).max())
+    tolerance = rtol * max(1.0, float(np.abs(expected).max()))
+    parity = Parity(max_abs_diff=diff, tolerance=tolerance, count=len(images),
+                    top1_agreement=float((actual.argmax(1) == expected.argmax(1)).mean()))
+    if not diff <= tolerance:
+        raise EdgekdError(f"the ONNX export of {type(model).__name__} disagrees with PyTorch (max |logit diff| "
+                          f"{diff:.3g} > {tolerance:.3g}, top-1 agreement {parity.top1_agreement:.1%}); "
+                          "try another --opset or another student architecture")
+    return parity

@@ -1,0 +1,113 @@
+"""Export: real timm students trained on real Fashion-MNIST -> ONNX with parity, and the bundle folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from edgekd.artifacts import sha256_file
+from edgekd.bundle import BundleOptions, bundle_from_checkpoint
+from edgekd.cli import app
+from edgekd.errors import EdgekdError
+from edgekd.export import classifier_input_shape, export_with_parity
+from edgekd.students import load_student, read_student_checkpoint
+from edgekd.verify import onnx_logits, preprocess_records
+from tests.helpers.tiny_students import tiny_student
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_vit", "test_efficientnet"])
+def test_student_export_matches_pytorch_on_real_images(name: str, small_fmnist, tmp_path: Path) -> None:
+    checkpoint = read_student_checkpoint(tiny_student(name, small_fmnist))
+    model = load_student(checkpoint)
+    evalset = preprocess_records(small_fmnist.val, checkpoint.preprocess, limit=64)
+    path, parity = export_with_parity(model, tmp_path / "model.onnx", checkpoint.preprocess.input_size,
+                                      check_inputs=evalset.images)
+    proto = onnx.load(str(path))
+    assert [i.name for i in proto.graph.input] == ["input"] and [o.name for o in proto.graph.output] == ["logits"]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a symbolic (dynamic) batch axis
+    assert proto.opset_import[0].version >= 17
+    assert parity.max_abs_diff <= parity.tolerance and parity.top1_agreement >= 0.98 and parity.count == 64
+    for batch in (1, 5):  # the dynamic axis really takes any batch
+        logits = onnx_logits(path, evalset.images[:batch])
+        with torch.no_grad():
+            expected = model(torch.from_numpy(evalset.images[:batch])).numpy()
+        np.testing.assert_allclose(logits, expected, atol=parity.tolerance)
+
+
+class _Bessel(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.special.bessel_j0(x)
+
+
+def test_unexportable_operator_names_the_module(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Sequential(torch.nn.ReLU(), _Bessel()))
+    with pytest.raises(EdgekdError, match=r"in module 1\.1 \(_Bessel\).*aten::special_bessel_j0"):
+        export_with_parity(model, tmp_path / "m.onnx", (3, 8, 8))
+    assert not list(tmp_path.iterdir())  # nothing half-written
+    with pytest.raises(EdgekdError, match="opset 13 is not supported"):
+        export_with_parity(model, tmp_path / "m.onnx", (3, 8, 8), opset=13)
+
+
+def test_corrupt_or_foreign_onnx_is_rejected(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07 this is not a protobuf")
+    with pytest.raises(EdgekdError, match="not a valid ONNX model"):
+        classifier_input_shape(corrupt)
+    node = onnx.helper.make_node("Relu", ["x"], ["y"])
+    graph = onnx.helper.make_graph([node], "foreign", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                                          [1, 7])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 7])])
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(onnx.helper.make_model(graph, ir_version=8, opset_imports=[onnx.helper.make_opsetid("", 17)]), foreign)
+    with pytest.raises(EdgekdError, match="not an image classifier"):
+        classifier_input_shape(foreign)
+
+
+def test_bundle_is_complete_hashed_and_not_overwritten(small_fmnist, tmp_path: Path) -> None:
+    checkpoint = read_student_checkpoint(tiny_student("test_resnet", small_fmnist))
+    out = tmp_path / "export"
+    options = BundleOptions(precisions=("int8_static",), time_models=False, ort_format=True, calibration_images=256)
+    result = bundle_from_checkpoint(checkpoint, out, small_fmnist, options)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "model.ort", "preprocess.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+    manifest = json.loads((out / "manifest.json").read_text())
+    for entry in manifest:
+        assert entry["sha256"] == sha256_file(out / entry["path"])
+    model_entry = manifest[0]
+    assert model_entry["parent"] == str(checkpoint.weights_path)
+    assert model_entry["metrics"]["parity"]["max_abs_diff"] <= model_entry["metrics"]["parity"]["tolerance"]
+    assert model_entry["metrics"]["quantization"]["trials"], "every quantization decision is recorded"
+    assert result.precision == model_entry["config"]["precision"] == "int8_static"
+    assert abs(model_entry["metrics"]["accuracy_drop_points"]) <= 1.0
+    pre = json.loads((out / "preprocess.json").read_text())
+    assert pre["labels"] == list(small_fmnist.info.class_names) and pre["input_size"] == [3, 32, 32]
+    assert pre["channel_order"] == "RGB" and pre["mean"] == list(checkpoint.preprocess.mean)
+    ort.InferenceSession(str(out / "model.ort"), providers=["CPUExecutionProvider"])  # the mobile form loads
+    before = sha256_file(out / "model.onnx")
+    with pytest.raises(EdgekdError, match="already exists"):
+        bundle_from_checkpoint(checkpoint, out, small_fmnist, options)
+    assert sha256_file(out / "model.onnx") == before
+
+
+def test_cli_export_then_predict(small_fmnist, tmp_path: Path) -> None:
+    checkpoint_dir = tiny_student("test_resnet", small_fmnist)
+    out = tmp_path / "bundle"
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", str(checkpoint_dir), "--out", str(out), "--data", "fashion-mnist",
+                                 "--profile", "phone-arm64", "--max-train", "64", "--max-val", "100"])
+    assert result.exit_code == 0, result.output
+    assert "bundle" in result.output and (out / "model.ort").exists()  # XNNPACK profile: model.ort, no host timing
+    image_path = tmp_path / "shoe.png"
+    small_fmnist.val[0][0].save(image_path)
+    result = runner.invoke(app, ["predict", str(out), str(image_path), "--top-k", "3"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count(",") == 2 and any(label in result.output for label in small_fmnist.info.class_names)
+    result = runner.invoke(app, ["predict", str(tmp_path), str(image_path)])
+    assert result.exit_code == 2 and "not an edgekd bundle" in result.output

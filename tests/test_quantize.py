@@ -1,0 +1,126 @@
+"""Quantization: presets per ISA, int8 accuracy on real Fashion-MNIST, and the accuracy guard."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from edgekd.errors import EdgekdError
+from edgekd.export import export_onnx
+from edgekd.latency import measure_onnx
+from edgekd.quantize import (GuardConfig, check_calibration, default_preset, guarded_quantize,
+                             prepare_for_quantization, presets_for, quantize_onnx)
+from edgekd.sensitivity import rank_sensitive_nodes
+from edgekd.students import load_student, read_student_checkpoint
+from edgekd.verify import EvalSet, evaluate_onnx, onnx_logits, preprocess_records
+from tests.helpers.tiny_students import tiny_student
+
+
+@pytest.fixture(scope="module")
+def resnet(small_fmnist, tmp_path_factory) -> tuple[Path, EvalSet, np.ndarray]:
+    """The fp32 export of a trained tiny ResNet, 300 real validation images and 128 real calibration images."""
+    checkpoint = read_student_checkpoint(tiny_student("test_resnet", small_fmnist))
+    path = export_onnx(load_student(checkpoint), tmp_path_factory.mktemp("resnet") / "fp32.onnx",
+                       checkpoint.preprocess.input_size)
+    evalset = preprocess_records(small_fmnist.val, checkpoint.preprocess)
+    calibration = preprocess_records(small_fmnist.train, checkpoint.preprocess, limit=128).images
+    return path, evalset, calibration
+
+
+def test_presets_follow_the_isa() -> None:
+    assert default_preset("avx512_vnni", "int8_static").activation_type == "uint8"  # U8S8: every conv in int8
+    assert not default_preset("avx512_vnni", "int8_static").reduce_range
+    assert default_preset("avx2", "int8_static").reduce_range  # VPMADDUBSW saturation without VNNI
+    assert default_preset("arm64", "int8_static").activation_type == "int8"
+    assert "Conv" not in (default_preset("avx2", "int8_dynamic").op_types or ("Conv",))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        default_preset("avx2", "int8_static").per_channel = False  # type: ignore[misc]
+    with pytest.raises(EdgekdError, match="unknown ISA"):
+        presets_for("sparc")
+
+
+@pytest.mark.parametrize("isa", ["avx512_vnni", "avx2", "arm64"])
+def test_int8_static_keeps_accuracy_on_real_images(resnet, isa: str, tmp_path: Path) -> None:
+    fp32, evalset, calibration = resnet
+    reference = onnx_logits(fp32, evalset.images).argmax(1)
+    fp32_top1 = evaluate_onnx(fp32, evalset).top1
+    int8 = quantize_onnx(fp32, tmp_path / "int8.onnx", "int8_static", isa=isa, calibration=calibration)
+    ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    metrics = evaluate_onnx(int8, evalset, reference)
+    assert fp32_top1 > 0.5  # a trained model, so the drop below means something
+    assert 100 * (fp32_top1 - metrics.top1) <= 2.0 and metrics.agreement >= 0.93
+
+
+def test_dynamic_fp16_and_fp32_forms(resnet, small_fmnist, tmp_path: Path) -> None:
+    fp32, evalset, _ = resnet
+    reference = onnx_logits(fp32, evalset.images).argmax(1)
+    for precision, agreement in (("int8_dynamic", 0.97), ("fp16", 0.99), ("fp32", 1.0)):
+        path = quantize_onnx(fp32, tmp_path / f"{precision}.onnx", precision)
+        assert evaluate_onnx(path, evalset, reference).agreement >= agreement, precision
+    vit = read_student_checkpoint(tiny_student("test_vit", small_fmnist))
+    vit_fp32 = export_onnx(load_student(vit), tmp_path / "vit.onnx", vit.preprocess.input_size)
+    vit_eval = preprocess_records(small_fmnist.val, vit.preprocess, limit=200)
+    dynamic = quantize_onnx(vit_fp32, tmp_path / "vit_dyn.onnx", "int8_dynamic")
+    assert "MatMulInteger" in {node.op_type for node in onnx.load(str(dynamic)).graph.node}
+    assert evaluate_onnx(dynamic, vit_eval, onnx_logits(vit_fp32, vit_eval.images).argmax(1)).agreement >= 0.93
+
+
+def test_calibration_with_too_few_images_says_how_many(resnet, tmp_path: Path) -> None:
+    fp32, _, calibration = resnet
+    with pytest.raises(EdgekdError, match="at least 32 images, got 5"):
+        quantize_onnx(fp32, tmp_path / "int8.onnx", "int8_static", calibration=calibration[:5])
+    with pytest.raises(EdgekdError, match="shape"):
+        check_calibration(np.zeros((40, 3, 16, 16), np.float32), (3, 32, 32))
+    assert not (tmp_path / "int8.onnx").exists()
+
+
+def test_guard_keeps_the_most_sensitive_nodes_in_float(resnet, tmp_path: Path) -> None:
+    fp32, evalset, calibration = resnet
+    impossible = GuardConfig(max_accuracy_drop=-100.0, max_rounds=2)  # no model can pass: every round runs
+    decision = guarded_quantize(fp32, tmp_path / "model.onnx", evalset=evalset, calibration=calibration,
+                                isa="avx512_vnni", precisions=("int8_static",), guard=impossible)
+    excluded = [trial.excluded_nodes for trial in decision.trials]
+    assert len(excluded) == 3 and excluded[0] == () and 0 < len(excluded[1]) < len(excluded[2])
+    assert set(excluded[1]) <= set(excluded[2])
+    assert decision.precision == "fp32" and "accuracy guard" in decision.reason  # nothing passed: fp32 ships
+    assert onnx.load(str(tmp_path / "model.onnx")).graph.node[0].op_type != "QuantizeLinear"
+    # the nodes the guard chose really are the most sensitive, and quantizing without them keeps them in float
+    prepared = prepare_for_quantization(fp32, tmp_path / "prepared.onnx")
+    first = quantize_onnx(prepared, tmp_path / "q0.onnx", "int8_static", isa="avx512_vnni", calibration=calibration,
+                          prepared=True)
+    ranked = rank_sensitive_nodes(prepared, first, evalset.images[:32])
+    assert ranked[0].name == excluded[1][0] and ranked[0].added_error >= ranked[-1].added_error >= 0
+    kept = quantize_onnx(prepared, tmp_path / "q1.onnx", "int8_static", isa="avx512_vnni", calibration=calibration,
+                         prepared=True, nodes_to_exclude=excluded[2])
+    graph = onnx.load(str(kept)).graph
+    float_weights = {init.name for init in graph.initializer if init.data_type == onnx.TensorProto.FLOAT}
+    convs = [n for n in graph.node if n.name in excluded[2] and n.op_type in ("Conv", "Gemm")]
+    assert convs and all(n.input[1] in float_weights for n in convs)
+
+
+def test_guard_passes_and_ships_int8_only_when_it_is_faster(resnet, tmp_path: Path) -> None:
+    fp32, evalset, calibration = resnet
+
+    def p50_ms(path: Path) -> float:
+        return measure_onnx(path, (3, 32, 32), threads=1, min_seconds=0.05, min_runs=5, warmup=2).p50_ms
+
+    decision = guarded_quantize(fp32, tmp_path / "model.onnx", evalset=evalset, calibration=calibration,
+                                isa="avx512_vnni", guard=GuardConfig(max_accuracy_drop=2.0), search=True,
+                                timing=p50_ms)
+    names = {trial.preset.name for trial in decision.trials}
+    assert len(names) == len(presets_for("avx512_vnni"))  # the search tried every preset of the ISA
+    passing = [t for t in decision.trials if t.passed]
+    assert passing and all(t.latency_ms is not None for t in passing)
+    if decision.precision == "fp32":
+        fastest = min(t.latency_ms for t in passing)
+        assert "no faster" in decision.reason and fastest * GuardConfig().min_speedup > decision.fp32_latency_ms
+    else:
+        assert decision.latency_ms == min(t.latency_ms for t in passing)
+        assert decision.latency_ms * GuardConfig().min_speedup <= decision.fp32_latency_ms
+    shipped = evaluate_onnx(tmp_path / "model.onnx", evalset)
+    assert 100 * (decision.fp32_top1 - shipped.top1) <= 2.0
