@@ -62,7 +62,7 @@ def train_classifier(model: torch.nn.Module, data: LoadedData, preprocess: Prepr
             step += 1
             seen += len(labels)
             running += loss.item()
-            bar.set_postfix(loss=f"{running / (batch_index + 1):.3f}",
+            bar.set_postfix(refresh=False, loss=f"{running / (batch_index + 1):.3f}",
                                  img_s=f"{seen / (time.perf_counter() - started):.0f}")
         bar.close()
         result = evaluate(model, val_loader, device, description=f"{label} val")

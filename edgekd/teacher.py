@@ -140,6 +140,17 @@ def _unlabeled_class_count(spec: TeacherSpec, image_size: tuple[int, int] | None
     return int(getattr(cfg, "num_classes", 1000) or 1000)
 
 
+def read_teacher_result(folder: Path) -> TeacherResult:
+    """A teacher prepared earlier (e.g. by `edgekd train-teacher`), from its folder; its weights beside teacher.json."""
+    path = Path(folder) / RESULT_NAME
+    if not path.is_file() or not (Path(folder) / WEIGHTS_NAME).is_file():
+        raise EdgekdError(f"no prepared teacher in {folder} ({RESULT_NAME} + {WEIGHTS_NAME}); "
+                          "make one with `edgekd train-teacher --out DIR` and pass that DIR")
+    raw = json.loads(path.read_text())
+    raw.pop("key", None)
+    return replace(TeacherResult.from_dict(raw), weights_path=Path(folder) / WEIGHTS_NAME)
+
+
 def _load_cached(out_dir: Path, key: str) -> TeacherResult | None:
     path = out_dir / RESULT_NAME
     if not path.exists() or not (out_dir / WEIGHTS_NAME).exists():

@@ -1,0 +1,320 @@
+"""The distillation loop: one or several frozen teachers, one student, a weighted sum of KD losses.
+
+Runs alone or as one rank of `torchrun` (DDP, DistributedSampler; rank 0 writes). bf16 autocast and
+channels_last on CUDA, optional torch.compile. Resumable: a checkpoint after every epoch and on interruption,
+and data order + augmentation that depend only on (seed, epoch, index), so a resumed run ends where an
+uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
+
+from edgekd.artifacts import atomic_path, config_hash, write_json_atomic
+from edgekd.data import LoadedData, ModelInputs, make_loader
+from edgekd.distill.features import DEFAULT_PAIRS, HintedStudent, TappedModel, feature_shapes, list_taps, pair_layers
+from edgekd.distill.losses import LossInputs, LossSpec, Objective, TeacherView, default_loss_specs
+from edgekd.distill.sampling import EpochSampler, SeededItems
+from edgekd.distill.state import (Processes, TeacherCache, TrainState, finish_processes, load_state, save_state,
+                                  share_from_main, start_processes, sync_buffers)
+from edgekd.errors import EdgekdError
+from edgekd.models import preprocess_for
+from edgekd.students import build_student
+from edgekd.teacher import load_teacher_model
+from edgekd.train_utils import (autocast, evaluate, make_optimizer, prepare_model, progress, seed_everything,
+                                to_device, warmup_cosine)
+from edgekd.types import Preprocess, StudentCheckpoint, TeacherResult
+
+log = logging.getLogger(__name__)
+
+WEIGHTINGS = ("confidence", "mean")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How to distil. `losses` empty means the default combination (see losses.default_loss_specs)."""
+
+    losses: tuple[LossSpec, ...] = ()
+    temperature: float = 4.0
+    feature_pairs: tuple[tuple[str, str], ...] | None = None  # (student layer, teacher layer); None: automatic
+    num_feature_pairs: int = DEFAULT_PAIRS
+    teacher_weighting: str = "confidence"  # several teachers: per-sample by confidence, or a plain mean
+    epochs: float = 10.0
+    batch_size: int = 128  # global: split across torchrun processes
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.05
+    grad_clip: float = 1.0
+    seed: int = 0
+    image_size: tuple[int, int] | None = None  # the student's input; None: the first teacher's
+    augment: bool = True  # shared random crop + flip for teacher and student
+    cache_teacher: bool = False  # reuse teacher outputs across epochs (only without augmentation/feature losses)
+    compile: bool = False
+    resume: bool = False
+    num_workers: int | None = None
+    device: str = "auto"
+
+
+def distill(teachers: list[TeacherResult], student_name: str, data: LoadedData, config: DistillConfig,
+            out_dir: Path, *, student_init: torch.nn.Module | None = None) -> StudentCheckpoint:
+    """Train `student_name` (or `student_init`, trained in place) from the teachers; write it under out_dir."""
+    _check(teachers, config)
+    out_dir = Path(out_dir)
+    processes = start_processes(config.device)
+    try:
+        return _run(teachers, student_name, data, config, out_dir, student_init, processes)
+    finally:
+        finish_processes(processes)
+
+
+def _check(teachers: list[TeacherResult], config: DistillConfig) -> None:
+    if not teachers:
+        raise EdgekdError("no teacher given; pass --teacher NAME or --teacher-dir DIR")
+    classes = {t.num_classes for t in teachers}
+    if len(classes) > 1:
+        raise EdgekdError(f"the teachers predict different numbers of classes ({sorted(classes)}); "
+                          "give teachers trained for the same classes")
+    if config.teacher_weighting not in WEIGHTINGS:
+        raise EdgekdError(f"unknown teacher weighting {config.teacher_weighting!r}; use one of {', '.join(WEIGHTINGS)}")
+    if config.epochs <= 0 or config.batch_size < 2 or config.temperature <= 0:
+        raise EdgekdError("epochs and temperature must be positive and the batch size at least 2")
+
+
+def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, config: DistillConfig, out_dir: Path,
+         student_init: torch.nn.Module | None, processes: Processes) -> StudentCheckpoint:
+    seed_everything(config.seed)
+    device = processes.device
+    objective = Objective(config.losses or default_loss_specs(data.info.labeled), config.temperature)
+    objective.check_labels(data.info.labeled)
+    per_rank_batch = config.batch_size // processes.world
+    if per_rank_batch < 2 or config.batch_size % processes.world:
+        raise EdgekdError(f"--batch-size {config.batch_size} does not split into {processes.world} processes of "
+                          "2+ images each; use a multiple of the process count")
+
+    image_size = config.image_size or teachers[0].preprocess.image_size
+    student = student_init if student_init is not None else \
+        build_student(student_name, teachers[0].num_classes, image_size)
+    student_pre = preprocess_for(student, image_size)
+    teacher_models = [load_teacher_model(t) for t in teachers]
+    hinted, tapped_teachers, pairs = _wire(student, student_pre, teacher_models, teachers, objective, config)
+    hinted = prepare_model(hinted, device)
+    tapped_teachers = [prepare_model(t, device).eval().requires_grad_(False) for t in tapped_teachers]
+
+    train_set = SeededItems(ModelInputs(data.train, [student_pre] + [t.preprocess for t in teachers],
+                                        training=config.augment), config.seed)
+    drop_last = len(data.train) > config.batch_size
+    sampler = EpochSampler(len(data.train), num_replicas=processes.world, rank=processes.rank, seed=config.seed,
+                           drop_last=drop_last)
+    loader = make_loader(train_set, per_rank_batch, shuffle=False, seed=config.seed, sampler=sampler,
+                         num_workers=config.num_workers, device=device, drop_last=drop_last)
+    steps_per_epoch = max(1, len(sampler) // per_rank_batch if drop_last else math.ceil(len(sampler) / per_rank_batch))
+    total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
+    optimizer = make_optimizer(hinted.parameters(), config.lr, config.weight_decay)
+    scheduler = warmup_cosine(optimizer, total_steps, config.warmup_fraction)
+
+    key = config_hash({"config": _resume_fields(config), "specs": [str(s) for s in objective.specs],
+                       "student": student_name, "teachers": [str(t.weights_path) for t in teachers],
+                       "data": [data.info.source, len(data.train)], "world": processes.world})
+    state = load_state(out_dir, key, hinted, optimizer, scheduler) if config.resume else TrainState(history=[])
+    cache = _teacher_cache(config, objective, len(data.train), len(teachers))
+    model = DistributedDataParallel(hinted, device_ids=[device.index] if device.type == "cuda" else None) \
+        if processes.world > 1 else hinted
+    if config.compile:
+        model = torch.compile(model)
+    val_student = make_loader(ModelInputs(data.val, [student_pre], training=False), per_rank_batch * 2,
+                              shuffle=False, num_workers=config.num_workers, device=device)
+
+    loop = _Loop(model, tapped_teachers, objective, optimizer, scheduler, config, device, cache, total_steps)
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    started = time.perf_counter()
+    for epoch in range(state.step // steps_per_epoch, epochs):
+        skip_steps = state.step - epoch * steps_per_epoch
+        sampler.set_position(epoch, skip_steps * per_rank_batch)
+        epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch) - skip_steps
+        try:
+            sums = loop.epoch(loader, epoch_steps, state, f"distill epoch {epoch + 1}/{epochs}", len(teachers))
+        except KeyboardInterrupt:
+            if processes.main:
+                save_state(out_dir, key, state, hinted, optimizer, scheduler)
+                log.info("interrupted at step %d; checkpoint saved, run again with --resume to continue", state.step)
+            raise
+        metrics: dict[str, Any] = {"epoch": epoch + 1, **_epoch_metrics(sums, optimizer)}
+        if processes.main:
+            result = evaluate(hinted.student, val_student, device, description="student val")
+            metrics.update(val_top1=result.top1, val_top5=result.top5)
+            log.info("distill epoch %d: loss %.4f, val top-1 %s", epoch + 1, metrics["loss"], _pct(result.top1))
+        state.history.append(metrics)  # type: ignore[union-attr]
+        state.partial = None
+        if processes.main:
+            save_state(out_dir, key, state, hinted, optimizer, scheduler)
+    seconds = time.perf_counter() - started
+    sync_buffers(processes, hinted)
+    final = _finish(hinted, tapped_teachers, teachers, data, student_name, student_pre, config, objective, pairs,
+                    state, cache, out_dir, val_student, seconds, processes) if processes.main else None
+    return StudentCheckpoint.from_dict(share_from_main(processes, final))
+
+
+def _resume_fields(config: DistillConfig) -> dict[str, Any]:
+    """The settings a resumed run must share with the run it continues (not where or how fast it runs)."""
+    fields = asdict(replace(config, resume=False, device="auto", num_workers=None, compile=False))
+    fields.pop("losses")
+    return fields
+
+
+def _wire(student: torch.nn.Module, student_pre: Preprocess, teacher_models: list[torch.nn.Module],
+          teachers: list[TeacherResult], objective: Objective, config: DistillConfig):
+    """Tap the teachers and the student at paired layers (only when a feature loss is on) and build the adapters."""
+    if not objective.needs_features:
+        return HintedStudent(student, [[] for _ in teachers], [[] for _ in teachers], student_pre.input_size), \
+            [TappedModel(m, ()) for m in teacher_models], [[] for _ in teachers]
+    student_taps = list_taps(student, student_pre.input_size)
+    pairs, tapped, shapes = [], [], []
+    for model, result in zip(teacher_models, teachers):
+        chosen = pair_layers(student_taps, list_taps(model, result.preprocess.input_size),
+                             count=config.num_feature_pairs, named=config.feature_pairs)
+        teacher_tapped = TappedModel(model, [t for _, t in chosen])
+        pairs.append(chosen)
+        tapped.append(teacher_tapped)
+        shapes.append(feature_shapes(teacher_tapped, result.preprocess.input_size))
+        log.info("feature pairs with %s: %s", result.model_name, ", ".join(f"{s.name}->{t.name}" for s, t in chosen))
+    return HintedStudent(student, pairs, shapes, student_pre.input_size, adapt=objective.needs_hints), tapped, pairs
+
+
+def _teacher_cache(config: DistillConfig, objective: Objective, size: int, teachers: int) -> TeacherCache | None:
+    if not config.cache_teacher:
+        return None
+    if config.augment or objective.needs_features:
+        why = "augmentation shows the teacher a new view every epoch" if config.augment else \
+            "feature losses need the teacher's maps, too large to keep"
+        log.warning("not caching teacher outputs: %s", why)
+        return None
+    log.info("caching teacher outputs: augmentation is off, so each image's teacher output is the same every epoch")
+    return TeacherCache(size, teachers)
+
+
+class _Loop:
+    """One training epoch at a time: teacher forward (inference mode), student forward, weighted losses, step."""
+
+    def __init__(self, model, teachers, objective: Objective, optimizer, scheduler, config: DistillConfig,
+                 device: torch.device, cache: TeacherCache | None, total_steps: int):
+        self.model, self.teachers, self.objective = model, teachers, objective
+        self.optimizer, self.scheduler, self.config = optimizer, scheduler, config
+        self.device, self.cache, self.total_steps = device, cache, total_steps
+
+    def epoch(self, loader, steps: int, state: TrainState, label: str, n_teachers: int) -> dict[str, float]:
+        """Train `steps` batches; returns the epoch's running sums (kept in state.partial for an interruption)."""
+        self.model.train()
+        sums: dict[str, Any] = dict(state.partial or {})
+        started = time.perf_counter() - sums.get("seconds", 0.0)
+        bar = progress(loader, total=steps, desc=label, unit="batch")
+        try:
+            for batch_index, batch in enumerate(bar):
+                if batch_index >= steps:
+                    break
+                total, terms, images = self.step(batch, n_teachers, state.step / self.total_steps)
+                state.step += 1
+                for name, value in {"loss": total, **terms, "steps": 1, "images": images}.items():
+                    sums[name] = sums.get(name, 0.0) + value
+                sums["seconds"] = time.perf_counter() - started
+                state.partial = sums
+                if batch_index % 10 == 0 or batch_index + 1 == steps:  # one device sync per 10 steps
+                    shown = {k: f"{float(sums[k]) / sums['steps']:.3f}" for k in ("loss", *terms)}
+                    bar.set_postfix(refresh=False, **shown, img_s=f"{sums['images'] / sums['seconds']:.0f}")
+        finally:
+            bar.close()
+        state.partial = {k: float(v) for k, v in sums.items()}
+        return state.partial
+
+    def step(self, batch: tuple, n_teachers: int, progress_fraction: float) -> tuple[torch.Tensor, dict, int]:
+        student_input = to_device(batch[0], self.device)
+        teacher_inputs = [to_device(x, self.device) for x in batch[1:1 + n_teachers]]
+        labels, indices = batch[1 + n_teachers].to(self.device), batch[2 + n_teachers]
+        teacher_out = self.teacher_outputs(teacher_inputs, indices)
+        with autocast(self.device):
+            logits, embedding, raw, hints = self.model(student_input)
+        views = tuple(TeacherView(logits=t_logits, embedding=t_embedding, features=t_maps, student_features=raw[k],
+                                  hints=hints[k], weight=weight)
+                      for k, ((t_logits, t_embedding, t_maps), weight) in
+                      enumerate(zip(teacher_out, self.teacher_weights([o[0] for o in teacher_out]))))
+        total, terms = self.objective(LossInputs(logits.float(), embedding.float(), labels, views), progress_fraction)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return total.detach(), terms, len(labels)
+
+    def teacher_outputs(self, inputs: list[torch.Tensor], indices: torch.Tensor) -> list[tuple]:
+        """Each teacher's (logits, embedding, maps) in fp32, from the cache when it holds this batch."""
+        cached = self.cache.lookup(indices) if self.cache is not None else None
+        if cached is not None:
+            return [(logits, embedding, ()) for logits, embedding in cached]
+        with torch.inference_mode(), autocast(self.device):
+            outputs = [teacher(x) for teacher, x in zip(self.teachers, inputs)]
+        # Inference tensors cannot take part in autograd; clones outside inference mode can.
+        outputs = [(logits.float().clone(), embedding.float().clone(), tuple(m.float().clone() for m in maps))
+                   for logits, embedding, maps in outputs]
+        if self.cache is not None:
+            self.cache.store(indices, [(logits, embedding) for logits, embedding, _ in outputs])
+        return outputs
+
+    def teacher_weights(self, logits: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each teacher's share of each sample: its top-class confidence (normalised over teachers), or equal."""
+        if len(logits) == 1 or self.config.teacher_weighting == "mean":
+            return [torch.full_like(logits[0][:, 0], 1.0 / len(logits)) for _ in logits]
+        confidence = torch.stack([lg.softmax(dim=1).amax(dim=1) for lg in logits])
+        return list(confidence / confidence.sum(dim=0, keepdim=True))
+
+
+def _epoch_metrics(sums: dict[str, float], optimizer) -> dict[str, float]:
+    steps = max(1.0, sums.get("steps", 0.0))
+    out = {name: value / steps for name, value in sums.items() if name not in ("steps", "images", "seconds")}
+    out.update(seconds=sums.get("seconds", 0.0), images_per_s=sums.get("images", 0.0) / max(1e-9, sums["seconds"]),
+               lr=optimizer.param_groups[0]["lr"])
+    return out
+
+
+def _finish(hinted: HintedStudent, tapped_teachers, teachers: list[TeacherResult], data: LoadedData,
+            student_name: str, student_pre: Preprocess, config: DistillConfig, objective: Objective, pairs,
+            state: TrainState, cache: TeacherCache | None, out_dir: Path, val_student, seconds: float,
+            processes: Processes) -> dict[str, Any]:
+    """Measure the student (accuracy, agreement with the first teacher) and write weights, card and log (rank 0)."""
+    device = processes.device
+    result = evaluate(hinted.student, val_student, device, description="student val")
+    val_teacher = make_loader(ModelInputs(data.val, [teachers[0].preprocess], training=False),
+                              config.batch_size * 2 // processes.world, shuffle=False,
+                              num_workers=config.num_workers, device=device)
+    teacher_preds = evaluate(tapped_teachers[0].model, val_teacher, device, description="teacher val").predictions
+    agreement = float((teacher_preds == result.predictions).float().mean()) if len(teacher_preds) else None
+    weights_path = out_dir / "student.safetensors"
+    student_state = {k: v.detach().cpu().contiguous() for k, v in hinted.student.state_dict().items()}
+    with atomic_path(weights_path) as tmp:
+        save_file(student_state, str(tmp))
+    metrics = {"losses": [str(s) for s in objective.specs], "temperature": config.temperature,
+               "epochs": config.epochs, "seed": config.seed, "train_images": len(data.train),
+               "teachers": [t.model_name for t in teachers], "teacher_val_top1": teachers[0].val_top1,
+               "feature_pairs": [[f"{s.name}->{t.name}" for s, t in chosen] for chosen in pairs],
+               "teacher_cache": cache is not None, "processes": processes.world, "seconds": seconds}
+    checkpoint = StudentCheckpoint(model_name=student_name, weights_path=weights_path,
+                                   num_classes=teachers[0].num_classes, class_names=teachers[0].class_names,
+                                   preprocess=student_pre, val_top1=result.top1, val_top5=result.top5,
+                                   teacher_agreement=agreement, metrics=metrics)
+    write_json_atomic(out_dir / "student.json", {**checkpoint.to_dict(), "weights_path": weights_path.name})
+    write_json_atomic(out_dir / "distill_log.json", {**metrics, "val_top1": result.top1, "val_top5": result.top5,
+                                                     "teacher_agreement": agreement, "epoch_log": state.history})
+    log.info("student %s: val top-1 %s, agreement with %s %s -> %s", student_name, _pct(result.top1),
+             teachers[0].model_name, _pct(agreement), weights_path)
+    return checkpoint.to_dict()
+
+
+def _pct(value: float | None) -> str:
+    return "n/a (no labels)" if value is None else f"{100 * value:.2f}%"

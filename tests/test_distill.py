@@ -1,0 +1,180 @@
+"""Short real distillation runs: timm test models at 32 px on a few hundred Fashion-MNIST images."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from edgekd.data import LoadedData, load_data
+from edgekd.distill import DistillConfig, distill, parse_loss_specs
+from edgekd.errors import EdgekdError
+from edgekd.students import load_student, read_student_checkpoint
+from edgekd.teacher import prepare_teacher
+from edgekd.types import DataSpec, TeacherSpec, TrainConfig
+
+pytestmark = pytest.mark.slow
+SPEC = DataSpec("fashion-mnist", max_train=192, max_val=64)
+QUICK = DistillConfig(epochs=1, batch_size=32, num_workers=0, lr=3e-3)
+
+
+@pytest.fixture(scope="module")
+def data() -> LoadedData:
+    return load_data(SPEC)
+
+
+@pytest.fixture(scope="module")
+def teachers(data, tmp_path_factory):
+    """Two small real teachers, fine-tuned briefly (a CNN and a ViT, so features must be adapted)."""
+    root = tmp_path_factory.mktemp("teachers")
+    return [prepare_teacher(TeacherSpec(name, random_init=True), data, root / name, image_size=(32, 32),
+                            train_config=TrainConfig(epochs=2, batch_size=32, num_workers=0, lr=3e-3))
+            for name in ("test_resnet", "test_vit")]
+
+
+def test_multi_teacher_run_writes_a_loadable_student_and_a_log(data, teachers, tmp_path):
+    config = replace(QUICK, losses=parse_loss_specs(["ce=1,kd=1,fitnet=0.5,at=1,sp=1"]))
+    checkpoint = distill(teachers, "test_efficientnet", data, config, tmp_path)
+    assert 0.0 <= checkpoint.val_top1 <= 1.0 and 0.0 <= checkpoint.teacher_agreement <= 1.0
+    log = json.loads((tmp_path / "distill_log.json").read_text())
+    assert len(log["feature_pairs"]) == 2 and log["feature_pairs"][1][-1].endswith("->blocks.5")
+    epoch = log["epoch_log"][0]
+    assert {"loss", "ce", "kd", "fitnet", "at", "sp", "val_top1", "images_per_s", "lr"} <= set(epoch)
+    reloaded = read_student_checkpoint(tmp_path)
+    assert reloaded.val_top1 == checkpoint.val_top1 and reloaded.weights_path == tmp_path / "student.safetensors"
+    student = load_student(reloaded)  # the saved weights are the student alone, without the adapters
+    assert sum(p.numel() for p in student.parameters()) == sum(t.numel() for t in load_file(
+        str(reloaded.weights_path)).values() if t.is_floating_point()) - _buffers(student)
+
+
+def _buffers(model: torch.nn.Module) -> int:
+    return sum(b.numel() for b in model.buffers() if b.is_floating_point())
+
+
+def test_label_free_run_on_an_unlabeled_folder(data, teachers, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(80):
+        Image.fromarray(data.train.images[i]).save(folder / f"{i:03d}.png")
+    unlabeled = load_data(DataSpec(str(folder), val_fraction=0.25))
+    assert not unlabeled.info.labeled
+    with pytest.raises(EdgekdError, match="ce needs labels"):
+        distill(teachers[:1], "test_resnet", unlabeled, replace(QUICK, losses=parse_loss_specs(["ce=1"])), tmp_path)
+    config = replace(QUICK, batch_size=16, augment=False, cache_teacher=True, epochs=2)
+    checkpoint = distill(teachers[:1], "test_resnet", unlabeled, config, tmp_path / "out")
+    assert checkpoint.val_top1 is None and 0.0 <= checkpoint.teacher_agreement <= 1.0
+    log = json.loads((tmp_path / "out" / "distill_log.json").read_text())
+    assert log["losses"] == ["kd=1"] and "ce" not in log["epoch_log"][0]
+    assert log["teacher_cache"] is True  # no augmentation and no feature losses: teacher outputs are reused
+    uncached = distill(teachers[:1], "test_resnet", unlabeled, replace(config, cache_teacher=False), tmp_path / "plain")
+    cached_weights, plain_weights = load_file(str(checkpoint.weights_path)), load_file(str(uncached.weights_path))
+    for name in plain_weights:
+        torch.testing.assert_close(cached_weights[name], plain_weights[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+class InterruptAfter(torch.utils.data.Dataset):
+    """The real training records, with a Ctrl-C arriving after `count` images have been read."""
+
+    def __init__(self, records, count: int):
+        self.records, self.count, self.reads = records, count, 0
+        self.labels = records.labels
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        self.reads += 1
+        if self.reads > self.count:
+            raise KeyboardInterrupt
+        return self.records[index]
+
+
+def test_resume_after_an_interruption_reaches_the_uninterrupted_result(data, teachers, tmp_path):
+    config = replace(QUICK, epochs=2, losses=parse_loss_specs(["ce=1,kd=1:0.5,fitnet=1"]))
+    straight = distill(teachers[:1], "test_resnet", data, config, tmp_path / "straight")
+    interrupted = LoadedData(data.info, InterruptAfter(data.train, 32 * 8 + 5), data.val)  # epoch 2, 3rd batch
+    with pytest.raises(KeyboardInterrupt):
+        distill(teachers[:1], "test_resnet", interrupted, config, tmp_path / "resumed")
+    assert (tmp_path / "resumed" / "distill_state.pt").exists()
+    assert not (tmp_path / "resumed" / "student.safetensors").exists()
+    resumed = distill(teachers[:1], "test_resnet", data, replace(config, resume=True), tmp_path / "resumed")
+    a, b = load_file(str(straight.weights_path)), load_file(str(resumed.weights_path))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert resumed.val_top1 == straight.val_top1
+
+
+def test_resume_ignores_a_checkpoint_of_another_configuration(data, teachers, tmp_path, caplog):
+    distill(teachers[:1], "test_resnet", data, replace(QUICK, losses=parse_loss_specs(["kd=1"])), tmp_path)
+    with caplog.at_level("WARNING"):
+        distill(teachers[:1], "test_resnet", data, replace(QUICK, resume=True, lr=1e-3), tmp_path)
+    assert "another configuration" in caplog.text
+    assert [e["epoch"] for e in json.loads((tmp_path / "distill_log.json").read_text())["epoch_log"]] == [1]
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    from pathlib import Path
+    from safetensors.torch import save_file
+    from edgekd.data import load_data
+    from edgekd.distill import DistillConfig, distill, parse_loss_specs
+    from edgekd.students import build_student
+    from edgekd.types import DataSpec, TeacherResult
+
+    teacher_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
+    raw = json.loads((teacher_dir / "teacher.json").read_text())
+    raw.pop("key")
+    teacher = TeacherResult.from_dict(raw)
+    data = load_data(DataSpec("fashion-mnist", max_train=192, max_val=64))
+    student = build_student("test_resnet", 10, (32, 32))
+    config = DistillConfig(epochs=1, batch_size=32, num_workers=0, losses=parse_loss_specs(["ce=1,kd=1,fitnet=1"]))
+    checkpoint = distill([teacher], "test_resnet", data, config, out, student_init=student)
+    rank = os.environ["RANK"]
+    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
+    (out / f"rank{rank}.json").write_text(json.dumps({"val_top1": checkpoint.val_top1}))
+""")
+
+
+def test_two_process_ddp_ranks_agree(teachers, tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_addr", "127.0.0.1", "--master_port", str(port), str(script),
+                             str(teachers[0].weights_path.parent), str(out)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    written = load_file(str(out / "student.safetensors"))
+    for name in rank0:
+        torch.testing.assert_close(rank1[name], rank0[name], msg=name)
+        torch.testing.assert_close(written[name], rank0[name], msg=name)
+    assert json.loads((out / "rank0.json").read_text()) == json.loads((out / "rank1.json").read_text())
+    log = json.loads((out / "distill_log.json").read_text())
+    assert log["processes"] == 2
+
+
+def test_cli_distill_reports_bad_input_on_one_line():
+    from typer.testing import CliRunner
+
+    from edgekd.cli import app
+
+    result = CliRunner().invoke(app, ["distill", "--student", "test_resnet", "--teacher-dir", "nowhere",
+                                      "--loss", "kd=1", "--loss", "fitnett=1"])
+    assert result.exit_code == 2
+    assert "unknown loss 'fitnett'" in result.output
+    assert "known losses: at, ce, dkd, fitnet, kd, rkd, sp" in result.output

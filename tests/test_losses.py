@@ -1,0 +1,143 @@
+"""Each distillation loss on known inputs, the loss-spec parser and the weight schedule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgekd.distill.losses import (LOSSES, LossInputs, LossSpec, Objective, TeacherView, default_loss_specs,
+                                   parse_loss_specs)
+from edgekd.errors import EdgekdError
+
+BATCH, CLASSES = 16, 10
+
+
+def make_inputs(student_logits, teacher_logits, *, labels=None, student_embedding=None, teacher_embedding=None,
+                hints=(), teacher_maps=(), student_maps=(), extra_teachers=()) -> LossInputs:
+    generator = torch.Generator().manual_seed(1)
+    if student_embedding is None:
+        student_embedding = torch.randn(BATCH, 8, generator=generator)
+    if teacher_embedding is None:
+        teacher_embedding = torch.randn(BATCH, 12, generator=generator)
+    all_logits = [teacher_logits, *extra_teachers]
+    views = tuple(TeacherView(logits=logits, embedding=teacher_embedding, features=tuple(teacher_maps),
+                              student_features=tuple(student_maps), hints=tuple(hints),
+                              weight=torch.full((BATCH,), 1.0 / len(all_logits))) for logits in all_logits)
+    labels = labels if labels is not None else torch.randint(0, CLASSES, (BATCH,), generator=generator)
+    return LossInputs(student_logits, student_embedding, labels, views)
+
+
+@pytest.fixture
+def logits() -> torch.Tensor:
+    return torch.randn(BATCH, CLASSES, generator=torch.Generator().manual_seed(0)) * 3
+
+
+@pytest.mark.parametrize("name", ["kd", "dkd"])
+def test_response_loss_is_zero_for_identical_logits_and_grows_with_disagreement(name, logits):
+    loss = LOSSES[name](temperature=4.0)
+    assert float(loss(make_inputs(logits, logits.clone()))) == pytest.approx(0.0, abs=1e-5)
+    noise = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2))
+    small = float(loss(make_inputs(logits + 0.5 * noise, logits)))
+    large = float(loss(make_inputs(logits + 3.0 * noise, logits)))
+    assert 0 < small < large
+
+
+def test_kd_is_scaled_by_temperature_squared(logits):
+    teacher = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3))
+    inputs = make_inputs(logits, teacher)
+    kl = torch.nn.functional.kl_div(torch.log_softmax(logits / 2, 1), torch.log_softmax(teacher / 2, 1),
+                                    log_target=True, reduction="batchmean")
+    assert float(LOSSES["kd"](temperature=2.0)(inputs)) == pytest.approx(4 * float(kl), rel=1e-5)
+
+
+def test_kd_gradient_moves_student_towards_teacher(logits):
+    teacher = torch.randn(logits.shape, generator=torch.Generator().manual_seed(4))
+    student = logits.clone().requires_grad_(True)
+    loss = LOSSES["kd"](temperature=1.0)
+    before = float(loss(make_inputs(student, teacher)).detach())
+    loss(make_inputs(student, teacher)).backward()
+    with torch.no_grad():
+        student -= 5.0 * student.grad
+    assert float(loss(make_inputs(student, teacher)).detach()) < before
+
+
+def test_cross_entropy_ignores_unlabeled_samples(logits):
+    labels = torch.randint(0, CLASSES, (BATCH,), generator=torch.Generator().manual_seed(5))
+    half = labels.clone()
+    half[BATCH // 2:] = -1
+    expected = torch.nn.functional.cross_entropy(logits[: BATCH // 2], labels[: BATCH // 2])
+    assert float(LOSSES["ce"]()(make_inputs(logits, logits, labels=half))) == pytest.approx(float(expected), rel=1e-5)
+    unlabeled = LOSSES["ce"]()(make_inputs(logits.requires_grad_(True), logits, labels=torch.full((BATCH,), -1)))
+    assert float(unlabeled.detach()) == 0.0 and unlabeled.requires_grad
+
+
+@pytest.mark.parametrize("name", ["rkd", "sp"])
+def test_relation_losses_are_zero_for_the_same_embedding(name, logits):
+    embedding = torch.randn(BATCH, 8, generator=torch.Generator().manual_seed(6))
+    same = make_inputs(logits, logits, student_embedding=embedding, teacher_embedding=embedding.clone())
+    other = make_inputs(logits, logits, student_embedding=embedding,
+                        teacher_embedding=torch.randn(BATCH, 8, generator=torch.Generator().manual_seed(7)))
+    assert float(LOSSES[name]()(same)) == pytest.approx(0.0, abs=1e-6)
+    assert float(LOSSES[name]()(other)) > 1e-3
+
+
+def test_rkd_is_invariant_to_scaling_the_embeddings(logits):
+    generator = torch.Generator().manual_seed(8)
+    student, teacher = torch.randn(BATCH, 8, generator=generator), torch.randn(BATCH, 32, generator=generator)
+    rkd = LOSSES["rkd"]()
+    base = float(rkd(make_inputs(logits, logits, student_embedding=student, teacher_embedding=teacher)))
+    scaled = float(rkd(make_inputs(logits, logits, student_embedding=7.0 * student, teacher_embedding=0.1 * teacher)))
+    assert base > 0
+    assert scaled == pytest.approx(base, rel=1e-4)
+
+
+def test_feature_losses_on_known_maps(logits):
+    generator = torch.Generator().manual_seed(9)
+    teacher_map = torch.randn(BATCH, 6, 4, 4, generator=generator)
+    standardised = torch.nn.functional.layer_norm(teacher_map, teacher_map.shape[1:])
+    fitnet = LOSSES["fitnet"]()
+    assert float(fitnet(make_inputs(logits, logits, hints=[standardised], teacher_maps=[teacher_map]))) < 1e-10
+    assert float(fitnet(make_inputs(logits, logits, hints=[torch.zeros_like(teacher_map)],
+                                    teacher_maps=[teacher_map]))) == pytest.approx(1.0, rel=1e-3)
+    # Attention transfer compares where maps are active, whatever their channels and (pooled) size.
+    at = LOSSES["at"]()
+    wider = teacher_map.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3).repeat(1, 3, 1, 1)
+    assert float(at(make_inputs(logits, logits, student_maps=[wider], teacher_maps=[teacher_map]))) < 1e-6
+    shifted = teacher_map.roll(1, dims=2)
+    assert float(at(make_inputs(logits, logits, student_maps=[shifted], teacher_maps=[teacher_map]))) > 1e-3
+
+
+def test_confidence_weights_split_each_sample_between_teachers(logits):
+    teacher_a, teacher_b = logits, torch.randn(logits.shape, generator=torch.Generator().manual_seed(10))
+    kd = LOSSES["kd"]()
+    both = make_inputs(logits, teacher_a, extra_teachers=[teacher_b])
+    only_b = make_inputs(logits, teacher_b)
+    # Teacher A equals the student (zero loss), so the mix is exactly half of teacher B's loss.
+    assert float(kd(both)) == pytest.approx(0.5 * float(kd(only_b)), rel=1e-5)
+
+
+def test_parse_loss_specs_and_schedule():
+    specs = parse_loss_specs(["ce=1", "kd=0.5:2,fitnet"])
+    assert specs == (LossSpec("ce", 1, 1), LossSpec("kd", 0.5, 2), LossSpec("fitnet", 1, 1))
+    assert specs[1].weight_at(0.0) == 0.5 and specs[1].weight_at(0.5) == pytest.approx(1.25)
+    assert specs[1].weight_at(1.0) == 2.0
+    assert str(specs[1]) == "kd=0.5:2"
+
+
+@pytest.mark.parametrize("text, message", [("kdd=1", "known losses: at, ce, dkd"), ("kd=x", "bad weight"),
+                                           ("kd=-1", "non-negative"), ("kd=1,kd=2", "twice")])
+def test_parse_loss_specs_rejects_bad_input(text, message):
+    with pytest.raises(EdgekdError, match=message):
+        parse_loss_specs([text])
+
+
+def test_objective_sums_weighted_terms_and_checks_labels(logits):
+    teacher = torch.randn(logits.shape, generator=torch.Generator().manual_seed(11))
+    inputs = make_inputs(logits, teacher)
+    objective = Objective(parse_loss_specs(["ce=1", "kd=0:2"]), temperature=4.0)
+    total, terms = objective(inputs, progress=0.25)
+    assert set(terms) == {"ce", "kd"}
+    assert float(total) == pytest.approx(float(terms["ce"]) + 0.5 * float(terms["kd"]), rel=1e-5)
+    with pytest.raises(EdgekdError, match="needs labels"):
+        objective.check_labels(labeled=False)
+    assert [s.name for s in default_loss_specs(labeled=False)] == ["kd"]
