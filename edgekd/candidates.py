@@ -249,9 +249,14 @@ def _time_form(form: Path | str, precision: str, input_size: tuple[int, int, int
                timing: TimingConfig) -> Measurement:
     if isinstance(form, str):
         return Measurement(precision, None, "", error=form)
-    stats = measure_onnx(form, input_size, threads=profile.threads, providers=profile.providers,
-                         batch=profile.batch, warmup=timing.warmup, min_runs=timing.min_runs,
-                         min_seconds=timing.min_seconds, max_seconds=timing.max_seconds)
+    try:
+        stats = measure_onnx(form, input_size, threads=profile.threads, providers=profile.providers,
+                             batch=profile.batch, warmup=timing.warmup, min_runs=timing.min_runs,
+                             min_seconds=timing.min_seconds, max_seconds=timing.max_seconds)
+    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+            ort.capi.onnxruntime_pybind11_state.RuntimeException) as error:
+        # e.g. ORT's QLinearConv rejects some depthwise convs on tiny feature maps: that form cannot ship.
+        return Measurement(precision, None, "", error=f"{precision} does not run: {str(error).splitlines()[0][:160]}")
     return Measurement(precision, stats, f"measured on {profile.name}")
 
 

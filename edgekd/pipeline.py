@@ -84,12 +84,12 @@ class Stages:
 def compress(config: CompressConfig) -> CompressResult:
     """Teacher and budget in, a checked, benchmarked student bundle and a report out."""
     started = time.perf_counter()
+    profile = load_profile(config.profile)  # bad input fails before anything is written
+    data = load_data(config.data)
     run_dir = Path(config.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_same_run(run_dir, config)
     stages = Stages(run_dir)
-    profile = load_profile(config.profile)
-    data = load_data(config.data)
     log.info("data: %s, %d train / %d val images, %s", data.info.source, data.info.num_train, data.info.num_val,
              f"{data.info.num_classes} classes" if data.info.labeled else "no labels")
 
