@@ -6,6 +6,8 @@ Trained once per test session (a few seconds each) and saved as a StudentCheckpo
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -40,6 +42,7 @@ def tiny_student(name: str, data: LoadedData, epochs: int = 6) -> Path:
             loss.backward()
             optimizer.step()
     folder = Path(tempfile.mkdtemp(prefix=f"edgekd-student-{name}-"))
+    atexit.register(shutil.rmtree, folder, True)  # cached for the session, removed when it ends
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "student.safetensors"))
     checkpoint = StudentCheckpoint(model_name=name, weights_path=Path("student.safetensors"),
                                    num_classes=data.info.num_classes, class_names=data.info.class_names,
