@@ -89,6 +89,13 @@ class BenchResult:
         return {"ort_version": self.ort_version, "notes": list(self.notes),
                 "models": [asdict(m) for m in self.models], "timings": [asdict(t) for t in self.timings]}
 
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> BenchResult:
+        models = tuple(ModelFacts(**{**m, "input_size": tuple(m["input_size"]) if m["input_size"] else None})
+                       for m in raw["models"])
+        return cls(models=models, timings=tuple(TimingRow(**t) for t in raw["timings"]),
+                   ort_version=raw["ort_version"], notes=tuple(raw["notes"]))
+
     def fastest(self, model: str, threads: int | None = None) -> TimingRow | None:
         rows = [t for t in self.timings if t.model == model and (threads is None or t.threads == threads)]
         return min(rows, key=lambda t: t.p50_ms, default=None)

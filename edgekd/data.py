@@ -217,8 +217,7 @@ def stratified_subset(labels: np.ndarray, count: int, seed: int) -> list[int]:
     """A seeded subset of `count` indices with the class balance of the whole."""
     if count >= len(labels):
         return list(range(len(labels)))
-    fraction = count / len(labels)
-    _, chosen = stratified_split(labels, fraction, seed) if fraction < 1 else ([], list(range(len(labels))))
+    _, chosen = stratified_split(labels, count / len(labels), seed)
     return chosen[:count]
 
 

@@ -207,20 +207,11 @@ def _bench(config: CompressConfig, stages: Stages, run_dir: Path, profile: Devic
                        "eval": config.eval_images})
     if stages.fresh("bench", key, path):
         log.info("bench: reusing %s", path)
-        return bench_result_from_dict(json.loads(path.read_text()))
+        return BenchResult.from_dict(json.loads(path.read_text()))
     result = bench(models, data=data, threads=threads, max_eval_images=config.eval_images)
     write_json_atomic(path, result.to_dict())
     stages.done("bench", key)
     return result
-
-
-def bench_result_from_dict(raw: dict[str, Any]) -> BenchResult:
-    from edgekd.bench import ModelFacts, TimingRow
-
-    models = tuple(ModelFacts(**{**m, "input_size": tuple(m["input_size"]) if m["input_size"] else None})
-                   for m in raw["models"])
-    return BenchResult(models=models, timings=tuple(TimingRow(**t) for t in raw["timings"]),
-                       ort_version=raw["ort_version"], notes=tuple(raw["notes"]))
 
 
 def _jsonable(value: Any) -> Any:

@@ -7,6 +7,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+import timm
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -14,8 +15,8 @@ from edgekd.artifacts import atomic_path, config_hash, make_artifact, write_json
 from edgekd.data import LoadedData, ModelInputs, make_loader
 from edgekd.errors import EdgekdError
 from edgekd.finetune import train_classifier
-from edgekd.models import (count_params, create_model, load_weights, preprocess_for, read_state_dict,
-                           resolve_model_name)
+from edgekd.models import (classifier_keys, count_params, create_model, load_weights, preprocess_for,
+                           read_state_dict, resolve_model_name)
 from edgekd.train_utils import evaluate, pick_device
 from edgekd.types import TeacherResult, TeacherSpec, TrainConfig
 
@@ -129,13 +130,9 @@ def _unlabeled_class_count(spec: TeacherSpec, image_size: tuple[int, int] | None
     if spec.checkpoint is not None:
         state = read_state_dict(spec.checkpoint)
         probe = create_model(resolve_model_name(spec.name), 1, image_size)
-        from edgekd.models import classifier_keys
-
         weights = [k for k in classifier_keys(probe) if k.endswith("weight") and k in state]
         if weights:
             return int(state[weights[-1]].shape[0])
-    import timm
-
     cfg = timm.get_pretrained_cfg(resolve_model_name(spec.name), allow_unregistered=True)
     return int(getattr(cfg, "num_classes", 1000) or 1000)
 
