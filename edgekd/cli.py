@@ -6,7 +6,7 @@ import functools
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 
@@ -51,6 +51,7 @@ def user_errors(func: Callable) -> Callable:
 
 
 # ----------------------------------------------------------------------------------------------- shared options
+# Options that several commands take, declared once (typer reads the option from the Annotated type).
 
 def _teacher_help() -> str:
     from edgekd.models import alias_help
@@ -60,6 +61,33 @@ def _teacher_help() -> str:
 
 DATA_HELP = ("Images: a folder with one sub-folder per class (train/ and val/ or test/ used when present), "
              "a folder of unlabeled images, or 'fashion-mnist'.")
+
+Teachers = Annotated[list[str], typer.Option("--teacher", "-t", help=_teacher_help())]
+TeacherCheckpoints = Annotated[list[Path], typer.Option(
+    "--teacher-checkpoint", help="A state_dict (.safetensors or .pth) per --teacher, loaded safely.")]
+RandomInit = Annotated[bool, typer.Option("--random-init", help="Teacher(s) from random weights, trained here.")]
+TeacherEpochs = Annotated[float, typer.Option("--teacher-epochs", help="Epochs when the teacher needs fine-tuning.")]
+Data = Annotated[str, typer.Option("--data", "-d", help=DATA_HELP)]
+InputSize = Annotated[Optional[int], typer.Option("--input-size", help="Side in pixels (default: the teacher's).")]
+MaxTrain = Annotated[Optional[int], typer.Option("--max-train", help="Use a stratified subset of training images.")]
+MaxVal = Annotated[Optional[int], typer.Option("--max-val", help="Use a stratified subset of validation images.")]
+FashionMnistRoot = Annotated[Optional[Path], typer.Option("--fashion-mnist-root", help="Where the idx files are.")]
+Epochs = Annotated[float, typer.Option("--epochs", help="Training epochs (fractions allowed).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Global batch, split across torchrun processes.")]
+LearningRate = Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, warm-up + cosine).")]
+Losses = Annotated[list[str], typer.Option(
+    "--loss", help="name=weight or name=start:end (ramped over training), repeatable; known: ce, kd, dkd, fitnet, "
+    "at, rkd, sp. Default: ce=1 kd=1 (no ce without labels).")]
+Temperature = Annotated[float, typer.Option("--temperature", help="Softmax temperature of kd and dkd.")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="Data loader processes (default: cores - 1).")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (under torchrun: each rank's GPU).")]
+Precision = Annotated[str, typer.Option("--precision", help="Training precision: auto (bf16 autocast on CUDA, fp32 "
+                                        "on CPU), bf16 or fp32.")]
+ChannelsLast = Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last",
+                                                      help="Memory layout of training (default: channels_last on CUDA).")]
+Seed = Annotated[int, typer.Option("--seed")]
+Candidates = Annotated[Optional[str], typer.Option("--candidates", help="Comma-separated candidate names (timm names "
+                                                   "or derived:<teacher>:depth=F); default: the whole pool.")]
 
 
 def parse_input_size(value: Optional[int]) -> Optional[tuple[int, int]]:
@@ -75,22 +103,23 @@ def parse_input_size(value: Optional[int]) -> Optional[tuple[int, int]]:
 @app.command("train-teacher")
 @user_errors
 def train_teacher_command(
-    teacher: list[str] = typer.Option(..., "--teacher", "-t", help=_teacher_help()),
-    data: str = typer.Option("fashion-mnist", "--data", "-d", help=DATA_HELP),
+    teacher: Teachers,
+    data: Data = "fashion-mnist",
     out: Path = typer.Option(Path("runs/teacher"), "--out", "-o", help="Folder for the teacher's weights and log."),
-    teacher_checkpoint: list[Path] = typer.Option(
-        [], "--teacher-checkpoint", help="A state_dict (.safetensors or .pth) per --teacher, loaded safely."),
-    random_init: bool = typer.Option(False, "--random-init", help="Start from random weights (no pretrained)."),
-    input_size: Optional[int] = typer.Option(None, "--input-size", help="Side in pixels (default: the model's)."),
-    epochs: float = typer.Option(2.0, "--epochs", help="Fine-tuning epochs (fractions allowed)."),
-    batch_size: int = typer.Option(128, "--batch-size"),
-    lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate (AdamW, warm-up + cosine)."),
-    max_train: Optional[int] = typer.Option(None, "--max-train", help="Use a stratified subset of training images."),
-    max_val: Optional[int] = typer.Option(None, "--max-val", help="Use a stratified subset of validation images."),
-    fashion_mnist_root: Optional[Path] = typer.Option(None, "--fashion-mnist-root", help="Where the idx files are."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Data loader processes (default: cores - 1)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    seed: int = typer.Option(0, "--seed"),
+    teacher_checkpoint: TeacherCheckpoints = [],
+    random_init: RandomInit = False,
+    input_size: InputSize = None,
+    epochs: Epochs = 2.0,
+    batch_size: BatchSize = 128,
+    lr: LearningRate = 2e-3,
+    max_train: MaxTrain = None,
+    max_val: MaxVal = None,
+    fashion_mnist_root: FashionMnistRoot = None,
+    workers: Workers = None,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    channels_last: ChannelsLast = None,
+    seed: Seed = 0,
 ) -> None:
     """Load the teacher(s), fine-tune on the data when the head does not fit, report validation accuracy."""
     from edgekd.data import load_data
@@ -103,7 +132,8 @@ def train_teacher_command(
                                 max_train=max_train, max_val=max_val))
     log.info("data: %s, %d train / %d val images, %s", loaded.info.source, loaded.info.num_train,
              loaded.info.num_val, f"{loaded.info.num_classes} classes" if loaded.info.labeled else "no labels")
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, num_workers=workers, device=device)
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, num_workers=workers, device=device,
+                         precision=precision, channels_last=channels_last)
     results = prepare_teachers(specs, loaded, out, image_size=image_size, train_config=config)
     for result in results:
         accuracy = "n/a (no labels)" if result.val_top1 is None else \
@@ -134,7 +164,6 @@ def teacher_specs(names: list[str], checkpoints: list[Path], random_init: bool):
 
 PROFILE_HELP = ("Target device: a profile name (see `edgekd profiles`), a profile .toml, or the latency_table.json "
                 "a probe pack wrote on the device.")
-CANDIDATES_HELP = "Comma-separated candidate names (timm names or derived:<teacher>:depth=F); default: the whole pool."
 
 
 def _names(candidates: Optional[str]) -> Optional[list[str]]:
@@ -163,7 +192,7 @@ def select_command(
     student: Optional[str] = typer.Option(None, "--student", help="Pin this student; still reports if it fits."),
     num_classes: int = typer.Option(1000, "--num-classes", help="The task's classes (the students' head size)."),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Side in pixels (default: the profile's)."),
-    candidates: Optional[str] = typer.Option(None, "--candidates", help=CANDIDATES_HELP),
+    candidates: Candidates = None,
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Latency cache (default ~/.cache/edgekd)."),
 ) -> None:
     """Measure every candidate student on the profile's device in its deployment form; choose one that fits."""
@@ -198,7 +227,7 @@ def probe_pack_command(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the pack (models, runner, pack.json)."),
     num_classes: int = typer.Option(1000, "--num-classes", help="The task's classes (the students' head size)."),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Side in pixels (default: the profile's)."),
-    candidates: Optional[str] = typer.Option(None, "--candidates", help=CANDIDATES_HELP),
+    candidates: Candidates = None,
 ) -> None:
     """Write the candidates' deployment-form ONNX files and a runner needing only onnxruntime + numpy."""
     from edgekd.models import resolve_model_name
@@ -279,34 +308,35 @@ def predict_command(
 @app.command("compress")
 @user_errors
 def compress_command(
-    teacher: list[str] = typer.Option(..., "--teacher", "-t", help=_teacher_help()),
+    teacher: Teachers,
     budget: str = typer.Option(..., "--budget", "-b", help="Latency budget per image on the profile: 10ms, 2.5 ms, 0.01s."),
-    data: str = typer.Option("fashion-mnist", "--data", "-d", help=DATA_HELP),
-    profile: str = typer.Option("host", "--profile", "-p", help="Device profile name or TOML/table path "
-                                "(`edgekd profiles` lists them)."),
+    data: Data = "fashion-mnist",
+    profile: str = typer.Option("host", "--profile", "-p", help=PROFILE_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<teacher>-<budget>)."),
     student: Optional[str] = typer.Option(None, "--student", help="Pin the student instead of selecting one."),
-    candidates: Optional[str] = typer.Option(None, "--candidates", help=CANDIDATES_HELP),
-    teacher_checkpoint: list[Path] = typer.Option([], "--teacher-checkpoint", help="A state_dict per --teacher."),
-    random_init: bool = typer.Option(False, "--random-init", help="Teacher(s) from random weights, trained here."),
-    input_size: Optional[int] = typer.Option(None, "--input-size", help="Side in pixels (default: the teacher's)."),
-    teacher_epochs: float = typer.Option(2.0, "--teacher-epochs", help="Epochs when the teacher needs fine-tuning."),
-    epochs: float = typer.Option(3.0, "--epochs", help="Distillation epochs (fractions allowed)."),
-    loss: list[str] = typer.Option([], "--loss", help="name=weight, repeatable (default: the standard combination)."),
-    temperature: float = typer.Option(4.0, "--temperature", help="Softmax temperature of the response losses."),
-    batch_size: int = typer.Option(128, "--batch-size"),
-    lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate of distillation."),
+    candidates: Candidates = None,
+    teacher_checkpoint: TeacherCheckpoints = [],
+    random_init: RandomInit = False,
+    input_size: InputSize = None,
+    teacher_epochs: TeacherEpochs = 2.0,
+    epochs: Annotated[float, typer.Option("--epochs", help="Distillation epochs (fractions allowed).")] = 3.0,
+    loss: Losses = [],
+    temperature: Temperature = 4.0,
+    batch_size: BatchSize = 128,
+    lr: LearningRate = 2e-3,
     max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop",
                                             help="Top-1 points int8 may lose against the fp32 student."),
     search_quantization: bool = typer.Option(False, "--search-quantization",
                                              help="Try every quantization preset of the ISA, keep the fastest."),
-    max_train: Optional[int] = typer.Option(None, "--max-train", help="Use a stratified subset of training images."),
-    max_val: Optional[int] = typer.Option(None, "--max-val", help="Use a stratified subset of validation images."),
+    max_train: MaxTrain = None,
+    max_val: MaxVal = None,
     eval_images: int = typer.Option(2000, "--eval-images", help="Validation images for the int8 guard and bench."),
-    fashion_mnist_root: Optional[Path] = typer.Option(None, "--fashion-mnist-root", help="Where the idx files are."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Data loader processes (default: cores - 1)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (training)."),
-    seed: int = typer.Option(0, "--seed"),
+    fashion_mnist_root: FashionMnistRoot = None,
+    workers: Workers = None,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    channels_last: ChannelsLast = None,
+    seed: Seed = 0,
 ) -> None:
     """Teacher + budget in; a distilled, quantized, checked student bundle and a report out. Resumable."""
     from edgekd.distill.losses import parse_loss_specs
@@ -322,14 +352,15 @@ def compress_command(
     run_dir = out or Path("runs") / f"{specs[0].name.split('.')[0]}-{budget.replace(' ', '')}"
     config = CompressConfig(
         teachers=tuple(specs), budget_ms=budget_ms, out=run_dir, profile=profile, image_size=image_size,
-        student=student, candidates=tuple(_names(candidates) or ()) or None, max_accuracy_drop=max_accuracy_drop, search_quantization=search_quantization,
-        eval_images=eval_images,
+        student=student, candidates=tuple(_names(candidates) or ()) or None, max_accuracy_drop=max_accuracy_drop,
+        search_quantization=search_quantization, eval_images=eval_images,
         data=DataSpec(source=data, fashion_mnist_root=fashion_mnist_root, seed=seed, max_train=max_train,
                       max_val=max_val),
         teacher_training=TrainConfig(epochs=teacher_epochs, batch_size=batch_size, seed=seed, num_workers=workers,
-                                     device=device),
+                                     device=device, precision=precision, channels_last=channels_last),
         distillation=DistillConfig(losses=tuple(parse_loss_specs(loss)), temperature=temperature, epochs=epochs,
-                                   batch_size=batch_size, lr=lr, seed=seed, num_workers=workers, device=device))
+                                   batch_size=batch_size, lr=lr, seed=seed, num_workers=workers, device=device,
+                                   precision=precision, channels_last=channels_last))
     result = compress(config)
     for line in summary_lines(result.report):
         typer.echo(line)
@@ -385,20 +416,18 @@ def bench_command(
 @user_errors
 def distill_command(
     student: str = typer.Option(..., "--student", "-s", help="Student: a timm name or alias (or a derived name)."),
-    teacher: list[str] = typer.Option([], "--teacher", "-t", help=_teacher_help()),
-    teacher_checkpoint: list[Path] = typer.Option([], "--teacher-checkpoint", help="A state_dict per --teacher."),
+    teacher: Teachers = [],
+    teacher_checkpoint: TeacherCheckpoints = [],
     teacher_dir: list[Path] = typer.Option([], "--teacher-dir", help="A prepared teacher folder (teacher.json), "
                                            "e.g. from `edgekd train-teacher`. Repeatable."),
-    random_init: bool = typer.Option(False, "--random-init", help="Teacher(s) from random weights, trained here."),
-    data: str = typer.Option("fashion-mnist", "--data", "-d", help=DATA_HELP),
+    random_init: RandomInit = False,
+    data: Data = "fashion-mnist",
     out: Path = typer.Option(Path("runs/distill"), "--out", "-o", help="Folder for the student, its log and state."),
-    loss: list[str] = typer.Option([], "--loss", help="name=weight or name=start:end (ramped over training), "
-                                   "repeatable; known: ce, kd, dkd, fitnet, at, rkd, sp. "
-                                   "Default: ce=1 kd=1 (no ce without labels)."),
-    epochs: float = typer.Option(10.0, "--epochs", help="Distillation epochs (fractions allowed)."),
-    batch_size: int = typer.Option(128, "--batch-size", help="Global batch, split across torchrun processes."),
-    lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate (AdamW, warm-up + cosine)."),
-    temperature: float = typer.Option(4.0, "--temperature", help="Softmax temperature of kd and dkd."),
+    loss: Losses = [],
+    epochs: Annotated[float, typer.Option("--epochs", help="Distillation epochs (fractions allowed).")] = 10.0,
+    batch_size: BatchSize = 128,
+    lr: LearningRate = 2e-3,
+    temperature: Temperature = 4.0,
     feature_pairs: Optional[str] = typer.Option(None, "--feature-pairs", help="STUDENT:TEACHER layer pairs, "
                                                 "comma-separated (default: stage ends matched by relative depth)."),
     teacher_weighting: str = typer.Option("confidence", "--teacher-weighting", help="Several teachers: confidence "
@@ -407,14 +436,16 @@ def distill_command(
     cache_teacher: bool = typer.Option(False, "--cache-teacher", help="Reuse teacher outputs across epochs "
                                        "(needs --no-augment and no feature losses)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the student (CUDA)."),
-    input_size: Optional[int] = typer.Option(None, "--input-size", help="Side in pixels (default: the teacher's)."),
-    teacher_epochs: float = typer.Option(2.0, "--teacher-epochs", help="Epochs when the teacher needs fine-tuning."),
-    max_train: Optional[int] = typer.Option(None, "--max-train", help="Use a stratified subset of training images."),
-    max_val: Optional[int] = typer.Option(None, "--max-val", help="Use a stratified subset of validation images."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Data loader processes (default: cores - 1)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (torchrun: each rank's GPU)."),
-    seed: int = typer.Option(0, "--seed"),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the student (pays off on CUDA)."),
+    input_size: InputSize = None,
+    teacher_epochs: TeacherEpochs = 2.0,
+    max_train: MaxTrain = None,
+    max_val: MaxVal = None,
+    workers: Workers = None,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    channels_last: ChannelsLast = None,
+    seed: Seed = 0,
 ) -> None:
     """Distil the teacher(s) into the student. Runs on several GPUs when launched with torchrun."""
     import os
@@ -435,13 +466,14 @@ def distill_command(
                            epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                            image_size=parse_input_size(input_size), augment=not no_augment,
                            cache_teacher=cache_teacher, compile=compile_model, resume=resume, num_workers=workers,
-                           device=device)
+                           device=device, precision=precision, channels_last=channels_last)
     specs = teacher_specs(teacher, teacher_checkpoint, random_init) if teacher else []
     loaded = load_data(DataSpec(source=data, seed=seed, max_train=max_train, max_val=max_val))
     if specs:
         teachers = prepare_teachers(specs, loaded, out / "teacher", image_size=config.image_size,
                                     train_config=TrainConfig(epochs=teacher_epochs, batch_size=batch_size, seed=seed,
-                                                             num_workers=workers, device=device))
+                                                             num_workers=workers, device=device, precision=precision,
+                                                             channels_last=channels_last))
     else:
         teachers = [read_teacher_result(folder) for folder in teacher_dir]
     result = distill(teachers, student, loaded, config, out)

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from edgekd.artifacts import atomic_path, config_hash, write_json_atomic
 from edgekd.data import LoadedData, ModelInputs, make_loader
-from edgekd.train_utils import (autocast, evaluate, make_optimizer, pick_device, prepare_model, progress,
-                                seed_everything, to_device, warmup_cosine)
+from edgekd.train_utils import (Compute, evaluate, make_optimizer, pick_device, progress, seed_everything,
+                                warmup_cosine)
 from edgekd.types import Preprocess, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -27,8 +27,10 @@ def train_classifier(model: torch.nn.Module, data: LoadedData, preprocess: Prepr
                      work_dir: Path, label: str = "train") -> tuple[torch.nn.Module, list[dict[str, float]]]:
     """Train `model` with cross-entropy; returns it (on CPU, eval mode) and one metrics dict per epoch."""
     seed_everything(config.seed)
-    device = pick_device(config.device)
-    model = prepare_model(model, device)
+    compute = Compute.choose(pick_device(config.device), config.precision, config.channels_last)
+    device = compute.device
+    log.info("%s on %s", label, compute.describe())
+    model = compute.prepare(model)
     train_loader = make_loader(ModelInputs(data.train, [preprocess], training=True), config.batch_size,
                                shuffle=True, seed=config.seed, num_workers=config.num_workers, device=device,
                                drop_last=len(data.train) > config.batch_size)
@@ -40,7 +42,7 @@ def train_classifier(model: torch.nn.Module, data: LoadedData, preprocess: Prepr
     scheduler = warmup_cosine(optimizer, total_steps, config.warmup_fraction)
 
     state_path = Path(work_dir) / "train_state.pt"
-    key = config_hash({"config": config.__dict__, "preprocess": preprocess.to_dict(), "n": len(data.train)})
+    key = config_hash({"config": config.outcome_fields(), "preprocess": preprocess.to_dict(), "n": len(data.train)})
     step, history = _resume(state_path, key, model, optimizer, scheduler)
     epochs = math.ceil(total_steps / steps_per_epoch)
     for epoch in range(step // steps_per_epoch, epochs):
@@ -51,8 +53,8 @@ def train_classifier(model: torch.nn.Module, data: LoadedData, preprocess: Prepr
         for batch_index, (inputs, labels) in enumerate(bar):
             if batch_index >= epoch_steps:
                 break
-            inputs, labels = to_device(inputs, device), labels.to(device)
-            with autocast(device):
+            inputs, labels = compute.inputs(inputs), labels.to(device)
+            with compute.autocast():
                 loss = F.cross_entropy(model(inputs).float(), labels, label_smoothing=0.1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -65,7 +67,7 @@ def train_classifier(model: torch.nn.Module, data: LoadedData, preprocess: Prepr
             bar.set_postfix(refresh=False, loss=f"{running / (batch_index + 1):.3f}",
                                  img_s=f"{seen / (time.perf_counter() - started):.0f}")
         bar.close()
-        result = evaluate(model, val_loader, device, description=f"{label} val")
+        result = evaluate(model, val_loader, compute, description=f"{label} val")
         metrics = {"epoch": epoch + 1, "train_loss": running / max(1, epoch_steps), "val_top1": result.top1,
                    "val_top5": result.top5, "seconds": time.perf_counter() - started,
                    "images_per_s": seen / (time.perf_counter() - started)}

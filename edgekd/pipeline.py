@@ -140,7 +140,7 @@ def _distill(config: CompressConfig, stages: Stages, run_dir: Path, teachers: li
     name = selection.chosen.model_name
     settings = replace(config.distillation, image_size=teachers[0].preprocess.image_size, resume=True)
     key = config_hash({"teachers": [sha256_file(t.weights_path) for t in teachers], "student": name,
-                       "config": _jsonable(replace(settings, resume=False, num_workers=None, device="")),
+                       "config": settings.outcome_fields(),
                        "data": [data.info.source, data.info.num_train, data.info.num_val]})
     if stages.fresh("distill", key, out_dir / "student.json"):
         log.info("distill: reusing %s", out_dir)

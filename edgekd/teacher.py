@@ -17,7 +17,7 @@ from edgekd.errors import EdgekdError
 from edgekd.finetune import train_classifier
 from edgekd.models import (classifier_keys, count_params, create_model, load_weights, preprocess_for,
                            read_state_dict, resolve_model_name)
-from edgekd.train_utils import evaluate, pick_device
+from edgekd.train_utils import Compute, evaluate, pick_device, seed_everything
 from edgekd.types import TeacherResult, TeacherSpec, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def prepare_teacher(spec: TeacherSpec, data: LoadedData, out_dir: Path, *, image
     out_dir = Path(out_dir)
     key = config_hash({"spec": [spec.name, str(spec.checkpoint), spec.random_init], "data": data.info.source,
                        "classes": data.info.class_names, "n": [data.info.num_train, data.info.num_val],
-                       "size": image_size, "train": train_config.__dict__})
+                       "size": image_size, "train": train_config.outcome_fields()})
     cached = _load_cached(out_dir, key)
     if cached is not None:
         log.info("teacher %s: reusing %s (val top-1 %s)", cached.model_name, out_dir / WEIGHTS_NAME,
@@ -60,6 +60,7 @@ def prepare_teacher(spec: TeacherSpec, data: LoadedData, out_dir: Path, *, image
 
     labeled = data.info.labeled
     num_classes = data.info.num_classes if labeled else _unlabeled_class_count(spec, image_size)
+    seed_everything(train_config.seed)  # a fresh head (or a random model) starts from the same weights every run
     model, source, fresh_head = build_teacher(spec, num_classes, image_size)
     model_name = resolve_model_name(spec.name)
     preprocess = preprocess_for(model, image_size)
@@ -96,10 +97,10 @@ def prepare_teacher(spec: TeacherSpec, data: LoadedData, out_dir: Path, *, image
 
 def measure_accuracy(model: torch.nn.Module, data: LoadedData, preprocess, config: TrainConfig) -> tuple[
         float | None, float | None]:
-    device = pick_device(config.device)
+    compute = Compute.choose(pick_device(config.device), config.precision, config.channels_last)
     loader = make_loader(ModelInputs(data.val, [preprocess], training=False), config.batch_size * 2,
-                         shuffle=False, num_workers=config.num_workers, device=device)
-    measured = evaluate(model.to(device), loader, device, description="teacher val")
+                         shuffle=False, num_workers=config.num_workers, device=compute.device)
+    measured = evaluate(compute.prepare(model), loader, compute, description="teacher val")
     model.cpu()
     return measured.top1, measured.top5
 

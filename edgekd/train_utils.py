@@ -38,26 +38,50 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (no loss scaling needed); full fp32 on CPU, where bf16 is slower on most CPUs."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
-def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Move to the device; channels_last on CUDA, where convolutions run faster in that layout."""
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
+@dataclass(frozen=True)
+class Compute:
+    """Where and how a training or evaluation loop runs: the device, autocast's dtype and the memory layout.
 
+    `auto` means bf16 autocast and channels_last on CUDA (bf16 needs no loss scaling; channels_last lets cuDNN use
+    its fastest convolution kernels) and plain fp32 on CPU, where bf16 only pays on CPUs with AMX or AVX512-BF16.
+    Both can be forced on CPU, which is also how the CUDA code path is exercised on machines without a GPU.
+    """
 
-def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    batch = batch.to(device, non_blocking=True)
-    if device.type == "cuda" and batch.ndim == 4:
-        batch = batch.contiguous(memory_format=torch.channels_last)
-    return batch
+    device: torch.device
+    amp_dtype: torch.dtype | None = None  # None: no autocast, everything in fp32
+    channels_last: bool = False
+
+    @classmethod
+    def choose(cls, device: torch.device, precision: str = "auto", channels_last: bool | None = None) -> Compute:
+        if precision not in PRECISIONS:
+            raise EdgekdError(f"unknown --precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+        on_cuda = device.type == "cuda"
+        bf16 = precision == "bf16" or (precision == "auto" and on_cuda)
+        return cls(device, torch.bfloat16 if bf16 else None, on_cuda if channels_last is None else channels_last)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Move the model to the device, in the chosen memory layout."""
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def inputs(self, batch: torch.Tensor) -> torch.Tensor:
+        """Move an input batch to the device, in the model's memory layout."""
+        batch = batch.to(self.device, non_blocking=True)
+        if self.channels_last and batch.ndim == 4:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+
+    def describe(self) -> str:
+        precision = "fp32" if self.amp_dtype is None else f"{str(self.amp_dtype).removeprefix('torch.')} autocast"
+        return f"{self.device}, {precision}" + (", channels_last" if self.channels_last else "")
 
 
 def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -93,15 +117,15 @@ class EvalResult:
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, *, input_index: int = 0,
+def evaluate(model: torch.nn.Module, loader: DataLoader, compute: Compute, *, input_index: int = 0,
              description: str = "eval") -> EvalResult:
     """Top-1/top-5 accuracy of `model` on the `input_index`-th input of each batch."""
     model.eval()
     correct1 = correct5 = labeled = 0
     predictions = []
     for batch in progress(loader, desc=description, leave=False, unit="batch"):
-        inputs, labels = to_device(batch[input_index], device), batch[-1].to(device)
-        with autocast(device):
+        inputs, labels = compute.inputs(batch[input_index]), batch[-1].to(compute.device)
+        with compute.autocast():
             logits = model(inputs).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         predictions.append(top[:, 0].cpu())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,12 @@ class TrainConfig:
     seed: int = 0
     num_workers: int | None = None  # None: chosen from the machine
     device: str = "auto"
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32; see train_utils.Compute
+    channels_last: bool | None = None  # None: on CUDA only
+
+    def outcome_fields(self) -> dict[str, Any]:
+        """The settings that decide the trained weights; not where or how fast they are computed (cache keys)."""
+        return asdict(replace(self, num_workers=None, device="auto", channels_last=None))
 
 
 @dataclass(frozen=True)

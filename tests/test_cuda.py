@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from edgekd.data import load_data
 from edgekd.distill import DistillConfig, distill
 from edgekd.teacher import prepare_teacher
-from edgekd.train_utils import autocast, pick_device, prepare_model
+from edgekd.train_utils import Compute, pick_device
 from edgekd.types import DataSpec, TeacherSpec, TrainConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 
 
 def test_cuda_model_is_channels_last_and_runs_in_bf16():
-    device = pick_device("cuda")
-    model = prepare_model(torch.nn.Conv2d(3, 8, 3), device)
+    compute = Compute.choose(pick_device("cuda"))  # auto: bf16 autocast and channels_last on CUDA
+    model = compute.prepare(torch.nn.Conv2d(3, 8, 3))
     assert model.weight.is_contiguous(memory_format=torch.channels_last)
-    with autocast(device):
-        assert model(torch.randn(2, 3, 16, 16, device=device)).dtype == torch.bfloat16
+    with compute.autocast():
+        assert model(compute.inputs(torch.randn(2, 3, 16, 16))).dtype == torch.bfloat16
 
 
 def test_teacher_fine_tune_and_distillation_on_cuda(tmp_path):
@@ -32,3 +31,4 @@ def test_teacher_fine_tune_and_distillation_on_cuda(tmp_path):
     checkpoint = distill([teacher], "test_efficientnet", data,
                          DistillConfig(epochs=1, batch_size=32, num_workers=0, device="cuda"), tmp_path / "s")
     assert checkpoint.val_top1 is not None and 0.0 <= checkpoint.teacher_agreement <= 1.0
+    assert checkpoint.metrics["compute"] == "cuda, bfloat16 autocast, channels_last"

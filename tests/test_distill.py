@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -120,6 +121,47 @@ def test_resume_ignores_a_checkpoint_of_another_configuration(data, teachers, tm
         distill(teachers[:1], "test_resnet", data, replace(QUICK, resume=True, lr=1e-3), tmp_path)
     assert "another configuration" in caplog.text
     assert [e["epoch"] for e in json.loads((tmp_path / "distill_log.json").read_text())["epoch_log"]] == [1]
+
+
+def test_bf16_autocast_and_channels_last_run_the_gpu_code_path_on_cpu(data, teachers, tmp_path):
+    """What CUDA does by default (bf16 autocast, channels_last), forced on CPU: with a ViT and a CNN teacher and
+    feature losses, so the adapters and the loss terms see bf16 maps too."""
+    losses = parse_loss_specs(["ce=1,kd=1,fitnet=0.5,at=1"])
+    fp32 = distill(teachers, "test_efficientnet", data, replace(QUICK, losses=losses), tmp_path / "fp32")
+    bf16 = distill(teachers, "test_efficientnet", data, replace(QUICK, losses=losses, precision="bf16",
+                                                                 channels_last=True), tmp_path / "bf16")
+    log, reference = (json.loads((tmp_path / name / "distill_log.json").read_text()) for name in ("bf16", "fp32"))
+    assert log["compute"] == "cpu, bfloat16 autocast, channels_last" and reference["compute"] == "cpu, fp32"
+    for term in ("loss", "ce", "kd", "fitnet", "at"):  # same data, seed and start: bf16 rounding, not a new result
+        assert log["epoch_log"][0][term] == pytest.approx(reference["epoch_log"][0][term], rel=0.02), term
+    assert all(t.dtype == torch.float32 for t in load_file(str(bf16.weights_path)).values() if t.is_floating_point())
+    assert abs(bf16.val_top1 - fp32.val_top1) <= 0.1
+
+
+def test_bf16_autocast_gives_bf16_activations_and_channels_last_weights():
+    from edgekd.train_utils import Compute
+
+    assert Compute.choose(torch.device("cpu")) == Compute(torch.device("cpu"), None, False)
+    assert Compute.choose(torch.device("cuda")) == Compute(torch.device("cuda"), torch.bfloat16, True)
+    compute = Compute.choose(torch.device("cpu"), "bf16", channels_last=True)
+    conv = compute.prepare(torch.nn.Conv2d(3, 8, 3))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and conv.weight.dtype == torch.float32
+    with compute.autocast():
+        assert conv(compute.inputs(torch.randn(2, 3, 16, 16))).dtype == torch.bfloat16
+    with pytest.raises(EdgekdError, match="unknown --precision 'fp8'"):
+        Compute.choose(torch.device("cpu"), "fp8")
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile's CPU backend needs a C compiler; this machine has none")
+def test_compiled_student_trains_like_the_eager_one(data, teachers, tmp_path):
+    config = replace(QUICK, losses=parse_loss_specs(["ce=1,kd=1"]), augment=False)
+    eager = distill(teachers[:1], "test_resnet", data, config, tmp_path / "eager")
+    compiled = distill(teachers[:1], "test_resnet", data, replace(config, compile=True), tmp_path / "compiled")
+    a, b = (json.loads((tmp_path / name / "distill_log.json").read_text()) for name in ("eager", "compiled"))
+    assert b["compiled"] and not a["compiled"]
+    assert b["epoch_log"][0]["loss"] == pytest.approx(a["epoch_log"][0]["loss"], rel=1e-4)
+    assert compiled.val_top1 == pytest.approx(eager.val_top1, abs=0.05)
 
 
 DDP_SCRIPT = textwrap.dedent("""

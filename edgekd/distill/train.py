@@ -1,7 +1,7 @@
 """The distillation loop: one or several frozen teachers, one student, a weighted sum of KD losses.
 
 Runs alone or as one rank of `torchrun` (DDP, DistributedSampler; rank 0 writes). bf16 autocast and
-channels_last on CUDA, optional torch.compile. Resumable: a checkpoint after every epoch and on interruption,
+channels_last on CUDA (forcible on CPU), optional torch.compile. Resumable: a checkpoint after every epoch and on interruption,
 and data order + augmentation that depend only on (seed, epoch, index), so a resumed run ends where an
 uninterrupted one does.
 """
@@ -30,8 +30,7 @@ from edgekd.errors import EdgekdError
 from edgekd.models import preprocess_for
 from edgekd.students import build_student
 from edgekd.teacher import load_teacher_model
-from edgekd.train_utils import (autocast, evaluate, make_optimizer, prepare_model, progress, seed_everything,
-                                to_device, warmup_cosine)
+from edgekd.train_utils import PRECISIONS, Compute, evaluate, make_optimizer, progress, seed_everything, warmup_cosine
 from edgekd.types import Preprocess, StudentCheckpoint, TeacherResult
 
 log = logging.getLogger(__name__)
@@ -58,10 +57,18 @@ class DistillConfig:
     image_size: tuple[int, int] | None = None  # the student's input; None: the first teacher's
     augment: bool = True  # shared random crop + flip for teacher and student
     cache_teacher: bool = False  # reuse teacher outputs across epochs (only without augmentation/feature losses)
-    compile: bool = False
+    compile: bool = False  # torch.compile the student (and its adapters)
     resume: bool = False
     num_workers: int | None = None
     device: str = "auto"
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32; see train_utils.Compute
+    channels_last: bool | None = None  # None: on CUDA only
+
+    def outcome_fields(self) -> dict[str, Any]:
+        """The settings that decide the trained student; not where or how fast it is computed (cache/resume keys)."""
+        fields = asdict(replace(self, resume=False, device="auto", num_workers=None, compile=False, channels_last=None))
+        fields["losses"] = [str(spec) for spec in self.losses]
+        return fields
 
 
 def distill(teachers: list[TeacherResult], student_name: str, data: LoadedData, config: DistillConfig,
@@ -85,6 +92,8 @@ def _check(teachers: list[TeacherResult], config: DistillConfig) -> None:
                           "give teachers trained for the same classes")
     if config.teacher_weighting not in WEIGHTINGS:
         raise EdgekdError(f"unknown teacher weighting {config.teacher_weighting!r}; use one of {', '.join(WEIGHTINGS)}")
+    if config.precision not in PRECISIONS:
+        raise EdgekdError(f"unknown --precision {config.precision!r}; use one of {', '.join(PRECISIONS)}")
     if config.epochs <= 0 or config.batch_size < 2 or config.temperature <= 0:
         raise EdgekdError("epochs and temperature must be positive and the batch size at least 2")
 
@@ -92,7 +101,9 @@ def _check(teachers: list[TeacherResult], config: DistillConfig) -> None:
 def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, config: DistillConfig, out_dir: Path,
          student_init: torch.nn.Module | None, processes: Processes) -> StudentCheckpoint:
     seed_everything(config.seed)
-    device = processes.device
+    compute = Compute.choose(processes.device, config.precision, config.channels_last)
+    device = compute.device
+    log.info("distilling on %s%s", compute.describe(), f", {processes.world} processes" if processes.world > 1 else "")
     objective = Objective(config.losses or default_loss_specs(data.info.labeled), config.temperature)
     objective.check_labels(data.info.labeled)
     per_rank_batch = config.batch_size // processes.world
@@ -106,8 +117,8 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
     student_pre = preprocess_for(student, image_size)
     teacher_models = [load_teacher_model(t) for t in teachers]
     hinted, tapped_teachers, pairs = _wire(student, student_pre, teacher_models, teachers, objective, config)
-    hinted = prepare_model(hinted, device)
-    tapped_teachers = [prepare_model(t, device).eval().requires_grad_(False) for t in tapped_teachers]
+    hinted = compute.prepare(hinted)
+    tapped_teachers = [compute.prepare(t).eval().requires_grad_(False) for t in tapped_teachers]
 
     train_set = SeededItems(ModelInputs(data.train, [student_pre] + [t.preprocess for t in teachers],
                                         training=config.augment), config.seed)
@@ -121,7 +132,7 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
     optimizer = make_optimizer(hinted.parameters(), config.lr, config.weight_decay)
     scheduler = warmup_cosine(optimizer, total_steps, config.warmup_fraction)
 
-    key = config_hash({"config": _resume_fields(config), "specs": [str(s) for s in objective.specs],
+    key = config_hash({"config": config.outcome_fields(), "specs": [str(s) for s in objective.specs],
                        "student": student_name, "teachers": [str(t.weights_path) for t in teachers],
                        "data": [data.info.source, len(data.train)], "world": processes.world})
     state = load_state(out_dir, key, hinted, optimizer, scheduler) if config.resume else TrainState(history=[])
@@ -133,7 +144,7 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
     val_student = make_loader(ModelInputs(data.val, [student_pre], training=False), per_rank_batch * 2,
                               shuffle=False, num_workers=config.num_workers, device=device)
 
-    loop = _Loop(model, tapped_teachers, objective, optimizer, scheduler, config, device, cache, total_steps)
+    loop = _Loop(model, tapped_teachers, objective, optimizer, scheduler, config, compute, cache, total_steps)
     epochs = math.ceil(total_steps / steps_per_epoch)
     started = time.perf_counter()
     for epoch in range(state.step // steps_per_epoch, epochs):
@@ -149,7 +160,7 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
             raise
         metrics: dict[str, Any] = {"epoch": epoch + 1, **_epoch_metrics(sums, optimizer)}
         if processes.main:
-            result = evaluate(hinted.student, val_student, device, description="student val")
+            result = evaluate(hinted.student, val_student, compute, description="student val")
             metrics.update(val_top1=result.top1, val_top5=result.top5)
             log.info("distill epoch %d: loss %.4f, val top-1 %s", epoch + 1, metrics["loss"], _pct(result.top1))
         state.history.append(metrics)  # type: ignore[union-attr]
@@ -159,15 +170,8 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
     seconds = time.perf_counter() - started
     sync_buffers(processes, hinted)
     final = _finish(hinted, tapped_teachers, teachers, data, student_name, student_pre, config, objective, pairs,
-                    state, cache, out_dir, val_student, seconds, processes) if processes.main else None
+                    state, cache, out_dir, val_student, seconds, processes, compute) if processes.main else None
     return StudentCheckpoint.from_dict(share_from_main(processes, final))
-
-
-def _resume_fields(config: DistillConfig) -> dict[str, Any]:
-    """The settings a resumed run must share with the run it continues (not where or how fast it runs)."""
-    fields = asdict(replace(config, resume=False, device="auto", num_workers=None, compile=False))
-    fields.pop("losses")
-    return fields
 
 
 def _wire(student: torch.nn.Module, student_pre: Preprocess, teacher_models: list[torch.nn.Module],
@@ -205,10 +209,10 @@ class _Loop:
     """One training epoch at a time: teacher forward (inference mode), student forward, weighted losses, step."""
 
     def __init__(self, model, teachers, objective: Objective, optimizer, scheduler, config: DistillConfig,
-                 device: torch.device, cache: TeacherCache | None, total_steps: int):
+                 compute: Compute, cache: TeacherCache | None, total_steps: int):
         self.model, self.teachers, self.objective = model, teachers, objective
         self.optimizer, self.scheduler, self.config = optimizer, scheduler, config
-        self.device, self.cache, self.total_steps = device, cache, total_steps
+        self.compute, self.cache, self.total_steps = compute, cache, total_steps
 
     def epoch(self, loader, steps: int, state: TrainState, label: str, n_teachers: int) -> dict[str, float]:
         """Train `steps` batches; returns the epoch's running sums (kept in state.partial for an interruption)."""
@@ -235,11 +239,11 @@ class _Loop:
         return state.partial
 
     def step(self, batch: tuple, n_teachers: int, progress_fraction: float) -> tuple[torch.Tensor, dict, int]:
-        student_input = to_device(batch[0], self.device)
-        teacher_inputs = [to_device(x, self.device) for x in batch[1:1 + n_teachers]]
-        labels, indices = batch[1 + n_teachers].to(self.device), batch[2 + n_teachers]
+        student_input = self.compute.inputs(batch[0])
+        teacher_inputs = [self.compute.inputs(x) for x in batch[1:1 + n_teachers]]
+        labels, indices = batch[1 + n_teachers].to(self.compute.device), batch[2 + n_teachers]
         teacher_out = self.teacher_outputs(teacher_inputs, indices)
-        with autocast(self.device):
+        with self.compute.autocast():
             logits, embedding, raw, hints = self.model(student_input)
         views = tuple(TeacherView(logits=t_logits, embedding=t_embedding, features=t_maps, student_features=raw[k],
                                   hints=hints[k], weight=weight)
@@ -258,7 +262,7 @@ class _Loop:
         cached = self.cache.lookup(indices) if self.cache is not None else None
         if cached is not None:
             return [(logits, embedding, ()) for logits, embedding in cached]
-        with torch.inference_mode(), autocast(self.device):
+        with torch.inference_mode(), self.compute.autocast():
             outputs = [teacher(x) for teacher, x in zip(self.teachers, inputs)]
         # Inference tensors cannot take part in autograd; clones outside inference mode can.
         outputs = [(logits.float().clone(), embedding.float().clone(), tuple(m.float().clone() for m in maps))
@@ -286,14 +290,14 @@ def _epoch_metrics(sums: dict[str, float], optimizer) -> dict[str, float]:
 def _finish(hinted: HintedStudent, tapped_teachers, teachers: list[TeacherResult], data: LoadedData,
             student_name: str, student_pre: Preprocess, config: DistillConfig, objective: Objective, pairs,
             state: TrainState, cache: TeacherCache | None, out_dir: Path, val_student, seconds: float,
-            processes: Processes) -> dict[str, Any]:
+            processes: Processes, compute: Compute) -> dict[str, Any]:
     """Measure the student (accuracy, agreement with the first teacher) and write weights, card and log (rank 0)."""
-    device = processes.device
-    result = evaluate(hinted.student, val_student, device, description="student val")
+    device = compute.device
+    result = evaluate(hinted.student, val_student, compute, description="student val")
     val_teacher = make_loader(ModelInputs(data.val, [teachers[0].preprocess], training=False),
                               config.batch_size * 2 // processes.world, shuffle=False,
                               num_workers=config.num_workers, device=device)
-    teacher_preds = evaluate(tapped_teachers[0].model, val_teacher, device, description="teacher val").predictions
+    teacher_preds = evaluate(tapped_teachers[0].model, val_teacher, compute, description="teacher val").predictions
     agreement = float((teacher_preds == result.predictions).float().mean()) if len(teacher_preds) else None
     weights_path = out_dir / "student.safetensors"
     student_state = {k: v.detach().cpu().contiguous() for k, v in hinted.student.state_dict().items()}
@@ -303,7 +307,8 @@ def _finish(hinted: HintedStudent, tapped_teachers, teachers: list[TeacherResult
                "epochs": config.epochs, "seed": config.seed, "train_images": len(data.train),
                "teachers": [t.model_name for t in teachers], "teacher_val_top1": teachers[0].val_top1,
                "feature_pairs": [[f"{s.name}->{t.name}" for s, t in chosen] for chosen in pairs],
-               "teacher_cache": cache is not None, "processes": processes.world, "seconds": seconds}
+               "teacher_cache": cache is not None, "processes": processes.world, "compute": compute.describe(),
+               "compiled": config.compile, "seconds": seconds}
     checkpoint = StudentCheckpoint(model_name=student_name, weights_path=weights_path,
                                    num_classes=teachers[0].num_classes, class_names=teachers[0].class_names,
                                    preprocess=student_pre, val_top1=result.top1, val_top5=result.top5,
