@@ -50,7 +50,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="default: 128 on CUDA, 16 on CPU")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default: 20 CUDA, 5 CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 CUDA, 2 CPU)")
-    parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32 and/or bf16")
+    parser.add_argument("--precisions", default="fp32,bf16,auto",
+                        help="comma-separated: fp32, bf16 (teacher and student), auto (edgekd's default choice)")
     parser.add_argument("--compile", action="store_true", help="also time the student under torch.compile")
     parser.add_argument("--out", type=Path, default=None, help="default: results/distill_throughput_<device>.json")
     args = parser.parse_args()
@@ -61,11 +62,14 @@ def main() -> None:
     steps, warmup = args.steps or (20 if cuda else 5), args.warmup or (5 if cuda else 2)
     rows = []
     for precision in args.precisions.split(","):
-        compute = Compute.choose(device, precision, channels_last=cuda or None)
-        rows.append(time_teacher(args, compute, batch, steps, warmup))
+        student = Compute.choose(device, precision)
+        teacher = Compute.choose(device, precision, inference=True)
+        rows.append(time_teacher(args, teacher, batch, steps, warmup) | {"setting": precision})
+        print(json.dumps(rows[-1]), flush=True)
         for case, losses in CASES.items():
             for compiled in (False, True) if args.compile else (False,):
-                rows.append(time_distill(args, compute, batch, steps, warmup, case, losses, compiled))
+                row = time_distill(args, student, teacher, batch, steps, warmup, case, losses, compiled)
+                rows.append(row | {"setting": precision, "teacher_precision": teacher.describe()})
                 print(json.dumps(rows[-1]), flush=True)
     record = {"teacher": args.teacher, "student": args.student, "size": args.size, "classes": args.classes,
               "batch": batch, "steps": steps, "warmup": warmup, "device": describe(device),
@@ -88,8 +92,8 @@ def time_teacher(args, compute: Compute, batch: int, steps: int, warmup: int) ->
     return measure("teacher forward", compute, step, batch, steps, warmup, compiled=False)
 
 
-def time_distill(args, compute: Compute, batch: int, steps: int, warmup: int, case: str, losses: str,
-                 compiled: bool) -> dict:
+def time_distill(args, compute: Compute, teacher_compute: Compute, batch: int, steps: int, warmup: int, case: str,
+                 losses: str, compiled: bool) -> dict:
     size = (args.size, args.size)
     teacher_model = create_model(args.teacher, args.classes, size)
     student = create_model(args.student, args.classes, size)
@@ -99,12 +103,12 @@ def time_distill(args, compute: Compute, batch: int, steps: int, warmup: int, ca
     objective = Objective(config.losses, config.temperature)
     hinted, tapped, _ = _wire(student, preprocess_for(student, size), [teacher_model], [teacher], objective, config)
     hinted = compute.prepare(hinted)
-    tapped = [compute.prepare(t).eval().requires_grad_(False) for t in tapped]
+    tapped = [teacher_compute.prepare(t).eval().requires_grad_(False) for t in tapped]
     optimizer = make_optimizer(hinted.parameters(), config.lr, config.weight_decay)
     scheduler = warmup_cosine(optimizer, 10_000, 0.0)
     model = torch.compile(hinted) if compiled else hinted
     cache = TeacherCache(batch, 1) if case.endswith("cached") else None
-    loop = _Loop(model, tapped, objective, optimizer, scheduler, config, compute, cache, 10_000)
+    loop = _Loop(model, tapped, objective, optimizer, scheduler, config, compute, teacher_compute, cache, 10_000)
     batch_tuple = (torch.randn(batch, 3, *size), torch.randn(batch, 3, *size),
                    torch.randint(0, args.classes, (batch,)), torch.arange(batch))
     return measure(case, compute, lambda: loop.step(batch_tuple, 1, 0.5), batch, steps, warmup, compiled)
@@ -142,14 +146,16 @@ def table(record: dict) -> str:
              "", f"Device: {record['device']}; torch {record['torch']}; batch {record['batch']}; median of "
              f"{record['steps']} steps after {record['warmup']} warm-up steps. Command: "
              "`python benchmarks/distill_throughput.py` (arguments in the JSON).", "",
-             "| case | precision | compiled | images/s | step ms (min-max) | x teacher forward time | peak GPU GB |",
-             "|---|---|---|---:|---:|---:|---:|"]
-    teacher_ms = {r["precision"]: r["step_ms"] for r in record["rows"] if r["case"] == "teacher forward"}
+             "| setting | case | student | teacher | compiled | images/s | step ms (min-max) | x teacher forward "
+             "| peak GPU GB |", "|---|---|---|---|---|---:|---:|---:|---:|"]
+    teacher_ms = {r["setting"]: r["step_ms"] for r in record["rows"] if r["case"] == "teacher forward"}
     for r in record["rows"]:
         memory = "-" if r["peak_gpu_memory_gb"] is None else f"{r['peak_gpu_memory_gb']:.1f}"
-        lines.append(f"| {r['case']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} | "
+        student = "-" if r["case"] == "teacher forward" else r["precision"]
+        teacher = r.get("teacher_precision", r["precision"])
+        lines.append(f"| {r['setting']} | {r['case']} | {student} | {teacher} | {'yes' if r['compiled'] else 'no'} | "
                      f"{r['images_per_s']:.1f} | {r['step_ms']:.0f} ({r['step_ms_min']:.0f}-{r['step_ms_max']:.0f}) | "
-                     f"{r['step_ms'] / teacher_ms[r['precision']]:.2f} | {memory} |")
+                     f"{r['step_ms'] / teacher_ms[r['setting']]:.2f} | {memory} |")
     return "\n".join(lines) + "\n"
 
 

@@ -41,6 +41,9 @@ README = "timm README (MobileNetV4 table, 224 px)"
 PAPER = "the architecture's paper (timm has no results row)"
 DERIVED_DEPTH = 0.5  # the issue's starting point: a ViT keeps every other block, a CNN half of each stage's blocks
 CACHE_ENV = "EDGEKD_CACHE_DIR"
+MAX_CONFIRMATIONS = 6  # re-measured choices before the latest one stands unconfirmed (a very noisy machine)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -112,10 +115,60 @@ def choose_student(teacher: str, budget_ms: float, profile: DeviceProfile, *, nu
                    image_size: tuple[int, int] | None = None, student: str | None = None,
                    names: list[str] | None = None, pool: tuple[PoolEntry, ...] = POOL, cache_dir: Path | None = None,
                    timing: TimingConfig = TimingConfig()) -> Selection:
-    """What `edgekd select` and `compress` run: measure the candidates on `profile`, then apply the rule."""
+    """What `edgekd select` and `compress` run: measure the candidates on `profile`, then apply the rule.
+
+    Timed on this machine, the choice is measured once more before it is final (a cached figure may come from a
+    quieter moment): the worse of the two runs counts, and a choice that no longer fits gives way to the next.
+    """
     measured = measure_for_teacher(teacher, profile, num_classes=num_classes, image_size=image_size,
                                    student=student, names=names, pool=pool, cache_dir=cache_dir, timing=timing)
-    return select_student(measured, budget_ms, student=student)
+    return select_confirmed(measured, budget_ms, profile, num_classes=num_classes, student=student,
+                            cache_dir=cache_dir, timing=timing)
+
+
+def select_confirmed(measured: list[Candidate], budget_ms: float, profile: DeviceProfile, *, num_classes: int,
+                     student: str | None = None, cache_dir: Path | None = None,
+                     timing: TimingConfig = TimingConfig()) -> Selection:
+    """select_student, with the choice (timed here) measured again until a choice holds (see choose_student)."""
+    selection = select_student(measured, budget_ms, student=student)
+    if profile.latency != "host" or selection.pinned:
+        return selection
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    confirmed: set[tuple[str, str]] = set()
+    for _ in range(MAX_CONFIRMATIONS):
+        chosen, precision = selection.chosen, selection.precision
+        if (chosen.model_name, precision) in confirmed:
+            return selection
+        checked = _confirm(chosen, precision, profile, num_classes, cache, timing)
+        confirmed.add((chosen.model_name, precision))
+        measured = [checked if c is chosen else c for c in measured]
+        selection = select_student(measured, budget_ms, student=student)  # raises when nothing fits any more
+        if (selection.chosen.model_name, selection.precision) != (chosen.model_name, precision):
+            log.warning("%s %s measured again at p90 %.3f ms against a %g ms budget; choosing again",
+                        chosen.model_name, precision, _p90_of(checked, precision), budget_ms)
+    return selection
+
+
+def _p90_of(candidate: Candidate, precision: str) -> float:
+    return next(m.p90_ms for m in candidate.measurements if m.precision == precision)
+
+
+def _confirm(candidate: Candidate, precision: str, profile: DeviceProfile, num_classes: int, cache: Path,
+             timing: TimingConfig) -> Candidate:
+    """The candidate with its `precision` form timed afresh; the slower of the old and new figure is kept (and cached)."""
+    image_size = (candidate.input_size[1], candidate.input_size[2])
+    model = build_student(candidate.model_name, num_classes, image_size).eval()
+    fresh = _measure_forms(model, [precision], candidate.input_size, profile, timing)[precision]
+    old = next(m for m in candidate.measurements if m.precision == precision)
+    if fresh.stats is None or old.stats is None:
+        return candidate
+    slower = max(old.stats, fresh.stats, key=lambda s: s.p90_ms)
+    _cache_write(cache, _latency_key(profile, candidate.model_name, candidate.input_size, num_classes, precision,
+                                     timing), {"stats": slower.to_dict()})
+    kept = Measurement(precision, slower, f"measured on {profile.name} twice (p90 {old.p90_ms:.3f} then "
+                                          f"{fresh.p90_ms:.3f} ms; the slower counts)")
+    return replace(candidate, measurements=tuple(kept if m.precision == precision else m
+                                                 for m in candidate.measurements))
 
 
 def measure_for_teacher(teacher: str, profile: DeviceProfile, *, num_classes: int,
@@ -168,23 +221,33 @@ def _measure_one(name: str, profile: DeviceProfile, num_classes: int, image_size
     if table is not None:
         return replace(base, measurements=tuple(_from_table(table, name, p, input_size, profile)
                                                 for p in profile.precisions))
-    keys = {p: {"kind": "latency", "profile": profile.timing_key(), "model": name, "input_size": list(input_size),
-                "classes": num_classes, "precision": p, "ort": ort.__version__, "timing": asdict(timing)}
-            for p in profile.precisions}
+    keys = {p: _latency_key(profile, name, input_size, num_classes, p, timing) for p in profile.precisions}
     found = {p: _cache_read(cache, key) for p, key in keys.items()}
     measured = {p: Measurement(p, LatencyStats.from_dict(hit["stats"]), f"measured on {profile.name} (cached)")
                 for p, hit in found.items() if hit is not None}
     missing = [p for p in profile.precisions if p not in measured]
     if missing:
         model = model if model is not None else build_student(name, num_classes, image_size).eval()
-        with tempfile.TemporaryDirectory(prefix="edgekd-candidate-") as work:
-            for precision, form in deployment_forms(model, input_size, missing, profile.isa, Path(work),
-                                                    "model").items():
-                measured[precision] = _time_form(form, precision, input_size, profile, timing)
-                stats = measured[precision].stats
-                if stats is not None:
-                    _cache_write(cache, keys[precision], {"stats": stats.to_dict()})
+        for precision, measurement in _measure_forms(model, missing, input_size, profile, timing).items():
+            measured[precision] = measurement
+            if measurement.stats is not None:
+                _cache_write(cache, keys[precision], {"stats": measurement.stats.to_dict()})
     return replace(base, measurements=tuple(measured[p] for p in profile.precisions))
+
+
+def _latency_key(profile: DeviceProfile, name: str, input_size: tuple[int, int, int], num_classes: int,
+                 precision: str, timing: TimingConfig) -> dict[str, Any]:
+    return {"kind": "latency", "profile": profile.timing_key(), "model": name, "input_size": list(input_size),
+            "classes": num_classes, "precision": precision, "ort": ort.__version__, "timing": asdict(timing)}
+
+
+def _measure_forms(model: torch.nn.Module, precisions: Sequence[str], input_size: tuple[int, int, int],
+                   profile: DeviceProfile, timing: TimingConfig) -> dict[str, Measurement]:
+    """Make each precision's deployment form in a scratch folder and time it on this machine."""
+    with tempfile.TemporaryDirectory(prefix="edgekd-candidate-") as work:
+        forms = deployment_forms(model, input_size, precisions, profile.isa, Path(work), "model")
+        return {precision: _time_form(form, precision, input_size, profile, timing)
+                for precision, form in forms.items()}
 
 
 def model_info(model: torch.nn.Module, image_size: tuple[int, int]) -> dict[str, Any]:

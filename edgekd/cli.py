@@ -78,11 +78,16 @@ LearningRate = Annotated[float, typer.Option("--lr", help="Peak learning rate (A
 Losses = Annotated[list[str], typer.Option(
     "--loss", help="name=weight or name=start:end (ramped over training), repeatable; known: ce, kd, dkd, fitnet, "
     "at, rkd, sp. Default: ce=1 kd=1 (no ce without labels).")]
+LossOptions = Annotated[list[str], typer.Option(
+    "--loss-option", help="A loss's constant as LOSS.KEY=VALUE, repeatable: dkd.alpha, dkd.beta (default 1, 8), "
+    "rkd.distance, rkd.angle (default 1, 2).")]
 Temperature = Annotated[float, typer.Option("--temperature", help="Softmax temperature of kd and dkd.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Data loader processes (default: cores - 1).")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (under torchrun: each rank's GPU).")]
 Precision = Annotated[str, typer.Option("--precision", help="Training precision: auto (bf16 autocast on CUDA, fp32 "
                                         "on CPU), bf16 or fp32.")]
+TeacherPrecision = Annotated[str, typer.Option("--teacher-precision", help="The teacher's forward pass: auto (bf16 "
+                                               "on CUDA and on CPUs with native bf16, else fp32), bf16 or fp32.")]
 ChannelsLast = Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last",
                                                       help="Memory layout of training (default: channels_last on CUDA).")]
 Seed = Annotated[int, typer.Option("--seed")]
@@ -196,10 +201,10 @@ def select_command(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Latency cache (default ~/.cache/edgekd)."),
 ) -> None:
     """Measure every candidate student on the profile's device in its deployment form; choose one that fits."""
-    from edgekd.candidates import measure_for_teacher
+    from edgekd.candidates import measure_for_teacher, select_confirmed
     from edgekd.models import resolve_model_name
     from edgekd.profiles import load_profile
-    from edgekd.select import RULE, format_table, parse_budget, select_student
+    from edgekd.select import RULE, format_table, parse_budget
 
     budget_ms = parse_budget(budget)
     device = load_profile(profile)
@@ -210,11 +215,13 @@ def select_command(
     typer.echo(f"latency measured on {source}: {', '.join(device.providers)}, {device.threads} threads, batch "
                f"{device.batch}; fastest of {', '.join(device.precisions)} per candidate; budget {budget_ms:g} ms p90")
     try:
-        selection = select_student(measured, budget_ms, student=student)
+        selection = select_confirmed(measured, budget_ms, device, num_classes=num_classes, student=student,
+                                     cache_dir=cache_dir)
     except EdgekdError:
         typer.echo(format_table(measured, budget_ms, device.precisions))
         raise
-    typer.echo(format_table(measured, budget_ms, device.precisions, chosen=selection.chosen.model_name))
+    final = [verdict.candidate for verdict in selection.verdicts]  # with the choice's confirmed figure
+    typer.echo(format_table(final, budget_ms, device.precisions, chosen=selection.chosen.model_name))
     typer.echo(f"rule: {RULE}")
     typer.echo(f"chosen: {selection.reason}")
 
@@ -321,6 +328,7 @@ def compress_command(
     teacher_epochs: TeacherEpochs = 2.0,
     epochs: Annotated[float, typer.Option("--epochs", help="Distillation epochs (fractions allowed).")] = 3.0,
     loss: Losses = [],
+    loss_option: LossOptions = [],
     temperature: Temperature = 4.0,
     batch_size: BatchSize = 128,
     lr: LearningRate = 2e-3,
@@ -335,6 +343,7 @@ def compress_command(
     workers: Workers = None,
     device: Device = "auto",
     precision: Precision = "auto",
+    teacher_precision: TeacherPrecision = "auto",
     channels_last: ChannelsLast = None,
     seed: Seed = 0,
 ) -> None:
@@ -358,9 +367,11 @@ def compress_command(
                       max_val=max_val),
         teacher_training=TrainConfig(epochs=teacher_epochs, batch_size=batch_size, seed=seed, num_workers=workers,
                                      device=device, precision=precision, channels_last=channels_last),
-        distillation=DistillConfig(losses=tuple(parse_loss_specs(loss)), temperature=temperature, epochs=epochs,
-                                   batch_size=batch_size, lr=lr, seed=seed, num_workers=workers, device=device,
-                                   precision=precision, channels_last=channels_last))
+        distillation=DistillConfig(losses=parse_loss_specs(loss, loss_option), temperature=temperature,
+                                   epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, num_workers=workers,
+                                   device=device,
+                                   precision=precision, teacher_precision=teacher_precision,
+                                   channels_last=channels_last))
     result = compress(config)
     for line in summary_lines(result.report):
         typer.echo(line)
@@ -424,6 +435,7 @@ def distill_command(
     data: Data = "fashion-mnist",
     out: Path = typer.Option(Path("runs/distill"), "--out", "-o", help="Folder for the student, its log and state."),
     loss: Losses = [],
+    loss_option: LossOptions = [],
     epochs: Annotated[float, typer.Option("--epochs", help="Distillation epochs (fractions allowed).")] = 10.0,
     batch_size: BatchSize = 128,
     lr: LearningRate = 2e-3,
@@ -444,6 +456,7 @@ def distill_command(
     workers: Workers = None,
     device: Device = "auto",
     precision: Precision = "auto",
+    teacher_precision: TeacherPrecision = "auto",
     channels_last: ChannelsLast = None,
     seed: Seed = 0,
 ) -> None:
@@ -461,12 +474,13 @@ def distill_command(
     if teacher and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise EdgekdError("under torchrun, prepare the teacher once first (`edgekd train-teacher ... --out DIR`) "
                           "and pass --teacher-dir DIR")
-    config = DistillConfig(losses=parse_loss_specs(loss), temperature=temperature,
+    config = DistillConfig(losses=parse_loss_specs(loss, loss_option), temperature=temperature,
                            feature_pairs=parse_feature_pairs(feature_pairs), teacher_weighting=teacher_weighting,
                            epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                            image_size=parse_input_size(input_size), augment=not no_augment,
                            cache_teacher=cache_teacher, compile=compile_model, resume=resume, num_workers=workers,
-                           device=device, precision=precision, channels_last=channels_last)
+                           device=device, precision=precision, teacher_precision=teacher_precision,
+                           channels_last=channels_last)
     specs = teacher_specs(teacher, teacher_checkpoint, random_init) if teacher else []
     loaded = load_data(DataSpec(source=data, seed=seed, max_train=max_train, max_val=max_val))
     if specs:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -39,6 +41,21 @@ def seed_everything(seed: int) -> None:
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
+# /proc/cpuinfo flags of CPUs that compute in bf16 natively (x86 AVX512-BF16 / AMX, Arm BF16). Without them torch
+# emulates bf16 and it is slower than fp32; with them a teacher's forward pass runs 1.6-2.6x faster
+# (benchmarks/results/distill_throughput_cpu.md).
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+
+
+@functools.lru_cache(maxsize=4)
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:  # not Linux: do not guess
+        return False
+    flags = {flag for line in text.splitlines() if line.startswith(("flags", "Features"))
+             for flag in line.partition(":")[2].split()}
+    return bool(flags & NATIVE_BF16_FLAGS)
 
 
 @dataclass(frozen=True)
@@ -46,8 +63,8 @@ class Compute:
     """Where and how a training or evaluation loop runs: the device, autocast's dtype and the memory layout.
 
     `auto` means bf16 autocast and channels_last on CUDA (bf16 needs no loss scaling; channels_last lets cuDNN use
-    its fastest convolution kernels) and plain fp32 on CPU, where bf16 only pays on CPUs with AMX or AVX512-BF16.
-    Both can be forced on CPU, which is also how the CUDA code path is exercised on machines without a GPU.
+    its fastest convolution kernels) and plain fp32 on CPU, except for a teacher's forward pass on a CPU with
+    native bf16. Both can be forced on CPU, which is also how the CUDA code path is exercised without a GPU.
     """
 
     device: torch.device
@@ -55,11 +72,15 @@ class Compute:
     channels_last: bool = False
 
     @classmethod
-    def choose(cls, device: torch.device, precision: str = "auto", channels_last: bool | None = None) -> Compute:
+    def choose(cls, device: torch.device, precision: str = "auto", channels_last: bool | None = None, *,
+               inference: bool = False) -> Compute:
+        """`inference`: a frozen model's forward pass (the teacher's), where `auto` also takes bf16 on CPUs that
+        compute it natively; training stays fp32 there (bf16 was slower for a MobileNet student's step)."""
         if precision not in PRECISIONS:
-            raise EdgekdError(f"unknown --precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+            raise EdgekdError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
         on_cuda = device.type == "cuda"
-        bf16 = precision == "bf16" or (precision == "auto" and on_cuda)
+        native_bf16 = on_cuda or (inference and cpu_has_native_bf16())
+        bf16 = precision == "bf16" or (precision == "auto" and native_bf16)
         return cls(device, torch.bfloat16 if bf16 else None, on_cuda if channels_last is None else channels_last)
 
     def autocast(self) -> contextlib.AbstractContextManager:

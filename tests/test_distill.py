@@ -127,11 +127,14 @@ def test_bf16_autocast_and_channels_last_run_the_gpu_code_path_on_cpu(data, teac
     """What CUDA does by default (bf16 autocast, channels_last), forced on CPU: with a ViT and a CNN teacher and
     feature losses, so the adapters and the loss terms see bf16 maps too."""
     losses = parse_loss_specs(["ce=1,kd=1,fitnet=0.5,at=1"])
-    fp32 = distill(teachers, "test_efficientnet", data, replace(QUICK, losses=losses), tmp_path / "fp32")
+    fp32 = distill(teachers, "test_efficientnet", data, replace(QUICK, losses=losses, teacher_precision="fp32"),
+                   tmp_path / "fp32")
     bf16 = distill(teachers, "test_efficientnet", data, replace(QUICK, losses=losses, precision="bf16",
-                                                                 channels_last=True), tmp_path / "bf16")
+                                                                 teacher_precision="bf16", channels_last=True),
+                   tmp_path / "bf16")
     log, reference = (json.loads((tmp_path / name / "distill_log.json").read_text()) for name in ("bf16", "fp32"))
-    assert log["compute"] == "cpu, bfloat16 autocast, channels_last" and reference["compute"] == "cpu, fp32"
+    assert log["compute"] == log["teacher_compute"] == "cpu, bfloat16 autocast, channels_last"
+    assert reference["compute"] == reference["teacher_compute"] == "cpu, fp32"
     for term in ("loss", "ce", "kd", "fitnet", "at"):  # same data, seed and start: bf16 rounding, not a new result
         assert log["epoch_log"][0][term] == pytest.approx(reference["epoch_log"][0][term], rel=0.02), term
     assert all(t.dtype == torch.float32 for t in load_file(str(bf16.weights_path)).values() if t.is_floating_point())
@@ -139,17 +142,32 @@ def test_bf16_autocast_and_channels_last_run_the_gpu_code_path_on_cpu(data, teac
 
 
 def test_bf16_autocast_gives_bf16_activations_and_channels_last_weights():
-    from edgekd.train_utils import Compute
+    from edgekd.train_utils import Compute, cpu_has_native_bf16
 
-    assert Compute.choose(torch.device("cpu")) == Compute(torch.device("cpu"), None, False)
+    cpu = torch.device("cpu")
+    assert Compute.choose(cpu) == Compute(cpu, None, False)  # training on CPU: fp32 whatever the CPU
+    assert Compute.choose(cpu, inference=True).amp_dtype == (torch.bfloat16 if cpu_has_native_bf16() else None)
     assert Compute.choose(torch.device("cuda")) == Compute(torch.device("cuda"), torch.bfloat16, True)
     compute = Compute.choose(torch.device("cpu"), "bf16", channels_last=True)
     conv = compute.prepare(torch.nn.Conv2d(3, 8, 3))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and conv.weight.dtype == torch.float32
     with compute.autocast():
         assert conv(compute.inputs(torch.randn(2, 3, 16, 16))).dtype == torch.bfloat16
-    with pytest.raises(EdgekdError, match="unknown --precision 'fp8'"):
+    with pytest.raises(EdgekdError, match="unknown precision 'fp8'"):
         Compute.choose(torch.device("cpu"), "fp8")
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    from edgekd.train_utils import cpu_has_native_bf16
+
+    cases = {"x86_plain": "flags\t\t: fpu sse avx2 avx512f avx512bw\n", "x86_bf16": "flags\t: avx512f avx512_bf16\n",
+             "amx": "flags : amx_tile amx_bf16\n", "arm": "Features\t: fp asimd bf16 i8mm\n", "arm_plain": "Features: fp\n"}
+    found = {}
+    for name, text in cases.items():
+        (tmp_path / name).write_text("processor\t: 0\n" + text)
+        found[name] = cpu_has_native_bf16(tmp_path / name)
+    assert found == {"x86_plain": False, "x86_bf16": True, "amx": True, "arm": True, "arm_plain": False}
+    assert cpu_has_native_bf16(tmp_path / "missing") is False
 
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -220,3 +238,24 @@ def test_cli_distill_reports_bad_input_on_one_line():
     assert result.exit_code == 2
     assert "unknown loss 'fitnett'" in result.output
     assert "known losses: at, ce, dkd, fitnet, kd, rkd, sp" in result.output
+    result = CliRunner().invoke(app, ["distill", "--student", "test_resnet", "--teacher-dir", "nowhere",
+                                      "--loss", "dkd=1", "--loss-option", "dkd.gama=2"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "loss 'dkd' has no option gama; its options: dkd.alpha, dkd.beta" in result.output
+
+
+def test_cli_distill_runs_with_loss_options_and_precisions(tmp_path):
+    from typer.testing import CliRunner
+
+    from edgekd.cli import app
+
+    result = CliRunner().invoke(app, [
+        "distill", "--student", "test_efficientnet", "--teacher", "test_resnet", "--random-init", "--input-size", "32",
+        "--max-train", "96", "--max-val", "32", "--epochs", "1", "--teacher-epochs", "0.5", "--batch-size", "32",
+        "--workers", "0", "--loss", "ce=1,dkd=1", "--loss-option", "dkd.beta=2", "--precision", "fp32",
+        "--teacher-precision", "bf16", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "student test_efficientnet: validation top-1" in result.output
+    log = json.loads((tmp_path / "distill_log.json").read_text())
+    assert log["losses"] == ["ce=1", "dkd=1(beta=2)"] and log["teacher_compute"] == "cpu, bfloat16 autocast"
+    assert log["compute"] == "cpu, fp32" and (tmp_path / "teacher" / "teacher.json").exists()

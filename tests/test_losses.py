@@ -131,6 +131,33 @@ def test_parse_loss_specs_rejects_bad_input(text, message):
         parse_loss_specs([text])
 
 
+def test_loss_options_set_a_loss_constants(logits):
+    teacher = torch.randn(logits.shape, generator=torch.Generator().manual_seed(12))
+    inputs = make_inputs(logits, teacher, student_embedding=torch.randn(len(logits), 6),
+                         teacher_embedding=torch.randn(len(logits), 9))
+    specs = parse_loss_specs(["dkd=1,rkd=1"], ["dkd.beta=0,rkd.angle=0", "rkd.distance=3"])
+    assert str(specs[0]) == "dkd=1(beta=0)" and str(specs[1]) == "rkd=1(angle=0,distance=3)"
+    objective = Objective(specs, temperature=4.0)
+    _, tuned = objective(inputs, progress=0.0)
+    _, default = Objective(parse_loss_specs(["dkd=1,rkd=1"]), temperature=4.0)(inputs, progress=0.0)
+    target_only = LOSSES["dkd"](beta=0.0)  # beta scales the non-target term, so 0 leaves the target-class term
+    distance_only = LOSSES["rkd"](angle=0.0)
+    assert float(tuned["dkd"]) == pytest.approx(float(target_only(inputs)))
+    assert float(tuned["dkd"]) < float(default["dkd"])  # the non-target term (beta 8 by default) is gone
+    assert float(tuned["rkd"]) == pytest.approx(3 * float(distance_only(inputs)))
+
+
+@pytest.mark.parametrize("losses, options, message", [
+    (["dkd=1"], ["dkd.gamma=2"], "no option gamma; its options: dkd.alpha, dkd.beta"),
+    (["kd=1"], ["dkd.beta=2"], "not in --loss; add --loss dkd=WEIGHT"),
+    (["dkd=1"], ["dkd.beta"], "write LOSS.KEY=NUMBER"),
+    (["dkd=1"], ["beta=2"], "write LOSS.KEY=NUMBER"),
+    (["dkd=1"], ["dkd.beta=high"], "write LOSS.KEY=NUMBER")])
+def test_loss_options_reject_bad_input(losses, options, message):
+    with pytest.raises(EdgekdError, match=message):
+        parse_loss_specs(losses, options)
+
+
 def test_objective_sums_weighted_terms_and_checks_labels(logits):
     teacher = torch.randn(logits.shape, generator=torch.Generator().manual_seed(11))
     inputs = make_inputs(logits, teacher)

@@ -1,6 +1,8 @@
 """Budget parsing, the selection rule, and selection on this machine with real tiny timm candidates."""
 
+import json
 import math
+import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -132,6 +134,29 @@ def test_chosen_student_fits_when_measured_again(host, measured, tmp_path):
     path = export_onnx(build_student(selection.chosen.model_name, 10, (32, 32)).eval(), tmp_path / "s.onnx",
                        (3, 32, 32))
     assert measure_onnx(path, (3, 32, 32), threads=1, warmup=2, min_runs=8, min_seconds=0).p50_ms <= 50.0
+
+
+def test_a_stale_optimistic_cache_entry_is_caught_by_measuring_the_choice_again(measured, host, tmp_path):
+    """The rule prefers the derived student; a cached figure from 'a quiet moment' says it takes 0.1 us."""
+    _, cache = measured
+    stale = tmp_path / "cache"
+    shutil.copytree(cache, stale)
+    planted = 0
+    for path in stale.glob("*.json"):
+        raw = json.loads(path.read_text())
+        if raw["key"].get("kind") == "latency" and raw["key"]["model"] == TINY[2]:
+            raw["value"]["stats"].update(p50_ms=1e-4, p90_ms=1e-4)
+            path.write_text(json.dumps(raw))
+            planted += 1
+    assert planted == len(host.precisions)
+    with pytest.raises(EdgekdError, match="no candidate fits 0.001 ms"):
+        choose_student("test_vit", 0.001, host, num_classes=10, names=TINY, pool=POOL, cache_dir=stale, timing=FAST)
+    again = measure_candidates(TINY[2:], host, num_classes=10, image_size=(32, 32), pool=POOL, cache_dir=stale,
+                               timing=FAST)[0]
+    assert again.best.p90_ms > 1e-3  # the real figure replaced the stale one in the cache
+    selection = choose_student("test_vit", 50.0, host, num_classes=10, names=TINY, pool=POOL, cache_dir=stale,
+                               timing=FAST)
+    assert selection.chosen.model_name == TINY[2] and "twice" in selection.chosen.best.source
 
 
 def test_cli_select_prints_the_table_and_the_choice(measured, tmp_path):

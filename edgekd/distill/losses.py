@@ -7,7 +7,7 @@ per-sample teacher weights, so one code path serves one teacher and an ensemble.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, ClassVar
 
 import torch
@@ -58,9 +58,16 @@ class DistillLoss:
     needs_labels: ClassVar[bool] = False
     needs_features: ClassVar[bool] = False  # teacher and student maps at the paired layers
     needs_hints: ClassVar[bool] = False  # the student's maps through the adapters (trainable, so only when used)
+    options: ClassVar[dict[str, float]] = {}  # tunable constants and their defaults (`--loss-option name.key=value`)
 
-    def __init__(self, temperature: float = 4.0):
+    def __init__(self, temperature: float = 4.0, **options: float):
         self.temperature = temperature
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            known = ", ".join(f"{self.name}.{key}" for key in self.options) or "none"
+            raise EdgekdError(f"loss {self.name!r} has no option {', '.join(unknown)}; its options: {known}")
+        for key, default in self.options.items():
+            setattr(self, key, float(options.get(key, default)))
 
     def __call__(self, inputs: LossInputs) -> Tensor:
         total = inputs.student_logits.new_zeros(())
@@ -115,11 +122,13 @@ class HintonKD(DistillLoss):
 class DecoupledKD(DistillLoss):
     """Decoupled KD (Zhao et al., 2022): target-class KD + beta * non-target-class KD.
 
-    The target is the label, or the teacher's top class for unlabeled samples.
+    The target is the label, or the teacher's top class for unlabeled samples. The paper's CIFAR-100 setting
+    (alpha 1, beta 8) is the default; it suggests a smaller beta for ImageNet-like data (`--loss-option dkd.beta=0.5`).
     """
 
-    alpha: ClassVar[float] = 1.0
-    beta: ClassVar[float] = 8.0
+    options = {"alpha": 1.0, "beta": 8.0}
+    alpha: float
+    beta: float
 
     def per_sample(self, inputs: LossInputs, view: TeacherView) -> Tensor:
         t = self.temperature
@@ -187,12 +196,14 @@ def _standardise(feature: Tensor) -> Tensor:
 class RelationalKD(BatchLoss):
     """RKD (Park et al., 2019): distance + angle relations of the pooled embeddings; invariant to their scale."""
 
-    angle_weight: ClassVar[float] = 2.0  # the paper's 50:25 ratio of angle to distance
+    options = {"distance": 1.0, "angle": 2.0}  # the paper's 25:50 weights of distance and angle
+    distance: float
+    angle: float
 
     def batch(self, student: Tensor, teacher: Tensor) -> Tensor:
         distance = F.smooth_l1_loss(_normalised_distances(student), _normalised_distances(teacher))
         angle = F.smooth_l1_loss(_angles(student), _angles(teacher))
-        return distance + self.angle_weight * angle
+        return self.distance * distance + self.angle * angle
 
 
 def _normalised_distances(embedding: Tensor) -> Tensor:
@@ -220,26 +231,62 @@ class SimilarityPreserving(BatchLoss):
 
 @dataclass(frozen=True)
 class LossSpec:
-    """One `--loss name=weight` term; `name=start:end` ramps the weight linearly over training."""
+    """One `--loss name=weight` term; `name=start:end` ramps the weight linearly over training.
+
+    `options` set the loss's constants (`--loss-option dkd.beta=2`), as sorted (key, value) pairs.
+    """
 
     name: str
     start: float
     end: float
+    options: tuple[tuple[str, float], ...] = ()
 
     def weight_at(self, progress: float) -> float:
         """The weight at `progress` in [0, 1] of training."""
         return self.start + (self.end - self.start) * min(1.0, max(0.0, progress))
 
     def __str__(self) -> str:
-        return f"{self.name}={self.start:g}" + (f":{self.end:g}" if self.end != self.start else "")
+        options = f"({','.join(f'{k}={v:g}' for k, v in self.options)})" if self.options else ""
+        return f"{self.name}={self.start:g}" + (f":{self.end:g}" if self.end != self.start else "") + options
 
 
-def parse_loss_specs(texts: list[str] | tuple[str, ...]) -> tuple[LossSpec, ...]:
-    """Parse `name=weight` / `name=start:end` terms (repeatable, or comma-separated in one string)."""
+def _terms(texts: list[str] | tuple[str, ...]) -> list[str]:
+    """Repeatable options that also take comma-separated lists."""
+    return [part.strip() for item in texts for part in item.split(",") if part.strip()]
+
+
+def parse_loss_specs(texts: list[str] | tuple[str, ...],
+                     option_texts: list[str] | tuple[str, ...] = ()) -> tuple[LossSpec, ...]:
+    """Parse `name=weight` / `name=start:end` terms and `name.key=value` options of those terms."""
+    specs = _parse_weights(texts)
+    options = _parse_options(option_texts, {spec.name for spec in specs})
+    specs = tuple(replace(spec, options=tuple(sorted(options.get(spec.name, {}).items()))) for spec in specs)
+    for spec in specs:  # an unknown option fails here, before any data is read
+        LOSSES[spec.name](**dict(spec.options))
+    return specs
+
+
+def _parse_options(texts: list[str] | tuple[str, ...], losses: set[str]) -> dict[str, dict[str, float]]:
+    options: dict[str, dict[str, float]] = {}
+    for text in _terms(texts):
+        target, sep, value = text.partition("=")
+        name, dot, key = target.strip().lower().partition(".")
+        try:
+            number = float(value) if sep and dot and key else None
+        except ValueError:
+            number = None
+        if number is None:
+            raise EdgekdError(f"bad --loss-option {text!r}; write LOSS.KEY=NUMBER, e.g. dkd.beta=2")
+        if name not in losses:
+            raise EdgekdError(f"--loss-option {text!r} is for loss {name!r}, which is not in --loss; "
+                              f"add --loss {name}=WEIGHT")
+        options.setdefault(name, {})[key] = number
+    return options
+
+
+def _parse_weights(texts: list[str] | tuple[str, ...]) -> tuple[LossSpec, ...]:
     specs: list[LossSpec] = []
-    for text in (part.strip() for item in texts for part in item.split(",")):
-        if not text:
-            continue
+    for text in _terms(texts):
         name, sep, weight = text.partition("=")
         name = name.strip().lower()
         if name not in LOSSES:
@@ -272,7 +319,7 @@ class Objective:
         if not specs:
             raise EdgekdError("no loss terms given; pass e.g. --loss kd=1 (known: " + ", ".join(sorted(LOSSES)) + ")")
         self.specs = specs
-        self.losses = {spec.name: LOSSES[spec.name](temperature=temperature) for spec in specs}
+        self.losses = {spec.name: LOSSES[spec.name](temperature=temperature, **dict(spec.options)) for spec in specs}
 
     @property
     def needs_features(self) -> bool:

@@ -61,7 +61,8 @@ class DistillConfig:
     resume: bool = False
     num_workers: int | None = None
     device: str = "auto"
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32; see train_utils.Compute
+    precision: str = "auto"  # the student's: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32; see train_utils.Compute
+    teacher_precision: str = "auto"  # the teachers' forward: auto is bf16 on CUDA and on CPUs with native bf16
     channels_last: bool | None = None  # None: on CUDA only
 
     def outcome_fields(self) -> dict[str, Any]:
@@ -92,8 +93,9 @@ def _check(teachers: list[TeacherResult], config: DistillConfig) -> None:
                           "give teachers trained for the same classes")
     if config.teacher_weighting not in WEIGHTINGS:
         raise EdgekdError(f"unknown teacher weighting {config.teacher_weighting!r}; use one of {', '.join(WEIGHTINGS)}")
-    if config.precision not in PRECISIONS:
-        raise EdgekdError(f"unknown --precision {config.precision!r}; use one of {', '.join(PRECISIONS)}")
+    for option, value in (("--precision", config.precision), ("--teacher-precision", config.teacher_precision)):
+        if value not in PRECISIONS:
+            raise EdgekdError(f"unknown {option} {value!r}; use one of {', '.join(PRECISIONS)}")
     if config.epochs <= 0 or config.batch_size < 2 or config.temperature <= 0:
         raise EdgekdError("epochs and temperature must be positive and the batch size at least 2")
 
@@ -102,8 +104,10 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
          student_init: torch.nn.Module | None, processes: Processes) -> StudentCheckpoint:
     seed_everything(config.seed)
     compute = Compute.choose(processes.device, config.precision, config.channels_last)
+    teacher_compute = Compute.choose(processes.device, config.teacher_precision, config.channels_last, inference=True)
     device = compute.device
-    log.info("distilling on %s%s", compute.describe(), f", {processes.world} processes" if processes.world > 1 else "")
+    log.info("distilling on %s (teacher forward: %s)%s", compute.describe(), teacher_compute.describe(),
+             f", {processes.world} processes" if processes.world > 1 else "")
     objective = Objective(config.losses or default_loss_specs(data.info.labeled), config.temperature)
     objective.check_labels(data.info.labeled)
     per_rank_batch = config.batch_size // processes.world
@@ -118,7 +122,7 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
     teacher_models = [load_teacher_model(t) for t in teachers]
     hinted, tapped_teachers, pairs = _wire(student, student_pre, teacher_models, teachers, objective, config)
     hinted = compute.prepare(hinted)
-    tapped_teachers = [compute.prepare(t).eval().requires_grad_(False) for t in tapped_teachers]
+    tapped_teachers = [teacher_compute.prepare(t).eval().requires_grad_(False) for t in tapped_teachers]
 
     train_set = SeededItems(ModelInputs(data.train, [student_pre] + [t.preprocess for t in teachers],
                                         training=config.augment), config.seed)
@@ -144,7 +148,8 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
     val_student = make_loader(ModelInputs(data.val, [student_pre], training=False), per_rank_batch * 2,
                               shuffle=False, num_workers=config.num_workers, device=device)
 
-    loop = _Loop(model, tapped_teachers, objective, optimizer, scheduler, config, compute, cache, total_steps)
+    loop = _Loop(model, tapped_teachers, objective, optimizer, scheduler, config, compute, teacher_compute, cache,
+                 total_steps)
     epochs = math.ceil(total_steps / steps_per_epoch)
     started = time.perf_counter()
     for epoch in range(state.step // steps_per_epoch, epochs):
@@ -169,8 +174,8 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
             save_state(out_dir, key, state, hinted, optimizer, scheduler)
     seconds = time.perf_counter() - started
     sync_buffers(processes, hinted)
-    final = _finish(hinted, tapped_teachers, teachers, data, student_name, student_pre, config, objective, pairs,
-                    state, cache, out_dir, val_student, seconds, processes, compute) if processes.main else None
+    final = _finish(hinted, loop, teachers, data, student_name, student_pre, config, pairs, state, out_dir,
+                    val_student, seconds, processes) if processes.main else None
     return StudentCheckpoint.from_dict(share_from_main(processes, final))
 
 
@@ -209,10 +214,11 @@ class _Loop:
     """One training epoch at a time: teacher forward (inference mode), student forward, weighted losses, step."""
 
     def __init__(self, model, teachers, objective: Objective, optimizer, scheduler, config: DistillConfig,
-                 compute: Compute, cache: TeacherCache | None, total_steps: int):
+                 compute: Compute, teacher_compute: Compute, cache: TeacherCache | None, total_steps: int):
         self.model, self.teachers, self.objective = model, teachers, objective
         self.optimizer, self.scheduler, self.config = optimizer, scheduler, config
-        self.compute, self.cache, self.total_steps = compute, cache, total_steps
+        self.compute, self.teacher_compute = compute, teacher_compute
+        self.cache, self.total_steps = cache, total_steps
 
     def epoch(self, loader, steps: int, state: TrainState, label: str, n_teachers: int) -> dict[str, float]:
         """Train `steps` batches; returns the epoch's running sums (kept in state.partial for an interruption)."""
@@ -240,7 +246,7 @@ class _Loop:
 
     def step(self, batch: tuple, n_teachers: int, progress_fraction: float) -> tuple[torch.Tensor, dict, int]:
         student_input = self.compute.inputs(batch[0])
-        teacher_inputs = [self.compute.inputs(x) for x in batch[1:1 + n_teachers]]
+        teacher_inputs = [self.teacher_compute.inputs(x) for x in batch[1:1 + n_teachers]]
         labels, indices = batch[1 + n_teachers].to(self.compute.device), batch[2 + n_teachers]
         teacher_out = self.teacher_outputs(teacher_inputs, indices)
         with self.compute.autocast():
@@ -262,7 +268,7 @@ class _Loop:
         cached = self.cache.lookup(indices) if self.cache is not None else None
         if cached is not None:
             return [(logits, embedding, ()) for logits, embedding in cached]
-        with torch.inference_mode(), self.compute.autocast():
+        with torch.inference_mode(), self.teacher_compute.autocast():
             outputs = [teacher(x) for teacher, x in zip(self.teachers, inputs)]
         # Inference tensors cannot take part in autograd; clones outside inference mode can.
         outputs = [(logits.float().clone(), embedding.float().clone(), tuple(m.float().clone() for m in maps))
@@ -287,17 +293,17 @@ def _epoch_metrics(sums: dict[str, float], optimizer) -> dict[str, float]:
     return out
 
 
-def _finish(hinted: HintedStudent, tapped_teachers, teachers: list[TeacherResult], data: LoadedData,
-            student_name: str, student_pre: Preprocess, config: DistillConfig, objective: Objective, pairs,
-            state: TrainState, cache: TeacherCache | None, out_dir: Path, val_student, seconds: float,
-            processes: Processes, compute: Compute) -> dict[str, Any]:
+def _finish(hinted: HintedStudent, loop: _Loop, teachers: list[TeacherResult], data: LoadedData, student_name: str,
+            student_pre: Preprocess, config: DistillConfig, pairs, state: TrainState, out_dir: Path, val_student,
+            seconds: float, processes: Processes) -> dict[str, Any]:
     """Measure the student (accuracy, agreement with the first teacher) and write weights, card and log (rank 0)."""
+    compute, cache, objective = loop.compute, loop.cache, loop.objective
     device = compute.device
     result = evaluate(hinted.student, val_student, compute, description="student val")
     val_teacher = make_loader(ModelInputs(data.val, [teachers[0].preprocess], training=False),
                               config.batch_size * 2 // processes.world, shuffle=False,
                               num_workers=config.num_workers, device=device)
-    teacher_preds = evaluate(tapped_teachers[0].model, val_teacher, compute, description="teacher val").predictions
+    teacher_preds = evaluate(loop.teachers[0].model, val_teacher, compute, description="teacher val").predictions
     agreement = float((teacher_preds == result.predictions).float().mean()) if len(teacher_preds) else None
     weights_path = out_dir / "student.safetensors"
     student_state = {k: v.detach().cpu().contiguous() for k, v in hinted.student.state_dict().items()}
@@ -308,6 +314,7 @@ def _finish(hinted: HintedStudent, tapped_teachers, teachers: list[TeacherResult
                "teachers": [t.model_name for t in teachers], "teacher_val_top1": teachers[0].val_top1,
                "feature_pairs": [[f"{s.name}->{t.name}" for s, t in chosen] for chosen in pairs],
                "teacher_cache": cache is not None, "processes": processes.world, "compute": compute.describe(),
+               "teacher_compute": loop.teacher_compute.describe(),
                "compiled": config.compile, "seconds": seconds}
     checkpoint = StudentCheckpoint(model_name=student_name, weights_path=weights_path,
                                    num_classes=teachers[0].num_classes, class_names=teachers[0].class_names,
