@@ -24,6 +24,7 @@ import json
 import platform
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from edgekd.distill.losses import Objective, parse_loss_specs
 from edgekd.distill.state import TeacherCache
 from edgekd.distill.train import DistillConfig, _Loop, _wire
 from edgekd.models import create_model, preprocess_for
-from edgekd.train_utils import Compute, make_optimizer, pick_device, warmup_cosine
+from edgekd.train_utils import Compute, cpu_has_native_bf16, make_optimizer, pick_device, warmup_cosine
 from edgekd.types import TeacherResult
 
 RESULTS = Path(__file__).parent / "results"
@@ -54,7 +55,11 @@ def main() -> None:
                         help="comma-separated: fp32, bf16 (teacher and student), auto (edgekd's default choice)")
     parser.add_argument("--compile", action="store_true", help="also time the student under torch.compile")
     parser.add_argument("--out", type=Path, default=None, help="default: results/distill_throughput_<device>.json")
+    parser.add_argument("--render", type=Path, default=None, help="only rewrite the .md and .png of this results JSON")
     args = parser.parse_args()
+    if args.render:
+        write_outputs(json.loads(args.render.read_text()), args.render)
+        return
 
     device = pick_device(args.device)
     cuda = device.type == "cuda"
@@ -71,13 +76,19 @@ def main() -> None:
                 row = time_distill(args, student, teacher, batch, steps, warmup, case, losses, compiled)
                 rows.append(row | {"setting": precision, "teacher_precision": teacher.describe()})
                 print(json.dumps(rows[-1]), flush=True)
-    record = {"teacher": args.teacher, "student": args.student, "size": args.size, "classes": args.classes,
+    record = {"command": " ".join(["python", "benchmarks/distill_throughput.py", *sys.argv[1:]]),
+              "teacher": args.teacher, "student": args.student, "size": args.size, "classes": args.classes,
               "batch": batch, "steps": steps, "warmup": warmup, "device": describe(device),
               "torch": torch.__version__, "threads": torch.get_num_threads(),
               "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rows": rows}
     out = args.out or RESULTS / f"distill_throughput_{device.type}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
-    out.with_suffix(".md").write_text(table(record))
+    write_outputs(record, out)
+
+
+def write_outputs(record: dict, out: Path) -> None:
+    out.with_suffix(".md").write_text(table(record) + f"\n![images/s per case]({out.with_suffix('.png').name})\n")
+    plot(record, out.with_suffix(".png"))
     print(table(record))
 
 
@@ -137,15 +148,20 @@ def measure(case: str, compute: Compute, step, batch: int, steps: int, warmup: i
 def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    try:
+        name = next(line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = f"{platform.machine()} CPU"
+    native = ", native bf16" if cpu_has_native_bf16() else ""
+    return f"{name} ({torch.get_num_threads()} threads{native})"
 
 
 def table(record: dict) -> str:
     """Markdown: each case's throughput, and its step time against the teacher's forward pass in the same precision."""
     lines = [f"# Distillation throughput: {record['teacher']} -> {record['student']} at {record['size']}px",
              "", f"Device: {record['device']}; torch {record['torch']}; batch {record['batch']}; median of "
-             f"{record['steps']} steps after {record['warmup']} warm-up steps. Command: "
-             "`python benchmarks/distill_throughput.py` (arguments in the JSON).", "",
+             f"{record['steps']} steps after {record['warmup']} warm-up steps. Command: `{record['command']}`.", "",
              "| setting | case | student | teacher | compiled | images/s | step ms (min-max) | x teacher forward "
              "| peak GPU GB |", "|---|---|---|---|---|---:|---:|---:|---:|"]
     teacher_ms = {r["setting"]: r["step_ms"] for r in record["rows"] if r["case"] == "teacher forward"}
@@ -156,7 +172,54 @@ def table(record: dict) -> str:
         lines.append(f"| {r['setting']} | {r['case']} | {student} | {teacher} | {'yes' if r['compiled'] else 'no'} | "
                      f"{r['images_per_s']:.1f} | {r['step_ms']:.0f} ({r['step_ms_min']:.0f}-{r['step_ms_max']:.0f}) | "
                      f"{r['step_ms'] / teacher_ms[r['setting']]:.2f} | {memory} |")
+    lines += ["", "## What limits it", ""] + findings(record)
     return "\n".join(lines) + "\n"
+
+
+def findings(record: dict) -> list[str]:
+    """Per setting: the teacher's share of a distillation step, and what caching the teacher would save."""
+    out = []
+    for setting in dict.fromkeys(r["setting"] for r in record["rows"]):
+        rows = {r["case"]: r for r in record["rows"] if r["setting"] == setting and not r["compiled"]}
+        if not {"teacher forward", "distill ce+kd", "distill ce+kd cached"} <= set(rows):
+            continue
+        teacher, step = rows["teacher forward"]["step_ms"], rows["distill ce+kd"]["step_ms"]
+        student = rows["distill ce+kd cached"]["step_ms"]
+        hints = rows.get("distill ce+kd+fitnet")
+        extra = f"; feature hints change the step time by {100 * (hints['step_ms'] / step - 1):+.0f}%" if hints else ""
+        out.append(f"* **{setting}** (student {rows['distill ce+kd']['precision']}, teacher "
+                   f"{rows['distill ce+kd'].get('teacher_precision', '')}): the teacher's forward pass is "
+                   f"{min(100.0, 100 * teacher / step):.0f}% of a ce+kd step ({teacher:.0f} of {step:.0f} ms) and the "
+                   f"student's forward/backward/update the rest; a cached teacher makes the step "
+                   f"{step / student:.1f}x faster{extra}.")
+    return out
+
+
+def plot(record: dict, path: Path) -> None:
+    """Images/s per case, one bar group per precision setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(dict.fromkeys(r["setting"] for r in record["rows"]))
+    cases = list(dict.fromkeys(r["case"] + (" (compiled)" if r["compiled"] else "") for r in record["rows"]))
+    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.35 * len(cases) * len(settings)))
+    height = 0.8 / len(settings)
+    for k, setting in enumerate(settings):
+        rows = {r["case"] + (" (compiled)" if r["compiled"] else ""): r for r in record["rows"]
+                if r["setting"] == setting}
+        ys = [i + k * height for i in range(len(cases))]
+        ax.barh(ys, [rows[c]["images_per_s"] if c in rows else 0 for c in cases], height, label=setting)
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(cases))], cases)
+    ax.invert_yaxis()
+    ax.set_xlabel("images/s (higher is better)")
+    ax.set_title(f"{record['teacher']} -> {record['student']}, {record['size']}px, batch {record['batch']}\n"
+                 f"{record['device']}", fontsize=9)
+    ax.legend(title="precision setting", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,28 @@
+"""The benchmark scripts keep running as the code under them changes (tiny models, one step: not a measurement)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_distill_throughput_benchmark_runs_on_tiny_models(tmp_path):
+    out = tmp_path / "throughput.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distill_throughput.py"), "--teacher",
+                             "test_vit", "--student", "test_efficientnet", "--size", "32", "--classes", "10",
+                             "--device", "cpu", "--batch", "4", "--steps", "1", "--warmup", "1",
+                             "--precisions", "fp32,auto", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads(out.read_text())
+    cases = [(r["setting"], r["case"]) for r in record["rows"]]
+    assert cases == [(s, c) for s in ("fp32", "auto") for c in ("teacher forward", "distill ce+kd",
+                                                                 "distill ce+kd+fitnet", "distill ce+kd cached")]
+    assert all(r["images_per_s"] > 0 for r in record["rows"])
+    markdown = out.with_suffix(".md").read_text()
+    assert "## What limits it" in markdown and "**auto**" in markdown
+    assert out.with_suffix(".png").stat().st_size > 1000
