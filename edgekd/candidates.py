@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from edgekd.artifacts import config_hash, write_json_atomic
 from edgekd.errors import EdgekdError
 from edgekd.export import export_onnx
-from edgekd.latency import LatencyStats, measure_onnx
+from edgekd.latency import ORT_RUN_ERRORS, LatencyStats, measure_onnx
 from edgekd.models import count_params, preprocess_for, resolve_model_name
 from edgekd.profiles import DeviceProfile
 from edgekd.quantize import MIN_CALIBRATION_IMAGES, prepare_for_quantization, quantize_onnx
@@ -316,9 +316,7 @@ def _time_form(form: Path | str, precision: str, input_size: tuple[int, int, int
         stats = measure_onnx(form, input_size, threads=profile.threads, providers=profile.providers,
                              batch=profile.batch, warmup=timing.warmup, min_runs=timing.min_runs,
                              min_seconds=timing.min_seconds, max_seconds=timing.max_seconds)
-    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
-            ort.capi.onnxruntime_pybind11_state.RuntimeException) as error:
-        # e.g. ORT's QLinearConv rejects some depthwise convs on tiny feature maps: that form cannot ship.
+    except ORT_RUN_ERRORS as error:
         return Measurement(precision, None, "", error=f"{precision} does not run: {str(error).splitlines()[0][:160]}")
     return Measurement(precision, stats, f"measured on {profile.name}")
 

@@ -22,6 +22,10 @@ except ImportError:  # inside a probe pack, where edgekd is not installed
         """A problem the user can fix."""
 
 XNNPACK = "XnnpackExecutionProvider"
+# What ONNX Runtime raises when a model loads but a kernel refuses it at run time (e.g. QLinearConv on some
+# depthwise convolutions of tiny maps): that form cannot ship, and callers go on with the others.
+ORT_RUN_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+                  ort.capi.onnxruntime_pybind11_state.RuntimeException)
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 

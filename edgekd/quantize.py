@@ -25,6 +25,7 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 from edgekd.artifacts import atomic_path
 from edgekd.errors import EdgekdError
 from edgekd.export import check_model, quiet_onnxruntime
+from edgekd.latency import ORT_RUN_ERRORS
 from edgekd.sensitivity import NodeSensitivity, rank_sensitive_nodes
 from edgekd.verify import INPUT_NAME, EvalSet, evaluate_onnx, metrics_from_predictions, onnx_logits
 
@@ -370,7 +371,13 @@ def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantP
             log.info("quantization %s: %s", preset.name, error)
             rounds.append(Trial(precision, preset, excluded, None, 0.0, 100.0, False, error=str(error)))
             break
-        trial = _measure(target, precision, preset, excluded, evalset, fp32_predictions, fp32_top1, guard)
+        try:
+            trial = _measure(target, precision, preset, excluded, evalset, fp32_predictions, fp32_top1, guard)
+        except ORT_RUN_ERRORS as error:
+            message = f"{precision} does not run: {str(error).strip().splitlines()[0][:160]}"
+            log.info("quantization %s: %s", preset.name, message)
+            rounds.append(Trial(precision, preset, excluded, None, 0.0, 100.0, False, error=message))
+            break
         rounds.append(trial)
         log.info("quantization %s round %d: %d node(s) in float, accuracy drop %.2f points, agreement %.1f%% -> %s",
                  preset.name, round_index, len(excluded), trial.accuracy_drop, 100 * trial.agreement,

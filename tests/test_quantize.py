@@ -124,3 +124,23 @@ def test_guard_passes_and_ships_int8_only_when_it_is_faster(resnet, tmp_path: Pa
         assert decision.latency_ms * GuardConfig().min_speedup <= decision.fp32_latency_ms
     shipped = evaluate_onnx(tmp_path / "model.onnx", evalset)
     assert 100 * (decision.fp32_top1 - shipped.top1) <= 2.0
+
+
+@pytest.mark.parametrize("isa", ["avx512_vnni", "avx2"])
+def test_guard_records_an_int8_form_onnxruntime_cannot_run_and_ships_another(small_fmnist, isa: str,
+                                                                            tmp_path: Path) -> None:
+    """ORT's QLinearConv rejects tf_efficientnet_lite0's late depthwise convs at 32 px (1x1 maps): the guard
+    must record that form as failed and go on, as candidate selection does."""
+    from edgekd.models import create_model, preprocess_for
+
+    model = create_model("tf_efficientnet_lite0", 10, (32, 32)).eval()
+    preprocess = preprocess_for(model, (32, 32))
+    fp32 = export_onnx(model, tmp_path / "fp32.onnx", preprocess.input_size)
+    evalset = preprocess_records(small_fmnist.val, preprocess, limit=64)
+    calibration = preprocess_records(small_fmnist.train, preprocess, limit=64).images
+    decision = guarded_quantize(fp32, tmp_path / "model.onnx", evalset=evalset, calibration=calibration, isa=isa,
+                                guard=GuardConfig(max_accuracy_drop=100.0))
+    static = [t for t in decision.trials if t.precision == "int8_static"]
+    assert static and static[-1].error is not None and "does not run" in static[-1].error
+    assert decision.precision == "int8_dynamic"  # the guard was wide open: the form that runs ships
+    assert evaluate_onnx(decision.path, evalset).count == 64
