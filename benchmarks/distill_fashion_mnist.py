@@ -61,7 +61,8 @@ def student_stage(config: str, seed: int, max_train: int, epochs: float) -> None
     data = load_data(DataSpec("fashion-mnist", max_train=max_train, seed=seed))
     losses = parse_loss_specs([CONFIGS[config]])
     started = time.perf_counter()
-    checkpoint = distill([teacher], STUDENT, data, DistillConfig(losses=losses, epochs=epochs, seed=seed),
+    checkpoint = distill([teacher], STUDENT, data, DistillConfig(losses=losses, epochs=epochs, seed=seed,
+                                                                      teacher_precision="fp32"),
                          WORK / f"{config}-seed{seed}")
     _save({"config": config, "losses": CONFIGS[config], "model": STUDENT, "train_images": len(data.train),
            "epochs": epochs, "seed": seed, "val_top1": checkpoint.val_top1, "val_top5": checkpoint.val_top5,

@@ -32,13 +32,14 @@ import torch
 
 from edgekd.distill.losses import Objective, parse_loss_specs
 from edgekd.distill.state import TeacherCache
-from edgekd.distill.train import DistillConfig, _Loop, _wire
+from edgekd.distill.train import DistillConfig, DistillLoop, wire_features
 from edgekd.models import create_model, preprocess_for
 from edgekd.train_utils import Compute, cpu_has_native_bf16, make_optimizer, pick_device, warmup_cosine
 from edgekd.types import TeacherResult
 
 RESULTS = Path(__file__).parent / "results"
-CASES = {"distill ce+kd": "ce=1,kd=1", "distill ce+kd+fitnet": "ce=1,kd=1,fitnet=1", "distill ce+kd cached": "ce=1,kd=1"}
+CASES = {"distill ce+kd": "ce=1,kd=1", "distill ce+kd+fitnet": "ce=1,kd=1,fitnet=1",
+         "distill ce+kd cached": "ce=1,kd=1"}
 
 
 def main() -> None:
@@ -112,14 +113,15 @@ def time_distill(args, compute: Compute, teacher_compute: Compute, batch: int, s
                             weights_source="random", fine_tuned=False, val_top1=None)
     config = DistillConfig(losses=parse_loss_specs([losses]), augment=False, compile=compiled)
     objective = Objective(config.losses, config.temperature)
-    hinted, tapped, _ = _wire(student, preprocess_for(student, size), [teacher_model], [teacher], objective, config)
+    hinted, tapped, _ = wire_features(student, preprocess_for(student, size), [teacher_model], [teacher], objective,
+                                      config)
     hinted = compute.prepare(hinted)
     tapped = [teacher_compute.prepare(t).eval().requires_grad_(False) for t in tapped]
     optimizer = make_optimizer(hinted.parameters(), config.lr, config.weight_decay)
     scheduler = warmup_cosine(optimizer, 10_000, 0.0)
     model = torch.compile(hinted) if compiled else hinted
     cache = TeacherCache(batch, 1) if case.endswith("cached") else None
-    loop = _Loop(model, tapped, objective, optimizer, scheduler, config, compute, teacher_compute, cache, 10_000)
+    loop = DistillLoop(model, tapped, objective, optimizer, scheduler, config, compute, teacher_compute, cache, 10_000)
     batch_tuple = (torch.randn(batch, 3, *size), torch.randn(batch, 3, *size),
                    torch.randint(0, args.classes, (batch,)), torch.arange(batch))
     return measure(case, compute, lambda: loop.step(batch_tuple, 1, 0.5), batch, steps, warmup, compiled)

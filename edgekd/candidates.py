@@ -155,7 +155,7 @@ def _p90_of(candidate: Candidate, precision: str) -> float:
 
 def _confirm(candidate: Candidate, precision: str, profile: DeviceProfile, num_classes: int, cache: Path,
              timing: TimingConfig) -> Candidate:
-    """The candidate with its `precision` form timed afresh; the slower of the old and new figure is kept (and cached)."""
+    """The candidate with its `precision` form timed afresh; the slower of the two figures is kept (and cached)."""
     image_size = (candidate.input_size[1], candidate.input_size[2])
     model = build_student(candidate.model_name, num_classes, image_size).eval()
     fresh = _measure_forms(model, [precision], candidate.input_size, profile, timing)[precision]

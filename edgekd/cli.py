@@ -88,8 +88,8 @@ Precision = Annotated[str, typer.Option("--precision", help="Training precision:
                                         "on CPU), bf16 or fp32.")]
 TeacherPrecision = Annotated[str, typer.Option("--teacher-precision", help="The teacher's forward pass: auto (bf16 "
                                                "on CUDA and on CPUs with native bf16, else fp32), bf16 or fp32.")]
-ChannelsLast = Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last",
-                                                      help="Memory layout of training (default: channels_last on CUDA).")]
+ChannelsLast = Annotated[Optional[bool], typer.Option(
+    "--channels-last/--no-channels-last", help="Memory layout of training (default: channels_last on CUDA).")]
 Seed = Annotated[int, typer.Option("--seed")]
 Candidates = Annotated[Optional[str], typer.Option("--candidates", help="Comma-separated candidate names (timm names "
                                                    "or derived:<teacher>:depth=F); default: the whole pool.")]
@@ -316,7 +316,8 @@ def predict_command(
 @user_errors
 def compress_command(
     teacher: Teachers,
-    budget: str = typer.Option(..., "--budget", "-b", help="Latency budget per image on the profile: 10ms, 2.5 ms, 0.01s."),
+    budget: str = typer.Option(..., "--budget", "-b",
+                               help="Latency budget per image on the profile: 10ms, 2.5 ms, 0.01s."),
     data: Data = "fashion-mnist",
     profile: str = typer.Option("host", "--profile", "-p", help=PROFILE_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<teacher>-<budget>)."),

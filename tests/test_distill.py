@@ -161,7 +161,8 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
     from edgekd.train_utils import cpu_has_native_bf16
 
     cases = {"x86_plain": "flags\t\t: fpu sse avx2 avx512f avx512bw\n", "x86_bf16": "flags\t: avx512f avx512_bf16\n",
-             "amx": "flags : amx_tile amx_bf16\n", "arm": "Features\t: fp asimd bf16 i8mm\n", "arm_plain": "Features: fp\n"}
+             "amx": "flags : amx_tile amx_bf16\n", "arm": "Features\t: fp asimd bf16 i8mm\n",
+             "arm_plain": "Features: fp\n"}
     found = {}
     for name, text in cases.items():
         (tmp_path / name).write_text("processor\t: 0\n" + text)

@@ -1,9 +1,9 @@
 """The distillation loop: one or several frozen teachers, one student, a weighted sum of KD losses.
 
 Runs alone or as one rank of `torchrun` (DDP, DistributedSampler; rank 0 writes). bf16 autocast and
-channels_last on CUDA (forcible on CPU), optional torch.compile. Resumable: a checkpoint after every epoch and on interruption,
-and data order + augmentation that depend only on (seed, epoch, index), so a resumed run ends where an
-uninterrupted one does.
+channels_last on CUDA (forcible on CPU; see train_utils.Compute), optional torch.compile. Resumable: a
+checkpoint after every epoch and on interruption, and data order + augmentation that depend only on
+(seed, epoch, index), so a resumed run ends where an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
         build_student(student_name, teachers[0].num_classes, image_size)
     student_pre = preprocess_for(student, image_size)
     teacher_models = [load_teacher_model(t) for t in teachers]
-    hinted, tapped_teachers, pairs = _wire(student, student_pre, teacher_models, teachers, objective, config)
+    hinted, tapped_teachers, pairs = wire_features(student, student_pre, teacher_models, teachers, objective,
+                                                   config)
     hinted = compute.prepare(hinted)
     tapped_teachers = [teacher_compute.prepare(t).eval().requires_grad_(False) for t in tapped_teachers]
 
@@ -148,8 +149,8 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
     val_student = make_loader(ModelInputs(data.val, [student_pre], training=False), per_rank_batch * 2,
                               shuffle=False, num_workers=config.num_workers, device=device)
 
-    loop = _Loop(model, tapped_teachers, objective, optimizer, scheduler, config, compute, teacher_compute, cache,
-                 total_steps)
+    loop = DistillLoop(model, tapped_teachers, objective, optimizer, scheduler, config, compute, teacher_compute,
+                       cache, total_steps)
     epochs = math.ceil(total_steps / steps_per_epoch)
     started = time.perf_counter()
     for epoch in range(state.step // steps_per_epoch, epochs):
@@ -179,7 +180,7 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
     return StudentCheckpoint.from_dict(share_from_main(processes, final))
 
 
-def _wire(student: torch.nn.Module, student_pre: Preprocess, teacher_models: list[torch.nn.Module],
+def wire_features(student: torch.nn.Module, student_pre: Preprocess, teacher_models: list[torch.nn.Module],
           teachers: list[TeacherResult], objective: Objective, config: DistillConfig):
     """Tap the teachers and the student at paired layers (only when a feature loss is on) and build the adapters."""
     if not objective.needs_features:
@@ -210,7 +211,7 @@ def _teacher_cache(config: DistillConfig, objective: Objective, size: int, teach
     return TeacherCache(size, teachers)
 
 
-class _Loop:
+class DistillLoop:
     """One training epoch at a time: teacher forward (inference mode), student forward, weighted losses, step."""
 
     def __init__(self, model, teachers, objective: Objective, optimizer, scheduler, config: DistillConfig,
@@ -293,9 +294,9 @@ def _epoch_metrics(sums: dict[str, float], optimizer) -> dict[str, float]:
     return out
 
 
-def _finish(hinted: HintedStudent, loop: _Loop, teachers: list[TeacherResult], data: LoadedData, student_name: str,
-            student_pre: Preprocess, config: DistillConfig, pairs, state: TrainState, out_dir: Path, val_student,
-            seconds: float, processes: Processes) -> dict[str, Any]:
+def _finish(hinted: HintedStudent, loop: DistillLoop, teachers: list[TeacherResult], data: LoadedData,
+            student_name: str, student_pre: Preprocess, config: DistillConfig, pairs, state: TrainState,
+            out_dir: Path, val_student, seconds: float, processes: Processes) -> dict[str, Any]:
     """Measure the student (accuracy, agreement with the first teacher) and write weights, card and log (rank 0)."""
     compute, cache, objective = loop.compute, loop.cache, loop.objective
     device = compute.device
