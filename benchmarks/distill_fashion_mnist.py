@@ -21,7 +21,7 @@ import torch
 
 from edgekd.data import load_data
 from edgekd.distill import DistillConfig, distill, parse_loss_specs
-from edgekd.teacher import prepare_teacher
+from edgekd.teacher import prepare_teacher, read_teacher_result
 from edgekd.types import DataSpec, TeacherSpec, TrainConfig
 
 WORK = Path("runs/bench-distill-fmnist")
@@ -36,6 +36,8 @@ STUDENT_EPOCHS = 8.0
 CONFIGS = {  # the same student, data and epochs; only the loss terms differ
     "labels-only": "ce=1",
     "kd": "ce=1,kd=1",
+    "dkd": "ce=1,dkd=1",
+    "wsl": "ce=1,wsl=1",
     "kd+feature": "ce=1,kd=1,fitnet=1",
     "kd+feature+relation": "ce=1,kd=1,fitnet=1,rkd=1",
 }
@@ -55,9 +57,7 @@ def teacher_stage() -> None:
 
 def student_stage(config: str, seed: int, max_train: int, epochs: float) -> None:
     """One student run: trained on a stratified subset, measured on the full 10k test split."""
-    teacher = prepare_teacher(TeacherSpec(TEACHER, random_init=True), load_data(DataSpec("fashion-mnist")),
-                              WORK / "teacher", image_size=IMAGE_SIZE,
-                              train_config=TrainConfig(epochs=TEACHER_EPOCHS, seed=TEACHER_SEED))
+    teacher = read_teacher_result(WORK / "teacher")  # made by the teacher stage; every student run shares it
     data = load_data(DataSpec("fashion-mnist", max_train=max_train, seed=seed))
     losses = parse_loss_specs([CONFIGS[config]])
     started = time.perf_counter()

@@ -7,7 +7,7 @@ PY=${PYTHON:-.venv/bin/python}
 LOCK=${EDGEKD_LOCK:-/tmp/edgekd-cpu.lock}
 flock "$LOCK" "$PY" benchmarks/distill_fashion_mnist.py teacher
 for seed in ${SEEDS:-0 1 2}; do
-  for config in labels-only kd kd+feature kd+feature+relation; do
+  for config in ${CONFIGS:-labels-only kd dkd wsl kd+feature kd+feature+relation}; do
     flock "$LOCK" "$PY" benchmarks/distill_fashion_mnist.py student "$config" --seed "$seed"
   done
 done

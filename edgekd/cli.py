@@ -76,8 +76,8 @@ Epochs = Annotated[float, typer.Option("--epochs", help="Training epochs (fracti
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Global batch, split across torchrun processes.")]
 LearningRate = Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, warm-up + cosine).")]
 Losses = Annotated[list[str], typer.Option(
-    "--loss", help="name=weight or name=start:end (ramped over training), repeatable; known: ce, kd, dkd, fitnet, "
-    "at, rkd, sp. Default: ce=1 kd=1 (no ce without labels).")]
+    "--loss", help="name=weight or name=start:end (ramped over training), repeatable; known: ce, kd, dkd, wsl, "
+    "fitnet, at, rkd, sp. Default: ce=1 kd=1 (no ce without labels).")]
 LossOptions = Annotated[list[str], typer.Option(
     "--loss-option", help="A loss's constant as LOSS.KEY=VALUE, repeatable: dkd.alpha, dkd.beta (default 1, 8), "
     "rkd.distance, rkd.angle (default 1, 2).")]

@@ -238,7 +238,7 @@ def test_cli_distill_reports_bad_input_on_one_line():
                                       "--loss", "kd=1", "--loss", "fitnett=1"])
     assert result.exit_code == 2
     assert "unknown loss 'fitnett'" in result.output
-    assert "known losses: at, ce, dkd, fitnet, kd, rkd, sp" in result.output
+    assert "known losses: at, ce, dkd, fitnet, kd, rkd, sp, wsl" in result.output
     result = CliRunner().invoke(app, ["distill", "--student", "test_resnet", "--teacher-dir", "nowhere",
                                       "--loss", "dkd=1", "--loss-option", "dkd.gama=2"])
     assert result.exit_code == 2 and result.output.count("\n") == 1

@@ -124,11 +124,27 @@ def test_parse_loss_specs_and_schedule():
     assert str(specs[1]) == "kd=0.5:2"
 
 
-@pytest.mark.parametrize("text, message", [("kdd=1", "known losses: at, ce, dkd"), ("kd=x", "bad weight"),
+@pytest.mark.parametrize("text, message", [("kdd=1", "known losses: at, ce, dkd, fitnet, kd, rkd, sp, wsl"), ("kd=x", "bad weight"),
                                            ("kd=-1", "non-negative"), ("kd=1,kd=2", "twice")])
 def test_parse_loss_specs_rejects_bad_input(text, message):
     with pytest.raises(EdgekdError, match=message):
         parse_loss_specs([text])
+
+
+def test_weighted_soft_labels_transfer_less_where_the_teacher_is_wrong():
+    labels = torch.tensor([0, 0, -1])
+    student = torch.tensor([[0.0, 2.0, 0.0], [3.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # wrong, right, unlabeled
+    teacher = torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 0.0], [2.0, 0.0, 0.0]])  # right, wrong, -
+    inputs = LossInputs(student, torch.randn(3, 4), labels,
+                        (TeacherView(teacher, torch.randn(3, 4), (), (), (), torch.ones(3)),))
+    kd, wsl = LOSSES["kd"](), LOSSES["wsl"]()
+    plain, weighted = kd.per_sample(inputs, inputs.teachers[0]), wsl.per_sample(inputs, inputs.teachers[0])
+    ratio = weighted / plain
+    assert ratio[0] > 0.9  # the teacher knows better: (almost) all of its soft labels go through
+    assert ratio[1] < 0.05  # the teacher is wrong where the student is right: (almost) nothing goes through
+    assert float(ratio[2]) == pytest.approx(1.0)  # no label: plain KD
+    same = LossInputs(teacher, torch.randn(3, 4), labels, inputs.teachers)
+    assert float(wsl(same)) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_loss_options_set_a_loss_constants(logits):

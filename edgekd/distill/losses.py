@@ -118,6 +118,28 @@ class HintonKD(DistillLoss):
         return (log_teacher.exp() * (log_teacher - log_student)).sum(dim=1) * t * t
 
 
+@register("wsl")
+class WeightedSoftLabels(HintonKD):
+    """Weighted soft labels (Zhou et al., ICLR 2021): Hinton KD, weighted per sample by how much the teacher
+    knows there that the student does not: 1 - exp(-CE_student / CE_teacher) on the label (both detached).
+
+    Where the teacher is wrong and the student right the weight falls towards 0, so the teacher's mistakes are
+    transferred less; unlabeled samples keep weight 1 (plain KD).
+    """
+
+    needs_labels = True
+
+    def per_sample(self, inputs: LossInputs, view: TeacherView) -> Tensor:
+        kd = super().per_sample(inputs, view)
+        labeled = inputs.labels >= 0
+        target = inputs.labels.clamp_min(0)
+        with torch.no_grad():
+            ce_student = F.cross_entropy(inputs.student_logits.float(), target, reduction="none")
+            ce_teacher = F.cross_entropy(view.logits.float(), target, reduction="none")
+            weight = 1.0 - torch.exp(-ce_student / ce_teacher.clamp_min(1e-7))
+        return torch.where(labeled, weight, torch.ones_like(weight)) * kd
+
+
 @register("dkd")
 class DecoupledKD(DistillLoss):
     """Decoupled KD (Zhao et al., 2022): target-class KD + beta * non-target-class KD.
