@@ -75,7 +75,8 @@ def build_report(*, run_dir: Path, config: CompressConfig, profile: DeviceProfil
         "selection": _selection(selection),
         "distillation": {"student": student.model_name, "input_size": list(student.preprocess.input_size),
                          "val_top1": student.val_top1, "val_top5": student.val_top5,
-                         "teacher_agreement": student.teacher_agreement, "epochs": _epochs(distill_log)},
+                         "teacher_agreement": student.teacher_agreement, "epochs": _epochs(distill_log),
+                         **_distill_setup(distill_log)},
         "export": {"bundle_dir": str(bundle_dir), "manifest": _read_json(bundle_dir / "manifest.json", [])},
         "bench": bench.to_dict(),
         "teacher_model": teacher.model_name,
@@ -99,6 +100,23 @@ def _selection(selection: Selection) -> dict[str, Any]:
 
 NOT_LOSS_TERMS = frozenset({"epoch", "seconds", "images_per_s", "lr", "val_top1", "val_top5", "val_agreement",
                             "teacher_agreement", "step"})
+
+
+def _distill_setup(log: Any) -> dict[str, Any]:
+    """How the student was trained (losses, where and in what precision, how long), from distill_log.json."""
+    keys = ("losses", "temperature", "compute", "teacher_compute", "compiled", "teacher_cache", "processes", "seconds")
+    return {key: log[key] for key in keys if isinstance(log, dict) and key in log}
+
+
+def distill_line(distillation: dict[str, Any]) -> str | None:
+    if "losses" not in distillation:
+        return None
+    epochs = len(distillation.get("epochs", []))
+    return (f"Distillation: losses {', '.join(distillation['losses'])}; student on "
+            f"{distillation.get('compute', '?')}, teacher forward on {distillation.get('teacher_compute', '?')}; "
+            f"{epochs} epoch(s) in {distillation.get('seconds', 0):.0f} s"
+            + (f" on {distillation['processes']} processes" if distillation.get("processes", 1) > 1 else "")
+            + (", teacher outputs cached" if distillation.get("teacher_cache") else "") + ".")
 
 
 def _epochs(log: Any) -> list[dict[str, Any]]:
@@ -199,6 +217,7 @@ def render_markdown(report: dict[str, Any]) -> str:
               f"{report['data']['num_val']} val images); bench accuracy on up to "
               f"{max((m['eval_images'] for m in report['bench']['models']), default=0)} validation images.",
               f"- Latency: {report['summary']['latency_source']}; onnxruntime {report['bench']['ort_version']}.",
+              *[f"- {line}" for line in [distill_line(report["distillation"])] if line],
               *[f"- Note: {note}" for note in report["bench"]["notes"]], ""]
     for title, header, rows in _tables(report):
         lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

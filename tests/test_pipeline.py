@@ -58,6 +58,9 @@ def test_compress_writes_a_report_a_bundle_and_a_verdict(run):
     page = (run_dir / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "<table>" in page
     assert "| model | precision |" in (run_dir / "report.md").read_text()
+    distillation = report["distillation"]
+    assert distillation["losses"] == ["ce=1", "kd=1"] and distillation["compute"] == "cpu, fp32"
+    assert "Distillation: losses ce=1, kd=1; student on cpu, fp32" in (run_dir / "report.md").read_text()
 
 
 def test_rerun_reuses_every_stage_and_a_changed_option_redoes_only_its_dependents(run):
