@@ -229,6 +229,24 @@ def test_two_process_ddp_ranks_agree(teachers, tmp_path):
     assert log["processes"] == 2
 
 
+def test_readme_torchrun_command_runs_the_cli_on_two_processes(teachers, tmp_path):
+    """`torchrun --nproc_per_node N -m edgekd.cli distill --teacher-dir ...` as the README shows it (gloo on CPU)."""
+    out = tmp_path / "ddp"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                             "127.0.0.1", "--master_port", str(port), "-m", "edgekd.cli", "distill", "--teacher-dir",
+                             str(teachers[0].weights_path.parent), "--student", "test_resnet", "--max-train", "96",
+                             "--max-val", "32", "--epochs", "1", "--batch-size", "32", "--workers", "0",
+                             "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("student test_resnet: validation top-1") == 1  # rank 0 reports, rank 1 does not
+    log = json.loads((out / "distill_log.json").read_text())
+    assert log["processes"] == 2 and log["train_images"] == 96
+
+
 def test_cli_distill_reports_bad_input_on_one_line():
     from typer.testing import CliRunner
 
