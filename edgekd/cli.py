@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Callable, Iterator, Optional
 
 import typer
 
@@ -34,12 +37,13 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 
 def user_errors(func: Callable) -> Callable:
-    """User mistakes become one line on stderr and exit code 2; an interrupt says how to resume."""
+    """User mistakes become one line on stderr and exit code 2; an interrupt (Ctrl-C or SIGTERM) says how to resume."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
-            return func(*args, **kwargs)
+            with _sigterm_as_interrupt():
+                return func(*args, **kwargs)
         except EdgekdError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2) from None
@@ -48,6 +52,24 @@ def user_errors(func: Callable) -> Callable:
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """`kill`, torchrun and job schedulers stop a run with SIGTERM: handle it like Ctrl-C, so distillation writes
+    its checkpoint (mid-epoch) before the process ends and `--resume` / a re-run continues from there."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ----------------------------------------------------------------------------------------------- shared options

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -245,6 +247,33 @@ def test_readme_torchrun_command_runs_the_cli_on_two_processes(teachers, tmp_pat
     assert result.stdout.count("student test_resnet: validation top-1") == 1  # rank 0 reports, rank 1 does not
     log = json.loads((out / "distill_log.json").read_text())
     assert log["processes"] == 2 and log["train_images"] == 96
+
+
+def test_sigterm_checkpoints_mid_epoch_and_a_resumed_run_finishes(teachers, tmp_path):
+    """`kill` (SIGTERM) mid-epoch: the CLI saves the training state first, says how to resume, exits 130."""
+    out, log_path = tmp_path / "run", tmp_path / "stderr.txt"
+    args = [sys.executable, "-m", "edgekd.cli", "distill", "--teacher-dir", str(teachers[0].weights_path.parent),
+            "--student", "test_resnet", "--max-train", "6000", "--max-val", "32", "--epochs", "1",
+            "--batch-size", "16", "--workers", "0", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with log_path.open("w") as stderr:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+        deadline = time.monotonic() + 120
+        while "distilling on" not in log_path.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2.0)  # a few dozen of the epoch's 375 steps
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    message = log_path.read_text()
+    assert code == 130, message[-2000:]
+    assert "interrupted: finished stages are kept; run the same command again to resume" in message
+    saved = torch.load(out / "distill_state.pt", map_location="cpu", weights_only=True)
+    assert 0 < saved["step"] < 375 and json.loads(saved["partial"])["steps"] == saved["step"]
+    assert not (out / "student.safetensors").exists()
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from {out / 'distill_state.pt'} at step {saved['step']}" in resumed.stderr
+    assert len(json.loads((out / "distill_log.json").read_text())["epoch_log"]) == 1
 
 
 def test_cli_distill_reports_bad_input_on_one_line():
