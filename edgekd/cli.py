@@ -271,9 +271,6 @@ def probe_pack_command(
 
 # ----------------------------------------------------------------------------------------------- export + predict
 
-MOBILE_PROVIDERS = ("XnnpackExecutionProvider", "NnapiExecutionProvider", "CoreMLExecutionProvider")
-
-
 @app.command("export")
 @user_errors
 def export_command(
@@ -285,7 +282,7 @@ def export_command(
     search: bool = typer.Option(False, "--search", help="Try every quantization preset of the ISA; keep the fastest."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset (17-20)."),
     ort_format: Optional[bool] = typer.Option(None, "--ort-format/--no-ort-format",
-                                              help="Also write model.ort (default: for mobile profiles)."),
+                                              help="Also write model.ort (default: the profile's ort_format)."),
     max_train: Optional[int] = typer.Option(512, "--max-train", help="Calibration images from the training split."),
     max_val: Optional[int] = typer.Option(1000, "--max-val", help="Validation images for the accuracy guard."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle."),
@@ -307,7 +304,7 @@ def export_command(
         isa=device.isa, precisions=tuple(p for p in device.precisions if p != "fp32"), search=search, opset=opset,
         guard=GuardConfig(max_accuracy_drop=max_accuracy_drop), threads=device.threads, overwrite=overwrite,
         time_models=device.latency == "host", calibration_images=max_train or 512, validation_images=max_val,
-        ort_format=any(p in MOBILE_PROVIDERS for p in device.providers) if ort_format is None else ort_format)
+        ort_format=device.ort_format if ort_format is None else ort_format)
     result = bundle_from_checkpoint(student, out, loaded, options)
     accuracy = "" if result.shipped.top1 is None else \
         f", top-1 {100 * result.shipped.top1:.2f}% (fp32 {100 * (result.fp32.top1 or 0):.2f}%)"

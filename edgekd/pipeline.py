@@ -166,7 +166,7 @@ def _export(config: CompressConfig, stages: Stages, run_dir: Path, profile: Devi
     precisions = tuple(p for p in profile.precisions if p != "fp32")
     options = BundleOptions(isa=profile.isa, precisions=precisions, search=config.search_quantization,
                             guard=GuardConfig(max_accuracy_drop=config.max_accuracy_drop),
-                            ort_format="ort" in profile.runtime, threads=profile.threads,
+                            ort_format=profile.ort_format, threads=profile.threads,
                             time_models=profile.latency == "host", validation_images=config.eval_images,
                             overwrite=True)
     key = config_hash({"student": sha256_file(student.weights_path), "options": _jsonable(options)})

@@ -42,6 +42,7 @@ class DeviceProfile:
     precisions: tuple[str, ...]  # deployment forms to measure; the fastest per candidate is kept
     isa: str  # picks the quantization preset
     latency: str  # "host" (timed here), "probe" (timed on the device via a probe pack) or "table" (a probe's result)
+    ort_format: bool = False  # the bundle also carries model.ort, for onnxruntime-mobile builds
     source: str = ""  # the file it came from
     table_path: Path | None = None  # for latency == "table": the probe's latency table
 
@@ -131,7 +132,9 @@ def _load_table(path: Path) -> DeviceProfile:
 # ------------------------------------------------------------------------------------------------ validation
 
 _REQUIRED = ("name", "providers", "threads", "batch", "input_size", "precisions", "isa", "latency")
-_OPTIONAL = ("description", "runtime")
+_OPTIONAL = ("description", "runtime", "ort_format")
+# Providers of onnxruntime's mobile builds, which load the .ort format; profiles using them default to ort_format.
+MOBILE_PROVIDERS = ("XnnpackExecutionProvider", "NnapiExecutionProvider", "CoreMLExecutionProvider")
 
 
 def profile_from_dict(raw: dict[str, Any], source: str = "<dict>") -> DeviceProfile:
@@ -149,7 +152,16 @@ def profile_from_dict(raw: dict[str, Any], source: str = "<dict>") -> DeviceProf
         providers=_providers(raw["providers"], where), threads=_threads(raw["threads"], where),
         batch=_positive_int(raw["batch"], "batch", where, upper=1024), input_size=_input_size(raw["input_size"], where),
         precisions=_precisions(raw["precisions"], where), isa=_isa(raw["isa"], where),
-        latency=_choice(raw["latency"], LATENCY_SOURCES, "latency", where), source=source)
+        latency=_choice(raw["latency"], LATENCY_SOURCES, "latency", where),
+        ort_format=_ort_format(raw.get("ort_format"), raw["providers"], where), source=source)
+
+
+def _ort_format(value: Any, providers: Any, where: str) -> bool:
+    if value is None:
+        return any(provider in MOBILE_PROVIDERS for provider in providers)
+    if not isinstance(value, bool):
+        raise EdgekdError(f"{where}: field 'ort_format' must be true or false, got {value!r}")
+    return value
 
 
 def _text(value: Any, field: str, where: str) -> str:

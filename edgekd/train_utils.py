@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import random
 import sys
@@ -17,6 +18,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from edgekd.errors import EdgekdError
+
+log = logging.getLogger(__name__)
 
 
 def progress(iterable: Iterable, **kwargs) -> tqdm:
@@ -45,6 +48,11 @@ PRECISIONS = ("auto", "bf16", "fp32")
 # emulates bf16 and it is slower than fp32; with them a teacher's forward pass runs 1.6-2.6x faster
 # (benchmarks/results/distill_throughput_cpu.md).
 NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    log.warning(message)
 
 
 @functools.lru_cache(maxsize=4)
@@ -81,6 +89,9 @@ class Compute:
         on_cuda = device.type == "cuda"
         native_bf16 = on_cuda or (inference and cpu_has_native_bf16())
         bf16 = precision == "bf16" or (precision == "auto" and native_bf16)
+        if precision == "bf16" and not on_cuda and not cpu_has_native_bf16():
+            _warn_once("bf16 was asked for, but this CPU has no native bf16 (AVX512-BF16, AMX or Arm BF16): torch "
+                       "emulates it, usually slower than fp32")
         return cls(device, torch.bfloat16 if bf16 else None, on_cuda if channels_last is None else channels_last)
 
     def autocast(self) -> contextlib.AbstractContextManager:

@@ -39,6 +39,7 @@ def test_shipped_profiles_load_and_cover_the_targets():
     assert host.latency == "host" and host.input_size is None
     phone = load_profile("phone-arm64")
     assert phone.isa == "arm64" and phone.providers[0] == "XnnpackExecutionProvider" and phone.latency == "probe"
+    assert phone.ort_format and not host.ort_format  # onnxruntime-mobile loads model.ort
 
 
 def test_profile_file_by_path(tmp_path):
@@ -46,6 +47,14 @@ def test_profile_file_by_path(tmp_path):
     assert (profile.name, profile.threads, profile.input_size, profile.precisions) == \
         ("tiny", 1, 32, ("fp32", "int8_dynamic"))
     assert profile_from_dict(profile.to_dict()) == profile.__class__(**{**profile.__dict__, "source": "<dict>"})
+
+
+def test_ort_format_follows_mobile_providers_unless_the_profile_says(tmp_path):
+    xnnpack = GOOD.replace('["CPUExecutionProvider"]', '["XnnpackExecutionProvider", "CPUExecutionProvider"]')
+    assert load_profile(str(write(tmp_path, xnnpack))).ort_format
+    assert not load_profile(str(write(tmp_path, xnnpack + "ort_format = false\n"))).ort_format
+    assert load_profile(str(write(tmp_path, GOOD + "ort_format = true\n"))).ort_format
+    assert not load_profile(str(write(tmp_path, GOOD))).ort_format
 
 
 def test_unknown_profile_lists_the_known_ones():
@@ -63,6 +72,7 @@ def test_unknown_profile_lists_the_known_ones():
     (lambda t: t.replace("input_size = 32", 'input_size = "big"'), "input_size"),
     (lambda t: t.replace('["CPUExecutionProvider"]', '["CPU"]'), "providers"),
     (lambda t: t + 'thread_count = 4\n', "thread_count"),
+    (lambda t: t + 'ort_format = "yes"\n', "ort_format"),
 ])
 def test_bad_field_is_named(tmp_path, edit, field):
     with pytest.raises(EdgekdError, match=f"'{field}'"):
