@@ -45,8 +45,8 @@ def seed_everything(seed: int) -> None:
 
 PRECISIONS = ("auto", "bf16", "fp32")
 # /proc/cpuinfo flags of CPUs that compute in bf16 natively (x86 AVX512-BF16 / AMX, Arm BF16). Without them torch
-# emulates bf16 and it is slower than fp32; with them a teacher's forward pass runs 1.6-2.6x faster
-# (benchmarks/results/distill_throughput_cpu.md).
+# emulates bf16, slower than fp32; with them a ViT-B teacher's forward pass ran 3.3x faster on this project's
+# 2-core host (benchmarks/results/distill_throughput_cpu.md).
 NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
 
 
@@ -83,7 +83,7 @@ class Compute:
     def choose(cls, device: torch.device, precision: str = "auto", channels_last: bool | None = None, *,
                inference: bool = False) -> Compute:
         """`inference`: a frozen model's forward pass (the teacher's), where `auto` also takes bf16 on CPUs that
-        compute it natively; training stays fp32 there (bf16 was slower for a MobileNet student's step)."""
+        compute it natively; training stays fp32 there (bf16 gave a MobileNet student's step no speed-up)."""
         if precision not in PRECISIONS:
             raise EdgekdError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
         on_cuda = device.type == "cuda"
