@@ -32,7 +32,7 @@ import torch
 
 from edgekd.distill.losses import Objective, parse_loss_specs
 from edgekd.distill.state import TeacherCache
-from edgekd.distill.train import DistillConfig, DistillLoop, wire_features
+from edgekd.distill.train import DistillConfig, DistillLoop, wire_models
 from edgekd.models import create_model, preprocess_for
 from edgekd.train_utils import Compute, cpu_has_native_bf16, make_optimizer, pick_device, warmup_cosine
 from edgekd.types import TeacherResult
@@ -113,10 +113,8 @@ def time_distill(args, compute: Compute, teacher_compute: Compute, batch: int, s
                             weights_source="random", fine_tuned=False, val_top1=None)
     config = DistillConfig(losses=parse_loss_specs([losses]), augment=False, compile=compiled)
     objective = Objective(config.losses, config.temperature)
-    hinted, tapped, _ = wire_features(student, preprocess_for(student, size), [teacher_model], [teacher], objective,
-                                      config)
-    hinted = compute.prepare(hinted)
-    tapped = [teacher_compute.prepare(t).eval().requires_grad_(False) for t in tapped]
+    hinted, tapped, _ = wire_models(student, preprocess_for(student, size), [teacher_model], [teacher], objective,
+                                    config, compute, teacher_compute)
     optimizer = make_optimizer(hinted.parameters(), config.lr, config.weight_decay)
     scheduler = warmup_cosine(optimizer, 10_000, 0.0)
     model = torch.compile(hinted) if compiled else hinted

@@ -208,17 +208,21 @@ DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
+def torchrun_two_processes(*args: str) -> list[str]:
+    """A torchrun command line for two local processes on a free port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(port), *args]
+
+
 def test_two_process_ddp_ranks_agree(teachers, tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_addr", "127.0.0.1", "--master_port", str(port), str(script),
-                             str(teachers[0].weights_path.parent), str(out)],
+    result = subprocess.run(torchrun_two_processes(str(script), str(teachers[0].weights_path.parent), str(out)),
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
@@ -234,15 +238,11 @@ def test_two_process_ddp_ranks_agree(teachers, tmp_path):
 def test_readme_torchrun_command_runs_the_cli_on_two_processes(teachers, tmp_path):
     """`torchrun --nproc_per_node N -m edgekd.cli distill --teacher-dir ...` as the README shows it (gloo on CPU)."""
     out = tmp_path / "ddp"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                             "127.0.0.1", "--master_port", str(port), "-m", "edgekd.cli", "distill", "--teacher-dir",
-                             str(teachers[0].weights_path.parent), "--student", "test_resnet", "--max-train", "96",
-                             "--max-val", "32", "--epochs", "1", "--batch-size", "32", "--workers", "0",
-                             "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(torchrun_two_processes(
+        "-m", "edgekd.cli", "distill", "--teacher-dir", str(teachers[0].weights_path.parent), "--student",
+        "test_resnet", "--max-train", "96", "--max-val", "32", "--epochs", "1", "--batch-size", "32", "--workers", "0",
+        "--out", str(out)), env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("student test_resnet: validation top-1") == 1  # rank 0 reports, rank 1 does not
     log = json.loads((out / "distill_log.json").read_text())

@@ -120,10 +120,8 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
         build_student(student_name, teachers[0].num_classes, image_size)
     student_pre = preprocess_for(student, image_size)
     teacher_models = [load_teacher_model(t) for t in teachers]
-    hinted, tapped_teachers, pairs = wire_features(student, student_pre, teacher_models, teachers, objective,
-                                                   config)
-    hinted = compute.prepare(hinted)
-    tapped_teachers = [teacher_compute.prepare(t).eval().requires_grad_(False) for t in tapped_teachers]
+    hinted, tapped_teachers, pairs = wire_models(student, student_pre, teacher_models, teachers, objective, config,
+                                                 compute, teacher_compute)
 
     train_set = SeededItems(ModelInputs(data.train, [student_pre] + [t.preprocess for t in teachers],
                                         training=config.augment), config.seed)
@@ -180,8 +178,17 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
     return StudentCheckpoint.from_dict(share_from_main(processes, final))
 
 
-def wire_features(student: torch.nn.Module, student_pre: Preprocess, teacher_models: list[torch.nn.Module],
-          teachers: list[TeacherResult], objective: Objective, config: DistillConfig):
+def wire_models(student: torch.nn.Module, student_pre: Preprocess, teacher_models: list[torch.nn.Module],
+                teachers: list[TeacherResult], objective: Objective, config: DistillConfig, compute: Compute,
+                teacher_compute: Compute):
+    """The student with its adapters and the frozen teachers, tapped at paired layers (only when a feature loss is
+    on) and placed on the device in their precision's layout: (student, teachers, pairs per teacher)."""
+    hinted, tapped, pairs = _wire_features(student, student_pre, teacher_models, teachers, objective, config)
+    return compute.prepare(hinted), [teacher_compute.prepare(t).eval().requires_grad_(False) for t in tapped], pairs
+
+
+def _wire_features(student: torch.nn.Module, student_pre: Preprocess, teacher_models: list[torch.nn.Module],
+                   teachers: list[TeacherResult], objective: Objective, config: DistillConfig):
     """Tap the teachers and the student at paired layers (only when a feature loss is on) and build the adapters."""
     if not objective.needs_features:
         return HintedStudent(student, [[] for _ in teachers], [[] for _ in teachers], student_pre.input_size), \
