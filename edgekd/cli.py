@@ -106,10 +106,20 @@ LossOptions = Annotated[list[str], typer.Option(
 Temperature = Annotated[float, typer.Option("--temperature", help="Softmax temperature of kd and dkd.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Data loader processes (default: cores - 1).")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (under torchrun: each rank's GPU).")]
-Precision = Annotated[str, typer.Option("--precision", help="Training precision: auto (bf16 autocast on CUDA, fp32 "
-                                        "on CPU), bf16 or fp32.")]
-TeacherPrecision = Annotated[str, typer.Option("--teacher-precision", help="The teacher's forward pass: auto (bf16 "
-                                               "on CUDA and on CPUs with native bf16, else fp32), bf16 or fp32.")]
+def _precision(value: str) -> str:
+    """Checked while parsing, so a typo fails before any data is read."""
+    from edgekd.train_utils import PRECISIONS
+
+    if value not in PRECISIONS:
+        raise typer.BadParameter(f"{value!r} is not a precision; use one of {', '.join(PRECISIONS)}")
+    return value
+
+
+Precision = Annotated[str, typer.Option("--precision", callback=_precision, help="Training precision: auto (bf16 "
+                                        "autocast on CUDA, fp32 on CPU), bf16 or fp32.")]
+TeacherPrecision = Annotated[str, typer.Option("--teacher-precision", callback=_precision, help="The teacher's "
+                                               "forward pass: auto (bf16 on CUDA and on CPUs with native bf16, else "
+                                               "fp32), bf16 or fp32.")]
 ChannelsLast = Annotated[Optional[bool], typer.Option(
     "--channels-last/--no-channels-last", help="Memory layout of training (default: channels_last on CUDA).")]
 Seed = Annotated[int, typer.Option("--seed")]

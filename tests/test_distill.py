@@ -290,6 +290,9 @@ def test_cli_distill_reports_bad_input_on_one_line():
                                       "--loss", "dkd=1", "--loss-option", "dkd.gama=2"])
     assert result.exit_code == 2 and result.output.count("\n") == 1
     assert "loss 'dkd' has no option gama; its options: dkd.alpha, dkd.beta" in result.output
+    result = CliRunner().invoke(app, ["distill", "--student", "test_resnet", "--teacher-dir", "nowhere",
+                                      "--precision", "fp8"])
+    assert result.exit_code == 2 and "Invalid value for '--precision': 'fp8' is not a precision" in result.output
 
 
 def test_cli_distill_runs_with_loss_options_and_precisions(tmp_path):
