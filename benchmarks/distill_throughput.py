@@ -35,7 +35,7 @@ from edgekd.distill.state import TeacherCache
 from edgekd.distill.train import DistillConfig, DistillLoop, wire_models
 from edgekd.models import create_model, preprocess_for
 from edgekd.train_utils import Compute, cpu_has_native_bf16, make_optimizer, pick_device, warmup_cosine
-from edgekd.types import TeacherResult
+from edgekd.types import SCRATCH_LR, TeacherResult
 
 RESULTS = Path(__file__).parent / "results"
 CASES = {"distill ce+kd": "ce=1,kd=1", "distill ce+kd+fitnet": "ce=1,kd=1,fitnet=1",
@@ -115,7 +115,7 @@ def time_distill(args, compute: Compute, teacher_compute: Compute, batch: int, s
     objective = Objective(config.losses, config.temperature)
     hinted, tapped, _ = wire_models(student, preprocess_for(student, size), [teacher_model], [teacher], objective,
                                     config, compute, teacher_compute)
-    optimizer = make_optimizer(hinted.parameters(), config.lr, config.weight_decay)
+    optimizer = make_optimizer(hinted.student, SCRATCH_LR, config.weight_decay, extra=hinted.adapters)
     scheduler = warmup_cosine(optimizer, 10_000, 0.0)
     model = torch.compile(hinted) if compiled else hinted
     cache = TeacherCache(batch, 1) if case.endswith("cached") else None

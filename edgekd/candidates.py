@@ -32,7 +32,7 @@ from edgekd.models import count_params, preprocess_for, resolve_model_name
 from edgekd.profiles import DeviceProfile
 from edgekd.quantize import MIN_CALIBRATION_IMAGES, prepare_for_quantization, quantize_onnx
 from edgekd.select import DERIVED_FAMILY, Candidate, Measurement, Selection, select_student
-from edgekd.students import build_student, derived_name, parse_derived
+from edgekd.students import StudentInit, build_student, derived_name, parse_derived
 from edgekd.train_utils import progress
 
 CNN, HYBRID = "efficient CNN", "hybrid / small ViT"
@@ -113,14 +113,15 @@ def resolve_image_size(teacher: str, profile: DeviceProfile, override: tuple[int
 def choose_student(teacher: str, budget_ms: float, profile: DeviceProfile, *, num_classes: int,
                    image_size: tuple[int, int] | None = None, student: str | None = None,
                    names: list[str] | None = None, pool: tuple[PoolEntry, ...] = POOL, cache_dir: Path | None = None,
-                   timing: TimingConfig = TimingConfig()) -> Selection:
+                   timing: TimingConfig = TimingConfig(), student_init: StudentInit = StudentInit()) -> Selection:
     """What `edgekd select` and `compress` run: measure the candidates on `profile`, then apply the rule.
 
     Timed on this machine, the choice is measured once more before it is final (a cached figure may come from a
     quieter moment): the worse of the two runs counts, and a choice that no longer fits gives way to the next.
     """
     measured = measure_for_teacher(teacher, profile, num_classes=num_classes, image_size=image_size,
-                                   student=student, names=names, pool=pool, cache_dir=cache_dir, timing=timing)
+                                   student=student, names=names, pool=pool, cache_dir=cache_dir, timing=timing,
+                                   student_init=student_init)
     return select_confirmed(measured, budget_ms, profile, num_classes=num_classes, student=student,
                             cache_dir=cache_dir, timing=timing)
 
@@ -173,21 +174,24 @@ def _confirm(candidate: Candidate, precision: str, profile: DeviceProfile, num_c
 def measure_for_teacher(teacher: str, profile: DeviceProfile, *, num_classes: int,
                         image_size: tuple[int, int] | None = None, student: str | None = None,
                         names: list[str] | None = None, pool: tuple[PoolEntry, ...] = POOL,
-                        cache_dir: Path | None = None, timing: TimingConfig = TimingConfig()) -> list[Candidate]:
+                        cache_dir: Path | None = None, timing: TimingConfig = TimingConfig(),
+                        student_init: StudentInit = StudentInit()) -> list[Candidate]:
     """The candidates for `teacher` (`names`, default: the pool plus the teacher-derived student, plus `student`)
-    measured at the resolved input size."""
+    measured at the resolved input size, each with what its training would start from."""
     size = resolve_image_size(teacher, profile, image_size)
     names = list(names) if names else candidate_names(teacher, pool)
     if student is not None and student not in names:
         names.append(student)
     return measure_candidates(names, profile, num_classes=num_classes, image_size=size, pool=pool,
-                              cache_dir=cache_dir, timing=timing)
+                              cache_dir=cache_dir, timing=timing, student_init=student_init, pinned=student)
 
 
 def measure_candidates(names: list[str], profile: DeviceProfile, *, num_classes: int, image_size: tuple[int, int],
                        pool: tuple[PoolEntry, ...] = POOL, cache_dir: Path | None = None,
-                       timing: TimingConfig = TimingConfig()) -> list[Candidate]:
-    """Measure every candidate's deployment forms on `profile` (timed here, or read from a probe's table)."""
+                       timing: TimingConfig = TimingConfig(), student_init: StudentInit = StudentInit(),
+                       pinned: str | None = None) -> list[Candidate]:
+    """Measure every candidate's deployment forms on `profile` (timed here, or read from a probe's table), each
+    with what its training would start from (never cached: weights can arrive in the cache at any time)."""
     if profile.latency == "probe":
         raise EdgekdError(f"profile {profile.name} is measured on the device itself: run `edgekd probe-pack "
                           f"--profile {profile.name} --teacher T --out DIR`, run DIR/run_probe.py on the device, "
@@ -195,8 +199,9 @@ def measure_candidates(names: list[str], profile: DeviceProfile, *, num_classes:
     table = read_table_rows(profile.table_path) if profile.table_path else None
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     published = {entry.name: entry for entry in pool}
-    return [_measure_one(name, profile, num_classes, image_size, published.get(name), table, cache, timing)
-            for name in progress(names, desc=f"measuring candidates on {profile.name}", unit="model")]
+    measured = [_measure_one(name, profile, num_classes, image_size, published.get(name), table, cache, timing)
+                for name in progress(names, desc=f"measuring candidates on {profile.name}", unit="model")]
+    return [replace(c, start=student_init.start_kind(c.model_name, pinned=pinned)) for c in measured]
 
 
 def _measure_one(name: str, profile: DeviceProfile, num_classes: int, image_size: tuple[int, int],
@@ -211,9 +216,13 @@ def _measure_one(name: str, profile: DeviceProfile, num_classes: int, image_size
     if info is None:
         try:
             model = build_student(name, num_classes, image_size).eval()
-        except EdgekdError as error:
-            return Candidate(name, family, 0, 0, (0, 0, 0), top1, top1_source, error=str(error))
-        info = model_info(model, image_size)
+            info = model_info(model, image_size)
+        except Exception as error:  # noqa: BLE001 - model code raises anything for a size it was not built for
+            # e.g. levit_128s at 260 px: attention biases sized for 224 px. Skip it, keep selecting.
+            why = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            return Candidate(name, family, 0, 0, (0, 0, 0), top1, top1_source,
+                             error=why if isinstance(error, EdgekdError) else
+                             f"does not run at {image_size[0]}x{image_size[1]}: {why}")
         _cache_write(cache, info_key, info)
     input_size = (int(info["input_size"][0]), int(info["input_size"][1]), int(info["input_size"][2]))
     base = Candidate(name, family, info["params"], info["macs"], input_size, top1, top1_source)
@@ -286,8 +295,9 @@ def _export_and_quantize(model: torch.nn.Module, input_size: tuple[int, int, int
     fp32 = out_dir / f"{stem}.export.onnx"
     try:
         export_onnx(model, fp32, input_size)
-    except EdgekdError as error:
-        return {p: f"export failed: {error}" for p in precisions}
+    except Exception as error:  # noqa: BLE001 - the exporter raises many types; the candidate records it
+        return {p: f"export failed: {str(error).strip().splitlines()[0][:200] if str(error).strip() else error!r}"
+                for p in precisions}
     forms: dict[str, Path | str] = {}
     prepared: Path | None = None
     calibration = np.random.default_rng(0).standard_normal((MIN_CALIBRATION_IMAGES, *input_size)).astype(np.float32)

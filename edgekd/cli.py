@@ -96,7 +96,9 @@ MaxVal = Annotated[Optional[int], typer.Option("--max-val", help="Use a stratifi
 FashionMnistRoot = Annotated[Optional[Path], typer.Option("--fashion-mnist-root", help="Where the idx files are.")]
 Epochs = Annotated[float, typer.Option("--epochs", help="Training epochs (fractions allowed).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Global batch, split across torchrun processes.")]
-LearningRate = Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, warm-up + cosine).")]
+LearningRate = Annotated[Optional[float], typer.Option(
+    "--lr", help="Peak learning rate of the head (AdamW, warm-up + cosine). Default: 1e-3 from real weights, whose "
+    "backbone layers then train at rates decaying with depth (timm's layer-wise decay), 2e-3 from random ones.")]
 Losses = Annotated[list[str], typer.Option(
     "--loss", help="name=weight or name=start:end (ramped over training), repeatable; known: ce, kd, dkd, wsl, "
     "fitnet, at, rkd, sp. Default: ce=1 kd=1 (no ce without labels).")]
@@ -123,8 +125,35 @@ TeacherPrecision = Annotated[str, typer.Option("--teacher-precision", callback=_
 ChannelsLast = Annotated[Optional[bool], typer.Option(
     "--channels-last/--no-channels-last", help="Memory layout of training (default: channels_last on CUDA).")]
 Seed = Annotated[int, typer.Option("--seed")]
+StudentPretrained = Annotated[bool, typer.Option(
+    "--student-pretrained/--no-student-pretrained", help="Start timm students from timm's pretrained weights "
+    "(local Hugging Face cache or hub; offline with none cached: random, said in the log and report) and derived "
+    "students from the teacher's. Off: every student starts from random weights.")]
+StudentCheckpoint = Annotated[Optional[Path], typer.Option(
+    "--student-checkpoint", help="Start the student from this state_dict (.safetensors or .pth, loaded safely; "
+    "the classifier is re-initialised when its class count differs). Pins the student: --student, or the "
+    "architecture the file names.")]
 Candidates = Annotated[Optional[str], typer.Option("--candidates", help="Comma-separated candidate names (timm names "
                                                    "or derived:<teacher>:depth=F); default: the whole pool.")]
+
+
+def student_choice(student: Optional[str], checkpoint: Optional[Path], pretrained: bool):
+    """(--student name or the one --student-checkpoint implies, StudentInit). The checkpoint is read before any data
+    is, so a wrong file fails first."""
+    from edgekd.models import read_state_dict
+    from edgekd.students import StudentInit, check_student_checkpoint, checkpoint_architecture
+
+    if checkpoint is None:
+        return student, StudentInit(pretrained=pretrained)
+    state = read_state_dict(checkpoint)  # a missing or unreadable file is a one-line error now
+    if student is None:
+        student = checkpoint_architecture(checkpoint)
+        if student is None:
+            raise EdgekdError(f"cannot tell which architecture {checkpoint} holds (no metadata, config.json or "
+                              "student.json beside it); pass --student NAME with it")
+        log.info("--student-checkpoint %s holds %s: that is the student", checkpoint, student)
+    check_student_checkpoint(student, state, checkpoint)
+    return student, StudentInit(pretrained=pretrained, checkpoint=checkpoint)
 
 
 def parse_input_size(value: Optional[int]) -> Optional[tuple[int, int]]:
@@ -148,7 +177,7 @@ def train_teacher_command(
     input_size: InputSize = None,
     epochs: Epochs = 2.0,
     batch_size: BatchSize = 128,
-    lr: LearningRate = 2e-3,
+    lr: LearningRate = None,
     max_train: MaxTrain = None,
     max_val: MaxVal = None,
     fashion_mnist_root: FashionMnistRoot = None,
@@ -230,6 +259,7 @@ def select_command(
     num_classes: int = typer.Option(1000, "--num-classes", help="The task's classes (the students' head size)."),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Side in pixels (default: the profile's)."),
     candidates: Candidates = None,
+    student_pretrained: StudentPretrained = True,
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Latency cache (default ~/.cache/edgekd)."),
 ) -> None:
     """Measure every candidate student on the profile's device in its deployment form; choose one that fits."""
@@ -237,12 +267,14 @@ def select_command(
     from edgekd.models import resolve_model_name
     from edgekd.profiles import load_profile
     from edgekd.select import RULE, format_table, parse_budget
+    from edgekd.students import StudentInit
 
     budget_ms = parse_budget(budget)
     device = load_profile(profile)
     measured = measure_for_teacher(resolve_model_name(teacher), device, num_classes=num_classes,
                                    image_size=parse_input_size(input_size), student=student,
-                                   names=_names(candidates), cache_dir=cache_dir)
+                                   names=_names(candidates), cache_dir=cache_dir,
+                                   student_init=StudentInit(pretrained=student_pretrained))
     source = f"the device's table {device.table_path}" if device.table_path else f"this machine ({device.name})"
     typer.echo(f"latency measured on {source}: {', '.join(device.providers)}, {device.threads} threads, batch "
                f"{device.batch}; fastest of {', '.join(device.precisions)} per candidate; budget {budget_ms:g} ms p90")
@@ -351,6 +383,8 @@ def compress_command(
     profile: str = typer.Option("host", "--profile", "-p", help=PROFILE_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<teacher>-<budget>)."),
     student: Optional[str] = typer.Option(None, "--student", help="Pin the student instead of selecting one."),
+    student_checkpoint: StudentCheckpoint = None,
+    student_pretrained: StudentPretrained = True,
     candidates: Candidates = None,
     teacher_checkpoint: TeacherCheckpoints = [],
     random_init: RandomInit = False,
@@ -361,7 +395,7 @@ def compress_command(
     loss_option: LossOptions = [],
     temperature: Temperature = 4.0,
     batch_size: BatchSize = 128,
-    lr: LearningRate = 2e-3,
+    lr: LearningRate = None,
     max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop",
                                             help="Top-1 points int8 may lose against the fp32 student."),
     search_quantization: bool = typer.Option(False, "--search-quantization",
@@ -387,11 +421,13 @@ def compress_command(
 
     budget_ms = parse_budget(budget)
     specs = teacher_specs(teacher, teacher_checkpoint, random_init)
+    student, student_init = student_choice(student, student_checkpoint, student_pretrained)
     image_size = parse_input_size(input_size)
     run_dir = out or Path("runs") / f"{specs[0].name.split('.')[0]}-{budget.replace(' ', '')}"
     config = CompressConfig(
         teachers=tuple(specs), budget_ms=budget_ms, out=run_dir, profile=profile, image_size=image_size,
-        student=student, candidates=tuple(_names(candidates) or ()) or None, max_accuracy_drop=max_accuracy_drop,
+        student=student, student_init=student_init, candidates=tuple(_names(candidates) or ()) or None,
+        max_accuracy_drop=max_accuracy_drop,
         search_quantization=search_quantization, eval_images=eval_images,
         data=DataSpec(source=data, fashion_mnist_root=fashion_mnist_root, seed=seed, max_train=max_train,
                       max_val=max_val),
@@ -456,7 +492,10 @@ def bench_command(
 @app.command("distill")
 @user_errors
 def distill_command(
-    student: str = typer.Option(..., "--student", "-s", help="Student: a timm name or alias (or a derived name)."),
+    student: Optional[str] = typer.Option(None, "--student", "-s", help="Student: a timm name or alias (or a "
+                                          "derived name); may be implied by --student-checkpoint."),
+    student_checkpoint: StudentCheckpoint = None,
+    student_pretrained: StudentPretrained = True,
     teacher: Teachers = [],
     teacher_checkpoint: TeacherCheckpoints = [],
     teacher_dir: list[Path] = typer.Option([], "--teacher-dir", help="A prepared teacher folder (teacher.json), "
@@ -468,7 +507,7 @@ def distill_command(
     loss_option: LossOptions = [],
     epochs: Annotated[float, typer.Option("--epochs", help="Distillation epochs (fractions allowed).")] = 10.0,
     batch_size: BatchSize = 128,
-    lr: LearningRate = 2e-3,
+    lr: LearningRate = None,
     temperature: Temperature = 4.0,
     feature_pairs: Optional[str] = typer.Option(None, "--feature-pairs", help="STUDENT:TEACHER layer pairs, "
                                                 "comma-separated (default: stage ends matched by relative depth)."),
@@ -496,11 +535,16 @@ def distill_command(
     from edgekd.data import load_data
     from edgekd.distill import DistillConfig, distill, parse_loss_specs
     from edgekd.distill.features import parse_feature_pairs
+    from edgekd.students import initial_student
     from edgekd.teacher import prepare_teachers, read_teacher_result
     from edgekd.types import DataSpec, TrainConfig
 
     if bool(teacher) == bool(teacher_dir):
         raise EdgekdError("give the teacher either by --teacher NAME or by --teacher-dir DIR (one of them)")
+    student, student_init = student_choice(student, student_checkpoint, student_pretrained)
+    if student is None:
+        raise EdgekdError("give the student: --student NAME (a timm name, alias or derived:<teacher>:depth=F), or "
+                          "--student-checkpoint PATH")
     if teacher and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise EdgekdError("under torchrun, prepare the teacher once first (`edgekd train-teacher ... --out DIR`) "
                           "and pass --teacher-dir DIR")
@@ -520,7 +564,9 @@ def distill_command(
                                                              channels_last=channels_last))
     else:
         teachers = [read_teacher_result(folder) for folder in teacher_dir]
-    result = distill(teachers, student, loaded, config, out)
+    start = initial_student(student, teachers[0].num_classes, config.image_size or teachers[0].preprocess.image_size,
+                            student_init, teacher_weights=teachers[0].weights_path, seed=seed)
+    result = distill(teachers, student, loaded, config, out, start=start)
     if int(os.environ.get("RANK", "0")) == 0:
         accuracy = "n/a (no labels)" if result.val_top1 is None else f"top-1 {100 * result.val_top1:.2f}%"
         agreement = "n/a" if result.teacher_agreement is None else f"{100 * result.teacher_agreement:.2f}%"

@@ -16,16 +16,21 @@ import torch.nn.functional as F
 
 from edgekd.artifacts import atomic_path, config_hash, write_json_atomic
 from edgekd.data import LoadedData, ModelInputs, make_loader
-from edgekd.train_utils import (Compute, evaluate, make_optimizer, pick_device, progress, seed_everything,
-                                warmup_cosine)
+from edgekd.train_utils import (Compute, evaluate, make_optimizer, micro_batch_size, pick_device, progress,
+                                seed_everything, slices, transfer_layer_decay, warmup_cosine)
 from edgekd.types import Preprocess, TrainConfig
 
 log = logging.getLogger(__name__)
 
 
 def train_classifier(model: torch.nn.Module, data: LoadedData, preprocess: Preprocess, config: TrainConfig,
-                     work_dir: Path, label: str = "train") -> tuple[torch.nn.Module, list[dict[str, float]]]:
-    """Train `model` with cross-entropy; returns it (on CPU, eval mode) and one metrics dict per epoch."""
+                     work_dir: Path, label: str = "train", *, transfer: bool = False,
+                     ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
+    """Train `model` with cross-entropy; returns it (on CPU, eval mode) and one metrics dict per epoch.
+
+    `transfer`: the backbone holds real (pretrained) weights: the new head trains at the full rate, the backbone at
+    layer-wise decayed rates (train_utils.transfer_layer_decay), so fine-tuning adapts the features, not wipes them.
+    """
     seed_everything(config.seed)
     compute = Compute.choose(pick_device(config.device), config.precision, config.channels_last)
     device = compute.device
@@ -38,11 +43,19 @@ def train_classifier(model: torch.nn.Module, data: LoadedData, preprocess: Prepr
                              shuffle=False, num_workers=config.num_workers, device=device)
     steps_per_epoch = len(train_loader)
     total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
-    optimizer = make_optimizer(model.parameters(), config.lr, config.weight_decay)
+    lr = config.peak_lr(transfer)
+    layer_decay = config.layer_decay if config.layer_decay is not None else \
+        transfer_layer_decay(model) if transfer else None
+    log.info("%s recipe: AdamW, head lr %.2g, %s, %d%% warm-up then cosine", label, lr,
+             f"backbone rates decaying {layer_decay:.3f}x per layer" if layer_decay else "every layer at that rate",
+             round(100 * config.warmup_fraction))
+    optimizer = make_optimizer(model, lr, config.weight_decay, layer_decay=layer_decay)
     scheduler = warmup_cosine(optimizer, total_steps, config.warmup_fraction)
+    micro = micro_batch_size(model, preprocess.input_size, config.batch_size, compute)
 
     state_path = Path(work_dir) / "train_state.pt"
-    key = config_hash({"config": config.outcome_fields(), "preprocess": preprocess.to_dict(), "n": len(data.train)})
+    key = config_hash({"config": config.outcome_fields(), "preprocess": preprocess.to_dict(), "n": len(data.train),
+                       "transfer": transfer})
     step, history = _resume(state_path, key, model, optimizer, scheduler)
     epochs = math.ceil(total_steps / steps_per_epoch)
     for epoch in range(step // steps_per_epoch, epochs):
@@ -54,10 +67,14 @@ def train_classifier(model: torch.nn.Module, data: LoadedData, preprocess: Prepr
             if batch_index >= epoch_steps:
                 break
             inputs, labels = compute.inputs(inputs), labels.to(device)
-            with compute.autocast():
-                loss = F.cross_entropy(model(inputs).float(), labels, label_smoothing=0.1)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = torch.zeros((), device=device)
+            for part in slices(len(labels), micro):  # gradients accumulate over memory-sized slices
+                with compute.autocast():
+                    part_loss = F.cross_entropy(model(inputs[part]).float(), labels[part], label_smoothing=0.1)
+                share = part_loss * (len(labels[part]) / len(labels))
+                share.backward()
+                loss += share.detach()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             scheduler.step()

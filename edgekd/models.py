@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import socket
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -61,7 +63,7 @@ def resolve_model_name(name: str) -> str:
     raise EdgekdError(f"unknown model {name!r}{hint}")
 
 
-def _accepts_img_size(model_name: str) -> bool:
+def fixed_input_size(model_name: str) -> bool:
     # Transformers fix their input size at construction (position embeddings); CNNs take any size.
     cfg = timm.get_pretrained_cfg(model_name.split(".")[0], allow_unregistered=True)
     return bool(cfg and getattr(cfg, "fixed_input_size", False))
@@ -69,44 +71,84 @@ def _accepts_img_size(model_name: str) -> bool:
 
 def create_model(model_name: str, num_classes: int, image_size: tuple[int, int] | None = None,
                  pretrained: bool = False, in_chans: int = 3) -> torch.nn.Module:
-    """Create a timm model for this task's classes and, for fixed-size models, its input size."""
+    """Create a timm model for this task's classes and, for fixed-size models, its input size.
+
+    `pretrained`: with timm's published ImageNet weights (from the local Hugging Face cache, else the hub); the
+    classifier is re-initialised by timm when `num_classes` differs from the pretrained head's. Unavailable
+    weights are an error naming --teacher-checkpoint; students check `locate_pretrained` first and fall back.
+    """
     kwargs: dict = {"num_classes": num_classes, "in_chans": in_chans}
-    if image_size is not None and _accepts_img_size(model_name):
+    if image_size is not None and fixed_input_size(model_name):
         kwargs["img_size"] = image_size
     if pretrained:
-        kwargs["pretrained_cfg_overlay"] = _pretrained_overlay(model_name)
+        located = locate_pretrained(model_name)
+        if located is None:
+            raise EdgekdError(f"pretrained weights for {model_name} are not cached and the Hugging Face hub is "
+                              "unreachable; pass --teacher-checkpoint PATH (a .safetensors or .pth state_dict) or "
+                              "--random-init")
+        kwargs["pretrained_cfg_overlay"] = {"file": located.file} if located.file else {}
     try:
         return timm.create_model(model_name, pretrained=pretrained, **kwargs)
-    except (AssertionError, ValueError) as error:
+    except (AssertionError, ValueError, RuntimeError) as error:
         size = f" at input size {image_size[0]}x{image_size[1]}" if image_size else ""
-        raise EdgekdError(f"cannot build {model_name}{size}: {error}; pick another --input-size") from error
+        raise EdgekdError(f"cannot build {model_name}{size}: {str(error).splitlines()[0][:200]}; "
+                          "pick another --input-size") from error
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """Where timm's published weights for a model will come from."""
+
+    hub_id: str  # e.g. "timm/tf_efficientnet_lite0.in1k"
+    file: str | None  # a file in the local Hugging Face cache; None: timm downloads from the hub
+
+    @property
+    def where(self) -> str:
+        return "local Hugging Face cache" if self.file else "Hugging Face hub"
+
+
+def locate_pretrained(model_name: str) -> PretrainedWeights | None:
+    """timm's published weights for `model_name` (an architecture, optionally ".tag"), if they can be had now:
+    from the local Hugging Face cache (read first, so a cached run is the same online and offline), else from the
+    hub when it is reachable. None when timm publishes none or they are neither cached nor downloadable."""
+    cfg = timm.get_pretrained_cfg(model_name, allow_unregistered=True)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg else None
+    if not hub_id:
+        return None
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        cached = _cached_hub_file(hub_id, filename)
+        if cached is not None:
+            return PretrainedWeights(hub_id, cached)
+    return PretrainedWeights(hub_id, None) if _hub_online() else None
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment at call time (HF_HUB_CACHE, else HF_HOME/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home) / "hub"
+
+
+def _cached_hub_file(hub_id: str, filename: str) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, _, revision = hub_id.partition("@")
+    cached = try_to_load_from_cache(repo, filename, cache_dir=hub_cache_dir(), revision=revision or None)
+    return cached if isinstance(cached, str) else None
+
+
+@lru_cache(maxsize=1)
+def _hub_online(timeout: float = 3.0) -> bool:
+    """Whether the hub can be reached (asked once per process). timm's own download retries for ~45 s offline
+    before failing; checking once saves the user that wait."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
     try:
         socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
         return True
     except OSError:
         return False
-
-
-def _pretrained_overlay(model_name: str) -> dict:
-    """Point timm at a locally cached weights file when the hub cannot be reached, or fail clearly.
-
-    timm's own download retries for ~45 s offline before failing; checking once saves the user that wait.
-    """
-    if _hub_reachable():
-        return {}
-    from huggingface_hub import try_to_load_from_cache
-
-    cfg = timm.get_pretrained_cfg(model_name, allow_unregistered=True)
-    hub_id = getattr(cfg, "hf_hub_id", None) if cfg else None
-    for filename in ("model.safetensors", "pytorch_model.bin"):
-        cached = try_to_load_from_cache(hub_id, filename) if hub_id else None
-        if isinstance(cached, str):
-            return {"file": cached}
-    raise EdgekdError(f"pretrained weights for {model_name} are not cached and the Hugging Face hub is unreachable; "
-                      "pass --teacher-checkpoint PATH (a .safetensors or .pth state_dict) or --random-init")
 
 
 def preprocess_for(model: torch.nn.Module, image_size: tuple[int, int] | None = None) -> Preprocess:

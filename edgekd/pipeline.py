@@ -26,7 +26,7 @@ from edgekd.errors import EdgekdError
 from edgekd.profiles import DeviceProfile, load_profile
 from edgekd.quantize import GuardConfig
 from edgekd.select import Selection
-from edgekd.students import derive_from_teacher, parse_derived, read_student_checkpoint
+from edgekd.students import StudentInit, initial_student, read_student_checkpoint, start_fingerprint
 from edgekd.teacher import prepare_teachers
 from edgekd.types import DataSpec, StudentCheckpoint, TeacherResult, TeacherSpec, TrainConfig
 
@@ -48,6 +48,7 @@ class CompressConfig:
     image_size: tuple[int, int] | None = None
     student: str | None = None  # pin the student instead of selecting one
     candidates: tuple[str, ...] | None = None  # None: the whole pool plus the teacher-derived student
+    student_init: StudentInit = StudentInit()  # where students start: pretrained (default), a checkpoint, random
     teacher_training: TrainConfig = TrainConfig()
     distillation: DistillConfig = DistillConfig()
     max_accuracy_drop: float = 1.0  # points of top-1 the int8 model may lose against the fp32 student
@@ -127,7 +128,8 @@ def _select(config: CompressConfig, profile: DeviceProfile, teacher: TeacherResu
     """Measured on the profile; the latency cache makes a repeated selection quick."""
     selection = choose_student(teacher.model_name, config.budget_ms, profile, num_classes=teacher.num_classes,
                                image_size=teacher.preprocess.image_size, student=config.student,
-                               names=list(config.candidates) if config.candidates else None)
+                               names=list(config.candidates) if config.candidates else None,
+                               student_init=config.student_init)
     best = selection.chosen.best
     log.info("student: %s (%s, p90 %.3f ms against a %.3f ms budget): %s", selection.chosen.model_name,
              selection.precision, best.p90_ms if best else float("nan"), config.budget_ms, selection.reason)
@@ -139,22 +141,18 @@ def _distill(config: CompressConfig, stages: Stages, run_dir: Path, teachers: li
     out_dir = run_dir / "distill"
     name = selection.chosen.model_name
     settings = replace(config.distillation, image_size=teachers[0].preprocess.image_size, resume=True)
+    start_key = start_fingerprint(name, config.student_init, teacher_weights=teachers[0].weights_path)
     key = config_hash({"teachers": [sha256_file(t.weights_path) for t in teachers], "student": name,
-                       "config": settings.outcome_fields(),
+                       "start": start_key, "config": settings.outcome_fields(),
                        "data": [data.info.source, data.info.num_train, data.info.num_val]})
     if stages.fresh("distill", key, out_dir / "student.json"):
         log.info("distill: reusing %s", out_dir)
         return read_student_checkpoint(out_dir)
-    student_init = None
-    if parse_derived(name) is not None:
-        from safetensors.torch import load_file
-
-        log.info("distill: %s starts from the teacher's own weights", name)
-        student_init = derive_from_teacher(name, load_file(str(teachers[0].weights_path)), teachers[0].num_classes,
-                                           settings.image_size)
-    checkpoint = distill(teachers, name, data, settings, out_dir, student_init=student_init)
+    start = initial_student(name, teachers[0].num_classes, settings.image_size, config.student_init,
+                            teacher_weights=teachers[0].weights_path, seed=settings.seed)
+    checkpoint = distill(teachers, name, data, settings, out_dir, start=start)
     make_artifact(run_dir, "distill", checkpoint.weights_path, parent=str(teachers[0].weights_path),
-                  config={"student": name, "epochs": settings.epochs},
+                  config={"student": name, "epochs": settings.epochs, "student_init": start.source},
                   metrics={"val_top1": checkpoint.val_top1, "teacher_agreement": checkpoint.teacher_agreement})
     stages.done("distill", key)
     return checkpoint

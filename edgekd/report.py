@@ -44,6 +44,7 @@ def build_report(*, run_dir: Path, config: CompressConfig, profile: DeviceProfil
         "student_p90_ms": at_profile.p90_ms if at_profile else None,
         "meets_budget": bool(at_profile and at_profile.p90_ms <= config.budget_ms),
         "teacher_p50_ms": teacher_at_profile.p50_ms if teacher_at_profile else None,
+        "teacher_p90_ms": teacher_at_profile.p90_ms if teacher_at_profile else None,
         "speedup_vs_teacher": _ratio(teacher_at_profile.p50_ms if teacher_at_profile else None,
                                      at_profile.p50_ms if at_profile else None),
         "teacher_top1": teacher_fp32.top1 if teacher_fp32 else None,
@@ -58,6 +59,9 @@ def build_report(*, run_dir: Path, config: CompressConfig, profile: DeviceProfil
         f"bench measured on this machine; selection used the profile's {profile.latency} latencies",
     }
     distill_log = _read_json(Path(student.weights_path).parent / "distill_log.json", [])
+    manifest = _read_json(bundle_dir / "manifest.json", [])
+    summary["student_init"] = _distill_setup(distill_log).get("student_init")
+    summary["shipped_form_reason"] = _quantization_reason(manifest)
     return {
         "schema_version": SCHEMA_VERSION,
         "edgekd_version": __version__,
@@ -77,10 +81,19 @@ def build_report(*, run_dir: Path, config: CompressConfig, profile: DeviceProfil
                          "val_top1": student.val_top1, "val_top5": student.val_top5,
                          "teacher_agreement": student.teacher_agreement, "epochs": _epochs(distill_log),
                          **_distill_setup(distill_log)},
-        "export": {"bundle_dir": str(bundle_dir), "manifest": _read_json(bundle_dir / "manifest.json", [])},
+        "export": {"bundle_dir": str(bundle_dir), "manifest": manifest},
         "bench": bench.to_dict(),
         "teacher_model": teacher.model_name,
     }
+
+
+def _quantization_reason(manifest: Any) -> str | None:
+    """Why the shipped precision was chosen (the accuracy guard's verdict), from the bundle's manifest."""
+    for entry in manifest if isinstance(manifest, list) else []:
+        decision = entry.get("metrics", {}).get("quantization") if isinstance(entry, dict) else None
+        if isinstance(decision, dict) and decision.get("reason"):
+            return str(decision["reason"])
+    return None
 
 
 def _selection(selection: Selection) -> dict[str, Any]:
@@ -89,7 +102,7 @@ def _selection(selection: Selection) -> dict[str, Any]:
         candidate = verdict.candidate
         best = candidate.best
         rows.append({"model": candidate.model_name, "family": candidate.family, "params": candidate.params,
-                     "macs": candidate.macs, "imagenet_top1": candidate.top1,
+                     "macs": candidate.macs, "imagenet_top1": candidate.top1, "start": candidate.start,
                      "precision": best.precision if best else None,
                      "p50_ms": _finite(best.p50_ms) if best else None, "p90_ms": _finite(best.p90_ms) if best else None,
                      "fits": verdict.fits, "note": verdict.note,
@@ -104,7 +117,8 @@ NOT_LOSS_TERMS = frozenset({"epoch", "seconds", "images_per_s", "lr", "val_top1"
 
 def _distill_setup(log: Any) -> dict[str, Any]:
     """How the student was trained (losses, where and in what precision, how long), from distill_log.json."""
-    keys = ("losses", "temperature", "compute", "teacher_compute", "compiled", "teacher_cache", "processes", "seconds")
+    keys = ("student_init", "losses", "temperature", "compute", "teacher_compute", "compiled", "teacher_cache",
+            "processes", "seconds")
     return {key: log[key] for key in keys if isinstance(log, dict) and key in log}
 
 
@@ -161,14 +175,24 @@ def _fmt(value: Any, kind: str = "") -> str:
 def summary_lines(report: dict[str, Any]) -> list[str]:
     s = report["summary"]
     verdict = "meets" if s["meets_budget"] else "MISSES"
-    return [
+    teacher_p90 = s.get("teacher_p90_ms")
+    teacher_verdict = "" if teacher_p90 is None else \
+        f"teacher p90 {_fmt(teacher_p90, 'ms')} ms {'meets' if teacher_p90 <= s['budget_ms'] else 'misses'} it; "
+    teacher = report["teachers"][0] if report.get("teachers") else {}
+    lines = [
         f"Student: {s['student']} ({s['precision']}), p90 {_fmt(s['student_p90_ms'], 'ms')} ms at "
         f"{s['measured_threads']} thread(s): {verdict} the {_fmt(s['budget_ms'], 'ms')} ms budget "
-        f"(teacher p50 {_fmt(s['teacher_p50_ms'], 'ms')} ms, {_fmt(s['speedup_vs_teacher'], 'x')} faster).",
+        f"({teacher_verdict}teacher p50 {_fmt(s['teacher_p50_ms'], 'ms')} ms, "
+        f"{_fmt(s['speedup_vs_teacher'], 'x')} faster).",
         f"Accuracy: student {_fmt(s['student_top1'], 'pct')} vs teacher {_fmt(s['teacher_top1'], 'pct')} top-1 "
         f"({_fmt(s['accuracy_drop_points'])} points), top-1 agreement with the teacher "
         f"{_fmt(s['teacher_agreement'], 'pct')}; {_fmt(s['size_ratio'], 'x')} smaller file.",
+        f"Starting weights: student {s.get('student_init') or 'unknown'}; teacher {teacher.get('weights', '?')}"
+        f"{', fine-tuned here' if teacher.get('fine_tuned') else ''}.",
     ]
+    if s.get("shipped_form_reason"):
+        lines.append(f"Shipped form: {s['precision']}: {s['shipped_form_reason']}")
+    return lines
 
 
 def bench_tables(bench: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:

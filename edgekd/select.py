@@ -1,9 +1,12 @@
 """Pure student selection: a latency budget and measured candidates in, a Selection with its reasons out.
 
-The rule (printed with every selection): among candidates whose measured p90 fits the budget, take a
-teacher-derived student if one fits (it starts from the teacher's own weights, the best starting point for
-distillation), otherwise the one with the highest published ImageNet-1k top-1 (the accuracy proxy); ties go to
-the lower p90. A candidate's latency is its fastest deployment form among the profile's precisions.
+The rule (printed with every selection): among candidates whose measured p90 fits the budget, those that will
+start from real weights (a --student-checkpoint, the teacher's own for a teacher-derived student, timm's pretrained
+ImageNet weights) come before those that would start from random weights. Among real starts: a teacher-derived
+student first, then the highest published ImageNet-1k top-1, which is a proxy only for the pretrained weights it
+was measured on. A randomly initialised candidate has no such proxy: among those, the most MACs the budget buys
+(capacity) ranks first. Ties go to the lower p90. A candidate's latency is its fastest deployment form among the
+profile's precisions.
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ from dataclasses import dataclass
 from edgekd.errors import EdgekdError
 from edgekd.latency import LatencyStats
 
-RULE = ("among candidates whose measured p90 fits the budget, a teacher-derived student first (it starts from the "
-        "teacher's weights), else the highest published ImageNet-1k top-1 (the accuracy proxy); ties: lower p90")
+RULE = ("among candidates whose measured p90 fits the budget, real starting weights first (checkpoint, teacher-derived, "
+        "pretrained) before random ones; among real starts a teacher-derived student first, then the highest "
+        "published ImageNet-1k top-1 (a proxy for the pretrained weights only); among random starts the most MACs; "
+        "ties: lower p90")
 DERIVED_FAMILY = "teacher-derived"
+STARTS = ("checkpoint", "teacher-derived", "pretrained", "random")  # what a candidate's training starts from
 
 _BUDGET_RE = re.compile(r"^\s*(?P<value>[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)\s*(?P<unit>ms|s|us|µs)?\s*$", re.I)
 _UNIT_MS = {"ms": 1.0, "s": 1e3, "us": 1e-3, "µs": 1e-3}
@@ -54,6 +60,7 @@ class Candidate:
     top1_source: str
     measurements: tuple[Measurement, ...] = ()
     error: str | None = None  # why the candidate could not be built at all
+    start: str = "random"  # one of STARTS: what distillation would start from (students.StudentInit.start_kind)
 
     @property
     def best(self) -> Measurement | None:
@@ -64,6 +71,10 @@ class Candidate:
     @property
     def derived(self) -> bool:
         return self.family == DERIVED_FAMILY
+
+    @property
+    def real_start(self) -> bool:
+        return self.start != "random"
 
 
 @dataclass(frozen=True)
@@ -131,18 +142,23 @@ def select_student(candidates: list[Candidate], budget_ms: float, *, student: st
         raise EdgekdError(f"no candidate fits {budget_ms:g} ms: the fastest is {fastest.model_name} at p90 "
                           f"{form.p90_ms:.2f} ms ({form.precision}); raise --budget to at least "
                           f"{math.ceil(form.p90_ms * 100) / 100:g}ms or pick a faster profile")
-    # Published accuracy first; names from outside the pool have none and rank after, by capacity (params).
-    chosen = min(fitting, key=lambda c: (not c.derived, -_depth_rank(c), c.top1 is None, -(c.top1 or 0.0),
-                                         -c.params, _p90(c)))
+    chosen = min(fitting, key=_rank)
     best = _best(chosen)
-    if chosen.derived:
+    random_note = "" if chosen.real_start else \
+        "; none that fit starts from real weights, so it starts RANDOM (give --student-checkpoint, or make timm's " \
+        "pretrained weights available)"
+    if chosen.start == "checkpoint":
+        why = "starts from the given --student-checkpoint"
+    elif chosen.derived and chosen.real_start:
         why = "teacher-derived: initialised from the teacher's own weights, the rule's first preference"
-    elif chosen.top1 is None:
-        why = f"none of the {len(fitting)} that fit has a published ImageNet-1k top-1; the largest " \
-              f"({chosen.params / 1e6:.2f}M params) stands in as the most accurate"
+    elif chosen.real_start and chosen.top1 is not None:
+        why = f"highest published ImageNet-1k top-1 among the {sum(c.real_start for c in fitting)} that fit and " \
+              f"start from real weights: {chosen.top1:.1f}% ({chosen.top1_source}), starting from those weights"
+    elif chosen.real_start:
+        why = f"starts from {chosen.start} weights; no published top-1, the largest ({chosen.params / 1e6:.2f}M " \
+              "params) stands in as the most accurate"
     else:
-        why = f"highest published ImageNet-1k top-1 among the {len(fitting)} that fit: " \
-              f"{chosen.top1:.1f}% ({chosen.top1_source})"
+        why = f"the most compute ({chosen.macs / 1e6:.1f}M MACs) among the {len(fitting)} that fit" + random_note
     reason = (f"{chosen.model_name} ({best.precision}, p50 {best.p50_ms:.2f} ms, p90 {best.p90_ms:.2f} ms "
               f"<= {budget_ms:g} ms): {why}")
     return Selection(chosen=chosen, precision=best.precision, budget_ms=budget_ms, fits=True, pinned=False,
@@ -159,7 +175,7 @@ def _pinned(rows: list[Verdict], budget_ms: float, student: str) -> Selection:
     fits = bool(match.fits)
     verdict = "fits" if fits else "does NOT fit"
     reason = (f"{student} pinned with --student; its fastest form ({best.precision}, p90 {best.p90_ms:.2f} ms) "
-              f"{verdict} the {budget_ms:g} ms budget")
+              f"{verdict} the {budget_ms:g} ms budget; it starts from {match.candidate.start} weights")
     return Selection(chosen=match.candidate, precision=best.precision, budget_ms=budget_ms, fits=fits, pinned=True,
                      reason=reason, verdicts=tuple(rows))
 
@@ -175,16 +191,27 @@ def _p90(candidate: Candidate) -> float:
     return best.p90_ms if best is not None else math.inf
 
 
-def _depth_rank(candidate: Candidate) -> float:
-    """Among derived students, more of the teacher kept ranks higher (the MACs kept stand in for depth)."""
-    return float(candidate.macs) if candidate.derived else 0.0
+def _rank(c: Candidate) -> tuple:
+    """The rule as a sort key (lowest first); see RULE."""
+    if not c.real_start:
+        return (1, -float(c.macs), _p90(c))
+    derived_depth = float(c.macs) if c.derived else 0.0  # more of the teacher kept ranks higher
+    return (0, c.start != "checkpoint", not c.derived, -derived_depth, c.top1 is None, -(c.top1 or 0.0),
+            -float(c.params), _p90(c))
+
+
+def published_top1(candidate: Candidate) -> str:
+    """The published ImageNet top-1 as the table shows it: only a proxy when the candidate starts pretrained."""
+    if candidate.top1 is None:
+        return "-"
+    return f"{candidate.top1:.1f}%" if candidate.start == "pretrained" else f"({candidate.top1:.1f}%, not its start)"
 
 
 def format_table(candidates: list[Candidate], budget_ms: float, precisions: tuple[str, ...],
                  chosen: str | None = None) -> str:
     """The selection table: every candidate, its size, each measured form's p50/p90, and whether it fits."""
-    header = ["", "candidate", "family", "params", "GMACs", "top-1", *[f"{p} p50/p90 ms" for p in precisions],
-              "verdict"]
+    header = ["", "candidate", "family", "starts from", "params", "GMACs", "top-1",
+              *[f"{p} p50/p90 ms" for p in precisions], "verdict"]
     lines = [header]
     failures: list[str] = []
     for verdict in verdicts(candidates, budget_ms):
@@ -193,9 +220,9 @@ def format_table(candidates: list[Candidate], budget_ms: float, precisions: tupl
         cells = [f"{forms[p].p50_ms:.2f} / {forms[p].p90_ms:.2f}" if p in forms and forms[p].stats else
                  "failed" if p in forms else "-" for p in precisions]
         failures += [f"  {c.model_name} {m.precision}: {m.error}" for m in c.measurements if m.error and c.best]
-        lines.append(["*" if c.model_name == chosen else "", c.model_name, c.family,
+        lines.append(["*" if c.model_name == chosen else "", c.model_name, c.family, c.start,
                       f"{c.params / 1e6:.2f}M" if c.params else "-", f"{c.macs / 1e9:.3f}" if c.macs else "-",
-                      f"{c.top1:.1f}%" if c.top1 is not None else "-", *cells, verdict.note])
+                      published_top1(c), *cells, verdict.note])
     widths = [max(len(row[i]) for row in lines) for i in range(len(header) - 1)]
     table = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in lines)
     return table + ("\nforms that could not be measured (the candidate keeps its other forms):\n" +

@@ -9,6 +9,7 @@ architecture, so distillation, export and bench rebuild it from StudentCheckpoin
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from edgekd.artifacts import sha256_file
 from edgekd.errors import EdgekdError
-from edgekd.models import create_model, load_weights, preprocess_for, resolve_model_name
+from edgekd.models import (create_model, fixed_input_size, load_weights, locate_pretrained, preprocess_for,
+                           read_state_dict, resolve_model_name)
 from edgekd.types import StudentCheckpoint
+
+log = logging.getLogger(__name__)
 
 DERIVED_PREFIX = "derived:"
 _DERIVED_RE = re.compile(r"^derived:(?P<teacher>[^:]+):depth=(?P<depth>[0-9.]+)$")
@@ -56,7 +61,8 @@ def parse_derived(name: str) -> DerivedSpec | None:
 
 
 def build_student(name: str, num_classes: int, image_size: tuple[int, int] | None) -> torch.nn.Module:
-    """A fresh student module for `name` (randomly initialised): a timm name or a derived-student name."""
+    """The architecture of student `name` (randomly initialised): a timm name or a derived-student name. For the
+    starting weights of a student about to be trained, see `initial_student`."""
     spec = parse_derived(name)
     if spec is None:
         return create_model(resolve_model_name(name), num_classes, image_size)
@@ -73,6 +79,117 @@ def derive_from_teacher(name: str, teacher_state: dict[str, torch.Tensor], num_c
     model = create_model(spec.teacher, num_classes, image_size)
     load_weights(model, teacher_state, f"of teacher {spec.teacher}", allow_head_mismatch=True)
     return shallower(model, spec, image_size)
+
+
+@dataclass(frozen=True)
+class StudentInit:
+    """Where students start from: --student-pretrained (default on) and --student-checkpoint."""
+
+    pretrained: bool = True  # timm's published weights when they can be had; off: every student starts random
+    checkpoint: Path | None = None  # a state_dict for the (pinned) student
+
+    def start_kind(self, name: str, pinned: str | None = None) -> str:
+        """What `name` would start from, without loading anything: "checkpoint", "teacher-derived", "pretrained"
+        or "random" (the selection rule ranks real starting weights first)."""
+        if self.checkpoint is not None and name == pinned:
+            return "checkpoint"
+        if not self.pretrained:
+            return "random"
+        if parse_derived(name) is not None:
+            return "teacher-derived"
+        return "pretrained" if locate_pretrained(resolve_model_name(name)) is not None else "random"
+
+
+@dataclass
+class StudentStart:
+    """A student module with its starting weights, and what they are (report.json's distillation.student_init)."""
+
+    model: torch.nn.Module
+    source: str  # "pretrained", "checkpoint:<path>", "teacher-derived" or "random"
+    fingerprint: str  # see start_fingerprint
+
+
+def start_fingerprint(name: str, init: StudentInit, *, teacher_weights: Path | None = None) -> str:
+    """What student `name` starts from, by content (sha256 of the weights file): part of the distillation stage's
+    cache and resume keys, so other starting weights are never answered with an old student."""
+    kind = init.start_kind(name, pinned=name)
+    if kind == "checkpoint":
+        return f"checkpoint:{sha256_file(init.checkpoint)}"
+    if kind == "teacher-derived":
+        return f"teacher-derived:{sha256_file(teacher_weights) if teacher_weights else '?'}"
+    if kind == "pretrained":
+        located = locate_pretrained(resolve_model_name(name))
+        return f"pretrained:{located.hub_id}:{sha256_file(located.file) if located and located.file else 'hub'}"
+    return "random"
+
+
+def initial_student(name: str, num_classes: int, image_size: tuple[int, int] | None, init: StudentInit, *,
+                    teacher_weights: Path | None = None, seed: int = 0) -> StudentStart:
+    """The student `name` with its starting weights: the checkpoint when given, the teacher's for a
+    teacher-derived student, timm's pretrained weights when they can be had, else random (said in the log).
+    Weights that are not loaded (a new head, a random student) are drawn from `seed`, so a run is repeatable."""
+    torch.manual_seed(seed)
+    kind = init.start_kind(name, pinned=name)
+    fingerprint = start_fingerprint(name, init, teacher_weights=teacher_weights)
+    if kind == "checkpoint":
+        model = build_student(name, num_classes, image_size)
+        if load_weights(model, read_state_dict(init.checkpoint), str(init.checkpoint), allow_head_mismatch=True):
+            log.info("student %s: classifier re-initialised (the checkpoint's head has another class count)", name)
+        return StudentStart(model, f"checkpoint:{init.checkpoint}", fingerprint)
+    if kind == "teacher-derived":
+        if teacher_weights is None:
+            raise EdgekdError(f"{name} starts from its teacher's weights; give the teacher (--teacher-dir or --teacher)")
+        log.info("student %s starts from the teacher's own weights", name)
+        return StudentStart(derive_from_teacher(name, load_file(str(teacher_weights)), num_classes, image_size),
+                            "teacher-derived", fingerprint)
+    if kind == "pretrained":
+        log.info("student %s starts from timm's pretrained weights (%s)", name, fingerprint.rsplit(":", 1)[0])
+        return StudentStart(create_model(resolve_model_name(name), num_classes, image_size, pretrained=True),
+                            "pretrained", fingerprint)
+    if init.pretrained:
+        log.warning("student %s starts from RANDOM weights: timm's pretrained weights for it are not in the local "
+                    "Hugging Face cache and the hub is unreachable; give weights with --student-checkpoint PATH", name)
+    return StudentStart(build_student(name, num_classes, image_size), "random", fingerprint)
+
+
+def check_student_checkpoint(name: str, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Fail now, before data is read or a teacher trained, when the checkpoint does not fit `name` (head aside).
+    Fixed-size models (ViTs) are checked when built at the run's input size instead."""
+    spec = parse_derived(name)
+    if fixed_input_size(spec.teacher if spec else resolve_model_name(name)):
+        return
+    load_weights(build_student(name, 1000, None), state, str(path), allow_head_mismatch=True)
+
+
+def checkpoint_architecture(path: Path) -> str | None:
+    """The timm architecture a student checkpoint holds, when the file or its folder says so: safetensors metadata
+    ("architecture", as edgekd writes it), a config.json beside it (timm / Hugging Face hub layout), a student.json
+    beside it (edgekd's), or a .pth dict's "arch" entry when that is a timm name. None when nothing says."""
+    path = Path(path)
+    named: list[str | None] = []
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            named.append((handle.metadata() or {}).get("architecture"))
+    for sidecar, key in (("config.json", "architecture"), ("student.json", "model_name")):
+        if (path.parent / sidecar).is_file():
+            try:
+                named.append(json.loads((path.parent / sidecar).read_text()).get(key))
+            except (OSError, json.JSONDecodeError):
+                pass
+    if path.suffix != ".safetensors" and path.is_file():
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        named.append(raw.get("arch") if isinstance(raw, dict) and isinstance(raw.get("arch"), str) else None)
+    for name in named:
+        if not name:
+            continue
+        try:
+            parse_derived(name) or resolve_model_name(name)
+            return name
+        except EdgekdError:
+            continue
+    return None
 
 
 def shallower(model: torch.nn.Module, spec: DerivedSpec, image_size: tuple[int, int] | None) -> torch.nn.Module:

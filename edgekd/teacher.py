@@ -11,12 +11,12 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from edgekd.artifacts import atomic_path, config_hash, make_artifact, write_json_atomic
+from edgekd.artifacts import atomic_path, config_hash, make_artifact, sha256_file, write_json_atomic
 from edgekd.data import LoadedData, ModelInputs, make_loader
 from edgekd.errors import EdgekdError
 from edgekd.finetune import train_classifier
-from edgekd.models import (classifier_keys, count_params, create_model, load_weights, preprocess_for,
-                           read_state_dict, resolve_model_name)
+from edgekd.models import (classifier_keys, count_params, create_model, load_weights, locate_pretrained,
+                           preprocess_for, read_state_dict, resolve_model_name)
 from edgekd.train_utils import Compute, evaluate, pick_device, seed_everything
 from edgekd.types import TeacherResult, TeacherSpec, TrainConfig
 
@@ -49,7 +49,8 @@ def prepare_teacher(spec: TeacherSpec, data: LoadedData, out_dir: Path, *, image
     A finished teacher whose inputs are unchanged is loaded from out_dir instead of being made again.
     """
     out_dir = Path(out_dir)
-    key = config_hash({"spec": [spec.name, str(spec.checkpoint), spec.random_init], "data": data.info.source,
+    weights = _weights_identity(spec)
+    key = config_hash({"spec": [spec.name, str(spec.checkpoint), weights, spec.random_init], "data": data.info.source,
                        "classes": data.info.class_names, "n": [data.info.num_train, data.info.num_val],
                        "size": image_size, "train": train_config.outcome_fields()})
     cached = _load_cached(out_dir, key)
@@ -72,7 +73,8 @@ def prepare_teacher(spec: TeacherSpec, data: LoadedData, out_dir: Path, *, image
         why = "random weights" if source == "random" else f"its head does not match the {num_classes} classes"
         log.info("fine-tuning teacher %s on %s (%s), %g epoch(s)", model_name, data.info.source, why,
                  train_config.epochs)
-        model, history = train_classifier(model, data, preprocess, train_config, out_dir, label="teacher")
+        model, history = train_classifier(model, data, preprocess, train_config, out_dir, label="teacher",
+                                          transfer=source != "random")
     if history:  # fine-tuning just measured it on the validation split
         top1, top5 = history[-1]["val_top1"], history[-1]["val_top5"]
     else:
@@ -80,7 +82,8 @@ def prepare_teacher(spec: TeacherSpec, data: LoadedData, out_dir: Path, *, image
 
     weights_path = out_dir / WEIGHTS_NAME
     with atomic_path(weights_path) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
+                  metadata={"architecture": model_name})
     class_names = data.info.class_names or tuple(f"class_{i}" for i in range(num_classes))
     result = TeacherResult(model_name=model_name, weights_path=weights_path, num_classes=num_classes,
                            class_names=class_names, preprocess=preprocess, weights_source=source,
@@ -124,6 +127,16 @@ def prepare_teachers(specs: list[TeacherSpec], data: LoadedData, out_dir: Path, 
     return [prepare_teacher(spec, data, Path(out_dir) / f"{i}-{resolve_model_name(spec.name)}", image_size=image_size,
                             train_config=replace(train_config, seed=train_config.seed + i), run_dir=run_dir)
             for i, spec in enumerate(specs)]
+
+
+def _weights_identity(spec: TeacherSpec) -> str | None:
+    """The teacher's starting weights by content (cache key): a changed checkpoint or cached download is new."""
+    if spec.random_init:
+        return None
+    if spec.checkpoint is not None:
+        return sha256_file(spec.checkpoint) if Path(spec.checkpoint).is_file() else None
+    located = locate_pretrained(resolve_model_name(spec.name))
+    return sha256_file(located.file) if located is not None and located.file else None
 
 
 def _unlabeled_class_count(spec: TeacherSpec, image_size: tuple[int, int] | None) -> int:

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import random
 import sys
 from dataclasses import dataclass
@@ -116,14 +117,96 @@ class Compute:
         return f"{self.device}, {precision}" + (", channels_last" if self.channels_last else "")
 
 
-def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases and norm scales (the usual timm recipe)."""
-    decay, no_decay = [], []
-    for param in params:
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+# Fine-tuning real weights: the new head learns at the full rate, the backbone at rates falling geometrically with
+# depth (timm's layer-wise decay, as BEiT/MAE fine-tune ViTs) down to this fraction at the stem. A flat AdamW rate
+# of 2e-3 on every layer wiped an ImageNet EfficientNet-Lite2's features on a 2-class photo task (issue 10).
+STEM_LR_FRACTION = 0.05
+
+
+def transfer_layer_decay(model: torch.nn.Module) -> float:
+    """The per-layer decay that takes the rate from the head's down to STEM_LR_FRACTION of it at the stem, over the
+    layers timm's group_matcher (or its automatic grouping) finds in `model`."""
+    from timm.models import group_parameters
+
+    if hasattr(model, "group_matcher"):
+        layers = max(group_parameters(model, model.group_matcher(coarse=False), reverse=True).values()) + 1
+    else:
+        from timm.optim._param_groups import auto_group_layers
+
+        layers = max(auto_group_layers(model).values()) + 1
+    return STEM_LR_FRACTION ** (1.0 / max(1, layers - 1))
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, *, layer_decay: float | None = None,
+                   extra: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases and norm scales (the usual timm recipe). With `layer_decay`, `model`'s
+    layers get timm's layer-wise rates (lr * decay^(depth from the head)); `extra` (adapters) trains at `lr`."""
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+
+    if layer_decay is None or layer_decay >= 1.0:
+        groups = param_groups_weight_decay(model, weight_decay)
+    else:
+        no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+        groups = param_groups_layer_decay(model, weight_decay, no_decay, layer_decay=layer_decay)
+    if extra is not None:
+        groups = list(groups) + list(param_groups_weight_decay(extra, weight_decay))
+    for group in groups:  # a plain torch schedule scales each group's own lr (timm's schedulers read lr_scale)
+        group["lr"] = lr * group.pop("lr_scale", 1.0)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+# Activation memory that training may use, unless EDGEKD_TRAIN_MEMORY_GB says otherwise: a 16 GB laptop without a
+# GPU must not run out of memory on the defaults (an EfficientNet-Lite2 at 260 px, batch 128, peaked at 20 GB).
+CPU_TRAIN_MEMORY_GB = 4.0
+CUDA_MEMORY_FRACTION = 0.6
+BACKWARD_OVERHEAD = 2.5  # peak / saved activations, measured on CNNs and ViTs: gradients and temporaries on top
+
+
+def saved_activation_bytes(model: torch.nn.Module, input_shape: tuple[int, ...], compute: Compute) -> float:
+    """Bytes autograd keeps per image for the backward pass of `model` (one training forward on 2 images)."""
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    was_training = model.training
+    model.train()
+    sample = compute.inputs(torch.zeros(2, *input_shape))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), compute.autocast():
+        output = model(sample)
+    del output
+    model.train(was_training)
+    return total / 2
+
+
+def train_memory_budget(device: torch.device) -> float:
+    """Bytes of activations a training step may hold (see CPU_TRAIN_MEMORY_GB)."""
+    override = os.environ.get("EDGEKD_TRAIN_MEMORY_GB")
+    if override:
+        return float(override) * 2**30
+    if device.type == "cuda":
+        return CUDA_MEMORY_FRACTION * torch.cuda.get_device_properties(device).total_memory
+    return CPU_TRAIN_MEMORY_GB * 2**30
+
+
+def micro_batch_size(model: torch.nn.Module, input_shape: tuple[int, ...], batch_size: int, compute: Compute) -> int:
+    """The largest slice of a `batch_size` batch whose training step fits the memory budget; the step accumulates
+    gradients over the slices, so the optimisation sees the same batch (BatchNorm statistics excepted)."""
+    per_image = saved_activation_bytes(model, input_shape, compute) * BACKWARD_OVERHEAD
+    fits = int(train_memory_budget(compute.device) // max(per_image, 1.0))
+    micro = max(1, min(batch_size, fits))
+    if micro < batch_size:
+        log.info("training in slices of %d images (gradients accumulated over the batch of %d): about %.0f MB of "
+                 "activations per image against a %.1f GB budget (EDGEKD_TRAIN_MEMORY_GB)", micro, batch_size,
+                 per_image / 1e6, train_memory_budget(compute.device) / 2**30)
+    return micro
+
+
+def slices(batch_size: int, micro: int) -> list[slice]:
+    """Consecutive slices of at most `micro` covering a batch of `batch_size`."""
+    return [slice(start, min(start + micro, batch_size)) for start in range(0, batch_size, micro)]
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,

@@ -191,7 +191,7 @@ DDP_SCRIPT = textwrap.dedent("""
     from safetensors.torch import save_file
     from edgekd.data import load_data
     from edgekd.distill import DistillConfig, distill, parse_loss_specs
-    from edgekd.students import build_student
+    from edgekd.students import StudentStart, build_student
     from edgekd.types import DataSpec, TeacherResult
 
     teacher_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -201,7 +201,7 @@ DDP_SCRIPT = textwrap.dedent("""
     data = load_data(DataSpec("fashion-mnist", max_train=192, max_val=64))
     student = build_student("test_resnet", 10, (32, 32))
     config = DistillConfig(epochs=1, batch_size=32, num_workers=0, losses=parse_loss_specs(["ce=1,kd=1,fitnet=1"]))
-    checkpoint = distill([teacher], "test_resnet", data, config, out, student_init=student)
+    checkpoint = distill([teacher], "test_resnet", data, config, out, start=StudentStart(student, "random", "random"))
     rank = os.environ["RANK"]
     save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps({"val_top1": checkpoint.val_top1}))

@@ -43,9 +43,10 @@ def stats(p50: float, p90: float) -> LatencyStats:
 
 
 def candidate(name: str, top1: float | None, *forms: tuple[str, float, float], family: str = "efficient CNN",
-              macs: int = 1) -> Candidate:
+              macs: int = 1, start: str | None = None) -> Candidate:
+    start = start or ("teacher-derived" if family == DERIVED_FAMILY else "pretrained")
     return Candidate(name, family, 1000, macs, (3, 32, 32), top1, "test",
-                     tuple(Measurement(p, stats(p50, p90), "test") for p, p50, p90 in forms))
+                     tuple(Measurement(p, stats(p50, p90), "test") for p, p50, p90 in forms), start=start)
 
 
 def test_best_form_is_the_lowest_p90():
@@ -67,6 +68,29 @@ def test_a_fitting_teacher_derived_student_comes_first():
             candidate("derived:t:depth=0.5", None, ("fp32", 3, 4), family=DERIVED_FAMILY)]
     assert select_student(pool, 10.0).chosen.derived
     assert select_student(pool, 3.0).chosen.model_name == "accurate"
+
+
+def test_real_starting_weights_come_before_random_ones():
+    """A pretrained candidate beats a random one with a higher published top-1 (which is not its start's)."""
+    pool = [candidate("random_but_famous", 80.0, ("fp32", 1, 2), start="random", macs=9),
+            candidate("pretrained", 70.0, ("fp32", 1, 2))]
+    selection = select_student(pool, 10.0)
+    assert selection.chosen.model_name == "pretrained" and "starting from those weights" in selection.reason
+    table = format_table(pool, 10.0, ("fp32",), chosen="pretrained")
+    assert "(80.0%, not its start)" in table and "random" in table and "70.0%" in table
+
+
+def test_among_random_starts_the_most_compute_wins_and_the_reason_says_random():
+    pool = [candidate("small_famous", 80.0, ("fp32", 1, 2), start="random", macs=5),
+            candidate("big", 60.0, ("fp32", 1, 2), start="random", macs=50),
+            candidate("derived:t:depth=0.5", None, ("fp32", 1, 2), family=DERIVED_FAMILY, start="random")]
+    selection = select_student(pool, 10.0)
+    assert selection.chosen.model_name == "big" and "RANDOM" in selection.reason
+
+
+def test_a_checkpoint_start_is_reported_for_a_pinned_student():
+    pool = [candidate("a", 60.0, ("fp32", 1, 2)), candidate("b", 70.0, ("fp32", 2, 3), start="checkpoint")]
+    assert "starts from checkpoint weights" in select_student(pool, 10.0, student="b").reason
 
 
 def test_budget_below_the_fastest_names_it():

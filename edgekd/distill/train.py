@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from edgekd.artifacts import atomic_path, config_hash, write_json_atomic
+from edgekd.artifacts import atomic_path, config_hash, sha256_file, write_json_atomic
 from edgekd.data import LoadedData, ModelInputs, make_loader
 from edgekd.distill.features import DEFAULT_PAIRS, HintedStudent, TappedModel, feature_shapes, list_taps, pair_layers
 from edgekd.distill.losses import LossInputs, LossSpec, Objective, TeacherView, default_loss_specs
@@ -28,10 +28,11 @@ from edgekd.distill.state import (Processes, TeacherCache, TrainState, finish_pr
                                   share_from_main, start_processes, sync_buffers)
 from edgekd.errors import EdgekdError
 from edgekd.models import preprocess_for
-from edgekd.students import build_student
+from edgekd.students import StudentStart, build_student
 from edgekd.teacher import load_teacher_model
-from edgekd.train_utils import PRECISIONS, Compute, evaluate, make_optimizer, progress, seed_everything, warmup_cosine
-from edgekd.types import Preprocess, StudentCheckpoint, TeacherResult
+from edgekd.train_utils import (PRECISIONS, Compute, evaluate, make_optimizer, micro_batch_size, progress,
+                                seed_everything, slices, transfer_layer_decay, warmup_cosine)
+from edgekd.types import SCRATCH_LR, TRANSFER_LR, Preprocess, StudentCheckpoint, TeacherResult
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,9 @@ class DistillConfig:
     num_feature_pairs: int = DEFAULT_PAIRS
     teacher_weighting: str = "confidence"  # several teachers: per-sample by confidence, or a plain mean
     epochs: float = 10.0
-    batch_size: int = 128  # global: split across torchrun processes
-    lr: float = 2e-3
+    batch_size: int = 128  # global: split across torchrun processes; computed in memory-sized slices
+    lr: float | None = None  # the head's peak rate; None: TRANSFER_LR from real starting weights, else SCRATCH_LR
+    layer_decay: float | None = None  # None: timm's layer-wise decay from real starting weights (see finetune)
     weight_decay: float = 0.05
     warmup_fraction: float = 0.05
     grad_clip: float = 1.0
@@ -73,13 +75,14 @@ class DistillConfig:
 
 
 def distill(teachers: list[TeacherResult], student_name: str, data: LoadedData, config: DistillConfig,
-            out_dir: Path, *, student_init: torch.nn.Module | None = None) -> StudentCheckpoint:
-    """Train `student_name` (or `student_init`, trained in place) from the teachers; write it under out_dir."""
+            out_dir: Path, *, start: StudentStart | None = None) -> StudentCheckpoint:
+    """Train `student_name` from the teachers, from `start` (its starting weights, trained in place; default:
+    random weights, see students.initial_student); write it under out_dir."""
     _check(teachers, config)
     out_dir = Path(out_dir)
     processes = start_processes(config.device)
     try:
-        return _run(teachers, student_name, data, config, out_dir, student_init, processes)
+        return _run(teachers, student_name, data, config, out_dir, start, processes)
     finally:
         finish_processes(processes)
 
@@ -101,7 +104,7 @@ def _check(teachers: list[TeacherResult], config: DistillConfig) -> None:
 
 
 def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, config: DistillConfig, out_dir: Path,
-         student_init: torch.nn.Module | None, processes: Processes) -> StudentCheckpoint:
+         start: StudentStart | None, processes: Processes) -> StudentCheckpoint:
     seed_everything(config.seed)
     compute = Compute.choose(processes.device, config.precision, config.channels_last)
     teacher_compute = Compute.choose(processes.device, config.teacher_precision, config.channels_last, inference=True)
@@ -116,8 +119,9 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
                           "2+ images each; use a multiple of the process count")
 
     image_size = config.image_size or teachers[0].preprocess.image_size
-    student = student_init if student_init is not None else \
-        build_student(student_name, teachers[0].num_classes, image_size)
+    if start is None:
+        start = StudentStart(build_student(student_name, teachers[0].num_classes, image_size), "random", "random")
+    student = start.model
     student_pre = preprocess_for(student, image_size)
     teacher_models = [load_teacher_model(t) for t in teachers]
     hinted, tapped_teachers, pairs = wire_models(student, student_pre, teacher_models, teachers, objective, config,
@@ -132,11 +136,19 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
                          num_workers=config.num_workers, device=device, drop_last=drop_last)
     steps_per_epoch = max(1, len(sampler) // per_rank_batch if drop_last else math.ceil(len(sampler) / per_rank_batch))
     total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
-    optimizer = make_optimizer(hinted.parameters(), config.lr, config.weight_decay)
+    transfer = start.source != "random"
+    lr = config.lr if config.lr is not None else TRANSFER_LR if transfer else SCRATCH_LR
+    layer_decay = config.layer_decay if config.layer_decay is not None else \
+        transfer_layer_decay(student) if transfer else None
+    optimizer = make_optimizer(student, lr, config.weight_decay, layer_decay=layer_decay, extra=hinted.adapters)
     scheduler = warmup_cosine(optimizer, total_steps, config.warmup_fraction)
+    log.info("student starts from %s weights: head lr %.2g, %s", start.source, lr,
+             f"backbone rates decaying {layer_decay:.3f}x per layer" if layer_decay else "every layer at that rate")
+    micro = micro_batch_size(student, student_pre.input_size, per_rank_batch, compute)
 
     key = config_hash({"config": config.outcome_fields(), "specs": [str(s) for s in objective.specs],
-                       "student": student_name, "teachers": [str(t.weights_path) for t in teachers],
+                       "student": student_name, "start": start.fingerprint,
+                       "teachers": [sha256_file(t.weights_path) for t in teachers],
                        "data": [data.info.source, len(data.train)], "world": processes.world})
     state = load_state(out_dir, key, hinted, optimizer, scheduler) if config.resume else TrainState(history=[])
     cache = _teacher_cache(config, objective, len(data.train), len(teachers))
@@ -148,7 +160,7 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
                               shuffle=False, num_workers=config.num_workers, device=device)
 
     loop = DistillLoop(model, tapped_teachers, objective, optimizer, scheduler, config, compute, teacher_compute,
-                       cache, total_steps)
+                       cache, total_steps, micro)
     epochs = math.ceil(total_steps / steps_per_epoch)
     started = time.perf_counter()
     for epoch in range(state.step // steps_per_epoch, epochs):
@@ -174,7 +186,7 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
     seconds = time.perf_counter() - started
     sync_buffers(processes, hinted)
     final = _finish(hinted, loop, teachers, data, student_name, student_pre, config, pairs, state, out_dir,
-                    val_student, seconds, processes) if processes.main else None
+                    val_student, seconds, processes, start.source) if processes.main else None
     return StudentCheckpoint.from_dict(share_from_main(processes, final))
 
 
@@ -222,11 +234,13 @@ class DistillLoop:
     """One training epoch at a time: teacher forward (inference mode), student forward, weighted losses, step."""
 
     def __init__(self, model, teachers, objective: Objective, optimizer, scheduler, config: DistillConfig,
-                 compute: Compute, teacher_compute: Compute, cache: TeacherCache | None, total_steps: int):
+                 compute: Compute, teacher_compute: Compute, cache: TeacherCache | None, total_steps: int,
+                 micro_batch: int | None = None):
         self.model, self.teachers, self.objective = model, teachers, objective
         self.optimizer, self.scheduler, self.config = optimizer, scheduler, config
         self.compute, self.teacher_compute = compute, teacher_compute
         self.cache, self.total_steps = cache, total_steps
+        self.micro_batch = micro_batch  # None: the whole batch at once
 
     def epoch(self, loader, steps: int, state: TrainState, label: str, n_teachers: int) -> dict[str, float]:
         """Train `steps` batches; returns the epoch's running sums (kept in state.partial for an interruption)."""
@@ -253,6 +267,24 @@ class DistillLoop:
         return state.partial
 
     def step(self, batch: tuple, n_teachers: int, progress_fraction: float) -> tuple[torch.Tensor, dict, int]:
+        """One optimiser step on the batch, computed in memory-sized slices whose gradients accumulate (each
+        slice's losses weighted by its share of the batch; relation losses see the pairs within a slice)."""
+        size = len(batch[0])
+        self.optimizer.zero_grad(set_to_none=True)
+        total, terms = torch.zeros((), device=self.compute.device), {}
+        for part in slices(size, self.micro_batch or size):
+            part_total, part_terms = self._losses(tuple(x[part] for x in batch), n_teachers, progress_fraction)
+            share = len(batch[0][part]) / size
+            (part_total * share).backward()
+            total += part_total.detach() * share
+            for name, value in part_terms.items():
+                terms[name] = terms.get(name, 0.0) + value * share
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return total, terms, size
+
+    def _losses(self, batch: tuple, n_teachers: int, progress_fraction: float) -> tuple[torch.Tensor, dict]:
         student_input = self.compute.inputs(batch[0])
         teacher_inputs = [self.teacher_compute.inputs(x) for x in batch[1:1 + n_teachers]]
         labels, indices = batch[1 + n_teachers].to(self.compute.device), batch[2 + n_teachers]
@@ -263,13 +295,7 @@ class DistillLoop:
                                   hints=hints[k], weight=weight)
                       for k, ((t_logits, t_embedding, t_maps), weight) in
                       enumerate(zip(teacher_out, self.teacher_weights([o[0] for o in teacher_out]))))
-        total, terms = self.objective(LossInputs(logits.float(), embedding.float(), labels, views), progress_fraction)
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        return total.detach(), terms, len(labels)
+        return self.objective(LossInputs(logits.float(), embedding.float(), labels, views), progress_fraction)
 
     def teacher_outputs(self, inputs: list[torch.Tensor], indices: torch.Tensor) -> list[tuple]:
         """Each teacher's (logits, embedding, maps) in fp32, from the cache when it holds this batch."""
@@ -303,7 +329,7 @@ def _epoch_metrics(sums: dict[str, float], optimizer) -> dict[str, float]:
 
 def _finish(hinted: HintedStudent, loop: DistillLoop, teachers: list[TeacherResult], data: LoadedData,
             student_name: str, student_pre: Preprocess, config: DistillConfig, pairs, state: TrainState,
-            out_dir: Path, val_student, seconds: float, processes: Processes) -> dict[str, Any]:
+            out_dir: Path, val_student, seconds: float, processes: Processes, student_init: str) -> dict[str, Any]:
     """Measure the student (accuracy, agreement with the first teacher) and write weights, card and log (rank 0)."""
     compute, cache, objective = loop.compute, loop.cache, loop.objective
     device = compute.device
@@ -316,14 +342,14 @@ def _finish(hinted: HintedStudent, loop: DistillLoop, teachers: list[TeacherResu
     weights_path = out_dir / "student.safetensors"
     student_state = {k: v.detach().cpu().contiguous() for k, v in hinted.student.state_dict().items()}
     with atomic_path(weights_path) as tmp:
-        save_file(student_state, str(tmp))
+        save_file(student_state, str(tmp), metadata={"architecture": student_name})  # read by --student-checkpoint
     metrics = {"losses": [str(s) for s in objective.specs], "temperature": config.temperature,
                "epochs": config.epochs, "seed": config.seed, "train_images": len(data.train),
                "teachers": [t.model_name for t in teachers], "teacher_val_top1": teachers[0].val_top1,
                "feature_pairs": [[f"{s.name}->{t.name}" for s, t in chosen] for chosen in pairs],
                "teacher_cache": cache is not None, "processes": processes.world, "compute": compute.describe(),
                "teacher_compute": loop.teacher_compute.describe(),
-               "compiled": config.compile, "seconds": seconds}
+               "compiled": config.compile, "seconds": seconds, "student_init": student_init}
     checkpoint = StudentCheckpoint(model_name=student_name, weights_path=weights_path,
                                    num_classes=teachers[0].num_classes, class_names=teachers[0].class_names,
                                    preprocess=student_pre, val_top1=result.top1, val_top5=result.top5,
