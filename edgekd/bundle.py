@@ -99,10 +99,11 @@ def _build(model: torch.nn.Module, checkpoint: StudentCheckpoint, work: Path, st
     log.info("export: parity max |logit diff| %.2g, top-1 agreement %.1f%% on %d image(s)",
              parity.max_abs_diff, 100 * parity.top1_agreement, parity.count)
     model_path = staging / MODEL_NAME
-    decision = None
+    decision, calibration_set = None, None
     int8 = tuple(p for p in options.precisions if p.startswith("int8"))
     if evalset is not None and data is not None and int8:
-        calibration = preprocess_records(data.train, pre, options.calibration_images).images
+        calibration_set = preprocess_records(data.train, pre, options.calibration_images)
+        calibration = calibration_set.images
         timer = _timer(options, pre) if options.time_models else None
         decision = guarded_quantize(fp32_path, model_path, evalset=evalset, calibration=calibration, isa=options.isa,
                                     precisions=int8, guard=options.guard, search=options.search, timing=timer)
@@ -123,8 +124,10 @@ def _build(model: torch.nn.Module, checkpoint: StudentCheckpoint, work: Path, st
     if options.ort_format:
         write_ort_format(model_path, staging / ORT_MODEL_NAME)
     write_json_atomic(staging / PREPROCESS_NAME, preprocess_json(pre, checkpoint.class_names))
+    samples = {"validation": evalset.describe() if evalset else None,
+               "calibration": calibration_set.describe() if calibration_set else None}
     write_json_atomic(staging / MANIFEST_NAME, _manifest(staging, checkpoint, options, parity, fp32_metrics, shipped,
-                                                         precision, latency, decision))
+                                                         precision, latency, decision, samples))
     return BundleResult(staging, precision, parity, fp32_metrics, shipped, latency, decision)
 
 
@@ -156,7 +159,7 @@ def _timer(options: BundleOptions, pre: Preprocess):
 
 def _manifest(folder: Path, checkpoint: StudentCheckpoint, options: BundleOptions, parity: Parity,
               fp32: OnnxMetrics, shipped: OnnxMetrics, precision: str, latency_ms: float | None,
-              decision: QuantDecision | None) -> list[dict[str, Any]]:
+              decision: QuantDecision | None, samples: dict[str, Any]) -> list[dict[str, Any]]:
     parent = str(checkpoint.weights_path)
     entries = [Artifact(stage="export", path=MODEL_NAME, sha256=sha256_file(folder / MODEL_NAME), parent=parent,
                         config={"model_name": checkpoint.model_name, "weights_sha256": sha256_file(
@@ -166,7 +169,8 @@ def _manifest(folder: Path, checkpoint: StudentCheckpoint, options: BundleOption
                         metrics={"parity": parity.to_dict(), "fp32": fp32.to_dict(), "shipped": shipped.to_dict(),
                                  "accuracy_drop_points": _drop(fp32, shipped), "latency_p50_ms": latency_ms,
                                  "size_bytes": (folder / MODEL_NAME).stat().st_size,
-                                 "quantization": decision.to_dict() if decision else None})]
+                                 "quantization": decision.to_dict() if decision else None,
+                                 "images": samples})]  # which images validated and calibrated it
     if (folder / ORT_MODEL_NAME).exists():
         entries.append(Artifact(stage="export", path=ORT_MODEL_NAME, sha256=sha256_file(folder / ORT_MODEL_NAME),
                                 parent=MODEL_NAME, config={"format": "ort", "optimization": "basic"}))

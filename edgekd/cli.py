@@ -133,6 +133,17 @@ StudentCheckpoint = Annotated[Optional[Path], typer.Option(
     "--student-checkpoint", help="Start the student from this state_dict (.safetensors or .pth, loaded safely; "
     "the classifier is re-initialised when its class count differs). Pins the student: --student, or the "
     "architecture the file names.")]
+def _calibration(value: str) -> str:
+    from edgekd.quantize import CALIBRATION_METHODS
+
+    if value not in CALIBRATION_METHODS:
+        raise typer.BadParameter(f"{value!r} is not a calibration method; use one of {', '.join(CALIBRATION_METHODS)}")
+    return value
+
+
+Calibration = Annotated[str, typer.Option(
+    "--calibration", callback=_calibration, help="How int8 static calibrates activation ranges: minmax, entropy or "
+    "percentile (99.999th). --search-quantization / --search tries all three.")]
 Candidates = Annotated[Optional[str], typer.Option("--candidates", help="Comma-separated candidate names (timm names "
                                                    "or derived:<teacher>:depth=F); default: the whole pool.")]
 
@@ -322,6 +333,7 @@ def export_command(
     profile: str = typer.Option("host", "--profile", "-p", help="Target device profile: ISA, threads, precisions."),
     max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", help="Top-1 points int8 may lose."),
     search: bool = typer.Option(False, "--search", help="Try every quantization preset of the ISA; keep the fastest."),
+    calibration: Calibration = "minmax",
     opset: int = typer.Option(17, "--opset", help="ONNX opset (17-20)."),
     ort_format: Optional[bool] = typer.Option(None, "--ort-format/--no-ort-format",
                                               help="Also write model.ort (default: the profile's ort_format)."),
@@ -344,7 +356,8 @@ def export_command(
         log.info("no --data: the bundle ships fp32 (int8 needs calibration images and an accuracy check)")
     options = BundleOptions(
         isa=device.isa, precisions=tuple(p for p in device.precisions if p != "fp32"), search=search, opset=opset,
-        guard=GuardConfig(max_accuracy_drop=max_accuracy_drop), threads=device.threads, overwrite=overwrite,
+        guard=GuardConfig(max_accuracy_drop=max_accuracy_drop, calibration_method=calibration), threads=device.threads,
+        overwrite=overwrite,
         time_models=device.latency == "host", calibration_images=max_train or 512, validation_images=max_val,
         ort_format=device.ort_format if ort_format is None else ort_format)
     result = bundle_from_checkpoint(student, out, loaded, options)
@@ -400,6 +413,7 @@ def compress_command(
                                             help="Top-1 points int8 may lose against the fp32 student."),
     search_quantization: bool = typer.Option(False, "--search-quantization",
                                              help="Try every quantization preset of the ISA, keep the fastest."),
+    calibration: Calibration = "minmax",
     max_train: MaxTrain = None,
     max_val: MaxVal = None,
     eval_images: int = typer.Option(2000, "--eval-images", help="Validation images for the int8 guard and bench."),
@@ -427,7 +441,7 @@ def compress_command(
     config = CompressConfig(
         teachers=tuple(specs), budget_ms=budget_ms, out=run_dir, profile=profile, image_size=image_size,
         student=student, student_init=student_init, candidates=tuple(_names(candidates) or ()) or None,
-        max_accuracy_drop=max_accuracy_drop,
+        max_accuracy_drop=max_accuracy_drop, calibration_method=calibration,
         search_quantization=search_quantization, eval_images=eval_images,
         data=DataSpec(source=data, fashion_mnist_root=fashion_mnist_root, seed=seed, max_train=max_train,
                       max_val=max_val),

@@ -218,7 +218,9 @@ def stratified_subset(labels: np.ndarray, count: int, seed: int) -> list[int]:
     if count >= len(labels):
         return list(range(len(labels)))
     _, chosen = stratified_split(labels, count / len(labels), seed)
-    return chosen[:count]
+    if len(chosen) > count:  # per-class rounding overshot: trim at random, not from the last classes
+        chosen = sorted(np.random.default_rng(seed).permutation(chosen)[:count].tolist())
+    return chosen
 
 
 def _limit(loaded: LoadedData, spec: DataSpec) -> LoadedData:

@@ -8,6 +8,7 @@ requested opset, while the dynamo exporter takes 1.5-2.5 s per model, writes ops
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import re
 import warnings
@@ -61,7 +62,7 @@ def _export_checked(model: torch.nn.Module, path: Path, input_size: tuple[int, i
                     check_inputs: np.ndarray | None, optimize: bool, rtol: float) -> tuple[Path, Parity]:
     sample = torch.zeros(2, *input_size)
     with atomic_path(path) as tmp:
-        _torch_export(model, sample, tmp, opset)
+        _torch_export(with_static_same_padding(model, input_size), sample, tmp, opset)  # parity: against `model`
         check_model(tmp)
         if optimize:
             optimize_graph(tmp)
@@ -71,6 +72,74 @@ def _export_checked(model: torch.nn.Module, path: Path, input_size: tuple[int, i
     log.debug("exported %s to %s (opset %d, max |logit diff| %.2g)", type(model).__name__, path, opset,
               parity.max_abs_diff)
     return path, parity
+
+
+def with_static_same_padding(model: torch.nn.Module, input_size: tuple[int, int, int]) -> torch.nn.Module:
+    """`model`, or a copy whose TF-"SAME" layers (timm's Conv2dSame, MaxPool2dSame, AvgPool2dSame, in every tf_*
+    model) pad by constants computed for `input_size` (timm's Conv2dSameExport does the same, behind a flag).
+
+    timm computes those pads from each input's shape at run time, so the ONNX graph carries Shape -> Cast -> Div ->
+    Ceil -> Pad arithmetic per layer. fp16 conversion drops its float -> int64 -> float casts (the floor in
+    pad // 2): pads of 0.5 truncated to 0, and a real ImageNet EfficientNet-Lite0 in fp16 agreed with fp32 on 52% of
+    real photos. An export has one spatial size (only the batch axis is dynamic), where the pads are constants.
+    """
+    from timm.layers import Conv2dSame
+    from timm.layers.padding import pad_same_arg
+    from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
+
+    names = [name for name, module in model.named_modules() if isinstance(module, (Conv2dSame, MaxPool2dSame,
+                                                                                      AvgPool2dSame))]
+    if not names:
+        return model
+    sizes: dict[str, list[int]] = {}
+
+    def record(name: str, module: torch.nn.Module, args: tuple) -> None:
+        sizes.setdefault(name, [int(d) for d in args[0].shape[-2:]])
+
+    hooks = [model.get_submodule(name).register_forward_pre_hook(functools.partial(record, name)) for name in names]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    static = copy.deepcopy(model)
+    for name in names:
+        layer = static.get_submodule(name)
+        kernel, stride = _pair(layer.kernel_size), _pair(layer.stride)
+        dilation = _pair(getattr(layer, "dilation", 1))
+        pads = pad_same_arg(sizes[name], kernel, stride, dilation)
+        parent, _, child = name.rpartition(".")
+        setattr(static.get_submodule(parent) if parent else static, child, _StaticSamePad(layer, pads))
+    return static
+
+
+def _pair(value) -> list[int]:
+    return list(value) if isinstance(value, (tuple, list)) else [value, value]
+
+
+class _StaticSamePad(torch.nn.Module):
+    """A timm "SAME" layer with its pads fixed: constant Pad, then the layer's own op without padding."""
+
+    def __init__(self, layer: torch.nn.Module, pads: list[int]):
+        super().__init__()
+        from timm.layers import Conv2dSame
+        from timm.layers.pool2d_same import MaxPool2dSame
+
+        self.layer, self.pads = layer, [int(p) for p in pads]
+        self.value = -float("inf") if isinstance(layer, MaxPool2dSame) else 0.0
+        self.kind = "conv" if isinstance(layer, Conv2dSame) else "max" if self.value else "avg"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        x = F.pad(x, self.pads, value=self.value)
+        layer = self.layer
+        if self.kind == "conv":
+            return F.conv2d(x, layer.weight, layer.bias, layer.stride, 0, layer.dilation, layer.groups)
+        if self.kind == "max":
+            return F.max_pool2d(x, layer.kernel_size, layer.stride, 0, layer.dilation, layer.ceil_mode)
+        return F.avg_pool2d(x, layer.kernel_size, layer.stride, 0, layer.ceil_mode, layer.count_include_pad)
 
 
 def _torch_export(model: torch.nn.Module, sample: torch.Tensor, target: Path, opset: int) -> None:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from edgekd.artifacts import atomic_path, config_hash, write_json_atomic
 from edgekd.data import LoadedData, ModelInputs, make_loader
 from edgekd.train_utils import (Compute, evaluate, make_optimizer, micro_batch_size, pick_device, progress,
-                                seed_everything, slices, transfer_layer_decay, warmup_cosine)
+                                recipe_for, seed_everything, slices, warmup_cosine)
 from edgekd.types import Preprocess, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def train_classifier(model: torch.nn.Module, data: LoadedData, preprocess: Prepr
     """Train `model` with cross-entropy; returns it (on CPU, eval mode) and one metrics dict per epoch.
 
     `transfer`: the backbone holds real (pretrained) weights: the new head trains at the full rate, the backbone at
-    layer-wise decayed rates (train_utils.transfer_layer_decay), so fine-tuning adapts the features, not wipes them.
+    layer-wise decayed rates (train_utils.recipe_for).
     """
     seed_everything(config.seed)
     compute = Compute.choose(pick_device(config.device), config.precision, config.channels_last)
@@ -43,13 +43,10 @@ def train_classifier(model: torch.nn.Module, data: LoadedData, preprocess: Prepr
                              shuffle=False, num_workers=config.num_workers, device=device)
     steps_per_epoch = len(train_loader)
     total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
-    lr = config.peak_lr(transfer)
-    layer_decay = config.layer_decay if config.layer_decay is not None else \
-        transfer_layer_decay(model) if transfer else None
-    log.info("%s recipe: AdamW, head lr %.2g, %s, %d%% warm-up then cosine", label, lr,
-             f"backbone rates decaying {layer_decay:.3f}x per layer" if layer_decay else "every layer at that rate",
-             round(100 * config.warmup_fraction))
-    optimizer = make_optimizer(model, lr, config.weight_decay, layer_decay=layer_decay)
+    recipe = recipe_for(model, transfer=transfer, batch_size=config.batch_size, lr=config.lr,
+                        layer_decay=config.layer_decay)
+    log.info("%s recipe: %s, %d%% warm-up then cosine", label, recipe.describe(), round(100 * config.warmup_fraction))
+    optimizer = make_optimizer(model, recipe.lr, config.weight_decay, layer_decay=recipe.layer_decay)
     scheduler = warmup_cosine(optimizer, total_steps, config.warmup_fraction)
     micro = micro_batch_size(model, preprocess.input_size, config.batch_size, compute)
 

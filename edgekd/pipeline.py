@@ -52,6 +52,7 @@ class CompressConfig:
     teacher_training: TrainConfig = TrainConfig()
     distillation: DistillConfig = DistillConfig()
     max_accuracy_drop: float = 1.0  # points of top-1 the int8 model may lose against the fp32 student
+    calibration_method: str = "minmax"  # int8 static: minmax, entropy or percentile
     search_quantization: bool = False
     eval_images: int | None = 2000  # validation images for quantization guard and bench accuracy
 
@@ -163,7 +164,8 @@ def _export(config: CompressConfig, stages: Stages, run_dir: Path, profile: Devi
     bundle_dir = run_dir / "export"
     precisions = tuple(p for p in profile.precisions if p != "fp32")
     options = BundleOptions(isa=profile.isa, precisions=precisions, search=config.search_quantization,
-                            guard=GuardConfig(max_accuracy_drop=config.max_accuracy_drop),
+                            guard=GuardConfig(max_accuracy_drop=config.max_accuracy_drop,
+                                              calibration_method=config.calibration_method),
                             ort_format=profile.ort_format, threads=profile.threads,
                             time_models=profile.latency == "host", validation_images=config.eval_images,
                             overwrite=True)

@@ -199,8 +199,11 @@ def _quantize_static(source: Path, target: Path, preset: QuantPreset, images: np
     extra = {"ActivationSymmetric": preset.activation_type == "int8", "WeightSymmetric": True}
     if method == "percentile":
         extra["CalibPercentile"] = 99.999
+    # Histogram calibrators (entropy, percentile) fail in onnxruntime when the last batch is smaller than the others
+    # ("inhomogeneous shape"): feed them one image at a time.
+    reader = ArrayCalibrationReader(images, batch_size=16 if method == "minmax" else 1)
     with quiet_onnxruntime():
-        quantize_static(str(source), str(target), ArrayCalibrationReader(images),
+        quantize_static(str(source), str(target), reader,
                         quant_format=_FORMATS[preset.quant_format], op_types_to_quantize=_op_types(preset),
                         per_channel=preset.per_channel, reduce_range=preset.reduce_range,
                         activation_type=_TYPES[preset.activation_type], weight_type=_TYPES[preset.weight_type],
@@ -262,6 +265,7 @@ class Trial:
     latency_ms: float | None = None
     size_bytes: int = 0
     error: str | None = None  # the quantizer could not handle this preset on this graph
+    calibration_method: str | None = None  # static presets: how activation ranges were calibrated
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "preset": self.preset.to_dict(), "excluded_nodes": list(self.excluded_nodes)}
@@ -288,13 +292,16 @@ class QuantDecision:
                 "trials": [t.to_dict() for t in self.trials]}
 
 
-def search_presets(isa: str, precisions: tuple[str, ...], search: bool) -> tuple[tuple[str, QuantPreset], ...]:
-    """(precision, preset) pairs to try: the ISA's defaults, or with `search` every preset of the ISA."""
+def search_presets(isa: str, precisions: tuple[str, ...], search: bool,
+                   calibration_method: str = "minmax") -> tuple[tuple[str, QuantPreset, str], ...]:
+    """(precision, preset, calibration method) to try: the ISA's defaults with `calibration_method`, or with
+    `search` every preset of the ISA, the static ones with every calibration method."""
     chosen = []
     for precision in precisions:
         mode = precision.removeprefix("int8_")
         presets = presets_for(isa, mode)
-        chosen += [(precision, p) for p in (presets if search else presets[:1])]
+        methods = tuple(CALIBRATION_METHODS) if search and mode == "static" else (calibration_method,)
+        chosen += [(precision, p, m) for p in (presets if search else presets[:1]) for m in methods]
     return tuple(chosen)
 
 
@@ -318,10 +325,11 @@ def guarded_quantize(fp32_path: Path, out_path: Path, *, evalset: EvalSet, calib
     best: tuple[Trial, Path] | None = None
     with tempfile.TemporaryDirectory(prefix="edgekd-guard-") as work:
         prepared = prepare_for_quantization(fp32_path, Path(work) / "prepared.onnx")
-        for index, (precision, preset) in enumerate(search_presets(isa, precisions, search)):
+        for index, (precision, preset, method) in enumerate(
+                search_presets(isa, precisions, search, guard.calibration_method)):
             attempt = Path(work) / f"{index}_{preset.name}.onnx"
-            rounds = _guarded_rounds(prepared, attempt, precision, preset, isa, evalset, calibration, guard,
-                                     fp32_predictions, fp32_top1)
+            rounds = _guarded_rounds(prepared, attempt, precision, preset, isa, evalset, calibration,
+                                     replace(guard, calibration_method=method), fp32_predictions, fp32_top1)
             final = rounds[-1]
             if final.passed and timing:
                 final = replace(final, latency_ms=timing(attempt))
@@ -352,8 +360,9 @@ def _decide(best: tuple[Trial, Path] | None, fp32_top1: float | None, fp32_ms: f
                              reason=f"fastest int8 ({trial.preset.name}, {trial.latency_ms:.2f} ms) is no faster "
                                     f"than fp32 ({fp32_ms:.2f} ms) by the {min_speedup:g}x it must gain")
     speed = f", {fp32_ms / trial.latency_ms:.2f}x faster than fp32" if fp32_ms and trial.latency_ms else ""
+    calibrated = f", {trial.calibration_method} calibration" if trial.calibration_method else ""
     return QuantDecision(trial.precision, out_path, isa, trial.preset, fp32_top1, fp32_ms, trial.latency_ms,
-                         trials=trials, reason=f"{trial.preset.name}: accuracy drop {trial.accuracy_drop:.2f} "
+                         trials=trials, reason=f"{trial.preset.name}{calibrated}: accuracy drop {trial.accuracy_drop:.2f} "
                                                 f"points, agreement {trial.agreement:.1%}{speed}")
 
 
@@ -363,21 +372,25 @@ def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantP
     """Quantize, measure, and while the guard fails keep the most sensitive nodes in float and try again."""
     excluded: tuple[str, ...] = ()
     rounds: list[Trial] = []
+    method = guard.calibration_method if preset.mode == "static" else None
     for round_index in range(guard.max_rounds + 1):
         try:
             quantize_onnx(prepared, target, precision, isa=isa, calibration=calibration, preset=preset,
                           prepared=True, calibration_method=guard.calibration_method, nodes_to_exclude=excluded)
         except EdgekdError as error:
             log.info("quantization %s: %s", preset.name, error)
-            rounds.append(Trial(precision, preset, excluded, None, 0.0, 100.0, False, error=str(error)))
+            rounds.append(Trial(precision, preset, excluded, None, 0.0, 100.0, False, error=str(error),
+                                calibration_method=method))
             break
         try:
             trial = _measure(target, precision, preset, excluded, evalset, fp32_predictions, fp32_top1, guard)
         except ORT_RUN_ERRORS as error:
             message = f"{precision} does not run: {str(error).strip().splitlines()[0][:160]}"
             log.info("quantization %s: %s", preset.name, message)
-            rounds.append(Trial(precision, preset, excluded, None, 0.0, 100.0, False, error=message))
+            rounds.append(Trial(precision, preset, excluded, None, 0.0, 100.0, False, error=message,
+                                calibration_method=method))
             break
+        trial = replace(trial, calibration_method=method)
         rounds.append(trial)
         log.info("quantization %s round %d: %d node(s) in float, accuracy drop %.2f points, agreement %.1f%% -> %s",
                  preset.name, round_index, len(excluded), trial.accuracy_drop, 100 * trial.agreement,

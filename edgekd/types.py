@@ -84,8 +84,8 @@ class TrainConfig:
 
     epochs: float = 2.0  # fractional epochs are allowed for quick runs
     batch_size: int = 128  # the optimiser's batch; computed in memory-sized slices (train_utils.micro_batch_size)
-    lr: float | None = None  # the head's peak rate; None: TRANSFER_LR from real weights, SCRATCH_LR from random ones
-    layer_decay: float | None = None  # per-layer rate decay; None: the transfer recipe from real weights, else none
+    lr: float | None = None  # the head's peak rate; None: train_utils.recipe_for's default for the start
+    layer_decay: float | None = None  # per-layer rate decay; None: likewise
     weight_decay: float = 0.05
     warmup_fraction: float = 0.05
     grad_clip: float = 1.0
@@ -99,12 +99,6 @@ class TrainConfig:
         """The settings that decide the trained weights; not where or how fast they are computed (cache keys)."""
         return asdict(replace(self, num_workers=None, device="auto", channels_last=None))
 
-    def peak_lr(self, transfer: bool) -> float:
-        return self.lr if self.lr is not None else TRANSFER_LR if transfer else SCRATCH_LR
-
-
-SCRATCH_LR = 2e-3  # AdamW, batch 128, every layer new
-TRANSFER_LR = 1e-3  # the new head's rate when the backbone has real weights (the backbone's decays per layer)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,13 @@ class EvalSet:
 
     images: np.ndarray
     labels: np.ndarray
+    method: str = "all"  # how the images were picked from their records (see sample_indices)
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest records of a calibration or evaluation set."""
+        classes, counts = np.unique(self.labels, return_counts=True)
+        return {"count": len(self), "method": self.method,
+                "per_class": {str(int(c)): int(n) for c, n in zip(classes, counts)}}
 
     @property
     def labeled(self) -> bool:
@@ -61,18 +68,34 @@ class OnnxMetrics:
         return {"top1": self.top1, "agreement": self.agreement, "count": self.count}
 
 
-def preprocess_records(records: Dataset, preprocess: Preprocess, limit: int | None = None) -> EvalSet:
-    """Run the deployment (eval) preprocessing over the first `limit` records."""
+def sample_indices(records: Dataset, limit: int | None, seed: int = 0) -> tuple[list[int], str]:
+    """Which records calibrate or evaluate: all of them, or a stratified random `limit` (each class in its share),
+    shuffled. Taking the first `limit` would calibrate a folder data set (sorted by class) on its first classes
+    and rank quantization-sensitive nodes on one class. Returns the indices and how they were picked."""
+    if limit is None or limit >= len(records):
+        return list(range(len(records))), "all"
+    from edgekd.data import stratified_subset
+
+    labels = getattr(records, "labels", None)
+    labels = np.asarray(labels) if labels is not None else np.zeros(len(records), dtype=np.int64)
+    chosen = stratified_subset(labels, limit, seed)
+    return [int(i) for i in np.random.default_rng(seed).permutation(chosen)], \
+        f"stratified random {len(chosen)} of {len(records)}, seed {seed}"
+
+
+def preprocess_records(records: Dataset, preprocess: Preprocess, limit: int | None = None, *,
+                       seed: int = 0) -> EvalSet:
+    """Run the deployment (eval) preprocessing over all records, or a stratified random `limit` of them."""
     transform = eval_transform(preprocess)
-    count = len(records) if limit is None else min(limit, len(records))
+    indices, method = sample_indices(records, limit, seed)
     images, labels = [], []
-    for index in range(count):
+    for index in indices:
         image, label = records[index]
         images.append(transform(image).numpy())
         labels.append(label)
     if not images:
         raise EdgekdError("no images to evaluate on; check --data")
-    return EvalSet(np.stack(images).astype(np.float32), np.asarray(labels, dtype=np.int64))
+    return EvalSet(np.stack(images).astype(np.float32), np.asarray(labels, dtype=np.int64), method)
 
 
 def session(path: Path, threads: int = 0) -> ort.InferenceSession:

@@ -111,3 +111,26 @@ def test_cli_export_then_predict(small_fmnist, tmp_path: Path) -> None:
     assert result.output.count(",") == 2 and any(label in result.output for label in small_fmnist.info.class_names)
     result = runner.invoke(app, ["predict", str(tmp_path), str(image_path)])
     assert result.exit_code == 2 and "not an edgekd bundle" in result.output
+
+
+def test_a_class_sorted_folder_calibrates_and_validates_on_every_class(small_fmnist, tmp_path: Path) -> None:
+    """Folder data comes sorted by class: the first N images would calibrate (and rank sensitive nodes) on the first
+    classes only. Calibration and validation are stratified random samples, recorded in the manifest."""
+    from edgekd.data import load_data
+    from edgekd.types import DataSpec
+    from tests.helpers.images import write_images
+
+    images, labels = small_fmnist.train.images, small_fmnist.train.labels
+    keep = np.concatenate([np.flatnonzero(labels == c)[:30] for c in range(small_fmnist.info.num_classes)])
+    write_images(tmp_path / "shop", images[keep], labels[keep], small_fmnist.info.class_names)
+    folder = load_data(DataSpec(str(tmp_path / "shop")))
+    assert list(folder.train.labels) == sorted(folder.train.labels)  # sorted by class, as folders are read
+    checkpoint = read_student_checkpoint(tiny_student("test_resnet", small_fmnist))
+    options = BundleOptions(precisions=("int8_static",), time_models=False, calibration_images=40,
+                            validation_images=30)
+    bundle_from_checkpoint(checkpoint, tmp_path / "export", folder, options)
+    images_used = json.loads((tmp_path / "export" / "manifest.json").read_text())[0]["metrics"]["images"]
+    for role, count in (("calibration", 40), ("validation", 30)):
+        record = images_used[role]
+        assert record["count"] == count and record["method"].startswith("stratified random")
+        assert len(record["per_class"]) == small_fmnist.info.num_classes, (role, record)  # every class is in

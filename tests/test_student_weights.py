@@ -20,7 +20,7 @@ from edgekd.models import create_model, locate_pretrained
 from edgekd.profiles import profile_from_dict
 from edgekd.report import SCHEMA_PATH
 from edgekd.students import StudentInit, checkpoint_architecture, initial_student
-from edgekd.train_utils import STEM_LR_FRACTION, make_optimizer, transfer_layer_decay
+from edgekd.train_utils import CNN_TRANSFER_LR, STEM_LR_FRACTION, Recipe, make_optimizer, recipe_for
 
 LITE0, LITE1 = "tf_efficientnet_lite0", "tf_efficientnet_lite1"
 runner = CliRunner()
@@ -61,7 +61,9 @@ def test_student_checkpoint_keeps_the_source_weights_and_refits_the_head(lite_ch
     start = initial_student(LITE0, 10, (64, 64), StudentInit(checkpoint=lite_checkpoints[LITE0]))
     assert start.source == f"checkpoint:{lite_checkpoints[LITE0]}" and start.fingerprint.startswith("checkpoint:")
     assert torch.equal(features(start.model, X), features(reference_lite0(), X))
-    assert start.model.get_classifier().out_features == 10  # 1000-class head replaced for the 10 classes
+    head = start.model.get_classifier()
+    assert head.out_features == 10  # the 1000-class head replaced for the 10 classes...
+    assert not head.weight.any() and not head.bias.any()  # ...and started at zero (BiT's fine-tuning recipe)
 
 
 def test_a_checkpoint_for_another_architecture_is_a_one_line_error(lite_checkpoints, tmp_path):
@@ -129,13 +131,17 @@ def test_checkpoint_architecture_is_read_from_the_file_or_its_folder(tmp_path, l
     assert result.exit_code == 2 and "pass --student NAME" in result.output
 
 
-def test_transfer_recipe_gives_the_head_the_full_rate_and_the_stem_a_twentieth():
+def test_transfer_recipe_gives_the_head_the_full_rate_and_the_stem_a_quarter():
     model = create_model(LITE0, 10)
-    optimizer = make_optimizer(model, 1e-3, 0.05, layer_decay=transfer_layer_decay(model))
+    recipe = recipe_for(model, transfer=True, batch_size=128)
+    optimizer = make_optimizer(model, recipe.lr, 0.05, layer_decay=recipe.layer_decay)
     rate = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
-    assert rate[id(model.get_classifier().weight)] == pytest.approx(1e-3)
-    assert rate[id(model.conv_stem.weight)] == pytest.approx(1e-3 * STEM_LR_FRACTION)
-    assert rate[id(model.conv_stem.weight)] < rate[id(model.blocks[3][0].conv_pw.weight)] < 1e-3
+    assert rate[id(model.get_classifier().weight)] == pytest.approx(CNN_TRANSFER_LR)
+    assert rate[id(model.conv_stem.weight)] == pytest.approx(CNN_TRANSFER_LR * STEM_LR_FRACTION)
+    assert rate[id(model.conv_stem.weight)] < rate[id(model.blocks[3][0].conv_pw.weight)] < CNN_TRANSFER_LR
+    vit = recipe_for(create_model("test_vit", 10), transfer=True, batch_size=128)
+    assert vit.layer_decay == 0.75 and vit.lr == pytest.approx(2.5e-4)  # BEiT/MAE fine-tuning, not the CNN rates
+    assert recipe_for(model, transfer=False, batch_size=128) == Recipe(2e-3, None)  # random weights: one rate
 
 
 def test_edgekd_distill_starts_a_derived_student_from_the_teacher_and_records_it(tmp_path, fmnist_root):

@@ -31,8 +31,8 @@ from edgekd.models import preprocess_for
 from edgekd.students import StudentStart, build_student
 from edgekd.teacher import load_teacher_model
 from edgekd.train_utils import (PRECISIONS, Compute, evaluate, make_optimizer, micro_batch_size, progress,
-                                seed_everything, slices, transfer_layer_decay, warmup_cosine)
-from edgekd.types import SCRATCH_LR, TRANSFER_LR, Preprocess, StudentCheckpoint, TeacherResult
+                                recipe_for, seed_everything, slices, warmup_cosine)
+from edgekd.types import Preprocess, StudentCheckpoint, TeacherResult
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,8 @@ class DistillConfig:
     teacher_weighting: str = "confidence"  # several teachers: per-sample by confidence, or a plain mean
     epochs: float = 10.0
     batch_size: int = 128  # global: split across torchrun processes; computed in memory-sized slices
-    lr: float | None = None  # the head's peak rate; None: TRANSFER_LR from real starting weights, else SCRATCH_LR
-    layer_decay: float | None = None  # None: timm's layer-wise decay from real starting weights (see finetune)
+    lr: float | None = None  # the head's peak rate; None: train_utils.recipe_for's default for the start
+    layer_decay: float | None = None  # None: likewise (timm's layer-wise decay from real starting weights)
     weight_decay: float = 0.05
     warmup_fraction: float = 0.05
     grad_clip: float = 1.0
@@ -136,14 +136,12 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
                          num_workers=config.num_workers, device=device, drop_last=drop_last)
     steps_per_epoch = max(1, len(sampler) // per_rank_batch if drop_last else math.ceil(len(sampler) / per_rank_batch))
     total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
-    transfer = start.source != "random"
-    lr = config.lr if config.lr is not None else TRANSFER_LR if transfer else SCRATCH_LR
-    layer_decay = config.layer_decay if config.layer_decay is not None else \
-        transfer_layer_decay(student) if transfer else None
-    optimizer = make_optimizer(student, lr, config.weight_decay, layer_decay=layer_decay, extra=hinted.adapters)
+    recipe = recipe_for(student, transfer=start.source != "random", batch_size=config.batch_size, lr=config.lr,
+                        layer_decay=config.layer_decay)
+    optimizer = make_optimizer(student, recipe.lr, config.weight_decay, layer_decay=recipe.layer_decay,
+                               extra=hinted.adapters)
     scheduler = warmup_cosine(optimizer, total_steps, config.warmup_fraction)
-    log.info("student starts from %s weights: head lr %.2g, %s", start.source, lr,
-             f"backbone rates decaying {layer_decay:.3f}x per layer" if layer_decay else "every layer at that rate")
+    log.info("student starts from %s weights: %s", start.source, recipe.describe())
     micro = micro_batch_size(student, student_pre.input_size, per_rank_batch, compute)
 
     key = config_hash({"config": config.outcome_fields(), "specs": [str(s) for s in objective.specs],
