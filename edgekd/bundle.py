@@ -70,7 +70,7 @@ def bundle_from_checkpoint(checkpoint: StudentCheckpoint, out_dir: Path, data: L
                            options: BundleOptions = BundleOptions()) -> BundleResult:
     """Export, verify, quantize under the accuracy guard and write the bundle for a trained student.
 
-    Without data the bundle ships fp32, or fp16 when asked (parity on random inputs): int8 needs real images.
+    Without data the bundle ships fp32: int8 and fp16 ship only when checked on real images.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not options.overwrite:
@@ -109,7 +109,10 @@ def _build(model: torch.nn.Module, checkpoint: StudentCheckpoint, work: Path, st
                                     precisions=int8, guard=options.guard, search=options.search, timing=timer)
         precision = decision.precision
     else:
-        precision = "fp16" if "fp16" in options.precisions else "fp32"  # fp16 needs no calibration
+        # fp16 needs no calibration, but it ships only when checked on real images (below); without them, fp32.
+        precision = "fp16" if "fp16" in options.precisions and evalset is not None else "fp32"
+        if "fp16" in options.precisions and evalset is None:
+            log.warning("fp16 was asked for but there are no images to check it on: shipping fp32 (give --data)")
         quantize_onnx(fp32_path, model_path, precision)
     reference = onnx_logits(fp32_path, evalset.images).argmax(1) if evalset else None
     fp32_metrics = evaluate_onnx(fp32_path, evalset, reference) if evalset else OnnxMetrics(None, None, 0)

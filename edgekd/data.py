@@ -218,9 +218,13 @@ def stratified_subset(labels: np.ndarray, count: int, seed: int) -> list[int]:
     if count >= len(labels):
         return list(range(len(labels)))
     _, chosen = stratified_split(labels, count / len(labels), seed)
+    rng = np.random.default_rng(seed)
     if len(chosen) > count:  # per-class rounding overshot: trim at random, not from the last classes
-        chosen = sorted(np.random.default_rng(seed).permutation(chosen)[:count].tolist())
-    return chosen
+        chosen = rng.permutation(chosen)[:count].tolist()
+    elif len(chosen) < count:  # or undershot: top up at random from the rest
+        rest = np.setdiff1d(np.arange(len(labels)), chosen)
+        chosen = chosen + rng.permutation(rest)[:count - len(chosen)].tolist()
+    return sorted(int(i) for i in chosen)
 
 
 def _limit(loaded: LoadedData, spec: DataSpec) -> LoadedData:

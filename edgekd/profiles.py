@@ -151,7 +151,7 @@ def profile_from_dict(raw: dict[str, Any], source: str = "<dict>") -> DeviceProf
         name=_text(raw["name"], "name", where), description=str(raw.get("description", "")), runtime=runtime,
         providers=_providers(raw["providers"], where), threads=_threads(raw["threads"], where),
         batch=_positive_int(raw["batch"], "batch", where, upper=1024), input_size=_input_size(raw["input_size"], where),
-        precisions=_precisions(raw["precisions"], where), isa=_isa(raw["isa"], where),
+        precisions=_precisions(raw["precisions"], raw["providers"], where), isa=_isa(raw["isa"], where),
         latency=_choice(raw["latency"], LATENCY_SOURCES, "latency", where),
         ort_format=_ort_format(raw.get("ort_format"), raw["providers"], where), source=source)
 
@@ -214,10 +214,20 @@ def _providers(value: Any, where: str) -> tuple[str, ...]:
     return providers
 
 
-def _precisions(value: Any, where: str) -> tuple[str, ...]:
+# Execution providers with fp16 kernels. ONNX Runtime's CPU provider casts fp16 back to fp32 around most ops: an fp16
+# model ran at 0.4-0.97x of fp32's speed on this project's host, so offering it there only adds error.
+FP16_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "DmlExecutionProvider",
+                  "CoreMLExecutionProvider", "NnapiExecutionProvider", "XnnpackExecutionProvider",
+                  "QNNExecutionProvider", "WebGpuExecutionProvider", "ROCMExecutionProvider")
+
+
+def _precisions(value: Any, providers: Any, where: str) -> tuple[str, ...]:
     precisions = _string_list(value, "precisions", where)
     for precision in precisions:
         _choice(precision, PRECISIONS, "precisions", where)
+    if "fp16" in precisions and not any(provider in FP16_PROVIDERS for provider in providers or ()):
+        raise EdgekdError(f"{where}: precision fp16 needs a provider with fp16 kernels ({', '.join(FP16_PROVIDERS)}); "
+                          "the CPU provider runs fp16 slower than fp32: remove fp16 from 'precisions'")
     return precisions
 
 

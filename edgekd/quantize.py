@@ -410,13 +410,14 @@ def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantP
 
 def _rank(prepared: Path, quantized: Path, precision: str, preset: QuantPreset, isa: str, calibration: np.ndarray,
           guard: GuardConfig, excluded: tuple[str, ...], images: np.ndarray) -> list[NodeSensitivity]:
-    """Sensitivity of each node; a static QOperator model is ranked through its QDQ twin (same scales, but the
-    float tensors keep their names, so they can be compared with fp32)."""
-    if preset.mode == "static" and preset.quant_format != "qdq":
+    """Sensitivity of each node, from a QDQ model (qdq_loss_debug pairs its dequantized tensors with fp32's by name):
+    a static QOperator model is ranked through its QDQ twin (same scales); a dynamic one, which computes its
+    activation ranges at run time, through a statically calibrated QDQ model of the same op types."""
+    if preset.quant_format != "qdq" or preset.mode == "dynamic":
         quantized = quantized.with_name(quantized.stem + ".qdq.onnx")
-        quantize_onnx(prepared, quantized, precision, isa=isa, calibration=calibration, prepared=True,
-                      preset=replace(preset, quant_format="qdq"), calibration_method=guard.calibration_method,
-                      nodes_to_exclude=excluded)
+        twin = replace(preset, quant_format="qdq", mode="static")
+        quantize_onnx(prepared, quantized, "int8_static", isa=isa, calibration=calibration, prepared=True,
+                      preset=twin, calibration_method=guard.calibration_method, nodes_to_exclude=excluded)
     ranked = rank_sensitive_nodes(prepared, quantized, images, skip=excluded)
     return [s for s in ranked if not preset.op_types or s.op_type in preset.op_types]  # only what it quantized
 

@@ -1,23 +1,35 @@
 """Which nodes quantization hurts most: the accuracy guard keeps those in float and quantizes again.
 
-Both models run with every candidate node's output exposed as a graph output and ORT graph optimisation off, so
-the quantized model computes the float ops on dequantized values exactly as quantize_static wrote them. A node's
-score is the quantization noise it adds itself: the normalised error of its output minus the worst error already
-present on its inputs (error flowing in from upstream is not its fault).
+Measured with onnxruntime's own QDQ debugging tools (`onnxruntime.quantization.qdq_loss_debug`): both models run with
+every activation exposed, and each float tensor is paired by name with its dequantized twin in the QDQ model. A
+tensor's relative error is measured per channel (noise / signal power, at most 1: destroyed) and averaged over
+channels; its score is the error its
+quantization adds: that relative error minus the worst already on the inputs of the node producing it (error
+flowing in from upstream is not its fault).
+
+Producers are read from the *quantized* graph: when the quantizer fuses a Conv with the ReLU/Clip after it, the Conv
+there produces the clipped tensor. (The hand-written comparison this replaces paired the fp32 Conv's unclipped
+output with that clipped tensor, and blamed only producers, never the consumers that quantize a tensor too.)
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+from onnxruntime.quantization import CalibrationDataReader
+from onnxruntime.quantization.qdq_loss_debug import (collect_activations, create_activation_matching,
+                                                     modify_model_output_intermediate_tensors)
 
 from edgekd.verify import INPUT_NAME
 
 _EPS = 1e-12
+_DEAD_CHANNEL = 1e-3  # a channel quieter than this share of the tensor's median channel is measured against that floor
+_DEQUANTIZED = "_DequantizeLinear_Output"  # qdq_loss_debug's (and the quantizer's) suffix of a dequantized tensor
+_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
 @dataclass(frozen=True)
@@ -29,81 +41,90 @@ class NodeSensitivity:
     added_error: float
 
 
+class _Images(CalibrationDataReader):
+    """One image at a time: qdq_loss_debug concatenates per-run outputs, which need equal batch sizes."""
+
+    def __init__(self, images: np.ndarray):
+        self.images, self.position = images.astype(np.float32), 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.position >= len(self.images):
+            return None
+        self.position += 1
+        return {INPUT_NAME: self.images[self.position - 1:self.position]}
+
+
 def rank_sensitive_nodes(fp32_path: Path, quant_path: Path, images: np.ndarray,
                          skip: tuple[str, ...] = ()) -> list[NodeSensitivity]:
-    """Nodes of the fp32 model (the one given to the quantizer) sorted by the error they add, worst first."""
-    fp32 = onnx.load(str(fp32_path))
-    quantized = onnx.load(str(quant_path))
-    pairs = _matching_tensors(fp32, quantized, skip)
-    reference = _intermediates(fp32, sorted({f for _, outs, ins in pairs for f, _ in (outs, *ins)}), images)
-    actual = _intermediates(quantized, sorted({q for _, outs, ins in pairs for _, q in (outs, *ins)}), images)
+    """Nodes of the model given to the quantizer (`fp32_path`) in the order to keep them in float, worst first.
 
-    def error(pair: tuple[str, str]) -> float | None:
-        f, q = pair
-        if f not in reference or q not in actual or reference[f].shape != actual[q].shape:
-            return None
-        return _relative_error(reference[f], actual[q])
-
-    ranked = []
-    for node, output, inputs in pairs:
-        out_error = error(output)
-        if out_error is not None:
-            upstream = max((e for e in map(error, inputs) if e is not None), default=0.0)
-            ranked.append(NodeSensitivity(node.name, node.op_type, max(0.0, out_error - upstream)))
-    return sorted(ranked, key=lambda s: s.added_error, reverse=True)
-
-
-_Pair = tuple[str, str]  # (tensor in the fp32 model, the same quantity in the quantized model)
-
-
-def _matching_tensors(fp32: onnx.ModelProto, quantized: onnx.ModelProto,
-                      skip: tuple[str, ...]) -> list[tuple[onnx.NodeProto, _Pair, list[_Pair]]]:
-    """Each fp32 node with its output and activation inputs paired to the quantized model's tensors.
-
-    A node the quantizer kept (same name and op) is compared input by input, so a QDQ input is read after its
-    DequantizeLinear; a node it replaced (dynamic MatMul -> MatMulInteger...) is compared by tensor names. A node
-    it folded away (Relu after Conv/Add: the QuantizeLinear clips instead) has no float output of its own: skipped.
+    Tensors are ranked by the error their quantization adds (their relative error minus the worst on their
+    producer's inputs); each brings its producer and then every node that reads it, all with the tensor's score:
+    ONNX Runtime quantizes a tensor for any quantized node that reads it, so keeping one tensor in float (an outlier
+    channel, say) takes its producer and its consumers together.
     """
-    floats = _float_tensors(fp32)
-    weights = {init.name for init in fp32.graph.initializer}
-    kept = {n.name: n for n in quantized.graph.node}
-    fp32_names = {n.name for n in fp32.graph.node}
-    producer = {out: n.name for n in quantized.graph.node for out in n.output}
-    pairs = []
-    for node in fp32.graph.node:
-        if not node.name or node.name in skip or not node.output or node.output[0] not in floats:
+    noise = tensor_noise(fp32_path, quant_path, images)
+    fp32_nodes = {node.name for node in onnx.load(str(fp32_path)).graph.node}
+    producer: dict[str, onnx.NodeProto] = {}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in onnx.load(str(quant_path)).graph.node:
+        if node.op_type in _QDQ_OPS:
             continue
-        twin = kept.get(node.name)
-        if twin is not None and twin.op_type == node.op_type:
-            inputs = [(f, q) for f, q in zip(node.input, twin.input) if f in floats and f not in weights]
-            pairs.append((node, (node.output[0], twin.output[0]), inputs))
-        elif twin is None and producer.get(node.output[0], node.name) not in fp32_names:
-            inputs = [(f, f) for f in node.input if f in floats and f not in weights]
-            pairs.append((node, (node.output[0], node.output[0]), inputs))
-    return pairs
+        producer.update({out: node for out in node.output})
+        for name in node.input:
+            consumers.setdefault(name.removesuffix(_DEQUANTIZED), []).append(node)
+    scored = []
+    for tensor, error in noise.items():
+        node = producer.get(tensor)
+        if node is None:  # the graph input: nothing to keep in float
+            continue
+        upstream = max((noise.get(name.removesuffix(_DEQUANTIZED), 0.0) for name in node.input), default=0.0)
+        scored.append((max(0.0, error - upstream), tensor, node))
+    ranked, seen = [], set(skip)
+    for added, tensor, node in sorted(scored, key=lambda item: item[0], reverse=True):
+        for member in (node, *consumers.get(tensor, ())):
+            if member.name in fp32_nodes and member.name not in seen:
+                seen.add(member.name)
+                ranked.append(NodeSensitivity(member.name, member.op_type, added))
+    return ranked
 
 
-def _float_tensors(model: onnx.ModelProto) -> set[str]:
-    inferred = onnx.shape_inference.infer_shapes(model).graph
-    return {v.name for v in (*inferred.value_info, *inferred.output, *inferred.input)
-            if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+def tensor_noise(fp32_path: Path, quant_path: Path, images: np.ndarray) -> dict[str, float]:
+    """Relative error of every activation the QDQ model quantizes against the same tensor of the float model, over
+    `images`: per channel (noise / signal power), averaged over channels. (compute_activation_error's one SQNR per
+    tensor is dominated by its loudest channel: an outlier channel 100x the others hides their destruction.)"""
+    with tempfile.TemporaryDirectory(prefix="edgekd-qdq-debug-") as work:
+        float_aug, quant_aug = Path(work) / "float.onnx", Path(work) / "quant.onnx"
+        modify_model_output_intermediate_tensors(str(fp32_path), str(float_aug))
+        modify_model_output_intermediate_tensors(str(quant_path), str(quant_aug))
+        float_activations = collect_activations(str(float_aug), _Images(images))
+        quant_activations = collect_activations(str(quant_aug), _Images(images))
+    channels = _channel_counts(fp32_path)
+    noise = {}
+    for name, pair in create_activation_matching(quant_activations, float_activations).items():
+        if "float" not in pair or "post_qdq" not in pair:
+            continue
+        # qdq_loss_debug saves each image's tensor flattened (C x H x W, batch 1): back to (images, C, -1)
+        reference, actual = np.stack(pair["float"]), np.stack(pair["post_qdq"])
+        if reference.shape != actual.shape:
+            continue
+        count = channels.get(name, 1)
+        if reference.shape[1] % count:
+            count = 1
+        reference, actual = (a.reshape(len(a), count, -1) for a in (reference, actual))
+        power = np.mean(reference.astype(np.float64) ** 2, axis=(0, 2))
+        floor = max(_DEAD_CHANNEL * float(np.median(power)), _EPS)  # dead (all-zero) channels: no ratio to speak of
+        ratio = np.mean((reference - actual) ** 2, axis=(0, 2)) / np.maximum(power, floor)
+        noise[name] = float(np.mean(np.minimum(ratio, 1.0)))  # a channel is at worst destroyed: 1
+    return noise
 
 
-def _intermediates(model: onnx.ModelProto, names: list[str], images: np.ndarray) -> dict[str, np.ndarray]:
-    """Run `model` on `images` returning the float tensors `names` (those it has)."""
-    graph = model.graph
-    existing = {o.name for o in graph.output}
-    produced = {out for node in graph.node for out in node.output}
-    for name in names:
-        if name in produced and name not in existing:
-            graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    wanted = [o.name for o in session.get_outputs() if o.name in set(names)]
-    values = session.run(wanted, {INPUT_NAME: images.astype(np.float32)})
-    return {name: value for name, value in zip(wanted, values) if value.dtype == np.float32}
-
-
-def _relative_error(reference: np.ndarray, actual: np.ndarray) -> float:
-    return float(np.mean((reference - actual) ** 2) / (np.mean(reference ** 2) + _EPS))
+def _channel_counts(model_path: Path) -> dict[str, int]:
+    """Each activation's channel count (axis 1), from ONNX shape inference."""
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(model_path))).graph
+    counts = {}
+    for value in (*graph.value_info, *graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) >= 2 and dims[1].dim_value > 0:
+            counts[value.name] = dims[1].dim_value
+    return counts

@@ -103,3 +103,12 @@ def test_cli_profiles_and_unknown_profile():
     assert listed.exit_code == 0 and "phone-arm64" in listed.output and "rpi4" in listed.output
     bad = runner.invoke(app, ["select", "--teacher", "test_vit", "--budget", "10ms", "--profile", "nope"])
     assert bad.exit_code == 2 and "known profiles" in bad.output
+
+
+def test_fp16_is_offered_only_with_a_provider_that_has_fp16_kernels():
+    base = {"name": "t", "threads": 1, "batch": 1, "input_size": 32, "isa": "avx2", "latency": "host"}
+    with pytest.raises(EdgekdError, match="fp16 needs a provider with fp16 kernels"):
+        profile_from_dict({**base, "providers": ["CPUExecutionProvider"], "precisions": ["fp32", "fp16"]})
+    gpu = profile_from_dict({**base, "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                             "precisions": ["fp32", "fp16"]})
+    assert "fp16" in gpu.precisions
