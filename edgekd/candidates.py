@@ -201,7 +201,7 @@ def measure_candidates(names: list[str], profile: DeviceProfile, *, num_classes:
     published = {entry.name: entry for entry in pool}
     measured = [_measure_one(name, profile, num_classes, image_size, published.get(name), table, cache, timing)
                 for name in progress(names, desc=f"measuring candidates on {profile.name}", unit="model")]
-    return [replace(c, start=student_init.start_kind(c.model_name, pinned=pinned)) for c in measured]
+    return [c if c.error else replace(c, start=student_init.start_kind(c.model_name, pinned=pinned)) for c in measured]
 
 
 def _measure_one(name: str, profile: DeviceProfile, num_classes: int, image_size: tuple[int, int],

@@ -97,8 +97,9 @@ FashionMnistRoot = Annotated[Optional[Path], typer.Option("--fashion-mnist-root"
 Epochs = Annotated[float, typer.Option("--epochs", help="Training epochs (fractions allowed).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Global batch, split across torchrun processes.")]
 LearningRate = Annotated[Optional[float], typer.Option(
-    "--lr", help="Peak learning rate of the head (AdamW, warm-up + cosine). Default: 1e-3 from real weights, whose "
-    "backbone layers then train at rates decaying with depth (timm's layer-wise decay), 2e-3 from random ones.")]
+    "--lr", help="Peak learning rate of the head (AdamW, warm-up + cosine; in compress: of distillation). Default: from "
+    "real weights 4e-3 for CNNs and 5e-4 x batch/256 for transformers, with the backbone's layers at rates decaying "
+    "with depth (timm's layer-wise decay); from random weights 2e-3 for every layer.")]
 Losses = Annotated[list[str], typer.Option(
     "--loss", help="name=weight or name=start:end (ramped over training), repeatable; known: ce, kd, dkd, wsl, "
     "fitnet, at, rkd, sp. Default: ce=1 kd=1 (no ce without labels).")]
@@ -129,7 +130,7 @@ StudentPretrained = Annotated[bool, typer.Option(
     "--student-pretrained/--no-student-pretrained", help="Start timm students from timm's pretrained weights "
     "(local Hugging Face cache or hub; offline with none cached: random, said in the log and report) and derived "
     "students from the teacher's. Off: every student starts from random weights.")]
-StudentCheckpoint = Annotated[Optional[Path], typer.Option(
+StudentCheckpointPath = Annotated[Optional[Path], typer.Option(
     "--student-checkpoint", help="Start the student from this state_dict (.safetensors or .pth, loaded safely; "
     "the classifier is re-initialised when its class count differs). Pins the student: --student, or the "
     "architecture the file names.")]
@@ -396,7 +397,7 @@ def compress_command(
     profile: str = typer.Option("host", "--profile", "-p", help=PROFILE_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<teacher>-<budget>)."),
     student: Optional[str] = typer.Option(None, "--student", help="Pin the student instead of selecting one."),
-    student_checkpoint: StudentCheckpoint = None,
+    student_checkpoint: StudentCheckpointPath = None,
     student_pretrained: StudentPretrained = True,
     candidates: Candidates = None,
     teacher_checkpoint: TeacherCheckpoints = [],
@@ -508,7 +509,7 @@ def bench_command(
 def distill_command(
     student: Optional[str] = typer.Option(None, "--student", "-s", help="Student: a timm name or alias (or a "
                                           "derived name); may be implied by --student-checkpoint."),
-    student_checkpoint: StudentCheckpoint = None,
+    student_checkpoint: StudentCheckpointPath = None,
     student_pretrained: StudentPretrained = True,
     teacher: Teachers = [],
     teacher_checkpoint: TeacherCheckpoints = [],

@@ -24,12 +24,13 @@ log = logging.getLogger(__name__)
 
 
 def train_classifier(model: torch.nn.Module, data: LoadedData, preprocess: Preprocess, config: TrainConfig,
-                     work_dir: Path, label: str = "train", *, transfer: bool = False,
+                     work_dir: Path, label: str = "train", *, transfer: bool = False, identity: str = "",
                      ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
     """Train `model` with cross-entropy; returns it (on CPU, eval mode) and one metrics dict per epoch.
 
     `transfer`: the backbone holds real (pretrained) weights: the new head trains at the full rate, the backbone at
-    layer-wise decayed rates (train_utils.recipe_for).
+    layer-wise decayed rates (train_utils.recipe_for). `identity`: what the caller keys the model and its starting
+    weights on, so a resumed state is never one of another model's.
     """
     seed_everything(config.seed)
     compute = Compute.choose(pick_device(config.device), config.precision, config.channels_last)
@@ -52,7 +53,7 @@ def train_classifier(model: torch.nn.Module, data: LoadedData, preprocess: Prepr
 
     state_path = Path(work_dir) / "train_state.pt"
     key = config_hash({"config": config.outcome_fields(), "preprocess": preprocess.to_dict(), "n": len(data.train),
-                       "transfer": transfer})
+                       "transfer": transfer, "identity": identity})
     step, history = _resume(state_path, key, model, optimizer, scheduler)
     epochs = math.ceil(total_steps / steps_per_epoch)
     for epoch in range(step // steps_per_epoch, epochs):

@@ -23,7 +23,6 @@ RULE = ("among candidates whose measured p90 fits the budget, real starting weig
         "published ImageNet-1k top-1 (a proxy for the pretrained weights only); among random starts the most MACs; "
         "ties: lower p90")
 DERIVED_FAMILY = "teacher-derived"
-STARTS = ("checkpoint", "teacher-derived", "pretrained", "random")  # what a candidate's training starts from
 
 _BUDGET_RE = re.compile(r"^\s*(?P<value>[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)\s*(?P<unit>ms|s|us|µs)?\s*$", re.I)
 _UNIT_MS = {"ms": 1.0, "s": 1e3, "us": 1e-3, "µs": 1e-3}
@@ -60,7 +59,7 @@ class Candidate:
     top1_source: str
     measurements: tuple[Measurement, ...] = ()
     error: str | None = None  # why the candidate could not be built at all
-    start: str = "random"  # one of STARTS: what distillation would start from (students.StudentInit.start_kind)
+    start: str = "random"  # checkpoint, teacher-derived, pretrained or random: what training would start from
 
     @property
     def best(self) -> Measurement | None:
@@ -145,8 +144,7 @@ def select_student(candidates: list[Candidate], budget_ms: float, *, student: st
     chosen = min(fitting, key=_rank)
     best = _best(chosen)
     random_note = "" if chosen.real_start else \
-        "; none that fit starts from real weights, so it starts RANDOM (give --student-checkpoint, or make timm's " \
-        "pretrained weights available)"
+        "; it starts from RANDOM weights (none that fit has real ones here; --student-checkpoint gives some)"
     if chosen.start == "checkpoint":
         why = "starts from the given --student-checkpoint"
     elif chosen.derived and chosen.real_start:

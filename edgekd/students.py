@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 from edgekd.artifacts import sha256_file
 from edgekd.errors import EdgekdError
-from edgekd.models import (create_model, fixed_input_size, load_weights, locate_pretrained, preprocess_for,
-                           read_state_dict, resolve_model_name, zero_new_head)
+from edgekd.models import (create_model, fetch_pretrained, fixed_input_size, load_weights, locate_pretrained,
+                           preprocess_for, read_state_dict, resolve_model_name, zero_new_head)
 from edgekd.types import StudentCheckpoint
 
 log = logging.getLogger(__name__)
@@ -118,8 +118,8 @@ def start_fingerprint(name: str, init: StudentInit, *, teacher_weights: Path | N
     if kind == "teacher-derived":
         return f"teacher-derived:{sha256_file(teacher_weights) if teacher_weights else '?'}"
     if kind == "pretrained":
-        located = locate_pretrained(resolve_model_name(name))
-        return f"pretrained:{located.hub_id}:{sha256_file(located.file) if located and located.file else 'hub'}"
+        located = fetch_pretrained(resolve_model_name(name))
+        return f"pretrained:{located.hub_id}:{sha256_file(located.file)}" if located and located.file else "random"
     return "random"
 
 

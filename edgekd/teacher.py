@@ -15,7 +15,7 @@ from edgekd.artifacts import atomic_path, config_hash, make_artifact, sha256_fil
 from edgekd.data import LoadedData, ModelInputs, make_loader
 from edgekd.errors import EdgekdError
 from edgekd.finetune import train_classifier
-from edgekd.models import (classifier_keys, count_params, create_model, load_weights, locate_pretrained,
+from edgekd.models import (classifier_keys, count_params, create_model, fetch_pretrained, load_weights,
                            preprocess_for, read_state_dict, resolve_model_name, zero_new_head)
 from edgekd.train_utils import Compute, evaluate, pick_device, seed_everything
 from edgekd.types import TeacherResult, TeacherSpec, TrainConfig
@@ -76,7 +76,7 @@ def prepare_teacher(spec: TeacherSpec, data: LoadedData, out_dir: Path, *, image
         log.info("fine-tuning teacher %s on %s (%s), %g epoch(s)", model_name, data.info.source, why,
                  train_config.epochs)
         model, history = train_classifier(model, data, preprocess, train_config, out_dir, label="teacher",
-                                          transfer=source != "random")
+                                          transfer=source != "random", identity=key)
     if history:  # fine-tuning just measured it on the validation split
         top1, top5 = history[-1]["val_top1"], history[-1]["val_top5"]
     else:
@@ -137,7 +137,7 @@ def _weights_identity(spec: TeacherSpec) -> str | None:
         return None
     if spec.checkpoint is not None:
         return sha256_file(spec.checkpoint) if Path(spec.checkpoint).is_file() else None
-    located = locate_pretrained(resolve_model_name(spec.name))
+    located = fetch_pretrained(resolve_model_name(spec.name))
     return sha256_file(located.file) if located is not None and located.file else None
 
 
@@ -171,7 +171,7 @@ def _load_cached(out_dir: Path, key: str) -> TeacherResult | None:
     raw = json.loads(path.read_text())
     if raw.pop("key", None) != key:
         return None
-    return TeacherResult.from_dict(raw)
+    return replace(TeacherResult.from_dict(raw), weights_path=out_dir / WEIGHTS_NAME)  # the run folder may have moved
 
 
 def _pct(value: float | None) -> str:

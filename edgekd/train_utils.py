@@ -196,7 +196,22 @@ BACKWARD_OVERHEAD = 2.5  # peak / saved activations, measured on CNNs and ViTs: 
 
 
 def saved_activation_bytes(model: torch.nn.Module, input_shape: tuple[int, ...], compute: Compute) -> float:
-    """Bytes autograd keeps per image for the backward pass of `model` (one training forward on 2 images)."""
+    """Bytes autograd keeps per image for the backward pass of `model`: training forwards on 1 and 2 images, the
+    difference (weights saved for backward count once, not per image). BatchNorm statistics are restored after."""
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    was_training = model.training
+    model.train()
+    try:
+        totals = [_saved_bytes(model, compute.inputs(torch.zeros(n, *input_shape)), compute) for n in (1, 2)]
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                buffer.copy_(buffers[name])
+    return float(max(totals[1] - totals[0], 0))
+
+
+def _saved_bytes(model: torch.nn.Module, sample: torch.Tensor, compute: Compute) -> int:
     total = 0
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -204,14 +219,10 @@ def saved_activation_bytes(model: torch.nn.Module, input_shape: tuple[int, ...],
         total += tensor.numel() * tensor.element_size()
         return tensor
 
-    was_training = model.training
-    model.train()
-    sample = compute.inputs(torch.zeros(2, *input_shape))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), compute.autocast():
         output = model(sample)
     del output
-    model.train(was_training)
-    return total / 2
+    return total
 
 
 def train_memory_budget(device: torch.device) -> float:
@@ -229,7 +240,7 @@ def micro_batch_size(model: torch.nn.Module, input_shape: tuple[int, ...], batch
     gradients over the slices, so the optimisation sees the same batch (BatchNorm statistics excepted)."""
     per_image = saved_activation_bytes(model, input_shape, compute) * BACKWARD_OVERHEAD
     fits = int(train_memory_budget(compute.device) // max(per_image, 1.0))
-    micro = max(1, min(batch_size, fits))
+    micro = max(MIN_SLICE, min(batch_size, fits))
     if micro < batch_size:
         log.info("training in slices of %d images (gradients accumulated over the batch of %d): about %.0f MB of "
                  "activations per image against a %.1f GB budget (EDGEKD_TRAIN_MEMORY_GB)", micro, batch_size,
@@ -237,9 +248,15 @@ def micro_batch_size(model: torch.nn.Module, input_shape: tuple[int, ...], batch
     return micro
 
 
+MIN_SLICE = 2  # BatchNorm needs 2+ values per channel, relation losses 2+ images
+
+
 def slices(batch_size: int, micro: int) -> list[slice]:
-    """Consecutive slices of at most `micro` covering a batch of `batch_size`."""
-    return [slice(start, min(start + micro, batch_size)) for start in range(0, batch_size, micro)]
+    """Consecutive slices of near-equal size (at most `micro`, at least MIN_SLICE when the batch allows) covering a
+    batch: 128 in slices of 127 is 64 + 64, not 127 + 1 (one image breaks BatchNorm and relation losses)."""
+    count = max(1, min(math.ceil(batch_size / max(micro, 1)), batch_size // MIN_SLICE))
+    edges = [round(i * batch_size / count) for i in range(count + 1)]
+    return [slice(start, end) for start, end in zip(edges, edges[1:])]
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,

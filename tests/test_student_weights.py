@@ -210,3 +210,17 @@ def test_memory_budget_slices_the_batch_and_the_gradient_is_the_whole_batch_s(mo
         (F.cross_entropy(model(x[part]), y[part]) * (len(y[part]) / 16)).backward()
     for expected, param in zip(whole, model.parameters()):
         torch.testing.assert_close(param.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_slices_are_balanced_and_the_memory_probe_leaves_batchnorm_alone():
+    from edgekd.train_utils import Compute, saved_activation_bytes, slices
+
+    assert [s.stop - s.start for s in slices(128, 127)] == [64, 64]  # not 127 + 1: one image breaks BatchNorm
+    assert [s.stop - s.start for s in slices(10, 4)] == [3, 4, 3]
+    assert [s.stop - s.start for s in slices(3, 1)] == [3]  # never below 2 images a slice
+    model = create_model("test_resnet", 10, (32, 32)).eval()
+    before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    assert saved_activation_bytes(model, (3, 32, 32), Compute(torch.device("cpu"))) > 0
+    assert not model.training
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, before[name]), name

@@ -64,6 +64,16 @@ def sync_buffers(processes: Processes, model: torch.nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
+def agree_on_minimum(processes: Processes, value: int) -> int:
+    """The smallest of every rank's `value` (e.g. the slice size each measured): ranks that slice a batch
+    differently would make DDP wait forever for a gradient all-reduce."""
+    if processes.world <= 1:
+        return value
+    tensor = torch.tensor([value], device=processes.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
 def share_from_main(processes: Processes, value: Any) -> Any:
     """Rank 0's `value` on every rank (e.g. the final metrics only rank 0 measured)."""
     if processes.world <= 1:

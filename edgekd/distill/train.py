@@ -8,6 +8,7 @@ checkpoint after every epoch and on interruption, and data order + augmentation 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -24,8 +25,8 @@ from edgekd.data import LoadedData, ModelInputs, make_loader
 from edgekd.distill.features import DEFAULT_PAIRS, HintedStudent, TappedModel, feature_shapes, list_taps, pair_layers
 from edgekd.distill.losses import LossInputs, LossSpec, Objective, TeacherView, default_loss_specs
 from edgekd.distill.sampling import EpochSampler, SeededItems
-from edgekd.distill.state import (Processes, TeacherCache, TrainState, finish_processes, load_state, save_state,
-                                  share_from_main, start_processes, sync_buffers)
+from edgekd.distill.state import (Processes, TeacherCache, TrainState, agree_on_minimum, finish_processes, load_state,
+                                  save_state, share_from_main, start_processes, sync_buffers)
 from edgekd.errors import EdgekdError
 from edgekd.models import preprocess_for
 from edgekd.students import StudentStart, build_student
@@ -142,7 +143,7 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
                                extra=hinted.adapters)
     scheduler = warmup_cosine(optimizer, total_steps, config.warmup_fraction)
     log.info("student starts from %s weights: %s", start.source, recipe.describe())
-    micro = micro_batch_size(student, student_pre.input_size, per_rank_batch, compute)
+    micro = agree_on_minimum(processes, micro_batch_size(student, student_pre.input_size, per_rank_batch, compute))
 
     key = config_hash({"config": config.outcome_fields(), "specs": [str(s) for s in objective.specs],
                        "student": student_name, "start": start.fingerprint,
@@ -270,10 +271,14 @@ class DistillLoop:
         size = len(batch[0])
         self.optimizer.zero_grad(set_to_none=True)
         total, terms = torch.zeros((), device=self.compute.device), {}
-        for part in slices(size, self.micro_batch or size):
+        parts = slices(size, self.micro_batch or size)
+        for index, part in enumerate(parts):
             part_total, part_terms = self._losses(tuple(x[part] for x in batch), n_teachers, progress_fraction)
             share = len(batch[0][part]) / size
-            (part_total * share).backward()
+            # DDP all-reduces gradients once per step: after the last slice, not after each one
+            last = index == len(parts) - 1
+            with contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync():
+                (part_total * share).backward()
             total += part_total.detach() * share
             for name, value in part_terms.items():
                 terms[name] = terms.get(name, 0.0) + value * share
@@ -321,7 +326,7 @@ def _epoch_metrics(sums: dict[str, float], optimizer) -> dict[str, float]:
     steps = max(1.0, sums.get("steps", 0.0))
     out = {name: value / steps for name, value in sums.items() if name not in ("steps", "images", "seconds")}
     out.update(seconds=sums.get("seconds", 0.0), images_per_s=sums.get("images", 0.0) / max(1e-9, sums["seconds"]),
-               lr=optimizer.param_groups[0]["lr"])
+               lr=max(group["lr"] for group in optimizer.param_groups))  # the head's (layer-wise decay lowers others)
     return out
 
 
