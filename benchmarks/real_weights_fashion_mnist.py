@@ -109,14 +109,14 @@ def main() -> None:
         report = json.loads((run / "report.json").read_text())
         student = report["summary"]["student"]
         controls = {}
-        for label, extra in (("labels only (ce), same start", ["--loss", "ce=1"]),
-                             ("random start, KD", ["--no-student-pretrained"])):
+        for control, extra in (("labels only (ce), same start", ["--loss", "ce=1"]),
+                               ("random start, KD", ["--no-student-pretrained"])):
             out = args.work / f"control-{index}-{len(controls)}"
             control_seconds = edgekd("distill", "--teacher-dir", str(run / "teacher"), "--student", student, *DATA,
                                      "--input-size", str(SIZE), "--epochs", str(EPOCHS), "--out", str(out), *extra,
                                      "--resume", env=env)  # a finished control is read back, not trained again
             card = json.loads((out / "student.json").read_text())
-            controls[label] = {"val_top1": card["val_top1"], "teacher_agreement": card["teacher_agreement"],
+            controls[control] = {"val_top1": card["val_top1"], "teacher_agreement": card["teacher_agreement"],
                                "student_init": card["metrics"]["student_init"], "seconds": control_seconds}
         rows.append({"run": label, "budget": budget, "seconds": seconds, "summary": report["summary"],
                      "teacher": report["teachers"][0], "distilled_val_top1": report["distillation"]["val_top1"],
@@ -146,8 +146,8 @@ def render(result: dict) -> str:
         loss = "–" if row["first_epoch_train_loss"] is None else f"{row['first_epoch_train_loss']:.3f}"
         lines.append(f"| {row['recipe']} | {pct(row['val_top1'])} | {loss} | {row['peak_rss_gb']:.2f} |")
     lines += ["", "(Wall seconds are in the JSON; they are no speed figure: other work shared the 2 cores.)"]
-    lines += ["", f"## B. `edgekd compress` at two budgets ({result['epochs']:g} distillation epochs)", "",
-              "| budget | teacher top-1 | teacher p50 / p90 ms | student (start) | shipped | student top-1 fp32 / shipped"
+    lines += ["", f"## B. `edgekd compress` at two budgets, and from the pool alone ({result['epochs']:g} distillation "
+              "epochs)", "", "| run | teacher top-1 | teacher p50 / p90 ms | student (start) | shipped | student top-1 fp32 / shipped"
               " | agreement | student p50 / p90 ms | meets | speed-up | size ratio | labels only | random start |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["compress"]:
