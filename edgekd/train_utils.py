@@ -196,19 +196,20 @@ BACKWARD_OVERHEAD = 2.5  # peak / saved activations, measured on CNNs and ViTs: 
 
 
 def saved_activation_bytes(model: torch.nn.Module, input_shape: tuple[int, ...], compute: Compute) -> float:
-    """Bytes autograd keeps per image for the backward pass of `model`: training forwards on 1 and 2 images, the
-    difference (weights saved for backward count once, not per image). BatchNorm statistics are restored after."""
+    """Bytes autograd keeps per image for the backward pass of `model`: training forwards on 2 and 4 images, half the
+    difference (weights saved for backward count once, not per image; BatchNorm needs 2+ values per channel, which a
+    1x1 map of one image lacks). BatchNorm statistics are restored after."""
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     was_training = model.training
     model.train()
     try:
-        totals = [_saved_bytes(model, compute.inputs(torch.zeros(n, *input_shape)), compute) for n in (1, 2)]
+        totals = [_saved_bytes(model, compute.inputs(torch.zeros(n, *input_shape)), compute) for n in (2, 4)]
     finally:
         model.train(was_training)
         with torch.no_grad():
             for name, buffer in model.named_buffers():
                 buffer.copy_(buffers[name])
-    return float(max(totals[1] - totals[0], 0))
+    return float(max(totals[1] - totals[0], 0)) / 2
 
 
 def _saved_bytes(model: torch.nn.Module, sample: torch.Tensor, compute: Compute) -> int:
