@@ -62,3 +62,10 @@ def test_bad_checkpoint_is_one_line(tmp_path: Path):
 
 def test_bad_input_size_is_one_line():
     assert "--input-size" in _one_line_error(["train-teacher", "--teacher", "test_resnet", "--input-size", "2"])
+
+
+def test_bad_calibration_method_fails_while_parsing(tmp_path: Path):
+    result = runner.invoke(app, ["compress", "--teacher", "resnet18", "--budget", "1ms", "--calibration", "median",
+                                 "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "minmax, entropy, percentile" in result.output
+    assert not (tmp_path / "run").exists()

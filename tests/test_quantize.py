@@ -115,7 +115,9 @@ def test_guard_passes_and_ships_int8_only_when_it_is_faster(resnet, tmp_path: Pa
                                 isa="avx512_vnni", guard=GuardConfig(max_accuracy_drop=2.0), search=True,
                                 timing=p50_ms)
     names = {trial.preset.name for trial in decision.trials}
-    assert len(names) == len(presets_for("avx512_vnni"))  # the search tried every preset of the ISA
+    assert len(names) == len(presets_for("avx512_vnni"))  # the search tried every preset of the ISA...
+    methods = {trial.calibration_method for trial in decision.trials if trial.preset.mode == "static"}
+    assert methods == {"minmax", "entropy", "percentile"}  # ...the static ones with every calibration method
     passing = [t for t in decision.trials if t.passed]
     assert passing and all(t.latency_ms is not None for t in passing)
     if decision.precision == "fp32":
