@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 
 from edgekd.data import LoadedData
-from edgekd.errors import EdgekdError
+from edgekd.errors import EdgekdError, first_line
 from edgekd.latency import measure_onnx
 from edgekd.train_utils import progress
 from edgekd.types import Preprocess
@@ -114,7 +114,7 @@ def check_onnx_file(path: Path) -> onnx.ModelProto:
         model = onnx.load(str(path), load_external_data=False)
         onnx.checker.check_model(model)
     except Exception as error:  # noqa: BLE001 - protobuf and checker raise many types; all mean "not valid ONNX"
-        raise EdgekdError(f"{path} is not a valid ONNX model ({str(error).splitlines()[0][:120]}); "
+        raise EdgekdError(f"{path} is not a valid ONNX model ({first_line(error, 120)}); "
                           "give a model exported by edgekd or torch.onnx") from error
     initializers = {init.name for init in model.graph.initializer}
     if len([i for i in model.graph.input if i.name not in initializers]) != 1:

@@ -25,7 +25,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from edgekd.artifacts import config_hash, write_json_atomic
-from edgekd.errors import EdgekdError
+from edgekd.errors import EdgekdError, first_line
 from edgekd.export import export_onnx
 from edgekd.latency import ORT_RUN_ERRORS, LatencyStats, measure_onnx
 from edgekd.models import count_params, preprocess_for, resolve_model_name
@@ -219,7 +219,7 @@ def _measure_one(name: str, profile: DeviceProfile, num_classes: int, image_size
             info = model_info(model, image_size)
         except Exception as error:  # noqa: BLE001 - model code raises anything for a size it was not built for
             # e.g. levit_128s at 260 px: attention biases sized for 224 px. Skip it, keep selecting.
-            why = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            why = first_line(error)
             return Candidate(name, family, 0, 0, (0, 0, 0), top1, top1_source,
                              error=why if isinstance(error, EdgekdError) else
                              f"does not run at {image_size[0]}x{image_size[1]}: {why}")
@@ -296,8 +296,7 @@ def _export_and_quantize(model: torch.nn.Module, input_size: tuple[int, int, int
     try:
         export_onnx(model, fp32, input_size)
     except Exception as error:  # noqa: BLE001 - the exporter raises many types; the candidate records it
-        return {p: f"export failed: {str(error).strip().splitlines()[0][:200] if str(error).strip() else error!r}"
-                for p in precisions}
+        return {p: f"export failed: {first_line(error)}" for p in precisions}
     forms: dict[str, Path | str] = {}
     prepared: Path | None = None
     calibration = np.random.default_rng(0).standard_normal((MIN_CALIBRATION_IMAGES, *input_size)).astype(np.float32)
@@ -310,7 +309,7 @@ def _export_and_quantize(model: torch.nn.Module, input_size: tuple[int, int, int
             forms[precision] = quantize_onnx(prepared if int8 and prepared else fp32, target, precision, isa=isa,
                                              calibration=calibration, prepared=int8)
         except Exception as error:  # noqa: BLE001 - onnxruntime.quantization raises many types; record and go on
-            forms[precision] = f"{precision} quantization failed: {str(error).strip().splitlines()[0][:200]}"
+            forms[precision] = f"{precision} quantization failed: {first_line(error)}"
     for leftover in (fp32, prepared):
         if leftover is not None and leftover.exists():
             leftover.unlink()
@@ -326,7 +325,7 @@ def _time_form(form: Path | str, precision: str, input_size: tuple[int, int, int
                              batch=profile.batch, warmup=timing.warmup, min_runs=timing.min_runs,
                              min_seconds=timing.min_seconds, max_seconds=timing.max_seconds)
     except ORT_RUN_ERRORS as error:
-        return Measurement(precision, None, "", error=f"{precision} does not run: {str(error).splitlines()[0][:160]}")
+        return Measurement(precision, None, "", error=f"{precision} does not run: {first_line(error, 160)}")
     return Measurement(precision, stats, f"measured on {profile.name}")
 
 

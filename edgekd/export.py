@@ -22,7 +22,7 @@ import onnxruntime as ort
 import torch
 
 from edgekd.artifacts import atomic_path
-from edgekd.errors import EdgekdError
+from edgekd.errors import EdgekdError, first_line
 from edgekd.verify import INPUT_NAME, OUTPUT_NAME, PARITY_RTOL, Parity, check_parity
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def _torch_export(model: torch.nn.Module, sample: torch.Tensor, target: Path, op
                               opset_version=opset, dynamo=False, do_constant_folding=True,
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
     except Exception as error:  # noqa: BLE001 - the exporter raises many types; all mean "cannot export this"
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = first_line(error, limit=1000)
         culprit = _module_calling(model, sample, message)
         where = f" in module {culprit}" if culprit else ""
         raise EdgekdError(f"cannot export {type(model).__name__} to ONNX opset {opset}{where}: {message}; "
@@ -184,7 +184,7 @@ def check_model(path: Path) -> onnx.ModelProto:
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
     except Exception as error:  # noqa: BLE001 - protobuf and checker errors vary; any means "not a valid model"
-        raise EdgekdError(f"{path} is not a valid ONNX model ({str(error).strip().splitlines()[0][:200]}); "
+        raise EdgekdError(f"{path} is not a valid ONNX model ({first_line(error)}); "
                           "give a model.onnx written by `edgekd export`") from error
     return model
 
@@ -196,7 +196,7 @@ def classifier_input_shape(path: Path) -> tuple[int, int, int]:
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - ORT raises several types for a model it cannot run
-        raise EdgekdError(f"onnxruntime cannot load {path}: {str(error).strip().splitlines()[0][:200]}") from error
+        raise EdgekdError(f"onnxruntime cannot load {path}: {first_line(error)}") from error
     inputs, outputs = session.get_inputs(), session.get_outputs()
     shape = inputs[0].shape if len(inputs) == 1 else []
     if len(shape) != 4 or inputs[0].type != "tensor(float)" or not all(isinstance(d, int) for d in shape[1:]) \

@@ -14,7 +14,7 @@ import timm
 import torch
 from timm.data import resolve_model_data_config
 
-from edgekd.errors import EdgekdError
+from edgekd.errors import EdgekdError, first_line
 from edgekd.types import Preprocess
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def create_model(model_name: str, num_classes: int, image_size: tuple[int, int] 
     except (AssertionError, ValueError, RuntimeError) as error:
         size = f" at input size {image_size[0]}x{image_size[1]}" if image_size else ""
         hint = "pick another --input-size" if image_size else "check the model name and its weights"
-        raise EdgekdError(f"cannot build {model_name}{size}: {str(error).splitlines()[0][:200]}; {hint}") from error
+        raise EdgekdError(f"cannot build {model_name}{size}: {first_line(error)}; {hint}") from error
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure to parse means the file is not a usable checkpoint
-        raise EdgekdError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}; "
+        raise EdgekdError(f"cannot read checkpoint {path}: {first_line(error, 1000)}; "
                           "give a state_dict saved as .safetensors or with torch.save") from error
     for key in ("state_dict", "model", "state_dict_ema", "model_ema"):  # common wrappers (timm train.py, others)
         if isinstance(state, dict) and isinstance(state.get(key), dict):

@@ -23,7 +23,7 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
                                       quant_pre_process, quantize_dynamic, quantize_static)
 
 from edgekd.artifacts import atomic_path
-from edgekd.errors import EdgekdError
+from edgekd.errors import EdgekdError, first_line
 from edgekd.export import check_model, quiet_onnxruntime
 from edgekd.latency import ORT_RUN_ERRORS
 from edgekd.sensitivity import NodeSensitivity, rank_sensitive_nodes
@@ -185,7 +185,7 @@ def quantize_onnx(fp32_path: Path, out_path: Path, precision: str, *, isa: str =
             except EdgekdError:
                 raise
             except Exception as error:  # noqa: BLE001 - the quantizer fails in many ways on graphs it cannot handle
-                detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+                detail = first_line(error)
                 raise EdgekdError(f"onnxruntime could not quantize {fp32_path.name} with preset {preset.name} "
                                   f"({detail}); try another preset, int8_dynamic or fp32") from error
         check_model(tmp)
@@ -385,7 +385,7 @@ def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantP
         try:
             trial = _measure(target, precision, preset, excluded, evalset, fp32_predictions, fp32_top1, guard)
         except ORT_RUN_ERRORS as error:
-            message = f"{precision} does not run: {str(error).strip().splitlines()[0][:160]}"
+            message = f"{precision} does not run: {first_line(error, 160)}"
             log.info("quantization %s: %s", preset.name, message)
             rounds.append(Trial(precision, preset, excluded, None, 0.0, 100.0, False, error=message,
                                 calibration_method=method))

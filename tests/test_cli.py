@@ -69,3 +69,11 @@ def test_bad_calibration_method_fails_while_parsing(tmp_path: Path):
                                  "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "minmax, entropy, percentile" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_an_exception_without_a_message_still_makes_a_one_line_error():
+    from edgekd.errors import first_line
+
+    assert first_line(AssertionError()) == "AssertionError"  # timm's bare asserts: no IndexError, a name
+    assert first_line(ValueError("  bad size\n  more detail")) == "bad size"
+    assert first_line(RuntimeError("x" * 500), 160) == "x" * 160
