@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from edgekd.artifacts import atomic_path, config_hash, write_json_atomic
 from edgekd.data import LoadedData, ModelInputs, make_loader
-from edgekd.train_utils import (Compute, evaluate, make_optimizer, micro_batch_size, pick_device, progress,
-                                recipe_for, seed_everything, slices, warmup_cosine)
+from edgekd.train_utils import (Compute, backward_in_slices, evaluate, make_optimizer, micro_batch_size, pick_device,
+                                progress, recipe_for, seed_everything, warmup_cosine)
 from edgekd.types import Preprocess, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -66,13 +66,12 @@ def train_classifier(model: torch.nn.Module, data: LoadedData, preprocess: Prepr
                 break
             inputs, labels = compute.inputs(inputs), labels.to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = torch.zeros((), device=device)
-            for part in slices(len(labels), micro):  # gradients accumulate over memory-sized slices
+
+            def slice_loss(part: slice) -> tuple[torch.Tensor, dict]:
                 with compute.autocast():
-                    part_loss = F.cross_entropy(model(inputs[part]).float(), labels[part], label_smoothing=0.1)
-                share = part_loss * (len(labels[part]) / len(labels))
-                share.backward()
-                loss += share.detach()
+                    return F.cross_entropy(model(inputs[part]).float(), labels[part], label_smoothing=0.1), {}
+
+            loss, _ = backward_in_slices(len(labels), micro, slice_loss)
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             scheduler.step()

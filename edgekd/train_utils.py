@@ -11,7 +11,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -258,6 +258,27 @@ def slices(batch_size: int, micro: int) -> list[slice]:
     count = max(1, min(math.ceil(batch_size / max(micro, 1)), batch_size // MIN_SLICE))
     edges = [round(i * batch_size / count) for i in range(count + 1)]
     return [slice(start, end) for start, end in zip(edges, edges[1:])]
+
+
+def backward_in_slices(size: int, micro: int | None, slice_loss: Callable[[slice], tuple[torch.Tensor, dict]],
+                       model: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Backpropagate one batch's loss slice by slice (see micro_batch_size): each slice's loss is weighted by its
+    share of the batch, so the accumulated gradient is the whole batch's mean. Under DDP (`model.no_sync`) gradients
+    are all-reduced once, after the last slice. Returns the batch's weighted loss and loss terms, detached."""
+    parts = slices(size, micro or size)
+    total: torch.Tensor | None = None
+    terms: dict[str, torch.Tensor] = {}
+    for index, part in enumerate(parts):
+        loss, part_terms = slice_loss(part)
+        share = (part.stop - part.start) / size
+        synced = index == len(parts) - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if synced else model.no_sync():
+            (loss * share).backward()
+        total = loss.detach() * share if total is None else total + loss.detach() * share
+        for name, value in part_terms.items():
+            terms[name] = terms.get(name, 0.0) + value * share
+    assert total is not None, "a batch has at least one slice"
+    return total, terms
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,

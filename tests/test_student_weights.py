@@ -192,7 +192,8 @@ def test_memory_budget_slices_the_batch_and_the_gradient_is_the_whole_batch_s(mo
     whole batch's (test_vit: LayerNorm only, so slicing changes no statistic)."""
     import torch.nn.functional as F
 
-    from edgekd.train_utils import BACKWARD_OVERHEAD, Compute, micro_batch_size, saved_activation_bytes, slices
+    from edgekd.train_utils import (BACKWARD_OVERHEAD, Compute, backward_in_slices, micro_batch_size,
+                                    saved_activation_bytes, slices)
 
     model = create_model("test_vit", 10, (32, 32))
     compute = Compute(torch.device("cpu"))
@@ -206,8 +207,9 @@ def test_memory_budget_slices_the_batch_and_the_gradient_is_the_whole_batch_s(mo
     F.cross_entropy(model(x), y).backward()
     whole = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    for part in slices(16, 5):
-        (F.cross_entropy(model(x[part]), y[part]) * (len(y[part]) / 16)).backward()
+    loss, _ = backward_in_slices(16, 5, lambda part: (F.cross_entropy(model(x[part]), y[part]), {}))
+    assert len(slices(16, 5)) == 4
+    assert float(loss) == pytest.approx(float(F.cross_entropy(model(x), y)), rel=1e-5)
     for expected, param in zip(whole, model.parameters()):
         torch.testing.assert_close(param.grad, expected, rtol=1e-4, atol=1e-6)
 

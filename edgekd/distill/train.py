@@ -8,7 +8,6 @@ checkpoint after every epoch and on interruption, and data order + augmentation 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -31,8 +30,8 @@ from edgekd.errors import EdgekdError
 from edgekd.models import preprocess_for
 from edgekd.students import StudentStart, build_student
 from edgekd.teacher import load_teacher_model
-from edgekd.train_utils import (PRECISIONS, Compute, evaluate, make_optimizer, micro_batch_size, progress,
-                                recipe_for, seed_everything, slices, warmup_cosine)
+from edgekd.train_utils import (PRECISIONS, Compute, backward_in_slices, evaluate, make_optimizer, micro_batch_size,
+                                progress, recipe_for, seed_everything, warmup_cosine)
 from edgekd.types import Preprocess, StudentCheckpoint, TeacherResult
 
 log = logging.getLogger(__name__)
@@ -270,18 +269,9 @@ class DistillLoop:
         slice's losses weighted by its share of the batch; relation losses see the pairs within a slice)."""
         size = len(batch[0])
         self.optimizer.zero_grad(set_to_none=True)
-        total, terms = torch.zeros((), device=self.compute.device), {}
-        parts = slices(size, self.micro_batch or size)
-        for index, part in enumerate(parts):
-            part_total, part_terms = self._losses(tuple(x[part] for x in batch), n_teachers, progress_fraction)
-            share = len(batch[0][part]) / size
-            # DDP all-reduces gradients once per step: after the last slice, not after each one
-            last = index == len(parts) - 1
-            with contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync():
-                (part_total * share).backward()
-            total += part_total.detach() * share
-            for name, value in part_terms.items():
-                terms[name] = terms.get(name, 0.0) + value * share
+        total, terms = backward_in_slices(
+            size, self.micro_batch,
+            lambda part: self._losses(tuple(x[part] for x in batch), n_teachers, progress_fraction), self.model)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
