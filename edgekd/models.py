@@ -73,8 +73,8 @@ def create_model(model_name: str, num_classes: int, image_size: tuple[int, int] 
                  pretrained: bool = False, in_chans: int = 3) -> torch.nn.Module:
     """Create a timm model for this task's classes and, for fixed-size models, its input size.
 
-    `pretrained`: with timm's published ImageNet weights (from the local Hugging Face cache, else the hub); the
-    classifier is re-initialised by timm when `num_classes` differs from the pretrained head's. Unavailable
+    `pretrained`: with timm's published ImageNet weights (from the local Hugging Face cache, else the hub); when
+    `num_classes` differs from the pretrained head's, the new head starts at zero (zero_new_head). Unavailable
     weights are an error naming --teacher-checkpoint; students check `locate_pretrained` first and fall back.
     """
     kwargs: dict = {"num_classes": num_classes, "in_chans": in_chans}
@@ -88,11 +88,14 @@ def create_model(model_name: str, num_classes: int, image_size: tuple[int, int] 
                               "--random-init")
         kwargs["pretrained_cfg_overlay"] = {"file": located.file} if located.file else {}
     try:
-        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+        model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
     except (AssertionError, ValueError, RuntimeError) as error:
         size = f" at input size {image_size[0]}x{image_size[1]}" if image_size else ""
         hint = "pick another --input-size" if image_size else "check the model name and its weights"
         raise EdgekdError(f"cannot build {model_name}{size}: {first_line(error)}; {hint}") from error
+    if pretrained and num_classes != model.pretrained_cfg.get("num_classes", num_classes):
+        zero_new_head(model)  # timm made a new head for these classes on the pretrained features
+    return model
 
 
 @dataclass(frozen=True)
@@ -236,7 +239,8 @@ def classifier_keys(model: torch.nn.Module) -> list[str]:
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, *,
                  allow_head_mismatch: bool) -> bool:
-    """Load `state` into `model`; returns True when the head was left fresh because its shape differed.
+    """Load `state` into `model`; returns True when the head was left new (at zero, see zero_new_head) because its
+    shape differed.
 
     Any other missing key, unexpected key or shape difference is a clear error naming the keys.
     """
@@ -261,4 +265,6 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
         raise EdgekdError(f"checkpoint {source} does not fit {model.__class__.__name__} "
                           f"({getattr(model, 'pretrained_cfg', {}).get('architecture', '?')}): {'; '.join(parts)}")
     model.load_state_dict(state, strict=False)
+    if head_mismatch:
+        zero_new_head(model)  # a new head on the checkpoint's features
     return bool(head_mismatch)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from edgekd.artifacts import sha256_file
 from edgekd.errors import EdgekdError
 from edgekd.models import (create_model, fetch_pretrained, fixed_input_size, load_weights, locate_pretrained,
-                           preprocess_for, read_state_dict, resolve_model_name, zero_new_head)
+                           preprocess_for, read_state_dict, resolve_model_name)
 from edgekd.types import StudentCheckpoint
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,6 @@ def initial_student(name: str, num_classes: int, image_size: tuple[int, int] | N
         model = build_student(name, num_classes, image_size)
         if load_weights(model, read_state_dict(init.checkpoint), str(init.checkpoint), allow_head_mismatch=True):
             log.info("student %s: new classifier (the checkpoint's head has another class count)", name)
-            zero_new_head(model)
         return StudentStart(model, f"checkpoint:{init.checkpoint}", fingerprint)
     if kind == "teacher-derived":
         if teacher_weights is None:
@@ -145,10 +144,8 @@ def initial_student(name: str, num_classes: int, image_size: tuple[int, int] | N
                             "teacher-derived", fingerprint)
     if kind == "pretrained":
         log.info("student %s starts from timm's pretrained weights (%s)", name, fingerprint.rsplit(":", 1)[0])
-        model = create_model(resolve_model_name(name), num_classes, image_size, pretrained=True)
-        if num_classes != model.pretrained_cfg.get("num_classes", num_classes):
-            zero_new_head(model)  # timm gave it a new head for these classes
-        return StudentStart(model, "pretrained", fingerprint)
+        return StudentStart(create_model(resolve_model_name(name), num_classes, image_size, pretrained=True),
+                            "pretrained", fingerprint)
     if init.pretrained:
         log.warning("student %s starts from RANDOM weights: timm's pretrained weights for it are not in the local "
                     "Hugging Face cache and the hub is unreachable; give weights with --student-checkpoint PATH", name)

@@ -16,7 +16,7 @@ from edgekd.data import LoadedData, ModelInputs, make_loader
 from edgekd.errors import EdgekdError
 from edgekd.finetune import train_classifier
 from edgekd.models import (classifier_keys, count_params, create_model, fetch_pretrained, load_weights,
-                           preprocess_for, read_state_dict, resolve_model_name, zero_new_head)
+                           preprocess_for, read_state_dict, resolve_model_name)
 from edgekd.train_utils import Compute, evaluate, pick_device, seed_everything
 from edgekd.types import TeacherResult, TeacherSpec, TrainConfig
 
@@ -62,9 +62,7 @@ def prepare_teacher(spec: TeacherSpec, data: LoadedData, out_dir: Path, *, image
     labeled = data.info.labeled
     num_classes = data.info.num_classes if labeled else _unlabeled_class_count(spec, image_size)
     seed_everything(train_config.seed)  # a fresh head (or a random model) starts from the same weights every run
-    model, source, fresh_head = build_teacher(spec, num_classes, image_size)
-    if fresh_head and source != "random":
-        zero_new_head(model)
+    model, source, fresh_head = build_teacher(spec, num_classes, image_size)  # a new head on real weights is zero
     model_name = resolve_model_name(spec.name)
     preprocess = preprocess_for(model, image_size)
     history: list[dict[str, float]] = []

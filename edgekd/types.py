@@ -100,7 +100,6 @@ class TrainConfig:
         return asdict(replace(self, num_workers=None, device="auto", channels_last=None))
 
 
-
 @dataclass(frozen=True)
 class TeacherResult:
     """A teacher ready to distil: weights on disk, its preprocessing and its measured accuracy."""

@@ -94,6 +94,8 @@ def test_pretrained_default_loads_timm_weights_from_the_local_hub_cache(offline_
     start = initial_student(LITE0, 10, (64, 64), StudentInit())
     assert start.source == "pretrained" and "tf_efficientnet_lite0.in1k" in start.fingerprint
     assert torch.equal(features(start.model, X), features(reference_lite0(), X))
+    head = start.model.get_classifier()
+    assert head.out_features == 10 and not head.weight.any() and not head.bias.any()  # timm's new head, zeroed
 
 
 def test_selection_table_says_which_candidates_start_from_real_weights(offline_hub, tmp_path):
