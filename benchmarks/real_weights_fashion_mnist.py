@@ -138,7 +138,8 @@ def pct(value: float | None) -> str:
 
 def render(result: dict) -> str:
     """The results as Markdown tables."""
-    lines = [f"<!-- Made by `{result['command']}` on the 2-core dev host; {result['data']}, {result['input_size']} px. -->",
+    lines = [f"<!-- Made by `{result['command']}` on the 2-core dev host; {result['data']}, "
+             f"{result['input_size']} px. -->",
              "", "# Real ImageNet weights end to end (Fashion-MNIST, 64 px, host)", "",
              f"## A. Fitting the pretrained {result['teacher']} teacher ({result['teacher_epochs']:g} epochs each)", "",
              "| recipe | val top-1 | first-epoch train loss | peak RSS GB |", "|---|---|---|---|"]
@@ -147,7 +148,8 @@ def render(result: dict) -> str:
         lines.append(f"| {row['recipe']} | {pct(row['val_top1'])} | {loss} | {row['peak_rss_gb']:.2f} |")
     lines += ["", "(Wall seconds are in the JSON; they are no speed figure: other work shared the 2 cores.)"]
     lines += ["", f"## B. `edgekd compress` at two budgets, and from the pool alone ({result['epochs']:g} distillation "
-              "epochs)", "", "| run | teacher top-1 | teacher p50 / p90 ms | student (start) | shipped | student top-1 fp32 / shipped"
+              "epochs)", "", "| run | teacher top-1 | teacher p50 / p90 ms | student (start) | shipped "
+              "| student top-1 fp32 / shipped"
               " | agreement | student p50 / p90 ms | meets | speed-up | size ratio | labels only | random start |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["compress"]:

@@ -97,8 +97,8 @@ FashionMnistRoot = Annotated[Optional[Path], typer.Option("--fashion-mnist-root"
 Epochs = Annotated[float, typer.Option("--epochs", help="Training epochs (fractions allowed).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Global batch, split across torchrun processes.")]
 LearningRate = Annotated[Optional[float], typer.Option(
-    "--lr", help="Peak learning rate of the head (AdamW, warm-up + cosine; in compress: of distillation). Default: from "
-    "real weights 4e-3 for CNNs and 5e-4 x batch/256 for transformers, with the backbone's layers at rates decaying "
+    "--lr", help="Peak learning rate of the head (AdamW, warm-up + cosine; in compress: of distillation). Default: "
+    "from real weights 4e-3 for CNNs and 5e-4 x batch/256 for transformers, with the backbone's layers at rates decaying "
     "with depth (timm's layer-wise decay); from random weights 2e-3 for every layer.")]
 Losses = Annotated[list[str], typer.Option(
     "--loss", help="name=weight or name=start:end (ramped over training), repeatable; known: ce, kd, dkd, wsl, "

@@ -362,7 +362,8 @@ def _decide(best: tuple[Trial, Path] | None, fp32_top1: float | None, fp32_ms: f
     speed = f", {fp32_ms / trial.latency_ms:.2f}x faster than fp32" if fp32_ms and trial.latency_ms else ""
     calibrated = f", {trial.calibration_method} calibration" if trial.calibration_method else ""
     return QuantDecision(trial.precision, out_path, isa, trial.preset, fp32_top1, fp32_ms, trial.latency_ms,
-                         trials=trials, reason=f"{trial.preset.name}{calibrated}: accuracy drop {trial.accuracy_drop:.2f} "
+                         trials=trials, reason=f"{trial.preset.name}{calibrated}: accuracy drop "
+                                                f"{trial.accuracy_drop:.2f} "
                                                 f"points, agreement {trial.agreement:.1%}{speed}")
 
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from edgekd.errors import EdgekdError
 from edgekd.latency import LatencyStats
 
-RULE = ("among candidates whose measured p90 fits the budget, real starting weights first (checkpoint, teacher-derived, "
-        "pretrained) before random ones; among real starts a teacher-derived student first, then the highest "
-        "published ImageNet-1k top-1 (a proxy for the pretrained weights only); among random starts the most MACs; "
-        "ties: lower p90")
+RULE = ("among candidates whose measured p90 fits the budget, real starting weights first (checkpoint, "
+        "teacher-derived, pretrained) before random ones; among real starts a teacher-derived student first, then "
+        "the highest published ImageNet-1k top-1 (a proxy for the pretrained weights only); among random starts the "
+        "most MACs; ties: lower p90")
 DERIVED_FAMILY = "teacher-derived"
 
 _BUDGET_RE = re.compile(r"^\s*(?P<value>[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)\s*(?P<unit>ms|s|us|µs)?\s*$", re.I)

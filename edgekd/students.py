@@ -138,7 +138,8 @@ def initial_student(name: str, num_classes: int, image_size: tuple[int, int] | N
         return StudentStart(model, f"checkpoint:{init.checkpoint}", fingerprint)
     if kind == "teacher-derived":
         if teacher_weights is None:
-            raise EdgekdError(f"{name} starts from its teacher's weights; give the teacher (--teacher-dir or --teacher)")
+            raise EdgekdError(f"{name} starts from its teacher's weights; give the teacher "
+                              "(--teacher-dir or --teacher)")
         log.info("student %s starts from the teacher's own weights", name)
         return StudentStart(derive_from_teacher(name, load_file(str(teacher_weights)), num_classes, image_size),
                             "teacher-derived", fingerprint)
