@@ -18,7 +18,7 @@ DEMO_BUDGET ?= 0.35ms
 # where timm's pretrained loader finds them as it would find a download: the demo runs edgekd's default path offline.
 DEMO_HUB_CACHE ?= runs/hf-hub
 
-.PHONY: install demo test clean
+.PHONY: install demo test optimum-env clean
 
 $(BIN)/edgekd: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,5 +40,12 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Hugging Face Optimum, for the side-by-side in benchmarks/quantization_host.py: its own environment, because it
+# pins huggingface_hub < 1.0, which edgekd's timm does not accept. Same onnxruntime as edgekd's.
+optimum-env:
+	$(PYTHON) -m venv .venv-optimum
+	.venv-optimum/bin/pip install --quiet "optimum[onnxruntime]==2.1.0" "optimum-onnx==0.1.0" "onnxruntime==1.32.0" \
+		"datasets<4.4" "huggingface_hub<1.0"
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-optimum runs .pytest_cache

@@ -24,7 +24,8 @@ from edgekd.data import LoadedData
 from edgekd.errors import EdgekdError
 from edgekd.export import export_with_parity
 from edgekd.latency import measure_onnx
-from edgekd.quantize import GuardConfig, QuantDecision, guarded_quantize, quantize_onnx
+from edgekd.candidates import table_timing
+from edgekd.quantize import GuardConfig, QuantDecision, Timing, guarded_quantize, quantize_onnx
 from edgekd.runtime import MODEL_NAME, PREPROCESS_NAME
 from edgekd.students import load_student
 from edgekd.types import Artifact, Preprocess, StudentCheckpoint
@@ -49,6 +50,7 @@ class BundleOptions:
     ort_format: bool = False  # also write model.ort for onnxruntime-mobile
     threads: int = 1  # for timing: int8 ships only where it beats fp32 at this thread count
     time_models: bool = True
+    latency_table: Path | None = None  # a probe pack's table: int8 ships where the device's figures say it pays
     timing_seconds: float = 1.0
     calibration_images: int = 256
     validation_images: int | None = 1000
@@ -104,9 +106,10 @@ def _build(model: torch.nn.Module, checkpoint: StudentCheckpoint, work: Path, st
     if evalset is not None and data is not None and int8:
         calibration_set = preprocess_records(data.train, pre, options.calibration_images)
         calibration = calibration_set.images
-        timer = _timer(options, pre) if options.time_models else None
+        timer, source = _timer(options, checkpoint.model_name, pre)
         decision = guarded_quantize(fp32_path, model_path, evalset=evalset, calibration=calibration, isa=options.isa,
-                                    precisions=int8, guard=options.guard, search=options.search, timing=timer)
+                                    precisions=int8, guard=options.guard, search=options.search, timing=timer,
+                                    latency_source=source)
         precision = decision.precision
     else:
         # fp16 needs no calibration, but it ships only when checked on real images (below); without them, fp32.
@@ -152,12 +155,19 @@ def write_ort_format(onnx_path: Path, ort_path: Path) -> Path:
     return ort_path
 
 
-def _timer(options: BundleOptions, pre: Preprocess):
-    def p50_ms(path: Path) -> float:
+def _timer(options: BundleOptions, model_name: str, pre: Preprocess) -> tuple[Timing | None, str]:
+    """How the guard learns whether int8 pays: timed here for the host, read from the device's latency table for
+    a probe-pack profile, not at all for a probe profile without its table (the first passing form ships)."""
+    if options.latency_table is not None:
+        return table_timing(options.latency_table, model_name, pre.input_size), "p50 on the device, latency table"
+    if not options.time_models:
+        return None, "not timed"
+
+    def p50_ms(path: Path, precision: str) -> float:
         return measure_onnx(path, pre.input_size, threads=options.threads, min_seconds=options.timing_seconds,
                             min_runs=10).p50_ms
 
-    return p50_ms
+    return p50_ms, f"p50 timed here, {options.threads} thread(s)"
 
 
 def _manifest(folder: Path, checkpoint: StudentCheckpoint, options: BundleOptions, parity: Parity,

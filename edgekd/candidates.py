@@ -16,7 +16,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -227,7 +227,7 @@ def _measure_one(name: str, profile: DeviceProfile, num_classes: int, image_size
     input_size = (int(info["input_size"][0]), int(info["input_size"][1]), int(info["input_size"][2]))
     base = Candidate(name, family, info["params"], info["macs"], input_size, top1, top1_source)
     if table is not None:
-        return replace(base, measurements=tuple(_from_table(table, name, p, input_size, profile)
+        return replace(base, measurements=tuple(_from_table(table, name, p, input_size, profile.table_path)
                                                 for p in profile.precisions))
     keys = {p: _latency_key(profile, name, input_size, num_classes, p, timing) for p in profile.precisions}
     found = {p: _cache_read(cache, key) for p, key in keys.items()}
@@ -336,8 +336,8 @@ def read_table_rows(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
 
 
 def _from_table(table: dict[tuple[str, str], dict[str, Any]], name: str, precision: str,
-                input_size: tuple[int, ...], profile: DeviceProfile) -> Measurement:
-    source = f"measured on the device (table {profile.table_path})"
+                input_size: tuple[int, ...], table_path: Path | None) -> Measurement:
+    source = f"measured on the device (table {table_path})"
     row = table.get((name, precision))
     if row is None:
         return Measurement(precision, None, source, error="not in the latency table; make a new probe pack")
@@ -347,6 +347,19 @@ def _from_table(table: dict[tuple[str, str], dict[str, Any]], name: str, precisi
     if tuple(stats.input_shape[1:]) != tuple(input_size):
         return Measurement(precision, None, source, error=f"measured at {stats.input_shape[1:]}, not {input_size}")
     return Measurement(precision, stats, source)
+
+
+def table_timing(table_path: Path, model_name: str, input_size: tuple[int, ...]) -> Callable[[Path, str], float | None]:
+    """The accuracy guard's latencies on a probe-pack profile: each precision's p50 on the device, from its latency
+    table (timing the file here would measure the host, not the device). None: the device has no figure for that
+    precision (it failed there, or was never probed), so that form cannot be shown to pay."""
+    table = read_table_rows(table_path)
+
+    def device_p50_ms(path: Path, precision: str) -> float | None:
+        measured = _from_table(table, model_name, precision, input_size, table_path)
+        return measured.stats.p50_ms if measured.stats is not None else None
+
+    return device_p50_ms
 
 
 def _cache_read(cache: Path, key: dict[str, Any]) -> dict[str, Any] | None:

@@ -360,6 +360,7 @@ def export_command(
         guard=GuardConfig(max_accuracy_drop=max_accuracy_drop, calibration_method=calibration), threads=device.threads,
         overwrite=overwrite,
         time_models=device.latency == "host", calibration_images=max_train or 512, validation_images=max_val,
+        latency_table=device.table_path if device.latency == "table" else None,
         ort_format=device.ort_format if ort_format is None else ort_format)
     result = bundle_from_checkpoint(student, out, loaded, options)
     accuracy = "" if result.shipped.top1 is None else \

@@ -36,8 +36,8 @@ def export_onnx(model: torch.nn.Module, path: Path, input_size: tuple[int, int, 
     """Export `model` to `path` (input "input", output "logits", dynamic batch axis), whole or not at all.
 
     The file is written only after `onnx.checker` passes, ONNX Runtime's portable (basic-level) graph
-    optimisation ran (plus the transformer fusions for attention models), and ORT reproduces torch's logits on
-    `check_inputs` (random inputs when None): an export that breaks parity is an error, not a file.
+    optimisation ran, and ORT reproduces torch's logits on `check_inputs` (random inputs when None): an export
+    that breaks parity is an error, not a file.
     """
     return export_with_parity(model, path, input_size, opset=opset, check_inputs=check_inputs, optimize=optimize)[0]
 
@@ -208,31 +208,23 @@ def classifier_input_shape(path: Path) -> tuple[int, int, int]:
 
 
 def is_transformer(model: onnx.ModelProto) -> bool:
-    """Attention models (Softmax + MatMul + LayerNormalization) get the onnxruntime.transformers fusions."""
+    """Attention models (Softmax + MatMul + LayerNormalization): int8 quantizes their weight MatMuls only."""
     ops = {node.op_type for node in model.graph.node}
-    return {"Softmax", "MatMul"} <= ops and bool(ops & {"LayerNormalization", "ReduceMean"})
+    return {"Softmax", "MatMul"} <= ops and bool(ops & {"LayerNormalization", "SkipLayerNormalization", "ReduceMean"})
 
 
 def optimize_graph(path: Path) -> None:
-    """Rewrite `path` in place with ORT's hardware-independent (basic) optimisations, and transformer fusions.
+    """Rewrite `path` in place with ORT's hardware-independent (basic) optimisations.
 
     Only the basic level is saved: extended/layout optimisations are specific to the machine that runs them,
-    and ORT applies them itself when the app creates its session.
+    and ORT applies them itself when the app creates its session. Transformers get no onnxruntime.transformers
+    fusions either: on CPU their SkipLayerNormalization kernels made DeiT-tiny slower, fp32 and int8 alike
+    (benchmarks/results/quantization_host.md, "fp32 (transformer fusions)" row).
     """
-    model = onnx.load(str(path))
-    if is_transformer(model):
-        from onnxruntime.transformers.optimizer import optimize_model
-
-        with quiet_onnxruntime():
-            optimized = optimize_model(str(path), model_type="vit", num_heads=0, hidden_size=0, opt_level=1,
-                                       use_gpu=False)
-        log.debug("transformer fusions: %s", {k: v for k, v in optimized.get_fused_operator_statistics().items() if v})
-        optimized.save_model_to_file(str(path))
-    else:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        options.optimized_model_filepath = str(path)
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(path)
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     onnx.checker.check_model(str(path))
 
 

@@ -168,8 +168,9 @@ def _export(config: CompressConfig, stages: Stages, run_dir: Path, profile: Devi
                                               calibration_method=config.calibration_method),
                             ort_format=profile.ort_format, threads=profile.threads,
                             time_models=profile.latency == "host", validation_images=config.eval_images,
-                            overwrite=True)
-    key = config_hash({"student": sha256_file(student.weights_path), "options": _jsonable(options)})
+                            latency_table=profile.table_path if profile.latency == "table" else None, overwrite=True)
+    table = sha256_file(options.latency_table) if options.latency_table else None  # a re-probed device re-decides
+    key = config_hash({"student": sha256_file(student.weights_path), "options": _jsonable(options), "table": table})
     if stages.fresh("export", key, bundle_dir / "model.onnx"):
         log.info("export: reusing %s", bundle_dir)
         return bundle_dir, key

@@ -24,10 +24,10 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 
 from edgekd.artifacts import atomic_path
 from edgekd.errors import EdgekdError, first_line
-from edgekd.export import check_model, quiet_onnxruntime
+from edgekd.export import check_model, is_transformer, quiet_onnxruntime
 from edgekd.latency import ORT_RUN_ERRORS
 from edgekd.sensitivity import NodeSensitivity, rank_sensitive_nodes
-from edgekd.verify import INPUT_NAME, EvalSet, evaluate_onnx, metrics_from_predictions, onnx_logits
+from edgekd.verify import INPUT_NAME, PARITY_RTOL, EvalSet, evaluate_onnx, metrics_from_predictions, onnx_logits
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,10 @@ class QuantPreset:
     per_channel: bool = True
     reduce_range: bool = False  # 7-bit weights: avoids int16 saturation in AVX2/AVX-512 (non-VNNI) u8s8 kernels
     op_types: tuple[str, ...] | None = None  # None: every op type the quantizer supports
+    # Transformers: only MatMuls with a weight (activation-by-activation MatMuls such as Q.K^T stay float), and their
+    # outputs stay float, so ORT runs them as MatMulIntegerToFloat and LayerNorm/Softmax/GELU/residual Adds see fp32.
+    weight_matmuls_only: bool = False
+    float_outputs: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +64,9 @@ class QuantPreset:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> QuantPreset:
         return cls(**{**raw, "op_types": tuple(raw["op_types"]) if raw.get("op_types") else None})
+
+
+WEIGHT_OP_TYPES = ("MatMul", "Gemm")
 
 
 U8S8 = QuantPreset("u8s8_qdq_per_channel", "static")
@@ -70,6 +77,10 @@ U8S8_PER_TENSOR = replace(U8S8, name="u8s8_qdq_per_tensor", per_channel=False)
 DYNAMIC_MATMUL = QuantPreset("dynamic_matmul", "dynamic", quant_format="qoperator", per_channel=False,
                              op_types=DYNAMIC_OP_TYPES)
 DYNAMIC_MATMUL_REDUCED = replace(DYNAMIC_MATMUL, name="dynamic_matmul_reduce_range", reduce_range=True)
+# The static recipe for transformers: quantizing every op type (Softmax, LayerNorm inputs, residual Adds, Q.K^T)
+# cost DeiT-tiny 10-12 points; weight MatMuls alone keep it within a point and run as fast as dynamic int8.
+U8S8_MATMUL = replace(U8S8, name="u8s8_qdq_weight_matmul", op_types=WEIGHT_OP_TYPES, weight_matmuls_only=True,
+                      float_outputs=True)
 
 # The first static and first dynamic preset of each ISA are its defaults; the rest are what the search tries.
 ISA_PRESETS: dict[str, tuple[QuantPreset, ...]] = {
@@ -80,15 +91,26 @@ ISA_PRESETS: dict[str, tuple[QuantPreset, ...]] = {
 }
 
 
-def presets_for(isa: str, mode: str | None = None) -> tuple[QuantPreset, ...]:
-    """The presets of an ISA, defaults first; `mode` keeps only "static" or "dynamic" ones."""
+# Transformers put the weight-MatMul recipe first (their default), typed like the ISA's own default static preset.
+TRANSFORMER_PRESETS: dict[str, QuantPreset] = {
+    "avx512_vnni": U8S8_MATMUL,
+    "avx512": replace(U8S8_MATMUL, name="u8s8_qdq_weight_matmul_reduce_range", reduce_range=True),
+    "avx2": replace(U8S8_MATMUL, name="u8s8_qdq_weight_matmul_reduce_range", reduce_range=True),
+    "arm64": replace(U8S8_MATMUL, name="s8s8_qdq_weight_matmul", activation_type="int8"),
+}
+
+
+def presets_for(isa: str, mode: str | None = None, transformer: bool = False) -> tuple[QuantPreset, ...]:
+    """The presets of an ISA, defaults first; `mode` keeps only "static" or "dynamic" ones; `transformer` puts the
+    weight-MatMul recipe first."""
     if isa not in ISA_PRESETS:
         raise EdgekdError(f"unknown ISA {isa!r}; use one of {', '.join(ISAS)}")
-    return tuple(p for p in ISA_PRESETS[isa] if mode is None or p.mode == mode)
+    presets = ((TRANSFORMER_PRESETS[isa],) if transformer else ()) + ISA_PRESETS[isa]
+    return tuple(p for p in presets if mode is None or p.mode == mode)
 
 
-def default_preset(isa: str, precision: str) -> QuantPreset:
-    return presets_for(isa, "static" if precision == "int8_static" else "dynamic")[0]
+def default_preset(isa: str, precision: str, transformer: bool = False) -> QuantPreset:
+    return presets_for(isa, "static" if precision == "int8_static" else "dynamic", transformer)[0]
 
 
 class ArrayCalibrationReader(CalibrationDataReader):
@@ -121,11 +143,13 @@ def check_calibration(calibration: np.ndarray | None, input_shape: tuple[int, ..
     return calibration
 
 
-def prepare_for_quantization(fp32_path: Path, out_path: Path) -> Path:
-    """quant_pre_process: symbolic shape inference + ORT graph optimisation, which the quantizer relies on.
+def prepare_for_quantization(fp32_path: Path, out_path: Path, check_inputs: np.ndarray | None = None) -> Path:
+    """quant_pre_process (symbolic shape inference + ORT graph optimisation, which the quantizer relies on), checked
+    like an export: the prepared graph must reproduce the fp32 file's logits on `check_inputs` (random when None).
 
     Some graphs (e.g. efficientvit_m2) defeat ORT's symbolic shape inference; ONNX's own shape inference is
-    enough for the quantizer there, so retry without it rather than lose int8 for that model.
+    enough for the quantizer there, so retry without it rather than lose int8 for that model. A prepared graph that
+    breaks parity is prepared again without ORT's optimisation, and is an error if it still does.
     """
     source, target = str(Path(fp32_path).resolve()), str(Path(out_path).resolve())
     with quiet_onnxruntime(), _inside_scratch_folder():
@@ -137,7 +161,44 @@ def prepare_for_quantization(fp32_path: Path, out_path: Path) -> Path:
             log.info("symbolic shape inference failed for %s; quantizing with ONNX shape inference only",
                      Path(fp32_path).name)
             quant_pre_process(source, target, skip_symbolic_shape=True)
+        _name_every_node(Path(target))
+        if check_inputs is None:
+            shape = _input_chw(check_model(Path(fp32_path)))
+            check_inputs = np.random.default_rng(0).standard_normal((2, *shape)).astype(np.float32)
+        difference = _logit_difference(Path(source), Path(target), check_inputs)
+        if difference is not None:
+            log.info("quant_pre_process changed %s's logits by %.3g; preparing it without graph optimisation",
+                     Path(fp32_path).name, difference)
+            quant_pre_process(source, target, skip_optimization=True, skip_symbolic_shape=True)
+            _name_every_node(Path(target))
+            difference = _logit_difference(Path(source), Path(target), check_inputs)
+            if difference is not None:
+                raise EdgekdError(f"onnxruntime's quant_pre_process changes {Path(fp32_path).name}'s logits by "
+                                  f"{difference:.3g}; quantize it with --precision fp32 or report the model")
     return out_path
+
+
+def _name_every_node(path: Path) -> None:
+    """Give unnamed nodes a name: the quantizer excludes nodes by name, so an unnamed one could be ranked the most
+    sensitive and still not be kept in float."""
+    model = onnx.load(str(path))
+    taken = {node.name for node in model.graph.node}
+    unnamed = [node for node in model.graph.node if not node.name]
+    for index, node in enumerate(unnamed):
+        name = f"{node.op_type}_unnamed_{index}"
+        while name in taken:
+            name += "_"
+        node.name = name
+        taken.add(name)
+    if unnamed:
+        onnx.save(model, str(path))
+
+
+def _logit_difference(reference: Path, candidate: Path, images: np.ndarray) -> float | None:
+    """The largest |logit difference| when it is beyond export parity (PARITY_RTOL of the largest logit), else None."""
+    expected, actual = onnx_logits(reference, images), onnx_logits(candidate, images)
+    difference = float(np.abs(actual - expected).max())
+    return difference if difference > PARITY_RTOL * max(1.0, float(np.abs(expected).max())) else None
 
 
 @contextlib.contextmanager
@@ -172,11 +233,12 @@ def quantize_onnx(fp32_path: Path, out_path: Path, precision: str, *, isa: str =
         elif precision == "fp16":
             _to_fp16(model, tmp)
         else:
-            preset = preset or default_preset(isa, precision)
+            preset = preset or default_preset(isa, precision, is_transformer(model))
             if preset.mode != precision.removeprefix("int8_"):
                 raise EdgekdError(f"preset {preset.name} is {preset.mode}, not {precision}")
-            source = fp32_path if prepared else prepare_for_quantization(fp32_path, Path(work) / "prepared.onnx")
             images = check_calibration(calibration, _input_chw(model)) if preset.mode == "static" else None
+            source = fp32_path if prepared else prepare_for_quantization(fp32_path, Path(work) / "prepared.onnx",
+                                                                         None if images is None else images[:8])
             try:
                 if images is not None:
                     _quantize_static(source, tmp, preset, images, calibration_method, nodes_to_exclude)
@@ -196,7 +258,11 @@ def _quantize_static(source: Path, target: Path, preset: QuantPreset, images: np
                      exclude: tuple[str, ...]) -> None:
     if method not in CALIBRATION_METHODS:
         raise EdgekdError(f"unknown calibration method {method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
-    extra = {"ActivationSymmetric": preset.activation_type == "int8", "WeightSymmetric": True}
+    extra: dict[str, Any] = {"ActivationSymmetric": preset.activation_type == "int8", "WeightSymmetric": True}
+    if preset.weight_matmuls_only:  # the QDQ quantizer ignores its MatMulConstBOnly option: exclude them by name
+        exclude += _activation_matmuls(source)
+    if preset.float_outputs:
+        extra["OpTypesToExcludeOutputQuantization"] = list(preset.op_types or ())
     if method == "percentile":
         extra["CalibPercentile"] = 99.999
     # Histogram calibrators (entropy, percentile) fail in onnxruntime when the last batch is smaller than the others
@@ -209,6 +275,13 @@ def _quantize_static(source: Path, target: Path, preset: QuantPreset, images: np
                         activation_type=_TYPES[preset.activation_type], weight_type=_TYPES[preset.weight_type],
                         nodes_to_exclude=list(exclude), calibrate_method=CALIBRATION_METHODS[method],
                         extra_options=extra)
+
+
+def _activation_matmuls(path: Path) -> tuple[str, ...]:
+    """MatMuls of two activations (attention's Q.K^T and A.V): no weight to quantize, and int8 costs them accuracy."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+    return tuple(n.name for n in graph.node if n.op_type == "MatMul" and not set(n.input) & weights)
 
 
 def _quantize_dynamic(source: Path, target: Path, preset: QuantPreset, exclude: tuple[str, ...]) -> None:
@@ -238,6 +311,8 @@ def _input_chw(model: onnx.ModelProto) -> tuple[int, ...] | None:
 
 
 # ------------------------------------------------------------------------------------------ accuracy guard + search
+
+Timing = Callable[[Path, str], "float | None"]  # (model file, its precision) -> p50 ms, None when unknown
 
 @dataclass(frozen=True)
 class GuardConfig:
@@ -292,14 +367,14 @@ class QuantDecision:
                 "trials": [t.to_dict() for t in self.trials]}
 
 
-def search_presets(isa: str, precisions: tuple[str, ...], search: bool,
-                   calibration_method: str = "minmax") -> tuple[tuple[str, QuantPreset, str], ...]:
+def search_presets(isa: str, precisions: tuple[str, ...], search: bool, calibration_method: str = "minmax",
+                   transformer: bool = False) -> tuple[tuple[str, QuantPreset, str], ...]:
     """(precision, preset, calibration method) to try: the ISA's defaults with `calibration_method`, or with
     `search` every preset of the ISA, the static ones with every calibration method."""
     chosen = []
     for precision in precisions:
         mode = precision.removeprefix("int8_")
-        presets = presets_for(isa, mode)
+        presets = presets_for(isa, mode, transformer)
         methods = tuple(CALIBRATION_METHODS) if search and mode == "static" else (calibration_method,)
         chosen += [(precision, p, m) for p in (presets if search else presets[:1]) for m in methods]
     return tuple(chosen)
@@ -308,36 +383,41 @@ def search_presets(isa: str, precisions: tuple[str, ...], search: bool,
 def guarded_quantize(fp32_path: Path, out_path: Path, *, evalset: EvalSet, calibration: np.ndarray,
                      isa: str = "avx2", precisions: tuple[str, ...] = ("int8_static", "int8_dynamic"),
                      guard: GuardConfig = GuardConfig(), search: bool = False,
-                     timing: Callable[[Path], float] | None = None) -> QuantDecision:
+                     timing: Timing | None = None, latency_source: str = "timed here") -> QuantDecision:
     """Quantize within the accuracy guard and ship the fastest passing form, or fp32 when int8 does not pay.
 
     Each (precision, preset) is tried; one whose accuracy drop exceeds the guard keeps its most sensitive nodes
-    in float and is quantized again, up to `guard.max_rounds` times. `timing(path) -> p50 ms` ranks the passing
-    forms against fp32 (without it the first passing form ships). Everything tried is in `trials`.
+    in float and is quantized again, up to `guard.max_rounds` times. `timing(path, precision) -> p50 ms` ranks the
+    passing forms against fp32 (without it the first passing form ships); a form it has no figure for (None: e.g.
+    the device's latency table says it failed there) does not ship. `latency_source` says where the figures come
+    from, for the reason. Everything tried is in `trials`.
     """
     unknown = [p for p in precisions if p not in ("int8_static", "int8_dynamic")]
     if unknown:
         raise EdgekdError(f"the accuracy guard handles int8_static and int8_dynamic, not {', '.join(unknown)}")
     fp32_predictions = onnx_logits(fp32_path, evalset.images).argmax(axis=1)
     fp32_top1 = metrics_from_predictions(fp32_predictions, evalset).top1
-    fp32_ms = timing(fp32_path) if timing else None
+    fp32_ms = timing(fp32_path, "fp32") if timing else None
     trials: list[Trial] = []
     best: tuple[Trial, Path] | None = None
     with tempfile.TemporaryDirectory(prefix="edgekd-guard-") as work:
-        prepared = prepare_for_quantization(fp32_path, Path(work) / "prepared.onnx")
+        prepared = prepare_for_quantization(fp32_path, Path(work) / "prepared.onnx", calibration[:8])
+        transformer = is_transformer(onnx.load(str(fp32_path), load_external_data=False))
         for index, (precision, preset, method) in enumerate(
-                search_presets(isa, precisions, search, guard.calibration_method)):
+                search_presets(isa, precisions, search, guard.calibration_method, transformer)):
             attempt = Path(work) / f"{index}_{preset.name}.onnx"
             rounds = _guarded_rounds(prepared, attempt, precision, preset, isa, evalset, calibration,
                                      replace(guard, calibration_method=method), fp32_predictions, fp32_top1)
             final = rounds[-1]
             if final.passed and timing:
-                final = replace(final, latency_ms=timing(attempt))
+                latency = timing(attempt, precision)
+                final = replace(final, latency_ms=latency) if latency is not None else replace(
+                    final, passed=False, error=f"no {precision} latency ({latency_source}): it cannot be shown to pay")
                 rounds[-1] = final
             trials += rounds
             if final.passed and (best is None or _faster(final, best[0])):
                 best = (final, attempt.rename(Path(work) / f"best_{index}.onnx"))
-        decision = _decide(best, fp32_top1, fp32_ms, isa, out_path, tuple(trials), guard.min_speedup)
+        decision = _decide(best, fp32_top1, fp32_ms, isa, out_path, tuple(trials), guard.min_speedup, latency_source)
         quantize_onnx(best[1] if decision.precision != "fp32" and best else fp32_path, out_path, "fp32")
     log.info("quantization: shipped %s (%s)", decision.precision, decision.reason)
     return decision
@@ -350,7 +430,7 @@ def _faster(candidate: Trial, incumbent: Trial) -> bool:
 
 
 def _decide(best: tuple[Trial, Path] | None, fp32_top1: float | None, fp32_ms: float | None, isa: str,
-            out_path: Path, trials: tuple[Trial, ...], min_speedup: float) -> QuantDecision:
+            out_path: Path, trials: tuple[Trial, ...], min_speedup: float, latency_source: str) -> QuantDecision:
     if best is None:
         return QuantDecision("fp32", out_path, isa, None, fp32_top1, fp32_ms, fp32_ms, trials=trials,
                              reason="no int8 form stayed within the accuracy guard")
@@ -358,8 +438,10 @@ def _decide(best: tuple[Trial, Path] | None, fp32_top1: float | None, fp32_ms: f
     if fp32_ms is not None and trial.latency_ms is not None and trial.latency_ms * min_speedup > fp32_ms:
         return QuantDecision("fp32", out_path, isa, None, fp32_top1, fp32_ms, fp32_ms, trials=trials,
                              reason=f"fastest int8 ({trial.preset.name}, {trial.latency_ms:.2f} ms) is no faster "
-                                    f"than fp32 ({fp32_ms:.2f} ms) by the {min_speedup:g}x it must gain")
-    speed = f", {fp32_ms / trial.latency_ms:.2f}x faster than fp32" if fp32_ms and trial.latency_ms else ""
+                                    f"than fp32 ({fp32_ms:.2f} ms) by the {min_speedup:g}x it must gain "
+                                    f"({latency_source})")
+    speed = f", {fp32_ms / trial.latency_ms:.2f}x faster than fp32 ({latency_source})" \
+        if fp32_ms and trial.latency_ms else ""
     calibrated = f", {trial.calibration_method} calibration" if trial.calibration_method else ""
     return QuantDecision(trial.precision, out_path, isa, trial.preset, fp32_top1, fp32_ms, trial.latency_ms,
                          trials=trials, reason=f"{trial.preset.name}{calibrated}: accuracy drop "

@@ -4,17 +4,22 @@ import json
 import re
 import subprocess
 import venv
+from dataclasses import replace
 from pathlib import Path
 
 import numpy
 import onnxruntime
 import pytest
 
+from edgekd.bundle import BundleOptions, bundle_from_checkpoint
 from edgekd.candidates import PoolEntry, TimingConfig, measure_candidates
 from edgekd.errors import EdgekdError
 from edgekd.probe import TABLE_NAME, write_probe_pack
 from edgekd.profiles import load_profile
+from edgekd.quantize import GuardConfig
 from edgekd.select import select_student
+from edgekd.students import read_student_checkpoint
+from tests.helpers.tiny_students import tiny_student
 
 NAMES = ["test_resnet", "derived:test_vit:depth=0.5"]
 POOL = (PoolEntry("test_resnet", "efficient CNN", 60.0, "test"),)
@@ -71,19 +76,24 @@ def test_a_probe_profile_is_not_timed_here(pack):
         measure_candidates(NAMES, profile, num_classes=10, image_size=(32, 32))
 
 
-def test_runner_in_a_bare_environment_and_its_table_as_profile(pack, tmp_path):
+@pytest.fixture(scope="module")
+def device_table(pack, tmp_path_factory) -> Path:
+    """The pack run in a fresh environment with only onnxruntime and numpy, as on the device: its latency table."""
     _, _, runner = pack
-    python = bare_python(tmp_path / "venv")
+    python = bare_python(tmp_path_factory.mktemp("venv"))
     isolated = subprocess.run([python, "-c", "import torch"], capture_output=True)
     assert isolated.returncode != 0  # nothing but onnxruntime and numpy there
     done = subprocess.run([python, str(runner)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    table_path = runner.parent / TABLE_NAME
-    table = json.loads(table_path.read_text())
+    return runner.parent / TABLE_NAME
+
+
+def test_runner_in_a_bare_environment_and_its_table_as_profile(device_table, tmp_path):
+    table = json.loads(device_table.read_text())
     assert all("stats" in row for row in table["rows"]) and table["device"]["onnxruntime"] == onnxruntime.__version__
 
-    profile = load_profile(str(table_path))
-    assert profile.latency == "table" and profile.table_path == table_path and profile.isa == "arm64"
+    profile = load_profile(str(device_table))
+    assert profile.latency == "table" and profile.table_path == device_table and profile.isa == "arm64"
     candidates = measure_candidates(NAMES + ["test_efficientnet"], profile, num_classes=10, image_size=(32, 32),
                                     pool=POOL, cache_dir=tmp_path / "cache")
     by_name = {c.model_name: c for c in candidates}
@@ -91,6 +101,30 @@ def test_runner_in_a_bare_environment_and_its_table_as_profile(pack, tmp_path):
         assert all(m.stats is not None and "table" in m.source for m in by_name[name].measurements)
     assert all("not in the latency table" in m.error for m in by_name["test_efficientnet"].measurements)
     assert select_student(candidates, 1000.0).chosen.model_name == "derived:test_vit:depth=0.5"
+
+
+def test_int8_pays_or_not_by_the_device_s_latencies(device_table, small_fmnist, tmp_path):
+    """On a probe-pack profile the guard compares the device's p50s from the table, never host timings; a form
+    the device could not run does not ship."""
+    checkpoint = read_student_checkpoint(tiny_student("test_resnet", small_fmnist))
+    rows = {(r["model_name"], r["precision"]): r for r in json.loads(device_table.read_text())["rows"]}
+    device_ms = {p: rows[("test_resnet", p)]["stats"]["p50_ms"] for p in ("fp32", "int8_dynamic")}
+    profile = load_profile(str(device_table))
+    options = BundleOptions(isa=profile.isa, precisions=("int8_dynamic",), time_models=False,
+                            latency_table=device_table, guard=GuardConfig(max_accuracy_drop=100.0))
+    decision = bundle_from_checkpoint(checkpoint, tmp_path / "bundle", small_fmnist, options).decision
+    assert decision.fp32_latency_ms == device_ms["fp32"]
+    assert decision.trials[-1].latency_ms == device_ms["int8_dynamic"] and "latency table" in decision.reason
+    assert decision.precision == ("int8_dynamic" if device_ms["int8_dynamic"] * 1.05 < device_ms["fp32"] else "fp32")
+
+    failed = json.loads(device_table.read_text())  # the same device, where int8 failed to run
+    for row in failed["rows"]:
+        if row["precision"] == "int8_dynamic":
+            row["error"] = "NOT_IMPLEMENTED: DynamicQuantizeLinear"
+    (tmp_path / "failed.json").write_text(json.dumps(failed))
+    options = replace(options, latency_table=tmp_path / "failed.json")
+    decision = bundle_from_checkpoint(checkpoint, tmp_path / "bundle2", small_fmnist, options).decision
+    assert decision.precision == "fp32" and "cannot be shown to pay" in decision.trials[-1].error
 
 
 def test_pack_refuses_a_folder_that_is_not_a_pack(pack, tmp_path):

@@ -12,11 +12,11 @@ import pytest
 from edgekd.errors import EdgekdError
 from edgekd.export import export_onnx
 from edgekd.latency import measure_onnx
-from edgekd.quantize import (GuardConfig, check_calibration, default_preset, guarded_quantize,
+from edgekd.quantize import (GuardConfig, _logit_difference, check_calibration, default_preset, guarded_quantize,
                              prepare_for_quantization, presets_for, quantize_onnx)
 from edgekd.sensitivity import rank_sensitive_nodes
 from edgekd.students import load_student, read_student_checkpoint
-from edgekd.verify import EvalSet, evaluate_onnx, onnx_logits, preprocess_records
+from edgekd.verify import EvalSet, batch_dependent, evaluate_onnx, onnx_logits, preprocess_records, session
 from tests.helpers.tiny_students import tiny_student
 
 
@@ -70,6 +70,54 @@ def test_dynamic_fp16_and_fp32_forms(resnet, small_fmnist, tmp_path: Path) -> No
     assert evaluate_onnx(dynamic, vit_eval, onnx_logits(vit_fp32, vit_eval.images).argmax(1)).agreement >= 0.93
 
 
+def test_dynamic_int8_is_measured_one_image_at_a_time(resnet, tmp_path: Path) -> None:
+    """Dynamic int8 takes one activation range per tensor, over the whole batch: a batch of 64 gives other answers
+    than the batch of 1 an app runs, so every measurement runs it one image at a time."""
+    fp32, evalset, _ = resnet
+    dynamic = quantize_onnx(fp32, tmp_path / "dynamic.onnx", "int8_dynamic")
+    images = evalset.images[:64]
+    one_by_one = np.concatenate([session(dynamic).run(None, {"input": image[None]})[0] for image in images])
+    batched = session(dynamic).run(None, {"input": images})[0]
+    assert batch_dependent(dynamic) and not batch_dependent(fp32)
+    assert not np.array_equal(batched, one_by_one)  # so the equality below means something
+    np.testing.assert_array_equal(onnx_logits(dynamic, images), one_by_one)
+
+
+def test_transformers_quantize_their_weight_matmuls_only(small_fmnist, tmp_path: Path) -> None:
+    """The static recipe for attention models: MatMuls with a weight in int8 with float outputs; Q.K^T, Softmax,
+    LayerNorm, GELU and the residual Adds in float."""
+    vit = read_student_checkpoint(tiny_student("test_vit", small_fmnist))
+    fp32 = export_onnx(load_student(vit), tmp_path / "vit.onnx", vit.preprocess.input_size)
+    evalset = preprocess_records(small_fmnist.val, vit.preprocess, limit=200)
+    calibration = preprocess_records(small_fmnist.train, vit.preprocess, limit=64).images
+    assert default_preset("avx512_vnni", "int8_static", transformer=True).name == "u8s8_qdq_weight_matmul"
+    int8 = quantize_onnx(fp32, tmp_path / "vit_int8.onnx", "int8_static", isa="avx512_vnni", calibration=calibration)
+    graph = onnx.load(str(int8)).graph
+    weights = {init.name for init in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    with_weight = [n for n in matmuls if producers.get(n.input[1], n).op_type == "DequantizeLinear"]
+    activations = [n for n in matmuls if n not in with_weight]
+    assert with_weight and activations  # both kinds exist in a ViT
+    assert all(producers[n.input[1]].input[0] in weights for n in with_weight)  # int8 weights, dequantized
+    assert not any(producers.get(n.input[i], n).op_type == "DequantizeLinear" for n in activations for i in (0, 1))
+    consumers = {name for node in graph.node if node.op_type == "QuantizeLinear" for name in node.input}
+    assert not any(n.output[0] in consumers for n in matmuls)  # MatMul outputs stay float
+    quantized_ops = {node.op_type for node in graph.node if node.op_type != "DequantizeLinear"
+                     and any(producers.get(i, node).op_type == "DequantizeLinear" for i in node.input)}
+    assert quantized_ops <= {"MatMul", "Gemm"}  # nothing else sees int8
+    reference = onnx_logits(fp32, evalset.images).argmax(1)
+    assert evaluate_onnx(int8, evalset, reference).agreement >= 0.95
+
+
+def test_a_prepared_graph_is_checked_against_the_export(resnet, tmp_path: Path) -> None:
+    fp32, evalset, calibration = resnet
+    prepared = prepare_for_quantization(fp32, tmp_path / "prepared.onnx", calibration[:8])
+    assert _logit_difference(fp32, prepared, evalset.images[:32]) is None
+    int8 = quantize_onnx(prepared, tmp_path / "int8.onnx", "int8_static", calibration=calibration, prepared=True)
+    assert _logit_difference(fp32, int8, evalset.images[:32]) > 0  # the same check does catch a changed graph
+
+
 def test_calibration_with_too_few_images_says_how_many(resnet, tmp_path: Path) -> None:
     fp32, _, calibration = resnet
     with pytest.raises(EdgekdError, match="at least 32 images, got 5"):
@@ -108,7 +156,7 @@ def test_guard_keeps_the_most_sensitive_nodes_in_float(resnet, tmp_path: Path) -
 def test_guard_passes_and_ships_int8_only_when_it_is_faster(resnet, tmp_path: Path) -> None:
     fp32, evalset, calibration = resnet
 
-    def p50_ms(path: Path) -> float:
+    def p50_ms(path: Path, precision: str) -> float:
         return measure_onnx(path, (3, 32, 32), threads=1, min_seconds=0.05, min_runs=5, warmup=2).p50_ms
 
     decision = guarded_quantize(fp32, tmp_path / "model.onnx", evalset=evalset, calibration=calibration,
