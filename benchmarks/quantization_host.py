@@ -9,8 +9,7 @@ Part B (students trained on Fashion-MNIST at 64 px, measured in-domain on 1,000 
 calibrated on 256 stratified training images): each int8 form's top-1 drop and agreement with fp32 (dynamic int8
 one image at a time, as it ships; also at batch 64, the old measurement), Optimum's forms on the same files and
 calibration images, and what edgekd's accuracy guard ships by default.
-Part C (the accuracy guard on the real Lite0 and every photo crop): what ships at >= 97% agreement, by default and
-with --search-quantization.
+Part C (the accuracy guard on the real Lite0 and every photo crop): what ships when it must agree on >= 97%.
 
     flock /tmp/edgekd-cpu.lock python benchmarks/quantization_host.py [all|latency|students|photos|table]
 
@@ -250,18 +249,15 @@ def photos_stage(results: dict) -> None:
     shape = preprocess_for(model).input_size
     with tempfile.TemporaryDirectory() as folder:
         fp32 = export_onnx(model, Path(folder) / "fp32.onnx", shape)
-        entry = {}
-        for search in (False, True):
-            decision = guarded_quantize(fp32, Path(folder) / "shipped.onnx", evalset=evalset, calibration=calibration,
-                                        isa=isa, guard=GuardConfig(max_accuracy_drop=3.0), search=search,
-                                        timing=lambda path, _: p50_ms(path, shape))
-            trials = [{"preset": t.preset.name, "calibration": t.calibration_method, "excluded": len(t.excluded_nodes),
-                       "agreement": t.agreement, "latency_ms": t.latency_ms, "passed": t.passed, "error": t.error}
-                      for t in decision.trials]
-            entry["search" if search else "default"] = {
-                "precision": decision.precision, "reason": decision.reason, "fp32_ms": decision.fp32_latency_ms,
-                "trials": trials}
-            print(json.dumps(entry, indent=1), flush=True)
+        decision = guarded_quantize(fp32, Path(folder) / "shipped.onnx", evalset=evalset, calibration=calibration,
+                                    isa=isa, guard=GuardConfig(max_accuracy_drop=3.0),
+                                    timing=lambda path, _: p50_ms(path, shape))
+        trials = [{"preset": t.preset.name, "calibration": t.calibration_method, "excluded": len(t.excluded_nodes),
+                   "agreement": t.agreement, "latency_ms": t.latency_ms, "passed": t.passed, "error": t.error}
+                  for t in decision.trials]
+        entry = {"default": {"precision": decision.precision, "reason": decision.reason,
+                             "fp32_ms": decision.fp32_latency_ms, "trials": trials}}
+        print(json.dumps(entry, indent=1), flush=True)
     results["photos"] = {"images": len(evaluation), "calibration_images": len(calibration), **entry}
     save(results)
 
@@ -327,11 +323,11 @@ def table(results: dict) -> str:
     if photos:
         lines += ["", "## C. The accuracy guard on the real Lite0 (ImageNet) and real photographs", "",
                   f"{photos['images']} unlabeled crops (the guard measures agreement with fp32; a 3-point allowance "
-                  f"means >= 97% agreement), {photos['calibration_images']} other crops calibrate. Default: the "
-                  "ISA's default presets; search: every preset, static ones with every calibration method.", "",
+                  f"means >= 97% agreement), {photos['calibration_images']} other crops calibrate; the ISA's default "
+                  "presets, each with up to 4 rounds of keeping its most sensitive nodes in float.", "",
                   "| guard | preset | calibration | nodes in float | agreement | p50 ms | passed |",
                   "|---|---|---|---:|---:|---:|---|"]
-        for mode in ("default", "search"):
+        for mode in ("default",):
             for trial in photos[mode]["trials"]:
                 ms = f"{trial['latency_ms']:.2f}" if trial["latency_ms"] else "-"
                 lines.append(f"| {mode} | {trial['preset']} | {trial['calibration'] or '-'} | {trial['excluded']} | "
@@ -341,7 +337,46 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-FINDINGS: list[str] = []  # written from the committed run's figures (see the module docstring for how it was made)
+FINDINGS = """## What the figures say (from the run below)
+
+**Why the old benchmark lost 10-50 points** (each cause with the row that rules it in or out):
+
+1. *Dynamic int8 was measured in batches of 64.* Dynamic quantization takes one activation range per tensor over
+   the whole batch, so a batch of 64 runs a coarser model than the batch of 1 an app runs. Part B, last row of each
+   student: MobileNetV3's dynamic int8 agrees with fp32 on 82.0% in batches of 64 and on 100.0% one image at a time
+   (EfficientNet-B0: 93.7% vs 99.9%). edgekd now measures any graph with dynamic quantization one image at a time.
+2. *DeiT's static int8 quantized every op type.* Softmax, LayerNorm inputs, residual Adds and Q.K^T in int8: the
+   DeiT-tiny student loses 11.4 points (Optimum's avx512_vnni static, which does the same: 10.2). Weight MatMuls
+   only, with float outputs: 0.0 points, 99.9% agreement, 2.40x faster than fp32 at 64 px.
+3. *MobileNetV3 and EfficientNet-B0 were under-trained from random weights* (2 epochs, 71% top-1): their static
+   int8 loses 10.4 and 57.2 points with edgekd and 10.1 and 57.9 with Optimum, which runs the same ONNX Runtime
+   quantizer. Keeping their most sensitive nodes in float for 4 rounds does not bring static int8 within the
+   guard (only dynamic int8 passes, and it is no faster, so fp32 ships). The same EfficientNet-B0 trained 8 epochs
+   loses 1.9 points instead of 57.2; the Lite0 fine-tuned from real weights, 0.8.
+4. *Part A's Lite0 agreement was measured on Fashion-MNIST with an ImageNet head.* On real photographs its static
+   int8 agrees with fp32 on 98.5% of the crops fp32 is confident about (86.2% of all crops: the rest are pictures
+   with no ImageNet class, text pages, gravel, microscopy, where fp32's top-1 is a near-tie), fp16 on 100.0%
+   (98.7% of all crops). fp16 had been lossy because of TF-"same" padding exported as run-time shape arithmetic
+   (fixed in the exporter; tests/test_real_weights_fidelity.py). Part C: asked for 97% on every crop, near-ties
+   included, the guard cannot lift static int8 above 86.8% by keeping nodes in float, and ships dynamic int8
+   (99.3%).
+5. *Ruled out:* the prepared graph (`quant_pre_process`) reproduced the export's logits on every model here (it is
+   now checked on every run); calibration and validation are stratified random samples.
+
+**Speed.** ResNets: int8 static 3.2-3.6x faster than fp32 at 224 px. Lite0 (ReLU6, no squeeze-excite): 2.17x.
+MobileNetV3 (1.02x) and EfficientNet-B0 (0.86x): their squeeze-excite blocks and hard-swish/SiLU activations stay
+float, so int8 is broken into Q/DQ round trips that cost what the int8 convolutions save; the guard ships fp32 for
+them unless int8 is measured faster. DeiT-tiny: 1.82x (static) and 1.89x (dynamic) faster than fp32 at 224 px,
+short of the 2x aimed for, because its fp32 also got faster: without onnxruntime.transformers' fusions fp32 runs
+in 12.51 ms instead of 15.50 (both forms are 2.2-2.3x faster than that old fp32). At 64 px: 2.4-2.6x.
+
+**Optimum side by side.** For CNNs Optimum's avx512_vnni static preset and edgekd's default write the same kind of
+QDQ graph (same quantizer): equal agreement, latency within timing noise. Optimum's dynamic preset also quantizes
+Conv, which runs 5-14x slower than fp32 (ResNet-18: 79 ms vs 14.8), and on the fine-tuned Lite0 loses 12.6 points.
+For DeiT-tiny Optimum's static loses 10.2 points and its dynamic runs 1.64x faster than fp32 against edgekd's
+1.82x (static) and 1.89x (dynamic). What edgekd ships is as fast as Optimum's best form of equal agreement for
+every student, within noise.
+""".splitlines()
 
 
 def main() -> None:
