@@ -37,7 +37,19 @@ demo: install
 		--teacher-epochs 2 --epochs 3 --out runs/demo $(DEMO_ARGS)
 	@echo "Open runs/demo/report.html, or run: $(BIN)/edgekd bench runs/demo"
 
-test: install
+# npm packages for the bundle's Node.js and browser tests: what the bundle's package.json pins (onnxruntime-node,
+# onnxruntime-web, the image decoders predict.mjs uses), and playwright-core to drive Debian's chromium.
+# onnxruntime-node carries its CPU binaries in the package.
+PLAYWRIGHT ?= playwright-core@1.65.1
+NODE_DEPS := .node/node_modules/.installed
+$(NODE_DEPS): edgekd/apps/node/package.json
+	mkdir -p .node
+	cp edgekd/apps/node/package.json .node/package.json
+	cd .node && ONNXRUNTIME_NODE_INSTALL=skip npm install --no-audit --no-fund --loglevel=error
+	cd .node && npm install --no-save --no-audit --no-fund --loglevel=error $(PLAYWRIGHT)
+	@touch $@
+
+test: install $(NODE_DEPS)
 	$(BIN)/python -m pytest -q
 
 # Hugging Face Optimum, for the side-by-side in benchmarks/quantization_host.py: its own environment, because it
@@ -48,4 +60,4 @@ optimum-env:
 		"datasets<4.4" "huggingface_hub<1.0"
 
 clean:
-	rm -rf $(VENV) .venv-optimum runs .pytest_cache
+	rm -rf $(VENV) .venv-optimum .node runs .pytest_cache

@@ -6,6 +6,7 @@ bundle whose model, preprocessing and manifest disagree.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -15,26 +16,49 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 
 from edgekd import __version__
 from edgekd.artifacts import MANIFEST_NAME, sha256_file, write_json_atomic
+from edgekd.candidates import table_timing
 from edgekd.data import LoadedData
-from edgekd.errors import EdgekdError
+from edgekd.errors import EdgekdError, first_line
 from edgekd.export import export_with_parity
 from edgekd.latency import measure_onnx
-from edgekd.candidates import table_timing
 from edgekd.quantize import GuardConfig, QuantDecision, Timing, guarded_quantize, quantize_onnx
+from edgekd.raw_input import (
+    MIN_AGREEMENT,
+    RAW_MODEL_NAME,
+    RawInputCheck,
+    check_with_preprocessing,
+    synthetic_images,
+    with_preprocessing,
+)
+from edgekd.raw_input import OPSET as RAW_OPSET
 from edgekd.runtime import MODEL_NAME, PREPROCESS_NAME
 from edgekd.students import load_student
 from edgekd.types import Artifact, Preprocess, StudentCheckpoint
-from edgekd.verify import (INPUT_NAME, OUTPUT_NAME, EvalSet, OnnxMetrics, Parity, evaluate_onnx, onnx_logits,
-                           preprocess_records)
+from edgekd.verify import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    EvalSet,
+    OnnxMetrics,
+    Parity,
+    evaluate_onnx,
+    onnx_logits,
+    preprocess_records,
+    sample_indices,
+)
 
 log = logging.getLogger(__name__)
 
 ORT_MODEL_NAME = "model.ort"
+APPS = Path(__file__).parent / "apps"
+# What an app embeds beside the raw-image model: bundle path -> template under edgekd/apps
+APP_FILES = {"predict.mjs": "node/predict.mjs", "package.json": "node/package.json", "web/index.html": "web/index.html"}
+BUNDLE_FILES = frozenset({MODEL_NAME, PREPROCESS_NAME, MANIFEST_NAME, RAW_MODEL_NAME, *APP_FILES})
 PARITY_IMAGES = 64
 
 
@@ -130,10 +154,11 @@ def _build(model: torch.nn.Module, checkpoint: StudentCheckpoint, work: Path, st
     if options.ort_format:
         write_ort_format(model_path, staging / ORT_MODEL_NAME)
     write_json_atomic(staging / PREPROCESS_NAME, preprocess_json(pre, checkpoint.class_names))
+    raw_check = _write_raw_input_model(staging, data, options)
     samples = {"validation": evalset.describe() if evalset else None,
                "calibration": calibration_set.describe() if calibration_set else None}
     write_json_atomic(staging / MANIFEST_NAME, _manifest(staging, checkpoint, options, parity, fp32_metrics, shipped,
-                                                         precision, latency, decision, samples))
+                                                         precision, latency, decision, samples, raw_check))
     return BundleResult(staging, precision, parity, fp32_metrics, shipped, latency, decision)
 
 
@@ -145,12 +170,52 @@ def preprocess_json(pre: Preprocess, labels: tuple[str, ...]) -> dict[str, Any]:
             "model": MODEL_NAME, "labels": list(labels)}
 
 
+def _write_raw_input_model(staging: Path, data: LoadedData | None, options: BundleOptions) -> RawInputCheck | str:
+    """model_with_preprocessing.onnx (uint8 image in, probabilities out), written only when it agrees with the Python
+    runtime on the validation images (on synthetic pictures for a bundle made without data). Returns the check, or
+    why the file was not written."""
+    raw = staging / RAW_MODEL_NAME
+    config = preprocess_json_of(staging)
+    try:
+        with_preprocessing(staging / MODEL_NAME, config, raw)
+    except (EdgekdError, onnx.checker.ValidationError, RuntimeError) as error:  # an opset the converter cannot lift
+        log.warning("no %s: %s", RAW_MODEL_NAME, first_line(error))
+        return f"not written: {first_line(error)}"
+    if data is not None:
+        indices, _ = sample_indices(data.val, options.validation_images)
+        images, source = [data.val[i][0] for i in indices], "validation images"
+    else:
+        images, source = synthetic_images(), "synthetic images (no --data)"
+    check = check_with_preprocessing(raw, staging, images, source)
+    if check.top1_agreement < MIN_AGREEMENT:
+        raw.unlink()
+        log.warning("no %s: its top-1 matches the Python runtime on %.1f%% of %s (needs %.0f%%)", RAW_MODEL_NAME,
+                    100 * check.top1_agreement, source, 100 * MIN_AGREEMENT)
+        return f"not written: top-1 agreement with edgekd.runtime {check.top1_agreement:.1%} on {source}"
+    log.info("%s: top-1 equal to the Python runtime's on %.1f%% of %d %s", RAW_MODEL_NAME,
+             100 * check.top1_agreement, check.images, source)
+    if options.ort_format:
+        write_ort_format(raw, raw.with_suffix(".ort"))
+    for name, template in APP_FILES.items():  # Node.js predictor and browser page for the raw-image model
+        (staging / name).parent.mkdir(exist_ok=True)
+        shutil.copyfile(APPS / template, staging / name)
+    return check
+
+
+def preprocess_json_of(bundle: Path) -> dict[str, Any]:
+    return json.loads((bundle / PREPROCESS_NAME).read_text(encoding="utf-8"))
+
+
 def write_ort_format(onnx_path: Path, ort_path: Path) -> Path:
-    """The ORT flatbuffer format onnxruntime-mobile loads; only portable (basic) optimisations are baked in."""
+    """The ORT flatbuffer format onnxruntime-mobile loads. Only portable (basic) optimisations are baked in: the int8
+    fusions (QDQ -> QLinearConv, ...) are saved as runtime optimisations ("Runtime" style of ORT's converter), which
+    a minimal mobile build applies when it loads the file, and an EP such as XNNPACK or NNAPI still sees the QDQ
+    groups it takes over. ONNX Runtime's full build runs the file as saved (tests/helpers/mobile.py)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(ort_path)
     options.add_session_config_entry("session.save_model_format", "ORT")
+    options.add_session_config_entry("optimization.minimal_build_optimizations", "save")
     ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     return ort_path
 
@@ -172,7 +237,8 @@ def _timer(options: BundleOptions, model_name: str, pre: Preprocess) -> tuple[Ti
 
 def _manifest(folder: Path, checkpoint: StudentCheckpoint, options: BundleOptions, parity: Parity,
               fp32: OnnxMetrics, shipped: OnnxMetrics, precision: str, latency_ms: float | None,
-              decision: QuantDecision | None, samples: dict[str, Any]) -> list[dict[str, Any]]:
+              decision: QuantDecision | None, samples: dict[str, Any],
+              raw_check: RawInputCheck | str) -> list[dict[str, Any]]:
     parent = str(checkpoint.weights_path)
     entries = [Artifact(stage="export", path=MODEL_NAME, sha256=sha256_file(folder / MODEL_NAME), parent=parent,
                         config={"model_name": checkpoint.model_name, "weights_sha256": sha256_file(
@@ -189,6 +255,19 @@ def _manifest(folder: Path, checkpoint: StudentCheckpoint, options: BundleOption
                                 parent=MODEL_NAME, config={"format": "ort", "optimization": "basic"}))
     entries.append(Artifact(stage="export", path=PREPROCESS_NAME, sha256=sha256_file(folder / PREPROCESS_NAME),
                             parent=MODEL_NAME))
+    raw = folder / RAW_MODEL_NAME
+    entries += [Artifact(stage="export", path=name, sha256=sha256_file(folder / name), parent=RAW_MODEL_NAME)
+                for name in APP_FILES if (folder / name).exists()]
+    if isinstance(raw_check, RawInputCheck):
+        entries.append(Artifact(stage="export", path=RAW_MODEL_NAME, sha256=sha256_file(raw), parent=MODEL_NAME,
+                                config={"input": "uint8 [height, width, 3] RGB", "output": "probabilities [1, classes]",
+                                        "opset": RAW_OPSET}, metrics={"against_python_runtime": raw_check.to_dict()}))
+        if raw.with_suffix(".ort").exists():
+            entries.append(Artifact(stage="export", path=raw.with_suffix(".ort").name,
+                                    sha256=sha256_file(raw.with_suffix(".ort")), parent=RAW_MODEL_NAME,
+                                    config={"format": "ort", "optimization": "basic"}))
+    else:
+        entries[0].metrics["with_preprocessing"] = raw_check  # why the raw-image model was not written
     return [asdict(entry) for entry in entries]
 
 

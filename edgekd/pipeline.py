@@ -18,7 +18,7 @@ from typing import Any
 
 from edgekd.artifacts import config_hash, make_artifact, sha256_file, write_json_atomic
 from edgekd.bench import BENCH_MODELS_NAME, BenchModel, BenchResult, bench, bench_model_to_dict
-from edgekd.bundle import BundleOptions, bundle_from_checkpoint
+from edgekd.bundle import BUNDLE_FILES, BundleOptions, bundle_from_checkpoint
 from edgekd.candidates import choose_student
 from edgekd.data import LoadedData, load_data
 from edgekd.distill.train import DistillConfig, distill
@@ -170,7 +170,8 @@ def _export(config: CompressConfig, stages: Stages, run_dir: Path, profile: Devi
                             time_models=profile.latency == "host", validation_images=config.eval_images,
                             latency_table=profile.table_path if profile.latency == "table" else None, overwrite=True)
     table = sha256_file(options.latency_table) if options.latency_table else None  # a re-probed device re-decides
-    key = config_hash({"student": sha256_file(student.weights_path), "options": _jsonable(options), "table": table})
+    key = config_hash({"student": sha256_file(student.weights_path), "options": _jsonable(options), "table": table,
+                       "files": sorted(BUNDLE_FILES)})  # a bundle made before a file was added is made again
     if stages.fresh("export", key, bundle_dir / "model.onnx"):
         log.info("export: reusing %s", bundle_dir)
         return bundle_dir, key

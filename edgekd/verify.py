@@ -113,7 +113,10 @@ BATCH_DEPENDENT_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul
 
 
 def batch_dependent(path: Path) -> bool:
-    """Whether the model's answer for an image depends on the rest of its batch (see BATCH_DEPENDENT_OPS)."""
+    """Whether the model's answer for an image depends on the rest of its batch (see BATCH_DEPENDENT_OPS). A file
+    that is not ONNX protobuf (an .ort flatbuffer) cannot be inspected: assume it does, batch 1 is always right."""
+    if Path(path).suffix == ".ort":
+        return True
     graph = onnx.load(str(path), load_external_data=False).graph
     return any(node.op_type in BATCH_DEPENDENT_OPS for node in graph.node)
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -19,6 +18,7 @@ from edgekd.errors import EdgekdError
 from edgekd.export import classifier_input_shape, export_with_parity
 from edgekd.students import load_student, read_student_checkpoint
 from edgekd.verify import onnx_logits, preprocess_records
+from tests.helpers.mobile import assert_mobile_form_agrees
 from tests.helpers.tiny_students import tiny_student
 
 
@@ -75,7 +75,9 @@ def test_bundle_is_complete_hashed_and_not_overwritten(small_fmnist, tmp_path: P
     out = tmp_path / "export"
     options = BundleOptions(precisions=("int8_static",), time_models=False, ort_format=True, calibration_images=256)
     result = bundle_from_checkpoint(checkpoint, out, small_fmnist, options)
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "model.ort", "preprocess.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "model.ort",
+                                                  "model_with_preprocessing.onnx", "model_with_preprocessing.ort",
+                                                  "package.json", "predict.mjs", "preprocess.json", "web"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
     manifest = json.loads((out / "manifest.json").read_text())
     for entry in manifest:
@@ -89,7 +91,8 @@ def test_bundle_is_complete_hashed_and_not_overwritten(small_fmnist, tmp_path: P
     pre = json.loads((out / "preprocess.json").read_text())
     assert pre["labels"] == list(small_fmnist.info.class_names) and pre["input_size"] == [3, 32, 32]
     assert pre["channel_order"] == "RGB" and pre["mean"] == list(checkpoint.preprocess.mean)
-    ort.InferenceSession(str(out / "model.ort"), providers=["CPUExecutionProvider"])  # the mobile form loads
+    images = preprocess_records(small_fmnist.val, checkpoint.preprocess, limit=64).images
+    assert_mobile_form_agrees(out / "model.ort", out / "model.onnx", {"input": images})
     before = sha256_file(out / "model.onnx")
     with pytest.raises(EdgekdError, match="already exists"):
         bundle_from_checkpoint(checkpoint, out, small_fmnist, options)

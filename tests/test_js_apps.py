@@ -1,0 +1,133 @@
+"""The bundle in JavaScript apps, on real photographs: in Node.js (onnxruntime-node from npm) the shipped
+predict.mjs and an app that knows only the raw-image contract, in headless Chromium (Debian's) the shipped web page
+running onnxruntime-web, all give the Python runtime's answers."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from timm.data import ImageNetInfo
+
+from edgekd.bundle import APP_FILES, APPS, preprocess_json
+from edgekd.export import export_onnx
+from edgekd.lite_weights import timm_state_dict
+from edgekd.models import create_model, preprocess_for
+from edgekd.raw_input import RAW_MODEL_NAME, with_preprocessing
+from edgekd.runtime import MODEL_NAME, PREPROCESS_NAME, Predictor
+from tests.helpers.photos import crops
+
+ROOT = Path(__file__).resolve().parent.parent
+NODE_MODULES = ROOT / ".node" / "node_modules"  # `make test` installs edgekd/apps/node/package.json there
+CONTRACT = Path(__file__).parent / "node" / "contract.mjs"
+BROWSER = Path(__file__).parent / "node" / "browser.mjs"
+NODE = shutil.which("node")
+CHROMIUM = shutil.which("chromium")  # Debian's package; .ci/run installs it
+
+pytestmark = pytest.mark.skipif(NODE is None, reason="this machine has no Node.js")
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory) -> tuple[Path, list[Path], list[Path]]:
+    """The real ImageNet Lite0 as a bundle an app embeds (raw-image model, predict.mjs, node_modules), and real
+    photographs as PNG and as JPEG files."""
+    if not (NODE_MODULES / "onnxruntime-node").is_dir():
+        pytest.fail(f"{NODE_MODULES} has no onnxruntime-node: run `make test`, which installs the npm packages")
+    model = create_model("tf_efficientnet_lite0", 1000)
+    model.load_state_dict(timm_state_dict("tf_efficientnet_lite0"))
+    pre = preprocess_for(model.eval())
+    folder = tmp_path_factory.mktemp("app")
+    export_onnx(model, folder / MODEL_NAME, pre.input_size)
+    config = preprocess_json(pre, tuple(ImageNetInfo().index_to_description(i) for i in range(1000)))
+    (folder / PREPROCESS_NAME).write_text(json.dumps(config))
+    with_preprocessing(folder / MODEL_NAME, config, folder / RAW_MODEL_NAME)
+    for name, template in APP_FILES.items():
+        (folder / name).parent.mkdir(exist_ok=True)
+        shutil.copyfile(APPS / template, folder / name)
+    (folder / "node_modules").symlink_to(NODE_MODULES)  # what `npm install` in the bundle folder would give
+    photos = tmp_path_factory.mktemp("photos")
+    pngs, jpegs = [], []
+    for index, picture in enumerate(crops(2, seed=11)):
+        pngs.append(photos / f"{index}.png")
+        picture.save(pngs[-1])
+        jpegs.append(photos / f"{index}.jpg")
+        picture.save(jpegs[-1], quality=95)
+    return folder, pngs, jpegs
+
+
+def node(*args: str | Path) -> list[dict]:
+    done = subprocess.run([NODE, *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_predict_mjs_gives_the_python_runtime_s_answers(app):
+    folder, pngs, jpegs = app
+    python = Predictor(folder)
+    answers = node(folder / "predict.mjs", *pngs, *jpegs, "--top-k", "3")
+    assert [a["file"] for a in answers] == [str(p) for p in pngs + jpegs]
+    assert all(len(a["top"]) == 3 and a["top"][0][1] >= a["top"][1][1] for a in answers)
+    top1 = {a["file"]: a["top"][0][0] for a in answers}
+    same_png = [top1[str(p)] == python.predict(p, 1)[0][0] for p in pngs]
+    same_jpeg = [top1[str(p)] == python.predict(p, 1)[0][0] for p in jpegs]
+    assert all(same_png), same_png  # lossless: the very pixels Python decodes
+    # JPEG: jpeg-js and libjpeg decode a few levels apart on some pixels; near-ties among 1000 classes may flip
+    assert sum(same_jpeg) >= 0.9 * len(jpegs), same_jpeg
+
+
+def test_predict_mjs_runs_from_a_linked_folder_and_refuses_what_is_not_an_image(app, tmp_path):
+    folder, pngs, _ = app
+    (tmp_path / "linked").symlink_to(folder)
+    assert len(node(tmp_path / "linked" / "predict.mjs", pngs[0])) == 1
+    (tmp_path / "notes.txt").write_text("not a picture")
+    done = subprocess.run([NODE, str(folder / "predict.mjs"), str(tmp_path / "notes.txt")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1 and "not a PNG or JPEG image" in done.stderr and "at " not in done.stderr
+
+
+def test_an_app_that_knows_only_the_contract(app, tmp_path):
+    folder, pngs, _ = app
+    python = Predictor(folder)
+    expected = [python.predict(p, 1)[0][0] for p in pngs]
+    script = shutil.copyfile(CONTRACT, folder / CONTRACT.name)  # beside the app's node_modules
+    answers = node(script, folder / RAW_MODEL_NAME, folder / PREPROCESS_NAME, *pngs)
+    assert [a["label"] for a in answers] == expected
+    # and it would notice a raw-image model whose preprocessing disagrees with Python's
+    config = {**json.loads((folder / PREPROCESS_NAME).read_text()), "interpolation": "nearest",
+              "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    wrong = with_preprocessing(folder / MODEL_NAME, config, folder / "wrong.onnx")
+    answers = node(script, wrong, folder / PREPROCESS_NAME, *pngs)
+    assert [a["label"] for a in answers] != expected
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, ".mjs": "text/javascript",
+                      ".wasm": "application/wasm", ".onnx": "application/octet-stream"}
+
+    def log_message(self, *args) -> None:  # keep the test output clean
+        pass
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="this machine has no Chromium")
+def test_the_web_page_classifies_chosen_images_like_python(app, tmp_path):
+    folder, pngs, _ = app
+    python = Predictor(folder)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/web/index.html"
+        shot = tmp_path / "page.png"
+        script = shutil.copyfile(BROWSER, folder / BROWSER.name)  # beside the app's node_modules
+        lines = node(script, url, shot, *pngs[:6])
+    finally:
+        server.shutdown()
+    answers, shown = lines[:-1], lines[-1]
+    assert [a["label"] for a in answers] == [python.predict(p, 1)[0][0] for p in pngs[:6]]
+    assert shown["image_width"] > 0 and shown["labels"] == 5  # the page shows the picture and its top labels
+    assert shot.stat().st_size > 10_000

@@ -1,0 +1,85 @@
+"""model_with_preprocessing.onnx: raw RGB bytes in, probabilities out, equal to the Python runtime's answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from edgekd.bundle import BundleOptions, bundle_from_checkpoint, preprocess_json
+from edgekd.export import export_onnx
+from edgekd.lite_weights import timm_state_dict
+from edgekd.models import create_model, preprocess_for
+from edgekd.raw_input import MIN_AGREEMENT, RAW_INPUT_NAME, RAW_MODEL_NAME, check_with_preprocessing, with_preprocessing
+from edgekd.runtime import MODEL_NAME, PREPROCESS_NAME
+from edgekd.students import read_student_checkpoint
+from tests.helpers.mobile import assert_mobile_form_agrees
+from tests.helpers.photos import crops
+from tests.helpers.tiny_students import tiny_student
+
+
+def run_raw(path: Path, image) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {RAW_INPUT_NAME: np.asarray(image.convert("RGB"))})[0]
+
+
+@pytest.mark.parametrize("name, precision", [("test_resnet", "int8_static"), ("test_vit", "fp32")])
+def test_bundle_ships_a_raw_image_model_that_answers_like_python(name, precision, small_fmnist, tmp_path):
+    checkpoint = read_student_checkpoint(tiny_student(name, small_fmnist))
+    options = BundleOptions(precisions=(precision,) if precision != "fp32" else (), time_models=False,
+                            ort_format=True, validation_images=200)
+    result = bundle_from_checkpoint(checkpoint, tmp_path / "bundle", small_fmnist, options)
+    assert result.precision == precision
+    raw = tmp_path / "bundle" / RAW_MODEL_NAME
+    graph = onnx.load(str(raw)).graph
+    assert [i.name for i in graph.input] == [RAW_INPUT_NAME]
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert all(node.domain in ("", "ai.onnx") for node in graph.node)  # standard operators only: no custom ops
+    manifest = {entry["path"]: entry for entry in json.loads((tmp_path / "bundle" / "manifest.json").read_text())}
+    figures = manifest[RAW_MODEL_NAME]["metrics"]["against_python_runtime"]
+    assert figures["images"] == 200 and figures["top1_agreement"] >= MIN_AGREEMENT
+    for image, _ in (small_fmnist.val[i] for i in range(5)):  # any size: a 28x28 record and a big upscaled one
+        for picture in (image, image.resize((301, 187))):
+            probabilities = run_raw(raw, picture)
+            assert probabilities.shape == (1, small_fmnist.info.num_classes)
+            assert abs(float(probabilities.sum()) - 1.0) < 1e-4
+            pixels = {RAW_INPUT_NAME: np.asarray(picture.convert("RGB"))}
+            assert_mobile_form_agrees(raw.with_suffix(".ort"), raw, pixels)  # onnxruntime-mobile's format
+
+
+@pytest.fixture(scope="module")
+def lite0_bundle(tmp_path_factory) -> Path:
+    """The real ImageNet Lite0 as a bundle folder (model.onnx + preprocess.json): real photos, real downscaling."""
+    model = create_model("tf_efficientnet_lite0", 1000)
+    model.load_state_dict(timm_state_dict("tf_efficientnet_lite0"))
+    pre = preprocess_for(model.eval())
+    folder = tmp_path_factory.mktemp("lite0")
+    export_onnx(model, folder / MODEL_NAME, pre.input_size)
+    (folder / PREPROCESS_NAME).write_text(json.dumps(preprocess_json(pre, tuple(str(i) for i in range(1000)))))
+    return folder
+
+
+def test_real_photos_shrunk_in_graph_match_pil(lite0_bundle):
+    """Photos of 300-1000 px shrunk to 224: Resize with antialias, as PIL filters, so the answers match."""
+    config = json.loads((lite0_bundle / PREPROCESS_NAME).read_text())
+    raw = with_preprocessing(lite0_bundle / MODEL_NAME, config, lite0_bundle / RAW_MODEL_NAME)
+    check = check_with_preprocessing(raw, lite0_bundle, crops(4, seed=5), "photos")
+    assert check.images == 76 and check.top1_agreement >= MIN_AGREEMENT, check
+
+
+def test_a_preprocessing_that_differs_from_python_is_caught(lite0_bundle, tmp_path):
+    """The check is not blind: the same model with another normalisation or interpolation disagrees."""
+    config = json.loads((lite0_bundle / PREPROCESS_NAME).read_text())
+    photos = crops(2, seed=6)
+    right = check_with_preprocessing(with_preprocessing(lite0_bundle / MODEL_NAME, config, tmp_path / "right.onnx"),
+                                     lite0_bundle, photos, "photos")
+    assert config["mean"] == [0.5, 0.5, 0.5]  # Lite0's own: the first wrong one below is ImageNet's usual
+    for wrong_config in ({**config, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+                         {**config, "interpolation": "nearest"}):
+        wrong = check_with_preprocessing(with_preprocessing(lite0_bundle / MODEL_NAME, wrong_config,
+                                                            tmp_path / "wrong.onnx"), lite0_bundle, photos, "photos")
+        assert wrong.top1_agreement < right.top1_agreement and wrong.top1_agreement < MIN_AGREEMENT, wrong
