@@ -21,13 +21,9 @@ from edgekd.lite_weights import timm_state_dict
 from edgekd.models import create_model, preprocess_for
 from edgekd.raw_input import RAW_MODEL_NAME, with_preprocessing
 from edgekd.runtime import MODEL_NAME, PREPROCESS_NAME, Predictor
+from tests.helpers.node import NODE, app_folder, node
 from tests.helpers.photos import crops
 
-ROOT = Path(__file__).resolve().parent.parent
-NODE_MODULES = ROOT / ".node" / "node_modules"  # `make test` installs edgekd/apps/node/package.json there
-CONTRACT = Path(__file__).parent / "node" / "contract.mjs"
-BROWSER = Path(__file__).parent / "node" / "browser.mjs"
-NODE = shutil.which("node")
 CHROMIUM = shutil.which("chromium")  # Debian's package; .ci/run installs it
 
 pytestmark = pytest.mark.skipif(NODE is None, reason="this machine has no Node.js")
@@ -37,8 +33,6 @@ pytestmark = pytest.mark.skipif(NODE is None, reason="this machine has no Node.j
 def app(tmp_path_factory) -> tuple[Path, list[Path], list[Path]]:
     """The real ImageNet Lite0 as a bundle an app embeds (raw-image model, predict.mjs, node_modules), and real
     photographs as PNG and as JPEG files."""
-    if not (NODE_MODULES / "onnxruntime-node").is_dir():
-        pytest.fail(f"{NODE_MODULES} has no onnxruntime-node: run `make test`, which installs the npm packages")
     model = create_model("tf_efficientnet_lite0", 1000)
     model.load_state_dict(timm_state_dict("tf_efficientnet_lite0"))
     pre = preprocess_for(model.eval())
@@ -50,7 +44,7 @@ def app(tmp_path_factory) -> tuple[Path, list[Path], list[Path]]:
     for name, template in APP_FILES.items():
         (folder / name).parent.mkdir(exist_ok=True)
         shutil.copyfile(APPS / template, folder / name)
-    (folder / "node_modules").symlink_to(NODE_MODULES)  # what `npm install` in the bundle folder would give
+    app_folder(folder, folder, "contract.mjs", "browser.mjs")
     photos = tmp_path_factory.mktemp("photos")
     pngs, jpegs = [], []
     for index, picture in enumerate(crops(2, seed=11)):
@@ -59,12 +53,6 @@ def app(tmp_path_factory) -> tuple[Path, list[Path], list[Path]]:
         jpegs.append(photos / f"{index}.jpg")
         picture.save(jpegs[-1], quality=95)
     return folder, pngs, jpegs
-
-
-def node(*args: str | Path) -> list[dict]:
-    done = subprocess.run([NODE, *map(str, args)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return [json.loads(line) for line in done.stdout.splitlines()]
 
 
 def test_predict_mjs_gives_the_python_runtime_s_answers(app):
@@ -95,7 +83,7 @@ def test_an_app_that_knows_only_the_contract(app, tmp_path):
     folder, pngs, _ = app
     python = Predictor(folder)
     expected = [python.predict(p, 1)[0][0] for p in pngs]
-    script = shutil.copyfile(CONTRACT, folder / CONTRACT.name)  # beside the app's node_modules
+    script = folder / "contract.mjs"
     answers = node(script, folder / RAW_MODEL_NAME, folder / PREPROCESS_NAME, *pngs)
     assert [a["label"] for a in answers] == expected
     # and it would notice a raw-image model whose preprocessing disagrees with Python's
@@ -123,8 +111,7 @@ def test_the_web_page_classifies_chosen_images_like_python(app, tmp_path):
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/web/index.html"
         shot = tmp_path / "page.png"
-        script = shutil.copyfile(BROWSER, folder / BROWSER.name)  # beside the app's node_modules
-        lines = node(script, url, shot, *pngs[:6])
+        lines = node(folder / "browser.mjs", url, shot, *pngs[:6])
     finally:
         server.shutdown()
     answers, shown = lines[:-1], lines[-1]

@@ -15,7 +15,10 @@ import pytest
 from typer.testing import CliRunner
 
 from edgekd.cli import app
+from edgekd.data import load_data
 from edgekd.report import SCHEMA_PATH
+from edgekd.types import DataSpec
+from tests.helpers.node import NODE, app_folder, node
 
 runner = CliRunner()
 
@@ -61,6 +64,25 @@ def test_compress_writes_a_report_a_bundle_and_a_verdict(run):
     distillation = report["distillation"]
     assert distillation["losses"] == ["ce=1", "kd=1"] and distillation["compute"] == "cpu, fp32"
     assert "Distillation: losses ce=1, kd=1; student on cpu, fp32" in (run_dir / "report.md").read_text()
+
+
+@pytest.mark.skipif(NODE is None, reason="this machine has no Node.js")
+def test_an_app_that_knows_only_the_contract_answers_like_edgekd_predict(run, tmp_path: Path):
+    """A fresh compress bundle in a Node app that knows only the raw-image contract: the same top-1 as
+    `edgekd predict` on real images."""
+    run_dir, _ = run
+    folder = app_folder(run_dir / "export", tmp_path / "app", "contract.mjs")
+    records = load_data(DataSpec("fashion-mnist", max_val=40)).val
+    images = []
+    for index in range(len(records)):
+        images.append(tmp_path / f"{index}.png")
+        records[index][0].save(images[-1])
+    printed = runner.invoke(app, ["predict", str(folder), *map(str, images), "--top-k", "1"])
+    assert printed.exit_code == 0, printed.output
+    expected = [line.split(": ", 1)[1].rsplit(" ", 1)[0] for line in printed.output.splitlines()]
+    answers = node(folder / "contract.mjs", folder / "model_with_preprocessing.onnx", folder / "preprocess.json",
+                   *images)
+    assert [a["label"] for a in answers] == expected
 
 
 def test_rerun_reuses_every_stage_and_a_changed_option_redoes_only_its_dependents(run):
