@@ -62,6 +62,15 @@ def with_preprocessing(model_path: Path, config: dict[str, Any], out_path: Path)
     return Path(out_path)
 
 
+def preprocessing_model(config: dict[str, Any]) -> onnx.ModelProto:
+    """The in-graph preprocessing alone: uint8 [H, W, 3] "image" -> float [1, C, h, w] "input" (for checking it)."""
+    nodes, initializers = _preprocessing_nodes(config)
+    image = helper.make_tensor_value_info(RAW_INPUT_NAME, TensorProto.UINT8, ["height", "width", 3])
+    graph = helper.make_graph(nodes, "edgekd_preprocessing", [image],
+                              [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, None)], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
 def _default_opset(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
@@ -106,8 +115,11 @@ def _preprocessing_nodes(config: dict[str, Any]) -> tuple[list[onnx.NodeProto], 
         nodes += _shorter_side_sizes()
         sizes = "pre_resized_hw"
     mode, cubic_a = _RESIZE_MODES[interpolation]
-    resize = {"mode": mode, "antialias": 1 if mode != "nearest" else 0, "coordinate_transformation_mode": "half_pixel",
-              "nearest_mode": "floor", "exclude_outside": 1 if mode == "cubic" else 0}
+    # Pillow samples at pixel centres: half_pixel for the filters, and for nearest the source pixel floor((x + 0.5) /
+    # scale), which is ONNX's tf_half_pixel_for_nn with floor
+    resize = {"mode": mode, "antialias": 1 if mode != "nearest" else 0, "nearest_mode": "floor",
+              "coordinate_transformation_mode": "half_pixel" if mode != "nearest" else "tf_half_pixel_for_nn",
+              "exclude_outside": 1 if mode == "cubic" else 0}
     if cubic_a is not None:
         resize["cubic_coeff_a"] = cubic_a
     nodes += [

@@ -14,8 +14,15 @@ from edgekd.bundle import BundleOptions, bundle_from_checkpoint, preprocess_json
 from edgekd.export import export_onnx
 from edgekd.lite_weights import timm_state_dict
 from edgekd.models import create_model, preprocess_for
-from edgekd.raw_input import MIN_AGREEMENT, RAW_INPUT_NAME, RAW_MODEL_NAME, check_with_preprocessing, with_preprocessing
-from edgekd.runtime import MODEL_NAME, PREPROCESS_NAME
+from edgekd.raw_input import (
+    MIN_AGREEMENT,
+    RAW_INPUT_NAME,
+    RAW_MODEL_NAME,
+    check_with_preprocessing,
+    preprocessing_model,
+    with_preprocessing,
+)
+from edgekd.runtime import MODEL_NAME, PREPROCESS_NAME, ImagePreprocessor
 from edgekd.students import read_student_checkpoint
 from tests.helpers.mobile import assert_mobile_form_agrees
 from tests.helpers.photos import crops
@@ -49,6 +56,32 @@ def test_bundle_ships_a_raw_image_model_that_answers_like_python(name, precision
             assert abs(float(probabilities.sum()) - 1.0) < 1e-4
             pixels = {RAW_INPUT_NAME: np.asarray(picture.convert("RGB"))}
             assert_mobile_form_agrees(raw.with_suffix(".ort"), raw, pixels)  # onnxruntime-mobile's format
+
+
+# Share of pixel values away from Pillow's. Bilinear shrinking: up to 2.7% of a photo's values, one level; nearest:
+# up to 1.9%, where float32 source coordinates land on a neighbouring pixel (Pillow computes them in double). The
+# README quotes these bounds.
+OFF_BY_A_LEVEL = {"bicubic": 0.005, "nearest": 0.03, "bilinear": 0.05}
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "nearest"])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_in_graph_preprocessing_gives_the_runtime_s_pixels(interpolation, channels, small_fmnist):
+    """Real photos shrunk from 300-1000 px and 28 px Fashion-MNIST records enlarged: within a level of what
+    edgekd.runtime (Pillow) computes, but for a share of pixels (OFF_BY_A_LEVEL)."""
+    mean, std = [0.485, 0.456, 0.406][:channels], [0.229, 0.224, 0.225][:channels]
+    config = {"input_size": [channels, 96, 96], "mean": mean, "std": std, "interpolation": interpolation,
+              "crop_pct": 0.875, "crop_mode": "center"}
+    session = ort.InferenceSession(preprocessing_model(config).SerializeToString(), providers=["CPUExecutionProvider"])
+    runtime = ImagePreprocessor(config)
+    levels = np.asarray(std, np.float32).reshape(-1, 1, 1) * 255
+    for picture in crops(1, seed=4) + [small_fmnist.val[i][0] for i in range(8)]:
+        graph = session.run(None, {RAW_INPUT_NAME: np.asarray(picture.convert("RGB"))})[0][0]
+        off = np.abs(graph - runtime(picture)) * levels  # in 0-255 levels
+        assert graph.shape == (channels, 96, 96)
+        assert (off > 0.5).mean() < OFF_BY_A_LEVEL[interpolation], (picture.size, (off > 0.5).mean(), off.max())
+        if interpolation != "nearest":  # nearest takes a neighbouring source pixel instead: any size of difference
+            assert np.percentile(off, 99.9) <= 2.0, (picture.size, off.max())
 
 
 @pytest.fixture(scope="module")
