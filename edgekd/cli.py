@@ -135,16 +135,17 @@ StudentCheckpointPath = Annotated[Optional[Path], typer.Option(
     "the classifier is re-initialised when its class count differs). Pins the student: --student, or the "
     "architecture the file names.")]
 def _calibration(value: str) -> str:
-    from edgekd.quantize import CALIBRATION_METHODS
+    from edgekd.quantize import CALIBRATION_CHOICES
 
-    if value not in CALIBRATION_METHODS:
-        raise typer.BadParameter(f"{value!r} is not a calibration method; use one of {', '.join(CALIBRATION_METHODS)}")
+    if value not in CALIBRATION_CHOICES:
+        raise typer.BadParameter(f"{value!r} is not a calibration method; use one of {', '.join(CALIBRATION_CHOICES)}")
     return value
 
 
 Calibration = Annotated[str, typer.Option(
-    "--calibration", callback=_calibration, help="How int8 static calibrates activation ranges: minmax, entropy or "
-    "percentile (99.999th). --search-quantization / --search tries all three.")]
+    "--calibration", callback=_calibration, help="How int8 static calibrates activation ranges: minmax, entropy, "
+    "percentile (99.999th), or auto (minmax, then percentile and entropy when the guard fails, before keeping nodes "
+    "in float). --search-quantization / --search tries all three with every preset.")]
 Candidates = Annotated[Optional[str], typer.Option("--candidates", help="Comma-separated candidate names (timm names "
                                                    "or derived:<teacher>:depth=F); default: the whole pool.")]
 
@@ -334,7 +335,7 @@ def export_command(
     profile: str = typer.Option("host", "--profile", "-p", help="Target device profile: ISA, threads, precisions."),
     max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", help="Top-1 points int8 may lose."),
     search: bool = typer.Option(False, "--search", help="Try every quantization preset of the ISA; keep the fastest."),
-    calibration: Calibration = "minmax",
+    calibration: Calibration = "auto",
     opset: int = typer.Option(17, "--opset", help="ONNX opset (17-20)."),
     ort_format: Optional[bool] = typer.Option(None, "--ort-format/--no-ort-format",
                                               help="Also write model.ort (default: the profile's ort_format)."),
@@ -415,7 +416,7 @@ def compress_command(
                                             help="Top-1 points int8 may lose against the fp32 student."),
     search_quantization: bool = typer.Option(False, "--search-quantization",
                                              help="Try every quantization preset of the ISA, keep the fastest."),
-    calibration: Calibration = "minmax",
+    calibration: Calibration = "auto",
     max_train: MaxTrain = None,
     max_val: MaxVal = None,
     eval_images: int = typer.Option(2000, "--eval-images", help="Validation images for the int8 guard and bench."),

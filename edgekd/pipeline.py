@@ -52,7 +52,7 @@ class CompressConfig:
     teacher_training: TrainConfig = TrainConfig()
     distillation: DistillConfig = DistillConfig()
     max_accuracy_drop: float = 1.0  # points of top-1 the int8 model may lose against the fp32 student
-    calibration_method: str = "minmax"  # int8 static: minmax, entropy or percentile
+    calibration_method: str = "auto"  # int8 static: auto, minmax, entropy or percentile (quantize.AUTO_CALIBRATION)
     search_quantization: bool = False
     eval_images: int | None = 2000  # validation images for quantization guard and bench accuracy
 

@@ -36,6 +36,10 @@ ISAS = ("avx2", "avx512", "avx512_vnni", "arm64")
 MIN_CALIBRATION_IMAGES = 32  # fewer gives ranges from a handful of images: clipping on everything else
 CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                        "percentile": CalibrationMethod.Percentile}
+# "auto" (the guard's default): minmax, and when that loses more than the guard allows, percentile then entropy,
+# before any node is kept in float. Clipping the rare extreme activations is often all a model needs.
+AUTO_CALIBRATION = ("minmax", "percentile", "entropy")
+CALIBRATION_CHOICES = ("auto", *CALIBRATION_METHODS)
 _TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
 _FORMATS = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
 DYNAMIC_OP_TYPES = ("MatMul", "Attention")  # dynamic Conv runs 5-12x slower than fp32 on x86: never by default
@@ -256,6 +260,7 @@ def quantize_onnx(fp32_path: Path, out_path: Path, precision: str, *, isa: str =
 
 def _quantize_static(source: Path, target: Path, preset: QuantPreset, images: np.ndarray, method: str,
                      exclude: tuple[str, ...]) -> None:
+    method = AUTO_CALIBRATION[0] if method == "auto" else method
     if method not in CALIBRATION_METHODS:
         raise EdgekdError(f"unknown calibration method {method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
     extra: dict[str, Any] = {"ActivationSymmetric": preset.activation_type == "int8", "WeightSymmetric": True}
@@ -323,7 +328,7 @@ class GuardConfig:
     max_rounds: int = 4  # rounds of "keep the most sensitive nodes in float, quantize again"
     first_exclusion: float = 0.05  # share of quantizable nodes kept in float after round 1; doubles each round
     min_speedup: float = 1.05  # int8 must beat fp32 by this factor (beyond timing noise) to be worth its error
-    calibration_method: str = "minmax"
+    calibration_method: str = "auto"  # or one of CALIBRATION_METHODS; see AUTO_CALIBRATION
 
 
 @dataclass(frozen=True)
@@ -367,7 +372,7 @@ class QuantDecision:
                 "trials": [t.to_dict() for t in self.trials]}
 
 
-def search_presets(isa: str, precisions: tuple[str, ...], search: bool, calibration_method: str = "minmax",
+def search_presets(isa: str, precisions: tuple[str, ...], search: bool, calibration_method: str = "auto",
                    transformer: bool = False) -> tuple[tuple[str, QuantPreset, str], ...]:
     """(precision, preset, calibration method) to try: the ISA's defaults with `calibration_method`, or with
     `search` every preset of the ISA, the static ones with every calibration method."""
@@ -452,11 +457,25 @@ def _decide(best: tuple[Trial, Path] | None, fp32_top1: float | None, fp32_ms: f
 def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantPreset, isa: str, evalset: EvalSet,
                     calibration: np.ndarray, guard: GuardConfig, fp32_predictions: np.ndarray,
                     fp32_top1: float | None) -> list[Trial]:
-    """Quantize, measure, and while the guard fails keep the most sensitive nodes in float and try again."""
+    """Quantize, measure, and while the guard fails keep the most sensitive nodes in float and try again ("auto"
+    calibration first tries each method of AUTO_CALIBRATION, then goes on with the one that lost least)."""
     excluded: tuple[str, ...] = ()
     rounds: list[Trial] = []
     method = guard.calibration_method if preset.mode == "static" else None
-    for round_index in range(guard.max_rounds + 1):
+    if method == "auto":
+        method, first = _first_calibration(prepared, target, precision, preset, isa, evalset, calibration, guard,
+                                           fp32_predictions, fp32_top1)
+        rounds += first
+        if first[-1].passed or first[-1].error:
+            return rounds
+        guard = replace(guard, calibration_method=method)
+    for round_index in range(1 if rounds else 0, guard.max_rounds + 1):
+        if round_index > 0:  # the last round failed: keep more of its most sensitive nodes in float
+            more = _more_in_float(prepared, target, precision, preset, isa, calibration, guard, evalset, excluded,
+                                  round_index)
+            if more == excluded:
+                break
+            excluded = more
         try:
             quantize_onnx(prepared, target, precision, isa=isa, calibration=calibration, preset=preset,
                           prepared=True, calibration_method=guard.calibration_method, nodes_to_exclude=excluded)
@@ -478,17 +497,45 @@ def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantP
         log.info("quantization %s round %d: %d node(s) in float, accuracy drop %.2f points, agreement %.1f%% -> %s",
                  preset.name, round_index, len(excluded), trial.accuracy_drop, 100 * trial.agreement,
                  "pass" if trial.passed else "fail")
-        if trial.passed or round_index == guard.max_rounds:
+        if trial.passed:
             break
-        ranked = [s for s in _rank(prepared, target, precision, preset, isa, calibration, guard, excluded,
-                                   evalset.images[:SENSITIVITY_IMAGES]) if s.added_error > 0]
-        count = max(1, round(len(ranked) * guard.first_exclusion * 2 ** round_index))
-        newly = tuple(s.name for s in ranked[:count])
-        if not newly:
-            break
-        log.info("keeping in float: %s", ", ".join(f"{s.name} ({s.added_error:.2g})" for s in ranked[:count]))
-        excluded += newly
     return rounds
+
+
+def _more_in_float(prepared: Path, target: Path, precision: str, preset: QuantPreset, isa: str,
+                   calibration: np.ndarray, guard: GuardConfig, evalset: EvalSet, excluded: tuple[str, ...],
+                   round_index: int) -> tuple[str, ...]:
+    """`excluded` plus the most sensitive nodes of the failed model at `target`: 5% of the ranked nodes for round 1,
+    doubling each round."""
+    ranked = [s for s in _rank(prepared, target, precision, preset, isa, calibration, guard, excluded,
+                               evalset.images[:SENSITIVITY_IMAGES]) if s.added_error > 0]
+    count = max(1, round(len(ranked) * guard.first_exclusion * 2 ** (round_index - 1)))
+    if ranked:
+        log.info("keeping in float: %s", ", ".join(f"{s.name} ({s.added_error:.2g})" for s in ranked[:count]))
+    return excluded + tuple(s.name for s in ranked[:count])
+
+
+def _first_calibration(prepared: Path, target: Path, precision: str, preset: QuantPreset, isa: str,
+                       evalset: EvalSet, calibration: np.ndarray, guard: GuardConfig, fp32_predictions: np.ndarray,
+                       fp32_top1: float | None) -> tuple[str, list[Trial]]:
+    """Round 0 of "auto" calibration: each method of AUTO_CALIBRATION in turn until one passes. Returns the method
+    to go on with (the one that passed, else the one that lost least, its model left at `target`) and the trials."""
+    trials: list[Trial] = []
+    best: tuple[float, str] | None = None
+    for method in AUTO_CALIBRATION:
+        trial = _guarded_rounds(prepared, target, precision, preset, isa, evalset, calibration,
+                                replace(guard, calibration_method=method, max_rounds=0), fp32_predictions,
+                                fp32_top1)[0]
+        trials.append(trial)
+        if trial.passed or trial.error:
+            return method, trials
+        if best is None or trial.accuracy_drop < best[0]:
+            best = (trial.accuracy_drop, method)
+    assert best is not None
+    if best[1] != AUTO_CALIBRATION[-1]:  # leave the best method's model at `target`, where sensitivity ranks it
+        quantize_onnx(prepared, target, precision, isa=isa, calibration=calibration, preset=preset, prepared=True,
+                      calibration_method=best[1])
+    return best[1], trials
 
 
 def _rank(prepared: Path, quantized: Path, precision: str, preset: QuantPreset, isa: str, calibration: np.ndarray,

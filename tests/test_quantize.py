@@ -129,7 +129,7 @@ def test_calibration_with_too_few_images_says_how_many(resnet, tmp_path: Path) -
 
 def test_guard_keeps_the_most_sensitive_nodes_in_float(resnet, tmp_path: Path) -> None:
     fp32, evalset, calibration = resnet
-    impossible = GuardConfig(max_accuracy_drop=-100.0, max_rounds=2)  # no model can pass: every round runs
+    impossible = GuardConfig(max_accuracy_drop=-100.0, max_rounds=2, calibration_method="minmax")  # every round runs
     decision = guarded_quantize(fp32, tmp_path / "model.onnx", evalset=evalset, calibration=calibration,
                                 isa="avx512_vnni", precisions=("int8_static",), guard=impossible)
     excluded = [trial.excluded_nodes for trial in decision.trials]
@@ -151,6 +151,21 @@ def test_guard_keeps_the_most_sensitive_nodes_in_float(resnet, tmp_path: Path) -
     assert in_float and not any(n.op_type.startswith("QLinear") for n in in_float)  # they stay float ops
     assert all(n.input[1] in float_weights for n in in_float if n.op_type in ("Conv", "Gemm", "MatMul"))
     # (that keeping them in float recovers accuracy is tested on a case that needs it: test_real_weights_fidelity)
+
+
+def test_auto_calibration_tries_each_method_before_keeping_nodes_in_float(resnet, tmp_path: Path) -> None:
+    fp32, evalset, calibration = resnet
+    impossible = GuardConfig(max_accuracy_drop=-100.0, max_rounds=1)  # "auto" is the default
+    trials = guarded_quantize(fp32, tmp_path / "model.onnx", evalset=evalset, calibration=calibration,
+                              isa="avx512_vnni", precisions=("int8_static",), guard=impossible).trials
+    assert [t.calibration_method for t in trials[:3]] == ["minmax", "percentile", "entropy"]
+    assert all(t.excluded_nodes == () for t in trials[:3]) and len(trials) == 4 and trials[3].excluded_nodes
+    least = min(trials[:3], key=lambda t: t.accuracy_drop)
+    assert trials[3].calibration_method == least.calibration_method  # goes on with the one that lost least
+    easy = GuardConfig(max_accuracy_drop=100.0)
+    trials = guarded_quantize(fp32, tmp_path / "model.onnx", evalset=evalset, calibration=calibration,
+                              isa="avx512_vnni", precisions=("int8_static",), guard=easy).trials
+    assert [t.calibration_method for t in trials] == ["minmax"]  # minmax passed: nothing else is tried
 
 
 def test_guard_passes_and_ships_int8_only_when_it_is_faster(resnet, tmp_path: Path) -> None:
