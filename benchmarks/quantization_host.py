@@ -9,9 +9,10 @@ Part B (students trained on Fashion-MNIST at 64 px, measured in-domain on 1,000 
 calibrated on 256 stratified training images): each int8 form's top-1 drop and agreement with fp32 (dynamic int8
 one image at a time, as it ships; also at batch 64, the old measurement), Optimum's forms on the same files and
 calibration images, and what edgekd's accuracy guard ships by default.
+Part B also runs the fine-tuned Lite0 under a 0.5-point guard ("strict" stage).
 Part C (the accuracy guard on the real Lite0 and every photo crop): what ships when it must agree on >= 97%.
 
-    flock /tmp/edgekd-cpu.lock python benchmarks/quantization_host.py [all|latency|students|photos|table]
+    flock /tmp/edgekd-cpu.lock python benchmarks/quantization_host.py [all|latency|students|strict|photos|table]
 
 The Optimum rows need its own environment (`make optimum-env`); without .venv-optimum they are left out and the
 table says so.
@@ -234,6 +235,33 @@ def students_stage(results: dict) -> None:
         save(results)
 
 
+def strict_stage(results: dict) -> None:
+    """The fine-tuned Lite0 under a 0.5-point guard (--max-accuracy-drop 0.5): issue 11's target for CNNs, which the
+    default 1-point guard does not ask for. Same training as part B (same seed), so the same student."""
+    if "strict" in results:
+        return
+    isa = detect_isa()
+    data = load_data(DataSpec("fashion-mnist", max_train=TRAIN_IMAGES, max_val=VAL_IMAGES))
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        model, facts = train_student(REAL, True, 2, data, work)
+        pre = preprocess_for(model, (SIZE, SIZE))
+        evalset = preprocess_records(data.val, pre, VAL_IMAGES)
+        calibration = preprocess_records(data.train, pre, CALIBRATION_IMAGES).images
+        fp32 = export_onnx(model, work / "fp32.onnx", pre.input_size, check_inputs=evalset.images[:64])
+        decision = guarded_quantize(fp32, work / "shipped.onnx", evalset=evalset, calibration=calibration, isa=isa,
+                                    guard=GuardConfig(max_accuracy_drop=0.5),
+                                    timing=lambda path, _, shape=pre.input_size: p50_ms(path, shape))
+    results["strict"] = {"student": REAL, "fp32_top1": decision.fp32_top1, "precision": decision.precision,
+                         "reason": decision.reason,
+                         "trials": [{"preset": t.preset.name, "calibration": t.calibration_method,
+                                     "excluded": len(t.excluded_nodes), "top1": t.top1, "drop": t.accuracy_drop,
+                                     "agreement": t.agreement, "latency_ms": t.latency_ms, "passed": t.passed}
+                                    for t in decision.trials]}
+    print(json.dumps(results["strict"], indent=1), flush=True)
+    save(results)
+
+
 # ------------------------------------------------------------------------------- part C: the guard on real photos
 
 def photos_stage(results: dict) -> None:
@@ -319,6 +347,19 @@ def table(results: dict) -> str:
                      f"{entry['shipped']['reason']} |")
         if entry.get("optimum_missing"):
             lines.append(f"| {name} | | Optimum not run: {entry['optimum_missing']} | | | | | |")
+    strict = results.get("strict")
+    if strict:
+        lines += ["", f"### {strict['student']} (fine-tuned) under a 0.5-point guard (`--max-accuracy-drop 0.5`)", "",
+                  f"fp32 top-1 {100 * strict['fp32_top1']:.2f}%. The default `--calibration auto` tries minmax, then "
+                  "percentile and entropy, before keeping nodes in float.", "",
+                  "| preset | calibration | nodes in float | top-1 | drop (pts) | agreement | p50 ms | passed |",
+                  "|---|---|---:|---:|---:|---:|---:|---|"]
+        for trial in strict["trials"]:
+            ms = f"{trial['latency_ms']:.3f}" if trial["latency_ms"] else "-"
+            lines.append(f"| {trial['preset']} | {trial['calibration'] or '-'} | {trial['excluded']} | "
+                         f"{100 * trial['top1']:.2f}% | {trial['drop']:.2f} | {100 * trial['agreement']:.1f}% | {ms} | "
+                         f"{'yes' if trial['passed'] else 'no'} |")
+        lines.append(f"| **ships {strict['precision']}** | | | | | | | {strict['reason']} |")
     photos = results.get("photos")
     if photos:
         lines += ["", "## C. The accuracy guard on the real Lite0 (ImageNet) and real photographs", "",
@@ -347,12 +388,14 @@ FINDINGS = """## What the figures say (from the run below)
    (EfficientNet-B0: 93.7% vs 99.9%). edgekd now measures any graph with dynamic quantization one image at a time.
 2. *DeiT's static int8 quantized every op type.* Softmax, LayerNorm inputs, residual Adds and Q.K^T in int8: the
    DeiT-tiny student loses 11.4 points (Optimum's avx512_vnni static, which does the same: 10.2). Weight MatMuls
-   only, with float outputs: 0.0 points, 99.9% agreement, 2.40x faster than fp32 at 64 px.
+   only, with float outputs: 0.0 points, 99.9% agreement, 2.2x faster than fp32 at 64 px.
 3. *MobileNetV3 and EfficientNet-B0 were under-trained from random weights* (2 epochs, 71% top-1): their static
    int8 loses 10.4 and 57.2 points with edgekd and 10.1 and 57.9 with Optimum, which runs the same ONNX Runtime
-   quantizer. Keeping their most sensitive nodes in float for 4 rounds does not bring static int8 within the
-   guard (only dynamic int8 passes, and it is no faster, so fp32 ships). The same EfficientNet-B0 trained 8 epochs
-   loses 1.9 points instead of 57.2; the Lite0 fine-tuned from real weights, 0.8.
+   quantizer. The guard's other calibrations (percentile: 5.9 and 58.1) and 4 rounds of keeping nodes in float
+   bring MobileNetV3 to 0.9 points only with 67 nodes in float, and EfficientNet-B0 nowhere (57.9 with 122); dynamic
+   int8 passes but is no faster, so both ship fp32. The same EfficientNet-B0 trained 8 epochs loses 0.0 points
+   (an earlier run of this benchmark, whose training overlapped other work: 1.9); the Lite0 fine-tuned from real
+   weights, 0.8, under a 0.5-point guard still 0.8 with every calibration and 30 nodes in float (section "strict").
 4. *Part A's Lite0 agreement was measured on Fashion-MNIST with an ImageNet head.* On real photographs its static
    int8 agrees with fp32 on 98.5% of the crops fp32 is confident about (86.2% of all crops: the rest are pictures
    with no ImageNet class, text pages, gravel, microscopy, where fp32's top-1 is a near-tie), fp16 on 100.0%
@@ -368,7 +411,7 @@ MobileNetV3 (1.02x) and EfficientNet-B0 (0.86x): their squeeze-excite blocks and
 float, so int8 is broken into Q/DQ round trips that cost what the int8 convolutions save; the guard ships fp32 for
 them unless int8 is measured faster. DeiT-tiny: 1.82x (static) and 1.89x (dynamic) faster than fp32 at 224 px,
 short of the 2x aimed for, because its fp32 also got faster: without onnxruntime.transformers' fusions fp32 runs
-in 12.51 ms instead of 15.50 (both forms are 2.2-2.3x faster than that old fp32). At 64 px: 2.4-2.6x.
+in 12.51 ms instead of 15.50 (both forms are 2.2-2.3x faster than that old fp32). At 64 px: 2.2-2.6x.
 
 **Optimum side by side.** For CNNs Optimum's avx512_vnni static preset and edgekd's default write the same kind of
 QDQ graph (same quantizer): equal agreement, latency within timing noise. Optimum's dynamic preset also quantizes
@@ -381,7 +424,8 @@ every student, within noise.
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("stage", nargs="?", default="all", choices=("all", "latency", "students", "photos", "table"))
+    parser.add_argument("stage", nargs="?", default="all",
+                        choices=("all", "latency", "students", "strict", "photos", "table"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     torch.set_num_threads(2)
@@ -390,6 +434,8 @@ def main() -> None:
         latency_stage(results)
     if args.stage in ("all", "students"):
         students_stage(results)
+    if args.stage in ("all", "strict"):
+        strict_stage(results)
     if args.stage in ("all", "photos"):
         photos_stage(results)
     (RESULTS / "quantization_host.md").write_text(table(results))
