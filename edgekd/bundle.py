@@ -6,7 +6,6 @@ bundle whose model, preprocessing and manifest disagree.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -153,8 +152,9 @@ def _build(model: torch.nn.Module, checkpoint: StudentCheckpoint, work: Path, st
     latency = decision.latency_ms if decision else None
     if options.ort_format:
         write_ort_format(model_path, staging / ORT_MODEL_NAME)
-    write_json_atomic(staging / PREPROCESS_NAME, preprocess_json(pre, checkpoint.class_names))
-    raw_check = _write_raw_input_model(staging, data, options)
+    config = preprocess_json(pre, checkpoint.class_names)
+    write_json_atomic(staging / PREPROCESS_NAME, config)
+    raw_check = _write_raw_input_model(staging, config, data, options)
     samples = {"validation": evalset.describe() if evalset else None,
                "calibration": calibration_set.describe() if calibration_set else None}
     write_json_atomic(staging / MANIFEST_NAME, _manifest(staging, checkpoint, options, parity, fp32_metrics, shipped,
@@ -170,12 +170,12 @@ def preprocess_json(pre: Preprocess, labels: tuple[str, ...]) -> dict[str, Any]:
             "model": MODEL_NAME, "labels": list(labels)}
 
 
-def _write_raw_input_model(staging: Path, data: LoadedData | None, options: BundleOptions) -> RawInputCheck | str:
-    """model_with_preprocessing.onnx (uint8 image in, probabilities out), written only when it agrees with the Python
-    runtime on the validation images (on synthetic pictures for a bundle made without data). Returns the check, or
-    why the file was not written."""
+def _write_raw_input_model(staging: Path, config: dict[str, Any], data: LoadedData | None,
+                           options: BundleOptions) -> RawInputCheck | str:
+    """model_with_preprocessing.onnx (uint8 image in, probabilities out) for `config` (preprocess.json), written only
+    when it agrees with the Python runtime on the validation images (on synthetic pictures for a bundle made without
+    data). Returns the check, or why the file was not written."""
     raw = staging / RAW_MODEL_NAME
-    config = preprocess_json_of(staging)
     try:
         with_preprocessing(staging / MODEL_NAME, config, raw)
     except (EdgekdError, onnx.checker.ValidationError, RuntimeError) as error:  # an opset the converter cannot lift
@@ -200,10 +200,6 @@ def _write_raw_input_model(staging: Path, data: LoadedData | None, options: Bund
         (staging / name).parent.mkdir(exist_ok=True)
         shutil.copyfile(APPS / template, staging / name)
     return check
-
-
-def preprocess_json_of(bundle: Path) -> dict[str, Any]:
-    return json.loads((bundle / PREPROCESS_NAME).read_text(encoding="utf-8"))
 
 
 def write_ort_format(onnx_path: Path, ort_path: Path) -> Path:
@@ -249,10 +245,10 @@ def _manifest(folder: Path, checkpoint: StudentCheckpoint, options: BundleOption
                                  "accuracy_drop_points": _drop(fp32, shipped), "latency_p50_ms": latency_ms,
                                  "size_bytes": (folder / MODEL_NAME).stat().st_size,
                                  "quantization": decision.to_dict() if decision else None,
-                                 "images": samples})]  # which images validated and calibrated it
-    if (folder / ORT_MODEL_NAME).exists():
-        entries.append(Artifact(stage="export", path=ORT_MODEL_NAME, sha256=sha256_file(folder / ORT_MODEL_NAME),
-                                parent=MODEL_NAME, config={"format": "ort", "optimization": "basic"}))
+                                 "images": samples,  # which images validated and calibrated it
+                                 # why the raw-image model was not written
+                                 **({"with_preprocessing": raw_check} if isinstance(raw_check, str) else {})})]
+    entries += _ort_entry(folder, ORT_MODEL_NAME, MODEL_NAME)
     entries.append(Artifact(stage="export", path=PREPROCESS_NAME, sha256=sha256_file(folder / PREPROCESS_NAME),
                             parent=MODEL_NAME))
     raw = folder / RAW_MODEL_NAME
@@ -262,13 +258,16 @@ def _manifest(folder: Path, checkpoint: StudentCheckpoint, options: BundleOption
         entries.append(Artifact(stage="export", path=RAW_MODEL_NAME, sha256=sha256_file(raw), parent=MODEL_NAME,
                                 config={"input": "uint8 [height, width, 3] RGB", "output": "probabilities [1, classes]",
                                         "opset": RAW_OPSET}, metrics={"against_python_runtime": raw_check.to_dict()}))
-        if raw.with_suffix(".ort").exists():
-            entries.append(Artifact(stage="export", path=raw.with_suffix(".ort").name,
-                                    sha256=sha256_file(raw.with_suffix(".ort")), parent=RAW_MODEL_NAME,
-                                    config={"format": "ort", "optimization": "basic"}))
-    else:
-        entries[0].metrics["with_preprocessing"] = raw_check  # why the raw-image model was not written
+        entries += _ort_entry(folder, raw.with_suffix(".ort").name, RAW_MODEL_NAME)
     return [asdict(entry) for entry in entries]
+
+
+def _ort_entry(folder: Path, name: str, parent: str) -> list[Artifact]:
+    """The manifest entry of an .ort file (see write_ort_format), when the bundle has it."""
+    if not (folder / name).exists():
+        return []
+    return [Artifact(stage="export", path=name, sha256=sha256_file(folder / name), parent=parent,
+                     config={"format": "ort", "optimization": "basic"})]
 
 
 def _drop(fp32: OnnxMetrics, shipped: OnnxMetrics) -> float | None:

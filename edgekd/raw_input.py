@@ -53,7 +53,7 @@ def with_preprocessing(model_path: Path, config: dict[str, Any], out_path: Path)
     graph.node.append(helper.make_node("Softmax", [OUTPUT_NAME], [PROBABILITIES_NAME], axis=1, name="probabilities"))
     classes = graph.output[0].type.tensor_type.shape.dim[1].dim_value
     del graph.input[:]
-    graph.input.append(helper.make_tensor_value_info(RAW_INPUT_NAME, TensorProto.UINT8, ["height", "width", 3]))
+    graph.input.append(_image_input())
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info(PROBABILITIES_NAME, TensorProto.FLOAT, [1, classes or None]))
     onnx.checker.check_model(model)
@@ -65,10 +65,14 @@ def with_preprocessing(model_path: Path, config: dict[str, Any], out_path: Path)
 def preprocessing_model(config: dict[str, Any]) -> onnx.ModelProto:
     """The in-graph preprocessing alone: uint8 [H, W, 3] "image" -> float [1, C, h, w] "input" (for checking it)."""
     nodes, initializers = _preprocessing_nodes(config)
-    image = helper.make_tensor_value_info(RAW_INPUT_NAME, TensorProto.UINT8, ["height", "width", 3])
-    graph = helper.make_graph(nodes, "edgekd_preprocessing", [image],
+    graph = helper.make_graph(nodes, "edgekd_preprocessing", [_image_input()],
                               [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, None)], initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def _image_input() -> onnx.ValueInfoProto:
+    """The raw-image model's input: one RGB image as uint8, any height and width."""
+    return helper.make_tensor_value_info(RAW_INPUT_NAME, TensorProto.UINT8, ["height", "width", 3])
 
 
 def _default_opset(model: onnx.ModelProto) -> int:
@@ -193,9 +197,7 @@ def check_with_preprocessing(raw_path: Path, bundle_dir: Path, images: Sequence[
     session = ort.InferenceSession(str(raw_path), providers=["CPUExecutionProvider"])
     same, worst = 0, 0.0
     for image in images:
-        logits = predictor.logits([image])[0].astype(np.float64)
-        expected = np.exp(logits - logits.max())
-        expected /= expected.sum()
+        expected = predictor.probabilities([image])[0]
         actual = session.run(None, {RAW_INPUT_NAME: np.asarray(image.convert("RGB"))})[0][0]
         same += int(actual.argmax() == expected.argmax())
         worst = max(worst, float(np.abs(actual - expected).max()))

@@ -69,10 +69,14 @@ class Predictor:
         """The `top_k` most likely labels with their softmax probabilities, most likely first."""
         return self.predict_batch([image], top_k)[0]
 
-    def predict_batch(self, images: Sequence[ImageLike], top_k: int = 5) -> list[list[tuple[str, float]]]:
+    def probabilities(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """Softmax of the logits, N x classes (float64)."""
         logits = self.logits(images).astype(np.float64)
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
+        return probs / probs.sum(axis=1, keepdims=True)
+
+    def predict_batch(self, images: Sequence[ImageLike], top_k: int = 5) -> list[list[tuple[str, float]]]:
+        probs = self.probabilities(images)
         k = max(1, min(top_k, probs.shape[1]))
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         return [[(self._label(i), float(row[i])) for i in top] for row, top in zip(probs, order)]
