@@ -11,18 +11,20 @@ import gzip
 import logging
 import os
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from edgekd.errors import EdgekdError
+from edgekd.errors import EdgekdError, first_line
+from edgekd.runtime import BundleError, as_model_pixels, read_image
 from edgekd.types import DatasetInfo, DataSpec, Preprocess
 
 log = logging.getLogger(__name__)
@@ -50,23 +52,47 @@ class ArrayRecords(Dataset):
 
 
 class FileRecords(Dataset):
-    """Images on disk, decoded lazily."""
+    """Images on disk, decoded lazily, upright and 8-bit as a viewer shows them (edgekd.runtime.as_model_pixels).
+
+    A file that cannot be decoded when it is read (truncated, damaged) is skipped: the next readable image takes
+    its place in that batch, the file is marked in a table shared with the loader's worker processes, and
+    `unreadable` counts the marks, so one bad file in a million never stops an epoch.
+    """
 
     def __init__(self, paths: Sequence[Path], labels: Sequence[int]):
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
+        # One flag per file in shared memory: DataLoader workers (torch.multiprocessing) mark what they skip.
+        self.bad = torch.zeros(len(self.paths), dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def unreadable(self) -> int:
+        return int(self.bad.sum())
+
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        path = self.paths[index]
-        try:
-            with Image.open(path) as image:
-                image.load()
-                return image.copy(), int(self.labels[index])
-        except (OSError, UnidentifiedImageError) as error:
-            raise EdgekdError(f"cannot decode image {path}: {error}; remove or replace the file") from error
+        for offset in range(len(self.paths)):
+            candidate = (index + offset) % len(self.paths)
+            if bool(self.bad[candidate]):
+                continue
+            try:
+                return _upright(read_image(self.paths[candidate])), int(self.labels[candidate])
+            except BundleError as error:
+                self.bad[candidate] = True
+                log.warning("skipping %s", first_line(error, 300))
+        raise EdgekdError(f"none of the {len(self.paths)} images can be decoded (e.g. {self.paths[index]}); "
+                          "check the files")
+
+
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """8-bit grey or RGB as on screen; a grey file stays grey, so each model's own channel conversion (ToMode) does
+    to it exactly what edgekd.runtime does to the same file."""
+    return as_model_pixels(image, "L" if image.mode in GREY_MODES else "RGB")
 
 
 @dataclass(frozen=True)
@@ -74,6 +100,12 @@ class LoadedData:
     info: DatasetInfo
     train: ArrayRecords | FileRecords
     val: ArrayRecords | FileRecords
+
+
+def skipped_images(data: LoadedData) -> int:
+    """Files left out: unidentifiable when the folder was read, plus those found undecodable by this process's reads."""
+    found = sum(records.unreadable for records in (data.train, data.val) if isinstance(records, FileRecords))
+    return data.info.skipped_corrupt + found
 
 
 def load_data(spec: DataSpec) -> LoadedData:
@@ -123,13 +155,22 @@ def _images_in(folder: Path, recursive: bool) -> list[Path]:
     return sorted(p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def _readable(path: Path) -> bool:
+def _identifiable(path: Path) -> bool:
+    """Is this an image file at all? Pillow reads the header only; pixels are decoded when training reads them
+    (FileRecords), where a truncated file is skipped and counted."""
     try:
-        with Image.open(path) as image:
-            image.verify()
-        return True
-    except Exception:  # noqa: BLE001 - PIL raises many types for a bad file; any of them means "skip it"
+        with Image.open(path):
+            return True
+    except Exception:  # noqa: BLE001 - PIL raises many types for a file that is not an image; any means "skip it"
         return False
+
+
+def _identify_all(paths: list[Path]) -> list[bool]:
+    """Headers read by a thread pool: opening files is I/O-bound, and a 100k-image folder should start quickly."""
+    if len(paths) < 64:
+        return [_identifiable(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(16, 4 * (os.cpu_count() or 1))) as pool:
+        return list(pool.map(_identifiable, paths, chunksize=256))
 
 
 def _scan_split(folder: Path, class_names: tuple[str, ...] | None) -> tuple[list[Path], list[int], tuple[str, ...], int]:
@@ -159,7 +200,7 @@ def _scan_split(folder: Path, class_names: tuple[str, ...] | None) -> tuple[list
     if not paths:
         raise EdgekdError(f"no images found in {folder}; point --data at a folder of images "
                           "(one sub-folder per class, or loose images for label-free distillation)")
-    readable = [_readable(p) for p in paths]
+    readable = _identify_all(paths)
     skipped = readable.count(False)
     if skipped:
         bad = [str(p) for p, ok in zip(paths, readable) if not ok]

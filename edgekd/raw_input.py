@@ -191,14 +191,14 @@ class RawInputCheck:
 def check_with_preprocessing(raw_path: Path, bundle_dir: Path, images: Sequence[Image.Image],
                              source: str) -> RawInputCheck:
     """Run every image through the raw-image model and through the bundle's Python runtime; compare."""
-    from edgekd.runtime import Predictor
+    from edgekd.runtime import Predictor, as_model_pixels
 
     predictor = Predictor(bundle_dir)
     session = ort.InferenceSession(str(raw_path), providers=["CPUExecutionProvider"])
     same, worst = 0, 0.0
     for image in images:
         expected = predictor.probabilities([image])[0]
-        actual = session.run(None, {RAW_INPUT_NAME: np.asarray(image.convert("RGB"))})[0][0]
+        actual = session.run(None, {RAW_INPUT_NAME: np.asarray(as_model_pixels(image, "RGB"))})[0][0]
         same += int(actual.argmax() == expected.argmax())
         worst = max(worst, float(np.abs(actual - expected).max()))
     return RawInputCheck(len(images), same / max(1, len(images)), worst, source)

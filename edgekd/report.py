@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 from edgekd import __version__
 from edgekd.artifacts import write_json_atomic, write_text_atomic
 from edgekd.bench import BenchResult, ModelFacts
+from edgekd.data import LoadedData, skipped_images
 
 if TYPE_CHECKING:
-    from edgekd.data import LoadedData
     from edgekd.pipeline import CompressConfig
     from edgekd.profiles import DeviceProfile
     from edgekd.select import Selection
@@ -72,7 +72,7 @@ def build_report(*, run_dir: Path, config: CompressConfig, profile: DeviceProfil
         "profile": profile.to_dict(),
         "data": {"source": data.info.source, "labeled": data.info.labeled, "num_classes": data.info.num_classes,
                  "num_train": data.info.num_train, "num_val": data.info.num_val,
-                 "skipped_corrupt": data.info.skipped_corrupt},
+                 "skipped_corrupt": skipped_images(data)},
         "teachers": [{"model": t.model_name, "params": t.params, "input_size": list(t.preprocess.input_size),
                       "weights": t.weights_source, "fine_tuned": t.fine_tuned, "val_top1": t.val_top1,
                       "val_top5": t.val_top5} for t in teachers],

@@ -18,7 +18,7 @@ from typing import Sequence, Union
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image
+from PIL import Image, ImageOps
 
 PREPROCESS_NAME = "preprocess.json"
 MODEL_NAME = "model.onnx"
@@ -101,8 +101,7 @@ class ImagePreprocessor:
                               f"{', '.join(_RESAMPLE)}")
 
     def __call__(self, image: ImageLike) -> np.ndarray:
-        pil = _open(image)
-        pil = pil if pil.mode == self.mode else pil.convert(self.mode)
+        pil = as_model_pixels(read_image(image), self.mode)
         crop_pct = float(self.config.get("crop_pct", 1.0))
         resample = _RESAMPLE[self.config.get("interpolation", "bilinear")]
         scale_h, scale_w = math.floor(self.height / crop_pct), math.floor(self.width / crop_pct)
@@ -116,15 +115,43 @@ class ImagePreprocessor:
         return ((array - self.mean) / self.std).astype(np.float32)
 
 
-def _open(image: ImageLike) -> Image.Image:
+def read_image(image: ImageLike) -> Image.Image:
+    """A path's image decoded whole (a truncated file is an error, not a grey-filled picture); an image as given."""
     if isinstance(image, Image.Image):
         return image
     try:
         with Image.open(image) as opened:
             opened.load()
             return opened.copy()
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise BundleError(f"cannot read image {image}: {error}") from error
+
+
+def as_model_pixels(image: Image.Image, mode: str) -> Image.Image:
+    """An image as users have it -> 8-bit `mode` ("RGB" or "L") pixels as they look on screen.
+
+    Photo viewers and browsers show a phone photo turned by its EXIF orientation, a transparent PNG or GIF on a
+    background, a 16-bit PNG scaled to 8 bits; Pillow's plain convert() does none of that (it clips 16-bit values,
+    so a 16-bit grey PNG turns white, and drops alpha, so transparent areas take whatever colour they hide). The
+    training data (edgekd.data) and every runtime go through this one function; the bundle's JavaScript apps do the
+    same steps (predict.mjs, web/index.html).
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16") or image.mode == "I":  # 16-bit grey: scale to 8 bits, rounding
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        image = _on_white(image.convert("RGBA"))
+    return image if image.mode == mode else image.convert(mode)
+
+
+def _on_white(rgba: Image.Image) -> Image.Image:
+    """Alpha-composite onto white in integer arithmetic the JavaScript apps repeat bit for bit:
+    out = (colour * alpha + 255 * (255 - alpha) + 127) // 255."""
+    pixels = np.asarray(rgba, dtype=np.uint32)
+    colour, alpha = pixels[..., :3], pixels[..., 3:4]
+    composited = (colour * alpha + 255 * (255 - alpha) + 127) // 255
+    return Image.fromarray(composited.astype(np.uint8), "RGB")
 
 
 def _shorter_side_to(size: tuple[int, int], side: int) -> tuple[int, int]:

@@ -4,6 +4,7 @@ running onnxruntime-web, all give the Python runtime's answers."""
 
 from __future__ import annotations
 
+import base64
 import functools
 import http.server
 import json
@@ -12,6 +13,7 @@ import subprocess
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 from timm.data import ImageNetInfo
 
@@ -20,9 +22,10 @@ from edgekd.export import export_onnx
 from edgekd.lite_weights import timm_state_dict
 from edgekd.models import create_model, preprocess_for
 from edgekd.raw_input import RAW_MODEL_NAME, with_preprocessing
-from edgekd.runtime import MODEL_NAME, PREPROCESS_NAME, Predictor
+from edgekd.runtime import MODEL_NAME, PREPROCESS_NAME, Predictor, as_model_pixels, read_image
 from tests.helpers.node import NODE, app_folder, node
 from tests.helpers.photos import crops
+from tests.helpers.user_images import write_user_images
 
 CHROMIUM = shutil.which("chromium")  # Debian's package; .ci/run installs it
 
@@ -44,7 +47,7 @@ def app(tmp_path_factory) -> tuple[Path, list[Path], list[Path]]:
     for name, template in APP_FILES.items():
         (folder / name).parent.mkdir(exist_ok=True)
         shutil.copyfile(APPS / template, folder / name)
-    app_folder(folder, folder, "contract.mjs", "browser.mjs")
+    app_folder(folder, folder, "contract.mjs", "browser.mjs", "decode.mjs")
     photos = tmp_path_factory.mktemp("photos")
     pngs, jpegs = [], []
     for index, picture in enumerate(crops(2, seed=11)):
@@ -67,6 +70,25 @@ def test_predict_mjs_gives_the_python_runtime_s_answers(app):
     assert all(same_png), same_png  # lossless: the very pixels Python decodes
     # JPEG: jpeg-js and libjpeg decode a few levels apart on some pixels; near-ties among 1000 classes may flip
     assert sum(same_jpeg) >= 0.9 * len(jpegs), same_jpeg
+
+
+@pytest.fixture(scope="module")
+def user_images(tmp_path_factory):
+    return write_user_images(tmp_path_factory.mktemp("user-images"))
+
+
+def test_predict_mjs_reads_user_images_as_the_python_runtime_does(app, user_images):
+    """EXIF-turned phone photos, transparency on white, 16-bit and palette PNGs, CMYK JPEGs: the same pixels."""
+    folder, _, _ = app
+    paths = {kind: image.path for kind, image in user_images.items()}
+    for kind, decoded in zip(paths, node(folder / "decode.mjs", *paths.values())):
+        expected = np.asarray(as_model_pixels(read_image(paths[kind]), "RGB"))
+        pixels = np.frombuffer(base64.b64decode(decoded["rgb"]), np.uint8)
+        pixels = pixels.reshape(decoded["height"], decoded["width"], 3)
+        assert pixels.shape == expected.shape, kind
+        difference = np.abs(pixels.astype(np.float64) - expected).mean()
+        # PNG is lossless: the same bytes. JPEG decoders differ by a level or two on some pixels.
+        assert difference <= (2.0 if paths[kind].suffix == ".jpg" else 0.0), f"{kind}: {difference:.2f} levels"
 
 
 def test_predict_mjs_runs_from_a_linked_folder_and_refuses_what_is_not_an_image(app, tmp_path):
@@ -103,18 +125,23 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="this machine has no Chromium")
-def test_the_web_page_classifies_chosen_images_like_python(app, tmp_path):
+def test_the_web_page_classifies_chosen_images_like_python(app, user_images, tmp_path):
     folder, pngs, _ = app
     python = Predictor(folder)
+    phone, cutout = user_images["exif"], user_images["rgba"]
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(folder)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/web/index.html"
         shot = tmp_path / "page.png"
-        lines = node(folder / "browser.mjs", url, shot, *pngs[:6])
+        lines = node(folder / "browser.mjs", url, shot, *pngs[:6], cutout.path, phone.path)
     finally:
         server.shutdown()
     answers, shown = lines[:-1], lines[-1]
-    assert [a["label"] for a in answers] == [python.predict(p, 1)[0][0] for p in pngs[:6]]
+    assert [a["label"] for a in answers[:7]] == [python.predict(p, 1)[0][0] for p in [*pngs[:6], cutout.path]]
+    # the cut-out on white, not on the green its transparent pixels hide: Python's probability
+    assert abs(answers[6]["probability"] - python.predict(cutout.path, 1)[0][1]) < 0.02
+    # the phone photo turned upright by its EXIF orientation, as Python turns it
+    assert (answers[7]["height"], answers[7]["width"]) == phone.shown.shape[:2]
     assert shown["image_width"] > 0 and shown["labels"] == 5  # the page shows the picture and its top labels
     assert shot.stat().st_size > 10_000

@@ -1,6 +1,7 @@
 // Drive the bundle's web page in headless Chromium (playwright-core + Debian's chromium), as a user would: choose
 // each image in the page's file input and read back the labels it shows; screenshot the page at the end.
-//   node browser.mjs PAGE_URL SCREENSHOT.png IMAGE...  ->  one JSON line per image {file, label, probability},
+//   node browser.mjs PAGE_URL SCREENSHOT.png IMAGE...  ->  one JSON line per image {file, label, probability,
+//   width, height} (the decoded picture's size),
 //   then {screenshot, image_width, labels}
 import { basename } from "node:path";
 
@@ -23,7 +24,8 @@ try {
     await page.setInputFiles("#file", file);
     await page.waitForFunction((n) => window.edgekdResult?.name === n, name, { timeout: 60_000 });
     const result = await page.evaluate(() => window.edgekdResult);
-    console.log(JSON.stringify({ file, label: result.top[0][0], probability: result.top[0][1] }));
+    console.log(JSON.stringify({ file, label: result.top[0][0], probability: result.top[0][1], width: result.width,
+                                 height: result.height }));
   }
   await page.waitForFunction(() => document.getElementById("preview").naturalWidth > 0);
   await page.screenshot({ path: screenshot, fullPage: true });

@@ -31,8 +31,9 @@ export async function loadBundle(folder = HERE) {
   return { config, session, labels: config.labels };
 }
 
-// PNG or JPEG bytes -> { width, height, rgb } with rgb a Uint8Array of height * width * 3 (alpha dropped, as
-// Pillow's convert("RGB") does in the Python runtime).
+// PNG or JPEG bytes -> { width, height, rgb } with rgb a Uint8Array of height * width * 3, the picture as a viewer
+// shows it and as edgekd.runtime.as_model_pixels gives it to the Python runtime: a JPEG turned upright by its EXIF
+// orientation, transparency composited onto white in the same integer arithmetic.
 export function decode(bytes) {
   const isPng = bytes.length > 8 && bytes[0] === 0x89 && bytes[1] === 0x50 && bytes[2] === 0x4e && bytes[3] === 0x47;
   const isJpeg = bytes.length > 3 && bytes[0] === 0xff && bytes[1] === 0xd8;
@@ -48,11 +49,58 @@ export function decode(bytes) {
   }
   const rgb = new Uint8Array(width * height * 3);
   for (let i = 0, j = 0; i < width * height; i++, j += channels) {
-    rgb[3 * i] = pixels[j];
-    rgb[3 * i + 1] = pixels[j + 1];
-    rgb[3 * i + 2] = pixels[j + 2];
+    const alpha = channels === 4 ? pixels[j + 3] : 255;
+    for (let c = 0; c < 3; c++) {
+      rgb[3 * i + c] = Math.floor((pixels[j + c] * alpha + 255 * (255 - alpha) + 127) / 255);
+    }
   }
-  return { width, height, rgb };
+  return isJpeg ? upright({ width, height, rgb }, exifOrientation(bytes)) : { width, height, rgb };
+}
+
+// The EXIF orientation tag (1-8) of a JPEG, 1 when it has none: APP1 "Exif", TIFF header, first IFD, tag 0x0112.
+export function exifOrientation(bytes) {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  for (let at = 2; at + 4 <= bytes.length && bytes[at] === 0xff;) {
+    const marker = bytes[at + 1], length = view.getUint16(at + 2);
+    if (marker === 0xda) break; // start of scan: no metadata after it
+    const tiff = at + 10;
+    if (marker === 0xe1 && view.getUint32(at + 4) === 0x45786966 && tiff + 8 <= bytes.length) { // "Exif"
+      const little = view.getUint16(tiff) === 0x4949; // "II"
+      const ifd = tiff + view.getUint32(tiff + 4, little);
+      const entries = ifd + 2 <= bytes.length ? view.getUint16(ifd, little) : 0;
+      for (let e = 0; e < entries && ifd + 14 + 12 * e <= bytes.length; e++) {
+        const entry = ifd + 2 + 12 * e;
+        if (view.getUint16(entry, little) === 0x0112) {
+          const value = view.getUint16(entry + 8, little);
+          return value >= 1 && value <= 8 ? value : 1;
+        }
+      }
+      return 1;
+    }
+    at += 2 + length;
+  }
+  return 1;
+}
+
+// Turn decoded pixels by an EXIF orientation, as Pillow's ImageOps.exif_transpose does. Orientations 5-8 swap the
+// sides; for each output pixel (x, y), `source` says which input pixel it shows.
+export function upright({ width, height, rgb }, orientation) {
+  if (orientation === 1) return { width, height, rgb };
+  const w = width, h = height;
+  const source = {
+    2: (x, y) => [w - 1 - x, y], 3: (x, y) => [w - 1 - x, h - 1 - y], 4: (x, y) => [x, h - 1 - y],
+    5: (x, y) => [y, x], 6: (x, y) => [y, h - 1 - x], 7: (x, y) => [w - 1 - y, h - 1 - x], 8: (x, y) => [w - 1 - y, x],
+  }[orientation];
+  const [outW, outH] = orientation >= 5 ? [h, w] : [w, h];
+  const out = new Uint8Array(rgb.length);
+  for (let y = 0; y < outH; y++) {
+    for (let x = 0; x < outW; x++) {
+      const [sx, sy] = source(x, y);
+      const from = 3 * (sy * w + sx), to = 3 * (y * outW + x);
+      out[to] = rgb[from]; out[to + 1] = rgb[from + 1]; out[to + 2] = rgb[from + 2];
+    }
+  }
+  return { width: outW, height: outH, rgb: out };
 }
 
 // The `topK` most likely labels with their probabilities, most likely first.

@@ -1,0 +1,80 @@
+"""Images as users have them: phone photos with an EXIF orientation, transparent PNGs, 16-bit and palette PNGs,
+CMYK JPEGs and files cut short, read by training and by the runtime as a photo viewer shows them."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgekd.bundle import preprocess_json
+from edgekd.data import ModelInputs, eval_transform, load_data, make_loader, skipped_images
+from edgekd.runtime import BundleError, ImagePreprocessor, as_model_pixels, read_image
+from edgekd.types import DataSpec, Preprocess
+from tests.helpers.user_images import UserImage, write_truncated_jpeg, write_user_images
+
+KINDS = ("exif", "rgba", "grey16", "palette", "palette_transparent", "cmyk")
+
+
+@pytest.fixture(scope="module")
+def user_images(tmp_path_factory) -> dict[str, UserImage]:
+    return write_user_images(tmp_path_factory.mktemp("user-images"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_reads_as_a_viewer_shows_it(user_images, kind):
+    image = user_images[kind]
+    read = np.asarray(as_model_pixels(read_image(image.path), "L" if image.shown.ndim == 2 else "RGB"))
+    assert read.shape == image.shown.shape  # e.g. the phone photo comes out landscape, as it was taken
+    difference = np.abs(read.astype(np.float64) - image.shown).mean()
+    assert difference <= image.tolerance, f"{kind}: mean difference {difference:.2f} levels"
+
+
+def test_plain_pillow_conversion_would_get_them_wrong(user_images):
+    """What the steps above are for: without them the pictures differ from what the user sees."""
+    sideways = Image.open(user_images["exif"].path).convert("RGB")
+    assert sideways.size[::-1] == Image.fromarray(user_images["exif"].shown).size
+    clipped = np.asarray(Image.open(user_images["grey16"].path).convert("L"))
+    assert (clipped == 255).mean() > 0.9  # Pillow clips 16-bit values instead of scaling them
+    hidden = np.asarray(Image.open(user_images["rgba"].path).convert("RGB"))
+    assert (hidden[:, :5] == (0, 255, 0)).all()  # the colour under the transparent pixels
+
+
+@pytest.mark.parametrize("pre", [
+    Preprocess((3, 48, 48), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic", 0.875),
+    Preprocess((1, 40, 40), (0.5,), (0.5,), "bilinear", 1.0),
+])
+def test_training_and_the_runtime_see_the_same_pixels(user_images, tmp_path, pre):
+    for index, image in enumerate(user_images.values()):
+        target = tmp_path / "data" / ("a" if index % 2 else "b") / image.path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(image.path, target)
+    data = load_data(DataSpec(str(tmp_path / "data"), val_fraction=0.3))
+    runtime, training = ImagePreprocessor(preprocess_json(pre, ())), eval_transform(pre)
+    for records in (data.train, data.val):
+        for index, path in enumerate(records.paths):
+            np.testing.assert_allclose(training(records[index][0]).numpy(), runtime(path), atol=1e-6,
+                                       err_msg=str(path))
+
+
+def test_a_file_cut_short_is_skipped_and_counted_without_stopping_the_epoch(user_images, tmp_path):
+    for label in ("a", "b"):
+        for image in user_images.values():
+            target = tmp_path / "data" / label / image.path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(image.path, target)
+    broken = write_truncated_jpeg(tmp_path / "data" / "a" / "interrupted_download.jpg")
+    data = load_data(DataSpec(str(tmp_path / "data"), val_fraction=0.3))
+    assert data.info.skipped_corrupt == 0  # its header is fine: only decoding finds the damage
+    pre = Preprocess((3, 32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear", 1.0)
+    seen = 0
+    for records in (data.train, data.val):  # worker processes decode, as in training
+        loader = make_loader(ModelInputs(records, [pre], training=True), 4, shuffle=True, num_workers=2)
+        seen += sum(len(labels) for _, labels in loader)
+    assert seen == data.info.num_train + data.info.num_val  # a readable image took the broken one's place
+    assert skipped_images(data) == 1
+    with pytest.raises(BundleError, match="cannot read image .*interrupted_download.jpg.*truncated"):
+        read_image(broken)
