@@ -6,6 +6,7 @@ bundle whose model, preprocessing and manifest disagree.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -160,6 +161,14 @@ def _build(model: torch.nn.Module, checkpoint: StudentCheckpoint, work: Path, st
     write_json_atomic(staging / MANIFEST_NAME, _manifest(staging, checkpoint, options, parity, fp32_metrics, shipped,
                                                          precision, latency, decision, samples, raw_check))
     return BundleResult(staging, precision, parity, fp32_metrics, shipped, latency, decision)
+
+
+def read_shipped_form(bundle_dir: Path) -> tuple[str, str | None]:
+    """(precision, why: the accuracy guard's verdict) of a bundle's model.onnx, from its manifest."""
+    entries = json.loads((Path(bundle_dir) / MANIFEST_NAME).read_text())
+    model = next(e for e in entries if e["path"] == MODEL_NAME)
+    decision = model.get("metrics", {}).get("quantization") or {}
+    return str(model["config"]["precision"]), decision.get("reason")
 
 
 def preprocess_json(pre: Preprocess, labels: tuple[str, ...]) -> dict[str, Any]:

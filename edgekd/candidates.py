@@ -3,8 +3,8 @@
 Every candidate is built at the task's input size and class count, exported to ONNX, quantized to each of the
 profile's precisions (exactly as `compress` would ship it), and timed with edgekd.latency's one routine. int8 is
 not always faster (dynamic int8 convolutions are 10-20x slower than fp32 on x86), so each precision is measured
-and the fastest form kept. Results are cached per (profile, model, input size, classes, precision, onnxruntime
-version): a second selection only reads the cache.
+and the fastest form kept. Results are cached per (profile, model, input size, classes, precision, CPU model, edgekd
+and onnxruntime versions): a second selection only reads the cache.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from edgekd import __version__
 from edgekd.artifacts import config_hash, write_json_atomic
 from edgekd.errors import EdgekdError, first_line
 from edgekd.export import export_onnx
@@ -31,6 +32,7 @@ from edgekd.latency import ORT_RUN_ERRORS, LatencyStats, measure_onnx
 from edgekd.models import count_params, preprocess_for, resolve_model_name
 from edgekd.profiles import DeviceProfile
 from edgekd.quantize import MIN_CALIBRATION_IMAGES, prepare_for_quantization, quantize_onnx
+from edgekd.record import cpu_model
 from edgekd.select import DERIVED_FAMILY, Candidate, Measurement, Selection, select_student
 from edgekd.students import StudentInit, build_student, derived_name, parse_derived
 from edgekd.train_utils import progress
@@ -40,6 +42,7 @@ CSV = "timm results-imagenet.csv"
 DERIVED_DEPTH = 0.5  # the issue's starting point: a ViT keeps every other block, a CNN half of each stage's blocks
 CACHE_ENV = "EDGEKD_CACHE_DIR"
 MAX_CONFIRMATIONS = 6  # re-measured choices before the latest one stands unconfirmed (a very noisy machine)
+KEPT_MEASUREMENTS = 5  # timings of one form the latency cache keeps; their median stands for the form
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +120,8 @@ def choose_student(teacher: str, budget_ms: float, profile: DeviceProfile, *, nu
     """What `edgekd select` and `compress` run: measure the candidates on `profile`, then apply the rule.
 
     Timed on this machine, the choice is measured once more before it is final (a cached figure may come from a
-    quieter moment): the worse of the two runs counts, and a choice that no longer fits gives way to the next.
+    quieter or a busier moment): the median of its kept runs counts, and a choice that no longer fits gives way to
+    the next.
     """
     measured = measure_for_teacher(teacher, profile, num_classes=num_classes, image_size=image_size,
                                    student=student, names=names, pool=pool, cache_dir=cache_dir, timing=timing,
@@ -155,18 +159,23 @@ def _p90_of(candidate: Candidate, precision: str) -> float:
 
 def _confirm(candidate: Candidate, precision: str, profile: DeviceProfile, num_classes: int, cache: Path,
              timing: TimingConfig) -> Candidate:
-    """The candidate with its `precision` form timed afresh; the slower of the two figures is kept (and cached)."""
+    """The candidate with its `precision` form timed afresh. The cache keeps the last KEPT_MEASUREMENTS runs of a
+    form and stands for them with the one whose p90 is their median: a figure from a quiet or a busy moment does not
+    decide alone, and re-timing does not ratchet the cached figure up (or down) for good."""
     image_size = (candidate.input_size[1], candidate.input_size[2])
     model = build_student(candidate.model_name, num_classes, image_size).eval()
     fresh = _measure_forms(model, [precision], candidate.input_size, profile, timing)[precision]
     old = next(m for m in candidate.measurements if m.precision == precision)
     if fresh.stats is None or old.stats is None:
         return candidate
-    slower = max(old.stats, fresh.stats, key=lambda s: s.p90_ms)
-    _cache_write(cache, _latency_key(profile, candidate.model_name, candidate.input_size, num_classes, precision,
-                                     timing), {"stats": slower.to_dict()})
-    kept = Measurement(precision, slower, f"measured on {profile.name} twice (p90 {old.p90_ms:.3f} then "
-                                          f"{fresh.p90_ms:.3f} ms; the slower counts)")
+    key = _latency_key(profile, candidate.model_name, candidate.input_size, num_classes, precision, timing)
+    cached = _cache_read(cache, key) or {"stats": old.stats.to_dict()}
+    runs = [LatencyStats.from_dict(raw) for raw in cached.get("runs", [cached["stats"]])]
+    runs = [*runs, fresh.stats][-KEPT_MEASUREMENTS:]
+    median = sorted(runs, key=lambda stats: stats.p90_ms)[len(runs) // 2]
+    _cache_write(cache, key, {"stats": median.to_dict(), "runs": [stats.to_dict() for stats in runs]})
+    kept = Measurement(precision, median, f"measured on {profile.name} {len(runs)} times (p90 "
+                                          f"{', '.join(f'{r.p90_ms:.3f}' for r in runs)} ms; the median counts)")
     return replace(candidate, measurements=tuple(kept if m.precision == precision else m
                                                  for m in candidate.measurements))
 
@@ -245,8 +254,10 @@ def _measure_one(name: str, profile: DeviceProfile, num_classes: int, image_size
 
 def _latency_key(profile: DeviceProfile, name: str, input_size: tuple[int, int, int], num_classes: int,
                  precision: str, timing: TimingConfig) -> dict[str, Any]:
+    # A figure is this machine's (CPU model) for this edgekd (how the form is exported and quantized) and onnxruntime.
     return {"kind": "latency", "profile": profile.timing_key(), "model": name, "input_size": list(input_size),
-            "classes": num_classes, "precision": precision, "ort": ort.__version__, "timing": asdict(timing)}
+            "classes": num_classes, "precision": precision, "ort": ort.__version__, "timing": asdict(timing),
+            "cpu": cpu_model(), "edgekd": __version__}
 
 
 def _measure_forms(model: torch.nn.Module, precisions: Sequence[str], input_size: tuple[int, int, int],

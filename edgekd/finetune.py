@@ -5,7 +5,6 @@ Resumable: the training state is written whole after every epoch, and a re-run c
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -14,8 +13,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from edgekd.artifacts import atomic_path, config_hash, write_json_atomic
+from edgekd.artifacts import write_json_atomic
 from edgekd.data import LoadedData, ModelInputs, make_loader
+from edgekd.record import TrainState, data_fingerprint, resume_training_state, save_training_state, stage_key
 from edgekd.train_utils import (Compute, backward_in_slices, evaluate, make_optimizer, micro_batch_size, pick_device,
                                 progress, recipe_for, seed_everything, warmup_cosine)
 from edgekd.types import Preprocess, TrainConfig
@@ -52,9 +52,10 @@ def train_classifier(model: torch.nn.Module, data: LoadedData, preprocess: Prepr
     micro = micro_batch_size(model, preprocess.input_size, config.batch_size, compute)
 
     state_path = Path(work_dir) / "train_state.pt"
-    key = config_hash({"config": config.outcome_fields(), "preprocess": preprocess.to_dict(), "n": len(data.train),
-                       "transfer": transfer, "identity": identity})
-    step, history = _resume(state_path, key, model, optimizer, scheduler)
+    key = stage_key("fine-tune", {"config": config.outcome_fields(), "preprocess": preprocess.to_dict(),
+                                  "data": data_fingerprint(data), "transfer": transfer, "identity": identity})
+    state = resume_training_state(state_path, key, model, optimizer, scheduler)
+    step, history = state.step, state.history
     epochs = math.ceil(total_steps / steps_per_epoch)
     for epoch in range(step // steps_per_epoch, epochs):
         model.train()
@@ -87,27 +88,6 @@ def train_classifier(model: torch.nn.Module, data: LoadedData, preprocess: Prepr
                    "images_per_s": seen / (time.perf_counter() - started)}
         history.append(metrics)
         log.info("%s epoch %d: loss %.4f, val top-1 %.4f", label, epoch + 1, metrics["train_loss"], result.top1 or 0)
-        _save_state(state_path, key, step, history, model, optimizer, scheduler)
+        save_training_state(state_path, key, TrainState(step, history), model, optimizer, scheduler)
     write_json_atomic(Path(work_dir) / "train_log.json", history)
     return model.cpu().eval(), history
-
-
-def _save_state(path: Path, key: str, step: int, history: list, model, optimizer, scheduler) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({"key": key, "step": step, "history": json.dumps(history), "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp)
-
-
-def _resume(path: Path, key: str, model, optimizer, scheduler) -> tuple[int, list[dict[str, float]]]:
-    """Continue from a previous run's last finished epoch when its configuration is the same."""
-    if not path.exists():
-        return 0, []
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("key") != key:
-        log.info("ignoring %s: it was written for another configuration", path)
-        return 0, []
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    log.info("resuming from %s at step %d", path, state["step"])
-    return int(state["step"]), json.loads(state["history"])

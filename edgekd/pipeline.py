@@ -1,10 +1,13 @@
 """compress(): the stages in order, in one resumable run folder.
 
     teacher -> select -> distill -> export (bundle) -> bench models -> bench -> report
+                 ^                              |
+                 +-- the shipped form misses the budget (int8 rejected): the next candidate
 
-Each stage records the hash of its inputs and config in stages.json; a stage whose key is unchanged and whose
-outputs exist is skipped, so re-running the same command continues where it stopped and a changed option
-redoes only what depends on it. Distillation also resumes mid-way from its per-epoch checkpoint.
+Each stage's key is made of its inputs' contents (edgekd.record): a stage whose key is unchanged and whose outputs
+exist is reused, so re-running the same command continues where it stopped, and a changed input (weights, data,
+options, versions) redoes that stage and what depends on it. Selection is a stage too: a re-run keeps its decision.
+Teacher fine-tuning and distillation also resume mid-way from their training state.
 """
 
 from __future__ import annotations
@@ -16,24 +19,25 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from edgekd.artifacts import config_hash, make_artifact, sha256_file, write_json_atomic
+from edgekd.artifacts import make_artifact, sha256_file, write_json_atomic
 from edgekd.bench import BENCH_MODELS_NAME, BenchModel, BenchResult, bench, bench_model_to_dict
-from edgekd.bundle import BUNDLE_FILES, BundleOptions, bundle_from_checkpoint
+from edgekd.bundle import BUNDLE_FILES, BundleOptions, bundle_from_checkpoint, read_shipped_form
 from edgekd.candidates import choose_student
 from edgekd.data import LoadedData, load_data
 from edgekd.distill.train import DistillConfig, distill
 from edgekd.errors import EdgekdError
 from edgekd.profiles import DeviceProfile, load_profile
 from edgekd.quantize import GuardConfig
-from edgekd.select import Selection
+from edgekd.record import StageRecord, cpu_model, data_fingerprint, stage_key
+from edgekd.select import PassedOver, Selection, select_student
 from edgekd.students import StudentInit, initial_student, read_student_checkpoint, start_fingerprint
 from edgekd.teacher import prepare_teachers
 from edgekd.types import DataSpec, StudentCheckpoint, TeacherResult, TeacherSpec, TrainConfig
 
 log = logging.getLogger(__name__)
 
-STAGES_NAME = "stages.json"
 RUN_NAME = "run.json"
+SELECTION_NAME = "selection.json"
 
 
 @dataclass(frozen=True)
@@ -68,21 +72,6 @@ class CompressResult:
     report: dict[str, Any]
 
 
-class Stages:
-    """The run's record of which stage ran with which inputs (stages.json)."""
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / STAGES_NAME
-        self.keys: dict[str, str] = json.loads(self.path.read_text()) if self.path.exists() else {}
-
-    def fresh(self, stage: str, key: str, *outputs: Path) -> bool:
-        return self.keys.get(stage) == key and all(Path(p).exists() for p in outputs)
-
-    def done(self, stage: str, key: str) -> None:
-        self.keys[stage] = key
-        write_json_atomic(self.path, self.keys)
-
-
 def compress(config: CompressConfig) -> CompressResult:
     """Teacher and budget in, a checked, benchmarked student bundle and a report out."""
     started = time.perf_counter()
@@ -91,18 +80,23 @@ def compress(config: CompressConfig) -> CompressResult:
     run_dir = Path(config.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_same_run(run_dir, config)
-    stages = Stages(run_dir)
+    record = StageRecord.open(run_dir)
     log.info("data: %s, %d train / %d val images, %s", data.info.source, data.info.num_train, data.info.num_val,
              f"{data.info.num_classes} classes" if data.info.labeled else "no labels")
 
     teachers = prepare_teachers(list(config.teachers), data, run_dir / "teacher", image_size=config.image_size,
                                 train_config=config.teacher_training, run_dir=run_dir)
     teacher = teachers[0]
-    selection = _select(config, profile, teacher)
-    student = _distill(config, stages, run_dir, teachers, selection, data)
-    bundle_dir, bundle_key = _export(config, stages, run_dir, profile, student, data)
-    models = _bench_models(stages, run_dir, profile, teacher, student, bundle_dir, bundle_key, data)
-    bench_result = _bench(config, stages, run_dir, profile, models, data)
+    selection = _select(config, record, run_dir, profile, teacher)
+    while True:
+        student = _distill(config, record, run_dir, teachers, selection, data)
+        bundle_dir, bundle_key = _export(config, record, run_dir, profile, student, data)
+        following = _next_if_shipped_form_misses(config, record, run_dir, selection, bundle_dir)
+        if following is None:
+            break
+        selection = following
+    models = _bench_models(record, run_dir, profile, teacher, student, bundle_dir, bundle_key, data)
+    bench_result = _bench(config, record, run_dir, profile, models, data)
 
     from edgekd.report import build_report, write_reports
 
@@ -125,8 +119,24 @@ def _check_same_run(run_dir: Path, config: CompressConfig) -> None:
     write_json_atomic(path, {"identity": identity, "config": _jsonable(config)})
 
 
-def _select(config: CompressConfig, profile: DeviceProfile, teacher: TeacherResult) -> Selection:
-    """Measured on the profile; the latency cache makes a repeated selection quick."""
+def _select(config: CompressConfig, record: StageRecord, run_dir: Path, profile: DeviceProfile,
+            teacher: TeacherResult) -> Selection:
+    """Measured on the profile once; a re-run of the same command keeps the decision (selection.json) instead of
+    timing again, so a run stopped half way through distillation continues with the same student."""
+    path = run_dir / SELECTION_NAME
+    init = config.student_init
+    key = stage_key("select", {
+        "teacher": teacher.model_name, "classes": teacher.num_classes, "size": teacher.preprocess.image_size,
+        "budget_ms": config.budget_ms, "profile": _jsonable(profile), "student": config.student,
+        "candidates": config.candidates, "pretrained": init.pretrained,
+        "checkpoint": sha256_file(init.checkpoint) if init.checkpoint else None,
+        # where the latencies come from: this machine's processor, or the device's table
+        "latency": cpu_model() if profile.latency == "host" else
+        sha256_file(profile.table_path) if profile.table_path else None})
+    if record.fresh("select", key, path):
+        selection = Selection.from_dict(json.loads(path.read_text()))
+        log.info("select: reusing %s: %s (%s)", path, selection.chosen.model_name, selection.precision)
+        return selection
     selection = choose_student(teacher.model_name, config.budget_ms, profile, num_classes=teacher.num_classes,
                                image_size=teacher.preprocess.image_size, student=config.student,
                                names=list(config.candidates) if config.candidates else None,
@@ -134,19 +144,48 @@ def _select(config: CompressConfig, profile: DeviceProfile, teacher: TeacherResu
     best = selection.chosen.best
     log.info("student: %s (%s, p90 %.3f ms against a %.3f ms budget): %s", selection.chosen.model_name,
              selection.precision, best.p90_ms if best else float("nan"), config.budget_ms, selection.reason)
+    write_json_atomic(path, selection.to_dict())
+    record.done("select", key)
     return selection
 
 
-def _distill(config: CompressConfig, stages: Stages, run_dir: Path, teachers: list[TeacherResult],
+def _next_if_shipped_form_misses(config: CompressConfig, record: StageRecord, run_dir: Path, selection: Selection,
+                                 bundle_dir: Path) -> Selection | None:
+    """The shipped form feeds back into selection: when the chosen student fitted the budget only in a form the
+    accuracy guard then rejected (int8 losing too much), and the form that ships is too slow, the next candidate by
+    the rule is taken instead (it is distilled and exported in turn). None: keep this one (it ships within the
+    budget, it was pinned with --student, or no other candidate fits)."""
+    precision, why = read_shipped_form(bundle_dir)
+    p90 = selection.p90_of(precision)
+    if selection.pinned or precision == selection.precision or p90 is None or p90 <= config.budget_ms:
+        return None
+    passed = PassedOver(selection.chosen.model_name, precision, p90,
+                        f"fitted the budget as {selection.precision}, but {precision} shipped "
+                        f"(p90 {p90:.3f} ms > {config.budget_ms:g} ms): {why or 'the accuracy guard rejected it'}")
+    given_up = {p.model_name for p in selection.passed_over} | {passed.model_name}
+    remaining = [v.candidate for v in selection.verdicts if v.candidate.model_name not in given_up]
+    if not any(v.fits for v in selection.verdicts if v.candidate.model_name not in given_up):
+        log.warning("%s ships %s at p90 %.3f ms, over the %g ms budget, and no other candidate fits", passed.model_name,
+                    precision, p90, config.budget_ms)
+        return None
+    following = select_student(remaining, config.budget_ms)
+    log.warning("%s: %s; taking the next candidate, %s", passed.model_name, passed.why, following.chosen.model_name)
+    following = replace(following, verdicts=selection.verdicts, passed_over=(*selection.passed_over, passed),
+                        reason=f"{following.reason} (after {passed.model_name}: {passed.why})")
+    write_json_atomic(run_dir / SELECTION_NAME, following.to_dict())  # same key: a re-run resumes from this choice
+    return following
+
+
+def _distill(config: CompressConfig, record: StageRecord, run_dir: Path, teachers: list[TeacherResult],
              selection: Selection, data: LoadedData) -> StudentCheckpoint:
     out_dir = run_dir / "distill"
     name = selection.chosen.model_name
     settings = replace(config.distillation, image_size=teachers[0].preprocess.image_size, resume=True)
     start_key = start_fingerprint(name, config.student_init, teacher_weights=teachers[0].weights_path)
-    key = config_hash({"teachers": [sha256_file(t.weights_path) for t in teachers], "student": name,
-                       "start": start_key, "config": settings.outcome_fields(),
-                       "data": [data.info.source, data.info.num_train, data.info.num_val]})
-    if stages.fresh("distill", key, out_dir / "student.json"):
+    key = stage_key("distill", {"teachers": [sha256_file(t.weights_path) for t in teachers], "student": name,
+                                "start": start_key, "config": settings.outcome_fields(),
+                                "data": data_fingerprint(data)})
+    if record.fresh("distill", key, out_dir / "student.json"):
         log.info("distill: reusing %s", out_dir)
         return read_student_checkpoint(out_dir)
     start = initial_student(name, teachers[0].num_classes, settings.image_size, config.student_init,
@@ -155,11 +194,11 @@ def _distill(config: CompressConfig, stages: Stages, run_dir: Path, teachers: li
     make_artifact(run_dir, "distill", checkpoint.weights_path, parent=str(teachers[0].weights_path),
                   config={"student": name, "epochs": settings.epochs, "student_init": start.source},
                   metrics={"val_top1": checkpoint.val_top1, "teacher_agreement": checkpoint.teacher_agreement})
-    stages.done("distill", key)
+    record.done("distill", key)
     return checkpoint
 
 
-def _export(config: CompressConfig, stages: Stages, run_dir: Path, profile: DeviceProfile,
+def _export(config: CompressConfig, record: StageRecord, run_dir: Path, profile: DeviceProfile,
             student: StudentCheckpoint, data: LoadedData) -> tuple[Path, str]:
     bundle_dir = run_dir / "export"
     precisions = tuple(p for p in profile.precisions if p != "fp32")
@@ -170,49 +209,51 @@ def _export(config: CompressConfig, stages: Stages, run_dir: Path, profile: Devi
                             time_models=profile.latency == "host", validation_images=config.eval_images,
                             latency_table=profile.table_path if profile.latency == "table" else None, overwrite=True)
     table = sha256_file(options.latency_table) if options.latency_table else None  # a re-probed device re-decides
-    key = config_hash({"student": sha256_file(student.weights_path), "options": _jsonable(options), "table": table,
-                       "files": sorted(BUNDLE_FILES)})  # a bundle made before a file was added is made again
-    if stages.fresh("export", key, bundle_dir / "model.onnx"):
+    key = stage_key("export", {"student": sha256_file(student.weights_path), "options": _jsonable(options),
+                               "table": table, "data": data_fingerprint(data),  # validation and calibration images
+                               "files": sorted(BUNDLE_FILES)})  # a bundle made before a file was added is made again
+    if record.fresh("export", key, bundle_dir / "model.onnx"):
         log.info("export: reusing %s", bundle_dir)
         return bundle_dir, key
     result = bundle_from_checkpoint(student, bundle_dir, data, options)
     make_artifact(run_dir, "export", bundle_dir / "model.onnx", parent=str(student.weights_path),
                   config={"precision": result.precision, "isa": profile.isa},
                   metrics={"parity_max_abs_diff": result.parity.max_abs_diff, "top1": result.shipped.top1})
-    stages.done("export", key)
+    record.done("export", key)
     return bundle_dir, key
 
 
-def _bench_models(stages: Stages, run_dir: Path, profile: DeviceProfile, teacher: TeacherResult,
+def _bench_models(record: StageRecord, run_dir: Path, profile: DeviceProfile, teacher: TeacherResult,
                   student: StudentCheckpoint, bundle_dir: Path, bundle_key: str, data: LoadedData) -> list[BenchModel]:
     """Teacher fp32 + int8 and student fp32 as ONNX beside the shipped student, for side-by-side measurement."""
+    from edgekd.bench import models_from_paths
     from edgekd.reference import export_reference_models
 
     folder = run_dir / "models"
     listing = run_dir / BENCH_MODELS_NAME
-    key = config_hash({"teacher": sha256_file(teacher.weights_path), "student": sha256_file(student.weights_path),
-                       "bundle": bundle_key, "isa": profile.isa})
-    if not stages.fresh("bench-models", key, listing):
+    key = stage_key("bench-models", {"teacher": sha256_file(teacher.weights_path),
+                                     "student": sha256_file(student.weights_path), "bundle": bundle_key,
+                                     "isa": profile.isa, "data": data_fingerprint(data)})
+    if not record.fresh("bench-models", key, listing):
         models = export_reference_models(teacher, student, bundle_dir, folder, data, profile.isa)
         write_json_atomic(listing, [bench_model_to_dict(m, run_dir) for m in models])
-        stages.done("bench-models", key)
-    from edgekd.bench import models_from_paths
-
+        record.done("bench-models", key)
     return models_from_paths([run_dir])
 
 
-def _bench(config: CompressConfig, stages: Stages, run_dir: Path, profile: DeviceProfile,
+def _bench(config: CompressConfig, record: StageRecord, run_dir: Path, profile: DeviceProfile,
            models: list[BenchModel], data: LoadedData) -> BenchResult:
     path = run_dir / "bench.json"
     threads = tuple(dict.fromkeys((1, profile.threads)))
-    key = config_hash({"models": [sha256_file(m.path) for m in models], "threads": threads,
-                       "eval": config.eval_images})
-    if stages.fresh("bench", key, path):
+    key = stage_key("bench", {"models": [sha256_file(m.path) for m in models], "threads": threads,
+                              "eval": config.eval_images, "data": data_fingerprint(data),
+                              "cpu": cpu_model()})  # timings are this machine's
+    if record.fresh("bench", key, path):
         log.info("bench: reusing %s", path)
         return BenchResult.from_dict(json.loads(path.read_text()))
     result = bench(models, data=data, threads=threads, max_eval_images=config.eval_images)
     write_json_atomic(path, result.to_dict())
-    stages.done("bench", key)
+    record.done("bench", key)
     return result
 
 

@@ -7,6 +7,7 @@ import html
 import io
 import json
 import math
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,19 +35,17 @@ def build_report(*, run_dir: Path, config: CompressConfig, profile: DeviceProfil
     teacher_fp32 = _facts(bench, "teacher")
     shipped = _facts(bench, "student")
     fp32_student = _facts(bench, "student-fp32")
-    at_profile = bench.fastest(shipped.name, profile.threads) if shipped else None
-    teacher_at_profile = bench.fastest(teacher_fp32.name, profile.threads) if teacher_fp32 else None
+    student_ms, teacher_ms, source = _budget_latencies(bench, profile, selection, shipped, teacher_fp32)
     summary = {
         "student": student.model_name,
         "precision": shipped.precision if shipped else None,
         "budget_ms": config.budget_ms,
-        "student_p50_ms": at_profile.p50_ms if at_profile else None,
-        "student_p90_ms": at_profile.p90_ms if at_profile else None,
-        "meets_budget": bool(at_profile and at_profile.p90_ms <= config.budget_ms),
-        "teacher_p50_ms": teacher_at_profile.p50_ms if teacher_at_profile else None,
-        "teacher_p90_ms": teacher_at_profile.p90_ms if teacher_at_profile else None,
-        "speedup_vs_teacher": _ratio(teacher_at_profile.p50_ms if teacher_at_profile else None,
-                                     at_profile.p50_ms if at_profile else None),
+        "student_p50_ms": student_ms[0],
+        "student_p90_ms": student_ms[1],
+        "meets_budget": student_ms[1] is not None and student_ms[1] <= config.budget_ms,
+        "teacher_p50_ms": teacher_ms[0],
+        "teacher_p90_ms": teacher_ms[1],
+        "speedup_vs_teacher": _ratio(teacher_ms[0], student_ms[0]),
         "teacher_top1": teacher_fp32.top1 if teacher_fp32 else None,
         "student_top1": shipped.top1 if shipped else None,
         "student_fp32_top1": fp32_student.top1 if fp32_student else None,
@@ -55,8 +54,8 @@ def build_report(*, run_dir: Path, config: CompressConfig, profile: DeviceProfil
         "teacher_agreement": shipped.teacher_agreement if shipped else None,
         "size_ratio": _ratio(teacher_fp32.size_bytes if teacher_fp32 else None, shipped.size_bytes if shipped else None),
         "measured_threads": profile.threads,
-        "latency_source": "measured on this machine" if profile.latency == "host" else
-        f"bench measured on this machine; selection used the profile's {profile.latency} latencies",
+        "latency_source": source,
+        "passed_over": [asdict(p) for p in selection.passed_over],
     }
     distill_log = _read_json(Path(student.weights_path).parent / "distill_log.json", [])
     manifest = _read_json(bundle_dir / "manifest.json", [])
@@ -85,6 +84,25 @@ def build_report(*, run_dir: Path, config: CompressConfig, profile: DeviceProfil
         "bench": bench.to_dict(),
         "teacher_model": teacher.model_name,
     }
+
+
+def _budget_latencies(bench: BenchResult, profile: DeviceProfile, selection: Selection, shipped: ModelFacts | None,
+                      teacher: ModelFacts | None) -> tuple[tuple[float | None, float | None],
+                                                           tuple[float | None, float | None], str]:
+    """(student p50, p90), (teacher p50, p90) and where they come from: the profile's own latency source. On `host`
+    that is bench's timing here at the profile's threads; on a device profile, the device's latency table (the
+    figures selection used). The table holds the candidates only, so the teacher has no device figure there."""
+    if profile.latency == "host":
+        at = bench.fastest(shipped.name, profile.threads) if shipped else None
+        teacher_at = bench.fastest(teacher.name, profile.threads) if teacher else None
+        return ((at.p50_ms, at.p90_ms) if at else (None, None),
+                (teacher_at.p50_ms, teacher_at.p90_ms) if teacher_at else (None, None),
+                f"timed on this machine by bench, {profile.threads} thread(s)")
+    measured = next((m for m in selection.chosen.measurements if shipped and m.precision == shipped.precision
+                     and m.stats is not None), None)
+    return ((measured.p50_ms, measured.p90_ms) if measured else (None, None), (None, None),
+            f"the device's latency table ({profile.table_path}); the teacher was not probed on the device, and "
+            "bench's figures below are this machine's")
 
 
 def _quantization_reason(manifest: Any) -> str | None:
@@ -192,6 +210,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     ]
     if s.get("shipped_form_reason"):
         lines.append(f"Shipped form: {s['precision']}: {s['shipped_form_reason']}")
+    for passed in s.get("passed_over", []):
+        lines.append(f"Passed over: {passed['model_name']}: {passed['why']}")
     return lines
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from edgekd.errors import EdgekdError
 from edgekd.latency import LatencyStats
@@ -86,6 +87,17 @@ class Verdict:
 
 
 @dataclass(frozen=True)
+class PassedOver:
+    """A candidate that was chosen, distilled and exported, then given up: the form that could ship missed the budget
+    (its int8 form, the one that fitted, lost too much accuracy)."""
+
+    model_name: str
+    shipped_precision: str
+    p90_ms: float | None
+    why: str
+
+
+@dataclass(frozen=True)
 class Selection:
     chosen: Candidate
     precision: str  # the chosen deployment form
@@ -95,6 +107,40 @@ class Selection:
     reason: str
     verdicts: tuple[Verdict, ...]  # every candidate, in table order
     rule: str = RULE
+    passed_over: tuple[PassedOver, ...] = ()  # earlier choices whose shipped form missed the budget, in order
+
+    def p90_of(self, precision: str) -> float | None:
+        """The chosen candidate's measured p90 in `precision` on the profile (None: not measured)."""
+        found = next((m for m in self.chosen.measurements if m.precision == precision and m.stats), None)
+        return found.p90_ms if found else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"chosen": self.chosen.model_name, "precision": self.precision, "budget_ms": self.budget_ms,
+                "fits": self.fits, "pinned": self.pinned, "reason": self.reason, "rule": self.rule,
+                "passed_over": [asdict(p) for p in self.passed_over],
+                "verdicts": [{"candidate": _candidate_to_dict(v.candidate), "fits": v.fits, "note": v.note}
+                             for v in self.verdicts]}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Selection:
+        verdicts = tuple(Verdict(_candidate_from_dict(v["candidate"]), v["fits"], v["note"]) for v in raw["verdicts"])
+        chosen = next(v.candidate for v in verdicts if v.candidate.model_name == raw["chosen"])
+        return cls(chosen=chosen, precision=raw["precision"], budget_ms=float(raw["budget_ms"]), fits=raw["fits"],
+                   pinned=raw["pinned"], reason=raw["reason"], verdicts=verdicts, rule=raw["rule"],
+                   passed_over=tuple(PassedOver(**p) for p in raw.get("passed_over", [])))
+
+
+def _candidate_to_dict(candidate: Candidate) -> dict[str, Any]:
+    raw = asdict(candidate)
+    raw["measurements"] = [{"precision": m.precision, "stats": m.stats.to_dict() if m.stats else None,
+                            "source": m.source, "error": m.error} for m in candidate.measurements]
+    return raw
+
+
+def _candidate_from_dict(raw: dict[str, Any]) -> Candidate:
+    measurements = tuple(Measurement(m["precision"], LatencyStats.from_dict(m["stats"]) if m["stats"] else None,
+                                     m["source"], m["error"]) for m in raw["measurements"])
+    return Candidate(**{**raw, "input_size": tuple(raw["input_size"]), "measurements": measurements})
 
 
 def parse_budget(text: str) -> float:

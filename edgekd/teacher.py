@@ -11,10 +11,11 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from edgekd.artifacts import atomic_path, config_hash, make_artifact, sha256_file, write_json_atomic
+from edgekd.artifacts import atomic_path, make_artifact, sha256_file, write_json_atomic
 from edgekd.data import LoadedData, ModelInputs, make_loader
 from edgekd.errors import EdgekdError
 from edgekd.finetune import train_classifier
+from edgekd.record import data_fingerprint, stage_key
 from edgekd.models import (classifier_keys, count_params, create_model, fetch_pretrained, load_weights,
                            preprocess_for, read_state_dict, resolve_model_name)
 from edgekd.train_utils import Compute, evaluate, pick_device, seed_everything
@@ -50,9 +51,11 @@ def prepare_teacher(spec: TeacherSpec, data: LoadedData, out_dir: Path, *, image
     """
     out_dir = Path(out_dir)
     weights = _weights_identity(spec)
-    key = config_hash({"spec": [spec.name, str(spec.checkpoint), weights, spec.random_init], "data": data.info.source,
-                       "classes": data.info.class_names, "n": [data.info.num_train, data.info.num_val],
-                       "size": image_size, "train": train_config.outcome_fields()})
+    # by content: the starting weights' sha256 (not the checkpoint's path) and the data's fingerprint
+    key = stage_key("teacher", {"model": resolve_model_name(spec.name), "weights": weights,
+                                "random_init": spec.random_init, "data": data_fingerprint(data),
+                                "classes": data.info.class_names, "size": image_size,
+                                "train": train_config.outcome_fields()})
     cached = _load_cached(out_dir, key)
     if cached is not None:
         log.info("teacher %s: reusing %s (val top-1 %s)", cached.model_name, out_dir / WEIGHTS_NAME,

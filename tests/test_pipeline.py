@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,12 +13,16 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from edgekd.cli import app
 from edgekd.data import load_data
+from edgekd.latency import LatencyStats
+from edgekd.probe import TABLE_FORMAT
 from edgekd.report import SCHEMA_PATH
 from edgekd.types import DataSpec
+from tests.helpers.images import write_images
 from tests.helpers.node import NODE, app_folder, node
 
 runner = CliRunner()
@@ -85,12 +90,20 @@ def test_an_app_that_knows_only_the_contract_answers_like_edgekd_predict(run, tm
     assert [a["label"] for a in answers] == expected
 
 
+def without_times(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k not in ("created", "seconds")}
+
+
 def test_rerun_reuses_every_stage_and_a_changed_option_redoes_only_its_dependents(run):
     run_dir, _ = run
     before = mtimes(run_dir)
+    stages = (run_dir / "stages.json").read_bytes()
+    report = json.loads((run_dir / "report.json").read_text())
     again = compress(run_dir)
-    assert "distill: reusing" in again.output and "export: reusing" in again.output
-    assert mtimes(run_dir) == before
+    assert all(f"{stage}: reusing" in again.output for stage in ("select", "distill", "export", "bench"))
+    assert "measuring candidates" not in again.output  # the selection is a recorded stage: nothing is timed again
+    assert mtimes(run_dir) == before and (run_dir / "stages.json").read_bytes() == stages  # no stage ran
+    assert without_times(json.loads((run_dir / "report.json").read_text())) == without_times(report)
 
     compress(run_dir, "--max-accuracy-drop", "5")
     after = mtimes(run_dir)
@@ -148,9 +161,94 @@ def test_killed_distillation_resumes_without_redoing_finished_stages(tmp_path: P
     assert not (run_dir / "distill" / "student.json").exists()
     teacher_written = (run_dir / "teacher" / "teacher.safetensors").stat().st_mtime_ns
 
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    selection = (run_dir / "selection.json").read_bytes()
+
+    # on a re-run the candidates would be timed from scratch (an empty latency cache): the recorded choice stands
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "EDGEKD_CACHE_DIR": str(tmp_path / "empty-cache")})
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert "reusing" in finished.stderr and "resuming" in finished.stderr.lower()
+    assert "select: reusing" in finished.stderr and "measuring candidates" not in finished.stderr
+    assert (run_dir / "selection.json").read_bytes() == selection
     assert (run_dir / "teacher" / "teacher.safetensors").stat().st_mtime_ns == teacher_written
     log = json.loads((run_dir / "distill" / "distill_log.json").read_text())
     assert [e["epoch"] for e in log["epoch_log"]] == [1, 2, 3, 4]
+
+
+def test_a_new_teacher_checkpoint_in_the_same_run_redoes_the_teacher_and_distillation(run, tmp_path: Path):
+    """`make demo` (a teacher trained here), then the same --out with the user's own checkpoint: the teacher and
+    the student are made again from it, and the report names it."""
+    from safetensors.torch import load_file, save_file
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(run[0], run_dir)
+    weights = load_file(str(run_dir / "teacher" / "teacher.safetensors"))
+    own = tmp_path / "own.safetensors"  # the user's fine-tuned teacher: other weights, same architecture
+    save_file({k: v * 1.05 if v.is_floating_point() else v for k, v in weights.items()}, str(own))
+    before = mtimes(run_dir)
+    args = [a for a in TINY if a != "--random-init"]
+    result = runner.invoke(app, ["compress", *args, "--teacher-checkpoint", str(own), "--budget", "50ms",
+                                 "--epochs", "1", "--out", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    after = mtimes(run_dir)
+    for name in ("teacher/teacher.safetensors", "distill/student.safetensors", "export/model.onnx"):
+        assert after[name] != before[name], name
+    assert "distill: reusing" not in result.output
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["teachers"][0]["weights"] == f"checkpoint:{own}"
+    assert "select: reusing" in result.output  # same architecture, classes and budget: the same choice
+
+
+def test_a_changed_data_folder_redoes_every_stage_from_the_teacher(tmp_path: Path, small_fmnist):
+    labels = small_fmnist.train.labels
+    keep = [i for c in range(3) for i in (labels == c).nonzero()[0][:20]]  # 60 images: enough to calibrate int8
+    images, labels = small_fmnist.train.images[keep], labels[keep]
+    folder = tmp_path / "shop"
+    write_images(folder, images, labels, ("tshirt", "trouser", "pullover"))
+    args = ["compress", "--teacher", "resnet18", "--random-init", "--data", str(folder), "--input-size", "32",
+            "--teacher-epochs", "1", "--epochs", "1", "--candidates", "derived:resnet18:depth=0.5",
+            "--workers", "0", "--batch-size", "8", "--budget", "50ms", "--out", str(tmp_path / "run")]
+    assert runner.invoke(app, args).exit_code == 0
+    before = mtimes(tmp_path / "run")
+    Image.fromarray(images[0][::-1]).save(folder / "trouser" / "one_more.png")  # the user adds a picture
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    after = mtimes(tmp_path / "run")
+    for name in ("teacher/teacher.safetensors", "distill/student.safetensors", "export/model.onnx"):
+        assert after[name] != before[name], name
+    assert "teacher resnet18: reusing" not in result.output and "distill: reusing" not in result.output
+
+
+def latency_row(model: str, precision: str, p90_ms: float) -> dict:
+    stats = LatencyStats(p50_ms=0.9 * p90_ms, p90_ms=p90_ms, p99_ms=p90_ms, mean_ms=p90_ms, min_ms=0.8 * p90_ms,
+                         std_ms=0.01, runs=50, warmup=10, threads=1, batch=1, providers=("CPUExecutionProvider",),
+                         input_shape=(1, 3, 32, 32), session_ms=5.0, ort_version="device")
+    return {"model_name": model, "precision": precision, "stats": stats.to_dict()}
+
+
+def test_a_student_whose_int8_is_rejected_and_whose_fp32_misses_gives_way_to_the_next(tmp_path: Path, fmnist_root):
+    """A device's latency table: the derived student (first by the rule) fits 3 ms only as int8 (1 ms; fp32 5 ms);
+    lcnet_050 fits in both forms. A guard no int8 can pass rejects int8: edgekd must not ship a 5 ms model against a
+    3 ms budget while another candidate fits; it distils and exports lcnet_050 and says why."""
+    derived, lcnet = "derived:resnet18:depth=0.5", "lcnet_050"
+    table = tmp_path / "latency_table.json"
+    table.write_text(json.dumps({
+        "format": TABLE_FORMAT, "version": 1, "teacher": "resnet18",
+        "profile": {"name": "board", "providers": ["CPUExecutionProvider"], "threads": 1, "batch": 1,
+                    "input_size": 32, "precisions": ["fp32", "int8_static"], "isa": "avx2", "latency": "probe"},
+        "rows": [latency_row(derived, "int8_static", 1.0), latency_row(derived, "fp32", 5.0),
+                 latency_row(lcnet, "int8_static", 2.0), latency_row(lcnet, "fp32", 2.5)]}))
+    run_dir = tmp_path / "run"
+    result = runner.invoke(app, ["compress", *TINY, "--profile", str(table), "--budget", "3ms", "--epochs", "1",
+                                 "--max-accuracy-drop=-100", "--out", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run_dir / "report.json").read_text())["summary"]
+    assert summary["student"] == lcnet and summary["precision"] == "fp32"
+    assert summary["student_p90_ms"] == 2.5 and summary["meets_budget"]  # the device's figure, not this machine's
+    assert "latency table" in summary["latency_source"]
+    [passed] = summary["passed_over"]
+    assert passed["model_name"] == derived and passed["shipped_precision"] == "fp32" and passed["p90_ms"] == 5.0
+    assert "fitted the budget as int8_static" in passed["why"] and f"Passed over: {derived}" in result.output
+    again = runner.invoke(app, ["compress", *TINY, "--profile", str(table), "--budget", "3ms", "--epochs", "1",
+                                "--max-accuracy-drop=-100", "--out", str(run_dir)])
+    assert again.exit_code == 0 and "distill: reusing" in again.output  # the re-run resumes from the second choice

@@ -1,18 +1,16 @@
-"""The distillation loop's plumbing: processes (torchrun/DDP), the resumable training state, the teacher cache."""
+"""The distillation loop's plumbing: processes (torchrun/DDP) and the teacher cache. (The resumable training
+state is edgekd.record's, shared with teacher fine-tuning.)"""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from edgekd.artifacts import atomic_path
 from edgekd.train_utils import pick_device
 
 log = logging.getLogger(__name__)
@@ -81,49 +79,6 @@ def share_from_main(processes: Processes, value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-@dataclass
-class TrainState:
-    """What a resumed run needs to continue exactly: progress, metrics so far, and every stateful object."""
-
-    step: int = 0
-    history: list[dict[str, Any]] | None = None
-    partial: dict[str, float] | None = None  # the interrupted epoch's running sums
-
-
-def save_state(out_dir: Path, key: str, state: TrainState, model: torch.nn.Module, optimizer, scheduler) -> None:
-    """Written whole (atomically) by rank 0: at every epoch end and when interrupted."""
-    partial = {k: float(v) for k, v in (state.partial or {}).items()}
-    payload = {"key": key, "step": state.step, "history": json.dumps(state.history or []),
-               "partial": json.dumps(partial), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-               "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        payload["cuda_rng"] = torch.cuda.get_rng_state_all()
-    with atomic_path(Path(out_dir) / STATE_NAME) as tmp:
-        torch.save(payload, tmp)
-
-
-def load_state(out_dir: Path, key: str, model: torch.nn.Module, optimizer, scheduler) -> TrainState:
-    """Restore a previous run of the same configuration; one of another configuration is ignored, loudly."""
-    path = Path(out_dir) / STATE_NAME
-    if not path.exists():
-        log.info("--resume: no checkpoint in %s yet, starting from the beginning", out_dir)
-        return TrainState(history=[])
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    if saved.get("key") != key:
-        log.warning("not resuming from %s: it was written by a run with another configuration (teachers, student, "
-                    "data, losses or hyper-parameters); starting over", path)
-        return TrainState(history=[])
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    torch.set_rng_state(saved["rng"])
-    if "cuda_rng" in saved and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["cuda_rng"])
-    log.info("resuming from %s at step %d", path, saved["step"])
-    history, partial = json.loads(saved["history"]), json.loads(saved["partial"])
-    return TrainState(step=int(saved["step"]), history=history, partial=partial or None)
 
 
 class TeacherCache:

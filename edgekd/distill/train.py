@@ -19,15 +19,16 @@ import torch
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from edgekd.artifacts import atomic_path, config_hash, sha256_file, write_json_atomic
+from edgekd.artifacts import atomic_path, sha256_file, write_json_atomic
 from edgekd.data import LoadedData, ModelInputs, make_loader
 from edgekd.distill.features import DEFAULT_PAIRS, HintedStudent, TappedModel, feature_shapes, list_taps, pair_layers
 from edgekd.distill.losses import LossInputs, LossSpec, Objective, TeacherView, default_loss_specs
 from edgekd.distill.sampling import EpochSampler, SeededItems
-from edgekd.distill.state import (Processes, TeacherCache, TrainState, agree_on_minimum, finish_processes, load_state,
-                                  save_state, share_from_main, start_processes, sync_buffers)
+from edgekd.distill.state import (STATE_NAME, Processes, TeacherCache, agree_on_minimum, finish_processes,
+                                  share_from_main, start_processes, sync_buffers)
 from edgekd.errors import EdgekdError
 from edgekd.models import preprocess_for
+from edgekd.record import TrainState, data_fingerprint, resume_training_state, save_training_state, stage_key
 from edgekd.students import StudentStart, build_student
 from edgekd.teacher import load_teacher_model
 from edgekd.train_utils import (PRECISIONS, Compute, backward_in_slices, evaluate, make_optimizer, micro_batch_size,
@@ -144,11 +145,15 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
     log.info("student starts from %s weights: %s", start.source, recipe.describe())
     micro = agree_on_minimum(processes, micro_batch_size(student, student_pre.input_size, per_rank_batch, compute))
 
-    key = config_hash({"config": config.outcome_fields(), "specs": [str(s) for s in objective.specs],
-                       "student": student_name, "start": start.fingerprint,
-                       "teachers": [sha256_file(t.weights_path) for t in teachers],
-                       "data": [data.info.source, len(data.train)], "world": processes.world})
-    state = load_state(out_dir, key, hinted, optimizer, scheduler) if config.resume else TrainState(history=[])
+    key = stage_key("distill-training", {
+        "config": config.outcome_fields(), "specs": [str(s) for s in objective.specs], "student": student_name,
+        "start": start.fingerprint, "teachers": [sha256_file(t.weights_path) for t in teachers],
+        "data": data_fingerprint(data), "world": processes.world})
+    state_path = out_dir / STATE_NAME
+    if config.resume:
+        state = resume_training_state(state_path, key, hinted, optimizer, scheduler)
+    else:
+        state = TrainState()
     cache = _teacher_cache(config, objective, len(data.train), len(teachers))
     model = DistributedDataParallel(hinted, device_ids=[device.index] if device.type == "cuda" else None) \
         if processes.world > 1 else hinted
@@ -169,7 +174,7 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
             sums = loop.epoch(loader, epoch_steps, state, f"distill epoch {epoch + 1}/{epochs}", len(teachers))
         except KeyboardInterrupt:
             if processes.main:
-                save_state(out_dir, key, state, hinted, optimizer, scheduler)
+                save_training_state(state_path, key, state, hinted, optimizer, scheduler)
                 log.info("interrupted at step %d; checkpoint saved, run again with --resume to continue", state.step)
             raise
         metrics: dict[str, Any] = {"epoch": epoch + 1, **_epoch_metrics(sums, optimizer)}
@@ -180,7 +185,7 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
         state.history.append(metrics)  # type: ignore[union-attr]
         state.partial = None
         if processes.main:
-            save_state(out_dir, key, state, hinted, optimizer, scheduler)
+            save_training_state(state_path, key, state, hinted, optimizer, scheduler)
     seconds = time.perf_counter() - started
     sync_buffers(processes, hinted)
     final = _finish(hinted, loop, teachers, data, student_name, student_pre, config, pairs, state, out_dir,

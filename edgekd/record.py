@@ -1,0 +1,162 @@
+"""The run record: what every stage's result was made from, by content, and the resumable training state.
+
+A stage's key is a hash of its inputs' contents (sha256 of weights and checkpoints, the data's fingerprint, the
+options that change the outcome) and of the library versions that change it. A stage whose key and outputs are
+unchanged is reused; any changed input redoes it, and, because each later stage keys on the content of what the
+one before produced, everything after it. Every resume point (teacher fine-tuning, selection, distillation,
+export, reference models, bench) goes through this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from edgekd import __version__
+from edgekd.artifacts import atomic_path, config_hash, write_json_atomic
+
+if TYPE_CHECKING:
+    from edgekd.data import LoadedData
+
+log = logging.getLogger(__name__)
+
+STAGES_NAME = "stages.json"
+
+
+@lru_cache(maxsize=1)
+def versions() -> dict[str, str]:
+    """The libraries whose version can change a stage's result (exported graphs, quantization, kernels, weights)."""
+    import onnx
+    import onnxruntime
+    import timm
+
+    return {"edgekd": __version__, "torch": torch.__version__, "timm": timm.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """This machine's processor (latencies measured here are valid only here): /proc/cpuinfo's model name."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def stage_key(stage: str, inputs: dict[str, Any]) -> str:
+    """The content key of one stage: its name, its inputs (already by content) and the versions."""
+    return config_hash({"stage": stage, "inputs": inputs, "versions": versions()})
+
+
+def data_fingerprint(data: LoadedData) -> str:
+    """The data by content identity: for files, every path with its size and modification time (an added, removed,
+    replaced or edited image changes it); for in-memory sets (Fashion-MNIST), the pixels and labels. With the
+    split's labels, so a relabelled image changes it too. Computed once per loaded data set."""
+    cached = getattr(data, "_fingerprint", None)
+    if cached is not None:
+        return cached
+    digest = hashlib.sha256()
+    for split in (data.train, data.val):
+        digest.update(b"split")
+        _add_records(digest, split)
+    fingerprint = digest.hexdigest()[:16]
+    object.__setattr__(data, "_fingerprint", fingerprint)  # LoadedData is frozen; the fingerprint never changes
+    return fingerprint
+
+
+def _add_records(digest: Any, records: Any) -> None:
+    while not hasattr(records, "paths") and not hasattr(records, "images") and hasattr(records, "records"):
+        records = records.records  # a wrapping dataset (e.g. one that re-orders or watches reads): its source
+    if hasattr(records, "paths"):
+        for path, label in zip(records.paths, records.labels.tolist()):
+            stat = os.stat(path)
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{label}\n".encode())
+    elif hasattr(records, "images"):
+        digest.update(records.images.tobytes())
+        digest.update(records.labels.tobytes())
+    else:
+        raise TypeError(f"cannot fingerprint {type(records).__name__}: it has neither paths nor images")
+
+
+@dataclass
+class StageRecord:
+    """stages.json: for each stage, the key it last finished with and when. A stage runs again only when its key
+    changed or an output is missing; a stage that did not run leaves its entry, and the file, untouched."""
+
+    run_dir: Path
+    entries: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, run_dir: Path) -> StageRecord:
+        path = Path(run_dir) / STAGES_NAME
+        raw = json.loads(path.read_text()) if path.exists() else {}
+        # runs written before the record kept times held plain keys
+        entries = {stage: value if isinstance(value, dict) else {"key": value} for stage, value in raw.items()}
+        return cls(Path(run_dir), entries)
+
+    def fresh(self, stage: str, key: str, *outputs: Path) -> bool:
+        return self.entries.get(stage, {}).get("key") == key and all(Path(p).exists() for p in outputs)
+
+    def done(self, stage: str, key: str) -> None:
+        self.entries[stage] = {"key": key, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        write_json_atomic(self.run_dir / STAGES_NAME, self.entries)
+
+
+# ------------------------------------------------------------------------------------------------ training state
+
+@dataclass
+class TrainState:
+    """What a resumed training run needs to continue exactly: progress, metrics so far, the interrupted epoch."""
+
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    partial: dict[str, float] | None = None  # the interrupted epoch's running sums
+
+
+def save_training_state(path: Path, key: str, state: TrainState, model: torch.nn.Module, optimizer,
+                        scheduler) -> None:
+    """Written whole (atomically): at every epoch end and when interrupted. With the random generators' states, so
+    the resumed run draws the same batches and augmentations as an uninterrupted one."""
+    partial = {k: float(v) for k, v in (state.partial or {}).items()}
+    payload = {"key": key, "step": state.step, "history": json.dumps(state.history), "partial": json.dumps(partial),
+               "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+               "rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        payload["cuda_rng"] = torch.cuda.get_rng_state_all()
+    with atomic_path(Path(path)) as tmp:
+        torch.save(payload, tmp)
+
+
+def resume_training_state(path: Path, key: str, model: torch.nn.Module, optimizer, scheduler) -> TrainState:
+    """Restore a previous run with the same key; a state written for other inputs is ignored, loudly."""
+    path = Path(path)
+    if not path.exists():
+        return TrainState()
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved.get("key") != key:
+        log.warning("not resuming from %s: it was written for other inputs (weights, data, options or versions); "
+                    "starting over", path)
+        return TrainState()
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if "rng" in saved:
+        torch.set_rng_state(saved["rng"])
+    if "cuda_rng" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    log.info("resuming from %s at step %d", path, saved["step"])
+    partial = json.loads(saved.get("partial", "{}"))
+    return TrainState(step=int(saved["step"]), history=json.loads(saved["history"]), partial=partial or None)
