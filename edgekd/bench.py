@@ -20,6 +20,7 @@ import onnxruntime as ort
 
 from edgekd.data import LoadedData
 from edgekd.errors import EdgekdError, first_line
+from edgekd.metrics import accuracy, top_predictions
 from edgekd.latency import measure_onnx
 from edgekd.train_utils import progress
 from edgekd.types import Preprocess
@@ -203,13 +204,10 @@ def _model_facts(models: Sequence[BenchModel], data: LoadedData | None,
                 evalsets[model.preprocess] = preprocess_records(data.val, model.preprocess, max_eval_images)
             evalset = evalsets[model.preprocess]
             logits = onnx_logits(model.path, evalset.images)
-            top = np.argsort(-logits, axis=1)[:, :5]
+            top = top_predictions(logits)
             predictions[model.name] = top[:, 0]
             count = len(top)
-            labeled = evalset.labels >= 0
-            if labeled.any():
-                top1 = float((top[labeled, 0] == evalset.labels[labeled]).mean())
-                top5 = float((top[labeled] == evalset.labels[labeled, None]).any(axis=1).mean())
+            top1, top5 = accuracy(top, evalset.labels)
             if teacher is not None and teacher.name in predictions:
                 agreement = float((predictions[model.name] == predictions[teacher.name]).mean())
         peak, delta = peak_rss_mb(model.path, model.preprocess.input_size if model.preprocess else None)

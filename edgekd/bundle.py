@@ -27,7 +27,7 @@ from edgekd.data import LoadedData
 from edgekd.errors import EdgekdError, first_line
 from edgekd.export import export_with_parity
 from edgekd.latency import measure_onnx
-from edgekd.quantize import GuardConfig, QuantDecision, Timing, guarded_quantize, quantize_onnx
+from edgekd.quantize import CALIBRATION_IMAGES, GuardConfig, QuantDecision, Timing, guarded_quantize, quantize_onnx
 from edgekd.raw_input import (
     MIN_AGREEMENT,
     RAW_MODEL_NAME,
@@ -76,7 +76,7 @@ class BundleOptions:
     time_models: bool = True
     latency_table: Path | None = None  # a probe pack's table: int8 ships where the device's figures say it pays
     timing_seconds: float = 1.0
-    calibration_images: int = 256
+    calibration_images: int = CALIBRATION_IMAGES
     validation_images: int | None = 1000
     overwrite: bool = False
 

@@ -347,7 +347,7 @@ def export_command(
     from edgekd.bundle import BundleOptions, bundle_from_checkpoint
     from edgekd.data import load_data
     from edgekd.profiles import load_profile
-    from edgekd.quantize import GuardConfig
+    from edgekd.quantize import CALIBRATION_IMAGES, GuardConfig
     from edgekd.students import read_student_checkpoint
     from edgekd.types import DataSpec
 
@@ -360,7 +360,7 @@ def export_command(
         isa=device.isa, precisions=tuple(p for p in device.precisions if p != "fp32"), search=search, opset=opset,
         guard=GuardConfig(max_accuracy_drop=max_accuracy_drop, calibration_method=calibration), threads=device.threads,
         overwrite=overwrite,
-        time_models=device.latency == "host", calibration_images=max_train or 512, validation_images=max_val,
+        time_models=device.latency == "host", calibration_images=max_train or CALIBRATION_IMAGES, validation_images=max_val,
         latency_table=device.table_path if device.latency == "table" else None,
         ort_format=device.ort_format if ort_format is None else ort_format)
     result = bundle_from_checkpoint(student, out, loaded, options)

@@ -75,8 +75,8 @@ def train_classifier(model: torch.nn.Module, data: LoadedData, preprocess: Prepr
             loss, _ = backward_in_slices(len(labels), micro, slice_loss)
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
-            scheduler.step()
             step += 1
+            scheduler.step_update(step)
             seen += len(labels)
             running += loss.item()
             bar.set_postfix(refresh=False, loss=f"{running / (batch_index + 1):.3f}",

@@ -100,7 +100,7 @@ def compress(config: CompressConfig) -> CompressResult:
 
     from edgekd.report import build_report, write_reports
 
-    report = build_report(run_dir=run_dir, config=config, profile=profile, data=data, teachers=teachers,
+    report = build_report(run_dir=run_dir, budget_ms=config.budget_ms, profile=profile, data=data, teachers=teachers,
                           selection=selection, student=student, bundle_dir=bundle_dir, bench=bench_result,
                           seconds=time.perf_counter() - started)
     write_reports(run_dir, report)

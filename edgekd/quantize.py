@@ -33,7 +33,11 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "int8_static", "int8_dynamic", "fp16")
 ISAS = ("avx2", "avx512", "avx512_vnni", "arm64")
-MIN_CALIBRATION_IMAGES = 32  # fewer gives ranges from a handful of images: clipping on everything else
+# The one calibration-size policy: int8 static calibrates on a stratified, shuffled sample of CALIBRATION_IMAGES
+# training images (every static int8 file edgekd writes: the bundle, `edgekd export`, the teacher's int8 reference);
+# fewer than MIN_CALIBRATION_IMAGES gives ranges from a handful of images, clipping on everything else.
+CALIBRATION_IMAGES = 256
+MIN_CALIBRATION_IMAGES = 32
 CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                        "percentile": CalibrationMethod.Percentile}
 # "auto" (the guard's default): minmax, and when that loses more than the guard allows, percentile then entropy,

@@ -13,15 +13,13 @@ from pathlib import Path
 from edgekd.bench import BenchModel
 from edgekd.data import LoadedData
 from edgekd.export import export_onnx, is_transformer
-from edgekd.quantize import quantize_onnx
+from edgekd.quantize import CALIBRATION_IMAGES, quantize_onnx
 from edgekd.students import load_student
 from edgekd.teacher import load_teacher_model
 from edgekd.types import Preprocess, StudentCheckpoint, TeacherResult
 from edgekd.verify import preprocess_records
 
 log = logging.getLogger(__name__)
-
-CALIBRATION_IMAGES = 128
 
 
 def teacher_int8_precision(fp32_path: Path) -> str:

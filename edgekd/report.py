@@ -18,7 +18,6 @@ from edgekd.bench import BenchResult, ModelFacts
 from edgekd.data import LoadedData, skipped_images
 
 if TYPE_CHECKING:
-    from edgekd.pipeline import CompressConfig
     from edgekd.profiles import DeviceProfile
     from edgekd.select import Selection
     from edgekd.types import StudentCheckpoint, TeacherResult
@@ -27,7 +26,7 @@ SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
 
 
-def build_report(*, run_dir: Path, config: CompressConfig, profile: DeviceProfile, data: LoadedData,
+def build_report(*, run_dir: Path, budget_ms: float, profile: DeviceProfile, data: LoadedData,
                  teachers: list[TeacherResult], selection: Selection, student: StudentCheckpoint, bundle_dir: Path,
                  bench: BenchResult, seconds: float) -> dict[str, Any]:
     """Everything a person or a CI job needs to judge the run, as plain JSON values."""
@@ -39,10 +38,10 @@ def build_report(*, run_dir: Path, config: CompressConfig, profile: DeviceProfil
     summary = {
         "student": student.model_name,
         "precision": shipped.precision if shipped else None,
-        "budget_ms": config.budget_ms,
+        "budget_ms": budget_ms,
         "student_p50_ms": student_ms[0],
         "student_p90_ms": student_ms[1],
-        "meets_budget": student_ms[1] is not None and student_ms[1] <= config.budget_ms,
+        "meets_budget": student_ms[1] is not None and student_ms[1] <= budget_ms,
         "teacher_p50_ms": teacher_ms[0],
         "teacher_p90_ms": teacher_ms[1],
         "speedup_vs_teacher": _ratio(teacher_ms[0], student_ms[0]),

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from edgekd.errors import EdgekdError
+from edgekd.metrics import accuracy, top_predictions
 
 log = logging.getLogger(__name__)
 
@@ -172,20 +173,23 @@ def _layer_count(model: torch.nn.Module) -> int:
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, *, layer_decay: float | None = None,
                    extra: torch.nn.Module | None = None) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases and norm scales (the usual timm recipe). With `layer_decay`, `model`'s
-    layers get timm's layer-wise rates (lr * decay^(depth from the head)); `extra` (adapters) trains at `lr`."""
-    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+    """timm's AdamW (timm.optim.create_optimizer_v2): no weight decay on biases and norm scales and, with
+    `layer_decay`, timm's layer-wise rates (each group's lr_scale = decay^(depth from the head), applied by timm's
+    scheduler, warmup_cosine). `extra` (feature adapters) trains at `lr`, with the same weight-decay rule."""
+    from timm.optim import create_optimizer_v2, param_groups_weight_decay
 
-    if layer_decay is None or layer_decay >= 1.0:
+    decay = layer_decay if layer_decay is not None and layer_decay < 1.0 else None
+    if extra is None:
+        return create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay, layer_decay=decay)
+    if decay is None:
         groups = param_groups_weight_decay(model, weight_decay)
     else:
+        from timm.optim import param_groups_layer_decay
+
         no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
-        groups = param_groups_layer_decay(model, weight_decay, no_decay, layer_decay=layer_decay)
-    if extra is not None:
-        groups = list(groups) + list(param_groups_weight_decay(extra, weight_decay))
-    for group in groups:  # a plain torch schedule scales each group's own lr (timm's schedulers read lr_scale)
-        group["lr"] = lr * group.pop("lr_scale", 1.0)
-    return torch.optim.AdamW(groups, lr=lr)
+        groups = param_groups_layer_decay(model, weight_decay, no_decay, layer_decay=decay)
+    return create_optimizer_v2([*groups, *param_groups_weight_decay(extra, weight_decay)], opt="adamw", lr=lr,
+                               weight_decay=weight_decay)
 
 
 # Activation memory that training may use, unless EDGEKD_TRAIN_MEMORY_GB says otherwise: a 16 GB laptop without a
@@ -281,18 +285,17 @@ def backward_in_slices(size: int, micro: int | None, slice_loss: Callable[[slice
     return total, terms
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
-                  warmup_fraction: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine decay to zero, stepped once per batch."""
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float):
+    """timm's CosineLRScheduler, per optimizer step: linear warm-up over `warmup_fraction` of the steps, then cosine
+    decay to zero. Call `step_update(steps_done)` after each optimizer step; it applies each group's lr_scale."""
+    from timm.scheduler import CosineLRScheduler
+
     warmup = max(1, int(total_steps * warmup_fraction))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    base = optimizer.param_groups[0]["lr"]
+    # Step s < warmup runs at (s + 1) / warmup of the peak: the first step already learns, the last warm-up step
+    # reaches the peak, where the cosine starts.
+    return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup + 1), lr_min=0.0, warmup_t=warmup - 1,
+                             warmup_lr_init=base / warmup, warmup_prefix=True, t_in_epochs=False)
 
 
 @dataclass(frozen=True)
@@ -308,20 +311,14 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, compute: Compute, *, in
              description: str = "eval") -> EvalResult:
     """Top-1/top-5 accuracy of `model` on the `input_index`-th input of each batch."""
     model.eval()
-    correct1 = correct5 = labeled = 0
-    predictions = []
+    tops, labels = [], []
     for batch in progress(loader, desc=description, leave=False, unit="batch"):
-        inputs, labels = compute.inputs(batch[input_index]), batch[-1].to(compute.device)
         with compute.autocast():
-            logits = model(inputs).float()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        predictions.append(top[:, 0].cpu())
-        mask = labels >= 0
-        if mask.any():
-            labeled += int(mask.sum())
-            correct1 += int((top[mask, 0] == labels[mask]).sum())
-            correct5 += int((top[mask] == labels[mask, None]).any(dim=1).sum())
-    preds = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
-    if not labeled:
-        return EvalResult(None, None, len(preds), preds)
-    return EvalResult(correct1 / labeled, correct5 / labeled, len(preds), preds)
+            logits = model(compute.inputs(batch[input_index])).float()
+        tops.append(top_predictions(logits.cpu().numpy()))  # N x 5 ints: small whatever the data's size
+        labels.append(batch[-1].numpy())
+    if not tops:
+        return EvalResult(None, None, 0, torch.empty(0, dtype=torch.long))
+    top = np.concatenate(tops)
+    top1, top5 = accuracy(top, np.concatenate(labels))
+    return EvalResult(top1, top5, len(top), torch.from_numpy(top[:, 0]))

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from edgekd.data import eval_transform
 from edgekd.errors import EdgekdError
+from edgekd.metrics import accuracy
 from edgekd.types import Preprocess
 
 INPUT_NAME = "input"
@@ -141,8 +142,7 @@ def evaluate_onnx(path: Path, evalset: EvalSet, reference: np.ndarray | None = N
 
 def metrics_from_predictions(predictions: np.ndarray, evalset: EvalSet,
                              reference: np.ndarray | None = None) -> OnnxMetrics:
-    mask = evalset.labels >= 0
-    top1 = float((predictions[mask] == evalset.labels[mask]).mean()) if mask.any() else None
+    top1, _ = accuracy(predictions, evalset.labels)
     agreement = float((predictions == reference).mean()) if reference is not None else None
     return OnnxMetrics(top1=top1, agreement=agreement, count=len(predictions))
 

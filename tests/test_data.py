@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgekd.data import FASHION_MNIST_CLASSES, ModelInputs, eval_transform, load_data, stratified_split
+from edgekd.data import (FASHION_MNIST_CLASSES, ModelInputs, eval_transform, load_data, skipped_images,
+                         stratified_split)
 from edgekd.errors import EdgekdError
 from edgekd.types import DataSpec, Preprocess
 from tests.helpers.images import write_images
@@ -69,8 +70,11 @@ def test_corrupt_images_are_skipped_and_counted(class_folder: Path):
     (class_folder / "tshirt" / "broken.png").write_bytes(b"not an image at all")
     (class_folder / "trouser" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0")
     loaded = load_data(DataSpec(str(class_folder)))
-    assert loaded.info.skipped_corrupt == 2
-    assert loaded.info.num_train + loaded.info.num_val == 36
+    assert loaded.info.skipped_corrupt == 1  # not an image at all: left out when the folder is read
+    assert loaded.info.num_train + loaded.info.num_val == 37
+    for records in (loaded.train, loaded.val):  # a JPEG header with nothing after it: found when decoded
+        assert all(records[i][0].size == (28, 28) for i in range(len(records)))
+    assert skipped_images(loaded) == 2
 
 
 @pytest.mark.parametrize("make, message", [

@@ -137,7 +137,8 @@ def test_transfer_recipe_gives_the_head_the_full_rate_and_the_stem_a_quarter():
     model = create_model(LITE0, 10)
     recipe = recipe_for(model, transfer=True, batch_size=128)
     optimizer = make_optimizer(model, recipe.lr, 0.05, layer_decay=recipe.layer_decay)
-    rate = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    rate = {id(p): group["lr"] * group.get("lr_scale", 1.0)  # timm's groups: the scheduler applies lr_scale
+            for group in optimizer.param_groups for p in group["params"]}
     assert rate[id(model.get_classifier().weight)] == pytest.approx(CNN_TRANSFER_LR)
     assert rate[id(model.conv_stem.weight)] == pytest.approx(CNN_TRANSFER_LR * STEM_LR_FRACTION)
     assert rate[id(model.conv_stem.weight)] < rate[id(model.blocks[3][0].conv_pw.weight)] < CNN_TRANSFER_LR

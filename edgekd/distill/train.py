@@ -257,6 +257,7 @@ class DistillLoop:
                     break
                 total, terms, images = self.step(batch, n_teachers, state.step / self.total_steps)
                 state.step += 1
+                self.scheduler.step_update(state.step)
                 for name, value in {"loss": total, **terms, "steps": 1, "images": images}.items():
                     sums[name] = sums.get(name, 0.0) + value
                 sums["seconds"] = time.perf_counter() - started
@@ -279,7 +280,6 @@ class DistillLoop:
             lambda part: self._losses(tuple(x[part] for x in batch), n_teachers, progress_fraction), self.model)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
-        self.scheduler.step()
         return total, terms, size
 
     def _losses(self, batch: tuple, n_teachers: int, progress_fraction: float) -> tuple[torch.Tensor, dict]:

@@ -1,0 +1,25 @@
+"""THE accuracy routine: top-1 / top-5 from predictions and labels. Training, the accuracy guard and bench all score
+with it, so a model measured in two places gets the same figure."""
+
+from __future__ import annotations
+
+import numpy as np
+
+TOP_K = 5
+
+
+def top_predictions(logits: np.ndarray, k: int = TOP_K) -> np.ndarray:
+    """Each row's `k` best classes (fewer when there are fewer classes), best first. Ties: the lower class first."""
+    return np.argsort(-logits, axis=1, kind="stable")[:, :min(k, logits.shape[1])]
+
+
+def accuracy(top: np.ndarray, labels: np.ndarray) -> tuple[float | None, float | None]:
+    """(top-1, top-5) over the labeled rows (label >= 0) of `top` (N x k predictions, best first, or N top-1
+    predictions); None, None when nothing is labeled. Top-5 is None for top-1-only predictions."""
+    top = top[:, None] if top.ndim == 1 else top
+    labeled = labels >= 0
+    if not labeled.any():
+        return None, None
+    hits = top[labeled] == labels[labeled, None]
+    top5 = float(hits.any(axis=1).mean()) if top.shape[1] > 1 else None
+    return float(hits[:, 0].mean()), top5
