@@ -315,6 +315,14 @@ def eval_transform(pre: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
         crop_pct=pre.crop_pct, crop_mode=pre.crop_mode)])
 
 
+def pixels_transform(pre: Preprocess) -> Callable[[Image.Image], np.ndarray]:
+    """eval_transform up to its normalisation: the resized, cropped image as uint8 C x H x W (timm's eval transform
+    in its prefetcher form, which leaves ToTensor and Normalize to the consumer)."""
+    return T.Compose([ToMode(pre.channels), create_transform(
+        input_size=pre.input_size, is_training=False, interpolation=pre.interpolation, mean=pre.mean, std=pre.std,
+        crop_pct=pre.crop_pct, crop_mode=pre.crop_mode, use_prefetcher=True)])
+
+
 def _finish_transform(pre: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
     """After the shared augmentation: resize to this model's size and normalize with its statistics."""
     return T.Compose([ToMode(pre.channels), T.Resize(pre.image_size, interpolation=_interp(pre.interpolation)),

@@ -122,16 +122,17 @@ def default_preset(isa: str, precision: str, transformer: bool = False) -> Quant
 
 
 class ArrayCalibrationReader(CalibrationDataReader):
-    """Feeds preprocessed real images (float32 N x C x H x W) to the calibrator in small batches."""
+    """Feeds preprocessed real images (N x C x H x W: an array or verify.NormalizedPixels) to the calibrator in
+    small float32 batches."""
 
     def __init__(self, images: np.ndarray, batch_size: int = 16, input_name: str = INPUT_NAME):
-        self.images, self.batch_size, self.input_name = images.astype(np.float32), batch_size, input_name
+        self.images, self.batch_size, self.input_name = images, batch_size, input_name
         self.position = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self.position >= len(self.images):
             return None
-        batch = self.images[self.position:self.position + self.batch_size]
+        batch = np.asarray(self.images[self.position:self.position + self.batch_size], dtype=np.float32)
         self.position += self.batch_size
         return {self.input_name: batch}
 

@@ -45,13 +45,13 @@ class _Images(CalibrationDataReader):
     """One image at a time: qdq_loss_debug concatenates per-run outputs, which need equal batch sizes."""
 
     def __init__(self, images: np.ndarray):
-        self.images, self.position = images.astype(np.float32), 0
+        self.images, self.position = images, 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self.position >= len(self.images):
             return None
         self.position += 1
-        return {INPUT_NAME: self.images[self.position - 1:self.position]}
+        return {INPUT_NAME: np.asarray(self.images[self.position - 1:self.position], dtype=np.float32)}
 
 
 def rank_sensitive_nodes(fp32_path: Path, quant_path: Path, images: np.ndarray,

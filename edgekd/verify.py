@@ -12,7 +12,7 @@ import onnxruntime as ort
 import torch
 from torch.utils.data import Dataset
 
-from edgekd.data import eval_transform
+from edgekd.data import pixels_transform
 from edgekd.errors import EdgekdError
 from edgekd.metrics import accuracy
 from edgekd.types import Preprocess
@@ -22,11 +22,37 @@ OUTPUT_NAME = "logits"
 PARITY_RTOL = 1e-3  # allowed |logit diff|, relative to the largest |logit| (at least 1)
 
 
+class NormalizedPixels:
+    """Preprocessed images kept as uint8 pixels (N x C x H x W, after the resize and crop) and normalised slice by
+    slice: what the model sees, at a quarter of float32's memory (2,000 images at 224 px: 0.3 GB instead of 1.2 GB).
+    Indexing gives float32 arrays, bit for bit the eval transform's tensors (x / 255 - mean) / std."""
+
+    def __init__(self, pixels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]):
+        self.pixels = pixels
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.pixels.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.pixels.ndim
+
+    def __getitem__(self, index) -> np.ndarray:
+        return (self.pixels[index].astype(np.float32) / np.float32(255) - self.mean) / self.std
+
+
 @dataclass(frozen=True)
 class EvalSet:
-    """Preprocessed images (float32 N x C x H x W, exactly what the model sees) and labels (-1 = none)."""
+    """Preprocessed images (float32 N x C x H x W when indexed, exactly what the model sees) and labels (-1 = none).
+    `images` is a float32 array or NormalizedPixels; consumers take slices of it, never the whole at once."""
 
-    images: np.ndarray
+    images: np.ndarray | NormalizedPixels
     labels: np.ndarray
     method: str = "all"  # how the images were picked from their records (see sample_indices)
 
@@ -87,17 +113,18 @@ def sample_indices(records: Dataset, limit: int | None, seed: int = 0) -> tuple[
 
 def preprocess_records(records: Dataset, preprocess: Preprocess, limit: int | None = None, *,
                        seed: int = 0) -> EvalSet:
-    """Run the deployment (eval) preprocessing over all records, or a stratified random `limit` of them."""
-    transform = eval_transform(preprocess)
+    """Run the deployment (eval) preprocessing over all records, or a stratified random `limit` of them; kept as
+    uint8 pixels, normalised when read (NormalizedPixels)."""
+    crop = pixels_transform(preprocess)
     indices, method = sample_indices(records, limit, seed)
-    images, labels = [], []
-    for index in indices:
-        image, label = records[index]
-        images.append(transform(image).numpy())
-        labels.append(label)
-    if not images:
+    if not indices:
         raise EdgekdError("no images to evaluate on; check --data")
-    return EvalSet(np.stack(images).astype(np.float32), np.asarray(labels, dtype=np.int64), method)
+    pixels = np.empty((len(indices), *preprocess.input_size), dtype=np.uint8)  # filled in place: no second copy
+    labels = np.empty(len(indices), dtype=np.int64)
+    for row, index in enumerate(indices):
+        image, labels[row] = records[index]
+        pixels[row] = crop(image)
+    return EvalSet(NormalizedPixels(pixels, preprocess.mean, preprocess.std), labels, method)
 
 
 def session(path: Path, threads: int = 0) -> ort.InferenceSession:

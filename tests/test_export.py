@@ -28,7 +28,7 @@ def test_student_export_matches_pytorch_on_real_images(name: str, small_fmnist, 
     model = load_student(checkpoint)
     evalset = preprocess_records(small_fmnist.val, checkpoint.preprocess, limit=64)
     path, parity = export_with_parity(model, tmp_path / "model.onnx", checkpoint.preprocess.input_size,
-                                      check_inputs=evalset.images)
+                                      check_inputs=evalset.images[:])
     proto = onnx.load(str(path))
     assert [i.name for i in proto.graph.input] == ["input"] and [o.name for o in proto.graph.output] == ["logits"]
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a symbolic (dynamic) batch axis
@@ -91,7 +91,7 @@ def test_bundle_is_complete_hashed_and_not_overwritten(small_fmnist, tmp_path: P
     pre = json.loads((out / "preprocess.json").read_text())
     assert pre["labels"] == list(small_fmnist.info.class_names) and pre["input_size"] == [3, 32, 32]
     assert pre["channel_order"] == "RGB" and pre["mean"] == list(checkpoint.preprocess.mean)
-    images = preprocess_records(small_fmnist.val, checkpoint.preprocess, limit=64).images
+    images = preprocess_records(small_fmnist.val, checkpoint.preprocess, limit=64).images[:]
     assert_mobile_form_agrees(out / "model.ort", out / "model.onnx", {"input": images})
     before = sha256_file(out / "model.onnx")
     with pytest.raises(EdgekdError, match="already exists"):
