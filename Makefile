@@ -42,9 +42,9 @@ demo: install
 # onnxruntime-node carries its CPU binaries in the package.
 PLAYWRIGHT ?= playwright-core@1.65.1
 NODE_DEPS := .node/node_modules/.installed
-$(NODE_DEPS): edgekd/apps/node/package.json
+$(NODE_DEPS): edgekd/deploy/apps/node/package.json
 	mkdir -p .node
-	cp edgekd/apps/node/package.json .node/package.json
+	cp edgekd/deploy/apps/node/package.json .node/package.json
 	cd .node && ONNXRUNTIME_NODE_INSTALL=skip npm install --no-audit --no-fund --loglevel=error
 	cd .node && npm install --no-save --no-audit --no-fund --loglevel=error $(PLAYWRIGHT)
 	@touch $@

@@ -21,7 +21,7 @@ import torch
 
 from edgekd.data import load_data
 from edgekd.distill import DistillConfig, distill, parse_loss_specs
-from edgekd.teacher import prepare_teacher, read_teacher_result
+from edgekd.distill.teacher import prepare_teacher, read_teacher_result
 from edgekd.types import DataSpec, TeacherSpec, TrainConfig
 
 WORK = Path("runs/bench-distill-fmnist")

@@ -34,7 +34,7 @@ from edgekd.distill.losses import Objective, parse_loss_specs
 from edgekd.distill.state import TeacherCache
 from edgekd.distill.train import DistillConfig, DistillLoop, wire_models
 from edgekd.models import create_model, preprocess_for
-from edgekd.train_utils import SCRATCH_LR, Compute, cpu_has_native_bf16, make_optimizer, pick_device, warmup_cosine
+from edgekd.distill.train_utils import SCRATCH_LR, Compute, cpu_has_native_bf16, make_optimizer, pick_device, warmup_cosine
 from edgekd.types import TeacherResult
 
 RESULTS = Path(__file__).parent / "results"

@@ -41,16 +41,16 @@ sys.path.insert(0, str(ROOT))
 
 from edgekd.data import eval_transform, load_data  # noqa: E402
 from edgekd.errors import EdgekdError  # noqa: E402
-from edgekd.export import export_onnx, is_transformer, quiet_onnxruntime  # noqa: E402
-from edgekd.finetune import train_classifier  # noqa: E402
-from edgekd.latency import measure_onnx  # noqa: E402
+from edgekd.deploy.export import export_onnx, is_transformer, quiet_onnxruntime  # noqa: E402
+from edgekd.distill.finetune import train_classifier  # noqa: E402
+from edgekd.select.latency import measure_onnx  # noqa: E402
 from edgekd.lite_weights import timm_state_dict  # noqa: E402
 from edgekd.models import create_model, preprocess_for, zero_new_head  # noqa: E402
-from edgekd.profiles import detect_isa  # noqa: E402
-from edgekd.quantize import (GuardConfig, default_preset, guarded_quantize, prepare_for_quantization,  # noqa: E402
+from edgekd.select.profiles import detect_isa  # noqa: E402
+from edgekd.deploy.quantize import (GuardConfig, default_preset, guarded_quantize, prepare_for_quantization,  # noqa: E402
                              presets_for, quantize_onnx)
 from edgekd.types import DataSpec, TrainConfig  # noqa: E402
-from edgekd.verify import EvalSet, onnx_logits, preprocess_records  # noqa: E402
+from edgekd.deploy.verify import EvalSet, onnx_logits, preprocess_records  # noqa: E402
 from tests.helpers.photos import crops  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

@@ -52,7 +52,7 @@ RECIPES = {  # Part A rows: TrainConfig overrides (none: edgekd's default for th
 def fine_tune_row(name: str, work: Path) -> dict:
     """One Part A row, in this process (run as a child so its peak memory is its own)."""
     from edgekd.data import load_data
-    from edgekd.teacher import prepare_teacher
+    from edgekd.distill.teacher import prepare_teacher
     from edgekd.types import DataSpec, TeacherSpec, TrainConfig
 
     overrides = dict(RECIPES[name])

@@ -3,7 +3,7 @@ edgekd's timing routine is.
 
     flock /tmp/edgekd-cpu.lock .venv/bin/python benchmarks/selection_host.py [--repeats 5] [--budget 10ms]
 
-Writes benchmarks/results/selection_host.{json,md}. Every figure is measured here with edgekd.latency.measure_onnx
+Writes benchmarks/results/selection_host.{json,md}. Every figure is measured here with edgekd.select.latency.measure_onnx
 (no cache: a fresh cache folder is used unless --cache-dir is given).
 """
 
@@ -20,11 +20,11 @@ from pathlib import Path
 import onnxruntime as ort
 
 from edgekd.artifacts import write_json_atomic, write_text_atomic
-from edgekd.candidates import TimingConfig, deployment_forms, measure_for_teacher
-from edgekd.latency import measure_onnx
-from edgekd.profiles import load_profile
-from edgekd.select import RULE, Candidate, format_table, parse_budget, select_student
-from edgekd.students import build_student
+from edgekd.select.candidates import TimingConfig, deployment_forms, measure_for_teacher
+from edgekd.select.latency import measure_onnx
+from edgekd.select.profiles import load_profile
+from edgekd.select.rule import RULE, Candidate, format_table, parse_budget, select_student
+from edgekd.distill.students import build_student
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TEACHER = "vit_base_patch16_224"

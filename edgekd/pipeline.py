@@ -20,18 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.artifacts import make_artifact, sha256_file, write_json_atomic
-from edgekd.bench import BENCH_MODELS_NAME, BenchModel, BenchResult, bench, bench_model_to_dict
-from edgekd.bundle import BUNDLE_FILES, BundleOptions, bundle_from_checkpoint, read_shipped_form
-from edgekd.candidates import choose_student
+from edgekd.evaluate.bench import BENCH_MODELS_NAME, BenchModel, BenchResult, bench, bench_model_to_dict
+from edgekd.deploy.bundle import BUNDLE_FILES, BundleOptions, bundle_from_checkpoint, read_shipped_form
+from edgekd.select.candidates import choose_student
 from edgekd.data import LoadedData, load_data
 from edgekd.distill.train import DistillConfig, distill
 from edgekd.errors import EdgekdError
-from edgekd.profiles import DeviceProfile, load_profile
-from edgekd.quantize import GuardConfig
+from edgekd.select.profiles import DeviceProfile, load_profile
+from edgekd.deploy.quantize import GuardConfig
 from edgekd.record import StageRecord, cpu_model, data_fingerprint, stage_key
-from edgekd.select import PassedOver, Selection, select_student
-from edgekd.students import StudentInit, initial_student, read_student_checkpoint, start_fingerprint
-from edgekd.teacher import prepare_teachers
+from edgekd.select.rule import PassedOver, Selection, select_student
+from edgekd.distill.students import StudentInit, initial_student, read_student_checkpoint, start_fingerprint
+from edgekd.distill.teacher import prepare_teachers
 from edgekd.types import DataSpec, StudentCheckpoint, TeacherResult, TeacherSpec, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def compress(config: CompressConfig) -> CompressResult:
     models = _bench_models(record, run_dir, profile, teacher, student, bundle_dir, bundle_key, data)
     bench_result = _bench(config, record, run_dir, profile, models, data)
 
-    from edgekd.report import build_report, write_reports
+    from edgekd.evaluate.report import build_report, write_reports
 
     report = build_report(run_dir=run_dir, budget_ms=config.budget_ms, profile=profile, data=data, teachers=teachers,
                           selection=selection, student=student, bundle_dir=bundle_dir, bench=bench_result,
@@ -226,8 +226,8 @@ def _export(config: CompressConfig, record: StageRecord, run_dir: Path, profile:
 def _bench_models(record: StageRecord, run_dir: Path, profile: DeviceProfile, teacher: TeacherResult,
                   student: StudentCheckpoint, bundle_dir: Path, bundle_key: str, data: LoadedData) -> list[BenchModel]:
     """Teacher fp32 + int8 and student fp32 as ONNX beside the shipped student, for side-by-side measurement."""
-    from edgekd.bench import models_from_paths
-    from edgekd.reference import export_reference_models
+    from edgekd.evaluate.bench import models_from_paths
+    from edgekd.evaluate.reference import export_reference_models
 
     folder = run_dir / "models"
     listing = run_dir / BENCH_MODELS_NAME

@@ -7,8 +7,8 @@ import torch
 
 from edgekd.data import load_data
 from edgekd.distill import DistillConfig, distill
-from edgekd.teacher import prepare_teacher
-from edgekd.train_utils import Compute, pick_device
+from edgekd.distill.teacher import prepare_teacher
+from edgekd.distill.train_utils import Compute, pick_device
 from edgekd.types import DataSpec, TeacherSpec, TrainConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")

@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from edgekd.errors import EdgekdError
 from edgekd.models import create_model, preprocess_for
-from edgekd.students import build_student, derive_from_teacher, load_student, parse_derived
+from edgekd.distill.students import build_student, derive_from_teacher, load_student, parse_derived
 from edgekd.types import StudentCheckpoint
 
 

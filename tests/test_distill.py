@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from edgekd.data import LoadedData, load_data
 from edgekd.distill import DistillConfig, distill, parse_loss_specs
 from edgekd.errors import EdgekdError
-from edgekd.students import load_student, read_student_checkpoint
-from edgekd.teacher import prepare_teacher
+from edgekd.distill.students import load_student, read_student_checkpoint
+from edgekd.distill.teacher import prepare_teacher
 from edgekd.types import DataSpec, TeacherSpec, TrainConfig
 
 pytestmark = pytest.mark.slow
@@ -144,7 +144,7 @@ def test_bf16_autocast_and_channels_last_run_the_gpu_code_path_on_cpu(data, teac
 
 
 def test_bf16_autocast_gives_bf16_activations_and_channels_last_weights():
-    from edgekd.train_utils import Compute, cpu_has_native_bf16
+    from edgekd.distill.train_utils import Compute, cpu_has_native_bf16
 
     cpu = torch.device("cpu")
     assert Compute.choose(cpu) == Compute(cpu, None, False)  # training on CPU: fp32 whatever the CPU
@@ -160,7 +160,7 @@ def test_bf16_autocast_gives_bf16_activations_and_channels_last_weights():
 
 
 def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
-    from edgekd.train_utils import cpu_has_native_bf16
+    from edgekd.distill.train_utils import cpu_has_native_bf16
 
     cases = {"x86_plain": "flags\t\t: fpu sse avx2 avx512f avx512bw\n", "x86_bf16": "flags\t: avx512f avx512_bf16\n",
              "amx": "flags : amx_tile amx_bf16\n", "arm": "Features\t: fp asimd bf16 i8mm\n",
@@ -191,7 +191,7 @@ DDP_SCRIPT = textwrap.dedent("""
     from safetensors.torch import save_file
     from edgekd.data import load_data
     from edgekd.distill import DistillConfig, distill, parse_loss_specs
-    from edgekd.students import StudentStart, build_student
+    from edgekd.distill.students import StudentStart, build_student
     from edgekd.types import DataSpec, TeacherResult
 
     teacher_dir, out = Path(sys.argv[1]), Path(sys.argv[2])

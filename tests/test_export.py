@@ -12,12 +12,12 @@ import torch
 from typer.testing import CliRunner
 
 from edgekd.artifacts import sha256_file
-from edgekd.bundle import BundleOptions, bundle_from_checkpoint
+from edgekd.deploy.bundle import BundleOptions, bundle_from_checkpoint
 from edgekd.cli import app
 from edgekd.errors import EdgekdError
-from edgekd.export import classifier_input_shape, export_with_parity
-from edgekd.students import load_student, read_student_checkpoint
-from edgekd.verify import onnx_logits, preprocess_records
+from edgekd.deploy.export import classifier_input_shape, export_with_parity
+from edgekd.distill.students import load_student, read_student_checkpoint
+from edgekd.deploy.verify import onnx_logits, preprocess_records
 from tests.helpers.mobile import assert_mobile_form_agrees
 from tests.helpers.tiny_students import tiny_student
 

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from timm.data import ImageNetInfo
 
-from edgekd.bundle import APP_FILES, APPS, preprocess_json
-from edgekd.export import export_onnx
+from edgekd.deploy.bundle import APP_FILES, APPS, preprocess_json
+from edgekd.deploy.export import export_onnx
 from edgekd.lite_weights import timm_state_dict
 from edgekd.models import create_model, preprocess_for
-from edgekd.raw_input import RAW_MODEL_NAME, with_preprocessing
+from edgekd.deploy.raw_input import RAW_MODEL_NAME, with_preprocessing
 from edgekd.runtime import MODEL_NAME, PREPROCESS_NAME, Predictor, as_model_pixels, read_image
 from tests.helpers.node import NODE, app_folder, node
 from tests.helpers.photos import crops

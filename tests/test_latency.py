@@ -4,8 +4,8 @@ import pytest
 import timm
 
 from edgekd.errors import EdgekdError
-from edgekd.export import export_onnx
-from edgekd.latency import LatencyStats, measure_onnx
+from edgekd.deploy.export import export_onnx
+from edgekd.select.latency import LatencyStats, measure_onnx
 
 FAST = dict(warmup=2, min_runs=8, min_seconds=0.0)
 

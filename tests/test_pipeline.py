@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 
 from edgekd.cli import app
 from edgekd.data import load_data
-from edgekd.latency import LatencyStats
-from edgekd.probe import TABLE_FORMAT
-from edgekd.report import SCHEMA_PATH
+from edgekd.select.latency import LatencyStats
+from edgekd.select.probe import TABLE_FORMAT
+from edgekd.evaluate.report import SCHEMA_PATH
 from edgekd.types import DataSpec
 from tests.helpers.images import write_images
 from tests.helpers.node import NODE, app_folder, node

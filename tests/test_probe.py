@@ -11,14 +11,14 @@ import numpy
 import onnxruntime
 import pytest
 
-from edgekd.bundle import BundleOptions, bundle_from_checkpoint
-from edgekd.candidates import PoolEntry, TimingConfig, measure_candidates
+from edgekd.deploy.bundle import BundleOptions, bundle_from_checkpoint
+from edgekd.select.candidates import PoolEntry, TimingConfig, measure_candidates
 from edgekd.errors import EdgekdError
-from edgekd.probe import TABLE_NAME, write_probe_pack
-from edgekd.profiles import load_profile
-from edgekd.quantize import GuardConfig
-from edgekd.select import select_student
-from edgekd.students import read_student_checkpoint
+from edgekd.select.probe import TABLE_NAME, write_probe_pack
+from edgekd.select.profiles import load_profile
+from edgekd.deploy.quantize import GuardConfig
+from edgekd.select.rule import select_student
+from edgekd.distill.students import read_student_checkpoint
 from tests.helpers.tiny_students import tiny_student
 
 NAMES = ["test_resnet", "derived:test_vit:depth=0.5"]

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from edgekd.cli import app
 from edgekd.errors import EdgekdError
-from edgekd.profiles import ISAS, PRECISIONS, known_profiles, load_profile, profile_from_dict
+from edgekd.select.profiles import ISAS, PRECISIONS, known_profiles, load_profile, profile_from_dict
 
 GOOD = """
 name = "tiny"

@@ -10,13 +10,13 @@ import onnx
 import pytest
 
 from edgekd.errors import EdgekdError
-from edgekd.export import export_onnx
-from edgekd.latency import measure_onnx
-from edgekd.quantize import (GuardConfig, _logit_difference, check_calibration, default_preset, guarded_quantize,
+from edgekd.deploy.export import export_onnx
+from edgekd.select.latency import measure_onnx
+from edgekd.deploy.quantize import (GuardConfig, _logit_difference, check_calibration, default_preset, guarded_quantize,
                              prepare_for_quantization, presets_for, quantize_onnx)
-from edgekd.sensitivity import rank_sensitive_nodes
-from edgekd.students import load_student, read_student_checkpoint
-from edgekd.verify import EvalSet, batch_dependent, evaluate_onnx, onnx_logits, preprocess_records, session
+from edgekd.deploy.sensitivity import rank_sensitive_nodes
+from edgekd.distill.students import load_student, read_student_checkpoint
+from edgekd.deploy.verify import EvalSet, batch_dependent, evaluate_onnx, onnx_logits, preprocess_records, session
 from tests.helpers.tiny_students import tiny_student
 
 

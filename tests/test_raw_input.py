@@ -10,11 +10,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from edgekd.bundle import BundleOptions, bundle_from_checkpoint, preprocess_json
-from edgekd.export import export_onnx
+from edgekd.deploy.bundle import BundleOptions, bundle_from_checkpoint, preprocess_json
+from edgekd.deploy.export import export_onnx
 from edgekd.lite_weights import timm_state_dict
 from edgekd.models import create_model, preprocess_for
-from edgekd.raw_input import (
+from edgekd.deploy.raw_input import (
     MIN_AGREEMENT,
     RAW_INPUT_NAME,
     RAW_MODEL_NAME,
@@ -23,7 +23,7 @@ from edgekd.raw_input import (
     with_preprocessing,
 )
 from edgekd.runtime import MODEL_NAME, PREPROCESS_NAME, ImagePreprocessor
-from edgekd.students import read_student_checkpoint
+from edgekd.distill.students import read_student_checkpoint
 from tests.helpers.mobile import assert_mobile_form_agrees
 from tests.helpers.photos import crops
 from tests.helpers.tiny_students import tiny_student

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from edgekd.data import eval_transform
-from edgekd.export import export_onnx
+from edgekd.deploy.export import export_onnx
 from edgekd.lite_weights import timm_state_dict
 from edgekd.models import create_model, preprocess_for
-from edgekd.quantize import quantize_onnx
-from edgekd.verify import onnx_logits
+from edgekd.deploy.quantize import quantize_onnx
+from edgekd.deploy.verify import onnx_logits
 from tests.helpers.photos import crops
 
 CONFIDENT = 0.3
@@ -99,9 +99,9 @@ def test_the_guard_keeps_the_ranked_nodes_in_float_and_recovers_an_outlier_chann
     """A case that needs node exclusion: an outlier channel crushes the other channels of a per-tensor activation
     range. The guard must find the nodes to keep in float (ranked by qdq_loss_debug) and ship int8 that keeps the
     fp32 answers; keeping as many nodes from the bottom of the ranking in float must not recover them."""
-    from edgekd.quantize import GuardConfig, guarded_quantize, prepare_for_quantization
-    from edgekd.sensitivity import rank_sensitive_nodes
-    from edgekd.verify import EvalSet
+    from edgekd.deploy.quantize import GuardConfig, guarded_quantize, prepare_for_quantization
+    from edgekd.deploy.sensitivity import rank_sensitive_nodes
+    from edgekd.deploy.verify import EvalSet
 
     _, images, calibration, probabilities = lite0
     model = outlier_channel_lite0()

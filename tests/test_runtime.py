@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from edgekd.bundle import BundleOptions, bundle_from_checkpoint, preprocess_json
+from edgekd.deploy.bundle import BundleOptions, bundle_from_checkpoint, preprocess_json
 from edgekd.data import eval_transform
 from edgekd.runtime import BundleError, ImagePreprocessor, Predictor
-from edgekd.students import load_student, read_student_checkpoint
+from edgekd.distill.students import load_student, read_student_checkpoint
 from edgekd.types import Preprocess
 from tests.helpers.tiny_students import tiny_student
 

@@ -7,14 +7,14 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from edgekd.candidates import PoolEntry, TimingConfig, choose_student, measure_candidates
+from edgekd.select.candidates import PoolEntry, TimingConfig, choose_student, measure_candidates
 from edgekd.cli import app
 from edgekd.errors import EdgekdError
-from edgekd.export import export_onnx
-from edgekd.latency import LatencyStats, measure_onnx
-from edgekd.profiles import profile_from_dict
-from edgekd.select import DERIVED_FAMILY, Candidate, Measurement, format_table, parse_budget, select_student
-from edgekd.students import build_student
+from edgekd.deploy.export import export_onnx
+from edgekd.select.latency import LatencyStats, measure_onnx
+from edgekd.select.profiles import profile_from_dict
+from edgekd.select.rule import DERIVED_FAMILY, Candidate, Measurement, format_table, parse_budget, select_student
+from edgekd.distill.students import build_student
 
 FAST = TimingConfig(warmup=2, min_runs=8, min_seconds=0.0)
 POOL = (PoolEntry("test_resnet", "efficient CNN", 60.0, "test"), PoolEntry("test_efficientnet", "efficient CNN", 70.0,

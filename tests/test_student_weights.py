@@ -13,14 +13,14 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from edgekd.candidates import TimingConfig, measure_candidates, measure_for_teacher
+from edgekd.select.candidates import TimingConfig, measure_candidates, measure_for_teacher
 from edgekd.cli import app
 from edgekd.lite_weights import install_into_hub_cache, timm_state_dict, write_checkpoint
 from edgekd.models import create_model, locate_pretrained
-from edgekd.profiles import profile_from_dict
-from edgekd.report import SCHEMA_PATH
-from edgekd.students import StudentInit, checkpoint_architecture, initial_student
-from edgekd.train_utils import CNN_TRANSFER_LR, STEM_LR_FRACTION, Recipe, make_optimizer, recipe_for
+from edgekd.select.profiles import profile_from_dict
+from edgekd.evaluate.report import SCHEMA_PATH
+from edgekd.distill.students import StudentInit, checkpoint_architecture, initial_student
+from edgekd.distill.train_utils import CNN_TRANSFER_LR, STEM_LR_FRACTION, Recipe, make_optimizer, recipe_for
 
 LITE0, LITE1 = "tf_efficientnet_lite0", "tf_efficientnet_lite1"
 runner = CliRunner()
@@ -195,7 +195,7 @@ def test_memory_budget_slices_the_batch_and_the_gradient_is_the_whole_batch_s(mo
     whole batch's (test_vit: LayerNorm only, so slicing changes no statistic)."""
     import torch.nn.functional as F
 
-    from edgekd.train_utils import (BACKWARD_OVERHEAD, Compute, backward_in_slices, micro_batch_size,
+    from edgekd.distill.train_utils import (BACKWARD_OVERHEAD, Compute, backward_in_slices, micro_batch_size,
                                     saved_activation_bytes, slices)
 
     model = create_model("test_vit", 10, (32, 32))
@@ -218,7 +218,7 @@ def test_memory_budget_slices_the_batch_and_the_gradient_is_the_whole_batch_s(mo
 
 
 def test_slices_are_balanced_and_the_memory_probe_leaves_batchnorm_alone():
-    from edgekd.train_utils import Compute, saved_activation_bytes, slices
+    from edgekd.distill.train_utils import Compute, saved_activation_bytes, slices
 
     assert [s.stop - s.start for s in slices(128, 127)] == [64, 64]  # not 127 + 1: one image breaks BatchNorm
     assert [s.stop - s.start for s in slices(10, 4)] == [3, 4, 3]

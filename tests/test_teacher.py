@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from edgekd.errors import EdgekdError
 from edgekd.models import create_model, resolve_model_name
-from edgekd.teacher import build_teacher, load_teacher_model, prepare_teacher
+from edgekd.distill.teacher import build_teacher, load_teacher_model, prepare_teacher
 from edgekd.types import DataSpec, TeacherSpec, TrainConfig
 from tests.helpers.efficientnet_lite0 import ARCHITECTURE, convert_to_timm, source_state_dict
 

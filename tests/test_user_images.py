@@ -4,13 +4,12 @@ CMYK JPEGs and files cut short, read by training and by the runtime as a photo v
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from edgekd.bundle import preprocess_json
+from edgekd.deploy.bundle import preprocess_json
 from edgekd.data import ModelInputs, eval_transform, load_data, make_loader, skipped_images
 from edgekd.runtime import BundleError, ImagePreprocessor, as_model_pixels, read_image
 from edgekd.types import DataSpec, Preprocess

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from edgekd.train_utils import pick_device
+from edgekd.distill.train_utils import pick_device
 
 log = logging.getLogger(__name__)
 

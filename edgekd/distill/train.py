@@ -29,9 +29,9 @@ from edgekd.distill.state import (STATE_NAME, Processes, TeacherCache, agree_on_
 from edgekd.errors import EdgekdError
 from edgekd.models import preprocess_for
 from edgekd.record import TrainState, data_fingerprint, resume_training_state, save_training_state, stage_key
-from edgekd.students import StudentStart, build_student
-from edgekd.teacher import load_teacher_model
-from edgekd.train_utils import (PRECISIONS, Compute, backward_in_slices, evaluate, make_optimizer, micro_batch_size,
+from edgekd.distill.students import StudentStart, build_student
+from edgekd.distill.teacher import load_teacher_model
+from edgekd.distill.train_utils import (PRECISIONS, Compute, backward_in_slices, evaluate, make_optimizer, micro_batch_size,
                                 progress, recipe_for, seed_everything, warmup_cosine)
 from edgekd.types import Preprocess, StudentCheckpoint, TeacherResult
 

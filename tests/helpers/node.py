@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-NODE_MODULES = ROOT / ".node" / "node_modules"  # `make test` installs edgekd/apps/node/package.json there
+NODE_MODULES = ROOT / ".node" / "node_modules"  # `make test` installs edgekd/deploy/apps/node/package.json there
 SCRIPTS = ROOT / "tests" / "node"
 NODE = shutil.which("node")
 

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from edgekd.artifacts import write_json_atomic
 from edgekd.data import LoadedData, ModelInputs
 from edgekd.models import preprocess_for
-from edgekd.students import build_student
+from edgekd.distill.students import build_student
 from edgekd.types import StudentCheckpoint
 
 IMAGE_SIZE = 32

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 from edgekd import __version__
 from edgekd.artifacts import write_json_atomic, write_text_atomic
-from edgekd.bench import BenchResult, ModelFacts
+from edgekd.evaluate.bench import BenchResult, ModelFacts
 from edgekd.data import LoadedData, skipped_images
 
 if TYPE_CHECKING:
-    from edgekd.profiles import DeviceProfile
-    from edgekd.select import Selection
+    from edgekd.select.profiles import DeviceProfile
+    from edgekd.select.rule import Selection
     from edgekd.types import StudentCheckpoint, TeacherResult
 
 SCHEMA_VERSION = 1

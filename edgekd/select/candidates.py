@@ -1,7 +1,7 @@
 """The student candidate pool, and measuring each candidate on a device profile in the form it would ship.
 
 Every candidate is built at the task's input size and class count, exported to ONNX, quantized to each of the
-profile's precisions (exactly as `compress` would ship it), and timed with edgekd.latency's one routine. int8 is
+profile's precisions (exactly as `compress` would ship it), and timed with edgekd.select.latency's one routine. int8 is
 not always faster (dynamic int8 convolutions are 10-20x slower than fp32 on x86), so each precision is measured
 and the fastest form kept. Results are cached per (profile, model, input size, classes, precision, CPU model, edgekd
 and onnxruntime versions): a second selection only reads the cache.
@@ -27,15 +27,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from edgekd import __version__
 from edgekd.artifacts import config_hash, write_json_atomic
 from edgekd.errors import EdgekdError, first_line
-from edgekd.export import export_onnx
-from edgekd.latency import ORT_RUN_ERRORS, LatencyStats, measure_onnx
+from edgekd.deploy.export import export_onnx
+from edgekd.select.latency import ORT_RUN_ERRORS, LatencyStats, measure_onnx
 from edgekd.models import count_params, preprocess_for, resolve_model_name
-from edgekd.profiles import DeviceProfile
-from edgekd.quantize import MIN_CALIBRATION_IMAGES, prepare_for_quantization, quantize_onnx
+from edgekd.select.profiles import DeviceProfile
+from edgekd.deploy.quantize import MIN_CALIBRATION_IMAGES, prepare_for_quantization, quantize_onnx
 from edgekd.record import cpu_model
-from edgekd.select import DERIVED_FAMILY, Candidate, Measurement, Selection, select_student
-from edgekd.students import StudentInit, build_student, derived_name, parse_derived
-from edgekd.train_utils import progress
+from edgekd.select.rule import DERIVED_FAMILY, Candidate, Measurement, Selection, select_student
+from edgekd.distill.students import StudentInit, build_student, derived_name, parse_derived
+from edgekd.distill.train_utils import progress
 
 CNN, HYBRID = "efficient CNN", "hybrid / small ViT"
 CSV = "timm results-imagenet.csv"
@@ -85,7 +85,7 @@ POOL: tuple[PoolEntry, ...] = (
 
 @dataclass(frozen=True)
 class TimingConfig:
-    """How long edgekd.latency.measure_onnx times each form (defaults: a stable median on a busy laptop)."""
+    """How long edgekd.select.latency.measure_onnx times each form (defaults: a stable median on a busy laptop)."""
 
     warmup: int = 10
     min_runs: int = 30

@@ -23,7 +23,7 @@ from PIL import Image
 
 from edgekd.artifacts import atomic_path
 from edgekd.errors import EdgekdError
-from edgekd.verify import INPUT_NAME, OUTPUT_NAME
+from edgekd.deploy.verify import INPUT_NAME, OUTPUT_NAME
 
 RAW_MODEL_NAME = "model_with_preprocessing.onnx"
 RAW_INPUT_NAME = "image"

@@ -24,10 +24,10 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 
 from edgekd.artifacts import atomic_path
 from edgekd.errors import EdgekdError, first_line
-from edgekd.export import check_model, is_transformer, quiet_onnxruntime
-from edgekd.latency import ORT_RUN_ERRORS
-from edgekd.sensitivity import NodeSensitivity, rank_sensitive_nodes
-from edgekd.verify import INPUT_NAME, PARITY_RTOL, EvalSet, evaluate_onnx, metrics_from_predictions, onnx_logits
+from edgekd.deploy.export import check_model, is_transformer, quiet_onnxruntime
+from edgekd.select.latency import ORT_RUN_ERRORS
+from edgekd.deploy.sensitivity import NodeSensitivity, rank_sensitive_nodes
+from edgekd.deploy.verify import INPUT_NAME, PARITY_RTOL, EvalSet, evaluate_onnx, metrics_from_predictions, onnx_logits
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Probe packs: measure candidates on a device edgekd cannot run on, with nothing but onnxruntime and numpy there.
 
 `write_probe_pack` writes each candidate's deployment-form ONNX files (exported and quantized as they would
-ship), pack.json, edgekd's own timing routine (a verbatim copy of edgekd/latency.py) and run_probe.py. On the
+ship), pack.json, edgekd's own timing routine (a verbatim copy of edgekd/select/latency.py) and run_probe.py. On the
 device, `python run_probe.py` writes latency_table.json, which `--profile latency_table.json` accepts back.
 """
 
@@ -12,14 +12,14 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from edgekd import latency
+from edgekd.select import latency
 from edgekd.artifacts import sha256_file, write_json_atomic, write_text_atomic
-from edgekd.candidates import POOL, PoolEntry, TimingConfig, candidate_names, deployment_forms, resolve_image_size
+from edgekd.select.candidates import POOL, PoolEntry, TimingConfig, candidate_names, deployment_forms, resolve_image_size
 from edgekd.errors import EdgekdError
 from edgekd.models import preprocess_for
-from edgekd.profiles import TABLE_FORMAT, DeviceProfile
-from edgekd.students import build_student
-from edgekd.train_utils import progress
+from edgekd.select.profiles import TABLE_FORMAT, DeviceProfile
+from edgekd.distill.students import build_student
+from edgekd.distill.train_utils import progress
 
 PACK_FORMAT = "edgekd-probe-pack"
 RUNNER_NAME = "run_probe.py"

@@ -22,13 +22,13 @@ import torch
 
 from edgekd import __version__
 from edgekd.artifacts import MANIFEST_NAME, sha256_file, write_json_atomic
-from edgekd.candidates import table_timing
+from edgekd.select.candidates import table_timing
 from edgekd.data import LoadedData
 from edgekd.errors import EdgekdError, first_line
-from edgekd.export import export_with_parity
-from edgekd.latency import measure_onnx
-from edgekd.quantize import CALIBRATION_IMAGES, GuardConfig, QuantDecision, Timing, guarded_quantize, quantize_onnx
-from edgekd.raw_input import (
+from edgekd.deploy.export import export_with_parity
+from edgekd.select.latency import measure_onnx
+from edgekd.deploy.quantize import CALIBRATION_IMAGES, GuardConfig, QuantDecision, Timing, guarded_quantize, quantize_onnx
+from edgekd.deploy.raw_input import (
     MIN_AGREEMENT,
     RAW_MODEL_NAME,
     RawInputCheck,
@@ -36,11 +36,11 @@ from edgekd.raw_input import (
     synthetic_images,
     with_preprocessing,
 )
-from edgekd.raw_input import OPSET as RAW_OPSET
+from edgekd.deploy.raw_input import OPSET as RAW_OPSET
 from edgekd.runtime import MODEL_NAME, PREPROCESS_NAME
-from edgekd.students import load_student
+from edgekd.distill.students import load_student
 from edgekd.types import Artifact, Preprocess, StudentCheckpoint
-from edgekd.verify import (
+from edgekd.deploy.verify import (
     INPUT_NAME,
     OUTPUT_NAME,
     EvalSet,
@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 ORT_MODEL_NAME = "model.ort"
 APPS = Path(__file__).parent / "apps"
-# What an app embeds beside the raw-image model: bundle path -> template under edgekd/apps
+# What an app embeds beside the raw-image model: bundle path -> template under edgekd/deploy/apps
 APP_FILES = {"predict.mjs": "node/predict.mjs", "package.json": "node/package.json", "web/index.html": "web/index.html"}
 BUNDLE_FILES = frozenset({MODEL_NAME, PREPROCESS_NAME, MANIFEST_NAME, RAW_MODEL_NAME, *APP_FILES})
 PARITY_IMAGES = 64

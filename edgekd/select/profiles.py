@@ -68,7 +68,7 @@ class DeviceProfile:
 def profile_dirs() -> list[Path]:
     """Where named profiles live: $EDGEKD_PROFILES (os.pathsep-separated), ./profiles, then the repository's."""
     dirs = [Path(p) for p in os.environ.get(PROFILE_DIR_ENV, "").split(os.pathsep) if p]
-    dirs += [Path.cwd() / "profiles", Path(__file__).resolve().parent.parent / "profiles"]
+    dirs += [Path.cwd() / "profiles", Path(__file__).resolve().parents[2] / "profiles"]
     unique: list[Path] = []
     for folder in dirs:
         if folder.is_dir() and folder.resolve() not in [u.resolve() for u in unique]:

@@ -23,7 +23,7 @@ import torch
 
 from edgekd.artifacts import atomic_path
 from edgekd.errors import EdgekdError, first_line
-from edgekd.verify import INPUT_NAME, OUTPUT_NAME, PARITY_RTOL, Parity, check_parity
+from edgekd.deploy.verify import INPUT_NAME, OUTPUT_NAME, PARITY_RTOL, Parity, check_parity
 
 log = logging.getLogger(__name__)
 

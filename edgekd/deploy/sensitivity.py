@@ -24,7 +24,7 @@ from onnxruntime.quantization import CalibrationDataReader
 from onnxruntime.quantization.qdq_loss_debug import (collect_activations, create_activation_matching,
                                                      modify_model_output_intermediate_tensors)
 
-from edgekd.verify import INPUT_NAME
+from edgekd.deploy.verify import INPUT_NAME
 
 _EPS = 1e-12
 _DEAD_CHANNEL = 1e-3  # a channel quieter than this share of the tensor's median channel is measured against that floor

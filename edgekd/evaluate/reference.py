@@ -10,14 +10,14 @@ import logging
 import json
 from pathlib import Path
 
-from edgekd.bench import BenchModel
+from edgekd.evaluate.bench import BenchModel
 from edgekd.data import LoadedData
-from edgekd.export import export_onnx, is_transformer
-from edgekd.quantize import CALIBRATION_IMAGES, quantize_onnx
-from edgekd.students import load_student
-from edgekd.teacher import load_teacher_model
+from edgekd.deploy.export import export_onnx, is_transformer
+from edgekd.deploy.quantize import CALIBRATION_IMAGES, quantize_onnx
+from edgekd.distill.students import load_student
+from edgekd.distill.teacher import load_teacher_model
 from edgekd.types import Preprocess, StudentCheckpoint, TeacherResult
-from edgekd.verify import preprocess_records
+from edgekd.deploy.verify import preprocess_records
 
 log = logging.getLogger(__name__)
 

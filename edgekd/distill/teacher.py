@@ -14,11 +14,11 @@ from safetensors.torch import load_file, save_file
 from edgekd.artifacts import atomic_path, make_artifact, sha256_file, write_json_atomic
 from edgekd.data import LoadedData, ModelInputs, make_loader
 from edgekd.errors import EdgekdError
-from edgekd.finetune import train_classifier
+from edgekd.distill.finetune import train_classifier
 from edgekd.record import data_fingerprint, stage_key
 from edgekd.models import (classifier_keys, count_params, create_model, fetch_pretrained, load_weights,
                            preprocess_for, read_state_dict, resolve_model_name)
-from edgekd.train_utils import Compute, evaluate, pick_device, seed_everything
+from edgekd.distill.train_utils import Compute, evaluate, pick_device, seed_everything
 from edgekd.types import TeacherResult, TeacherSpec, TrainConfig
 
 log = logging.getLogger(__name__)

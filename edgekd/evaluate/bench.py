@@ -21,10 +21,10 @@ import onnxruntime as ort
 from edgekd.data import LoadedData
 from edgekd.errors import EdgekdError, first_line
 from edgekd.metrics import accuracy, top_predictions
-from edgekd.latency import measure_onnx
-from edgekd.train_utils import progress
+from edgekd.select.latency import measure_onnx
+from edgekd.distill.train_utils import progress
 from edgekd.types import Preprocess
-from edgekd.verify import EvalSet, onnx_logits, preprocess_records
+from edgekd.deploy.verify import EvalSet, onnx_logits, preprocess_records
 
 log = logging.getLogger(__name__)
 

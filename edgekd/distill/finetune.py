@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from edgekd.artifacts import write_json_atomic
 from edgekd.data import LoadedData, ModelInputs, make_loader
 from edgekd.record import TrainState, data_fingerprint, resume_training_state, save_training_state, stage_key
-from edgekd.train_utils import (Compute, backward_in_slices, evaluate, make_optimizer, micro_batch_size, pick_device,
+from edgekd.distill.train_utils import (Compute, backward_in_slices, evaluate, make_optimizer, micro_batch_size, pick_device,
                                 progress, recipe_for, seed_everything, warmup_cosine)
 from edgekd.types import Preprocess, TrainConfig
 

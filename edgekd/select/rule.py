@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from edgekd.errors import EdgekdError
-from edgekd.latency import LatencyStats
+from edgekd.select.latency import LatencyStats
 
 RULE = ("among candidates whose measured p90 fits the budget, real starting weights first (checkpoint, "
         "teacher-derived, pretrained) before random ones; among real starts a teacher-derived student first, then "

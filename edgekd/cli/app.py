@@ -1,0 +1,71 @@
+"""The typer application, and what every command shares: logging, one-line errors, Ctrl-C / SIGTERM as interrupts."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import signal
+import sys
+import threading
+from typing import Callable, Iterator
+
+import typer
+
+from edgekd import __version__
+from edgekd.errors import EdgekdError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distil a big timm image model into a small ONNX model that fits a latency budget.")
+
+log = logging.getLogger("edgekd")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"edgekd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit."),
+         verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="edgekd: %(message)s",
+                        stream=sys.stderr, force=True)
+
+
+def user_errors(func: Callable) -> Callable:
+    """User mistakes become one line on stderr and exit code 2; an interrupt (Ctrl-C or SIGTERM) says how to resume."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            with _sigterm_as_interrupt():
+                return func(*args, **kwargs)
+        except EdgekdError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: finished stages are kept; run the same command again to resume", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """`kill`, torchrun and job schedulers stop a run with SIGTERM: handle it like Ctrl-C, so distillation writes
+    its checkpoint (mid-epoch) before the process ends and `--resume` / a re-run continues from there."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,54 @@
+"""`edgekd bench`: teacher vs student, or any models, side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from edgekd.cli.app import app, user_errors
+
+
+@app.command("bench")
+@user_errors
+def bench_command(
+    targets: list[Path] = typer.Argument(..., help="A run folder, bundle folders or .onnx files."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Images for accuracy (a run folder's by default)."),
+    threads: list[int] = typer.Option([], "--threads", help="Thread counts (default: 1 and the profile's)."),
+    profile: str = typer.Option("host", "--profile", "-p", help="Profile whose thread count is measured."),
+    batch: int = typer.Option(32, "--batch", help="Batch size of the throughput measurement."),
+    eval_images: int = typer.Option(2000, "--eval-images", help="Validation images for accuracy."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the results as JSON here."),
+) -> None:
+    """Teacher vs student (or any models): latency p50/p90/p99, throughput, start-up, memory, size, accuracy."""
+    import json
+
+    from edgekd.artifacts import write_json_atomic
+    from edgekd.data import load_data
+    from edgekd.evaluate.bench import bench, models_from_paths
+    from edgekd.evaluate.report import bench_tables
+    from edgekd.select.profiles import load_profile
+    from edgekd.types import DataSpec
+
+    models = models_from_paths(targets)
+    run_json = targets[0] / "run.json"
+    if data is None and len(targets) == 1 and run_json.is_file():
+        raw = json.loads(run_json.read_text())["config"]["data"]
+        spec = DataSpec(source=raw["source"], fashion_mnist_root=raw.get("fashion_mnist_root"), seed=raw["seed"],
+                        max_train=raw.get("max_train"), max_val=raw.get("max_val"))
+    else:
+        spec = DataSpec(source=data) if data else None
+    loaded = load_data(spec) if spec else None
+    counts = threads or sorted({1, load_profile(profile).threads})
+    result = bench(models, data=loaded, threads=counts, throughput_batch=batch, max_eval_images=eval_images)
+    for title, header, rows in bench_tables(result.to_dict()):
+        typer.echo(f"\n{title}")
+        widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+        for row in [header, *rows]:
+            typer.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
+    for note in result.notes:
+        typer.echo(f"note: {note}")
+    if out:
+        write_json_atomic(out, result.to_dict())
+        typer.echo(f"wrote {out}")

@@ -1,0 +1,114 @@
+"""`edgekd compress`: the whole pipeline (edgekd.pipeline) in one command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from edgekd.cli.app import app, user_errors
+from edgekd.cli.options import (
+    PROFILE_HELP,
+    BatchSize,
+    Calibration,
+    Candidates,
+    ChannelsLast,
+    Data,
+    Device,
+    FashionMnistRoot,
+    InputSize,
+    LearningRate,
+    Losses,
+    LossOptions,
+    MaxTrain,
+    MaxVal,
+    Precision,
+    RandomInit,
+    Seed,
+    StudentCheckpointPath,
+    StudentPretrained,
+    TeacherCheckpoints,
+    TeacherEpochs,
+    TeacherPrecision,
+    Teachers,
+    Temperature,
+    Workers,
+    _names,
+    parse_input_size,
+    student_choice,
+    teacher_specs,
+)
+
+
+@app.command("compress")
+@user_errors
+def compress_command(
+    teacher: Teachers,
+    budget: str = typer.Option(..., "--budget", "-b",
+                               help="Latency budget per image on the profile: 10ms, 2.5 ms, 0.01s."),
+    data: Data = "fashion-mnist",
+    profile: str = typer.Option("host", "--profile", "-p", help=PROFILE_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<teacher>-<budget>)."),
+    student: Optional[str] = typer.Option(None, "--student", help="Pin the student instead of selecting one."),
+    student_checkpoint: StudentCheckpointPath = None,
+    student_pretrained: StudentPretrained = True,
+    candidates: Candidates = None,
+    teacher_checkpoint: TeacherCheckpoints = [],
+    random_init: RandomInit = False,
+    input_size: InputSize = None,
+    teacher_epochs: TeacherEpochs = 2.0,
+    epochs: Annotated[float, typer.Option("--epochs", help="Distillation epochs (fractions allowed).")] = 3.0,
+    loss: Losses = [],
+    loss_option: LossOptions = [],
+    temperature: Temperature = 4.0,
+    batch_size: BatchSize = 128,
+    lr: LearningRate = None,
+    max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop",
+                                            help="Top-1 points int8 may lose against the fp32 student."),
+    search_quantization: bool = typer.Option(False, "--search-quantization",
+                                             help="Try every quantization preset of the ISA, keep the fastest."),
+    calibration: Calibration = "auto",
+    max_train: MaxTrain = None,
+    max_val: MaxVal = None,
+    eval_images: int = typer.Option(2000, "--eval-images", help="Validation images for the int8 guard and bench."),
+    fashion_mnist_root: FashionMnistRoot = None,
+    workers: Workers = None,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    teacher_precision: TeacherPrecision = "auto",
+    channels_last: ChannelsLast = None,
+    seed: Seed = 0,
+) -> None:
+    """Teacher + budget in; a distilled, quantized, checked student bundle and a report out. Resumable."""
+    from edgekd.distill.losses import parse_loss_specs
+    from edgekd.distill.train import DistillConfig
+    from edgekd.evaluate.report import summary_lines
+    from edgekd.pipeline import CompressConfig, compress
+    from edgekd.select.rule import parse_budget
+    from edgekd.types import DataSpec, TrainConfig
+
+    budget_ms = parse_budget(budget)
+    specs = teacher_specs(teacher, teacher_checkpoint, random_init)
+    student, student_init = student_choice(student, student_checkpoint, student_pretrained)
+    image_size = parse_input_size(input_size)
+    run_dir = out or Path("runs") / f"{specs[0].name.split('.')[0]}-{budget.replace(' ', '')}"
+    config = CompressConfig(
+        teachers=tuple(specs), budget_ms=budget_ms, out=run_dir, profile=profile, image_size=image_size,
+        student=student, student_init=student_init, candidates=tuple(_names(candidates) or ()) or None,
+        max_accuracy_drop=max_accuracy_drop, calibration_method=calibration,
+        search_quantization=search_quantization, eval_images=eval_images,
+        data=DataSpec(source=data, fashion_mnist_root=fashion_mnist_root, seed=seed, max_train=max_train,
+                      max_val=max_val),
+        teacher_training=TrainConfig(epochs=teacher_epochs, batch_size=batch_size, seed=seed, num_workers=workers,
+                                     device=device, precision=precision, channels_last=channels_last),
+        distillation=DistillConfig(losses=parse_loss_specs(loss, loss_option), temperature=temperature,
+                                   epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, num_workers=workers,
+                                   device=device,
+                                   precision=precision, teacher_precision=teacher_precision,
+                                   channels_last=channels_last))
+    result = compress(config)
+    for line in summary_lines(result.report):
+        typer.echo(line)
+    typer.echo(f"Report: {result.run_dir / 'report.html'} (also report.md, report.json)")
+    typer.echo(f"Bundle: {result.bundle_dir} (edgekd predict {result.bundle_dir} IMAGE)")

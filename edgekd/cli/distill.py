@@ -1,0 +1,122 @@
+"""`edgekd distill`: distillation on its own, on one or many GPUs (torchrun)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from edgekd.cli.app import app, user_errors
+from edgekd.cli.options import (
+    BatchSize,
+    ChannelsLast,
+    Data,
+    Device,
+    InputSize,
+    LearningRate,
+    Losses,
+    LossOptions,
+    MaxTrain,
+    MaxVal,
+    Precision,
+    RandomInit,
+    Seed,
+    StudentCheckpointPath,
+    StudentPretrained,
+    TeacherCheckpoints,
+    TeacherEpochs,
+    TeacherPrecision,
+    Teachers,
+    Temperature,
+    Workers,
+    parse_input_size,
+    student_choice,
+    teacher_specs,
+)
+from edgekd.errors import EdgekdError
+
+
+@app.command("distill")
+@user_errors
+def distill_command(
+    student: Optional[str] = typer.Option(None, "--student", "-s", help="Student: a timm name or alias (or a "
+                                          "derived name); may be implied by --student-checkpoint."),
+    student_checkpoint: StudentCheckpointPath = None,
+    student_pretrained: StudentPretrained = True,
+    teacher: Teachers = [],
+    teacher_checkpoint: TeacherCheckpoints = [],
+    teacher_dir: list[Path] = typer.Option([], "--teacher-dir", help="A prepared teacher folder (teacher.json), "
+                                           "e.g. from `edgekd train-teacher`. Repeatable."),
+    random_init: RandomInit = False,
+    data: Data = "fashion-mnist",
+    out: Path = typer.Option(Path("runs/distill"), "--out", "-o", help="Folder for the student, its log and state."),
+    loss: Losses = [],
+    loss_option: LossOptions = [],
+    epochs: Annotated[float, typer.Option("--epochs", help="Distillation epochs (fractions allowed).")] = 10.0,
+    batch_size: BatchSize = 128,
+    lr: LearningRate = None,
+    temperature: Temperature = 4.0,
+    feature_pairs: Optional[str] = typer.Option(None, "--feature-pairs", help="STUDENT:TEACHER layer pairs, "
+                                                "comma-separated (default: stage ends matched by relative depth)."),
+    teacher_weighting: str = typer.Option("confidence", "--teacher-weighting", help="Several teachers: confidence "
+                                          "(per sample) or mean."),
+    no_augment: bool = typer.Option(False, "--no-augment", help="No random crop/flip."),
+    cache_teacher: bool = typer.Option(False, "--cache-teacher", help="Reuse teacher outputs across epochs "
+                                       "(needs --no-augment and no feature losses)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the student (pays off on CUDA)."),
+    input_size: InputSize = None,
+    teacher_epochs: TeacherEpochs = 2.0,
+    max_train: MaxTrain = None,
+    max_val: MaxVal = None,
+    workers: Workers = None,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    teacher_precision: TeacherPrecision = "auto",
+    channels_last: ChannelsLast = None,
+    seed: Seed = 0,
+) -> None:
+    """Distil the teacher(s) into the student. Runs on several GPUs when launched with torchrun."""
+    import os
+
+    from edgekd.data import load_data
+    from edgekd.distill import DistillConfig, distill, parse_loss_specs
+    from edgekd.distill.features import parse_feature_pairs
+    from edgekd.distill.students import initial_student
+    from edgekd.distill.teacher import prepare_teachers, read_teacher_result
+    from edgekd.types import DataSpec, TrainConfig
+
+    if bool(teacher) == bool(teacher_dir):
+        raise EdgekdError("give the teacher either by --teacher NAME or by --teacher-dir DIR (one of them)")
+    student, student_init = student_choice(student, student_checkpoint, student_pretrained)
+    if student is None:
+        raise EdgekdError("give the student: --student NAME (a timm name, alias or derived:<teacher>:depth=F), or "
+                          "--student-checkpoint PATH")
+    if teacher and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise EdgekdError("under torchrun, prepare the teacher once first (`edgekd train-teacher ... --out DIR`) "
+                          "and pass --teacher-dir DIR")
+    config = DistillConfig(losses=parse_loss_specs(loss, loss_option), temperature=temperature,
+                           feature_pairs=parse_feature_pairs(feature_pairs), teacher_weighting=teacher_weighting,
+                           epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                           image_size=parse_input_size(input_size), augment=not no_augment,
+                           cache_teacher=cache_teacher, compile=compile_model, resume=resume, num_workers=workers,
+                           device=device, precision=precision, teacher_precision=teacher_precision,
+                           channels_last=channels_last)
+    specs = teacher_specs(teacher, teacher_checkpoint, random_init) if teacher else []
+    loaded = load_data(DataSpec(source=data, seed=seed, max_train=max_train, max_val=max_val))
+    if specs:
+        teachers = prepare_teachers(specs, loaded, out / "teacher", image_size=config.image_size,
+                                    train_config=TrainConfig(epochs=teacher_epochs, batch_size=batch_size, seed=seed,
+                                                             num_workers=workers, device=device, precision=precision,
+                                                             channels_last=channels_last))
+    else:
+        teachers = [read_teacher_result(folder) for folder in teacher_dir]
+    start = initial_student(student, teachers[0].num_classes, config.image_size or teachers[0].preprocess.image_size,
+                            student_init, teacher_weights=teachers[0].weights_path, seed=seed)
+    result = distill(teachers, student, loaded, config, out, start=start)
+    if int(os.environ.get("RANK", "0")) == 0:
+        accuracy = "n/a (no labels)" if result.val_top1 is None else f"top-1 {100 * result.val_top1:.2f}%"
+        agreement = "n/a" if result.teacher_agreement is None else f"{100 * result.teacher_agreement:.2f}%"
+        typer.echo(f"student {student}: validation {accuracy}, agreement with {teachers[0].model_name} {agreement} "
+                   f"-> {result.weights_path} (log: {out / 'distill_log.json'})")

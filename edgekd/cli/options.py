@@ -1,0 +1,142 @@
+"""Options several commands take, declared once (typer reads each option from its Annotated type), and the
+parsing they share."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from edgekd.errors import EdgekdError
+
+log = logging.getLogger("edgekd")
+
+
+def _teacher_help() -> str:
+    from edgekd.models import alias_help
+
+    return f"timm model name or alias ({alias_help()}). Repeat for several teachers."
+
+
+DATA_HELP = ("Images: a folder with one sub-folder per class (train/ and val/ or test/ used when present), "
+             "a folder of unlabeled images, or 'fashion-mnist'.")
+
+Teachers = Annotated[list[str], typer.Option("--teacher", "-t", help=_teacher_help())]
+TeacherCheckpoints = Annotated[list[Path], typer.Option(
+    "--teacher-checkpoint", help="A state_dict (.safetensors or .pth) per --teacher, loaded safely.")]
+RandomInit = Annotated[bool, typer.Option("--random-init", help="Teacher(s) from random weights, trained here.")]
+TeacherEpochs = Annotated[float, typer.Option("--teacher-epochs", help="Epochs when the teacher needs fine-tuning.")]
+Data = Annotated[str, typer.Option("--data", "-d", help=DATA_HELP)]
+InputSize = Annotated[Optional[int], typer.Option("--input-size", help="Side in pixels (default: the teacher's).")]
+MaxTrain = Annotated[Optional[int], typer.Option("--max-train", help="Use a stratified subset of training images.")]
+MaxVal = Annotated[Optional[int], typer.Option("--max-val", help="Use a stratified subset of validation images.")]
+FashionMnistRoot = Annotated[Optional[Path], typer.Option("--fashion-mnist-root", help="Where the idx files are.")]
+Epochs = Annotated[float, typer.Option("--epochs", help="Training epochs (fractions allowed).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Global batch, split across torchrun processes.")]
+LearningRate = Annotated[Optional[float], typer.Option(
+    "--lr", help="Peak learning rate of the head (AdamW, warm-up + cosine; in compress: of distillation). Default: "
+    "from real weights 4e-3 for CNNs and 5e-4 x batch/256 for transformers, with the backbone's layers at rates decaying "
+    "with depth (timm's layer-wise decay); from random weights 2e-3 for every layer.")]
+Losses = Annotated[list[str], typer.Option(
+    "--loss", help="name=weight or name=start:end (ramped over training), repeatable; known: ce, kd, dkd, wsl, "
+    "fitnet, at, rkd, sp. Default: ce=1 kd=1 (no ce without labels).")]
+LossOptions = Annotated[list[str], typer.Option(
+    "--loss-option", help="A loss's constant as LOSS.KEY=VALUE, repeatable: dkd.alpha, dkd.beta (default 1, 8), "
+    "rkd.distance, rkd.angle (default 1, 2).")]
+Temperature = Annotated[float, typer.Option("--temperature", help="Softmax temperature of kd and dkd.")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="Data loader processes (default: cores - 1).")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (under torchrun: each rank's GPU).")]
+def _precision(value: str) -> str:
+    """Checked while parsing, so a typo fails before any data is read."""
+    from edgekd.distill.train_utils import PRECISIONS
+
+    if value not in PRECISIONS:
+        raise typer.BadParameter(f"{value!r} is not a precision; use one of {', '.join(PRECISIONS)}")
+    return value
+
+
+Precision = Annotated[str, typer.Option("--precision", callback=_precision, help="Training precision: auto (bf16 "
+                                        "autocast on CUDA, fp32 on CPU), bf16 or fp32.")]
+TeacherPrecision = Annotated[str, typer.Option("--teacher-precision", callback=_precision, help="The teacher's "
+                                               "forward pass: auto (bf16 on CUDA and on CPUs with native bf16, else "
+                                               "fp32), bf16 or fp32.")]
+ChannelsLast = Annotated[Optional[bool], typer.Option(
+    "--channels-last/--no-channels-last", help="Memory layout of training (default: channels_last on CUDA).")]
+Seed = Annotated[int, typer.Option("--seed")]
+StudentPretrained = Annotated[bool, typer.Option(
+    "--student-pretrained/--no-student-pretrained", help="Start timm students from timm's pretrained weights "
+    "(local Hugging Face cache or hub; offline with none cached: random, said in the log and report) and derived "
+    "students from the teacher's. Off: every student starts from random weights.")]
+StudentCheckpointPath = Annotated[Optional[Path], typer.Option(
+    "--student-checkpoint", help="Start the student from this state_dict (.safetensors or .pth, loaded safely; "
+    "the classifier is re-initialised when its class count differs). Pins the student: --student, or the "
+    "architecture the file names.")]
+def _calibration(value: str) -> str:
+    from edgekd.deploy.quantize import CALIBRATION_CHOICES
+
+    if value not in CALIBRATION_CHOICES:
+        raise typer.BadParameter(f"{value!r} is not a calibration method; use one of {', '.join(CALIBRATION_CHOICES)}")
+    return value
+
+
+Calibration = Annotated[str, typer.Option(
+    "--calibration", callback=_calibration, help="How int8 static calibrates activation ranges: minmax, entropy, "
+    "percentile (99.999th), or auto (minmax, then percentile and entropy when the guard fails, before keeping nodes "
+    "in float). --search-quantization / --search tries all three with every preset.")]
+Candidates = Annotated[Optional[str], typer.Option("--candidates", help="Comma-separated candidate names (timm names "
+                                                   "or derived:<teacher>:depth=F); default: the whole pool.")]
+
+
+def student_choice(student: Optional[str], checkpoint: Optional[Path], pretrained: bool):
+    """(--student name or the one --student-checkpoint implies, StudentInit). The checkpoint is read before any data
+    is, so a wrong file fails first."""
+    from edgekd.distill.students import StudentInit, check_student_checkpoint, checkpoint_architecture
+    from edgekd.models import read_state_dict
+
+    if checkpoint is None:
+        return student, StudentInit(pretrained=pretrained)
+    state = read_state_dict(checkpoint)  # a missing or unreadable file is a one-line error now
+    if student is None:
+        student = checkpoint_architecture(checkpoint)
+        if student is None:
+            raise EdgekdError(f"cannot tell which architecture {checkpoint} holds (no metadata, config.json or "
+                              "student.json beside it); pass --student NAME with it")
+        log.info("--student-checkpoint %s holds %s: that is the student", checkpoint, student)
+    check_student_checkpoint(student, state, checkpoint)
+    return student, StudentInit(pretrained=pretrained, checkpoint=checkpoint)
+
+
+def parse_input_size(value: Optional[int]) -> Optional[tuple[int, int]]:
+    if value is None:
+        return None
+    if value < 8 or value > 4096:
+        raise EdgekdError(f"--input-size {value} is out of range; give a side length in pixels between 8 and 4096")
+    return value, value
+
+
+def teacher_specs(names: list[str], checkpoints: list[Path], random_init: bool):
+    """Pair each --teacher with its --teacher-checkpoint (in order)."""
+    from edgekd.models import resolve_model_name
+    from edgekd.types import TeacherSpec
+
+    for name in names:  # fail on a typo before any data is read
+        resolve_model_name(name)
+    if checkpoints and len(checkpoints) != len(names):
+        raise EdgekdError(f"{len(names)} --teacher but {len(checkpoints)} --teacher-checkpoint; "
+                          "give one checkpoint per teacher, in the same order")
+    if checkpoints and random_init:
+        raise EdgekdError("--random-init and --teacher-checkpoint contradict each other; pick one")
+    return [TeacherSpec(name=name, checkpoint=checkpoints[i] if checkpoints else None, random_init=random_init)
+            for i, name in enumerate(names)]
+
+
+# ----------------------------------------------------------------------------------------------- devices + selection
+
+PROFILE_HELP = ("Target device: a profile name (see `edgekd profiles`), a profile .toml, or the latency_table.json "
+                "a probe pack wrote on the device.")
+
+
+def _names(candidates: Optional[str]) -> Optional[list[str]]:
+    return [name.strip() for name in candidates.split(",") if name.strip()] if candidates else None

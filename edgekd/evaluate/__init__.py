@@ -1,0 +1,1 @@
+"""Judging the result: teacher and reference models beside the shipped student, the benchmark, and the report."""
