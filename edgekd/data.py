@@ -10,10 +10,11 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import tarfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -49,40 +50,108 @@ class ArrayRecords(Dataset):
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         return Image.fromarray(self.images[index]), int(self.labels[index])
 
+    def subset(self, indices: list[int]) -> ArrayRecords:
+        return ArrayRecords(self.images[indices], self.labels[indices])
 
-class FileRecords(Dataset):
-    """Images on disk, decoded lazily, upright and 8-bit as a viewer shows them (edgekd.runtime.as_model_pixels).
+    def fingerprint_into(self, digest) -> None:
+        """The run record's identity of these images (edgekd.record.data_fingerprint): the pixels and labels."""
+        digest.update(self.images.tobytes())
+        digest.update(self.labels.tobytes())
 
-    A file that cannot be decoded when it is read (truncated, damaged) is skipped: the next readable image takes
-    its place in that batch, the file is marked in a table shared with the loader's worker processes, and
-    `unreadable` counts the marks, so one bad file in a million never stops an epoch.
+
+class DecodedRecords(Dataset):
+    """Images decoded lazily, upright and 8-bit as a viewer shows them (edgekd.runtime.as_model_pixels).
+
+    An image that cannot be decoded when it is read (truncated, damaged) is skipped: the next readable one takes its
+    place in that batch, it is marked in a table shared with the loader's worker processes, and `unreadable` counts
+    the marks, so one bad file in a million never stops an epoch. Subclasses say where the bytes come from.
     """
 
-    def __init__(self, paths: Sequence[Path], labels: Sequence[int]):
-        self.paths = list(paths)
+    def __init__(self, labels: Sequence[int]):
         self.labels = np.asarray(labels, dtype=np.int64)
-        # One flag per file in shared memory: DataLoader workers (torch.multiprocessing) mark what they skip.
-        self.bad = torch.zeros(len(self.paths), dtype=torch.bool).share_memory_()
+        # One flag per image in shared memory: DataLoader workers (torch.multiprocessing) mark what they skip.
+        self.bad = torch.zeros(len(self.labels), dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.labels)
 
     @property
     def unreadable(self) -> int:
         return int(self.bad.sum())
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        for offset in range(len(self.paths)):
-            candidate = (index + offset) % len(self.paths)
+        for offset in range(len(self)):
+            candidate = (index + offset) % len(self)
             if bool(self.bad[candidate]):
                 continue
             try:
-                return _upright(read_image(self.paths[candidate])), int(self.labels[candidate])
+                return _upright(self.decode(candidate)), int(self.labels[candidate])
             except BundleError as error:
                 self.bad[candidate] = True
                 log.warning("skipping %s", first_line(error, 300))
-        raise EdgekdError(f"none of the {len(self.paths)} images can be decoded (e.g. {self.paths[index]}); "
-                          "check the files")
+        raise EdgekdError(f"none of the {len(self)} images can be decoded (e.g. {self.name(index)}); check the files")
+
+    def decode(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def name(self, index: int) -> str:
+        raise NotImplementedError
+
+
+class FileRecords(DecodedRecords):
+    """Image files on disk."""
+
+    def __init__(self, paths: Sequence[Path], labels: Sequence[int]):
+        super().__init__(labels)
+        self.paths = list(paths)
+
+    def decode(self, index: int) -> Image.Image:
+        return read_image(self.paths[index])
+
+    def name(self, index: int) -> str:
+        return str(self.paths[index])
+
+    def subset(self, indices: list[int]) -> FileRecords:
+        return FileRecords([self.paths[i] for i in indices], self.labels[indices])
+
+    def fingerprint_into(self, digest) -> None:
+        """Every file's path, size and modification time, with its label: an added, removed, replaced or edited
+        image changes it, without reading any pixels."""
+        for path, label in zip(self.paths, self.labels.tolist()):
+            stat = os.stat(path)
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{label}\n".encode())
+
+
+class TarRecords(DecodedRecords):
+    """Images inside a .tar archive, read in place with timm's tar reader (timm.data.readers.ReaderImageInTar);
+    `members` index its samples."""
+
+    def __init__(self, reader, members: Sequence[int], labels: Sequence[int]):
+        super().__init__(labels)
+        self.reader, self.members = reader, list(members)
+
+    def decode(self, index: int) -> Image.Image:
+        try:
+            handle, _ = self.reader[self.members[index]]
+            with Image.open(handle) as opened:
+                opened.load()
+                return opened.copy()
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            raise BundleError(f"cannot read image {self.name(index)}: {error}") from error
+
+    def name(self, index: int) -> str:
+        return f"{self.reader.root}:{self.reader._filename(self.members[index])}"
+
+    def subset(self, indices: list[int]) -> TarRecords:
+        return TarRecords(self.reader, [self.members[i] for i in indices], self.labels[indices])
+
+    def fingerprint_into(self, digest) -> None:
+        """The archive's size and modification time, then each member's name and size with its label."""
+        stat = os.stat(self.reader.root)
+        digest.update(f"{self.reader.root}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        for member, label in zip(self.members, self.labels.tolist()):
+            info = self.reader.samples[member][0]
+            digest.update(f"{info.name}\0{info.size}\0{label}\n".encode())
 
 
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
@@ -94,16 +163,19 @@ def _upright(image: Image.Image) -> Image.Image:
     return as_model_pixels(image, "L" if image.mode in GREY_MODES else "RGB")
 
 
+Records = Union[ArrayRecords, FileRecords, "TarRecords"]
+
+
 @dataclass(frozen=True)
 class LoadedData:
     info: DatasetInfo
-    train: ArrayRecords | FileRecords
-    val: ArrayRecords | FileRecords
+    train: Records
+    val: Records
 
 
 def skipped_images(data: LoadedData) -> int:
     """Files left out: unidentifiable when the folder was read, plus those found undecodable by this process's reads."""
-    found = sum(records.unreadable for records in (data.train, data.val) if isinstance(records, FileRecords))
+    found = sum(records.unreadable for records in (data.train, data.val) if isinstance(records, DecodedRecords))
     return data.info.skipped_corrupt + found
 
 
@@ -227,8 +299,11 @@ def _load_folder(spec: DataSpec) -> LoadedData:
     root = Path(spec.source).expanduser()
     if not root.exists():
         raise EdgekdError(f"data folder {root} does not exist; pass --data DIR (or --data fashion-mnist)")
+    if root.is_file() and root.suffix.lower() == ".tar":
+        return _load_tar(root, spec)
     if not root.is_dir():
-        raise EdgekdError(f"--data {root} is not a folder; pass a folder of images (or --data fashion-mnist)")
+        raise EdgekdError(f"--data {root} is not a folder or a .tar; pass a folder of images, a .tar of them, or "
+                          "--data fashion-mnist")
     val_dir = next((root / name for name in ("val", "validation", "test") if (root / name).is_dir()), None)
     if (root / "train").is_dir() and val_dir is not None:
         train_paths, train_labels, names, skipped_train = _scan_split(root / "train", None)
@@ -242,6 +317,30 @@ def _load_folder(spec: DataSpec) -> LoadedData:
     train, val = FileRecords(train_paths, train_labels), FileRecords(val_paths, val_labels)
     info = DatasetInfo(source=str(root), class_names=names, labeled=bool(names), num_train=len(train),
                        num_val=len(val), skipped_corrupt=skipped)
+    return LoadedData(info, train, val)
+
+
+def _load_tar(path: Path, spec: DataSpec) -> LoadedData:
+    """A .tar of images, read in place by timm's tar reader: one folder per class inside it (labeled), or loose
+    images (unlabeled); split 80/20 per class like a folder without train/ and val/. Each worker opens the archive
+    itself (no shared file handle across forked loader processes)."""
+    from timm.data.readers.reader_image_in_tar import ReaderImageInTar
+
+    try:
+        reader = ReaderImageInTar(str(path), cache_tarfiles=False)
+    except (tarfile.TarError, OSError, AssertionError) as error:
+        raise EdgekdError(f"cannot read {path} as a tar archive ({first_line(error)}); give a .tar of images") from error
+    if len(reader) == 0:
+        raise EdgekdError(f"{path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); check the archive")
+    by_index = sorted(reader.class_name_to_idx.items(), key=lambda item: item[1])
+    names = tuple(name for name, _ in by_index)
+    labeled = names != ("",)
+    labels = np.asarray(reader.targets, dtype=np.int64) if labeled else np.full(len(reader), UNLABELED)
+    train_idx, val_idx = stratified_split(labels, spec.val_fraction, spec.seed)
+    train = TarRecords(reader, train_idx, labels[train_idx])
+    val = TarRecords(reader, val_idx, labels[val_idx])
+    info = DatasetInfo(source=str(path), class_names=names if labeled else (), labeled=labeled,
+                       num_train=len(train), num_val=len(val))
     return LoadedData(info, train, val)
 
 
@@ -290,10 +389,8 @@ def _limit(loaded: LoadedData, spec: DataSpec) -> LoadedData:
     return LoadedData(info, train, val)
 
 
-def _subset(records: ArrayRecords | FileRecords, indices: list[int]) -> ArrayRecords | FileRecords:
-    if isinstance(records, ArrayRecords):
-        return ArrayRecords(records.images[indices], records.labels[indices])
-    return FileRecords([records.paths[i] for i in indices], records.labels[indices])
+def _subset(records: Records, indices: list[int]) -> Records:
+    return records.subset(indices)
 
 
 # ---------------------------------------------------------------------------------------------- transforms

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -62,9 +61,10 @@ def stage_key(stage: str, inputs: dict[str, Any]) -> str:
 
 
 def data_fingerprint(data: LoadedData) -> str:
-    """The data by content identity: for files, every path with its size and modification time (an added, removed,
-    replaced or edited image changes it); for in-memory sets (Fashion-MNIST), the pixels and labels. With the
-    split's labels, so a relabelled image changes it too. Computed once per loaded data set."""
+    """The data by content identity, each split's records saying what identifies them (fingerprint_into): for files,
+    every path with its size and modification time (an added, removed, replaced or edited image changes it); for a
+    tar, the archive and its members; for in-memory sets (Fashion-MNIST), the pixels. With the labels, so a
+    relabelled image changes it too. Computed once per loaded data set."""
     cached = getattr(data, "_fingerprint", None)
     if cached is not None:
         return cached
@@ -78,17 +78,11 @@ def data_fingerprint(data: LoadedData) -> str:
 
 
 def _add_records(digest: Any, records: Any) -> None:
-    while not hasattr(records, "paths") and not hasattr(records, "images") and hasattr(records, "records"):
+    while not hasattr(records, "fingerprint_into") and hasattr(records, "records"):
         records = records.records  # a wrapping dataset (e.g. one that re-orders or watches reads): its source
-    if hasattr(records, "paths"):
-        for path, label in zip(records.paths, records.labels.tolist()):
-            stat = os.stat(path)
-            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{label}\n".encode())
-    elif hasattr(records, "images"):
-        digest.update(records.images.tobytes())
-        digest.update(records.labels.tobytes())
-    else:
-        raise TypeError(f"cannot fingerprint {type(records).__name__}: it has neither paths nor images")
+    if not hasattr(records, "fingerprint_into"):
+        raise TypeError(f"cannot fingerprint {type(records).__name__}: it has no fingerprint_into")
+    records.fingerprint_into(digest)
 
 
 @dataclass

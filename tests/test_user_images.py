@@ -3,16 +3,23 @@ CMYK JPEGs and files cut short, read by training and by the runtime as a photo v
 
 from __future__ import annotations
 
+import json
 import shutil
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
-from edgekd.deploy.bundle import preprocess_json
+from edgekd.cli import app
 from edgekd.data import ModelInputs, eval_transform, load_data, make_loader, skipped_images
+from edgekd.deploy.bundle import preprocess_json
+from edgekd.record import data_fingerprint
 from edgekd.runtime import BundleError, ImagePreprocessor, as_model_pixels, read_image
 from edgekd.types import DataSpec, Preprocess
+from tests.helpers.images import write_images
 from tests.helpers.user_images import UserImage, write_truncated_jpeg, write_user_images
 
 KINDS = ("exif", "rgba", "grey16", "palette", "palette_transparent", "cmyk")
@@ -77,3 +84,62 @@ def test_a_file_cut_short_is_skipped_and_counted_without_stopping_the_epoch(user
     assert skipped_images(data) == 1
     with pytest.raises(BundleError, match="cannot read image .*interrupted_download.jpg.*truncated"):
         read_image(broken)
+
+
+def write_tar(path, members: dict[str, Path]) -> None:
+    with tarfile.open(path, "w") as archive:
+        for name, source in members.items():
+            archive.add(source, arcname=name)
+
+
+def test_a_tar_of_class_folders_is_read_in_place(user_images, tmp_path):
+    """An archive as users download data sets: class folders inside one .tar, read by timm's tar reader without
+    unpacking; every kind of file comes out as a viewer shows it, a member cut short is skipped and counted, and a
+    changed archive is a changed data set for the run record."""
+    broken = write_truncated_jpeg(tmp_path / "interrupted.jpg")
+    members = {f"{label}/{kind}{image.path.suffix}": image.path
+               for label in ("a", "b") for kind, image in user_images.items()}
+    write_tar(tmp_path / "shop.tar", {**members, "a/interrupted.jpg": broken})
+    data = load_data(DataSpec(str(tmp_path / "shop.tar"), val_fraction=0.3))
+    assert data.info.class_names == ("a", "b") and data.info.num_train + data.info.num_val == 13
+    shown = {}
+    for records in (data.train, data.val):
+        for index in range(len(records)):
+            name = records.name(index).rsplit(":", 1)[1]
+            if "interrupted" not in name:
+                shown[name] = np.asarray(records[index][0])
+    for name, source in members.items():
+        kind = Path(name).stem
+        expected = np.asarray(as_model_pixels(read_image(source), "L" if user_images[kind].shown.ndim == 2 else "RGB"))
+        np.testing.assert_array_equal(shown[name], expected, err_msg=name)
+    pre = Preprocess((3, 32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear", 1.0)
+    for records in (data.train, data.val):  # worker processes, each opening the archive itself
+        loader = make_loader(ModelInputs(records, [pre], training=True), 4, shuffle=True, num_workers=2)
+        assert sum(len(labels) for _, labels in loader) == len(records)
+    assert skipped_images(data) == 1
+
+    before = data_fingerprint(data)
+    write_tar(tmp_path / "shop.tar", members)  # the user drops the broken file and packs again
+    assert data_fingerprint(load_data(DataSpec(str(tmp_path / "shop.tar"), val_fraction=0.3))) != before
+
+
+def test_train_teacher_on_a_tar(tmp_path, small_fmnist):
+    """The README's command with --data pointing at a .tar, end to end."""
+    labels = small_fmnist.train.labels
+    keep = [i for c in range(3) for i in np.flatnonzero(labels == c)[:16]]
+    write_images(tmp_path / "images", small_fmnist.train.images[keep], labels[keep], ("shirt", "trouser", "bag"))
+    write_tar(tmp_path / "shop.tar", {p.relative_to(tmp_path / "images").as_posix(): p
+                                      for p in sorted((tmp_path / "images").rglob("*.png"))})
+    result = CliRunner().invoke(app, ["train-teacher", "--teacher", "test_resnet", "--random-init", "--data",
+                                      str(tmp_path / "shop.tar"), "--input-size", "32", "--epochs", "1",
+                                      "--batch-size", "8", "--workers", "0", "--out", str(tmp_path / "teacher")])
+    assert result.exit_code == 0, result.output
+    teacher = json.loads((tmp_path / "teacher" / "teacher.json").read_text())
+    assert teacher["class_names"] == ["bag", "shirt", "trouser"] and teacher["val_top1"] is not None
+
+
+def test_a_file_that_is_not_a_tar_says_so(tmp_path):
+    (tmp_path / "fake.tar").write_bytes(b"this is not an archive" * 50)
+    result = CliRunner().invoke(app, ["train-teacher", "--teacher", "test_resnet", "--random-init", "--data",
+                                      str(tmp_path / "fake.tar"), "--out", str(tmp_path / "t")])
+    assert result.exit_code == 2 and "as a tar archive" in result.output and "Traceback" not in result.output

@@ -21,7 +21,7 @@ def _teacher_help() -> str:
 
 
 DATA_HELP = ("Images: a folder with one sub-folder per class (train/ and val/ or test/ used when present), "
-             "a folder of unlabeled images, or 'fashion-mnist'.")
+             "a folder of unlabeled images, a .tar of either (read in place), or 'fashion-mnist'.")
 
 Teachers = Annotated[list[str], typer.Option("--teacher", "-t", help=_teacher_help())]
 TeacherCheckpoints = Annotated[list[Path], typer.Option(
