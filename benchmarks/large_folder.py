@@ -3,7 +3,8 @@
     python benchmarks/large_folder.py          # ~4 min on the 2-core host (about 1 min of it writing the folder)
 
 The folder: the 70,000 Fashion-MNIST images, plus 30,000 of them mirrored, as PNG files in one sub-folder per
-class (no train/val split: edgekd makes a stratified 80/20 one). Each measurement runs in its own process (peak RSS
+class (no train/val split: edgekd makes a stratified 80/20 one). The same images also as 100 WebDataset shards
+(KEY.png + KEY.cls), which edgekd indexes once and reads in place. Each measurement runs in its own process (peak RSS
 from getrusage); the files are in the page cache (written just before), as on a second run.
 
 - `load_data`: reading the folder (the listing, 12 bytes of each file, the stratified split), imports excluded;
@@ -62,6 +63,13 @@ loader = make_loader(ModelInputs(data.train, [pre, pre], training=True), 128, sh
 images, _, labels = next(iter(loader))
 print('SECONDS', time.perf_counter() - started, tuple(images.shape))
 """,
+    "load_data, WebDataset shards (100 x 1,000 images)": """
+import time
+from edgekd.data import load_data; from edgekd.types import DataSpec
+started = time.perf_counter()
+data = load_data(DataSpec(SHARDS))
+print('SECONDS', time.perf_counter() - started, data.info.num_train, data.info.num_val)
+""",
     "previous scan (PIL verify, one thread)": """
 import time
 from pathlib import Path
@@ -83,6 +91,23 @@ def _write(args: tuple[Path, np.ndarray, list[str]]) -> None:
         Image.fromarray(image).save(folder / name)
 
 
+def _write_shard(args: tuple[Path, np.ndarray, np.ndarray, int]) -> None:
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    path, images, labels, first = args
+    with tarfile.open(path, "w") as shard:
+        for offset, (image, label) in enumerate(zip(images, labels)):
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="PNG")
+            for extension, payload in (("png", buffer.getvalue()), ("cls", str(int(label)).encode())):
+                info = tarfile.TarInfo(f"{first + offset:06d}.{extension}")
+                info.size = len(payload)
+                shard.addfile(info, io.BytesIO(payload))
+
+
 def make_folder(root: Path) -> None:
     sys.path.insert(0, str(ROOT))
     from edgekd.data import FASHION_MNIST_CLASSES, load_data
@@ -101,14 +126,19 @@ def make_folder(root: Path) -> None:
         members = np.flatnonzero(labels == label)
         for chunk in np.array_split(members, 8):
             jobs.append((folder, images[chunk], [f"img_{i:06d}.png" for i in chunk]))
+    shards = root.with_name("shards")
+    shards.mkdir()
+    shard_jobs = [(shards / f"shard-{n:06d}.tar", images[n * 1000:(n + 1) * 1000], labels[n * 1000:(n + 1) * 1000],
+                   n * 1000) for n in range(COUNT // 1000)]
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
         list(pool.map(_write, jobs))
+        list(pool.map(_write_shard, shard_jobs))
 
 
 def run(code: str, folder: Path, *args: str) -> tuple[dict, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, *args] if args else [sys.executable, "-c", code.replace("FOLDER", repr(str(folder)))
-                                                    + PEAK]
+    code = code.replace("FOLDER", repr(str(folder))).replace("SHARDS", repr(str(folder.with_name("shards"))))
+    command = [sys.executable, *args] if args else [sys.executable, "-c", code + PEAK]
     started = time.perf_counter()
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - started

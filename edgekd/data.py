@@ -8,8 +8,10 @@ student with different sizes or mean/std each see their own input of the same au
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 import os
+import posixpath
 import tarfile
 from collections import defaultdict
 from dataclasses import dataclass
@@ -146,12 +148,52 @@ class TarRecords(DecodedRecords):
         return TarRecords(self.reader, [self.members[i] for i in indices], self.labels[indices])
 
     def fingerprint_into(self, digest) -> None:
-        """The archive's size and modification time, then each member's name and size with its label."""
-        stat = os.stat(self.reader.root)
-        digest.update(f"{self.reader.root}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        """Each archive's size and modification time, then each member's name and size with its label."""
+        root = Path(self.reader.root)
+        for archive in sorted(root.glob("*.tar")) if root.is_dir() else [root]:
+            stat = os.stat(archive)
+            digest.update(f"{archive}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         for member, label in zip(self.members, self.labels.tolist()):
             info = self.reader.samples[member][0]
             digest.update(f"{info.name}\0{info.size}\0{label}\n".encode())
+
+
+class ShardRecords(DecodedRecords):
+    """WebDataset shards: .tar files whose members are KEY.EXT, an image per key and KEY.cls with its class index.
+    Indexed once (every member's header, and the small .cls files), then read in place: each image is a seek and a
+    read into its shard, so any record can be had in any order (stratified splits, calibration subsets, torchrun's
+    per-rank shares)."""
+
+    def __init__(self, shards: Sequence[Path], entries: np.ndarray, names: Sequence[str], labels: Sequence[int]):
+        super().__init__(labels)
+        self.shards, self.entries, self.names = list(shards), entries, list(names)  # entries: shard, offset, size
+
+    def decode(self, index: int) -> Image.Image:
+        shard, offset, size = (int(v) for v in self.entries[index])
+        try:
+            with open(self.shards[shard], "rb") as handle:
+                handle.seek(offset)
+                data = handle.read(size)
+            with Image.open(io.BytesIO(data)) as opened:
+                opened.load()
+                return opened.copy()
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            raise BundleError(f"cannot read image {self.name(index)}: {error}") from error
+
+    def name(self, index: int) -> str:
+        return f"{self.shards[int(self.entries[index][0])]}:{self.names[index]}"
+
+    def subset(self, indices: list[int]) -> ShardRecords:
+        return ShardRecords(self.shards, self.entries[indices], [self.names[i] for i in indices],
+                            self.labels[indices])
+
+    def fingerprint_into(self, digest) -> None:
+        """Each shard's size and modification time, then each image's place and label."""
+        for shard in self.shards:
+            stat = os.stat(shard)
+            digest.update(f"{shard}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(self.entries.tobytes())
+        digest.update(self.labels.tobytes())
 
 
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
@@ -163,7 +205,7 @@ def _upright(image: Image.Image) -> Image.Image:
     return as_model_pixels(image, "L" if image.mode in GREY_MODES else "RGB")
 
 
-Records = Union[ArrayRecords, FileRecords, "TarRecords"]
+Records = Union[ArrayRecords, FileRecords, TarRecords, ShardRecords]
 
 
 @dataclass(frozen=True)
@@ -300,7 +342,10 @@ def _load_folder(spec: DataSpec) -> LoadedData:
     if not root.exists():
         raise EdgekdError(f"data folder {root} does not exist; pass --data DIR (or --data fashion-mnist)")
     if root.is_file() and root.suffix.lower() == ".tar":
-        return _load_tar(root, spec)
+        return _load_archives(root, [root], spec)
+    archives = sorted(root.glob("*.tar")) if root.is_dir() else []
+    if archives and not any(p.is_dir() or p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir()):
+        return _load_archives(root, archives, spec)
     if not root.is_dir():
         raise EdgekdError(f"--data {root} is not a folder or a .tar; pass a folder of images, a .tar of them, or "
                           "--data fashion-mnist")
@@ -320,28 +365,80 @@ def _load_folder(spec: DataSpec) -> LoadedData:
     return LoadedData(info, train, val)
 
 
-def _load_tar(path: Path, spec: DataSpec) -> LoadedData:
-    """A .tar of images, read in place by timm's tar reader: one folder per class inside it (labeled), or loose
-    images (unlabeled); split 80/20 per class like a folder without train/ and val/. Each worker opens the archive
-    itself (no shared file handle across forked loader processes)."""
+def _load_archives(root: Path, archives: list[Path], spec: DataSpec) -> LoadedData:
+    """Images in .tar archives, read in place (no unpacking), split 80/20 per class like a folder without train/ and
+    val/. WebDataset shards (KEY.jpg + KEY.cls members; one .tar or a folder of them) by edgekd's shard index;
+    otherwise timm's tar reader: one .tar with a folder per class inside (or loose images, unlabeled), or a folder
+    holding one .tar per class. Each loader worker opens the archives itself (no file handle shared across forks)."""
+    try:
+        if _is_webdataset(archives[0]):
+            records, names = _index_shards(archives)
+        else:
+            records, names = _timm_tar_records(root)
+    except (tarfile.TarError, OSError, AssertionError) as error:
+        raise EdgekdError(f"cannot read {archives[0]} as a tar archive ({first_line(error)}); give .tar files of "
+                          "images") from error
+    if len(records) == 0:
+        raise EdgekdError(f"{root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); check the archive")
+    train_idx, val_idx = stratified_split(records.labels, spec.val_fraction, spec.seed)
+    train, val = records.subset(train_idx), records.subset(val_idx)
+    info = DatasetInfo(source=str(root), class_names=names, labeled=bool(names), num_train=len(train),
+                       num_val=len(val))
+    return LoadedData(info, train, val)
+
+
+def _timm_tar_records(root: Path) -> tuple[TarRecords, tuple[str, ...]]:
     from timm.data.readers.reader_image_in_tar import ReaderImageInTar
 
-    try:
-        reader = ReaderImageInTar(str(path), cache_tarfiles=False)
-    except (tarfile.TarError, OSError, AssertionError) as error:
-        raise EdgekdError(f"cannot read {path} as a tar archive ({first_line(error)}); give a .tar of images") from error
-    if len(reader) == 0:
-        raise EdgekdError(f"{path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); check the archive")
-    by_index = sorted(reader.class_name_to_idx.items(), key=lambda item: item[1])
-    names = tuple(name for name, _ in by_index)
-    labeled = names != ("",)
-    labels = np.asarray(reader.targets, dtype=np.int64) if labeled else np.full(len(reader), UNLABELED)
-    train_idx, val_idx = stratified_split(labels, spec.val_fraction, spec.seed)
-    train = TarRecords(reader, train_idx, labels[train_idx])
-    val = TarRecords(reader, val_idx, labels[val_idx])
-    info = DatasetInfo(source=str(path), class_names=names if labeled else (), labeled=labeled,
-                       num_train=len(train), num_val=len(val))
-    return LoadedData(info, train, val)
+    reader = ReaderImageInTar(str(root), cache_tarfiles=False)
+    names = tuple(name for name, _ in sorted(reader.class_name_to_idx.items(), key=lambda item: item[1]))
+    if names == ("",):  # loose images in one archive: no classes
+        return TarRecords(reader, range(len(reader)), [UNLABELED] * len(reader)), ()
+    return TarRecords(reader, range(len(reader)), reader.targets), names
+
+
+WEBDATASET_LABEL = ".cls"
+
+
+def _is_webdataset(archive: Path, look_at: int = 64) -> bool:
+    """A WebDataset shard names its members KEY.EXT with the class in KEY.cls: look for one among the first."""
+    with tarfile.open(archive, "r:") as handle:
+        for count, member in enumerate(handle):
+            if member.name.endswith(WEBDATASET_LABEL):
+                return True
+            if count >= look_at:
+                break
+    return False
+
+
+def _index_shards(shards: list[Path]) -> tuple[ShardRecords, tuple[str, ...]]:
+    """Every shard's members by header (tarfile seeks over the data), grouped by WebDataset key (the member's path up
+    to the first dot of its file name): the image's offset and size, and the class index its .cls member holds."""
+    entries, names, labels = [], [], []
+    for number, shard in enumerate(shards):
+        images: dict[str, tuple[int, int, str]] = {}
+        classes: dict[str, int] = {}
+        with tarfile.open(shard, "r:") as handle:
+            for member in handle:
+                if not member.isfile():
+                    continue
+                folder, base = posixpath.split(member.name)
+                stem, _, extension = base.partition(".")
+                key = posixpath.join(folder, stem)
+                if "." + extension == WEBDATASET_LABEL:
+                    classes[key] = int(handle.extractfile(member).read().strip())  # type: ignore[union-attr]
+                elif "." + extension.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS:
+                    images.setdefault(key, (member.offset_data, member.size, member.name))
+        for key, (offset, size, name) in images.items():
+            if key not in classes:
+                raise EdgekdError(f"{shard}: {name} has no {key}{WEBDATASET_LABEL} beside it; every sample of a "
+                                  "WebDataset shard needs its class index")
+            entries.append((number, offset, size))
+            names.append(name)
+            labels.append(classes[key])
+    table = np.asarray(entries, dtype=np.int64).reshape(-1, 3)
+    count = max(labels) + 1 if labels else 0
+    return ShardRecords(shards, table, names, labels), tuple(str(index) for index in range(count))
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:

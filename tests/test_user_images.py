@@ -3,6 +3,7 @@ CMYK JPEGs and files cut short, read by training and by the runtime as a photo v
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import tarfile
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 from edgekd.cli import app
 from edgekd.data import ModelInputs, eval_transform, load_data, make_loader, skipped_images
 from edgekd.deploy.bundle import preprocess_json
+from edgekd.errors import EdgekdError
 from edgekd.record import data_fingerprint
 from edgekd.runtime import BundleError, ImagePreprocessor, as_model_pixels, read_image
 from edgekd.types import DataSpec, Preprocess
@@ -143,3 +145,67 @@ def test_a_file_that_is_not_a_tar_says_so(tmp_path):
     result = CliRunner().invoke(app, ["train-teacher", "--teacher", "test_resnet", "--random-init", "--data",
                                       str(tmp_path / "fake.tar"), "--out", str(tmp_path / "t")])
     assert result.exit_code == 2 and "as a tar archive" in result.output and "Traceback" not in result.output
+
+
+def write_shards(folder: Path, images: np.ndarray, labels: np.ndarray, per_shard: int) -> None:
+    """WebDataset shards as its TarWriter writes them: KEY.png with KEY.cls (the class index as text)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(images), per_shard):
+        with tarfile.open(folder / f"shard-{start // per_shard:06d}.tar", "w") as shard:
+            for index in range(start, min(start + per_shard, len(images))):
+                for extension, payload in (("png", _png(images[index])), ("cls", str(int(labels[index])).encode())):
+                    info = tarfile.TarInfo(f"sample{index:06d}.{extension}")
+                    info.size = len(payload)
+                    shard.addfile(info, io.BytesIO(payload))
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_webdataset_shards_are_read_in_place(tmp_path, small_fmnist):
+    images, labels = small_fmnist.train.images[:60], small_fmnist.train.labels[:60]
+    write_shards(tmp_path / "shards", images, labels, per_shard=25)  # 3 shards
+    data = load_data(DataSpec(str(tmp_path / "shards"), val_fraction=0.2))
+    assert data.info.labeled and data.info.num_train + data.info.num_val == 60
+    assert data.info.class_names == tuple(str(c) for c in range(int(labels.max()) + 1))
+    for records in (data.train, data.val):
+        for index in range(len(records)):
+            sample = int(records.name(index).rsplit("sample", 1)[1][:6])
+            image, label = records[index]
+            assert label == labels[sample]
+            np.testing.assert_array_equal(np.asarray(image), images[sample])
+    pre = Preprocess((3, 32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear", 1.0)
+    loader = make_loader(ModelInputs(data.train, [pre], training=True), 8, shuffle=True, num_workers=2)
+    assert sum(len(batch_labels) for _, batch_labels in loader) == data.info.num_train
+
+    result = CliRunner().invoke(app, ["train-teacher", "--teacher", "test_resnet", "--random-init", "--data",
+                                      str(tmp_path / "shards"), "--input-size", "32", "--epochs", "1",
+                                      "--batch-size", "8", "--workers", "0", "--out", str(tmp_path / "teacher")])
+    assert result.exit_code == 0, result.output
+
+    write_shards(tmp_path / "half", images[:10], labels[:10], per_shard=10)
+    with tarfile.open(tmp_path / "half" / "shard-000000.tar", "a") as shard:
+        info = tarfile.TarInfo("sample999999.png")
+        payload = _png(images[0])
+        info.size = len(payload)
+        shard.addfile(info, io.BytesIO(payload))
+    with pytest.raises(EdgekdError, match="sample999999.png has no .*sample999999.cls"):
+        load_data(DataSpec(str(tmp_path / "half")))
+
+
+def test_a_folder_of_one_tar_per_class(tmp_path, small_fmnist):
+    """timm's other tar layout: a .tar per class, named after it."""
+    labels = small_fmnist.train.labels
+    for name, label in (("shirt", 0), ("trouser", 1)):
+        members = {}
+        for index in np.flatnonzero(labels == label)[:8]:
+            members[f"{index}.png"] = tmp_path / f"{index}.png"
+            Image.fromarray(small_fmnist.train.images[index]).save(members[f"{index}.png"])
+        (tmp_path / "classes").mkdir(exist_ok=True)
+        write_tar(tmp_path / "classes" / f"{name}.tar", members)
+    data = load_data(DataSpec(str(tmp_path / "classes"), val_fraction=0.25))
+    assert data.info.class_names == ("shirt", "trouser") and data.info.num_train + data.info.num_val == 16
+    assert sorted(set(data.train.labels.tolist())) == [0, 1] and data.train[0][0].size == (28, 28)
