@@ -14,7 +14,7 @@ import os
 import posixpath
 import tarfile
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
@@ -213,21 +213,76 @@ class LoadedData:
     info: DatasetInfo
     train: Records
     val: Records
+    unlabeled: FileRecords | None = None  # --unlabeled-data: for distillation only
+
+
+class TrainingRecords(Dataset):
+    """What distillation trains on: the labeled training images, repeated `labeled_repeat` times per epoch, then the
+    --unlabeled-data images (label -1: the student learns them from the teacher alone). Shuffled together by the
+    sampler, each batch holds both in the proportion of their counts here."""
+
+    def __init__(self, labeled: Records, unlabeled: FileRecords | None, labeled_repeat: int = 1):
+        if labeled_repeat < 1:
+            raise EdgekdError(f"--labeled-repeat {labeled_repeat} must be at least 1")
+        self.parts = [labeled] * labeled_repeat + ([unlabeled] if unlabeled is not None else [])
+        self.offsets = np.cumsum([0] + [len(part) for part in self.parts])
+        self.labels = np.concatenate([part.labels for part in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        part = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.parts[part][index - int(self.offsets[part])]
+
+    def fingerprint_into(self, digest) -> None:
+        for part in self.parts:
+            part.fingerprint_into(digest)
+
+
+def training_records(data: LoadedData, labeled_repeat: int = 1) -> Records | TrainingRecords:
+    """The distillation training set: the labeled split alone, or with the --unlabeled-data images."""
+    if data.unlabeled is None and labeled_repeat == 1:
+        return data.train
+    return TrainingRecords(data.train, data.unlabeled, labeled_repeat)
 
 
 def skipped_images(data: LoadedData) -> int:
     """Files left out: unidentifiable when the folder was read, plus those found undecodable by this process's reads."""
-    found = sum(records.unreadable for records in (data.train, data.val) if isinstance(records, DecodedRecords))
+    found = sum(records.unreadable for records in (data.train, data.val, data.unlabeled)
+                if isinstance(records, DecodedRecords))
     return data.info.skipped_corrupt + found
 
 
 def load_data(spec: DataSpec) -> LoadedData:
-    """Resolve --data into train and validation records."""
+    """Resolve --data into train and validation records, and --unlabeled-data into extra training images."""
     if spec.source.lower() in (FASHION_MNIST, "fashion_mnist", "fmnist"):
         loaded = _load_fashion_mnist(spec)
     else:
         loaded = _load_folder(spec)
-    return _limit(loaded, spec)
+    loaded = _limit(loaded, spec)
+    if not spec.unlabeled:
+        return loaded
+    unlabeled, skipped = _load_unlabeled(spec.unlabeled)
+    info = replace(loaded.info, num_unlabeled=len(unlabeled), skipped_corrupt=loaded.info.skipped_corrupt + skipped)
+    return LoadedData(info, loaded.train, loaded.val, unlabeled)
+
+
+def _load_unlabeled(folders: Sequence[str]) -> tuple[FileRecords, int]:
+    """Every image under each folder, whatever its layout; any sub-folder names are ignored: no labels are read."""
+    paths: list[Path] = []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise EdgekdError(f"--unlabeled-data {folder} is not a folder; give a folder of images (any layout)")
+        found = _images_in(folder, recursive=True)
+        if not found:
+            raise EdgekdError(f"--unlabeled-data {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        paths += found
+    readable = [_identifiable(p) for p in paths]
+    kept = [p for p, ok in zip(paths, readable) if ok]
+    if len(kept) < len(paths):
+        log.warning("skipped %d unreadable image(s) in --unlabeled-data", len(paths) - len(kept))
+    return FileRecords(kept, [UNLABELED] * len(kept)), len(paths) - len(kept)
 
 
 # ---------------------------------------------------------------------------------------------- Fashion-MNIST

@@ -60,20 +60,23 @@ def stage_key(stage: str, inputs: dict[str, Any]) -> str:
     return config_hash({"stage": stage, "inputs": inputs, "versions": versions()})
 
 
-def data_fingerprint(data: LoadedData) -> str:
+def data_fingerprint(data: LoadedData, *, unlabeled: bool = True) -> str:
     """The data by content identity, each split's records saying what identifies them (fingerprint_into): for files,
     every path with its size and modification time (an added, removed, replaced or edited image changes it); for a
     tar, the archive and its members; for in-memory sets (Fashion-MNIST), the pixels. With the labels, so a
-    relabelled image changes it too. Computed once per loaded data set."""
-    cached = getattr(data, "_fingerprint", None)
+    relabelled image changes it too. `unlabeled`: with the --unlabeled-data images (distillation sees them; the
+    teacher's fine-tuning does not, so its key leaves them out). Computed once per loaded data set."""
+    attribute = f"_fingerprint_{unlabeled}"
+    cached = getattr(data, attribute, None)
     if cached is not None:
         return cached
     digest = hashlib.sha256()
-    for split in (data.train, data.val):
+    for split in (data.train, data.val, data.unlabeled if unlabeled else None):
         digest.update(b"split")
-        _add_records(digest, split)
+        if split is not None:
+            _add_records(digest, split)
     fingerprint = digest.hexdigest()[:16]
-    object.__setattr__(data, "_fingerprint", fingerprint)  # LoadedData is frozen; the fingerprint never changes
+    object.__setattr__(data, attribute, fingerprint)  # LoadedData is frozen; the fingerprint never changes
     return fingerprint
 
 

@@ -51,6 +51,7 @@ class DataSpec:
     seed: int = 0
     max_train: int | None = None  # a stratified, seeded subset for quick runs; None = all
     max_val: int | None = None
+    unlabeled: tuple[str, ...] = ()  # --unlabeled-data folders: extra images the student learns from the teacher alone
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class DatasetInfo:
     num_train: int
     num_val: int
     skipped_corrupt: int = 0
+    num_unlabeled: int = 0  # --unlabeled-data images (distillation only; never the teacher's fine-tuning)
 
     @property
     def num_classes(self) -> int:

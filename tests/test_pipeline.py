@@ -252,3 +252,32 @@ def test_a_student_whose_int8_is_rejected_and_whose_fp32_misses_gives_way_to_the
     again = runner.invoke(app, ["compress", *TINY, "--profile", str(table), "--budget", "3ms", "--epochs", "1",
                                 "--max-accuracy-drop=-100", "--out", str(run_dir)])
     assert again.exit_code == 0 and "distill: reusing" in again.output  # the re-run resumes from the second choice
+
+
+def test_unlabeled_images_join_distillation_but_not_the_teacher(run, tmp_path: Path, small_fmnist):
+    """--unlabeled-data: the same run folder with a folder of extra images (in class-named sub-folders, which must not
+    be read as labels): the teacher is reused as it was (fine-tuned on the labeled images only), the student is
+    distilled again on labeled + unlabeled images."""
+    from edgekd.data import load_data, training_records
+    from edgekd.types import DataSpec
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(run[0], run_dir)
+    extra = tmp_path / "phone-dump"
+    images, labels = small_fmnist.val.images[:40], small_fmnist.val.labels[:40]
+    write_images(extra, images, labels, tuple(f"looks_like_class_{i}" for i in range(10)))
+    loaded = load_data(DataSpec("fashion-mnist", max_train=320, max_val=120, unlabeled=(str(extra),)))
+    records = training_records(loaded, labeled_repeat=2)
+    assert loaded.info.num_unlabeled == 40 and len(records) == 2 * 320 + 40
+    assert (records.labels[-40:] == -1).all() and (records.labels[:640] >= 0).all()
+    assert records[len(records) - 1][1] == -1
+
+    before = mtimes(run_dir)
+    result = compress(run_dir, "--unlabeled-data", str(extra))
+    after = mtimes(run_dir)
+    assert after["teacher/teacher.safetensors"] == before["teacher/teacher.safetensors"]
+    assert after["distill/student.safetensors"] != before["distill/student.safetensors"]
+    assert "training on 320 labeled images (x1 per epoch) and 40 unlabeled ones" in result.output
+    log = json.loads((run_dir / "distill" / "distill_log.json").read_text())
+    assert log["unlabeled_images"] == 40 and log["train_images"] == 320
+    assert json.loads((run_dir / "report.json").read_text())["data"]["num_unlabeled"] == 40

@@ -14,6 +14,7 @@ from edgekd.cli.options import (
     Data,
     Device,
     InputSize,
+    LabeledRepeat,
     LearningRate,
     Losses,
     LossOptions,
@@ -29,6 +30,7 @@ from edgekd.cli.options import (
     TeacherPrecision,
     Teachers,
     Temperature,
+    UnlabeledData,
     Workers,
     parse_input_size,
     student_choice,
@@ -50,6 +52,8 @@ def distill_command(
                                            "e.g. from `edgekd train-teacher`. Repeatable."),
     random_init: RandomInit = False,
     data: Data = "fashion-mnist",
+    unlabeled_data: UnlabeledData = [],
+    labeled_repeat: LabeledRepeat = 1,
     out: Path = typer.Option(Path("runs/distill"), "--out", "-o", help="Folder for the student, its log and state."),
     loss: Losses = [],
     loss_option: LossOptions = [],
@@ -98,13 +102,14 @@ def distill_command(
                           "and pass --teacher-dir DIR")
     config = DistillConfig(losses=parse_loss_specs(loss, loss_option), temperature=temperature,
                            feature_pairs=parse_feature_pairs(feature_pairs), teacher_weighting=teacher_weighting,
-                           epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                           epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, labeled_repeat=labeled_repeat,
                            image_size=parse_input_size(input_size), augment=not no_augment,
                            cache_teacher=cache_teacher, compile=compile_model, resume=resume, num_workers=workers,
                            device=device, precision=precision, teacher_precision=teacher_precision,
                            channels_last=channels_last)
     specs = teacher_specs(teacher, teacher_checkpoint, random_init) if teacher else []
-    loaded = load_data(DataSpec(source=data, seed=seed, max_train=max_train, max_val=max_val))
+    loaded = load_data(DataSpec(source=data, seed=seed, max_train=max_train, max_val=max_val,
+                                unlabeled=tuple(str(folder) for folder in unlabeled_data)))
     if specs:
         teachers = prepare_teachers(specs, loaded, out / "teacher", image_size=config.image_size,
                                     train_config=TrainConfig(epochs=teacher_epochs, batch_size=batch_size, seed=seed,

@@ -33,6 +33,13 @@ InputSize = Annotated[Optional[int], typer.Option("--input-size", help="Side in 
 MaxTrain = Annotated[Optional[int], typer.Option("--max-train", help="Use a stratified subset of training images.")]
 MaxVal = Annotated[Optional[int], typer.Option("--max-val", help="Use a stratified subset of validation images.")]
 FashionMnistRoot = Annotated[Optional[Path], typer.Option("--fashion-mnist-root", help="Where the idx files are.")]
+UnlabeledData = Annotated[list[Path], typer.Option(
+    "--unlabeled-data", help="A folder of images without labels (any layout; sub-folder names are ignored), "
+    "repeatable: the student also learns these from the teacher alone. The teacher is fine-tuned on the labeled "
+    "--data only. Each epoch shows every labeled and unlabeled image once, shuffled together (see --labeled-repeat).")]
+LabeledRepeat = Annotated[int, typer.Option(
+    "--labeled-repeat", help="With --unlabeled-data: show each labeled image this many times per epoch, raising the "
+    "labeled share of every batch (default 1: the data's own proportion).")]
 Epochs = Annotated[float, typer.Option("--epochs", help="Training epochs (fractions allowed).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Global batch, split across torchrun processes.")]
 LearningRate = Annotated[Optional[float], typer.Option(

@@ -53,7 +53,7 @@ def train_classifier(model: torch.nn.Module, data: LoadedData, preprocess: Prepr
 
     state_path = Path(work_dir) / "train_state.pt"
     key = stage_key("fine-tune", {"config": config.outcome_fields(), "preprocess": preprocess.to_dict(),
-                                  "data": data_fingerprint(data), "transfer": transfer, "identity": identity})
+                                  "data": data_fingerprint(data, unlabeled=False), "transfer": transfer, "identity": identity})
     state = resume_training_state(state_path, key, model, optimizer, scheduler)
     step, history = state.step, state.history
     epochs = math.ceil(total_steps / steps_per_epoch)

@@ -53,7 +53,7 @@ def prepare_teacher(spec: TeacherSpec, data: LoadedData, out_dir: Path, *, image
     weights = _weights_identity(spec)
     # by content: the starting weights' sha256 (not the checkpoint's path) and the data's fingerprint
     key = stage_key("teacher", {"model": resolve_model_name(spec.name), "weights": weights,
-                                "random_init": spec.random_init, "data": data_fingerprint(data),
+                                "random_init": spec.random_init, "data": data_fingerprint(data, unlabeled=False),
                                 "classes": data.info.class_names, "size": image_size,
                                 "train": train_config.outcome_fields()})
     cached = _load_cached(out_dir, key)

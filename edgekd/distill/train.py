@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
 from edgekd.artifacts import atomic_path, sha256_file, write_json_atomic
-from edgekd.data import LoadedData, ModelInputs, make_loader
+from edgekd.data import LoadedData, ModelInputs, make_loader, training_records
 from edgekd.distill.features import DEFAULT_PAIRS, HintedStudent, TappedModel, feature_shapes, list_taps, pair_layers
 from edgekd.distill.losses import LossInputs, LossSpec, Objective, TeacherView, default_loss_specs
 from edgekd.distill.sampling import EpochSampler, SeededItems
@@ -60,6 +60,7 @@ class DistillConfig:
     image_size: tuple[int, int] | None = None  # the student's input; None: the first teacher's
     augment: bool = True  # shared random crop + flip for teacher and student
     cache_teacher: bool = False  # reuse teacher outputs across epochs (only without augmentation/feature losses)
+    labeled_repeat: int = 1  # with --unlabeled-data: each labeled image this many times per epoch (data.TrainingRecords)
     compile: bool = False  # torch.compile the student (and its adapters)
     resume: bool = False
     num_workers: int | None = None
@@ -128,10 +129,14 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
     hinted, tapped_teachers, pairs = wire_models(student, student_pre, teacher_models, teachers, objective, config,
                                                  compute, teacher_compute)
 
-    train_set = SeededItems(ModelInputs(data.train, [student_pre] + [t.preprocess for t in teachers],
+    records = training_records(data, config.labeled_repeat)
+    if data.unlabeled is not None:
+        log.info("training on %d labeled images (x%d per epoch) and %d unlabeled ones, shuffled together",
+                 len(data.train), config.labeled_repeat, len(data.unlabeled))
+    train_set = SeededItems(ModelInputs(records, [student_pre] + [t.preprocess for t in teachers],
                                         training=config.augment), config.seed)
-    drop_last = len(data.train) > config.batch_size
-    sampler = EpochSampler(len(data.train), num_replicas=processes.world, rank=processes.rank, seed=config.seed,
+    drop_last = len(records) > config.batch_size
+    sampler = EpochSampler(len(records), num_replicas=processes.world, rank=processes.rank, seed=config.seed,
                            drop_last=drop_last)
     loader = make_loader(train_set, per_rank_batch, shuffle=False, seed=config.seed, sampler=sampler,
                          num_workers=config.num_workers, device=device, drop_last=drop_last)
@@ -154,7 +159,7 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
         state = resume_training_state(state_path, key, hinted, optimizer, scheduler)
     else:
         state = TrainState()
-    cache = _teacher_cache(config, objective, len(data.train), len(teachers))
+    cache = _teacher_cache(config, objective, len(records), len(teachers))
     model = DistributedDataParallel(hinted, device_ids=[device.index] if device.type == "cuda" else None) \
         if processes.world > 1 else hinted
     if config.compile:
@@ -343,6 +348,8 @@ def _finish(hinted: HintedStudent, loop: DistillLoop, teachers: list[TeacherResu
         save_file(student_state, str(tmp), metadata={"architecture": student_name})  # read by --student-checkpoint
     metrics = {"losses": [str(s) for s in objective.specs], "temperature": config.temperature,
                "epochs": config.epochs, "seed": config.seed, "train_images": len(data.train),
+               "unlabeled_images": len(data.unlabeled) if data.unlabeled is not None else 0,
+               "labeled_repeat": config.labeled_repeat,
                "teachers": [t.model_name for t in teachers], "teacher_val_top1": teachers[0].val_top1,
                "feature_pairs": [[f"{s.name}->{t.name}" for s, t in chosen] for chosen in pairs],
                "teacher_cache": cache is not None, "processes": processes.world, "compute": compute.describe(),

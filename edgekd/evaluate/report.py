@@ -70,7 +70,7 @@ def build_report(*, run_dir: Path, budget_ms: float, profile: DeviceProfile, dat
         "profile": profile.to_dict(),
         "data": {"source": data.info.source, "labeled": data.info.labeled, "num_classes": data.info.num_classes,
                  "num_train": data.info.num_train, "num_val": data.info.num_val,
-                 "skipped_corrupt": skipped_images(data)},
+                 "skipped_corrupt": skipped_images(data), "num_unlabeled": data.info.num_unlabeled},
         "teachers": [{"model": t.model_name, "params": t.params, "input_size": list(t.preprocess.input_size),
                       "weights": t.weights_source, "fine_tuned": t.fine_tuned, "val_top1": t.val_top1,
                       "val_top5": t.val_top5} for t in teachers],
