@@ -151,22 +151,28 @@ def _select(config: CompressConfig, record: StageRecord, run_dir: Path, profile:
 
 def _next_if_shipped_form_misses(config: CompressConfig, record: StageRecord, run_dir: Path, selection: Selection,
                                  bundle_dir: Path) -> Selection | None:
-    """The shipped form feeds back into selection: when the chosen student fitted the budget only in a form the
-    accuracy guard then rejected (int8 losing too much), and the form that ships is too slow, the next candidate by
-    the rule is taken instead (it is distilled and exported in turn). None: keep this one (it ships within the
-    budget, it was pinned with --student, or no other candidate fits)."""
-    precision, why = read_shipped_form(bundle_dir)
-    p90 = selection.p90_of(precision)
-    if selection.pinned or precision == selection.precision or p90 is None or p90 <= config.budget_ms:
+    """The shipped form feeds back into selection: when the chosen student fitted the budget only in its int8 form
+    and the accuracy guard rejected every int8 form (too much accuracy lost), the form that ships may be too slow;
+    then the next candidate by the rule is taken instead (distilled and exported in turn). None: keep this one (it
+    ships within the budget, it was pinned with --student, no other candidate fits, or an int8 form kept the
+    accuracy and fp32 shipped because the guard, timing both side by side, found it at least as fast)."""
+    shipped = read_shipped_form(bundle_dir)
+    p90 = selection.p90_of(shipped.precision)
+    if selection.pinned or shipped.precision == selection.precision or p90 is None or p90 <= config.budget_ms:
         return None
-    passed = PassedOver(selection.chosen.model_name, precision, p90,
-                        f"fitted the budget as {selection.precision}, but {precision} shipped "
-                        f"(p90 {p90:.3f} ms > {config.budget_ms:g} ms): {why or 'the accuracy guard rejected it'}")
+    if shipped.int8_within_guard:
+        log.info("%s ships %s: %s; its selection-time p90 (%.3f ms) is over the budget, but the guard's side-by-side "
+                 "timing found it no slower than int8, so it stays", selection.chosen.model_name, shipped.precision,
+                 shipped.reason, p90)
+        return None
+    passed = PassedOver(selection.chosen.model_name, shipped.precision, p90,
+                        f"fitted the budget as {selection.precision}, but {shipped.precision} shipped "
+                        f"(p90 {p90:.3f} ms > {config.budget_ms:g} ms): {shipped.reason or 'the guard rejected int8'}")
     given_up = {p.model_name for p in selection.passed_over} | {passed.model_name}
     remaining = [v.candidate for v in selection.verdicts if v.candidate.model_name not in given_up]
     if not any(v.fits for v in selection.verdicts if v.candidate.model_name not in given_up):
         log.warning("%s ships %s at p90 %.3f ms, over the %g ms budget, and no other candidate fits", passed.model_name,
-                    precision, p90, config.budget_ms)
+                    shipped.precision, p90, config.budget_ms)
         return None
     following = select_student(remaining, config.budget_ms)
     log.warning("%s: %s; taking the next candidate, %s", passed.model_name, passed.why, following.chosen.model_name)

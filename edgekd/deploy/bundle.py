@@ -27,7 +27,8 @@ from edgekd.data import LoadedData
 from edgekd.errors import EdgekdError, first_line
 from edgekd.deploy.export import export_with_parity
 from edgekd.select.latency import measure_onnx
-from edgekd.deploy.quantize import CALIBRATION_IMAGES, GuardConfig, QuantDecision, Timing, guarded_quantize, quantize_onnx
+from edgekd.deploy.quantize import (CALIBRATION_IMAGES, GuardConfig, QuantDecision, Timing, guarded_quantize,
+                                   quantize_onnx)
 from edgekd.deploy.raw_input import (
     MIN_AGREEMENT,
     RAW_MODEL_NAME,
@@ -163,12 +164,21 @@ def _build(model: torch.nn.Module, checkpoint: StudentCheckpoint, work: Path, st
     return BundleResult(staging, precision, parity, fp32_metrics, shipped, latency, decision)
 
 
-def read_shipped_form(bundle_dir: Path) -> tuple[str, str | None]:
-    """(precision, why: the accuracy guard's verdict) of a bundle's model.onnx, from its manifest."""
+@dataclass(frozen=True)
+class ShippedForm:
+    """What a bundle's model.onnx is, from its manifest."""
+
+    precision: str
+    reason: str | None  # the accuracy guard's verdict
+    int8_within_guard: bool  # some int8 form kept the accuracy (so fp32 shipped, if it did, because it was faster)
+
+
+def read_shipped_form(bundle_dir: Path) -> ShippedForm:
     entries = json.loads((Path(bundle_dir) / MANIFEST_NAME).read_text())
     model = next(e for e in entries if e["path"] == MODEL_NAME)
     decision = model.get("metrics", {}).get("quantization") or {}
-    return str(model["config"]["precision"]), decision.get("reason")
+    return ShippedForm(str(model["config"]["precision"]), decision.get("reason"),
+                       any(trial.get("passed") for trial in decision.get("trials", [])))
 
 
 def preprocess_json(pre: Preprocess, labels: tuple[str, ...]) -> dict[str, Any]:
