@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,14 @@ import pytest
 from edgekd.data import FASHION_MNIST_DEFAULT_ROOT, LoadedData, load_data
 from edgekd.types import DataSpec
 from tests.helpers.images import write_images
+
+
+@pytest.fixture(scope="session", autouse=True)
+def teacher_outputs_in_a_scratch_folder(tmp_path_factory) -> None:
+    """--cache-teacher writes memory-mapped teacher outputs under ~/.cache by default: not from the tests."""
+    from edgekd.distill.state import TEACHER_CACHE_ENV
+
+    os.environ.setdefault(TEACHER_CACHE_ENV, str(tmp_path_factory.mktemp("teacher-outputs")))
 
 
 @pytest.fixture(scope="session")

@@ -21,9 +21,10 @@ from safetensors.torch import load_file
 
 from edgekd.data import LoadedData, load_data
 from edgekd.distill import DistillConfig, distill, parse_loss_specs
-from edgekd.errors import EdgekdError
+from edgekd.distill.state import TEACHER_CACHE_ENV
 from edgekd.distill.students import load_student, read_student_checkpoint
 from edgekd.distill.teacher import prepare_teacher
+from edgekd.errors import EdgekdError
 from edgekd.types import DataSpec, TeacherSpec, TrainConfig
 
 pytestmark = pytest.mark.slow
@@ -310,3 +311,26 @@ def test_cli_distill_runs_with_loss_options_and_precisions(tmp_path):
     log = json.loads((tmp_path / "distill_log.json").read_text())
     assert log["losses"] == ["ce=1", "dkd=1(beta=2)"] and log["teacher_compute"] == "cpu, bfloat16 autocast"
     assert log["compute"] == "cpu, fp32" and (tmp_path / "teacher" / "teacher.json").exists()
+
+
+def test_teacher_outputs_cached_on_disk_serve_later_runs_until_the_teacher_changes(data, teachers, tmp_path,
+                                                                                     monkeypatch):
+    """--cache-teacher keeps the teacher's outputs in memory-mapped files named by content: the first epoch
+    computes them, the second reads them, a second run (another student seed) reads them all, another teacher gets
+    its own."""
+    monkeypatch.setenv(TEACHER_CACHE_ENV, str(tmp_path / "cache"))
+    config = replace(QUICK, batch_size=16, augment=False, cache_teacher=True, epochs=2,
+                     losses=parse_loss_specs(["ce=1,kd=1"]))
+
+    def run(name: str, chosen, **changes) -> dict:
+        distill(chosen, "test_resnet", data, replace(config, **changes), tmp_path / name)
+        return json.loads((tmp_path / name / "distill_log.json").read_text())
+
+    first = run("first", teachers[:1])
+    images = len(data.train) // 16 * 16  # whole batches (drop_last)
+    assert first["teacher_cache_misses"] == images and first["teacher_cache_hits"] == images  # epoch 1, epoch 2
+    again = run("again", teachers[:1], seed=1)
+    assert again["teacher_cache_misses"] == 0 and again["teacher_cache_hits"] == 2 * images
+    other = run("other", teachers[1:2])
+    assert other["teacher_cache_misses"] == images  # another teacher's outputs are not the first one's
+    assert len(list((tmp_path / "cache").iterdir())) == 2

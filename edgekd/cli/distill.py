@@ -66,8 +66,9 @@ def distill_command(
     teacher_weighting: str = typer.Option("confidence", "--teacher-weighting", help="Several teachers: confidence "
                                           "(per sample) or mean."),
     no_augment: bool = typer.Option(False, "--no-augment", help="No random crop/flip."),
-    cache_teacher: bool = typer.Option(False, "--cache-teacher", help="Reuse teacher outputs across epochs "
-                                       "(needs --no-augment and no feature losses)."),
+    cache_teacher: bool = typer.Option(False, "--cache-teacher", help="Keep teacher outputs on disk, keyed by "
+                                       "content, for later epochs and runs (needs --no-augment and no feature "
+                                       "losses)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the student (pays off on CUDA)."),
     input_size: InputSize = None,

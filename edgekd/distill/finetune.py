@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from edgekd.artifacts import write_json_atomic
 from edgekd.data import LoadedData, ModelInputs, make_loader
+from edgekd.distill.train_utils import (Compute, backward_in_slices, evaluate, make_optimizer, micro_batch_size,
+                                        pick_device, progress, recipe_for, seed_everything, warmup_cosine)
 from edgekd.record import TrainState, data_fingerprint, resume_training_state, save_training_state, stage_key
-from edgekd.distill.train_utils import (Compute, backward_in_slices, evaluate, make_optimizer, micro_batch_size, pick_device,
-                                progress, recipe_for, seed_everything, warmup_cosine)
 from edgekd.types import Preprocess, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ def train_classifier(model: torch.nn.Module, data: LoadedData, preprocess: Prepr
 
     state_path = Path(work_dir) / "train_state.pt"
     key = stage_key("fine-tune", {"config": config.outcome_fields(), "preprocess": preprocess.to_dict(),
-                                  "data": data_fingerprint(data, unlabeled=False), "transfer": transfer, "identity": identity})
+                                  "data": data_fingerprint(data, unlabeled=False), "transfer": transfer,
+                                  "identity": identity})
     state = resume_training_state(state_path, key, model, optimizer, scheduler)
     step, history = state.step, state.history
     epochs = math.ceil(total_steps / steps_per_epoch)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -81,28 +83,73 @@ def share_from_main(processes: Processes, value: Any) -> Any:
     return box[0]
 
 
-class TeacherCache:
-    """Teacher logits and embeddings per training image, filled on first sight and reused in later epochs.
+TEACHER_CACHE_ENV = "EDGEKD_TEACHER_CACHE_DIR"
 
-    Valid only when an image's teacher input is the same every epoch (no augmentation) and no feature maps
-    are needed (they would not fit in memory for real datasets).
+
+def teacher_cache_root() -> Path:
+    return Path(os.environ.get(TEACHER_CACHE_ENV) or Path.home() / ".cache" / "edgekd" / "teacher-outputs")
+
+
+class TeacherCache:
+    """Teacher logits and embeddings per training image, on disk as memory-mapped .npy files in a folder named by
+    their content key (the teachers' weights, each one's preprocessing and forward precision, the training images):
+    filled on first sight, reused in later epochs and by later runs with the same teachers and images (another
+    student, seed or loss, a resumed run). Rows are written before their `filled` flag, so a killed run leaves at
+    most rows that are computed again.
+
+    Valid only when an image's teacher input is the same every epoch (no augmentation) and no feature maps are
+    needed (they would not fit on disk for real data sets).
     """
 
-    def __init__(self, size: int, teachers: int):
-        self.size = size
-        self.slots: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * teachers
-        self.filled = torch.zeros(size, dtype=torch.bool)
+    def __init__(self, folder: Path, size: int, teachers: int):
+        from numpy.lib.format import open_memmap
 
-    def lookup(self, indices: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        if not bool(self.filled[indices].all()):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.size, self.teachers = folder, size, teachers
+        flags = folder / "filled.npy"
+        self.filled = open_memmap(flags, mode="r+") if flags.exists() else \
+            open_memmap(flags, mode="w+", dtype=np.bool_, shape=(size,))
+        self.slots: list[tuple[np.ndarray, np.ndarray] | None] = [self._open(k) for k in range(teachers)]
+        self.hits = self.misses = 0
+
+    @property
+    def cached(self) -> int:
+        return int(self.filled.sum())
+
+    def _open(self, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        from numpy.lib.format import open_memmap
+
+        paths = self.folder / f"logits_{k}.npy", self.folder / f"embedding_{k}.npy"
+        if not all(path.exists() for path in paths):
             return None
-        return [(logits[indices], embedding[indices]) for logits, embedding in self.slots]  # type: ignore[misc]
+        return open_memmap(paths[0], mode="r+"), open_memmap(paths[1], mode="r+")
+
+    def lookup(self, indices: torch.Tensor, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        rows = indices.cpu().numpy()
+        if not bool(self.filled[rows].all()):
+            self.misses += len(rows)
+            return None
+        self.hits += len(rows)
+        return [(torch.from_numpy(np.asarray(logits[rows])).to(device),  # type: ignore[index]
+                 torch.from_numpy(np.asarray(embedding[rows])).to(device)) for logits, embedding in self.slots]
 
     def store(self, indices: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        from numpy.lib.format import open_memmap
+
+        rows = indices.cpu().numpy()
         for k, (logits, embedding) in enumerate(outputs):
             if self.slots[k] is None:
-                self.slots[k] = (logits.new_zeros(self.size, *logits.shape[1:]),
-                                 embedding.new_zeros(self.size, *embedding.shape[1:]))
-            self.slots[k][0][indices] = logits  # type: ignore[index]
-            self.slots[k][1][indices] = embedding  # type: ignore[index]
-        self.filled[indices] = True
+                self.slots[k] = tuple(  # type: ignore[assignment]
+                    open_memmap(self.folder / f"{name}_{k}.npy", mode="w+", dtype=np.float32,
+                                shape=(self.size, *tensor.shape[1:]))
+                    for name, tensor in (("logits", logits), ("embedding", embedding)))
+            self.slots[k][0][rows] = logits.detach().float().cpu().numpy()  # type: ignore[index]
+            self.slots[k][1][rows] = embedding.detach().float().cpu().numpy()  # type: ignore[index]
+        self.filled[rows] = True
+
+    def flush(self) -> None:
+        for slot in self.slots:
+            if slot is not None:
+                slot[0].flush()
+                slot[1].flush()
+        self.filled.flush()

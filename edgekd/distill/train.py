@@ -8,6 +8,7 @@ checkpoint after every epoch and on interruption, and data order + augmentation 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -25,14 +26,14 @@ from edgekd.distill.features import DEFAULT_PAIRS, HintedStudent, TappedModel, f
 from edgekd.distill.losses import LossInputs, LossSpec, Objective, TeacherView, default_loss_specs
 from edgekd.distill.sampling import EpochSampler, SeededItems
 from edgekd.distill.state import (STATE_NAME, Processes, TeacherCache, agree_on_minimum, finish_processes,
-                                  share_from_main, start_processes, sync_buffers)
+                                  share_from_main, start_processes, sync_buffers, teacher_cache_root)
 from edgekd.errors import EdgekdError
 from edgekd.models import preprocess_for
 from edgekd.record import TrainState, data_fingerprint, resume_training_state, save_training_state, stage_key
 from edgekd.distill.students import StudentStart, build_student
 from edgekd.distill.teacher import load_teacher_model
-from edgekd.distill.train_utils import (PRECISIONS, Compute, backward_in_slices, evaluate, make_optimizer, micro_batch_size,
-                                progress, recipe_for, seed_everything, warmup_cosine)
+from edgekd.distill.train_utils import (PRECISIONS, Compute, backward_in_slices, evaluate, make_optimizer,
+                                        micro_batch_size, progress, recipe_for, seed_everything, warmup_cosine)
 from edgekd.types import Preprocess, StudentCheckpoint, TeacherResult
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class DistillConfig:
     image_size: tuple[int, int] | None = None  # the student's input; None: the first teacher's
     augment: bool = True  # shared random crop + flip for teacher and student
     cache_teacher: bool = False  # reuse teacher outputs across epochs (only without augmentation/feature losses)
-    labeled_repeat: int = 1  # with --unlabeled-data: each labeled image this many times per epoch (data.TrainingRecords)
+    labeled_repeat: int = 1  # with --unlabeled-data: each labeled image this many times per epoch (TrainingRecords)
     compile: bool = False  # torch.compile the student (and its adapters)
     resume: bool = False
     num_workers: int | None = None
@@ -159,7 +160,7 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
         state = resume_training_state(state_path, key, hinted, optimizer, scheduler)
     else:
         state = TrainState()
-    cache = _teacher_cache(config, objective, len(records), len(teachers))
+    cache = _teacher_cache(config, objective, records, teachers, processes)
     model = DistributedDataParallel(hinted, device_ids=[device.index] if device.type == "cuda" else None) \
         if processes.world > 1 else hinted
     if config.compile:
@@ -182,6 +183,8 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
                 save_training_state(state_path, key, state, hinted, optimizer, scheduler)
                 log.info("interrupted at step %d; checkpoint saved, run again with --resume to continue", state.step)
             raise
+        if cache is not None:
+            cache.flush()
         metrics: dict[str, Any] = {"epoch": epoch + 1, **_epoch_metrics(sums, optimizer)}
         if processes.main:
             result = evaluate(hinted.student, val_student, compute, description="student val")
@@ -226,7 +229,8 @@ def _wire_features(student: torch.nn.Module, student_pre: Preprocess, teacher_mo
     return HintedStudent(student, pairs, shapes, student_pre.input_size, adapt=objective.needs_hints), tapped, pairs
 
 
-def _teacher_cache(config: DistillConfig, objective: Objective, size: int, teachers: int) -> TeacherCache | None:
+def _teacher_cache(config: DistillConfig, objective: Objective, records, teachers: list[TeacherResult],
+                   processes: Processes) -> TeacherCache | None:
     if not config.cache_teacher:
         return None
     if config.augment or objective.needs_features:
@@ -234,8 +238,23 @@ def _teacher_cache(config: DistillConfig, objective: Objective, size: int, teach
             "feature losses need the teacher's maps, too large to keep"
         log.warning("not caching teacher outputs: %s", why)
         return None
-    log.info("caching teacher outputs: augmentation is off, so each image's teacher output is the same every epoch")
-    return TeacherCache(size, teachers)
+    digest = hashlib.sha256()
+    digest.update(b"training records")
+    records.fingerprint_into(digest)
+    key = stage_key("teacher-outputs", {"teachers": [sha256_file(t.weights_path) for t in teachers],
+                                        "preprocess": [t.preprocess.to_dict() for t in teachers],
+                                        "precision": config.teacher_precision, "records": digest.hexdigest(),
+                                        "size": len(records)})
+    folder = teacher_cache_root() / key
+    if processes.main:  # one process creates the files; the others open them
+        cache = TeacherCache(folder, len(records), len(teachers))
+    if processes.world > 1:
+        torch.distributed.barrier()
+    if not processes.main:
+        cache = TeacherCache(folder, len(records), len(teachers))
+    log.info("teacher outputs cached in %s (augmentation is off, so each image's teacher output is the same every "
+             "epoch): %d of %d images there already", folder, cache.cached, len(records))
+    return cache
 
 
 class DistillLoop:
@@ -302,7 +321,7 @@ class DistillLoop:
 
     def teacher_outputs(self, inputs: list[torch.Tensor], indices: torch.Tensor) -> list[tuple]:
         """Each teacher's (logits, embedding, maps) in fp32, from the cache when it holds this batch."""
-        cached = self.cache.lookup(indices) if self.cache is not None else None
+        cached = self.cache.lookup(indices, self.compute.device) if self.cache is not None else None
         if cached is not None:
             return [(logits, embedding, ()) for logits, embedding in cached]
         with torch.inference_mode(), self.teacher_compute.autocast():
@@ -352,7 +371,10 @@ def _finish(hinted: HintedStudent, loop: DistillLoop, teachers: list[TeacherResu
                "labeled_repeat": config.labeled_repeat,
                "teachers": [t.model_name for t in teachers], "teacher_val_top1": teachers[0].val_top1,
                "feature_pairs": [[f"{s.name}->{t.name}" for s, t in chosen] for chosen in pairs],
-               "teacher_cache": cache is not None, "processes": processes.world, "compute": compute.describe(),
+               "teacher_cache": cache is not None, "processes": processes.world,
+               # images whose teacher outputs came from the cache / were computed (this process, this run)
+               "teacher_cache_hits": cache.hits if cache else 0, "teacher_cache_misses": cache.misses if cache else 0,
+               "compute": compute.describe(),
                "teacher_compute": loop.teacher_compute.describe(),
                "compiled": config.compile, "seconds": seconds, "student_init": student_init}
     checkpoint = StudentCheckpoint(model_name=student_name, weights_path=weights_path,

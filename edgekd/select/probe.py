@@ -14,7 +14,8 @@ from pathlib import Path
 
 from edgekd.select import latency
 from edgekd.artifacts import sha256_file, write_json_atomic, write_text_atomic
-from edgekd.select.candidates import POOL, PoolEntry, TimingConfig, candidate_names, deployment_forms, resolve_image_size
+from edgekd.select.candidates import (POOL, PoolEntry, TimingConfig, candidate_names, deployment_forms,
+                                     resolve_image_size)
 from edgekd.errors import EdgekdError
 from edgekd.models import preprocess_for
 from edgekd.select.profiles import TABLE_FORMAT, DeviceProfile
