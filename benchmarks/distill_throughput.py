@@ -25,6 +25,7 @@ import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +35,8 @@ from edgekd.distill.losses import Objective, parse_loss_specs
 from edgekd.distill.state import TeacherCache
 from edgekd.distill.train import DistillConfig, DistillLoop, wire_models
 from edgekd.models import create_model, preprocess_for
-from edgekd.distill.train_utils import SCRATCH_LR, Compute, cpu_has_native_bf16, make_optimizer, pick_device, warmup_cosine
+from edgekd.distill.train_utils import (SCRATCH_LR, Compute, cpu_has_native_bf16, make_optimizer, pick_device,
+                                        warmup_cosine)
 from edgekd.types import TeacherResult
 
 RESULTS = Path(__file__).parent / "results"
@@ -118,11 +120,13 @@ def time_distill(args, compute: Compute, teacher_compute: Compute, batch: int, s
     optimizer = make_optimizer(hinted.student, SCRATCH_LR, config.weight_decay, extra=hinted.adapters)
     scheduler = warmup_cosine(optimizer, 10_000, 0.0)
     model = torch.compile(hinted) if compiled else hinted
-    cache = TeacherCache(batch, 1) if case.endswith("cached") else None
-    loop = DistillLoop(model, tapped, objective, optimizer, scheduler, config, compute, teacher_compute, cache, 10_000)
-    batch_tuple = (torch.randn(batch, 3, *size), torch.randn(batch, 3, *size),
-                   torch.randint(0, args.classes, (batch,)), torch.arange(batch))
-    return measure(case, compute, lambda: loop.step(batch_tuple, 1, 0.5), batch, steps, warmup, compiled)
+    with tempfile.TemporaryDirectory(prefix="edgekd-teacher-cache-") as scratch:  # the disk cache, as --cache-teacher
+        cache = TeacherCache(Path(scratch), batch, 1) if case.endswith("cached") else None
+        loop = DistillLoop(model, tapped, objective, optimizer, scheduler, config, compute, teacher_compute, cache,
+                           10_000)
+        batch_tuple = (torch.randn(batch, 3, *size), torch.randn(batch, 3, *size),
+                       torch.randint(0, args.classes, (batch,)), torch.arange(batch))
+        return measure(case, compute, lambda: loop.step(batch_tuple, 1, 0.5), batch, steps, warmup, compiled)
 
 
 def measure(case: str, compute: Compute, step, batch: int, steps: int, warmup: int, compiled: bool) -> dict:

@@ -3,8 +3,8 @@ edgekd's timing routine is.
 
     flock /tmp/edgekd-cpu.lock .venv/bin/python benchmarks/selection_host.py [--repeats 5] [--budget 10ms]
 
-Writes benchmarks/results/selection_host.{json,md}. Every figure is measured here with edgekd.select.latency.measure_onnx
-(no cache: a fresh cache folder is used unless --cache-dir is given).
+Writes benchmarks/results/selection_host.{json,md}. Every figure is measured here with
+edgekd.select.latency.measure_onnx (no cache: a fresh cache folder is used unless --cache-dir is given).
 """
 
 from __future__ import annotations
