@@ -135,11 +135,9 @@ class TarRecords(DecodedRecords):
     def decode(self, index: int) -> Image.Image:
         try:
             handle, _ = self.reader[self.members[index]]
-            with Image.open(handle) as opened:
-                opened.load()
-                return opened.copy()
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
+        except (OSError, tarfile.TarError) as error:
             raise BundleError(f"cannot read image {self.name(index)}: {error}") from error
+        return read_image(handle, self.name(index))
 
     def name(self, index: int) -> str:
         return f"{self.reader.root}:{self.reader._filename(self.members[index])}"
@@ -174,11 +172,9 @@ class ShardRecords(DecodedRecords):
             with open(self.shards[shard], "rb") as handle:
                 handle.seek(offset)
                 data = handle.read(size)
-            with Image.open(io.BytesIO(data)) as opened:
-                opened.load()
-                return opened.copy()
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
+        except OSError as error:
             raise BundleError(f"cannot read image {self.name(index)}: {error}") from error
+        return read_image(io.BytesIO(data), self.name(index))
 
     def name(self, index: int) -> str:
         return f"{self.shards[int(self.entries[index][0])]}:{self.names[index]}"

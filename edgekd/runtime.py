@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Sequence, Union
+from typing import BinaryIO, Sequence, Union
 
 import numpy as np
 import onnxruntime as ort
@@ -115,8 +115,9 @@ class ImagePreprocessor:
         return ((array - self.mean) / self.std).astype(np.float32)
 
 
-def read_image(image: ImageLike) -> Image.Image:
-    """A path's image decoded whole (a truncated file is an error, not a grey-filled picture); an image as given."""
+def read_image(image: ImageLike | BinaryIO, name: str | None = None) -> Image.Image:
+    """A path's (or an open file's) image decoded whole: a truncated file is an error, not a grey-filled picture.
+    An image is returned as given. `name` says which image in the error (default: the path)."""
     if isinstance(image, Image.Image):
         return image
     try:
@@ -124,7 +125,7 @@ def read_image(image: ImageLike) -> Image.Image:
             opened.load()
             return opened.copy()
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise BundleError(f"cannot read image {image}: {error}") from error
+        raise BundleError(f"cannot read image {name or image}: {error}") from error
 
 
 def as_model_pixels(image: Image.Image, mode: str) -> Image.Image:
