@@ -236,18 +236,24 @@ def test_two_process_ddp_ranks_agree(teachers, tmp_path):
     assert log["processes"] == 2
 
 
-def test_readme_torchrun_command_runs_the_cli_on_two_processes(teachers, tmp_path):
-    """`torchrun --nproc_per_node N -m edgekd.cli distill --teacher-dir ...` as the README shows it (gloo on CPU)."""
-    out = tmp_path / "ddp"
+def test_readme_torchrun_command_runs_the_cli_on_two_processes(data, teachers, tmp_path):
+    """`torchrun --nproc_per_node N -m edgekd.cli distill --teacher-dir ...` as the README shows it (gloo on CPU),
+    with two teachers and a folder of --unlabeled-data."""
+    out, extra = tmp_path / "ddp", tmp_path / "unlabeled"
+    extra.mkdir()
+    for i in range(40):
+        Image.fromarray(data.val.images[i]).save(extra / f"{i:03d}.png")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(torchrun_two_processes(
-        "-m", "edgekd.cli", "distill", "--teacher-dir", str(teachers[0].weights_path.parent), "--student",
-        "test_resnet", "--max-train", "96", "--max-val", "32", "--epochs", "1", "--batch-size", "32", "--workers", "0",
+        "-m", "edgekd.cli", "distill", "--teacher-dir", str(teachers[0].weights_path.parent), "--teacher-dir",
+        str(teachers[1].weights_path.parent), "--unlabeled-data", str(extra), "--student", "test_resnet",
+        "--max-train", "96", "--max-val", "32", "--epochs", "1", "--batch-size", "32", "--workers", "0",
         "--out", str(out)), env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("student test_resnet: validation top-1") == 1  # rank 0 reports, rank 1 does not
     log = json.loads((out / "distill_log.json").read_text())
-    assert log["processes"] == 2 and log["train_images"] == 96
+    assert log["processes"] == 2 and log["train_images"] == 96 and log["unlabeled_images"] == 40
+    assert len(log["teachers"]) == 2
 
 
 def test_sigterm_checkpoints_mid_epoch_and_a_resumed_run_finishes(teachers, tmp_path):
