@@ -274,11 +274,9 @@ def _load_unlabeled(folders: Sequence[str]) -> tuple[FileRecords, int]:
         if not found:
             raise EdgekdError(f"--unlabeled-data {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         paths += found
-    readable = [_identifiable(p) for p in paths]
-    kept = [p for p, ok in zip(paths, readable) if ok]
-    if len(kept) < len(paths):
-        log.warning("skipped %d unreadable image(s) in --unlabeled-data", len(paths) - len(kept))
-    return FileRecords(kept, [UNLABELED] * len(kept)), len(paths) - len(kept)
+    keep = _identifiable_ones(paths, "--unlabeled-data")
+    kept = [p for p, ok in zip(paths, keep) if ok]
+    return FileRecords(kept, [UNLABELED] * len(kept)), keep.count(False)
 
 
 # ---------------------------------------------------------------------------------------------- Fashion-MNIST
@@ -376,16 +374,22 @@ def _scan_split(folder: Path, class_names: tuple[str, ...] | None) -> tuple[list
     if not paths:
         raise EdgekdError(f"no images found in {folder}; point --data at a folder of images "
                           "(one sub-folder per class, or loose images for label-free distillation)")
-    readable = [_identifiable(p) for p in paths]
-    skipped = readable.count(False)
-    if skipped:
-        bad = [str(p) for p, ok in zip(paths, readable) if not ok]
-        log.warning("skipped %d unreadable image(s) in %s, e.g. %s", skipped, folder, bad[0])
-        paths = [p for p, ok in zip(paths, readable) if ok]
-        labels = [label for label, ok in zip(labels, readable) if ok]
-        if not paths:
-            raise EdgekdError(f"every image in {folder} is unreadable (e.g. {bad[0]}); check the files")
-    return paths, labels, names, skipped
+    keep = _identifiable_ones(paths, str(folder))
+    paths = [p for p, ok in zip(paths, keep) if ok]
+    labels = [label for label, ok in zip(labels, keep) if ok]
+    return paths, labels, names, keep.count(False)
+
+
+def _identifiable_ones(paths: list[Path], where: str) -> list[bool]:
+    """Which of `paths` are images at all (_identifiable); the others are left out with one warning naming an
+    example, and a folder where none is an image is an error."""
+    keep = [_identifiable(p) for p in paths]
+    if not all(keep):
+        bad = next(str(p) for p, ok in zip(paths, keep) if not ok)
+        log.warning("skipped %d unreadable image(s) in %s, e.g. %s", keep.count(False), where, bad)
+        if not any(keep):
+            raise EdgekdError(f"every image in {where} is unreadable (e.g. {bad}); check the files")
+    return keep
 
 
 def _load_folder(spec: DataSpec) -> LoadedData:
@@ -405,12 +409,10 @@ def _load_folder(spec: DataSpec) -> LoadedData:
         train_paths, train_labels, names, skipped_train = _scan_split(root / "train", None)
         val_paths, val_labels, _, skipped_val = _scan_split(val_dir, names if names else None)
         skipped = skipped_train + skipped_val
+        train, val = FileRecords(train_paths, train_labels), FileRecords(val_paths, val_labels)
     else:
         paths, labels, names, skipped = _scan_split(root, None)
-        train_idx, val_idx = stratified_split(np.asarray(labels), spec.val_fraction, spec.seed)
-        train_paths, train_labels = [paths[i] for i in train_idx], [labels[i] for i in train_idx]
-        val_paths, val_labels = [paths[i] for i in val_idx], [labels[i] for i in val_idx]
-    train, val = FileRecords(train_paths, train_labels), FileRecords(val_paths, val_labels)
+        train, val = _split(FileRecords(paths, labels), spec)
     info = DatasetInfo(source=str(root), class_names=names, labeled=bool(names), num_train=len(train),
                        num_val=len(val), skipped_corrupt=skipped)
     return LoadedData(info, train, val)
@@ -431,11 +433,16 @@ def _load_archives(root: Path, archives: list[Path], spec: DataSpec) -> LoadedDa
                           "images") from error
     if len(records) == 0:
         raise EdgekdError(f"{root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); check the archive")
-    train_idx, val_idx = stratified_split(records.labels, spec.val_fraction, spec.seed)
-    train, val = records.subset(train_idx), records.subset(val_idx)
+    train, val = _split(records, spec)
     info = DatasetInfo(source=str(root), class_names=names, labeled=bool(names), num_train=len(train),
                        num_val=len(val))
     return LoadedData(info, train, val)
+
+
+def _split(records: Records, spec: DataSpec) -> tuple[Records, Records]:
+    """Train and validation parts of a source without its own split: seeded, per class (stratified_split)."""
+    train_idx, val_idx = stratified_split(records.labels, spec.val_fraction, spec.seed)
+    return records.subset(train_idx), records.subset(val_idx)
 
 
 def _timm_tar_records(root: Path) -> tuple[TarRecords, tuple[str, ...]]:
@@ -529,16 +536,12 @@ def stratified_subset(labels: np.ndarray, count: int, seed: int) -> list[int]:
 def _limit(loaded: LoadedData, spec: DataSpec) -> LoadedData:
     train, val = loaded.train, loaded.val
     if spec.max_train is not None:
-        train = _subset(train, stratified_subset(train.labels, spec.max_train, spec.seed))
+        train = train.subset(stratified_subset(train.labels, spec.max_train, spec.seed))
     if spec.max_val is not None:
-        val = _subset(val, stratified_subset(val.labels, spec.max_val, spec.seed + 1))
+        val = val.subset(stratified_subset(val.labels, spec.max_val, spec.seed + 1))
     info = DatasetInfo(source=loaded.info.source, class_names=loaded.info.class_names, labeled=loaded.info.labeled,
                        num_train=len(train), num_val=len(val), skipped_corrupt=loaded.info.skipped_corrupt)
     return LoadedData(info, train, val)
-
-
-def _subset(records: Records, indices: list[int]) -> Records:
-    return records.subset(indices)
 
 
 # ---------------------------------------------------------------------------------------------- transforms
@@ -555,17 +558,19 @@ class ToMode:
 
 def eval_transform(pre: Preprocess) -> Callable[[Image.Image], torch.Tensor]:
     """The model's own deployment preprocessing (timm's eval transform: resize, center crop, normalize)."""
-    return T.Compose([ToMode(pre.channels), create_transform(
-        input_size=pre.input_size, is_training=False, interpolation=pre.interpolation, mean=pre.mean, std=pre.std,
-        crop_pct=pre.crop_pct, crop_mode=pre.crop_mode)])
+    return _timm_eval(pre, pixels_only=False)
 
 
 def pixels_transform(pre: Preprocess) -> Callable[[Image.Image], np.ndarray]:
     """eval_transform up to its normalisation: the resized, cropped image as uint8 C x H x W (timm's eval transform
     in its prefetcher form, which leaves ToTensor and Normalize to the consumer)."""
+    return _timm_eval(pre, pixels_only=True)
+
+
+def _timm_eval(pre: Preprocess, pixels_only: bool) -> Callable[[Image.Image], torch.Tensor | np.ndarray]:
     return T.Compose([ToMode(pre.channels), create_transform(
         input_size=pre.input_size, is_training=False, interpolation=pre.interpolation, mean=pre.mean, std=pre.std,
-        crop_pct=pre.crop_pct, crop_mode=pre.crop_mode, use_prefetcher=True)])
+        crop_pct=pre.crop_pct, crop_mode=pre.crop_mode, use_prefetcher=pixels_only)])
 
 
 def _finish_transform(pre: Preprocess) -> Callable[[Image.Image], torch.Tensor]:

@@ -91,7 +91,7 @@ def compress(config: CompressConfig) -> CompressResult:
     while True:
         student = _distill(config, record, run_dir, teachers, selection, data)
         bundle_dir, bundle_key = _export(config, record, run_dir, profile, student, data)
-        following = _next_if_shipped_form_misses(config, record, run_dir, selection, bundle_dir)
+        following = _next_if_shipped_form_misses(config, run_dir, selection, bundle_dir)
         if following is None:
             break
         selection = following
@@ -149,7 +149,7 @@ def _select(config: CompressConfig, record: StageRecord, run_dir: Path, profile:
     return selection
 
 
-def _next_if_shipped_form_misses(config: CompressConfig, record: StageRecord, run_dir: Path, selection: Selection,
+def _next_if_shipped_form_misses(config: CompressConfig, run_dir: Path, selection: Selection,
                                  bundle_dir: Path) -> Selection | None:
     """The shipped form feeds back into selection: when the chosen student fitted the budget only in its int8 form
     and the accuracy guard rejected every int8 form (too much accuracy lost), the form that ships may be too slow;
@@ -169,12 +169,12 @@ def _next_if_shipped_form_misses(config: CompressConfig, record: StageRecord, ru
                         f"fitted the budget as {selection.precision}, but {shipped.precision} shipped "
                         f"(p90 {p90:.3f} ms > {config.budget_ms:g} ms): {shipped.reason or 'the guard rejected int8'}")
     given_up = {p.model_name for p in selection.passed_over} | {passed.model_name}
-    remaining = [v.candidate for v in selection.verdicts if v.candidate.model_name not in given_up]
-    if not any(v.fits for v in selection.verdicts if v.candidate.model_name not in given_up):
+    remaining = [v for v in selection.verdicts if v.candidate.model_name not in given_up]
+    if not any(v.fits for v in remaining):
         log.warning("%s ships %s at p90 %.3f ms, over the %g ms budget, and no other candidate fits", passed.model_name,
                     shipped.precision, p90, config.budget_ms)
         return None
-    following = select_student(remaining, config.budget_ms)
+    following = select_student([v.candidate for v in remaining], config.budget_ms)
     log.warning("%s: %s; taking the next candidate, %s", passed.model_name, passed.why, following.chosen.model_name)
     following = replace(following, verdicts=selection.verdicts, passed_over=(*selection.passed_over, passed),
                         reason=f"{following.reason} (after {passed.model_name}: {passed.why})")

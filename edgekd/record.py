@@ -70,22 +70,22 @@ def data_fingerprint(data: LoadedData, *, unlabeled: bool = True) -> str:
     cached = getattr(data, attribute, None)
     if cached is not None:
         return cached
-    digest = hashlib.sha256()
-    for split in (data.train, data.val, data.unlabeled if unlabeled else None):
-        digest.update(b"split")
-        if split is not None:
-            _add_records(digest, split)
-    fingerprint = digest.hexdigest()[:16]
+    splits = (data.train, data.val, data.unlabeled if unlabeled else None)
+    fingerprint = config_hash([records_fingerprint(split) if split is not None else None for split in splits])
     object.__setattr__(data, attribute, fingerprint)  # LoadedData is frozen; the fingerprint never changes
     return fingerprint
 
 
-def _add_records(digest: Any, records: Any) -> None:
+def records_fingerprint(records: Any) -> str:
+    """One set of records by content, as the records say (their fingerprint_into); a wrapping dataset (one that
+    re-orders or watches reads) by its source's."""
     while not hasattr(records, "fingerprint_into") and hasattr(records, "records"):
-        records = records.records  # a wrapping dataset (e.g. one that re-orders or watches reads): its source
+        records = records.records
     if not hasattr(records, "fingerprint_into"):
         raise TypeError(f"cannot fingerprint {type(records).__name__}: it has no fingerprint_into")
+    digest = hashlib.sha256()
     records.fingerprint_into(digest)
+    return digest.hexdigest()
 
 
 @dataclass

@@ -174,10 +174,12 @@ class ShippedForm:
 
 
 def read_shipped_form(bundle_dir: Path) -> ShippedForm:
-    entries = json.loads((Path(bundle_dir) / MANIFEST_NAME).read_text())
-    model = next(e for e in entries if e["path"] == MODEL_NAME)
+    """From the bundle's manifest; a bundle without one (or without its model's entry) is taken for fp32."""
+    path = Path(bundle_dir) / MANIFEST_NAME
+    entries = json.loads(path.read_text()) if path.is_file() else []
+    model = next((e for e in entries if e.get("path") == MODEL_NAME), {})
     decision = model.get("metrics", {}).get("quantization") or {}
-    return ShippedForm(str(model["config"]["precision"]), decision.get("reason"),
+    return ShippedForm(str(model.get("config", {}).get("precision", "fp32")), decision.get("reason"),
                        any(trial.get("passed") for trial in decision.get("trials", [])))
 
 

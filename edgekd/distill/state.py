@@ -116,10 +116,14 @@ class TeacherCache:
     def cached(self) -> int:
         return int(self.filled.sum())
 
+    def _paths(self, k: int) -> tuple[Path, Path]:
+        """Teacher k's logits and embedding files."""
+        return self.folder / f"logits_{k}.npy", self.folder / f"embedding_{k}.npy"
+
     def _open(self, k: int) -> tuple[np.ndarray, np.ndarray] | None:
         from numpy.lib.format import open_memmap
 
-        paths = self.folder / f"logits_{k}.npy", self.folder / f"embedding_{k}.npy"
+        paths = self._paths(k)
         if not all(path.exists() for path in paths):
             return None
         return open_memmap(paths[0], mode="r+"), open_memmap(paths[1], mode="r+")
@@ -140,9 +144,8 @@ class TeacherCache:
         for k, (logits, embedding) in enumerate(outputs):
             if self.slots[k] is None:
                 self.slots[k] = tuple(  # type: ignore[assignment]
-                    open_memmap(self.folder / f"{name}_{k}.npy", mode="w+", dtype=np.float32,
-                                shape=(self.size, *tensor.shape[1:]))
-                    for name, tensor in (("logits", logits), ("embedding", embedding)))
+                    open_memmap(path, mode="w+", dtype=np.float32, shape=(self.size, *tensor.shape[1:]))
+                    for path, tensor in zip(self._paths(k), (logits, embedding)))
             self.slots[k][0][rows] = logits.detach().float().cpu().numpy()  # type: ignore[index]
             self.slots[k][1][rows] = embedding.detach().float().cpu().numpy()  # type: ignore[index]
         self.filled[rows] = True

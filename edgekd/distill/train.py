@@ -8,7 +8,6 @@ checkpoint after every epoch and on interruption, and data order + augmentation 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -29,7 +28,8 @@ from edgekd.distill.state import (STATE_NAME, Processes, TeacherCache, agree_on_
                                   share_from_main, start_processes, sync_buffers, teacher_cache_root)
 from edgekd.errors import EdgekdError
 from edgekd.models import preprocess_for
-from edgekd.record import TrainState, data_fingerprint, resume_training_state, save_training_state, stage_key
+from edgekd.record import (TrainState, data_fingerprint, records_fingerprint, resume_training_state,
+                           save_training_state, stage_key)
 from edgekd.distill.students import StudentStart, build_student
 from edgekd.distill.teacher import load_teacher_model
 from edgekd.distill.train_utils import (PRECISIONS, Compute, backward_in_slices, evaluate, make_optimizer,
@@ -238,12 +238,9 @@ def _teacher_cache(config: DistillConfig, objective: Objective, records, teacher
             "feature losses need the teacher's maps, too large to keep"
         log.warning("not caching teacher outputs: %s", why)
         return None
-    digest = hashlib.sha256()
-    digest.update(b"training records")
-    records.fingerprint_into(digest)
     key = stage_key("teacher-outputs", {"teachers": [sha256_file(t.weights_path) for t in teachers],
                                         "preprocess": [t.preprocess.to_dict() for t in teachers],
-                                        "precision": config.teacher_precision, "records": digest.hexdigest(),
+                                        "precision": config.teacher_precision, "records": records_fingerprint(records),
                                         "size": len(records)})
     folder = teacher_cache_root() / key
     if processes.main:  # one process creates the files; the others open them

@@ -19,6 +19,7 @@ import onnx
 import onnxruntime as ort
 
 from edgekd.data import LoadedData
+from edgekd.deploy.bundle import read_shipped_form
 from edgekd.errors import EdgekdError, first_line
 from edgekd.metrics import accuracy, top_predictions
 from edgekd.select.latency import measure_onnx
@@ -143,11 +144,8 @@ def models_from_paths(paths: Sequence[Path]) -> list[BenchModel]:
                                          precision=raw["precision"], preprocess=pre, labels=tuple(raw["labels"])))
         elif (path / "preprocess.json").is_file():
             raw = json.loads((path / "preprocess.json").read_text())
-            manifest = json.loads((path / "manifest.json").read_text()) if (path / "manifest.json").is_file() else []
-            precision = next((e["config"].get("precision", "fp32") for e in manifest if e["path"] == "model.onnx"),
-                             "fp32")
             models.append(BenchModel(name=path.name, path=path / raw.get("model", "model.onnx"), role="model",
-                                     precision=precision, preprocess=Preprocess.from_dict(raw),
+                                     precision=read_shipped_form(path).precision, preprocess=Preprocess.from_dict(raw),
                                      labels=tuple(raw.get("labels", ()))))
         elif path.is_dir():
             raise EdgekdError(f"{path} is neither a run folder ({BENCH_MODELS_NAME}) nor a bundle (preprocess.json)")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from edgekd.evaluate.bench import BenchModel
 from edgekd.data import LoadedData
+from edgekd.deploy.bundle import read_shipped_form
 from edgekd.deploy.export import export_onnx, is_transformer
 from edgekd.deploy.quantize import CALIBRATION_IMAGES, quantize_onnx
 from edgekd.distill.students import load_student
@@ -39,7 +40,7 @@ def export_reference_models(teacher: TeacherResult, student: StudentCheckpoint, 
     teacher_int8 = quantize_onnx(teacher_fp32, folder / "teacher.int8.onnx", precision, isa=isa,
                                  calibration=calibration)
     student_fp32 = export_onnx(load_student(student), folder / "student.fp32.onnx", student.preprocess.input_size)
-    shipped_precision = _bundle_precision(bundle_dir)
+    shipped_precision = read_shipped_form(bundle_dir).precision
     labels = teacher.class_names
     short = teacher.model_name.split(".")[0]
     return [
@@ -51,11 +52,6 @@ def export_reference_models(teacher: TeacherResult, student: StudentCheckpoint, 
         BenchModel(f"student {student.model_name} {shipped_precision} (shipped)", bundle_dir / "model.onnx",
                    "student", shipped_precision, _bundle_preprocess(bundle_dir, student.preprocess), labels),
     ]
-
-
-def _bundle_precision(bundle_dir: Path) -> str:
-    manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    return next(e["config"]["precision"] for e in manifest if e["path"] == "model.onnx")
 
 
 def _bundle_preprocess(bundle_dir: Path, fallback: Preprocess) -> Preprocess:

@@ -16,6 +16,7 @@ from edgekd import __version__
 from edgekd.artifacts import write_json_atomic, write_text_atomic
 from edgekd.evaluate.bench import BenchResult, ModelFacts
 from edgekd.data import LoadedData, skipped_images
+from edgekd.deploy.bundle import read_shipped_form
 
 if TYPE_CHECKING:
     from edgekd.select.profiles import DeviceProfile
@@ -59,7 +60,7 @@ def build_report(*, run_dir: Path, budget_ms: float, profile: DeviceProfile, dat
     distill_log = _read_json(Path(student.weights_path).parent / "distill_log.json", [])
     manifest = _read_json(bundle_dir / "manifest.json", [])
     summary["student_init"] = _distill_setup(distill_log).get("student_init")
-    summary["shipped_form_reason"] = _quantization_reason(manifest)
+    summary["shipped_form_reason"] = read_shipped_form(bundle_dir).reason  # the accuracy guard's verdict
     return {
         "schema_version": SCHEMA_VERSION,
         "edgekd_version": __version__,
@@ -97,20 +98,10 @@ def _budget_latencies(bench: BenchResult, profile: DeviceProfile, selection: Sel
         return ((at.p50_ms, at.p90_ms) if at else (None, None),
                 (teacher_at.p50_ms, teacher_at.p90_ms) if teacher_at else (None, None),
                 f"timed on this machine by bench, {profile.threads} thread(s)")
-    measured = next((m for m in selection.chosen.measurements if shipped and m.precision == shipped.precision
-                     and m.stats is not None), None)
+    measured = selection.chosen.form(shipped.precision) if shipped else None
     return ((measured.p50_ms, measured.p90_ms) if measured else (None, None), (None, None),
             f"the device's latency table ({profile.table_path}); the teacher was not probed on the device, and "
             "bench's figures below are this machine's")
-
-
-def _quantization_reason(manifest: Any) -> str | None:
-    """Why the shipped precision was chosen (the accuracy guard's verdict), from the bundle's manifest."""
-    for entry in manifest if isinstance(manifest, list) else []:
-        decision = entry.get("metrics", {}).get("quantization") if isinstance(entry, dict) else None
-        if isinstance(decision, dict) and decision.get("reason"):
-            return str(decision["reason"])
-    return None
 
 
 def _selection(selection: Selection) -> dict[str, Any]:

@@ -149,12 +149,8 @@ def select_confirmed(measured: list[Candidate], budget_ms: float, profile: Devic
         selection = select_student(measured, budget_ms, student=student)  # raises when nothing fits any more
         if (selection.chosen.model_name, selection.precision) != (chosen.model_name, precision):
             log.warning("%s %s measured again at p90 %.3f ms against a %g ms budget; choosing again",
-                        chosen.model_name, precision, _p90_of(checked, precision), budget_ms)
+                        chosen.model_name, precision, checked.form(precision).p90_ms, budget_ms)
     return selection
-
-
-def _p90_of(candidate: Candidate, precision: str) -> float:
-    return next(m.p90_ms for m in candidate.measurements if m.precision == precision)
 
 
 def _confirm(candidate: Candidate, precision: str, profile: DeviceProfile, num_classes: int, cache: Path,
@@ -165,8 +161,8 @@ def _confirm(candidate: Candidate, precision: str, profile: DeviceProfile, num_c
     image_size = (candidate.input_size[1], candidate.input_size[2])
     model = build_student(candidate.model_name, num_classes, image_size).eval()
     fresh = _measure_forms(model, [precision], candidate.input_size, profile, timing)[precision]
-    old = next(m for m in candidate.measurements if m.precision == precision)
-    if fresh.stats is None or old.stats is None:
+    old = candidate.form(precision)
+    if fresh.stats is None or old is None:
         return candidate
     key = _latency_key(profile, candidate.model_name, candidate.input_size, num_classes, precision, timing)
     cached = _cache_read(cache, key) or {"stats": old.stats.to_dict()}

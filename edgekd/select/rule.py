@@ -68,6 +68,10 @@ class Candidate:
         measured = [m for m in self.measurements if m.stats is not None]
         return min(measured, key=lambda m: m.p90_ms) if measured else None
 
+    def form(self, precision: str) -> Measurement | None:
+        """The measured form in `precision` (None: not among the profile's precisions, or it failed)."""
+        return next((m for m in self.measurements if m.precision == precision and m.stats is not None), None)
+
     @property
     def derived(self) -> bool:
         return self.family == DERIVED_FAMILY
@@ -111,8 +115,8 @@ class Selection:
 
     def p90_of(self, precision: str) -> float | None:
         """The chosen candidate's measured p90 in `precision` on the profile (None: not measured)."""
-        found = next((m for m in self.chosen.measurements if m.precision == precision and m.stats), None)
-        return found.p90_ms if found else None
+        form = self.chosen.form(precision)
+        return form.p90_ms if form else None
 
     def to_dict(self) -> dict[str, Any]:
         return {"chosen": self.chosen.model_name, "precision": self.precision, "budget_ms": self.budget_ms,
