@@ -71,6 +71,14 @@ def test_bad_calibration_method_fails_while_parsing(tmp_path: Path):
     assert not (tmp_path / "run").exists()
 
 
+def test_bad_labeled_repeat_fails_while_parsing(tmp_path: Path):
+    """Not after the teacher was fine-tuned and the students timed: before anything is read or written."""
+    result = runner.invoke(app, ["compress", "--teacher", "resnet18", "--budget", "1ms", "--labeled-repeat", "0",
+                                 "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "--labeled-repeat" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_exception_without_a_message_still_makes_a_one_line_error():
     from edgekd.errors import first_line
 

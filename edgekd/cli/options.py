@@ -38,7 +38,7 @@ UnlabeledData = Annotated[list[Path], typer.Option(
     "repeatable: the student also learns these from the teacher alone. The teacher is fine-tuned on the labeled "
     "--data only. Each epoch shows every labeled and unlabeled image once, shuffled together (see --labeled-repeat).")]
 LabeledRepeat = Annotated[int, typer.Option(
-    "--labeled-repeat", help="With --unlabeled-data: show each labeled image this many times per epoch, raising the "
+    "--labeled-repeat", min=1, help="With --unlabeled-data: show each labeled image this many times per epoch, raising the "
     "labeled share of every batch (default 1: the data's own proportion).")]
 Epochs = Annotated[float, typer.Option("--epochs", help="Training epochs (fractions allowed).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Global batch, split across torchrun processes.")]
