@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import timm
@@ -21,6 +22,7 @@ import torch
 
 from edgekd.data import load_data
 from edgekd.distill import DistillConfig, distill, parse_loss_specs
+from edgekd.distill.losses import default_loss_specs
 from edgekd.distill.teacher import prepare_teacher, read_teacher_result
 from edgekd.types import DataSpec, TeacherSpec, TrainConfig
 
@@ -33,13 +35,45 @@ TEACHER_SEED = 0
 STUDENT = "mobilenetv3_small_050"
 STUDENT_TRAIN_IMAGES = 10_000
 STUDENT_EPOCHS = 8.0
-CONFIGS = {  # the same student, data and epochs; only the loss terms differ
-    "labels-only": "ce=1",
-    "kd": "ce=1,kd=1",
-    "dkd": "ce=1,dkd=1",
-    "wsl": "ce=1,wsl=1",
-    "kd+feature": "ce=1,kd=1,fitnet=1",
-    "kd+feature+relation": "ce=1,kd=1,fitnet=1,rkd=1",
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a row changes: the loss terms, mixing of the shared view, the temperature, the schedule's length."""
+
+    losses: str
+    mix: str = "none"
+    temperature: float = 4.0
+    epochs_factor: float = 1.0  # times STUDENT_EPOCHS
+
+    def describe(self) -> str:
+        parts = [f"`{self.losses}`"] + ([f"mix {self.mix}"] if self.mix != "none" else []) + \
+            ([f"T={self.temperature:g}"] if self.temperature != 4.0 else []) + \
+            ([f"{self.epochs_factor:g}x epochs"] if self.epochs_factor != 1.0 else [])
+        return ", ".join(parts)
+
+
+def default_recipe() -> Recipe:
+    """The recipe `edgekd compress` and `edgekd distill` use when no --loss/--mix/--temperature is given."""
+    defaults = DistillConfig()
+    return Recipe(",".join(str(spec) for spec in default_loss_specs(True)), defaults.mix, defaults.temperature)
+
+
+CONFIGS = {  # the same student, data and (unless said) epochs
+    "labels-only": Recipe("ce=1"),
+    "kd": Recipe("ce=1,kd=1"),
+    "dkd": Recipe("ce=1,dkd=1"),
+    "wsl": Recipe("ce=1,wsl=1"),
+    "kd+feature": Recipe("ce=1,kd=1,fitnet=1"),
+    "kd+feature+relation": Recipe("ce=1,kd=1,fitnet=1,rkd=1"),
+    "kd+mixup": Recipe("ce=1,kd=1", mix="mixup"),  # consistent: the teacher sees the student's mixed image
+    "kd+cutmix": Recipe("ce=1,kd=1", mix="cutmix"),
+    "kd+mixup+cutmix": Recipe("ce=1,kd=1", mix="mixup+cutmix"),
+    "kd-t2": Recipe("ce=1,kd=1", temperature=2.0),
+    "kd-only+mixup": Recipe("kd=1", mix="mixup"),  # function matching: the teacher's answers alone
+    "default": default_recipe(),
+    "default-2x-epochs": replace(default_recipe(), epochs_factor=2.0),
+    "labels-only-2x-epochs": Recipe("ce=1", epochs_factor=2.0),
 }
 
 
@@ -59,12 +93,16 @@ def student_stage(config: str, seed: int, max_train: int, epochs: float) -> None
     """One student run: trained on a stratified subset, measured on the full 10k test split."""
     teacher = read_teacher_result(WORK / "teacher")  # made by the teacher stage; every student run shares it
     data = load_data(DataSpec("fashion-mnist", max_train=max_train, seed=seed))
-    losses = parse_loss_specs([CONFIGS[config]])
+    recipe = CONFIGS[config]
+    epochs *= recipe.epochs_factor
     started = time.perf_counter()
-    checkpoint = distill([teacher], STUDENT, data, DistillConfig(losses=losses, epochs=epochs, seed=seed,
-                                                                      teacher_precision="fp32"),
+    checkpoint = distill([teacher], STUDENT, data,
+                         DistillConfig(losses=parse_loss_specs([recipe.losses]), mix=recipe.mix,
+                                       temperature=recipe.temperature, epochs=epochs, seed=seed,
+                                       teacher_precision="fp32"),
                          WORK / f"{config}-seed{seed}")
-    _save({"config": config, "losses": CONFIGS[config], "model": STUDENT, "train_images": len(data.train),
+    _save({"config": config, "losses": recipe.losses, "recipe": asdict(recipe), "model": STUDENT,
+           "train_images": len(data.train),
            "epochs": epochs, "seed": seed, "val_top1": checkpoint.val_top1, "val_top5": checkpoint.val_top5,
            "teacher_agreement": checkpoint.teacher_agreement, "seconds": time.perf_counter() - started})
 

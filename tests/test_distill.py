@@ -300,6 +300,9 @@ def test_cli_distill_reports_bad_input_on_one_line():
     result = CliRunner().invoke(app, ["distill", "--student", "test_resnet", "--teacher-dir", "nowhere",
                                       "--precision", "fp8"])
     assert result.exit_code == 2 and "Invalid value for '--precision': 'fp8' is not a precision" in result.output
+    result = CliRunner().invoke(app, ["distill", "--student", "test_resnet", "--teacher-dir", "nowhere",
+                                      "--mix", "blend"])
+    assert result.exit_code == 2 and "Invalid value for '--mix': 'blend' is not a mixing mode" in result.output
 
 
 def test_cli_distill_runs_with_loss_options_and_precisions(tmp_path):
@@ -311,12 +314,13 @@ def test_cli_distill_runs_with_loss_options_and_precisions(tmp_path):
         "distill", "--student", "test_efficientnet", "--teacher", "test_resnet", "--random-init", "--input-size", "32",
         "--max-train", "96", "--max-val", "32", "--epochs", "1", "--teacher-epochs", "0.5", "--batch-size", "32",
         "--workers", "0", "--loss", "ce=1,dkd=1", "--loss-option", "dkd.beta=2", "--precision", "fp32",
-        "--teacher-precision", "bf16", "--out", str(tmp_path)])
+        "--teacher-precision", "bf16", "--mix", "mixup+cutmix", "--mix-alpha", "0.5", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "student test_efficientnet: validation top-1" in result.output
     log = json.loads((tmp_path / "distill_log.json").read_text())
     assert log["losses"] == ["ce=1", "dkd=1(beta=2)"] and log["teacher_compute"] == "cpu, bfloat16 autocast"
     assert log["compute"] == "cpu, fp32" and (tmp_path / "teacher" / "teacher.json").exists()
+    assert (log["mix"], log["mix_alpha"]) == ("mixup+cutmix", 0.5)
 
 
 def test_teacher_outputs_cached_on_disk_serve_later_runs_until_the_teacher_changes(data, teachers, tmp_path,

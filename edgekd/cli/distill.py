@@ -15,6 +15,11 @@ from edgekd.cli.options import (
     Device,
     InputSize,
     LabeledRepeat,
+    Mix,
+    MixAlpha,
+    DEFAULT_MIX,
+    DEFAULT_MIX_ALPHA,
+    DEFAULT_TEMPERATURE,
     LearningRate,
     Losses,
     LossOptions,
@@ -60,15 +65,17 @@ def distill_command(
     epochs: Annotated[float, typer.Option("--epochs", help="Distillation epochs (fractions allowed).")] = 10.0,
     batch_size: BatchSize = 128,
     lr: LearningRate = None,
-    temperature: Temperature = 4.0,
+    temperature: Temperature = DEFAULT_TEMPERATURE,
+    mix: Mix = DEFAULT_MIX,
+    mix_alpha: MixAlpha = DEFAULT_MIX_ALPHA,
     feature_pairs: Optional[str] = typer.Option(None, "--feature-pairs", help="STUDENT:TEACHER layer pairs, "
                                                 "comma-separated (default: stage ends matched by relative depth)."),
     teacher_weighting: str = typer.Option("confidence", "--teacher-weighting", help="Several teachers: confidence "
                                           "(per sample) or mean."),
     no_augment: bool = typer.Option(False, "--no-augment", help="No random crop/flip."),
     cache_teacher: bool = typer.Option(False, "--cache-teacher", help="Keep teacher outputs on disk, keyed by "
-                                       "content, for later epochs and runs (needs --no-augment and no feature "
-                                       "losses)."),
+                                       "content, for later epochs and runs (needs --no-augment, no --mix and "
+                                       "no feature losses)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the student (pays off on CUDA)."),
     input_size: InputSize = None,
@@ -102,6 +109,7 @@ def distill_command(
         raise EdgekdError("under torchrun, prepare the teacher once first (`edgekd train-teacher ... --out DIR`) "
                           "and pass --teacher-dir DIR")
     config = DistillConfig(losses=parse_loss_specs(loss, loss_option), temperature=temperature,
+                           mix=mix, mix_alpha=mix_alpha,
                            feature_pairs=parse_feature_pairs(feature_pairs), teacher_weighting=teacher_weighting,
                            epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, labeled_repeat=labeled_repeat,
                            image_size=parse_input_size(input_size), augment=not no_augment,

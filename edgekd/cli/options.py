@@ -10,6 +10,8 @@ from typing import Annotated, Optional
 import typer
 
 from edgekd.errors import EdgekdError
+from edgekd.recipe import (DEFAULT_LOSSES, DEFAULT_MIX, DEFAULT_MIX_ALPHA, DEFAULT_TEMPERATURE,  # noqa: F401
+                           MIX_MODES)  # (the defaults are re-exported to the commands)
 
 log = logging.getLogger("edgekd")
 
@@ -38,8 +40,25 @@ UnlabeledData = Annotated[list[Path], typer.Option(
     "repeatable: the student also learns these from the teacher alone. The teacher is fine-tuned on the labeled "
     "--data only. Each epoch shows every labeled and unlabeled image once, shuffled together (see --labeled-repeat).")]
 LabeledRepeat = Annotated[int, typer.Option(
-    "--labeled-repeat", min=1, help="With --unlabeled-data: show each labeled image this many times per epoch, raising the "
-    "labeled share of every batch (default 1: the data's own proportion).")]
+    "--labeled-repeat", min=1, help="With --unlabeled-data: show each labeled image this many times per epoch, raising "
+    "the labeled share of every batch (default 1: the data's own proportion).")]
+
+
+def _mix(value: str) -> str:
+    """Checked while parsing, so a typo fails before the teacher is trained."""
+    if value not in MIX_MODES:
+        raise typer.BadParameter(f"{value!r} is not a mixing mode; use one of {', '.join(MIX_MODES)}")
+    return value
+
+
+Mix = Annotated[str, typer.Option(
+    "--mix", callback=_mix, help="Consistent teaching: mix pairs of images in each batch (mixup, cutmix, or "
+    "mixup+cutmix: either, by coin flip, per batch) after the shared crop/flip, and give the teacher the very image "
+    f"the student sees; kd learns the teacher's answer on it, ce the mixed labels. none: no mixing. Default: "
+    f"{DEFAULT_MIX} (see the README's Distillation section for what the benchmark measured).")]
+MixAlpha = Annotated[float, typer.Option(
+    "--mix-alpha", min=0.01, help="The mixing ratio is drawn from Beta(alpha, alpha): 1.0 uniform, "
+    f"smaller values mostly keep one image (default {DEFAULT_MIX_ALPHA:g}).")]
 Epochs = Annotated[float, typer.Option("--epochs", help="Training epochs (fractions allowed).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Global batch, split across torchrun processes.")]
 LearningRate = Annotated[Optional[float], typer.Option(
@@ -48,7 +67,8 @@ LearningRate = Annotated[Optional[float], typer.Option(
     "with depth (timm's layer-wise decay); from random weights 2e-3 for every layer.")]
 Losses = Annotated[list[str], typer.Option(
     "--loss", help="name=weight or name=start:end (ramped over training), repeatable; known: ce, kd, dkd, wsl, "
-    "fitnet, at, rkd, sp. Default: ce=1 kd=1 (no ce without labels).")]
+    "fitnet, at, rkd, sp. Default: " + " ".join(f"{name}={weight:g}" for name, weight in DEFAULT_LOSSES)
+    + " (no ce without labels).")]
 LossOptions = Annotated[list[str], typer.Option(
     "--loss-option", help="A loss's constant as LOSS.KEY=VALUE, repeatable: dkd.alpha, dkd.beta (default 1, 8), "
     "rkd.distance, rkd.angle (default 1, 2).")]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from edgekd.errors import EdgekdError
+from edgekd.recipe import DEFAULT_LOSSES
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,27 @@ class LossInputs:
     student_embedding: Tensor
     labels: Tensor  # -1 where unlabeled
     teachers: tuple[TeacherView, ...]
+    # With mixing (mixing.py): each image is own_share of the sample's own image and the rest of its partner's.
+    partner_labels: Tensor | None = None
+    own_share: Tensor | None = None
+
+    def label_cross_entropy(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Per sample: cross-entropy against the labels, weighted by how much of the image each labeled source
+        makes up, and that labeled share (0 where no part has a label). Without mixing: CE where labeled, share 1/0."""
+        share = (self.labels >= 0).float()
+        loss = F.cross_entropy(logits.float(), self.labels.clamp_min(0), reduction="none") * share
+        if self.partner_labels is None or self.own_share is None:
+            return loss, share
+        partner_share = (self.partner_labels >= 0).float() * (1.0 - self.own_share)
+        share = share * self.own_share
+        partner = F.cross_entropy(logits.float(), self.partner_labels.clamp_min(0), reduction="none")
+        return loss * self.own_share + partner * partner_share, share + partner_share
+
+    def main_labels(self) -> Tensor:
+        """Each sample's label, or with mixing the label of the larger part of its image (-1: unlabeled)."""
+        if self.partner_labels is None or self.own_share is None:
+            return self.labels
+        return torch.where(self.own_share >= 0.5, self.labels, self.partner_labels)
 
 
 LOSSES: dict[str, type[DistillLoss]] = {}
@@ -96,15 +118,16 @@ class BatchLoss(DistillLoss):
 
 @register("ce")
 class CrossEntropy(DistillLoss):
-    """Cross-entropy on the labels; samples without a label (-1) do not count."""
+    """Cross-entropy on the labels; samples without a label (-1) do not count. A mixed image counts each labeled
+    part by its share (mixup's soft target)."""
 
     needs_labels = True
 
     def __call__(self, inputs: LossInputs) -> Tensor:
-        mask = inputs.labels >= 0
-        if not mask.any():
+        loss, share = inputs.label_cross_entropy(inputs.student_logits)
+        if not bool((share > 0).any()):
             return inputs.student_logits.sum() * 0.0  # keeps the graph (and DDP's gradient hooks) intact
-        return F.cross_entropy(inputs.student_logits[mask].float(), inputs.labels[mask])
+        return loss.sum() / share.sum()
 
 
 @register("kd")
@@ -124,18 +147,17 @@ class WeightedSoftLabels(HintonKD):
     knows there that the student does not: 1 - exp(-CE_student / CE_teacher) on the label (both detached).
 
     Where the teacher is wrong and the student right the weight falls towards 0, so the teacher's mistakes are
-    transferred less; unlabeled samples keep weight 1 (plain KD).
+    transferred less; unlabeled samples keep weight 1 (plain KD). On mixed images both CEs are the mixed-label ones.
     """
 
     needs_labels = True
 
     def per_sample(self, inputs: LossInputs, view: TeacherView) -> Tensor:
         kd = super().per_sample(inputs, view)
-        labeled = inputs.labels >= 0
-        target = inputs.labels.clamp_min(0)
         with torch.no_grad():
-            ce_student = F.cross_entropy(inputs.student_logits.float(), target, reduction="none")
-            ce_teacher = F.cross_entropy(view.logits.float(), target, reduction="none")
+            ce_student, share = inputs.label_cross_entropy(inputs.student_logits)
+            ce_teacher, _ = inputs.label_cross_entropy(view.logits)
+            labeled = share > 0
             weight = 1.0 - torch.exp(-ce_student / ce_teacher.clamp_min(1e-7))
         return torch.where(labeled, weight, torch.ones_like(weight)) * kd
 
@@ -144,8 +166,9 @@ class WeightedSoftLabels(HintonKD):
 class DecoupledKD(DistillLoss):
     """Decoupled KD (Zhao et al., 2022): target-class KD + beta * non-target-class KD.
 
-    The target is the label, or the teacher's top class for unlabeled samples. The paper's CIFAR-100 setting
-    (alpha 1, beta 8) is the default; it suggests a smaller beta for ImageNet-like data (`--loss-option dkd.beta=0.5`).
+    The target is the label (of the larger part of a mixed image), or the teacher's top class for unlabeled
+    samples. The paper's CIFAR-100 setting (alpha 1, beta 8) is the default; it suggests a smaller beta for
+    ImageNet-like data (`--loss-option dkd.beta=0.5`).
     """
 
     options = {"alpha": 1.0, "beta": 8.0}
@@ -155,7 +178,8 @@ class DecoupledKD(DistillLoss):
     def per_sample(self, inputs: LossInputs, view: TeacherView) -> Tensor:
         t = self.temperature
         student, teacher = inputs.student_logits.float() / t, view.logits.float() / t
-        target = torch.where(inputs.labels >= 0, inputs.labels, teacher.argmax(dim=1))
+        labels = inputs.main_labels()
+        target = torch.where(labels >= 0, labels, teacher.argmax(dim=1))
         gt = F.one_hot(target, student.shape[1]).bool()
         p_s, p_t = student.softmax(dim=1), teacher.softmax(dim=1)
         binary_s = torch.stack([p_s[gt], (p_s * ~gt).sum(dim=1)], dim=1).clamp_min(1e-8)
@@ -327,11 +351,8 @@ def _parse_weights(texts: list[str] | tuple[str, ...]) -> tuple[LossSpec, ...]:
 
 
 def default_loss_specs(labeled: bool) -> tuple[LossSpec, ...]:
-    """CE (with labels) + Hinton KD: the best combination in benchmarks/results/distill_fashion_mnist.md.
-
-    Feature and relation terms did not add accuracy there (small inputs leave 1x1 to 4x4 maps), so they are opt-in.
-    """
-    return ((LossSpec("ce", 1.0, 1.0),) if labeled else ()) + (LossSpec("kd", 1.0, 1.0),)
+    """edgekd.recipe's default terms (chosen by benchmarks/results/distill_fashion_mnist.md); ce only with labels."""
+    return tuple(LossSpec(name, weight, weight) for name, weight in DEFAULT_LOSSES if labeled or name != "ce")
 
 
 class Objective:

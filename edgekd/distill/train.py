@@ -23,11 +23,13 @@ from edgekd.artifacts import atomic_path, sha256_file, write_json_atomic
 from edgekd.data import LoadedData, ModelInputs, make_loader, training_records
 from edgekd.distill.features import DEFAULT_PAIRS, HintedStudent, TappedModel, feature_shapes, list_taps, pair_layers
 from edgekd.distill.losses import LossInputs, LossSpec, Objective, TeacherView, default_loss_specs
+from edgekd.distill.mixing import check_mix, mix_batch
 from edgekd.distill.sampling import EpochSampler, SeededItems
 from edgekd.distill.state import (STATE_NAME, Processes, TeacherCache, agree_on_minimum, finish_processes,
                                   share_from_main, start_processes, sync_buffers, teacher_cache_root)
 from edgekd.errors import EdgekdError
 from edgekd.models import preprocess_for
+from edgekd.recipe import DEFAULT_MIX, DEFAULT_MIX_ALPHA, DEFAULT_TEMPERATURE
 from edgekd.record import (TrainState, data_fingerprint, records_fingerprint, resume_training_state,
                            save_training_state, stage_key)
 from edgekd.distill.students import StudentStart, build_student
@@ -46,7 +48,7 @@ class DistillConfig:
     """How to distil. `losses` empty means the default combination (see losses.default_loss_specs)."""
 
     losses: tuple[LossSpec, ...] = ()
-    temperature: float = 4.0
+    temperature: float = DEFAULT_TEMPERATURE
     feature_pairs: tuple[tuple[str, str], ...] | None = None  # (student layer, teacher layer); None: automatic
     num_feature_pairs: int = DEFAULT_PAIRS
     teacher_weighting: str = "confidence"  # several teachers: per-sample by confidence, or a plain mean
@@ -60,6 +62,8 @@ class DistillConfig:
     seed: int = 0
     image_size: tuple[int, int] | None = None  # the student's input; None: the first teacher's
     augment: bool = True  # shared random crop + flip for teacher and student
+    mix: str = DEFAULT_MIX  # mixup / cutmix of the shared view, for teacher and student alike (mixing.py)
+    mix_alpha: float = DEFAULT_MIX_ALPHA  # the mixing ratio's Beta(alpha, alpha); 1.0: uniform, as in function matching
     cache_teacher: bool = False  # reuse teacher outputs across epochs (only without augmentation/feature losses)
     labeled_repeat: int = 1  # with --unlabeled-data: each labeled image this many times per epoch (TrainingRecords)
     compile: bool = False  # torch.compile the student (and its adapters)
@@ -102,6 +106,7 @@ def _check(teachers: list[TeacherResult], config: DistillConfig) -> None:
     for option, value in (("--precision", config.precision), ("--teacher-precision", config.teacher_precision)):
         if value not in PRECISIONS:
             raise EdgekdError(f"unknown {option} {value!r}; use one of {', '.join(PRECISIONS)}")
+    check_mix(config.mix, config.mix_alpha)
     if config.epochs <= 0 or config.batch_size < 2 or config.temperature <= 0:
         raise EdgekdError("epochs and temperature must be positive and the batch size at least 2")
 
@@ -233,9 +238,9 @@ def _teacher_cache(config: DistillConfig, objective: Objective, records, teacher
                    processes: Processes) -> TeacherCache | None:
     if not config.cache_teacher:
         return None
-    if config.augment or objective.needs_features:
-        why = "augmentation shows the teacher a new view every epoch" if config.augment else \
-            "feature losses need the teacher's maps, too large to keep"
+    if config.augment or config.mix != "none" or objective.needs_features:
+        why = "augmentation shows the teacher a new view every epoch" if config.augment or config.mix != "none" \
+            else "feature losses need the teacher's maps, too large to keep"
         log.warning("not caching teacher outputs: %s", why)
         return None
     key = stage_key("teacher-outputs", {"teachers": [sha256_file(t.weights_path) for t in teachers],
@@ -276,7 +281,8 @@ class DistillLoop:
             for batch_index, batch in enumerate(bar):
                 if batch_index >= steps:
                     break
-                total, terms, images = self.step(batch, n_teachers, state.step / self.total_steps)
+                total, terms, images = self.step(self.mixed(batch, n_teachers, state.step), n_teachers,
+                                                 state.step / self.total_steps)
                 state.step += 1
                 self.scheduler.step_update(state.step)
                 for name, value in {"loss": total, **terms, "steps": 1, "images": images}.items():
@@ -290,6 +296,15 @@ class DistillLoop:
             bar.close()
         state.partial = {k: float(v) for k, v in sums.items()}
         return state.partial
+
+    def mixed(self, batch: tuple, n_teachers: int, step: int) -> tuple:
+        """The batch with its images mixed (the same mix for every model) and the partners' labels and shares
+        appended; unchanged without --mix. Mixed here, on the whole batch, so every memory-sized slice shares it."""
+        if self.config.mix == "none":
+            return batch
+        inputs, labels = batch[:1 + n_teachers], batch[1 + n_teachers]
+        mixed = mix_batch(tuple(inputs), labels, self.config.mix, self.config.mix_alpha, self.config.seed, step)
+        return (*mixed.inputs, *batch[1 + n_teachers:], mixed.partner_labels, mixed.own_share)
 
     def step(self, batch: tuple, n_teachers: int, progress_fraction: float) -> tuple[torch.Tensor, dict, int]:
         """One optimiser step on the batch, computed in memory-sized slices whose gradients accumulate (each
@@ -307,6 +322,8 @@ class DistillLoop:
         student_input = self.compute.inputs(batch[0])
         teacher_inputs = [self.teacher_compute.inputs(x) for x in batch[1:1 + n_teachers]]
         labels, indices = batch[1 + n_teachers].to(self.compute.device), batch[2 + n_teachers]
+        partner_labels, own_share = (x.to(self.compute.device) for x in batch[3 + n_teachers:]) \
+            if len(batch) > 3 + n_teachers else (None, None)
         teacher_out = self.teacher_outputs(teacher_inputs, indices)
         with self.compute.autocast():
             logits, embedding, raw, hints = self.model(student_input)
@@ -314,7 +331,8 @@ class DistillLoop:
                                   hints=hints[k], weight=weight)
                       for k, ((t_logits, t_embedding, t_maps), weight) in
                       enumerate(zip(teacher_out, self.teacher_weights([o[0] for o in teacher_out]))))
-        return self.objective(LossInputs(logits.float(), embedding.float(), labels, views), progress_fraction)
+        return self.objective(LossInputs(logits.float(), embedding.float(), labels, views, partner_labels, own_share),
+                              progress_fraction)
 
     def teacher_outputs(self, inputs: list[torch.Tensor], indices: torch.Tensor) -> list[tuple]:
         """Each teacher's (logits, embedding, maps) in fp32, from the cache when it holds this batch."""
@@ -365,7 +383,8 @@ def _finish(hinted: HintedStudent, loop: DistillLoop, teachers: list[TeacherResu
     metrics = {"losses": [str(s) for s in objective.specs], "temperature": config.temperature,
                "epochs": config.epochs, "seed": config.seed, "train_images": len(data.train),
                "unlabeled_images": len(data.unlabeled) if data.unlabeled is not None else 0,
-               "labeled_repeat": config.labeled_repeat,
+               "labeled_repeat": config.labeled_repeat, "augment": config.augment, "mix": config.mix,
+               "mix_alpha": config.mix_alpha,
                "teachers": [t.model_name for t in teachers], "teacher_val_top1": teachers[0].val_top1,
                "feature_pairs": [[f"{s.name}->{t.name}" for s, t in chosen] for chosen in pairs],
                "teacher_cache": cache is not None, "processes": processes.world,

@@ -1,0 +1,182 @@
+"""Benchmark: few labels, many images. 1,000 labeled Fashion-MNIST images plus the other 59,000 as unlabeled PNGs.
+
+The teacher is trained on the 1,000 labeled images only (as `edgekd compress` fine-tunes it); the student then
+learns from the labels and from the teacher's answers on every image, as a user runs it with
+`--data labeled/ --unlabeled-data photos/`. Rows: the student on the 1,000 labels alone, distilled on the same
+1,000, and distilled with the 59,000 unlabeled images (edgekd's default recipe). One invocation per stage (see
+run_distill_few_labels.sh):
+
+    python benchmarks/distill_few_labels.py unlabeled-folder
+    python benchmarks/distill_few_labels.py teacher
+    python benchmarks/distill_few_labels.py student default --seed 0
+    python benchmarks/distill_few_labels.py table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+
+from distill_fashion_mnist import Recipe, default_recipe
+from edgekd.data import load_data, stratified_subset
+from edgekd.distill import DistillConfig, distill, parse_loss_specs
+from edgekd.distill.teacher import prepare_teacher, read_teacher_result
+from edgekd.types import DataSpec, TeacherSpec, TrainConfig
+
+WORK = Path("runs/bench-distill-few-labels")
+UNLABELED = WORK / "unlabeled"
+RESULTS = Path(__file__).parent / "results"
+LABELED = 1_000
+DATA_SEED = 0  # fixes which 1,000 images carry labels: the teacher and every student run share them
+TEACHER = "resnet18"
+TEACHER_EPOCHS = 40.0  # 1,000 images: 8 steps an epoch
+STUDENT = "mobilenetv3_small_050"
+LABELED_EPOCHS = 40.0  # rows that see the 1,000 labeled images only (320 steps; more overfits)
+UNLABELED_EPOCHS = 2.0  # rows with the 59,000 unlabeled images too (936 steps)
+
+
+@dataclass(frozen=True)
+class Row:
+    recipe: Recipe
+    unlabeled: bool
+    epochs: float
+
+
+CONFIGS = {
+    "labels-only": Row(Recipe("ce=1"), unlabeled=False, epochs=LABELED_EPOCHS),
+    "kd-labeled-only": Row(default_recipe(), unlabeled=False, epochs=LABELED_EPOCHS),
+    "default": Row(default_recipe(), unlabeled=True, epochs=UNLABELED_EPOCHS),
+    "default-2x-epochs": Row(default_recipe(), unlabeled=True, epochs=2 * UNLABELED_EPOCHS),
+    "kd-unlabeled-no-mix": Row(replace(default_recipe(), mix="none"), unlabeled=True, epochs=UNLABELED_EPOCHS),
+}
+
+
+def write_unlabeled_folder() -> None:
+    """The 59,000 training images outside the labeled 1,000, as PNGs with no class folders (written once)."""
+    done = UNLABELED / ".complete"
+    if done.exists():
+        return
+    full = load_data(DataSpec("fashion-mnist"))
+    labeled = set(stratified_subset(full.train.labels, LABELED, DATA_SEED))
+    UNLABELED.mkdir(parents=True, exist_ok=True)
+    for index in range(len(full.train)):
+        if index not in labeled:
+            Image.fromarray(full.train.images[index]).save(UNLABELED / f"{index:05d}.png")
+    done.write_text("")
+
+
+def _data(with_unlabeled: bool):
+    return load_data(DataSpec("fashion-mnist", max_train=LABELED, seed=DATA_SEED,
+                              unlabeled=(str(UNLABELED),) if with_unlabeled else ()))
+
+
+def teacher_stage() -> None:
+    data = _data(with_unlabeled=False)
+    started = time.perf_counter()
+    result = prepare_teacher(TeacherSpec(TEACHER, random_init=True), data, WORK / "teacher", image_size=(32, 32),
+                             train_config=TrainConfig(epochs=TEACHER_EPOCHS, seed=0))
+    _save({"config": "teacher", "model": result.model_name, "train_images": len(data.train),
+           "epochs": TEACHER_EPOCHS, "seed": 0, "val_top1": result.val_top1, "val_top5": result.val_top5,
+           "seconds": sum(h.get("seconds", 0.0) for h in result.history) or time.perf_counter() - started})
+
+
+def student_stage(config: str, seed: int) -> None:
+    row = CONFIGS[config]
+    teacher = read_teacher_result(WORK / "teacher")
+    data = _data(with_unlabeled=row.unlabeled)
+    started = time.perf_counter()
+    checkpoint = distill([teacher], STUDENT, data,
+                         DistillConfig(losses=parse_loss_specs([row.recipe.losses]), mix=row.recipe.mix,
+                                       temperature=row.recipe.temperature, epochs=row.epochs, seed=seed,
+                                       teacher_precision="fp32"),
+                         WORK / f"{config}-seed{seed}")
+    _save({"config": config, "recipe": asdict(row.recipe), "unlabeled_images": len(data.unlabeled or ()),
+           "train_images": len(data.train), "epochs": row.epochs, "seed": seed, "model": STUDENT,
+           "val_top1": checkpoint.val_top1, "val_top5": checkpoint.val_top5,
+           "teacher_agreement": checkpoint.teacher_agreement, "seconds": time.perf_counter() - started})
+
+
+def table_stage() -> None:
+    records = [json.loads(p.read_text()) for p in sorted((WORK / "records").glob("*.json"))]
+    teacher = next(r for r in records if r["config"] == "teacher")
+    by_config = {c: sorted((r for r in records if r["config"] == c), key=lambda r: r["seed"]) for c in CONFIGS}
+    baseline = {r["seed"]: r["val_top1"] for r in by_config["labels-only"]}
+    rows = []
+    for config, runs in by_config.items():
+        if not runs:
+            continue
+        top1 = [r["val_top1"] for r in runs]
+        rows.append({"config": config, "recipe": runs[0]["recipe"], "unlabeled_images": runs[0]["unlabeled_images"],
+                     "epochs": runs[0]["epochs"], "seeds": [r["seed"] for r in runs], "top1_per_seed": top1,
+                     "top1_mean": float(np.mean(top1)), "top1_spread": float(np.max(top1) - np.min(top1)),
+                     "delta_vs_labels_only_per_seed": [t - baseline[r["seed"]] for t, r in zip(top1, runs)
+                                                       if r["seed"] in baseline],
+                     "agreement_mean": float(np.mean([r["teacher_agreement"] for r in runs])),
+                     "seconds_mean": float(np.mean([r["seconds"] for r in runs]))})
+    rows.append({"config": "teacher", "model": TEACHER, "train_images": teacher["train_images"],
+                 "epochs": TEACHER_EPOCHS, "seeds": [0], "top1_per_seed": [teacher["val_top1"]],
+                 "top1_mean": teacher["val_top1"], "seconds_mean": teacher["seconds"]})
+    setup = {"student": STUDENT, "teacher": TEACHER, "labeled_images": LABELED,
+             "unlabeled_images": next((r["unlabeled_images"] for r in rows if r.get("unlabeled_images")), None),
+             "image_size": [32, 32], "test_images": 10_000, "machine": f"{os.cpu_count()} CPU cores, no GPU",
+             "torch": torch.__version__, "timm": timm.__version__, "command": "benchmarks/run_distill_few_labels.sh"}
+    (RESULTS / "distill_few_labels.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2) + "\n")
+    lines = ["# Few labels, many images: 1,000 labeled Fashion-MNIST images + 59,000 unlabeled", "",
+             f"Teacher `{TEACHER}` from random weights, {TEACHER_EPOCHS:g} epochs on the 1,000 labeled images only. "
+             f"Student `{STUDENT}` from random weights at 32x32; rows on the labeled images alone train "
+             f"{LABELED_EPOCHS:g} epochs (320 steps), rows with the unlabeled PNG folder (`--unlabeled-data`) "
+             f"{UNLABELED_EPOCHS:g} epochs over all 60,000 images (936 steps) unless said. Test accuracy on the full "
+             f"10,000-image test split. {setup['machine']}, torch {setup['torch']}, timm {setup['timm']}.", "",
+             f"Reproduce: `{setup['command']}`.", "",
+             "| configuration | recipe | unlabeled images | epochs | top-1 (mean) | per seed | vs labels-only, per seed "
+             "| agreement with teacher | time per run |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if row["config"] == "teacher":
+            lines.append(f"| teacher ({TEACHER}) | `ce`, 1,000 labels | 0 | {TEACHER_EPOCHS:g} | "
+                         f"{100 * row['top1_mean']:.2f}% | seed 0 | | | {row['seconds_mean']:.0f} s |")
+            continue
+        recipe = Recipe(**row["recipe"])
+        deltas = ", ".join(f"{100 * d:+.2f}" for d in row["delta_vs_labels_only_per_seed"])
+        lines.append(f"| {row['config']} | {recipe.describe()} | {row['unlabeled_images']:,} | {row['epochs']:g} | "
+                     f"{100 * row['top1_mean']:.2f}% | "
+                     + ", ".join(f"{100 * v:.2f}%" for v in row["top1_per_seed"])
+                     + f" | {'—' if row['config'] == 'labels-only' else deltas} | {100 * row['agreement_mean']:.2f}% "
+                     f"| {row['seconds_mean']:.0f} s |")
+    (RESULTS / "distill_few_labels.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _save(record: dict) -> None:
+    name = record["config"] + (f"-seed{record['seed']}" if record["config"] != "teacher" else "")
+    path = WORK / "records" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="bench: %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="stage", required=True)
+    sub.add_parser("unlabeled-folder")
+    sub.add_parser("teacher")
+    student = sub.add_parser("student")
+    student.add_argument("config", choices=sorted(CONFIGS))
+    student.add_argument("--seed", type=int, default=0)
+    sub.add_parser("table")
+    args = parser.parse_args()
+    {"unlabeled-folder": write_unlabeled_folder, "teacher": teacher_stage, "table": table_stage,
+     "student": lambda: student_stage(args.config, args.seed)}[args.stage]()
+
+
+if __name__ == "__main__":
+    main()
