@@ -78,7 +78,7 @@ def test_label_free_run_on_an_unlabeled_folder(data, teachers, tmp_path):
     checkpoint = distill(teachers[:1], "test_resnet", unlabeled, config, tmp_path / "out")
     assert checkpoint.val_top1 is None and 0.0 <= checkpoint.teacher_agreement <= 1.0
     log = json.loads((tmp_path / "out" / "distill_log.json").read_text())
-    assert log["losses"] == ["kd=1"] and "ce" not in log["epoch_log"][0]
+    assert log["losses"] == ["kd=9(standardize=1)"] and "ce" not in log["epoch_log"][0]  # the default, less ce
     assert log["teacher_cache"] is True  # no augmentation and no feature losses: teacher outputs are reused
     uncached = distill(teachers[:1], "test_resnet", unlabeled, replace(config, cache_teacher=False), tmp_path / "plain")
     cached_weights, plain_weights = load_file(str(checkpoint.weights_path)), load_file(str(uncached.weights_path))

@@ -50,6 +50,18 @@ def test_kd_is_scaled_by_temperature_squared(logits):
     assert float(LOSSES["kd"](temperature=2.0)(inputs)) == pytest.approx(4 * float(kl), rel=1e-5)
 
 
+def test_standardized_kd_asks_for_the_teachers_ranking_and_spacing_not_its_scale(logits):
+    """Logit standardization: a student whose logits are the teacher's scaled and shifted has nothing to learn;
+    plain KD still pushes it to match the size. Another ordering of the classes is a loss for both."""
+    teacher = logits
+    student = 0.3 * teacher + 2.0
+    plain, standardized = LOSSES["kd"](temperature=2.0), LOSSES["kd"](temperature=2.0, standardize=1.0)
+    assert float(standardized(make_inputs(student, teacher))) == pytest.approx(0.0, abs=1e-5)
+    assert float(plain(make_inputs(student, teacher))) > 0.1
+    shuffled = teacher[:, torch.randperm(CLASSES, generator=torch.Generator().manual_seed(2))]
+    assert float(standardized(make_inputs(shuffled, teacher))) > 0.1
+
+
 def test_kd_gradient_moves_student_towards_teacher(logits):
     teacher = torch.randn(logits.shape, generator=torch.Generator().manual_seed(4))
     student = logits.clone().requires_grad_(True)

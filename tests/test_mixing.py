@@ -131,3 +131,13 @@ def test_teacher_and_student_receive_the_identical_mixed_tensor(tmp_path):
                          config.seed, 0).inputs[0]
     torch.testing.assert_close(student_mixed, expected)
     assert not torch.allclose(student_mixed, student_plain)
+
+
+def test_the_report_says_how_the_shared_views_were_mixed():
+    from edgekd.evaluate.report import distill_line
+
+    setup = {"losses": ["ce=1", "kd=1"], "temperature": 4.0, "compute": "cpu, fp32", "teacher_compute": "cpu, fp32",
+             "epochs": [{}], "seconds": 3.0}
+    assert "losses ce=1, kd=1 at T=4; student on cpu" in distill_line({**setup, "mix": "none"})
+    assert "losses ce=1, kd=1 at T=4, cutmix (alpha 0.5) on views shared with the teacher; student" in \
+        distill_line({**setup, "mix": "cutmix", "mix_alpha": 0.5})

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Reproduces benchmarks/results/distill_few_labels.{md,json}: 1,000 labeled Fashion-MNIST images plus the other
+# 59,000 as an unlabeled PNG folder. Each stage takes the shared CPU lock on its own (drop `flock` on a machine of
+# your own).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+LOCK=${EDGEKD_LOCK:-/tmp/edgekd-cpu.lock}
+flock "$LOCK" "$PY" benchmarks/distill_few_labels.py unlabeled-folder
+flock "$LOCK" "$PY" benchmarks/distill_few_labels.py teacher
+for seed in ${SEEDS:-0 1 2}; do
+  for config in ${CONFIGS:-labels-only kd-labeled-only default default-2x-epochs}; do
+    flock "$LOCK" "$PY" benchmarks/distill_few_labels.py student "$config" --seed "$seed"
+  done
+done
+"$PY" benchmarks/distill_few_labels.py table
