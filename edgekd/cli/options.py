@@ -69,7 +69,8 @@ Losses = Annotated[list[str], typer.Option(
     "--loss", help="name=weight or name=start:end (ramped over training), repeatable; known: ce, kd, dkd, wsl, "
     "fitnet, at, rkd, sp. Default: " + " ".join(DEFAULT_LOSSES) + " with " + " ".join(DEFAULT_LOSS_OPTIONS)
     + f" and --temperature {DEFAULT_TEMPERATURE:g}, logit-standardized KD (no ce without labels): in "
-    "benchmarks/results/distill_fashion_mnist.md it beat plain KD (ce=1 kd=1, T=4) and labels only on every seed.")]
+    "benchmarks/results/distill_fashion_mnist.md it beat plain KD (ce=1 kd=1, T=4) by 1.21 points and labels only "
+    "by 2.30 (mean of 3 seeds; better on every seed).")]
 LossOptions = Annotated[list[str], typer.Option(
     "--loss-option", help="A loss's constant as LOSS.KEY=VALUE, repeatable: dkd.alpha, dkd.beta (default 1, 8), "
     "rkd.distance, rkd.angle (default 1, 2).")]
