@@ -103,7 +103,7 @@ def teacher_stage() -> None:
     record = {"config": "teacher", "model": result.model_name, "params": result.params, "train_images": len(data.train),
               "epochs": TEACHER_EPOCHS, "seed": TEACHER_SEED, "val_top1": result.val_top1, "val_top5": result.val_top5,
               "seconds": sum(h.get("seconds", 0.0) for h in result.history) or time.perf_counter() - started}
-    _save(record)
+    save_record(record)
 
 
 def student_stage(config: str, seed: int, max_train: int, epochs: float) -> None:
@@ -115,7 +115,7 @@ def student_stage(config: str, seed: int, max_train: int, epochs: float) -> None
     started = time.perf_counter()
     checkpoint = distill([teacher], STUDENT, data, recipe.distill_config(epochs, seed),
                          WORK / f"{config}-seed{seed}")
-    _save({"config": config, "losses": recipe.losses, "recipe": asdict(recipe), "model": STUDENT,
+    save_record({"config": config, "losses": recipe.losses, "recipe": asdict(recipe), "model": STUDENT,
            "train_images": len(data.train),
            "epochs": epochs, "seed": seed, "val_top1": checkpoint.val_top1, "val_top5": checkpoint.val_top5,
            "teacher_agreement": checkpoint.teacher_agreement, "seconds": time.perf_counter() - started})
@@ -211,9 +211,10 @@ def _mean(values: list) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _save(record: dict) -> None:
+def save_record(record: dict, work: Path = WORK) -> None:
+    """One finished stage's numbers, as work/records/<config>-seed<N>.json (the teacher's as teacher.json)."""
     name = record["config"] + (f"-seed{record['seed']}" if record["config"] != "teacher" else "")
-    path = WORK / "records" / f"{name}.json"
+    path = work / "records" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
 

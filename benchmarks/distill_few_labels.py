@@ -27,7 +27,7 @@ import timm
 import torch
 from PIL import Image
 
-from distill_fashion_mnist import Recipe, default_recipe
+from distill_fashion_mnist import Recipe, default_recipe, save_record
 from edgekd.data import load_data, stratified_subset
 from edgekd.distill import distill
 from edgekd.distill.teacher import prepare_teacher, read_teacher_result
@@ -84,9 +84,9 @@ def teacher_stage() -> None:
     started = time.perf_counter()
     result = prepare_teacher(TeacherSpec(TEACHER, random_init=True), data, WORK / "teacher", image_size=(32, 32),
                              train_config=TrainConfig(epochs=TEACHER_EPOCHS, seed=0))
-    _save({"config": "teacher", "model": result.model_name, "train_images": len(data.train),
+    save_record({"config": "teacher", "model": result.model_name, "train_images": len(data.train),
            "epochs": TEACHER_EPOCHS, "seed": 0, "val_top1": result.val_top1, "val_top5": result.val_top5,
-           "seconds": sum(h.get("seconds", 0.0) for h in result.history) or time.perf_counter() - started})
+           "seconds": sum(h.get("seconds", 0.0) for h in result.history) or time.perf_counter() - started}, WORK)
 
 
 def student_stage(config: str, seed: int) -> None:
@@ -96,10 +96,10 @@ def student_stage(config: str, seed: int) -> None:
     started = time.perf_counter()
     checkpoint = distill([teacher], STUDENT, data, row.recipe.distill_config(row.epochs, seed),
                          WORK / f"{config}-seed{seed}")
-    _save({"config": config, "recipe": asdict(row.recipe), "unlabeled_images": len(data.unlabeled or ()),
+    save_record({"config": config, "recipe": asdict(row.recipe), "unlabeled_images": len(data.unlabeled or ()),
            "train_images": len(data.train), "epochs": row.epochs, "seed": seed, "model": STUDENT,
            "val_top1": checkpoint.val_top1, "val_top5": checkpoint.val_top5,
-           "teacher_agreement": checkpoint.teacher_agreement, "seconds": time.perf_counter() - started})
+           "teacher_agreement": checkpoint.teacher_agreement, "seconds": time.perf_counter() - started}, WORK)
 
 
 def table_stage() -> None:
@@ -161,13 +161,6 @@ def table_stage() -> None:
               "- Times share the machine with other jobs; read them as rough."]
     (RESULTS / "distill_few_labels.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def _save(record: dict) -> None:
-    name = record["config"] + (f"-seed{record['seed']}" if record["config"] != "teacher" else "")
-    path = WORK / "records" / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def main() -> None:

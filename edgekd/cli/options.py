@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 
@@ -24,6 +24,31 @@ def _teacher_help() -> str:
 
 DATA_HELP = ("Images: a folder with one sub-folder per class (train/ and val/ or test/ used when present), "
              "a folder of unlabeled images, a .tar of either (read in place), or 'fashion-mnist'.")
+
+def _one_of(what: str, choices: Callable[[], tuple[str, ...]]) -> Callable[[str], str]:
+    """A parse-time check (a typo fails before any data is read); `choices` is called late, so heavy modules
+    are imported only when the option is given."""
+
+    def check(value: str) -> str:
+        known = choices()
+        if value not in known:
+            raise typer.BadParameter(f"{value!r} is not {what}; use one of {', '.join(known)}")
+        return value
+
+    return check
+
+
+def _precisions() -> tuple[str, ...]:
+    from edgekd.distill.train_utils import PRECISIONS
+
+    return tuple(PRECISIONS)
+
+
+def _calibrations() -> tuple[str, ...]:
+    from edgekd.deploy.quantize import CALIBRATION_CHOICES
+
+    return tuple(CALIBRATION_CHOICES)
+
 
 Teachers = Annotated[list[str], typer.Option("--teacher", "-t", help=_teacher_help())]
 TeacherCheckpoints = Annotated[list[Path], typer.Option(
@@ -44,17 +69,11 @@ LabeledRepeat = Annotated[int, typer.Option(
     "the labeled share of every batch (default 1: the data's own proportion).")]
 
 
-def _mix(value: str) -> str:
-    """Checked while parsing, so a typo fails before the teacher is trained."""
-    if value not in MIX_MODES:
-        raise typer.BadParameter(f"{value!r} is not a mixing mode; use one of {', '.join(MIX_MODES)}")
-    return value
-
-
 Mix = Annotated[str, typer.Option(
-    "--mix", callback=_mix, help="Consistent teaching: mix pairs of images in each batch (mixup, cutmix, or "
-    "mixup+cutmix: either, by coin flip, per batch) after the shared crop/flip, and give the teacher the very image "
-    f"the student sees; kd learns the teacher's answer on it, ce the mixed labels. none: no mixing. Default: "
+    "--mix", callback=_one_of("a mixing mode", lambda: MIX_MODES),
+    help="Consistent teaching: mix pairs of images in each batch (mixup, cutmix, or mixup+cutmix: either, by "
+    "coin flip, per batch) after the shared crop/flip, and give the teacher the very image the student sees;"
+    f" kd learns the teacher's answer on it, ce the mixed labels. none: no mixing. Default: "
     f"{DEFAULT_MIX} (see the README's Distillation section for what the benchmark measured).")]
 MixAlpha = Annotated[float, typer.Option(
     "--mix-alpha", min=0.01, help="The mixing ratio is drawn from Beta(alpha, alpha): 1.0 uniform, "
@@ -77,20 +96,12 @@ LossOptions = Annotated[list[str], typer.Option(
 Temperature = Annotated[float, typer.Option("--temperature", help="Softmax temperature of kd and dkd.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Data loader processes (default: cores - 1).")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (under torchrun: each rank's GPU).")]
-def _precision(value: str) -> str:
-    """Checked while parsing, so a typo fails before any data is read."""
-    from edgekd.distill.train_utils import PRECISIONS
-
-    if value not in PRECISIONS:
-        raise typer.BadParameter(f"{value!r} is not a precision; use one of {', '.join(PRECISIONS)}")
-    return value
-
-
-Precision = Annotated[str, typer.Option("--precision", callback=_precision, help="Training precision: auto (bf16 "
-                                        "autocast on CUDA, fp32 on CPU), bf16 or fp32.")]
-TeacherPrecision = Annotated[str, typer.Option("--teacher-precision", callback=_precision, help="The teacher's "
-                                               "forward pass: auto (bf16 on CUDA and on CPUs with native bf16, else "
-                                               "fp32), bf16 or fp32.")]
+Precision = Annotated[str, typer.Option(
+    "--precision", callback=_one_of("a precision", _precisions),
+    help="Training precision: auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32.")]
+TeacherPrecision = Annotated[str, typer.Option(
+    "--teacher-precision", callback=_one_of("a precision", _precisions),
+    help="The teacher's forward pass: auto (bf16 on CUDA and on CPUs with native bf16, else fp32), bf16 or fp32.")]
 ChannelsLast = Annotated[Optional[bool], typer.Option(
     "--channels-last/--no-channels-last", help="Memory layout of training (default: channels_last on CUDA).")]
 Seed = Annotated[int, typer.Option("--seed")]
@@ -102,17 +113,10 @@ StudentCheckpointPath = Annotated[Optional[Path], typer.Option(
     "--student-checkpoint", help="Start the student from this state_dict (.safetensors or .pth, loaded safely; "
     "the classifier is re-initialised when its class count differs). Pins the student: --student, or the "
     "architecture the file names.")]
-def _calibration(value: str) -> str:
-    from edgekd.deploy.quantize import CALIBRATION_CHOICES
-
-    if value not in CALIBRATION_CHOICES:
-        raise typer.BadParameter(f"{value!r} is not a calibration method; use one of {', '.join(CALIBRATION_CHOICES)}")
-    return value
-
-
 Calibration = Annotated[str, typer.Option(
-    "--calibration", callback=_calibration, help="How int8 static calibrates activation ranges: minmax, entropy, "
-    "percentile (99.999th), or auto (minmax, then percentile and entropy when the guard fails, before keeping nodes "
+    "--calibration", callback=_one_of("a calibration method", _calibrations),
+    help="How int8 static calibrates activation ranges: minmax, entropy, percentile (99.999th), or auto "
+    "(minmax, then percentile and entropy when the guard fails, before keeping nodes "
     "in float). --search-quantization / --search tries all three with every preset.")]
 Candidates = Annotated[Optional[str], typer.Option("--candidates", help="Comma-separated candidate names (timm names "
                                                    "or derived:<teacher>:depth=F); default: the whole pool.")]
