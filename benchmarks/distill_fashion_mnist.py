@@ -22,7 +22,7 @@ import torch
 
 from edgekd.data import load_data
 from edgekd.distill import DistillConfig, distill, parse_loss_specs
-from edgekd.distill.losses import default_loss_specs
+from edgekd.recipe import default_recipe as recipe_defaults
 from edgekd.distill.teacher import prepare_teacher, read_teacher_result
 from edgekd.types import DataSpec, TeacherSpec, TrainConfig
 
@@ -65,12 +65,9 @@ class Recipe:
 
 
 def default_recipe() -> Recipe:
-    """The recipe `edgekd compress` and `edgekd distill` use when no --loss/--mix/--temperature is given."""
-    defaults = DistillConfig()
-    specs = default_loss_specs(True)
-    return Recipe(",".join(f"{spec.name}={spec.start:g}" for spec in specs),
-                  ",".join(f"{spec.name}.{key}={value:g}" for spec in specs for key, value in spec.options),
-                  defaults.mix, defaults.temperature)
+    """The recipe `edgekd compress` and `edgekd distill` use for a student from random weights (edgekd.recipe)."""
+    losses, options, temperature = recipe_defaults(transfer=False)
+    return Recipe(",".join(losses), ",".join(options), DistillConfig().mix, temperature)
 
 
 CONFIGS = {  # the same student, data and (unless said) epochs

@@ -196,3 +196,6 @@ def test_objective_sums_weighted_terms_and_checks_labels(logits):
     with pytest.raises(EdgekdError, match="needs labels"):
         objective.check_labels(labeled=False)
     assert [s.name for s in default_loss_specs(labeled=False)] == ["kd"]
+    # from random weights logit-standardized KD, from real weights plain KD (edgekd/recipe.py has the measurements)
+    assert [str(s) for s in default_loss_specs(labeled=True)] == ["ce=0.1", "kd=9(standardize=1)"]
+    assert [str(s) for s in default_loss_specs(labeled=True, transfer=True)] == ["ce=1", "kd=1"]

@@ -19,7 +19,6 @@ from edgekd.cli.options import (
     MixAlpha,
     DEFAULT_MIX,
     DEFAULT_MIX_ALPHA,
-    DEFAULT_TEMPERATURE,
     LearningRate,
     Losses,
     LossOptions,
@@ -65,7 +64,7 @@ def distill_command(
     epochs: Annotated[float, typer.Option("--epochs", help="Distillation epochs (fractions allowed).")] = 10.0,
     batch_size: BatchSize = 128,
     lr: LearningRate = None,
-    temperature: Temperature = DEFAULT_TEMPERATURE,
+    temperature: Temperature = None,
     mix: Mix = DEFAULT_MIX,
     mix_alpha: MixAlpha = DEFAULT_MIX_ALPHA,
     feature_pairs: Optional[str] = typer.Option(None, "--feature-pairs", help="STUDENT:TEACHER layer pairs, "

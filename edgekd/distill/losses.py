@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from edgekd.errors import EdgekdError
-from edgekd.recipe import DEFAULT_LOSS_OPTIONS, DEFAULT_LOSSES
+from edgekd.recipe import default_recipe
 
 
 @dataclass(frozen=True)
@@ -365,15 +365,17 @@ def _parse_weights(texts: list[str] | tuple[str, ...]) -> tuple[LossSpec, ...]:
     return tuple(specs)
 
 
-def default_loss_specs(labeled: bool) -> tuple[LossSpec, ...]:
-    """edgekd.recipe's default terms (chosen by benchmarks/results/distill_fashion_mnist.md); ce only with labels."""
-    return tuple(spec for spec in parse_loss_specs(DEFAULT_LOSSES, DEFAULT_LOSS_OPTIONS) if labeled or spec.name != "ce")
+def default_loss_specs(labeled: bool, transfer: bool = False) -> tuple[LossSpec, ...]:
+    """edgekd.recipe's default terms for a student from random (or, transfer, real) weights; ce only with labels."""
+    losses, options, _ = default_recipe(transfer)
+    return tuple(spec for spec in parse_loss_specs(losses, options) if labeled or spec.name != "ce")
 
 
 class Objective:
     """The weighted sum of the configured losses; also returns each term's value for logging."""
 
     def __init__(self, specs: tuple[LossSpec, ...], temperature: float):
+        self.temperature = temperature
         if not specs:
             raise EdgekdError("no loss terms given; pass e.g. --loss kd=1 (known: " + ", ".join(sorted(LOSSES)) + ")")
         self.specs = specs

@@ -29,7 +29,7 @@ from edgekd.distill.state import (STATE_NAME, Processes, TeacherCache, agree_on_
                                   share_from_main, start_processes, sync_buffers, teacher_cache_root)
 from edgekd.errors import EdgekdError
 from edgekd.models import preprocess_for
-from edgekd.recipe import DEFAULT_MIX, DEFAULT_MIX_ALPHA, DEFAULT_TEMPERATURE
+from edgekd.recipe import DEFAULT_MIX, DEFAULT_MIX_ALPHA, default_recipe
 from edgekd.record import (TrainState, data_fingerprint, records_fingerprint, resume_training_state,
                            save_training_state, stage_key)
 from edgekd.distill.students import StudentStart, build_student
@@ -48,7 +48,7 @@ class DistillConfig:
     """How to distil. `losses` empty means the default combination (see losses.default_loss_specs)."""
 
     losses: tuple[LossSpec, ...] = ()
-    temperature: float = DEFAULT_TEMPERATURE
+    temperature: float | None = None  # None: the recipe's for the student's start (edgekd.recipe)
     feature_pairs: tuple[tuple[str, str], ...] | None = None  # (student layer, teacher layer); None: automatic
     num_feature_pairs: int = DEFAULT_PAIRS
     teacher_weighting: str = "confidence"  # several teachers: per-sample by confidence, or a plain mean
@@ -107,7 +107,7 @@ def _check(teachers: list[TeacherResult], config: DistillConfig) -> None:
         if value not in PRECISIONS:
             raise EdgekdError(f"unknown {option} {value!r}; use one of {', '.join(PRECISIONS)}")
     check_mix(config.mix, config.mix_alpha)
-    if config.epochs <= 0 or config.batch_size < 2 or config.temperature <= 0:
+    if config.epochs <= 0 or config.batch_size < 2 or (config.temperature or 1.0) <= 0:
         raise EdgekdError("epochs and temperature must be positive and the batch size at least 2")
 
 
@@ -119,8 +119,6 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
     device = compute.device
     log.info("distilling on %s (teacher forward: %s)%s", compute.describe(), teacher_compute.describe(),
              f", {processes.world} processes" if processes.world > 1 else "")
-    objective = Objective(config.losses or default_loss_specs(data.info.labeled), config.temperature)
-    objective.check_labels(data.info.labeled)
     per_rank_batch = config.batch_size // processes.world
     if per_rank_batch < 2 or config.batch_size % processes.world:
         raise EdgekdError(f"--batch-size {config.batch_size} does not split into {processes.world} processes of "
@@ -130,6 +128,10 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
     if start is None:
         start = StudentStart(build_student(student_name, teachers[0].num_classes, image_size), "random", "random")
     student = start.model
+    transfer = start.source != "random"  # the default recipe depends on it (edgekd.recipe)
+    objective = Objective(config.losses or default_loss_specs(data.info.labeled, transfer),
+                          config.temperature or default_recipe(transfer)[2])
+    objective.check_labels(data.info.labeled)
     student_pre = preprocess_for(student, image_size)
     teacher_models = [load_teacher_model(t) for t in teachers]
     hinted, tapped_teachers, pairs = wire_models(student, student_pre, teacher_models, teachers, objective, config,
@@ -380,7 +382,7 @@ def _finish(hinted: HintedStudent, loop: DistillLoop, teachers: list[TeacherResu
     student_state = {k: v.detach().cpu().contiguous() for k, v in hinted.student.state_dict().items()}
     with atomic_path(weights_path) as tmp:
         save_file(student_state, str(tmp), metadata={"architecture": student_name})  # read by --student-checkpoint
-    metrics = {"losses": [str(s) for s in objective.specs], "temperature": config.temperature,
+    metrics = {"losses": [str(s) for s in objective.specs], "temperature": objective.temperature,
                "epochs": config.epochs, "seed": config.seed, "train_images": len(data.train),
                "unlabeled_images": len(data.unlabeled) if data.unlabeled is not None else 0,
                "labeled_repeat": config.labeled_repeat, "augment": config.augment, "mix": config.mix,
