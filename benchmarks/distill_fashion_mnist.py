@@ -158,7 +158,8 @@ def table_stage() -> None:
              f"and the data order). {setup['machine']}, torch {setup['torch']}, timm {setup['timm']}.", "",
              f"Reproduce: `{setup['command']}` (one process per stage, seeds 0 1 2; `SEEDS=\"3 4\"` adds seeds, "
              "`CONFIGS=\"...\"` picks rows).", "",
-             f"**default** is what `edgekd compress` and `edgekd distill` use: {default_recipe().describe()}.", "",
+             f"**default** is what `edgekd compress` and `edgekd distill` use for a student from random weights, as "
+             f"here: {default_recipe().describe()} (from real weights they use plain KD; see edgekd/recipe.py).", "",
              "| configuration | recipe | top-1 mean | per seed | spread | vs labels-only (per seed) | vs kd (per seed) "
              "| agreement with teacher | time per run |", "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
