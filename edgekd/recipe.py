@@ -6,8 +6,8 @@ It depends on where the student starts, because the two measurements disagree:
   points and labels only by 2.30, better on every seed; consistent mixup/cutmix lost 4-5 points there.
 - From real weights (pretrained, teacher-derived, a checkpoint): plain KD. In `make demo` (a real EfficientNet-Lite2
   teacher, a teacher-derived student that ends above its teacher) the standardized recipe's heavy kd weight held
-  the student near the teacher: 86.95% top-1, against 88.35-88.80% with plain KD (one run each;
-  benchmarks/results/demo_compress_host.md).
+  the student near the teacher: 86.95% top-1 (benchmarks/results/demo_compress_host_standardized_kd.md), against
+  88.35-88.80% with plain KD (benchmarks/results/demo_compress_host.md); one run each.
 Change either only with a benchmark that beats it. Torch-free, so the CLI's --help stays fast.
 """
 

@@ -19,15 +19,13 @@ from edgekd.cli.options import (
     FashionMnistRoot,
     InputSize,
     LabeledRepeat,
-    Mix,
-    MixAlpha,
-    DEFAULT_MIX,
-    DEFAULT_MIX_ALPHA,
     LearningRate,
     Losses,
     LossOptions,
     MaxTrain,
     MaxVal,
+    Mix,
+    MixAlpha,
     Precision,
     RandomInit,
     Seed,
@@ -45,6 +43,7 @@ from edgekd.cli.options import (
     student_choice,
     teacher_specs,
 )
+from edgekd.recipe import DEFAULT_MIX, DEFAULT_MIX_ALPHA
 
 
 @app.command("compress")

@@ -15,15 +15,13 @@ from edgekd.cli.options import (
     Device,
     InputSize,
     LabeledRepeat,
-    Mix,
-    MixAlpha,
-    DEFAULT_MIX,
-    DEFAULT_MIX_ALPHA,
     LearningRate,
     Losses,
     LossOptions,
     MaxTrain,
     MaxVal,
+    Mix,
+    MixAlpha,
     Precision,
     RandomInit,
     Seed,
@@ -41,6 +39,7 @@ from edgekd.cli.options import (
     teacher_specs,
 )
 from edgekd.errors import EdgekdError
+from edgekd.recipe import DEFAULT_MIX, DEFAULT_MIX_ALPHA
 
 
 @app.command("distill")

@@ -10,8 +10,8 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from edgekd.errors import EdgekdError
-from edgekd.recipe import (DEFAULT_LOSS_OPTIONS, DEFAULT_LOSSES, DEFAULT_MIX, DEFAULT_MIX_ALPHA,  # noqa: F401
-                           DEFAULT_TEMPERATURE, MIX_MODES, TRANSFER_LOSSES, TRANSFER_TEMPERATURE)
+from edgekd.recipe import (DEFAULT_LOSS_OPTIONS, DEFAULT_LOSSES, DEFAULT_MIX, DEFAULT_MIX_ALPHA, DEFAULT_TEMPERATURE,
+                           MIX_MODES, TRANSFER_LOSSES, TRANSFER_TEMPERATURE)
 
 log = logging.getLogger("edgekd")
 
@@ -73,7 +73,7 @@ Mix = Annotated[str, typer.Option(
     "--mix", callback=_one_of("a mixing mode", lambda: MIX_MODES),
     help="Consistent teaching: mix pairs of images in each batch (mixup, cutmix, or mixup+cutmix: either, by "
     "coin flip, per batch) after the shared crop/flip, and give the teacher the very image the student sees;"
-    f" kd learns the teacher's answer on it, ce the mixed labels. none: no mixing. Default: "
+    " kd learns the teacher's answer on it, ce the mixed labels. none: no mixing. Default: "
     f"{DEFAULT_MIX} (see the README's Distillation section for what the benchmark measured).")]
 MixAlpha = Annotated[float, typer.Option(
     "--mix-alpha", min=0.01, help="The mixing ratio is drawn from Beta(alpha, alpha): 1.0 uniform, "
@@ -90,10 +90,10 @@ Losses = Annotated[list[str], typer.Option(
     + " with " + " ".join(DEFAULT_LOSS_OPTIONS)
     + f" and --temperature {DEFAULT_TEMPERATURE:g}, logit-standardized KD: "
     "in benchmarks/results/distill_fashion_mnist.md it beat plain KD (ce=1 kd=1, T=4) by 1.21 points and labels "
-    "only "
-    "by 2.30 (mean of 3 seeds; better on every seed). For a student from real weights (pretrained, teacher-derived, "
-    f"a checkpoint) " + " ".join(TRANSFER_LOSSES) + f" at --temperature {TRANSFER_TEMPERATURE:g}: the standardized "
-    "recipe held the demo's student near its teacher (86.95% against 88.35-88.80%). No ce without labels.")]
+    "only by 2.30 (mean of 3 seeds; better on every seed). For a student from real weights (pretrained, "
+    "teacher-derived, a checkpoint) " + " ".join(TRANSFER_LOSSES)
+    + f" at --temperature {TRANSFER_TEMPERATURE:g}: the standardized recipe held the demo's student near its "
+    "teacher (86.95% against 88.35-88.80%). No ce without labels.")]
 LossOptions = Annotated[list[str], typer.Option(
     "--loss-option", help="A loss's constant as LOSS.KEY=VALUE, repeatable: dkd.alpha, dkd.beta (default 1, 8), "
     "rkd.distance, rkd.angle (default 1, 2).")]

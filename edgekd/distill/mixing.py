@@ -66,22 +66,21 @@ def _cutmix_box(ratio: float, rng: np.random.Generator) -> tuple[float, float, f
 
 
 def _snap(box: tuple[float, float, float, float], height: int, width: int) -> tuple[float, float, float, float]:
-    return (round(box[0] * height) / height, round(box[1] * height) / height,
-            round(box[2] * width) / width, round(box[3] * width) / width)
+    top, bottom, left, right = _pixel_box(box, height, width)
+    return top / height, bottom / height, left / width, right / width
 
 
-def _pixel_box(x: Tensor, box: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
-    height, width = x.shape[-2:]
+def _pixel_box(box: tuple[float, float, float, float], height: int, width: int) -> tuple[int, int, int, int]:
     return round(box[0] * height), round(box[1] * height), round(box[2] * width), round(box[3] * width)
 
 
 def _pasted_fraction(x: Tensor, box: tuple[float, float, float, float]) -> float:
-    top, bottom, left, right = _pixel_box(x, box)
+    top, bottom, left, right = _pixel_box(box, *x.shape[-2:])
     return (bottom - top) * (right - left) / (x.shape[-2] * x.shape[-1])
 
 
 def _paste(x: Tensor, box: tuple[float, float, float, float]) -> Tensor:
-    top, bottom, left, right = _pixel_box(x, box)
+    top, bottom, left, right = _pixel_box(box, *x.shape[-2:])
     out = x.clone()
     out[..., top:bottom, left:right] = x.flip(0)[..., top:bottom, left:right]
     return out

@@ -150,7 +150,7 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
                          num_workers=config.num_workers, device=device, drop_last=drop_last)
     steps_per_epoch = max(1, len(sampler) // per_rank_batch if drop_last else math.ceil(len(sampler) / per_rank_batch))
     total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
-    recipe = recipe_for(student, transfer=start.source != "random", batch_size=config.batch_size, lr=config.lr,
+    recipe = recipe_for(student, transfer=transfer, batch_size=config.batch_size, lr=config.lr,
                         layer_decay=config.layer_decay)
     optimizer = make_optimizer(student, recipe.lr, config.weight_decay, layer_decay=recipe.layer_decay,
                                extra=hinted.adapters)
@@ -240,9 +240,10 @@ def _teacher_cache(config: DistillConfig, objective: Objective, records, teacher
                    processes: Processes) -> TeacherCache | None:
     if not config.cache_teacher:
         return None
-    if config.augment or config.mix != "none" or objective.needs_features:
-        why = "augmentation shows the teacher a new view every epoch" if config.augment or config.mix != "none" \
-            else "feature losses need the teacher's maps, too large to keep"
+    new_views = config.augment or config.mix != "none"
+    if new_views or objective.needs_features:
+        why = "augmentation shows the teacher a new view every epoch" if new_views else \
+            "feature losses need the teacher's maps, too large to keep"
         log.warning("not caching teacher outputs: %s", why)
         return None
     key = stage_key("teacher-outputs", {"teachers": [sha256_file(t.weights_path) for t in teachers],
