@@ -303,6 +303,9 @@ def test_cli_distill_reports_bad_input_on_one_line():
     result = CliRunner().invoke(app, ["distill", "--student", "test_resnet", "--teacher-dir", "nowhere",
                                       "--mix", "blend"])
     assert result.exit_code == 2 and "Invalid value for '--mix': 'blend' is not a mixing mode" in result.output
+    result = CliRunner().invoke(app, ["distill", "--student", "test_resnet", "--teacher-dir", "nowhere",
+                                      "--temperature", "-1"])
+    assert result.exit_code == 2 and "Invalid value for '--temperature': -1 is not positive" in result.output
 
 
 def test_cli_distill_runs_with_loss_options_and_precisions(tmp_path):

@@ -97,8 +97,16 @@ Losses = Annotated[list[str], typer.Option(
 LossOptions = Annotated[list[str], typer.Option(
     "--loss-option", help="A loss's constant as LOSS.KEY=VALUE, repeatable: dkd.alpha, dkd.beta (default 1, 8), "
     "rkd.distance, rkd.angle (default 1, 2).")]
+def _positive_temperature(value: Optional[float]) -> Optional[float]:
+    """Checked while parsing: otherwise a bad value fails only after the teacher is trained."""
+    if value is not None and value <= 0:
+        raise typer.BadParameter(f"{value:g} is not positive; a softmax temperature is above 0 (e.g. 2 or 4)")
+    return value
+
+
 Temperature = Annotated[Optional[float], typer.Option(
-    "--temperature", help="Softmax temperature of kd and dkd (default: the recipe's, see --loss).")]
+    "--temperature", callback=_positive_temperature,
+    help="Softmax temperature of kd and dkd (default: the recipe's, see --loss).")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Data loader processes (default: cores - 1).")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (under torchrun: each rank's GPU).")]
 Precision = Annotated[str, typer.Option(
