@@ -8,6 +8,7 @@ import torch
 from edgekd.distill.losses import (LOSSES, LossInputs, LossSpec, Objective, TeacherView, default_loss_specs,
                                    parse_loss_specs)
 from edgekd.errors import EdgekdError
+from edgekd.recipe import FIXED_VIEWS_MAX_EPOCHS, default_augment
 
 BATCH, CLASSES = 16, 10
 
@@ -199,3 +200,10 @@ def test_objective_sums_weighted_terms_and_checks_labels(logits):
     # from random weights logit-standardized KD, from real weights plain KD (edgekd/recipe.py has the measurements)
     assert [str(s) for s in default_loss_specs(labeled=True)] == ["ce=0.1", "kd=9(standardize=1)"]
     assert [str(s) for s in default_loss_specs(labeled=True, transfer=True)] == ["ce=1", "kd=1"]
+
+
+def test_default_views_are_fixed_only_for_short_schedules_from_random_weights():
+    """Fixed views won at 2-16 epochs from random weights and lost at 40 (edgekd/recipe.py); real weights: crop/flip."""
+    assert not default_augment(transfer=False, epochs=3) and not default_augment(False, FIXED_VIEWS_MAX_EPOCHS)
+    assert default_augment(transfer=False, epochs=FIXED_VIEWS_MAX_EPOCHS + 1)
+    assert default_augment(transfer=True, epochs=3)

@@ -100,7 +100,8 @@ def test_teacher_and_student_receive_the_identical_mixed_tensor(tmp_path):
     data = load_data(DataSpec("fashion-mnist", max_train=96, max_val=32))
     teacher = prepare_teacher(TeacherSpec("test_resnet", random_init=True), data, tmp_path / "teacher",
                               image_size=(32, 32), train_config=TrainConfig(epochs=0.5, batch_size=32, num_workers=0))
-    config = DistillConfig(epochs=0.34, batch_size=32, num_workers=0, losses=parse_loss_specs(["ce=1,kd=1"]))
+    config = DistillConfig(epochs=0.34, batch_size=32, num_workers=0, losses=parse_loss_specs(["ce=1,kd=1"]),
+                           augment=True)  # consistent mode: the random crop/flip, then the mix, shared
 
     def first_step_inputs(mix: str) -> list[torch.Tensor]:
         seen: list[torch.Tensor] = []

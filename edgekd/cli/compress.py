@@ -10,7 +10,9 @@ import typer
 from edgekd.cli.app import app, user_errors
 from edgekd.cli.options import (
     PROFILE_HELP,
+    Augment,
     BatchSize,
+    CacheTeacher,
     Calibration,
     Candidates,
     ChannelsLast,
@@ -71,6 +73,8 @@ def compress_command(
     temperature: Temperature = None,
     mix: Mix = DEFAULT_MIX,
     mix_alpha: MixAlpha = DEFAULT_MIX_ALPHA,
+    augment: Augment = None,
+    cache_teacher: CacheTeacher = None,
     batch_size: BatchSize = 128,
     lr: LearningRate = None,
     max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop",
@@ -113,7 +117,7 @@ def compress_command(
         teacher_training=TrainConfig(epochs=teacher_epochs, batch_size=batch_size, seed=seed, num_workers=workers,
                                      device=device, precision=precision, channels_last=channels_last),
         distillation=DistillConfig(losses=parse_loss_specs(loss, loss_option), temperature=temperature,
-                                   mix=mix, mix_alpha=mix_alpha,
+                                   mix=mix, mix_alpha=mix_alpha, augment=augment, cache_teacher=cache_teacher,
                                    epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, num_workers=workers,
                                    labeled_repeat=labeled_repeat,
                                    device=device,

@@ -9,7 +9,9 @@ import typer
 
 from edgekd.cli.app import app, user_errors
 from edgekd.cli.options import (
+    Augment,
     BatchSize,
+    CacheTeacher,
     ChannelsLast,
     Data,
     Device,
@@ -70,10 +72,8 @@ def distill_command(
                                                 "comma-separated (default: stage ends matched by relative depth)."),
     teacher_weighting: str = typer.Option("confidence", "--teacher-weighting", help="Several teachers: confidence "
                                           "(per sample) or mean."),
-    no_augment: bool = typer.Option(False, "--no-augment", help="No random crop/flip."),
-    cache_teacher: bool = typer.Option(False, "--cache-teacher", help="Keep teacher outputs on disk, keyed by "
-                                       "content, for later epochs and runs (needs --no-augment, no --mix and "
-                                       "no feature losses)."),
+    augment: Augment = None,
+    cache_teacher: CacheTeacher = None,
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the student (pays off on CUDA)."),
     input_size: InputSize = None,
@@ -110,7 +110,7 @@ def distill_command(
                            mix=mix, mix_alpha=mix_alpha,
                            feature_pairs=parse_feature_pairs(feature_pairs), teacher_weighting=teacher_weighting,
                            epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, labeled_repeat=labeled_repeat,
-                           image_size=parse_input_size(input_size), augment=not no_augment,
+                           image_size=parse_input_size(input_size), augment=augment,
                            cache_teacher=cache_teacher, compile=compile_model, resume=resume, num_workers=workers,
                            device=device, precision=precision, teacher_precision=teacher_precision,
                            channels_last=channels_last)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from edgekd.errors import EdgekdError
-from edgekd.recipe import default_recipe
+from edgekd.recipe import default_losses
 
 
 @dataclass(frozen=True)
@@ -367,8 +367,9 @@ def _parse_weights(texts: list[str] | tuple[str, ...]) -> tuple[LossSpec, ...]:
 
 def default_loss_specs(labeled: bool, transfer: bool = False) -> tuple[LossSpec, ...]:
     """edgekd.recipe's default terms for a student from random (or, transfer, real) weights; ce only with labels."""
-    losses, options, _ = default_recipe(transfer)
-    return tuple(spec for spec in parse_loss_specs(losses, options) if labeled or spec.name != "ce")
+    recipe = default_losses(transfer)
+    return tuple(spec for spec in parse_loss_specs(recipe.losses, recipe.loss_options)
+                 if labeled or spec.name != "ce")
 
 
 class Objective:

@@ -29,7 +29,7 @@ from edgekd.distill.state import (STATE_NAME, Processes, TeacherCache, agree_on_
                                   share_from_main, start_processes, sync_buffers, teacher_cache_root)
 from edgekd.errors import EdgekdError
 from edgekd.models import preprocess_for
-from edgekd.recipe import DEFAULT_MIX, DEFAULT_MIX_ALPHA, default_recipe
+from edgekd.recipe import DEFAULT_MIX, DEFAULT_MIX_ALPHA, default_augment, default_losses, recipe_fingerprint
 from edgekd.record import (TrainState, data_fingerprint, records_fingerprint, resume_training_state,
                            save_training_state, stage_key)
 from edgekd.distill.students import StudentStart, build_student
@@ -61,10 +61,12 @@ class DistillConfig:
     grad_clip: float = 1.0
     seed: int = 0
     image_size: tuple[int, int] | None = None  # the student's input; None: the first teacher's
-    augment: bool = True  # shared random crop + flip for teacher and student
+    augment: bool | None = None  # shared random crop + flip for teacher and student; None: edgekd.recipe's
     mix: str = DEFAULT_MIX  # mixup / cutmix of the shared view, for teacher and student alike (mixing.py)
     mix_alpha: float = DEFAULT_MIX_ALPHA  # the mixing ratio's Beta(alpha, alpha); 1.0: uniform, as in function matching
-    cache_teacher: bool = False  # reuse teacher outputs across epochs (only without augmentation/feature losses)
+    # reuse teacher outputs across epochs (only without augmentation, mixing or feature losses); None: wherever
+    # that holds, which the fixed views of the default from random weights make the cheap path
+    cache_teacher: bool | None = None
     labeled_repeat: int = 1  # with --unlabeled-data: each labeled image this many times per epoch (TrainingRecords)
     compile: bool = False  # torch.compile the student (and its adapters)
     resume: bool = False
@@ -78,6 +80,7 @@ class DistillConfig:
         """The settings that decide the trained student; not where or how fast it is computed (cache/resume keys)."""
         fields = asdict(replace(self, resume=False, device="auto", num_workers=None, compile=False, channels_last=None))
         fields["losses"] = [str(spec) for spec in self.losses]
+        fields["default_recipe"] = recipe_fingerprint()  # what the None settings above resolve to
         return fields
 
 
@@ -111,6 +114,12 @@ def _check(teachers: list[TeacherResult], config: DistillConfig) -> None:
         raise EdgekdError("epochs and temperature must be positive and the batch size at least 2")
 
 
+def _with_recipe_defaults(config: DistillConfig, transfer: bool) -> DistillConfig:
+    """The settings left to edgekd (None) filled in from the default recipe (edgekd.recipe)."""
+    return replace(config, temperature=config.temperature or default_losses(transfer).temperature,
+                   augment=default_augment(transfer, config.epochs) if config.augment is None else config.augment)
+
+
 def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, config: DistillConfig, out_dir: Path,
          start: StudentStart | None, processes: Processes) -> StudentCheckpoint:
     seed_everything(config.seed)
@@ -129,8 +138,8 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
         start = StudentStart(build_student(student_name, teachers[0].num_classes, image_size), "random", "random")
     student = start.model
     transfer = start.source != "random"  # the default recipe depends on it (edgekd.recipe)
-    objective = Objective(config.losses or default_loss_specs(data.info.labeled, transfer),
-                          config.temperature or default_recipe(transfer)[2])
+    config = _with_recipe_defaults(config, transfer)
+    objective = Objective(config.losses or default_loss_specs(data.info.labeled, transfer), config.temperature)
     objective.check_labels(data.info.labeled)
     student_pre = preprocess_for(student, image_size)
     teacher_models = [load_teacher_model(t) for t in teachers]
@@ -238,13 +247,14 @@ def _wire_features(student: torch.nn.Module, student_pre: Preprocess, teacher_mo
 
 def _teacher_cache(config: DistillConfig, objective: Objective, records, teachers: list[TeacherResult],
                    processes: Processes) -> TeacherCache | None:
-    if not config.cache_teacher:
+    if config.cache_teacher is False:
         return None
     new_views = config.augment or config.mix != "none"
     if new_views or objective.needs_features:
-        why = "augmentation shows the teacher a new view every epoch" if new_views else \
-            "feature losses need the teacher's maps, too large to keep"
-        log.warning("not caching teacher outputs: %s", why)
+        if config.cache_teacher:  # asked for by name: say why not; left to edgekd: nothing to say
+            why = "augmentation shows the teacher a new view every epoch" if new_views else \
+                "feature losses need the teacher's maps, too large to keep"
+            log.warning("not caching teacher outputs: %s", why)
         return None
     key = stage_key("teacher-outputs", {"teachers": [sha256_file(t.weights_path) for t in teachers],
                                         "preprocess": [t.preprocess.to_dict() for t in teachers],

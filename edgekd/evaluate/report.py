@@ -125,8 +125,8 @@ NOT_LOSS_TERMS = frozenset({"epoch", "seconds", "images_per_s", "lr", "val_top1"
 
 def _distill_setup(log: Any) -> dict[str, Any]:
     """How the student was trained (losses, where and in what precision, how long), from distill_log.json."""
-    keys = ("student_init", "losses", "temperature", "mix", "mix_alpha", "compute", "teacher_compute", "compiled",
-            "teacher_cache", "processes", "seconds")
+    keys = ("student_init", "losses", "temperature", "augment", "mix", "mix_alpha", "compute", "teacher_compute",
+            "compiled", "teacher_cache", "processes", "seconds")
     return {key: log[key] for key in keys if isinstance(log, dict) and key in log}
 
 
@@ -138,7 +138,8 @@ def distill_line(distillation: dict[str, Any]) -> str | None:
     mix = distillation.get("mix", "none")
     mixing = f", {mix} (alpha {distillation.get('mix_alpha', 1.0):g}) on views shared with the teacher" \
         if mix != "none" else ""
-    return (f"Distillation: losses {', '.join(distillation['losses'])}{temperature}{mixing}; student on "
+    views = ", fixed views (no crop/flip)" if distillation.get("augment") is False else ""
+    return (f"Distillation: losses {', '.join(distillation['losses'])}{temperature}{views}{mixing}; student on "
             f"{distillation.get('compute', '?')}, teacher forward on {distillation.get('teacher_compute', '?')}; "
             f"{epochs} epoch(s) in {distillation.get('seconds', 0):.0f} s"
             + (f" on {distillation['processes']} processes" if distillation.get("processes", 1) > 1 else "")
