@@ -68,7 +68,7 @@ def default_recipe(epochs: float = STUDENT_EPOCHS) -> Recipe:
     """What `edgekd compress` and `edgekd distill` use for a student from random weights (edgekd.recipe)."""
     losses = default_losses(transfer=False)
     return Recipe(",".join(losses.losses), ",".join(losses.loss_options), DistillConfig().mix, losses.temperature,
-                  augment=default_augment(transfer=False, epochs=epochs))
+                  augment=default_augment(epochs))
 
 
 # The same student, data and (unless said) epochs. Views are fixed (no crop/flip; the teacher answers each image

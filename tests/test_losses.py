@@ -202,8 +202,7 @@ def test_objective_sums_weighted_terms_and_checks_labels(logits):
     assert [str(s) for s in default_loss_specs(labeled=True, transfer=True)] == ["ce=1", "kd=1"]
 
 
-def test_default_views_are_fixed_only_for_short_schedules_from_random_weights():
-    """Fixed views won at 2-16 epochs from random weights and lost at 40 (edgekd/recipe.py); real weights: crop/flip."""
-    assert not default_augment(transfer=False, epochs=3) and not default_augment(False, FIXED_VIEWS_MAX_EPOCHS)
-    assert default_augment(transfer=False, epochs=FIXED_VIEWS_MAX_EPOCHS + 1)
-    assert default_augment(transfer=True, epochs=3)
+def test_default_views_are_fixed_only_for_short_schedules():
+    """Fixed views won at 2-16 epochs and lost at 40 (edgekd/recipe.py)."""
+    assert not default_augment(epochs=3) and not default_augment(FIXED_VIEWS_MAX_EPOCHS)
+    assert default_augment(FIXED_VIEWS_MAX_EPOCHS + 1)

@@ -117,7 +117,7 @@ def _check(teachers: list[TeacherResult], config: DistillConfig) -> None:
 def _with_recipe_defaults(config: DistillConfig, transfer: bool) -> DistillConfig:
     """The settings left to edgekd (None) filled in from the default recipe (edgekd.recipe)."""
     return replace(config, temperature=config.temperature or default_losses(transfer).temperature,
-                   augment=default_augment(transfer, config.epochs) if config.augment is None else config.augment)
+                   augment=default_augment(config.epochs) if config.augment is None else config.augment)
 
 
 def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, config: DistillConfig, out_dir: Path,
