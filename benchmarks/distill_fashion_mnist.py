@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -245,24 +246,36 @@ def save_record(record: dict, work: Path = WORK) -> None:
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
-def main() -> None:
+def run_stage(doc: str, configs: Iterable[str], stages: dict[str, Callable[[], None]],
+              student: Callable[..., None], student_options: Callable[[argparse.ArgumentParser], None] | None = None,
+              ) -> None:
+    """The command line of the distillation benchmarks: one stage per process (`NAME`, or `student CONFIG --seed N`),
+    so a run script can take the shared CPU lock stage by stage."""
     logging.basicConfig(level=logging.INFO, format="bench: %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="stage", required=True)
-    sub.add_parser("teacher")
-    student = sub.add_parser("student")
-    student.add_argument("config", choices=sorted(CONFIGS))
-    student.add_argument("--seed", type=int, default=0)
-    student.add_argument("--max-train", type=int, default=STUDENT_TRAIN_IMAGES)
-    student.add_argument("--epochs", type=float, default=STUDENT_EPOCHS)
-    sub.add_parser("table")
-    args = parser.parse_args()
-    if args.stage == "table":
-        table_stage()
-    elif args.stage == "teacher":
-        teacher_stage()
-    elif args.stage == "student":
-        student_stage(args.config, args.seed, args.max_train, args.epochs)
+    for name in stages:
+        sub.add_parser(name)
+    options = sub.add_parser("student")
+    options.add_argument("config", choices=sorted(configs))
+    options.add_argument("--seed", type=int, default=0)
+    if student_options:
+        student_options(options)
+    args = vars(parser.parse_args())
+    stage = args.pop("stage")
+    if stage == "student":
+        student(**args)
+    else:
+        stages[stage]()
+
+
+def _student_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-train", type=int, default=STUDENT_TRAIN_IMAGES)
+    parser.add_argument("--epochs", type=float, default=STUDENT_EPOCHS)
+
+
+def main() -> None:
+    run_stage(__doc__, CONFIGS, {"teacher": teacher_stage, "table": table_stage}, student_stage, _student_options)
 
 
 if __name__ == "__main__":

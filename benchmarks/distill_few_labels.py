@@ -14,9 +14,7 @@ run_distill_few_labels.sh):
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import os
 import time
 from dataclasses import asdict, dataclass, replace
@@ -27,7 +25,7 @@ import timm
 import torch
 from PIL import Image
 
-from distill_fashion_mnist import Recipe, default_recipe, save_record
+from distill_fashion_mnist import Recipe, default_recipe, run_stage, save_record
 from edgekd.data import load_data, stratified_subset
 from edgekd.distill import distill
 from edgekd.distill.teacher import prepare_teacher, read_teacher_result
@@ -182,18 +180,8 @@ def table_stage() -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="bench: %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="stage", required=True)
-    sub.add_parser("unlabeled-folder")
-    sub.add_parser("teacher")
-    student = sub.add_parser("student")
-    student.add_argument("config", choices=sorted(CONFIGS))
-    student.add_argument("--seed", type=int, default=0)
-    sub.add_parser("table")
-    args = parser.parse_args()
-    {"unlabeled-folder": write_unlabeled_folder, "teacher": teacher_stage, "table": table_stage,
-     "student": lambda: student_stage(args.config, args.seed)}[args.stage]()
+    run_stage(__doc__, CONFIGS, {"unlabeled-folder": write_unlabeled_folder, "teacher": teacher_stage,
+                                 "table": table_stage}, student_stage)
 
 
 if __name__ == "__main__":
