@@ -130,24 +130,14 @@ def student_stage(config: str, seed: int, max_train: int, epochs: float) -> None
 
 def table_stage() -> None:
     """Collect every finished run into results/distill_fashion_mnist.{json,md}: numbers as they came."""
-    records = [json.loads(p.read_text()) for p in sorted((WORK / "records").glob("*.json"))]
-    teacher = next(r for r in records if r["config"] == "teacher")
-    by_seed = {name: {r["seed"]: r["val_top1"] for r in records if r["config"] == name} for name in BASELINES}
+    teacher, by_config = read_runs(WORK, CONFIGS)
     rows = []
-    for config, recipe in CONFIGS.items():
-        runs = sorted((r for r in records if r["config"] == config), key=lambda r: r["seed"])
-        if not runs:
-            continue
-        top1 = [r["val_top1"] for r in runs]
-        row = {"config": config, "recipe": asdict(recipe), "describe": recipe.describe(),
-               "epochs": runs[0]["epochs"], "seeds": [r["seed"] for r in runs], "top1_per_seed": top1,
-               "top1_mean": _mean(top1), "top1_spread": max(top1) - min(top1),
-               "top5_mean": _mean([r["val_top5"] for r in runs]),
-               "agreement_mean": _mean([r["teacher_agreement"] for r in runs]),
-               "seconds_mean": _mean([r["seconds"] for r in runs])}
+    for config, runs in by_config.items():
+        recipe = CONFIGS[config]
+        row = {"config": config, "recipe": asdict(recipe), "describe": recipe.describe(), "epochs": runs[0]["epochs"],
+               **seed_figures(runs), "top5_mean": _mean([r["val_top5"] for r in runs])}
         for name in BASELINES:
-            baseline = by_seed[name] if name != config else {}
-            deltas = [v - baseline[r["seed"]] for v, r in zip(top1, runs) if r["seed"] in baseline]
+            deltas = deltas_per_seed(runs, by_config.get(name, []) if name != config else [])
             key = name.replace("-", "_")
             row[f"delta_vs_{key}_per_seed"] = deltas
             row[f"delta_vs_{key}"] = _mean(deltas)
@@ -236,6 +226,27 @@ def _deltas(row: dict, against: str) -> str:
 def _mean(values: list) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
+
+
+def read_runs(work: Path, configs: Iterable[str]) -> tuple[dict, dict[str, list[dict]]]:
+    """The teacher's record and, for each config with finished runs (in `configs` order), its runs by seed."""
+    records = [json.loads(p.read_text()) for p in sorted((work / "records").glob("*.json"))]
+    by_config = {c: sorted((r for r in records if r["config"] == c), key=lambda r: r["seed"]) for c in configs}
+    return next(r for r in records if r["config"] == "teacher"), {c: runs for c, runs in by_config.items() if runs}
+
+
+def seed_figures(runs: list[dict]) -> dict:
+    """What a table row shows of one config's runs: top-1 per seed, mean and spread; agreement and time means."""
+    top1 = [r["val_top1"] for r in runs]
+    return {"seeds": [r["seed"] for r in runs], "top1_per_seed": top1, "top1_mean": _mean(top1),
+            "top1_spread": max(top1) - min(top1), "agreement_mean": _mean([r["teacher_agreement"] for r in runs]),
+            "seconds_mean": _mean([r["seconds"] for r in runs])}
+
+
+def deltas_per_seed(runs: list[dict], baseline_runs: list[dict]) -> list[float]:
+    """Top-1 minus the baseline's, seed by seed, for the seeds both have."""
+    baseline = {r["seed"]: r["val_top1"] for r in baseline_runs}
+    return [r["val_top1"] - baseline[r["seed"]] for r in runs if r["seed"] in baseline]
 
 
 def save_record(record: dict, work: Path = WORK) -> None:

@@ -20,12 +20,12 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import timm
 import torch
 from PIL import Image
 
-from distill_fashion_mnist import Recipe, default_recipe, run_stage, save_record
+from distill_fashion_mnist import (Recipe, deltas_per_seed, default_recipe, read_runs, run_stage, save_record,
+                                   seed_figures)
 from edgekd.data import load_data, stratified_subset
 from edgekd.distill import distill
 from edgekd.distill.teacher import prepare_teacher, read_teacher_result
@@ -112,22 +112,11 @@ def student_stage(config: str, seed: int) -> None:
 
 
 def table_stage() -> None:
-    records = [json.loads(p.read_text()) for p in sorted((WORK / "records").glob("*.json"))]
-    teacher = next(r for r in records if r["config"] == "teacher")
-    by_config = {c: sorted((r for r in records if r["config"] == c), key=lambda r: r["seed"]) for c in CONFIGS}
-    baseline = {r["seed"]: r["val_top1"] for r in by_config["labels-only"]}
-    rows = []
-    for config, runs in by_config.items():
-        if not runs:
-            continue
-        top1 = [r["val_top1"] for r in runs]
-        rows.append({"config": config, "recipe": runs[0]["recipe"], "unlabeled_images": runs[0]["unlabeled_images"],
-                     "epochs": runs[0]["epochs"], "seeds": [r["seed"] for r in runs], "top1_per_seed": top1,
-                     "top1_mean": float(np.mean(top1)), "top1_spread": float(np.max(top1) - np.min(top1)),
-                     "delta_vs_labels_only_per_seed": [t - baseline[r["seed"]] for t, r in zip(top1, runs)
-                                                       if r["seed"] in baseline],
-                     "agreement_mean": float(np.mean([r["teacher_agreement"] for r in runs])),
-                     "seconds_mean": float(np.mean([r["seconds"] for r in runs]))})
+    teacher, by_config = read_runs(WORK, CONFIGS)
+    rows = [{"config": config, "recipe": runs[0]["recipe"], "unlabeled_images": runs[0]["unlabeled_images"],
+             "epochs": runs[0]["epochs"], **seed_figures(runs),
+             "delta_vs_labels_only_per_seed": deltas_per_seed(runs, by_config["labels-only"])}
+            for config, runs in by_config.items()]
     rows.append({"config": "teacher", "model": TEACHER, "train_images": teacher["train_images"],
                  "epochs": TEACHER_EPOCHS, "seeds": [0], "top1_per_seed": [teacher["val_top1"]],
                  "top1_mean": teacher["val_top1"], "seconds_mean": teacher["seconds"]})

@@ -22,11 +22,10 @@ from pathlib import Path
 # timm's pretrained loader reads the Lite weights from here, as in `make demo`; set before huggingface_hub is imported
 os.environ.setdefault("HF_HUB_CACHE", "runs/hf-hub")
 
-import numpy as np  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 
-from distill_fashion_mnist import run_stage, save_record  # noqa: E402
+from distill_fashion_mnist import deltas_per_seed, read_runs, run_stage, save_record, seed_figures  # noqa: E402
 from edgekd.data import load_data  # noqa: E402
 from edgekd.distill import DistillConfig, distill  # noqa: E402
 from edgekd.distill.students import StudentInit, initial_student  # noqa: E402
@@ -70,21 +69,10 @@ def student_stage(config: str, seed: int) -> None:
 
 
 def table_stage() -> None:
-    records = [json.loads(p.read_text()) for p in sorted((WORK / "records").glob("*.json"))]
-    teacher = next(r for r in records if r["config"] == "teacher")
-    by_config = {c: sorted((r for r in records if r["config"] == c), key=lambda r: r["seed"]) for c in CONFIGS}
-    crop_flip = {r["seed"]: r["val_top1"] for r in by_config["derived-crop-flip"]}
-    rows = []
-    for config, runs in by_config.items():
-        if not runs:
-            continue
-        top1 = [r["val_top1"] for r in runs]
-        rows.append({"config": config, "augment": CONFIGS[config], "seeds": [r["seed"] for r in runs],
-                     "top1_per_seed": top1, "top1_mean": float(np.mean(top1)),
-                     "delta_vs_crop_flip_per_seed": [t - crop_flip[r["seed"]] for t, r in zip(top1, runs)
-                                                     if r["seed"] in crop_flip],
-                     "agreement_mean": float(np.mean([r["teacher_agreement"] for r in runs])),
-                     "seconds_mean": float(np.mean([r["seconds"] for r in runs]))})
+    teacher, by_config = read_runs(WORK, CONFIGS)
+    rows = [{"config": config, "augment": CONFIGS[config], **seed_figures(runs),
+             "delta_vs_crop_flip_per_seed": deltas_per_seed(runs, by_config["derived-crop-flip"])}
+            for config, runs in by_config.items()]
     setup = {"teacher": TEACHER, "teacher_top1": teacher["val_top1"], "student": STUDENT, "image_size": SIZE,
              "train_images": TRAIN, "val_images": VAL, "epochs": EPOCHS, "losses": "edgekd's default from real weights",
              "machine": f"{os.cpu_count()} CPU cores, no GPU", "torch": torch.__version__, "timm": timm.__version__,
