@@ -72,7 +72,7 @@ LabeledRepeat = Annotated[int, typer.Option(
 Mix = Annotated[str, typer.Option(
     "--mix", callback=_one_of("a mixing mode", lambda: MIX_MODES),
     help="Consistent teaching: mix pairs of images in each batch (mixup, cutmix, or mixup+cutmix: either, by "
-    "coin flip, per batch) after the shared crop/flip, and give the teacher the very image the student sees;"
+    "coin flip, per batch) after the shared view is made, and give the teacher the very image the student sees;"
     " kd learns the teacher's answer on it, ce the mixed labels. none: no mixing. Default: "
     f"{DEFAULT_MIX} (see the README's Distillation section for what the benchmark measured).")]
 MixAlpha = Annotated[float, typer.Option(

@@ -65,7 +65,7 @@ class DistillConfig:
     mix: str = DEFAULT_MIX  # mixup / cutmix of the shared view, for teacher and student alike (mixing.py)
     mix_alpha: float = DEFAULT_MIX_ALPHA  # the mixing ratio's Beta(alpha, alpha); 1.0: uniform, as in function matching
     # reuse teacher outputs across epochs (only without augmentation, mixing or feature losses); None: wherever
-    # that holds, which the fixed views of the default from random weights make the cheap path
+    # that holds, as it does on the default's fixed views
     cache_teacher: bool | None = None
     labeled_repeat: int = 1  # with --unlabeled-data: each labeled image this many times per epoch (TrainingRecords)
     compile: bool = False  # torch.compile the student (and its adapters)
