@@ -7,13 +7,26 @@ PY=${PYTHON:-.venv/bin/python}
 LOCK=${EDGEKD_LOCK:-/tmp/edgekd-cpu.lock}
 flock "$LOCK" "$PY" benchmarks/distill_fashion_mnist.py teacher
 for seed in ${SEEDS:-0 1 2}; do
-  for config in ${CONFIGS:-default labels-only kd kd-fixed-views default-ce1 labels-only-augmented default-augmented \
-                  kd-default-weights-augmented}; do
+  for config in ${CONFIGS:-default labels-only kd kd-fixed-views default-lr0.002 labels-only-lr0.002 kd-lr0.002 \
+                  kd-fixed-views-lr0.002 default-ce1-lr0.002 labels-only-augmented-lr0.002 default-augmented-lr0.002 \
+                  kd-default-weights-augmented-lr0.002}; do
     flock "$LOCK" "$PY" benchmarks/distill_fashion_mnist.py student "$config" --seed "$seed"
   done
 done
+if [ -z "${CONFIGS:-}" ] && [ -z "${SEEDS:-}" ]; then  # the rows at edgekd's rate also have seeds 3 and 4
+  for seed in 3 4; do
+    for config in default labels-only kd kd-fixed-views; do
+      flock "$LOCK" "$PY" benchmarks/distill_fashion_mnist.py student "$config" --seed "$seed"
+    done
+  done
+fi
 if [ -z "${CONFIGS:-}" ]; then  # the ingredient rows the table shows with fewer seeds (see its notes)
-  for run in default-2x-epochs:0 default-augmented-2x-epochs:0 kd+cutmix:0 kd+mixup:0 kd+mixup:1; do
+  for run in default-augmented:0 labels-only-augmented:0 \
+             default-lr0.004:0 labels-only-lr0.004:0 kd-fixed-views-lr0.004:0 \
+             default-lr0.016:0 labels-only-lr0.016:0 kd-fixed-views-lr0.016:0 \
+             default-batch64-lr0.002:0 labels-only-batch64-lr0.002:0 kd-fixed-views-batch64-lr0.002:0 \
+             default-2x-epochs-lr0.002:0 default-augmented-2x-epochs-lr0.002:0 kd+cutmix-lr0.002:0 \
+             kd+mixup-lr0.002:0 kd+mixup-lr0.002:1; do
     flock "$LOCK" "$PY" benchmarks/distill_fashion_mnist.py student "${run%:*}" --seed "${run#*:}"
   done
 fi

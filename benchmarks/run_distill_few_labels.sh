@@ -9,12 +9,14 @@ LOCK=${EDGEKD_LOCK:-/tmp/edgekd-cpu.lock}
 flock "$LOCK" "$PY" benchmarks/distill_few_labels.py unlabeled-folder
 flock "$LOCK" "$PY" benchmarks/distill_few_labels.py teacher
 for seed in ${SEEDS:-0 1 2}; do
-  for config in ${CONFIGS:-labels-only labels-only-fixed-views default default-ce1 default-augmented}; do
+  for config in ${CONFIGS:-labels-only default labels-only-lr0.002 labels-only-fixed-views-lr0.002 default-lr0.002 \
+                  default-ce1-lr0.002 default-augmented-lr0.002}; do
     flock "$LOCK" "$PY" benchmarks/distill_few_labels.py student "$config" --seed "$seed"
   done
 done
 if [ -z "${CONFIGS:-}" ]; then  # the ingredient rows the table shows with one seed
-  for config in default-labeled-only default-labeled-only-fixed-views kd default-augmented-2x-epochs; do
+  for config in kd default-labeled-only-lr0.002 default-labeled-only-fixed-views-lr0.002 kd-lr0.002 \
+                default-augmented-2x-epochs-lr0.002; do
     flock "$LOCK" "$PY" benchmarks/distill_few_labels.py student "$config" --seed 0
   done
 fi

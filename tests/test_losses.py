@@ -7,8 +7,9 @@ import torch
 
 from edgekd.distill.losses import (LOSSES, LossInputs, LossSpec, Objective, TeacherView, default_loss_specs,
                                    parse_loss_specs)
+from edgekd.distill.train import DistillConfig, _with_recipe_defaults
 from edgekd.errors import EdgekdError
-from edgekd.recipe import FIXED_VIEWS_MAX_EPOCHS, default_augment
+from edgekd.recipe import FIXED_VIEWS_MAX_EPOCHS, FROM_RANDOM, default_augment
 
 BATCH, CLASSES = 16, 10
 
@@ -206,3 +207,11 @@ def test_default_views_are_fixed_only_for_short_schedules():
     """Fixed views won at 2-16 epochs and lost at 40 (edgekd/recipe.py)."""
     assert not default_augment(epochs=3) and not default_augment(FIXED_VIEWS_MAX_EPOCHS)
     assert default_augment(FIXED_VIEWS_MAX_EPOCHS + 1)
+
+
+def test_default_rate_is_the_recipes_from_random_weights_only():
+    """From random weights the student trains at edgekd.recipe's measured rate; from real weights at the transfer
+    recipe's (train_utils.recipe_for, lr None); a rate given by name is kept either way."""
+    assert _with_recipe_defaults(DistillConfig(), transfer=False).lr == FROM_RANDOM.lr == 8e-3
+    assert _with_recipe_defaults(DistillConfig(), transfer=True).lr is None
+    assert _with_recipe_defaults(DistillConfig(lr=1e-3), transfer=False).lr == 1e-3

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from edgekd.errors import EdgekdError
-from edgekd.recipe import default_losses
+from edgekd.recipe import default_for_start
 
 
 @dataclass(frozen=True)
@@ -367,7 +367,7 @@ def _parse_weights(texts: list[str] | tuple[str, ...]) -> tuple[LossSpec, ...]:
 
 def default_loss_specs(labeled: bool, transfer: bool = False) -> tuple[LossSpec, ...]:
     """edgekd.recipe's default terms for a student from random (or, transfer, real) weights; ce only with labels."""
-    recipe = default_losses(transfer)
+    recipe = default_for_start(transfer)
     return tuple(spec for spec in parse_loss_specs(recipe.losses, recipe.loss_options)
                  if labeled or spec.name != "ce")
 

@@ -29,7 +29,7 @@ from edgekd.distill.state import (STATE_NAME, Processes, TeacherCache, agree_on_
                                   share_from_main, start_processes, sync_buffers, teacher_cache_root)
 from edgekd.errors import EdgekdError
 from edgekd.models import preprocess_for
-from edgekd.recipe import DEFAULT_MIX, DEFAULT_MIX_ALPHA, default_augment, default_losses, recipe_fingerprint
+from edgekd.recipe import DEFAULT_MIX, DEFAULT_MIX_ALPHA, default_augment, default_for_start, recipe_fingerprint
 from edgekd.record import (TrainState, data_fingerprint, records_fingerprint, resume_training_state,
                            save_training_state, stage_key)
 from edgekd.distill.students import StudentStart, build_student
@@ -116,7 +116,9 @@ def _check(teachers: list[TeacherResult], config: DistillConfig) -> None:
 
 def _with_recipe_defaults(config: DistillConfig, transfer: bool) -> DistillConfig:
     """The settings left to edgekd (None) filled in from the default recipe (edgekd.recipe)."""
-    return replace(config, temperature=config.temperature or default_losses(transfer).temperature,
+    start = default_for_start(transfer)
+    return replace(config, temperature=config.temperature or start.temperature,
+                   lr=config.lr if config.lr is not None else start.lr,
                    augment=default_augment(config.epochs) if config.augment is None else config.augment)
 
 

@@ -118,7 +118,10 @@ class Compute:
         return f"{self.device}, {precision}" + (", channels_last" if self.channels_last else "")
 
 
-SCRATCH_LR = 2e-3  # AdamW, batch 128, every layer new
+# From random weights, one rate for every layer (AdamW, batch 128): the rate of teachers trained from random
+# weights (`edgekd train-teacher --random-init`), not measured. A student distilled from random weights takes
+# edgekd.recipe's FROM_RANDOM.lr instead (8e-3, measured: benchmarks/results/distill_fashion_mnist.md).
+SCRATCH_LR = 2e-3
 # Fine-tuning real weights (a pretrained teacher or student with a new, zeroed head): AdamW with the head at the
 # full rate and the backbone at rates falling geometrically with depth (timm's layer-wise decay). For CNNs, measured
 # on a real ImageNet EfficientNet-Lite2 fitted to Fashion-MNIST at 64 px (6,000 images, 2 epochs;
