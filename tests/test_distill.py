@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from edgekd.data import LoadedData, load_data
 from edgekd.distill import DistillConfig, distill, parse_loss_specs
-from edgekd.distill.state import TEACHER_CACHE_ENV
+from edgekd.distill.state import TEACHER_CACHE_ENV, TeacherCache
 from edgekd.distill.students import load_student, read_student_checkpoint
 from edgekd.distill.teacher import prepare_teacher
 from edgekd.errors import EdgekdError
@@ -349,3 +349,20 @@ def test_teacher_outputs_cached_on_disk_serve_later_runs_until_the_teacher_chang
     other = run("other", teachers[1:2])
     assert other["teacher_cache_misses"] == images  # another teacher's outputs are not the first one's
     assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_teacher_cache_shared_by_two_processes_keeps_both_ones_rows(tmp_path):
+    """Under torchrun each process opens the cache folder and stores its own rows, each finding the output files
+    missing at first: the second must open the file the first created, not create it again over the first's rows."""
+    rank0, rank1 = TeacherCache(tmp_path, 8, 1), TeacherCache(tmp_path, 8, 1)  # both before either stores
+    logits, embedding = torch.arange(8 * 3, dtype=torch.float32).view(8, 3), torch.ones(8, 5)
+    first, second = torch.arange(0, 4), torch.arange(4, 8)
+    rank0.store(first, [(logits[first], embedding[first])])
+    rank1.store(second, [(logits[second], embedding[second])])
+    for cache in (rank0, rank1):
+        cache.flush()
+    later = TeacherCache(tmp_path, 8, 1)  # a later run reads every row back
+    (read_logits, read_embedding), = later.lookup(torch.arange(8), torch.device("cpu"))
+    torch.testing.assert_close(read_logits, logits)
+    torch.testing.assert_close(read_embedding, embedding)
+    assert not list(tmp_path.glob(".*.tmp"))  # no private files left behind

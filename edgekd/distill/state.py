@@ -138,13 +138,11 @@ class TeacherCache:
                  torch.from_numpy(np.asarray(embedding[rows])).to(device)) for logits, embedding in self.slots]
 
     def store(self, indices: torch.Tensor, outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        from numpy.lib.format import open_memmap
-
         rows = indices.cpu().numpy()
         for k, (logits, embedding) in enumerate(outputs):
             if self.slots[k] is None:
                 self.slots[k] = tuple(  # type: ignore[assignment]
-                    open_memmap(path, mode="w+", dtype=np.float32, shape=(self.size, *tensor.shape[1:]))
+                    _create_once(path, (self.size, *tensor.shape[1:]))
                     for path, tensor in zip(self._paths(k), (logits, embedding)))
             self.slots[k][0][rows] = logits.detach().float().cpu().numpy()  # type: ignore[index]
             self.slots[k][1][rows] = embedding.detach().float().cpu().numpy()  # type: ignore[index]
@@ -156,3 +154,24 @@ class TeacherCache:
                 slot[0].flush()
                 slot[1].flush()
         self.filled.flush()
+
+
+def _create_once(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """An fp32 .npy memmap at `path`, created whole by whichever process gets there first and opened by the others.
+
+    Under torchrun every process stores its own rows and may find the file missing at the same moment; had each
+    created it (mode w+ truncates), a process would lose the rows written so far or die of SIGBUS on the file it had
+    mapped. So the file is made under a private name and hard-linked into place: the link is atomic and fails if
+    another process linked first, and every process then maps the one file that won."""
+    from numpy.lib.format import open_memmap
+
+    if not path.exists():
+        private = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        open_memmap(private, mode="w+", dtype=np.float32, shape=shape).flush()
+        try:
+            os.link(private, path)
+        except FileExistsError:
+            pass
+        finally:
+            private.unlink()
+    return open_memmap(path, mode="r+")
