@@ -86,7 +86,7 @@ AT_DEFAULT_RATE = {
     "labels-only": Recipe("ce=1", augment=False),
     "kd": Recipe("ce=1,kd=1"),  # Hinton KD (ce=1, kd=1, T=4) on crop/flip views, as the issue measured it
     "kd-fixed-views": Recipe("ce=1,kd=1", augment=False),
-    "default-augmented": AUGMENTED,  # the views rule at this rate
+    "default-augmented": AUGMENTED,  # the views rule at this rate; at 2e-3, the default of two versions ago
     "labels-only-augmented": Recipe("ce=1"),
 }
 # The student's rate from random weights, swept on seed 0: edgekd.recipe's 8e-3 is where labels-only and the
@@ -102,8 +102,6 @@ AT_OLD_RATE = {
     "default-batch64": replace(default_recipe(), batch_size=64),
     "labels-only-batch64": Recipe("ce=1", augment=False, batch_size=64),
     "kd-fixed-views-batch64": Recipe("ce=1,kd=1", augment=False, batch_size=64),
-    "labels-only-augmented": Recipe("ce=1"),
-    "default-augmented": AUGMENTED,  # the default of two versions ago
     # its weights and temperature without the standardization: what the standardization adds
     "kd-default-weights-augmented": Recipe("ce=0.1,kd=9", temperature=2.0),
     "default-augmented-2x-epochs": replace(AUGMENTED, epochs_factor=2.0),

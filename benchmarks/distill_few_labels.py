@@ -68,7 +68,6 @@ AT_OLD_RATE = {
                                             epochs=LABELED_EPOCHS),
     "default-ce1": Row(replace(default_recipe(UNLABELED_EPOCHS), losses="ce=1,kd=9"), unlabeled=True,
                        epochs=UNLABELED_EPOCHS),
-    "kd": Row(Recipe("ce=1,kd=1", augment=False), unlabeled=True, epochs=UNLABELED_EPOCHS),  # plain KD, fixed views
     "default-augmented": Row(AUGMENTED, unlabeled=True, epochs=UNLABELED_EPOCHS),
     "default-augmented-2x-epochs": Row(AUGMENTED, unlabeled=True, epochs=2 * UNLABELED_EPOCHS),
 }
