@@ -308,6 +308,10 @@ def test_cli_distill_reports_bad_input_on_one_line():
     result = CliRunner().invoke(app, ["distill", "--student", "test_resnet", "--teacher-dir", "nowhere",
                                       "--temperature", "-1"])
     assert result.exit_code == 2 and "Invalid value for '--temperature': -1 is not positive" in result.output
+    # a rate that is not positive used to reach torch's optimizer, after the teacher, as a traceback
+    for command in (["distill", "--teacher-dir", "nowhere"], ["compress", "--teacher", "resnet18", "--budget", "10ms"]):
+        result = CliRunner().invoke(app, [*command, "--lr", "-0.01"])
+        assert result.exit_code == 2 and "Invalid value for '--lr': -0.01 is not positive" in result.output
 
 
 def test_cli_distill_runs_with_loss_options_and_precisions(tmp_path):

@@ -38,6 +38,17 @@ def _one_of(what: str, choices: Callable[[], tuple[str, ...]]) -> Callable[[str]
     return check
 
 
+def _positive(what: str, example: str) -> Callable[[Optional[float]], Optional[float]]:
+    """A parse-time check: otherwise a bad value fails only after the teacher is trained, with a traceback."""
+
+    def check(value: Optional[float]) -> Optional[float]:
+        if value is not None and value <= 0:
+            raise typer.BadParameter(f"{value:g} is not positive; {what} is above 0 (e.g. {example})")
+        return value
+
+    return check
+
+
 def _precisions() -> tuple[str, ...]:
     from edgekd.distill.train_utils import PRECISIONS
 
@@ -81,9 +92,10 @@ MixAlpha = Annotated[float, typer.Option(
 Epochs = Annotated[float, typer.Option("--epochs", help="Training epochs (fractions allowed).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Global batch, split across torchrun processes.")]
 LearningRate = Annotated[Optional[float], typer.Option(
-    "--lr", help="Peak learning rate of the head (AdamW, warm-up + cosine; in compress: of distillation). Default: "
-    "from real weights 4e-3 for CNNs and 5e-4 x batch/256 for transformers, with the backbone's layers at rates decaying "
-    "with depth (timm's layer-wise decay); from random weights one rate for every layer: "
+    "--lr", callback=_positive("a learning rate", "0.004"),
+    help="Peak learning rate of the head (AdamW, warm-up + cosine; in compress: of distillation). Default: from real "
+    "weights 4e-3 for CNNs and 5e-4 x batch/256 for transformers, with the backbone's layers at rates decaying with "
+    "depth (timm's layer-wise decay); from random weights one rate for every layer: "
     f"{FROM_RANDOM.lr:g} when distilling (edgekd/recipe.py), 0.002 for a teacher.")]
 Losses = Annotated[list[str], typer.Option(
     "--loss", help="name=weight or name=start:end (ramped over training), repeatable; known: ce, kd, dkd, wsl, "
@@ -99,15 +111,8 @@ Losses = Annotated[list[str], typer.Option(
 LossOptions = Annotated[list[str], typer.Option(
     "--loss-option", help="A loss's constant as LOSS.KEY=VALUE, repeatable: dkd.alpha, dkd.beta (default 1, 8), "
     "rkd.distance, rkd.angle (default 1, 2).")]
-def _positive_temperature(value: Optional[float]) -> Optional[float]:
-    """Checked while parsing: otherwise a bad value fails only after the teacher is trained."""
-    if value is not None and value <= 0:
-        raise typer.BadParameter(f"{value:g} is not positive; a softmax temperature is above 0 (e.g. 2 or 4)")
-    return value
-
-
 Temperature = Annotated[Optional[float], typer.Option(
-    "--temperature", callback=_positive_temperature,
+    "--temperature", callback=_positive("a softmax temperature", "2 or 4"),
     help="Softmax temperature of kd and dkd (default: the recipe's, see --loss).")]
 Augment = Annotated[Optional[bool], typer.Option(
     "--augment/--no-augment", help="A random crop and flip of each image per epoch, the same view for the teacher "
