@@ -14,6 +14,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -21,9 +22,11 @@ from safetensors.torch import load_file
 
 from edgekd.data import LoadedData, load_data
 from edgekd.distill import DistillConfig, distill, parse_loss_specs
+from edgekd.distill.sampling import EpochSampler
 from edgekd.distill.state import TEACHER_CACHE_ENV, TeacherCache
 from edgekd.distill.students import load_student, read_student_checkpoint
 from edgekd.distill.teacher import prepare_teacher
+from edgekd.distill.views import MirrorDraw, view_rows
 from edgekd.errors import EdgekdError
 from edgekd.types import DataSpec, TeacherSpec, TrainConfig
 
@@ -355,6 +358,31 @@ def test_teacher_outputs_cached_on_disk_serve_later_runs_until_the_teacher_chang
     assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
+def test_mirrored_views_fill_a_cache_row_per_view_and_read_it_back(data, teachers, tmp_path, monkeypatch):
+    """--flip on fixed views: the teacher answers each view (image or mirror image) once; a view drawn again, in the
+    same run or the next, comes from its own cache row."""
+    monkeypatch.setenv(TEACHER_CACHE_ENV, str(tmp_path / "cache"))
+    config = replace(QUICK, batch_size=16, augment=False, flip=True, cache_teacher=True, epochs=2,
+                     losses=parse_loss_specs(["ce=1,kd=1"]))
+    distill(teachers[:1], "test_resnet", data, config, tmp_path / "first")
+    log = json.loads((tmp_path / "first" / "distill_log.json").read_text())
+    # the views the run drew, from the same sampler and draw: each distinct one costs the teacher one answer
+    size, steps = len(data.train), len(data.train) // 16
+    sampler, draw, views = EpochSampler(size, num_replicas=1, rank=0, seed=0, drop_last=True), MirrorDraw(size, 0), []
+    for epoch in range(2):
+        sampler.set_position(epoch)
+        indices = torch.tensor([index for index, _ in sampler][:steps * 16])
+        views += view_rows(indices, draw.flipped(indices, epoch)).tolist()
+    assert log["flip"] is True and log["teacher_cache"] is True
+    assert log["teacher_cache_misses"] == len(set(views)) < len(views)  # views seen twice were read back
+    assert log["teacher_cache_hits"] == len(views) - len(set(views))
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert np.load(folder / "logits_0.npy", mmap_mode="r").shape[0] == 2 * size  # two rows per image
+    distill(teachers[:1], "test_resnet", data, config, tmp_path / "again")  # the same views: all read back
+    again = json.loads((tmp_path / "again" / "distill_log.json").read_text())
+    assert again["teacher_cache_misses"] == 0 and again["teacher_cache_hits"] == len(views)
+
+
 def test_teacher_cache_shared_by_two_processes_keeps_both_ones_rows(tmp_path):
     """Under torchrun each process opens the cache folder and stores its own rows, each finding the output files
     missing at first: the second must open the file the first created, not create it again over the first's rows."""
@@ -366,7 +394,8 @@ def test_teacher_cache_shared_by_two_processes_keeps_both_ones_rows(tmp_path):
     for cache in (rank0, rank1):
         cache.flush()
     later = TeacherCache(tmp_path, 8, 1)  # a later run reads every row back
-    (read_logits, read_embedding), = later.lookup(torch.arange(8), torch.device("cpu"))
+    assert not later.missing(torch.arange(8)).any()
+    (read_logits, read_embedding), = later.read(torch.arange(8), torch.device("cpu"))
     torch.testing.assert_close(read_logits, logits)
     torch.testing.assert_close(read_embedding, embedding)
     assert not list(tmp_path.glob(".*.tmp"))  # no private files left behind

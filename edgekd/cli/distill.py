@@ -10,6 +10,7 @@ import typer
 from edgekd.cli.app import app, user_errors
 from edgekd.cli.options import (
     Augment,
+    Flip,
     BatchSize,
     CacheTeacher,
     ChannelsLast,
@@ -73,6 +74,7 @@ def distill_command(
     teacher_weighting: str = typer.Option("confidence", "--teacher-weighting", help="Several teachers: confidence "
                                           "(per sample) or mean."),
     augment: Augment = None,
+    flip: Flip = None,
     cache_teacher: CacheTeacher = None,
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the student (pays off on CUDA)."),
@@ -110,7 +112,7 @@ def distill_command(
                            mix=mix, mix_alpha=mix_alpha,
                            feature_pairs=parse_feature_pairs(feature_pairs), teacher_weighting=teacher_weighting,
                            epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, labeled_repeat=labeled_repeat,
-                           image_size=parse_input_size(input_size), augment=augment,
+                           image_size=parse_input_size(input_size), augment=augment, flip=flip,
                            cache_teacher=cache_teacher, compile=compile_model, resume=resume, num_workers=workers,
                            device=device, precision=precision, teacher_precision=teacher_precision,
                            channels_last=channels_last)

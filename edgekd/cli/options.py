@@ -11,7 +11,7 @@ import typer
 
 from edgekd.errors import EdgekdError
 from edgekd.recipe import (DEFAULT_MIX, DEFAULT_MIX_ALPHA, FIXED_VIEWS_MAX_EPOCHS, FROM_RANDOM, FROM_REAL_WEIGHTS,
-                           MIX_MODES)
+                           MIRROR_FIXED_VIEWS, MIX_MODES)
 
 log = logging.getLogger("edgekd")
 
@@ -119,6 +119,11 @@ Augment = Annotated[Optional[bool], typer.Option(
     f"and the student. Default (edgekd/recipe.py): off up to {FIXED_VIEWS_MAX_EPOCHS:g} epochs (fixed views scored "
     "1.8-6 points higher in edgekd's benchmarks, from random and from real weights, and the teacher then answers "
     "each image once, see --cache-teacher), on beyond.")]
+Flip = Annotated[Optional[bool], typer.Option(
+    "--flip/--no-flip", help="On fixed views: each image or its mirror image, drawn per image and epoch, the same for "
+    "the teacher and the student; the teacher cache keeps both views. Default (edgekd/recipe.py): "
+    f"{'on' if MIRROR_FIXED_VIEWS else 'off'}: it cost every recipe 0.3-1 point at 8 epochs "
+    "(benchmarks/results/distill_fashion_mnist.md). The crop/flip of --augment flips already.")]
 CacheTeacher = Annotated[Optional[bool], typer.Option(
     "--cache-teacher/--no-cache-teacher", help="Keep teacher outputs on disk, keyed by content, for later epochs and "
     "runs. Default: wherever views are fixed (no --augment, no --mix) and no feature loss needs the teacher's maps.")]

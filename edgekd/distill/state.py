@@ -97,8 +97,9 @@ class TeacherCache:
     student, seed or loss, a resumed run). Rows are written before their `filled` flag, so a killed run leaves at
     most rows that are computed again.
 
-    Valid only when an image's teacher input is the same every epoch (no augmentation) and no feature maps are
-    needed (they would not fit on disk for real data sets).
+    Valid only when an image's teacher input is the same every epoch (no augmentation; with --flip, one of two views,
+    each with its own row: views.view_rows) and no feature maps are needed (they would not fit on disk for real data
+    sets).
     """
 
     def __init__(self, folder: Path, size: int, teachers: int):
@@ -128,12 +129,16 @@ class TeacherCache:
             return None
         return open_memmap(paths[0], mode="r+"), open_memmap(paths[1], mode="r+")
 
-    def lookup(self, indices: torch.Tensor, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    def missing(self, indices: torch.Tensor) -> torch.Tensor:
+        """Which rows are not filled yet (the teacher must answer them); counted as misses, the rest as hits."""
+        missing = torch.from_numpy(~np.asarray(self.filled[indices.cpu().numpy()]))
+        self.misses += int(missing.sum())
+        self.hits += len(missing) - int(missing.sum())
+        return missing
+
+    def read(self, indices: torch.Tensor, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each teacher's (logits, embedding) rows, all filled."""
         rows = indices.cpu().numpy()
-        if not bool(self.filled[rows].all()):
-            self.misses += len(rows)
-            return None
-        self.hits += len(rows)
         return [(torch.from_numpy(np.asarray(logits[rows])).to(device),  # type: ignore[index]
                  torch.from_numpy(np.asarray(embedding[rows])).to(device)) for logits, embedding in self.slots]
 

@@ -25,11 +25,13 @@ from edgekd.distill.features import DEFAULT_PAIRS, HintedStudent, TappedModel, f
 from edgekd.distill.losses import LossInputs, LossSpec, Objective, TeacherView, default_loss_specs
 from edgekd.distill.mixing import check_mix, mix_batch
 from edgekd.distill.sampling import EpochSampler, SeededItems
+from edgekd.distill.views import MirrorDraw, mirror, view_rows
 from edgekd.distill.state import (STATE_NAME, Processes, TeacherCache, agree_on_minimum, finish_processes,
                                   share_from_main, start_processes, sync_buffers, teacher_cache_root)
 from edgekd.errors import EdgekdError
 from edgekd.models import preprocess_for
-from edgekd.recipe import DEFAULT_MIX, DEFAULT_MIX_ALPHA, default_augment, default_for_start, recipe_fingerprint
+from edgekd.recipe import (DEFAULT_MIX, DEFAULT_MIX_ALPHA, MIRROR_FIXED_VIEWS, default_augment, default_for_start,
+                           recipe_fingerprint)
 from edgekd.record import (TrainState, data_fingerprint, records_fingerprint, resume_training_state,
                            save_training_state, stage_key)
 from edgekd.distill.students import StudentStart, build_student
@@ -62,6 +64,9 @@ class DistillConfig:
     seed: int = 0
     image_size: tuple[int, int] | None = None  # the student's input; None: the first teacher's
     augment: bool | None = None  # shared random crop + flip for teacher and student; None: edgekd.recipe's
+    # fixed views only: each image or its mirror image, drawn per image and epoch, the same for every model; the
+    # teacher cache then holds both (views.py). None: edgekd.recipe's
+    flip: bool | None = None
     mix: str = DEFAULT_MIX  # mixup / cutmix of the shared view, for teacher and student alike (mixing.py)
     mix_alpha: float = DEFAULT_MIX_ALPHA  # the mixing ratio's Beta(alpha, alpha); 1.0: uniform, as in function matching
     # reuse teacher outputs across epochs (only without augmentation, mixing or feature losses); None: wherever
@@ -117,9 +122,10 @@ def _check(teachers: list[TeacherResult], config: DistillConfig) -> None:
 def _with_recipe_defaults(config: DistillConfig, transfer: bool) -> DistillConfig:
     """The settings left to edgekd (None) filled in from the default recipe (edgekd.recipe)."""
     start = default_for_start(transfer)
+    augment = default_augment(config.epochs) if config.augment is None else config.augment
     return replace(config, temperature=config.temperature or start.temperature,
                    lr=config.lr if config.lr is not None else start.lr,
-                   augment=default_augment(config.epochs) if config.augment is None else config.augment)
+                   augment=augment, flip=(MIRROR_FIXED_VIEWS if config.flip is None else config.flip) and not augment)
 
 
 def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, config: DistillConfig, out_dir: Path,
@@ -179,6 +185,7 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
     else:
         state = TrainState()
     cache = _teacher_cache(config, objective, records, teachers, processes)
+    mirrors = MirrorDraw(len(records), config.seed) if config.flip else None
     model = DistributedDataParallel(hinted, device_ids=[device.index] if device.type == "cuda" else None) \
         if processes.world > 1 else hinted
     if config.compile:
@@ -187,7 +194,7 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
                               shuffle=False, num_workers=config.num_workers, device=device)
 
     loop = DistillLoop(model, tapped_teachers, objective, optimizer, scheduler, config, compute, teacher_compute,
-                       cache, total_steps, micro)
+                       cache, total_steps, micro, mirrors)
     epochs = math.ceil(total_steps / steps_per_epoch)
     started = time.perf_counter()
     for epoch in range(state.step // steps_per_epoch, epochs):
@@ -195,7 +202,7 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
         sampler.set_position(epoch, skip_steps * per_rank_batch)
         epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch) - skip_steps
         try:
-            sums = loop.epoch(loader, epoch_steps, state, f"distill epoch {epoch + 1}/{epochs}", len(teachers))
+            sums = loop.epoch(loader, epoch, epoch_steps, state, f"distill epoch {epoch + 1}/{epochs}", len(teachers))
         except KeyboardInterrupt:
             if processes.main:
                 save_training_state(state_path, key, state, hinted, optimizer, scheduler)
@@ -261,16 +268,17 @@ def _teacher_cache(config: DistillConfig, objective: Objective, records, teacher
     key = stage_key("teacher-outputs", {"teachers": [sha256_file(t.weights_path) for t in teachers],
                                         "preprocess": [t.preprocess.to_dict() for t in teachers],
                                         "precision": config.teacher_precision, "records": records_fingerprint(records),
-                                        "size": len(records)})
+                                        "size": len(records), "mirror_images": bool(config.flip)})
     folder = teacher_cache_root() / key
+    rows = len(records) * (2 if config.flip else 1)  # with --flip, two views per image (views.view_rows)
     if processes.main:  # one process creates the files; the others open them
-        cache = TeacherCache(folder, len(records), len(teachers))
+        cache = TeacherCache(folder, rows, len(teachers))
     if processes.world > 1:
         torch.distributed.barrier()
     if not processes.main:
-        cache = TeacherCache(folder, len(records), len(teachers))
-    log.info("teacher outputs cached in %s (augmentation is off, so each image's teacher output is the same every "
-             "epoch): %d of %d images there already", folder, cache.cached, len(records))
+        cache = TeacherCache(folder, rows, len(teachers))
+    log.info("teacher outputs cached in %s (fixed views, so each view's teacher output is the same every epoch): "
+             "%d of %d views there already", folder, cache.cached, rows)
     return cache
 
 
@@ -279,14 +287,15 @@ class DistillLoop:
 
     def __init__(self, model, teachers, objective: Objective, optimizer, scheduler, config: DistillConfig,
                  compute: Compute, teacher_compute: Compute, cache: TeacherCache | None, total_steps: int,
-                 micro_batch: int | None = None):
+                 micro_batch: int | None = None, mirrors: MirrorDraw | None = None):
         self.model, self.teachers, self.objective = model, teachers, objective
         self.optimizer, self.scheduler, self.config = optimizer, scheduler, config
         self.compute, self.teacher_compute = compute, teacher_compute
         self.cache, self.total_steps = cache, total_steps
         self.micro_batch = micro_batch  # None: the whole batch at once
+        self.mirrors = mirrors  # None: no mirrored views (--no-flip, or the crop/flip, which flips already)
 
-    def epoch(self, loader, steps: int, state: TrainState, label: str, n_teachers: int) -> dict[str, float]:
+    def epoch(self, loader, epoch: int, steps: int, state: TrainState, label: str, n_teachers: int) -> dict[str, float]:
         """Train `steps` batches; returns the epoch's running sums (kept in state.partial for an interruption)."""
         self.model.train()
         sums: dict[str, Any] = dict(state.partial or {})
@@ -296,7 +305,7 @@ class DistillLoop:
             for batch_index, batch in enumerate(bar):
                 if batch_index >= steps:
                     break
-                total, terms, images = self.step(self.mixed(batch, n_teachers, state.step), n_teachers,
+                total, terms, images = self.step(self.views(batch, n_teachers, epoch, state.step), n_teachers,
                                                  state.step / self.total_steps)
                 state.step += 1
                 self.scheduler.step_update(state.step)
@@ -312,9 +321,18 @@ class DistillLoop:
         state.partial = {k: float(v) for k, v in sums.items()}
         return state.partial
 
+    def views(self, batch: tuple, n_teachers: int, epoch: int, step: int) -> tuple:
+        """The batch as the models see it: mirrored where drawn (views.py; each index then names its view's row in
+        the teacher cache), then mixed. Done here, on the whole batch, so every memory-sized slice shares it."""
+        if self.mirrors is not None:
+            inputs, labels, indices = batch[:1 + n_teachers], batch[1 + n_teachers], batch[2 + n_teachers]
+            flipped = self.mirrors.flipped(indices, epoch)
+            batch = (*mirror(tuple(inputs), flipped), labels, view_rows(indices, flipped), *batch[3 + n_teachers:])
+        return self.mixed(batch, n_teachers, step)
+
     def mixed(self, batch: tuple, n_teachers: int, step: int) -> tuple:
         """The batch with its images mixed (the same mix for every model) and the partners' labels and shares
-        appended; unchanged without --mix. Mixed here, on the whole batch, so every memory-sized slice shares it."""
+        appended; unchanged without --mix."""
         if self.config.mix == "none":
             return batch
         inputs, labels = batch[:1 + n_teachers], batch[1 + n_teachers]
@@ -350,18 +368,23 @@ class DistillLoop:
                               progress_fraction)
 
     def teacher_outputs(self, inputs: list[torch.Tensor], indices: torch.Tensor) -> list[tuple]:
-        """Each teacher's (logits, embedding, maps) in fp32, from the cache when it holds this batch."""
-        cached = self.cache.lookup(indices, self.compute.device) if self.cache is not None else None
-        if cached is not None:
-            return [(logits, embedding, ()) for logits, embedding in cached]
+        """Each teacher's (logits, embedding, maps) in fp32; with the cache, the teacher answers only the samples it
+        has not answered before (all of them in the first epoch, a view not drawn yet after that) and the batch is
+        read back from the cache."""
+        if self.cache is None:
+            return self._teacher_forward(inputs)
+        missing = self.cache.missing(indices)
+        if bool(missing.any()):
+            computed = self._teacher_forward([x[missing.to(x.device)] for x in inputs])
+            self.cache.store(indices[missing], [(logits, embedding) for logits, embedding, _ in computed])
+        return [(logits, embedding, ()) for logits, embedding in self.cache.read(indices, self.compute.device)]
+
+    def _teacher_forward(self, inputs: list[torch.Tensor]) -> list[tuple]:
         with torch.inference_mode(), self.teacher_compute.autocast():
             outputs = [teacher(x) for teacher, x in zip(self.teachers, inputs)]
         # Inference tensors cannot take part in autograd; clones outside inference mode can.
-        outputs = [(logits.float().clone(), embedding.float().clone(), tuple(m.float().clone() for m in maps))
-                   for logits, embedding, maps in outputs]
-        if self.cache is not None:
-            self.cache.store(indices, [(logits, embedding) for logits, embedding, _ in outputs])
-        return outputs
+        return [(logits.float().clone(), embedding.float().clone(), tuple(m.float().clone() for m in maps))
+                for logits, embedding, maps in outputs]
 
     def teacher_weights(self, logits: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each teacher's share of each sample: its top-class confidence (normalised over teachers), or equal."""
@@ -398,8 +421,8 @@ def _finish(hinted: HintedStudent, loop: DistillLoop, teachers: list[TeacherResu
     metrics = {"losses": [str(s) for s in objective.specs], "temperature": objective.temperature,
                "epochs": config.epochs, "seed": config.seed, "train_images": len(data.train),
                "unlabeled_images": len(data.unlabeled) if data.unlabeled is not None else 0,
-               "labeled_repeat": config.labeled_repeat, "augment": config.augment, "mix": config.mix,
-               "mix_alpha": config.mix_alpha,
+               "labeled_repeat": config.labeled_repeat, "augment": config.augment, "flip": config.flip,
+               "mix": config.mix, "mix_alpha": config.mix_alpha,
                "teachers": [t.model_name for t in teachers], "teacher_val_top1": teachers[0].val_top1,
                "feature_pairs": [[f"{s.name}->{t.name}" for s, t in chosen] for chosen in pairs],
                "teacher_cache": cache is not None, "processes": processes.world,
