@@ -16,7 +16,8 @@ from edgekd.deploy.quantize import (GuardConfig, _logit_difference, check_calibr
                              prepare_for_quantization, presets_for, quantize_onnx)
 from edgekd.deploy.sensitivity import rank_sensitive_nodes
 from edgekd.distill.students import load_student, read_student_checkpoint
-from edgekd.deploy.verify import EvalSet, batch_dependent, evaluate_onnx, onnx_logits, preprocess_records, session
+from edgekd.deploy.verify import (EvalSet, batch_dependent, drop_standard_error, evaluate_onnx, onnx_logits,
+                                  preprocess_records, session)
 from tests.helpers.tiny_students import tiny_student
 
 
@@ -127,6 +128,20 @@ def test_calibration_with_too_few_images_says_how_many(resnet, tmp_path: Path) -
     assert not (tmp_path / "int8.onnx").exists()
 
 
+def test_a_drop_comes_with_its_standard_error_on_the_paired_predictions() -> None:
+    """1,000 labeled images, int8 wrong on 15 that fp32 gets right and right on 5 it gets wrong: a 1-point drop known
+    to +-0.45 (the paired standard error); without labels, 2% of answers changed, known to +-0.44."""
+    labels = np.zeros(1000, dtype=np.int64)
+    reference, predictions = labels.copy(), labels.copy()
+    reference[:5] = 1  # fp32 wrong where int8 is right
+    predictions[5:20] = 2  # int8 wrong where fp32 is right
+    paired = drop_standard_error(reference, predictions, labels)
+    assert paired == pytest.approx(100 * np.sqrt(20 - 10 ** 2 / 1000) / 1000) == pytest.approx(0.446, abs=1e-3)
+    assert drop_standard_error(reference, reference, labels) == 0.0
+    assert drop_standard_error(reference, predictions, np.full(1000, -1)) == pytest.approx(
+        100 * np.sqrt(0.02 * 0.98 / 1000))
+
+
 def test_guard_keeps_the_most_sensitive_nodes_in_float(resnet, tmp_path: Path) -> None:
     fp32, evalset, calibration = resnet
     impossible = GuardConfig(max_accuracy_drop=-100.0, max_rounds=2, calibration_method="minmax")  # every round runs
@@ -136,6 +151,8 @@ def test_guard_keeps_the_most_sensitive_nodes_in_float(resnet, tmp_path: Path) -
     assert len(excluded) == 3 and excluded[0] == () and 0 < len(excluded[1]) < len(excluded[2])
     assert set(excluded[1]) <= set(excluded[2])
     assert decision.precision == "fp32" and "accuracy guard" in decision.reason  # nothing passed: fp32 ships
+    assert all(t.images == len(evalset.labels) and t.drop_se is not None and t.drop_se >= 0 for t in decision.trials)
+    assert "+-" in decision.trials[0].describe_drop()
     assert onnx.load(str(tmp_path / "model.onnx")).graph.node[0].op_type != "QuantizeLinear"
     # the nodes the guard chose really are the most sensitive, and quantizing without them keeps them in float
     prepared = prepare_for_quantization(fp32, tmp_path / "prepared.onnx")

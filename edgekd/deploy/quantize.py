@@ -27,7 +27,8 @@ from edgekd.errors import EdgekdError, first_line
 from edgekd.deploy.export import check_model, is_transformer, quiet_onnxruntime
 from edgekd.select.latency import ORT_RUN_ERRORS
 from edgekd.deploy.sensitivity import NodeSensitivity, rank_sensitive_nodes
-from edgekd.deploy.verify import INPUT_NAME, PARITY_RTOL, EvalSet, evaluate_onnx, metrics_from_predictions, onnx_logits
+from edgekd.deploy.verify import (INPUT_NAME, PARITY_RTOL, EvalSet, drop_standard_error, metrics_from_predictions,
+                                  onnx_logits)
 
 log = logging.getLogger(__name__)
 
@@ -351,9 +352,16 @@ class Trial:
     size_bytes: int = 0
     error: str | None = None  # the quantizer could not handle this preset on this graph
     calibration_method: str | None = None  # static presets: how activation ranges were calibrated
+    drop_se: float | None = None  # standard error of accuracy_drop on these images (verify.drop_standard_error)
+    images: int = 0  # how many images measured it
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "preset": self.preset.to_dict(), "excluded_nodes": list(self.excluded_nodes)}
+
+    def describe_drop(self) -> str:
+        """"accuracy drop 0.80 +- 0.45 points (1,000 images)": the figure with how precisely it is known."""
+        spread = f" +- {self.drop_se:.2f}" if self.drop_se is not None else ""
+        return f"accuracy drop {self.accuracy_drop:.2f}{spread} points ({self.images:,} images)"
 
 
 @dataclass(frozen=True)
@@ -454,9 +462,8 @@ def _decide(best: tuple[Trial, Path] | None, fp32_top1: float | None, fp32_ms: f
         if fp32_ms and trial.latency_ms else ""
     calibrated = f", {trial.calibration_method} calibration" if trial.calibration_method else ""
     return QuantDecision(trial.precision, out_path, isa, trial.preset, fp32_top1, fp32_ms, trial.latency_ms,
-                         trials=trials, reason=f"{trial.preset.name}{calibrated}: accuracy drop "
-                                                f"{trial.accuracy_drop:.2f} "
-                                                f"points, agreement {trial.agreement:.1%}{speed}")
+                         trials=trials, reason=f"{trial.preset.name}{calibrated}: {trial.describe_drop()}, "
+                                                f"agreement {trial.agreement:.1%}{speed}")
 
 
 def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantPreset, isa: str, evalset: EvalSet,
@@ -499,8 +506,8 @@ def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantP
             break
         trial = replace(trial, calibration_method=method)
         rounds.append(trial)
-        log.info("quantization %s round %d: %d node(s) in float, accuracy drop %.2f points, agreement %.1f%% -> %s",
-                 preset.name, round_index, len(excluded), trial.accuracy_drop, 100 * trial.agreement,
+        log.info("quantization %s round %d: %d node(s) in float, %s, agreement %.1f%% -> %s",
+                 preset.name, round_index, len(excluded), trial.describe_drop(), 100 * trial.agreement,
                  "pass" if trial.passed else "fail")
         if trial.passed:
             break
@@ -562,7 +569,8 @@ SENSITIVITY_IMAGES = 32  # enough to rank nodes by the error they add; the guard
 
 def _measure(path: Path, precision: str, preset: QuantPreset, excluded: tuple[str, ...], evalset: EvalSet,
              fp32_predictions: np.ndarray, fp32_top1: float | None, guard: GuardConfig) -> Trial:
-    metrics = evaluate_onnx(path, evalset, reference=fp32_predictions)
+    predictions = onnx_logits(path, evalset.images).argmax(axis=1)
+    metrics = metrics_from_predictions(predictions, evalset, reference=fp32_predictions)
     agreement = metrics.agreement if metrics.agreement is not None else 0.0
     if fp32_top1 is not None and metrics.top1 is not None:
         drop = 100.0 * (fp32_top1 - metrics.top1)
@@ -570,4 +578,6 @@ def _measure(path: Path, precision: str, preset: QuantPreset, excluded: tuple[st
         drop = 100.0 * (1.0 - agreement)
     drop = round(drop, 6)  # 3/300 images is 1.0 point, not 1.0000000000000009
     passed = drop <= guard.max_accuracy_drop and (guard.min_agreement is None or agreement >= guard.min_agreement)
-    return Trial(precision, preset, excluded, metrics.top1, agreement, drop, passed, size_bytes=path.stat().st_size)
+    spread = drop_standard_error(fp32_predictions, predictions, evalset.labels if fp32_top1 is not None else None)
+    return Trial(precision, preset, excluded, metrics.top1, agreement, drop, passed, size_bytes=path.stat().st_size,
+                 drop_se=round(spread, 6), images=len(predictions))
