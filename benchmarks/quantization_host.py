@@ -436,9 +436,9 @@ def table(results: dict) -> str:
     if causes:
         lines += ["", "### Why static int8 collapses on EfficientNet-B0 and not on Lite0 (section \"causes\")", "",
                   "Both trained as in part B (2 epochs, 64 px). Each static form with the ISA's default preset; then "
-                  "the default form's five noisiest tensors (relative error per channel, averaged over channels; "
-                  "onnxruntime's qdq_loss_debug pairs them) and how far each one's loudest channel peaks above the "
-                  "median channel's peak, on 32 calibration images.", "",
+                  "the default form's five noisiest tensors (relative error per channel, averaged over channels, on "
+                  "32 test images; onnxruntime's qdq_loss_debug pairs them) and how far each one's loudest channel "
+                  "peaks above the median channel's peak, on 32 calibration images.", "",
                   "| student | form | top-1 | drop (pts) | agreement |", "|---|---|---:|---:|---:|"]
         for name, entry in causes.items():
             for label, form in entry["forms"].items():

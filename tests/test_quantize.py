@@ -140,6 +140,11 @@ def test_a_drop_comes_with_its_standard_error_on_the_paired_predictions() -> Non
     assert drop_standard_error(reference, reference, labels) == 0.0
     assert drop_standard_error(reference, predictions, np.full(1000, -1)) == pytest.approx(
         100 * np.sqrt(0.02 * 0.98 / 1000))
+    # partly labeled: top-1 counts the labeled images only, and so does the error of its drop
+    partly = np.concatenate([labels, np.full(500, -1)])
+    noise = np.arange(500) % 7  # the unlabeled rows' answers change, but they carry no top-1
+    assert drop_standard_error(np.concatenate([reference, noise]), np.concatenate([predictions, noise + 1]),
+                               partly) == pytest.approx(paired)
 
 
 def test_guard_keeps_the_most_sensitive_nodes_in_float(resnet, tmp_path: Path) -> None:

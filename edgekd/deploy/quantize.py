@@ -578,6 +578,8 @@ def _measure(path: Path, precision: str, preset: QuantPreset, excluded: tuple[st
         drop = 100.0 * (1.0 - agreement)
     drop = round(drop, 6)  # 3/300 images is 1.0 point, not 1.0000000000000009
     passed = drop <= guard.max_accuracy_drop and (guard.min_agreement is None or agreement >= guard.min_agreement)
-    spread = drop_standard_error(fp32_predictions, predictions, evalset.labels if fp32_top1 is not None else None)
+    labels = evalset.labels if fp32_top1 is not None else None
+    spread = drop_standard_error(fp32_predictions, predictions, labels)
+    measured = int((labels >= 0).sum()) if labels is not None else len(predictions)  # what the drop counts
     return Trial(precision, preset, excluded, metrics.top1, agreement, drop, passed, size_bytes=path.stat().st_size,
-                 drop_se=round(spread, 6), images=len(predictions))
+                 drop_se=round(spread, 6), images=measured)

@@ -179,15 +179,18 @@ def drop_standard_error(reference: np.ndarray, predictions: np.ndarray, labels: 
     images: how far the guard's figure may sit from the drop on all such images. The two models answer the same
     images, so only those where exactly one is right carry the error (the paired, McNemar setting); on 1,000 images
     a model that changes 2% of its answers has a drop known to about +-0.45 points."""
+    labeled = labels >= 0 if labels is not None else np.zeros(len(predictions), dtype=bool)
+    if labeled.any():  # top-1 counts the labeled images only (metrics.accuracy): so does its error
+        reference, predictions, labels = reference[labeled], predictions[labeled], labels[labeled]
+        n = len(predictions)
+        lost = float(((reference == labels) & (predictions != labels)).sum())
+        gained = float(((reference != labels) & (predictions == labels)).sum())
+        return 100.0 * float(np.sqrt(max(0.0, lost + gained - (lost - gained) ** 2 / n))) / n
     n = len(predictions)
     if n == 0:
         return float("nan")
-    if labels is None or bool((labels < 0).any()):
-        changed = float((predictions != reference).mean())
-        return 100.0 * float(np.sqrt(changed * (1.0 - changed) / n))
-    lost = float(((reference == labels) & (predictions != labels)).sum())
-    gained = float(((reference != labels) & (predictions == labels)).sum())
-    return 100.0 * float(np.sqrt(max(0.0, lost + gained - (lost - gained) ** 2 / n))) / n
+    changed = float((predictions != reference).mean())
+    return 100.0 * float(np.sqrt(changed * (1.0 - changed) / n))
 
 
 def check_parity(model: torch.nn.Module, onnx_path: Path, images: np.ndarray, rtol: float = PARITY_RTOL) -> Parity:

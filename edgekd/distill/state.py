@@ -91,8 +91,9 @@ def teacher_cache_root() -> Path:
 
 
 class TeacherCache:
-    """Teacher logits and embeddings per training image, on disk as memory-mapped .npy files in a folder named by
-    their content key (the teachers' weights, each one's preprocessing and forward precision, the training images):
+    """Teacher logits and embeddings per training view (an image; with --flip, an image or its mirror image), on disk
+    as memory-mapped .npy files in a folder named by their content key (the teachers' weights, each one's
+    preprocessing and forward precision, the training images):
     filled on first sight, reused in later epochs and by later runs with the same teachers and images (another
     student, seed or loss, a resumed run). Rows are written before their `filled` flag, so a killed run leaves at
     most rows that are computed again.

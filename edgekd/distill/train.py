@@ -123,6 +123,8 @@ def _with_recipe_defaults(config: DistillConfig, transfer: bool) -> DistillConfi
     """The settings left to edgekd (None) filled in from the default recipe (edgekd.recipe)."""
     start = default_for_start(transfer)
     augment = default_augment(config.epochs) if config.augment is None else config.augment
+    if config.flip and augment:
+        log.warning("--flip applies to fixed views; the random crop/flip of --augment flips images already")
     return replace(config, temperature=config.temperature or start.temperature,
                    lr=config.lr if config.lr is not None else start.lr,
                    augment=augment, flip=(MIRROR_FIXED_VIEWS if config.flip is None else config.flip) and not augment)
@@ -268,7 +270,7 @@ def _teacher_cache(config: DistillConfig, objective: Objective, records, teacher
     key = stage_key("teacher-outputs", {"teachers": [sha256_file(t.weights_path) for t in teachers],
                                         "preprocess": [t.preprocess.to_dict() for t in teachers],
                                         "precision": config.teacher_precision, "records": records_fingerprint(records),
-                                        "size": len(records), "mirror_images": bool(config.flip)})
+                                        "size": len(records), **({"mirror_images": True} if config.flip else {})})
     folder = teacher_cache_root() / key
     rows = len(records) * (2 if config.flip else 1)  # with --flip, two views per image (views.view_rows)
     if processes.main:  # one process creates the files; the others open them
@@ -426,7 +428,8 @@ def _finish(hinted: HintedStudent, loop: DistillLoop, teachers: list[TeacherResu
                "teachers": [t.model_name for t in teachers], "teacher_val_top1": teachers[0].val_top1,
                "feature_pairs": [[f"{s.name}->{t.name}" for s, t in chosen] for chosen in pairs],
                "teacher_cache": cache is not None, "processes": processes.world,
-               # images whose teacher outputs came from the cache / were computed (this process, this run)
+               # views (images; with --flip, images and mirror images) whose teacher outputs came from the cache /
+               # were computed (this process, this run)
                "teacher_cache_hits": cache.hits if cache else 0, "teacher_cache_misses": cache.misses if cache else 0,
                "compute": compute.describe(),
                "teacher_compute": loop.teacher_compute.describe(),

@@ -5,8 +5,9 @@ and beat the random crop/flip in edgekd's benchmarks (edgekd/recipe.py). A mirro
 as natural as the first without moving the object off the frame as a crop does, and it keeps the cache: there are
 only two views per image, so the cache holds two rows per image (row 2i: image i, row 2i + 1: its mirror image).
 
-The flip is applied to the batch after loading, to every model's tensor alike (the eval view's mirror image is the
-mirror image's eval view, the center crop being symmetric), so teacher and student see the same view. Whether image i
+The flip is applied to the batch after loading, to every model's tensor alike (the eval view's mirror image: the
+mirror image's eval view up to a one-pixel shift where the center crop's margin is odd), so teacher and student see
+the same view. Whether image i
 is flipped in an epoch depends only on (seed, epoch, i): a resumed run flips as an uninterrupted one does, whatever
 the worker count or the torchrun rank.
 """
