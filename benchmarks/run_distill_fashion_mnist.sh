@@ -23,6 +23,8 @@ fi
 if [ -z "${CONFIGS:-}" ]; then  # the ingredient rows the table shows with fewer seeds (see its notes)
   for run in default-augmented:0 labels-only-augmented:0 default-flip:0 labels-only-flip:0 kd-fixed-views-flip:0 \
              default-2x-epochs:0 labels-only-2x-epochs:0 kd-fixed-views-2x-epochs:0 \
+             default-2x-epochs:1 labels-only-2x-epochs:1 kd-fixed-views-2x-epochs:1 \
+             default-2x-epochs:2 labels-only-2x-epochs:2 kd-fixed-views-2x-epochs:2 \
              default-lr0.004:0 labels-only-lr0.004:0 kd-fixed-views-lr0.004:0 \
              default-lr0.016:0 labels-only-lr0.016:0 kd-fixed-views-lr0.016:0 \
              default-batch64-lr0.002:0 labels-only-batch64-lr0.002:0 kd-fixed-views-batch64-lr0.002:0 \
