@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -51,7 +51,7 @@ from edgekd.select.profiles import detect_isa  # noqa: E402
 from edgekd.deploy.quantize import (GuardConfig, default_preset, guarded_quantize, prepare_for_quantization,  # noqa: E402
                              presets_for, quantize_onnx)
 from edgekd.deploy.sensitivity import tensor_noise  # noqa: E402
-from edgekd.types import DataSpec, TrainConfig  # noqa: E402
+from edgekd.types import DataSpec, Preprocess, TrainConfig  # noqa: E402
 from edgekd.deploy.verify import EvalSet, drop_standard_error, onnx_logits, preprocess_records  # noqa: E402
 from tests.helpers.photos import BUNDLED as PICTURES, crops  # noqa: E402
 
@@ -189,6 +189,26 @@ def train_student(name: str, pretrained: bool, epochs: int, data, work: Path) ->
                    "train_s": time.perf_counter() - started}
 
 
+@dataclass(frozen=True)
+class ExportedStudent:
+    """A part B student, trained and exported, with the images that evaluate and calibrate it."""
+
+    facts: dict[str, Any]  # start, epochs, training seconds
+    pre: Preprocess
+    evalset: EvalSet  # the whole test split
+    calibration: np.ndarray  # stratified training images
+    fp32: Path
+
+
+def exported_student(name: str, pretrained: bool, epochs: int, data, work: Path) -> ExportedStudent:
+    model, facts = train_student(name, pretrained, epochs, data, work)
+    pre = preprocess_for(model, (SIZE, SIZE))
+    evalset = preprocess_records(data.val, pre, VAL_IMAGES)
+    calibration = preprocess_records(data.train, pre, CALIBRATION_IMAGES).images
+    fp32 = export_onnx(model, work / "fp32.onnx", pre.input_size, check_inputs=evalset.images[:64])
+    return ExportedStudent(facts, pre, evalset, calibration, fp32)
+
+
 def form_figures(path: Path, evalset: EvalSet, reference: np.ndarray, fp32_top1: float, shape) -> dict[str, Any]:
     predictions = onnx_logits(path, evalset.images).argmax(1)
     top1 = float((predictions == evalset.labels).mean())
@@ -208,11 +228,9 @@ def students_stage(results: dict) -> None:
             continue
         with tempfile.TemporaryDirectory() as folder:
             work = Path(folder)
-            model, facts = train_student(name, pretrained, epochs, data, work)
-            pre = preprocess_for(model, (SIZE, SIZE))
-            evalset = preprocess_records(data.val, pre, VAL_IMAGES)
-            calibration = preprocess_records(data.train, pre, CALIBRATION_IMAGES).images
-            fp32 = export_onnx(model, work / "fp32.onnx", pre.input_size, check_inputs=evalset.images[:64])
+            student = exported_student(name, pretrained, epochs, data, work)
+            facts, pre, evalset, calibration, fp32 = (student.facts, student.pre, student.evalset,
+                                                      student.calibration, student.fp32)
             reference = onnx_logits(fp32, evalset.images).argmax(1)
             fp32_top1 = float((reference == evalset.labels).mean())
             transformer = is_transformer(onnx.load(str(fp32)))
@@ -254,14 +272,10 @@ def strict_stage(results: dict) -> None:
     data = load_data(DataSpec("fashion-mnist", max_train=TRAIN_IMAGES, max_val=VAL_IMAGES))
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        model, facts = train_student(REAL, True, 2, data, work)
-        pre = preprocess_for(model, (SIZE, SIZE))
-        evalset = preprocess_records(data.val, pre, VAL_IMAGES)
-        calibration = preprocess_records(data.train, pre, CALIBRATION_IMAGES).images
-        fp32 = export_onnx(model, work / "fp32.onnx", pre.input_size, check_inputs=evalset.images[:64])
-        decision = guarded_quantize(fp32, work / "shipped.onnx", evalset=evalset, calibration=calibration, isa=isa,
-                                    guard=GuardConfig(max_accuracy_drop=0.5),
-                                    timing=lambda path, _, shape=pre.input_size: p50_ms(path, shape))
+        student = exported_student(REAL, True, 2, data, work)
+        decision = guarded_quantize(student.fp32, work / "shipped.onnx", evalset=student.evalset,
+                                    calibration=student.calibration, isa=isa, guard=GuardConfig(max_accuracy_drop=0.5),
+                                    timing=lambda path, _, shape=student.pre.input_size: p50_ms(path, shape))
     results["strict"] = {"student": REAL, "fp32_top1": decision.fp32_top1, "precision": decision.precision,
                          "reason": decision.reason,
                          "trials": [{"preset": t.preset.name, "calibration": t.calibration_method,
@@ -286,11 +300,9 @@ def causes_stage(results: dict) -> None:
     for name, pretrained in (("efficientnet_b0", False), (REAL, True)):
         with tempfile.TemporaryDirectory() as folder:
             work = Path(folder)
-            model, facts = train_student(name, pretrained, 2, data, work)
-            pre = preprocess_for(model, (SIZE, SIZE))
-            evalset = preprocess_records(data.val, pre, VAL_IMAGES)
-            calibration = preprocess_records(data.train, pre, CALIBRATION_IMAGES).images
-            fp32 = export_onnx(model, work / "fp32.onnx", pre.input_size, check_inputs=evalset.images[:64])
+            student = exported_student(name, pretrained, 2, data, work)
+            facts, pre, evalset, calibration, fp32 = (student.facts, student.pre, student.evalset,
+                                                      student.calibration, student.fp32)
             prepared = prepare_for_quantization(fp32, work / "prepared.onnx", calibration[:8])
             reference = onnx_logits(fp32, evalset.images).argmax(1)
             fp32_top1 = float((reference == evalset.labels).mean())
