@@ -29,7 +29,8 @@ if [ -z "${CONFIGS:-}" ]; then  # the ingredient rows the table shows with fewer
              default-lr0.016:0 labels-only-lr0.016:0 kd-fixed-views-lr0.016:0 \
              default-batch64-lr0.002:0 labels-only-batch64-lr0.002:0 kd-fixed-views-batch64-lr0.002:0 \
              default-2x-epochs-lr0.002:0 default-augmented-2x-epochs-lr0.002:0 kd+cutmix-lr0.002:0 \
-             kd+mixup-lr0.002:0 kd+mixup-lr0.002:1; do
+             kd+mixup-lr0.002:0 kd+mixup-lr0.002:1 default+feature:1 default+feature:2 default+relation:1 \
+             default+relation:2; do
     flock "$LOCK" "$PY" benchmarks/distill_fashion_mnist.py student "${run%:*}" --seed "${run#*:}"
   done
 fi
