@@ -157,6 +157,9 @@ def prepare_for_quantization(fp32_path: Path, out_path: Path, check_inputs: np.n
     """quant_pre_process (symbolic shape inference + ORT graph optimisation, which the quantizer relies on), checked
     like an export: the prepared graph must reproduce the fp32 file's logits on `check_inputs` (random when None).
 
+    Spatial means (squeeze-excite's `x.mean((2, 3), keepdim=True)`) become GlobalAveragePool, the same arithmetic,
+    which ORT runs in int8 (QLinearGlobalAveragePool) where ReduceMean breaks the int8 chain with a float round trip.
+
     Some graphs (e.g. efficientvit_m2) defeat ORT's symbolic shape inference; ONNX's own shape inference is
     enough for the quantizer there, so retry without it rather than lose int8 for that model. A prepared graph that
     breaks parity is prepared again without ORT's optimisation, and is an error if it still does.
@@ -171,7 +174,7 @@ def prepare_for_quantization(fp32_path: Path, out_path: Path, check_inputs: np.n
             log.info("symbolic shape inference failed for %s; quantizing with ONNX shape inference only",
                      Path(fp32_path).name)
             quant_pre_process(source, target, skip_symbolic_shape=True)
-        _name_every_node(Path(target))
+        _finish_prepared(Path(target))
         if check_inputs is None:
             shape = _input_chw(check_model(Path(fp32_path)))
             check_inputs = np.random.default_rng(0).standard_normal((2, *shape)).astype(np.float32)
@@ -180,7 +183,7 @@ def prepare_for_quantization(fp32_path: Path, out_path: Path, check_inputs: np.n
             log.info("quant_pre_process changed %s's logits by %.3g; preparing it without graph optimisation",
                      Path(fp32_path).name, difference)
             quant_pre_process(source, target, skip_optimization=True, skip_symbolic_shape=True)
-            _name_every_node(Path(target))
+            _finish_prepared(Path(target))
             difference = _logit_difference(Path(source), Path(target), check_inputs)
             if difference is not None:
                 raise EdgekdError(f"onnxruntime's quant_pre_process changes {Path(fp32_path).name}'s logits by "
@@ -188,10 +191,15 @@ def prepare_for_quantization(fp32_path: Path, out_path: Path, check_inputs: np.n
     return out_path
 
 
-def _name_every_node(path: Path) -> None:
+def _finish_prepared(path: Path) -> None:
+    model = onnx.load(str(path))
+    if _spatial_means_as_global_pools(model) + _name_every_node(model):
+        onnx.save(model, str(path))
+
+
+def _name_every_node(model: onnx.ModelProto) -> int:
     """Give unnamed nodes a name: the quantizer excludes nodes by name, so an unnamed one could be ranked the most
     sensitive and still not be kept in float."""
-    model = onnx.load(str(path))
     taken = {node.name for node in model.graph.node}
     unnamed = [node for node in model.graph.node if not node.name]
     for index, node in enumerate(unnamed):
@@ -200,8 +208,43 @@ def _name_every_node(path: Path) -> None:
             name += "_"
         node.name = name
         taken.add(name)
-    if unnamed:
-        onnx.save(model, str(path))
+    return len(unnamed)
+
+
+def _spatial_means_as_global_pools(model: onnx.ModelProto) -> int:
+    """Replace each ReduceMean over both spatial axes of a float N x C x H x W map, dimensions kept, by
+    GlobalAveragePool (identical by definition); return how many. ORT's quantizer has no int8 ReduceMean, so each one
+    left a dequantize/float/quantize round trip in the int8 graph (benchmarks/results/int8_graph_forms.md).
+
+    Only 4-D maps: a mean over a token tensor's last axis is a normalisation statistic, and export.is_transformer
+    reads ReduceMean as a sign of LayerNorm."""
+    means = [node for node in model.graph.node if node.op_type == "ReduceMean" and node.domain in ("", "ai.onnx")]
+    if not means:
+        return 0
+    float_maps = _float_4d_tensors(model)
+    initializers = {init.name: init for init in model.graph.initializer}
+    overridable = {value.name for value in model.graph.input}
+    replaced = 0
+    for node in means:
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        axes = attributes.get("axes")  # an attribute up to opset 17, the optional second input from opset 18
+        if len(node.input) > 1 and node.input[1]:
+            axes = None if node.input[1] not in initializers or node.input[1] in overridable else \
+                np.atleast_1d(onnx.numpy_helper.to_array(initializers[node.input[1]])).tolist()
+        if node.input[0] not in float_maps or attributes.get("keepdims", 1) != 1 or not axes \
+                or any(not -4 <= int(a) < 4 for a in axes) or sorted(int(a) % 4 for a in axes) != [2, 3]:
+            continue
+        node.CopyFrom(onnx.helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), name=node.name))
+        replaced += 1
+    return replaced  # an opset-18 axes initializer left unused: the quantizer's own clean-up drops it
+
+
+def _float_4d_tensors(model: onnx.ModelProto) -> set[str]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+    return {v.name for v in [*inferred.graph.value_info, *inferred.graph.input]
+            if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type in floats
+            and v.type.tensor_type.HasField("shape") and len(v.type.tensor_type.shape.dim) == 4}
 
 
 def _logit_difference(reference: Path, candidate: Path, images: np.ndarray) -> float | None:
@@ -435,10 +478,30 @@ def guarded_quantize(fp32_path: Path, out_path: Path, *, evalset: EvalSet, calib
             trials += rounds
             if final.passed and (best is None or _faster(final, best[0])):
                 best = (final, attempt.rename(Path(work) / f"best_{index}.onnx"))
+        if best is not None and timing is not None:
+            fp32_ms, best = _side_by_side(timing, fp32_path, *best)
         decision = _decide(best, fp32_top1, fp32_ms, isa, out_path, tuple(trials), guard.min_speedup, latency_source)
         quantize_onnx(best[1] if decision.precision != "fp32" and best else fp32_path, out_path, "fp32")
     log.info("quantization: shipped %s (%s)", decision.precision, decision.reason)
     return decision
+
+
+# The decision times fp32 and the fastest passing int8 form alternately, this many rounds, and compares medians:
+# p50s taken minutes apart on a busy machine drift by more than the 5% int8 must gain (a classifier-only dynamic
+# int8, no faster by construction, once measured 1.11x that way: benchmarks/results/quantization_host.md).
+SIDE_BY_SIDE_ROUNDS = 3
+
+
+def _side_by_side(timing: Timing, fp32_path: Path, trial: Trial, path: Path) -> tuple[float | None, tuple[Trial, Path]]:
+    fp32_times: list[float] = []
+    int8_times: list[float] = []
+    for _ in range(SIDE_BY_SIDE_ROUNDS):
+        fp32_ms, int8_ms = timing(fp32_path, "fp32"), timing(path, trial.precision)
+        if fp32_ms is None or int8_ms is None:
+            return fp32_ms, (trial, path)
+        fp32_times.append(fp32_ms)
+        int8_times.append(int8_ms)
+    return float(np.median(fp32_times)), (replace(trial, latency_ms=float(np.median(int8_times))), path)
 
 
 def _faster(candidate: Trial, incumbent: Trial) -> bool:
