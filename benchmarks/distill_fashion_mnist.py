@@ -109,6 +109,11 @@ AT_DEFAULT_RATE = {
     # what the teacher's features add on top of the default (fitnet needs the teacher's maps: it runs live)
     "default+feature": replace(default_recipe(), losses=default_recipe().losses + ",fitnet=1"),
     "default+relation": replace(default_recipe(), losses=default_recipe().losses + ",rkd=1"),
+    # the teacher's pooled embedding (cached with its logits) through a trained linear projector (proj, Miles &
+    # Mikolajczyk 2024), and correlation-based logit KD (dist, Huang et al. 2022; its CIFAR setting: T=4, 2 and 2)
+    "default+proj": replace(default_recipe(), losses=default_recipe().losses + ",proj=1"),
+    "kd+proj": Recipe("ce=1,kd=1,proj=1", augment=False),
+    "dist": Recipe("ce=1,dist=2", augment=False),
 }
 # The student's rate from random weights, swept on seed 0: edgekd.recipe's 8e-3 is where labels-only and the
 # default peak.

@@ -297,7 +297,7 @@ def test_cli_distill_reports_bad_input_on_one_line():
                                       "--loss", "kd=1", "--loss", "fitnett=1"])
     assert result.exit_code == 2
     assert "unknown loss 'fitnett'" in result.output
-    assert "known losses: at, ce, dkd, fitnet, kd, rkd, sp, wsl" in result.output
+    assert "known losses: at, ce, dist, dkd, fitnet, kd, proj, rkd, sp, wsl" in result.output
     result = CliRunner().invoke(app, ["distill", "--student", "test_resnet", "--teacher-dir", "nowhere",
                                       "--loss", "dkd=1", "--loss-option", "dkd.gama=2"])
     assert result.exit_code == 2 and result.output.count("\n") == 1
@@ -356,6 +356,26 @@ def test_teacher_outputs_cached_on_disk_serve_later_runs_until_the_teacher_chang
     other = run("other", teachers[1:2])
     assert other["teacher_cache_misses"] == images  # another teacher's outputs are not the first one's
     assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_projected_embedding_loss_trains_from_the_teacher_cache_and_ships_without_its_projector(data, teachers,
+                                                                                                 tmp_path, monkeypatch):
+    """'proj' needs only the teacher's pooled embedding, which the cache keeps with the logits: the second epoch reads
+    the teacher from disk, the loss falls as the projector and the student learn, and the saved student is the
+    student alone."""
+    monkeypatch.setenv(TEACHER_CACHE_ENV, str(tmp_path / "cache"))
+    config = replace(QUICK, batch_size=16, augment=False, cache_teacher=True, epochs=3,
+                     losses=parse_loss_specs(["ce=1,proj=1"]))
+    distill(teachers[1:2], "test_resnet", data, config, tmp_path / "run")  # a ViT teacher: 64-wide embedding
+    log = json.loads((tmp_path / "run" / "distill_log.json").read_text())
+    images = len(data.train) // 16 * 16
+    assert log["teacher_cache_misses"] == images and log["teacher_cache_hits"] == 2 * images
+    assert log["epoch_log"][-1]["proj"] < log["epoch_log"][0]["proj"]
+    student = load_student(read_student_checkpoint(tmp_path / "run"))
+    saved = load_file(str(tmp_path / "run" / "student.safetensors"))
+    assert not any(name.startswith("projectors") for name in saved)
+    assert sum(p.numel() for p in student.parameters()) == sum(
+        t.numel() for t in saved.values() if t.is_floating_point()) - _buffers(student)
 
 
 def test_mirrored_views_fill_a_cache_row_per_view_and_read_it_back(data, teachers, tmp_path, monkeypatch):

@@ -8,8 +8,8 @@ import torch
 import torchvision
 
 from edgekd.data import ModelInputs, load_data
-from edgekd.distill.features import (HintedStudent, TappedModel, feature_shapes, list_taps, pair_layers,
-                                     parse_feature_pairs, to_map)
+from edgekd.distill.features import (HintedStudent, TappedModel, embedding_width, feature_shapes, list_taps,
+                                     pair_layers, parse_feature_pairs, to_map)
 from edgekd.distill.losses import LOSSES, LossInputs, TeacherView
 from edgekd.errors import EdgekdError
 from edgekd.models import preprocess_for
@@ -97,7 +97,7 @@ def test_adapters_shape_student_maps_like_the_teachers_and_learn(student_name, t
     optimizer = torch.optim.Adam(hinted.parameters(), lr=1e-3)
     losses = []
     for _ in range(15):
-        logits, embedding, raw, hints = hinted(images[student_name])
+        logits, embedding, raw, hints, _ = hinted(images[student_name])
         assert [tuple(h.shape[1:]) for h in hints[0]] == list(shapes)
         view = TeacherView(teacher_logits, teacher_embedding, teacher_maps, raw[0], hints[0], torch.ones(32))
         loss = fitnet(LossInputs(logits, embedding, torch.full((32,), -1), (view,)))
@@ -106,3 +106,31 @@ def test_adapters_shape_student_maps_like_the_teachers_and_learn(student_name, t
         optimizer.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.9 * losses[0]
+
+
+@pytest.mark.parametrize("student_name, teacher_name", [("test_resnet", "test_vit"), ("test_vit", "test_resnet")])
+def test_projector_maps_the_student_embedding_onto_the_teachers_and_learns(student_name, teacher_name, images):
+    """The 'proj' loss: a linear projector per teacher, from the student's pooled width to the teacher's; training
+    the student and its projector brings the projected embedding towards the teacher's."""
+    teacher, student = timm_model(teacher_name), timm_model(student_name)
+    tapped_teacher = TappedModel(teacher, ())
+    width = embedding_width(tapped_teacher, SIZE)
+    hinted = HintedStudent(student, [[]], [[]], SIZE, embedding_widths=[width])
+    assert hinted.projectors[0].in_features == embedding_width(TappedModel(student, ()), SIZE)
+    with torch.no_grad():
+        teacher_logits, teacher_embedding, _ = tapped_teacher(images[teacher_name])
+    assert teacher_embedding.shape[1] == width
+    proj = LOSSES["proj"]()
+    optimizer = torch.optim.Adam(hinted.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        logits, embedding, raw, hints, projected = hinted(images[student_name])
+        assert projected[0].shape == teacher_embedding.shape
+        view = TeacherView(teacher_logits, teacher_embedding, (), raw[0], hints[0], torch.ones(32), projected[0])
+        loss = proj(LossInputs(logits, embedding, torch.full((32,), -1), (view,)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.9 * losses[0]
+    assert not any(name.startswith("projectors") for name in hinted.student.state_dict())

@@ -64,6 +64,25 @@ def test_standardized_kd_asks_for_the_teachers_ranking_and_spacing_not_its_scale
     assert float(standardized(make_inputs(shuffled, teacher))) > 0.1
 
 
+def test_dist_asks_for_the_teachers_correlations_not_its_probabilities(logits):
+    """DIST: a student whose probabilities are the teacher's blended with the uniform distribution (less confident,
+    same ranking within each sample and across the batch) has nothing to learn, where KD still pushes it; another
+    ordering of the classes is a loss; and the loss grows with the disagreement."""
+    t = 2.0
+    blend = 0.4 * torch.softmax(logits / t, dim=1) + 0.6 / CLASSES
+    softer = torch.log(blend) * t
+    dist, kd = LOSSES["dist"](temperature=t), LOSSES["kd"](temperature=t)
+    assert float(dist(make_inputs(softer, logits))) == pytest.approx(0.0, abs=1e-5)
+    assert float(kd(make_inputs(softer, logits))) > 0.05
+    assert float(dist(make_inputs(logits.flip(1), logits))) > 0.5
+    noise = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2))
+    assert 0 < float(dist(make_inputs(logits + 0.5 * noise, logits))) < float(dist(make_inputs(logits + 3 * noise,
+                                                                                                  logits)))
+    only_inter = LOSSES["dist"](temperature=t, intra=0.0)
+    assert 0 < float(only_inter(make_inputs(logits + 3 * noise, logits))) < float(dist(make_inputs(logits + 3 * noise,
+                                                                                                      logits)))
+
+
 def test_kd_gradient_moves_student_towards_teacher(logits):
     teacher = torch.randn(logits.shape, generator=torch.Generator().manual_seed(4))
     student = logits.clone().requires_grad_(True)
@@ -138,7 +157,7 @@ def test_parse_loss_specs_and_schedule():
     assert str(specs[1]) == "kd=0.5:2"
 
 
-@pytest.mark.parametrize("text, message", [("kdd=1", "known losses: at, ce, dkd, fitnet, kd, rkd, sp, wsl"), ("kd=x", "bad weight"),
+@pytest.mark.parametrize("text, message", [("kdd=1", "known losses: at, ce, dist, dkd, fitnet, kd, proj, rkd, sp, wsl"), ("kd=x", "bad weight"),
                                            ("kd=-1", "non-negative"), ("kd=1,kd=2", "twice")])
 def test_parse_loss_specs_rejects_bad_input(text, message):
     with pytest.raises(EdgekdError, match=message):

@@ -169,6 +169,11 @@ def feature_shapes(model: TappedModel, input_size: tuple[int, int, int]) -> tupl
     return tuple(tuple(to_map(m).shape[1:]) for m in maps)
 
 
+def embedding_width(model: TappedModel, input_size: tuple[int, int, int]) -> int:
+    """The width of the model's pooled embedding (the classifier's input)."""
+    return int(_probe(model, lambda x: model(x)[1], input_size).shape[1])
+
+
 def to_map(feature: Tensor) -> Tensor:
     """(B, C, H, W) from maps, tokens (B, N, C; prefix tokens such as [CLS] dropped) or vectors (B, C)."""
     if feature.ndim == 4:
@@ -210,13 +215,14 @@ class HintAdapter(nn.Module):
 class HintedStudent(nn.Module):
     """The student, its taps and one adapter per (teacher, pair): the one module the optimizer and DDP see.
 
-    forward(x) -> (logits, embedding, per teacher: the student's raw maps of its pairs, the adapted maps).
+    forward(x) -> (logits, embedding, per teacher: the student's raw maps of its pairs, the adapted maps, the
+    embedding projected to the teacher's width or None).
     Adapters exist only with `adapt` (a loss uses them): DDP needs every parameter to get a gradient.
     """
 
     def __init__(self, student: nn.Module, pairs: Sequence[Sequence[tuple[Tap, Tap]]],
                  teacher_shapes: Sequence[Sequence[tuple[int, int, int]]], input_size: tuple[int, int, int],
-                 adapt: bool = True):
+                 adapt: bool = True, embedding_widths: Sequence[int] = ()):
         super().__init__()
         taps = sorted({s for teacher_pairs in pairs for s, _ in teacher_pairs}, key=lambda tap: tap.index)
         self.tapped = TappedModel(student, taps)
@@ -225,6 +231,15 @@ class HintedStudent(nn.Module):
         self.adapters = nn.ModuleList(
             nn.ModuleList(HintAdapter(student_shapes[slot][0], shape) for slot, shape in zip(slots, shapes) if adapt)
             for slots, shapes in zip(self.slots, teacher_shapes))
+        # One linear map per teacher from the student's pooled embedding to that teacher's (only when a loss uses
+        # it): a training-time head, like the adapters, left out of the exported student.
+        width = embedding_width(self.tapped, input_size) if embedding_widths else 0
+        self.projectors = nn.ModuleList(nn.Linear(width, teacher_width, bias=False) for teacher_width in embedding_widths)
+
+    @property
+    def heads(self) -> nn.ModuleList:
+        """The training-time modules beside the student (adapters, projectors) that the optimizer trains too."""
+        return nn.ModuleList([self.adapters, self.projectors])
 
     @property
     def student(self) -> nn.Module:
@@ -235,4 +250,5 @@ class HintedStudent(nn.Module):
         raw = tuple(tuple(maps[slot] for slot in slots) for slots in self.slots)
         hints = tuple(tuple(adapter(m) for adapter, m in zip(adapters, teacher_maps))
                       for adapters, teacher_maps in zip(self.adapters, raw))
-        return logits, embedding, raw, hints
+        projected = tuple(projector(embedding.flatten(1)) for projector in self.projectors) or (None,) * len(raw)
+        return logits, embedding, raw, hints, projected

@@ -28,6 +28,7 @@ class TeacherView:
     student_features: tuple[Tensor, ...]  # the student's raw maps for the same pairs (attention transfer)
     hints: tuple[Tensor, ...]  # the student's maps through this teacher's adapters, shaped like `features`
     weight: Tensor  # (B,) this teacher's share of each sample; shares sum to 1 over teachers
+    projected: Tensor | None = None  # (B, Dt) the student's embedding through its projector onto this teacher's
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class DistillLoss:
     needs_labels: ClassVar[bool] = False
     needs_features: ClassVar[bool] = False  # teacher and student maps at the paired layers
     needs_hints: ClassVar[bool] = False  # the student's maps through the adapters (trainable, so only when used)
+    needs_projector: ClassVar[bool] = False  # the student's embedding projected onto each teacher's (trainable)
     options: ClassVar[dict[str, float]] = {}  # tunable constants and their defaults (`--loss-option name.key=value`)
 
     def __init__(self, temperature: float = 4.0, **options: float):
@@ -206,6 +208,38 @@ class DecoupledKD(DistillLoss):
         return (self.alpha * tckd + self.beta * nckd) * t * t
 
 
+@register("dist")
+class CorrelationKD(DistillLoss):
+    """DIST (Huang et al., NeurIPS 2022): match how the teacher's softened probabilities correlate, not their values.
+
+    inter: 1 - Pearson correlation of each sample's class probabilities (the teacher's ranking of the classes);
+    intra: 1 - Pearson correlation of each class's probabilities across the batch (which samples look like it).
+    Both are invariant to shifts and scales of the probabilities, so a small student is not asked to match a large
+    teacher's confidence exactly. Scaled by T^2 like KD. The paper's weights are 1 and 1 (2 and 2 at T=4 on CIFAR).
+    """
+
+    options = {"inter": 1.0, "intra": 1.0}
+    inter: float
+    intra: float
+
+    def __call__(self, inputs: LossInputs) -> Tensor:
+        t = self.temperature
+        total = inputs.student_logits.new_zeros(())
+        p_s = (inputs.student_logits.float() / t).softmax(dim=1)
+        for view in inputs.teachers:
+            p_t = (view.logits.float() / t).softmax(dim=1)
+            inter = 1.0 - _pearson(p_s, p_t, dim=1)  # (B,)
+            intra = 1.0 - _pearson(p_s, p_t, dim=0)  # (K,): a relation over the batch counts by the mean share
+            total = total + self.inter * (view.weight * inter).mean() + view.weight.mean() * self.intra * intra.mean()
+        return total * t * t
+
+
+def _pearson(a: Tensor, b: Tensor, dim: int) -> Tensor:
+    a = a - a.mean(dim=dim, keepdim=True)
+    b = b - b.mean(dim=dim, keepdim=True)
+    return (a * b).sum(dim=dim) / (a.norm(dim=dim) * b.norm(dim=dim) + 1e-8)
+
+
 # ---------------------------------------------------------------------------------------------- feature
 
 @register("fitnet")
@@ -237,6 +271,33 @@ class AttentionTransfer(DistillLoss):
             a_s, a_t = attention_map(student.float(), size), attention_map(teacher.float(), size)
             losses.append((a_s - a_t).pow(2).sum(dim=1))
         return torch.stack(losses).mean(dim=0)
+
+
+@register("proj")
+class ProjectedEmbedding(DistillLoss):
+    """The student's pooled embedding, through a trained linear projector, matches the teacher's (Miles &
+    Mikolajczyk, "Understanding the Role of the Projector in Knowledge Distillation", AAAI 2024).
+
+    Both sides are standardised per dimension over the batch (batch norm without learned scale), so the loss asks
+    the student to carry the teacher's embedding up to a linear map, not its scale; smooth L1, as the paper. The
+    embedding holds far more per image than the logits (hundreds of numbers against one per class), and it needs
+    no maps: the teacher cache keeps it, so this runs on fixed views without the teacher.
+    """
+
+    needs_projector = True
+
+    def per_sample(self, inputs: LossInputs, view: TeacherView) -> Tensor:
+        if view.projected is None:
+            raise EdgekdError("loss 'proj' needs the student's projector; it is built when the loss is configured")
+        student, teacher = _batch_standardise(view.projected.float()), _batch_standardise(view.embedding.float())
+        return F.smooth_l1_loss(student, teacher, reduction="none").mean(dim=1)
+
+
+def _batch_standardise(embedding: Tensor) -> Tensor:
+    """Each dimension z-scored over the batch, as batch norm does in training (a single sample becomes zeros)."""
+    if len(embedding) < 2:
+        return torch.zeros_like(embedding)
+    return (embedding - embedding.mean(dim=0)) / (embedding.std(dim=0) + 1e-5)
 
 
 def attention_map(feature: Tensor, size: tuple[int, int]) -> Tensor:
@@ -390,11 +451,15 @@ class Objective:
     def needs_hints(self) -> bool:
         return any(loss.needs_hints for loss in self.losses.values())
 
+    @property
+    def needs_projector(self) -> bool:
+        return any(loss.needs_projector for loss in self.losses.values())
+
     def check_labels(self, labeled: bool) -> None:
         needing = [name for name, loss in self.losses.items() if loss.needs_labels]
         if needing and not labeled:
             raise EdgekdError(f"loss {', '.join(needing)} needs labels but the data has none; "
-                              "drop it from --loss (label-free distillation uses kd, dkd, fitnet, at, rkd, sp)")
+                              "drop it from --loss (label-free distillation uses kd, dkd, dist, fitnet, at, proj, rkd, sp)")
 
     def __call__(self, inputs: LossInputs, progress: float) -> tuple[Tensor, dict[str, Tensor]]:
         """(weighted total, each term's unweighted value, detached: summed on the device, read rarely)."""

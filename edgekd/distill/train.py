@@ -21,7 +21,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from edgekd.artifacts import atomic_path, sha256_file, write_json_atomic
 from edgekd.data import LoadedData, ModelInputs, make_loader, training_records
-from edgekd.distill.features import DEFAULT_PAIRS, HintedStudent, TappedModel, feature_shapes, list_taps, pair_layers
+from edgekd.distill.features import (DEFAULT_PAIRS, HintedStudent, TappedModel, embedding_width, feature_shapes,
+                                    list_taps, pair_layers)
 from edgekd.distill.losses import LossInputs, LossSpec, Objective, TeacherView, default_loss_specs
 from edgekd.distill.mixing import check_mix, mix_batch
 from edgekd.distill.sampling import EpochSampler, SeededItems
@@ -172,7 +173,7 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
     recipe = recipe_for(student, transfer=transfer, batch_size=config.batch_size, lr=config.lr,
                         layer_decay=config.layer_decay)
     optimizer = make_optimizer(student, recipe.lr, config.weight_decay, layer_decay=recipe.layer_decay,
-                               extra=hinted.adapters)
+                               extra=hinted.heads)
     scheduler = warmup_cosine(optimizer, total_steps, config.warmup_fraction)
     log.info("student starts from %s weights: %s", start.source, recipe.describe())
     micro = agree_on_minimum(processes, micro_batch_size(student, student_pre.input_size, per_rank_batch, compute))
@@ -239,10 +240,13 @@ def wire_models(student: torch.nn.Module, student_pre: Preprocess, teacher_model
 
 def _wire_features(student: torch.nn.Module, student_pre: Preprocess, teacher_models: list[torch.nn.Module],
                    teachers: list[TeacherResult], objective: Objective, config: DistillConfig):
-    """Tap the teachers and the student at paired layers (only when a feature loss is on) and build the adapters."""
+    """Tap the teachers and the student at paired layers (only when a feature loss is on) and build the adapters,
+    and the embedding projectors when a loss uses them."""
     if not objective.needs_features:
-        return HintedStudent(student, [[] for _ in teachers], [[] for _ in teachers], student_pre.input_size), \
-            [TappedModel(m, ()) for m in teacher_models], [[] for _ in teachers]
+        tapped = [TappedModel(m, ()) for m in teacher_models]
+        return HintedStudent(student, [[] for _ in teachers], [[] for _ in teachers], student_pre.input_size,
+                             embedding_widths=_embedding_widths(tapped, teachers, objective)), \
+            tapped, [[] for _ in teachers]
     student_taps = list_taps(student, student_pre.input_size)
     pairs, tapped, shapes = [], [], []
     for model, result in zip(teacher_models, teachers):
@@ -253,7 +257,15 @@ def _wire_features(student: torch.nn.Module, student_pre: Preprocess, teacher_mo
         tapped.append(teacher_tapped)
         shapes.append(feature_shapes(teacher_tapped, result.preprocess.input_size))
         log.info("feature pairs with %s: %s", result.model_name, ", ".join(f"{s.name}->{t.name}" for s, t in chosen))
-    return HintedStudent(student, pairs, shapes, student_pre.input_size, adapt=objective.needs_hints), tapped, pairs
+    return HintedStudent(student, pairs, shapes, student_pre.input_size, adapt=objective.needs_hints,
+                         embedding_widths=_embedding_widths(tapped, teachers, objective)), tapped, pairs
+
+
+def _embedding_widths(tapped: list[TappedModel], teachers: list[TeacherResult], objective: Objective) -> list[int]:
+    """Each teacher's embedding width, where a loss projects the student's embedding onto it (none otherwise)."""
+    if not objective.needs_projector:
+        return []
+    return [embedding_width(model, result.preprocess.input_size) for model, result in zip(tapped, teachers)]
 
 
 def _teacher_cache(config: DistillConfig, objective: Objective, records, teachers: list[TeacherResult],
@@ -361,9 +373,9 @@ class DistillLoop:
             if len(batch) > 3 + n_teachers else (None, None)
         teacher_out = self.teacher_outputs(teacher_inputs, indices)
         with self.compute.autocast():
-            logits, embedding, raw, hints = self.model(student_input)
+            logits, embedding, raw, hints, projected = self.model(student_input)
         views = tuple(TeacherView(logits=t_logits, embedding=t_embedding, features=t_maps, student_features=raw[k],
-                                  hints=hints[k], weight=weight)
+                                  hints=hints[k], weight=weight, projected=projected[k])
                       for k, ((t_logits, t_embedding, t_maps), weight) in
                       enumerate(zip(teacher_out, self.teacher_weights([o[0] for o in teacher_out]))))
         return self.objective(LossInputs(logits.float(), embedding.float(), labels, views, partner_labels, own_share),
