@@ -113,6 +113,8 @@ AT_DEFAULT_RATE = {
     # Mikolajczyk 2024), and correlation-based logit KD (dist, Huang et al. 2022; its CIFAR setting: T=4, 2 and 2)
     "default+proj": replace(default_recipe(), losses=default_recipe().losses + ",proj=1"),
     "kd+proj": Recipe("ce=1,kd=1,proj=1", augment=False),
+    "kd+proj3": Recipe("ce=1,kd=1,proj=3", augment=False),
+    "default+proj9": replace(default_recipe(), losses=default_recipe().losses + ",proj=9"),
     "dist": Recipe("ce=1,dist=2", augment=False),
 }
 # The student's rate from random weights, swept on seed 0: edgekd.recipe's 8e-3 is where labels-only and the
@@ -147,7 +149,7 @@ CONFIGS = {
        for rate in RATES for name in ("default", "labels-only", "kd-fixed-views")},
     **{f"{name}-lr{OLD_RATE:g}": replace(recipe, lr=OLD_RATE) for name, recipe in AT_OLD_RATE.items()},
 }
-BASELINES = ("labels-only", "kd")
+BASELINES = ("labels-only", "kd-fixed-views", "kd")
 
 
 def baseline_for(config: str, baseline: str) -> str:
@@ -184,8 +186,12 @@ def student_stage(config: str, seed: int, max_train: int, epochs: float) -> None
 
 
 def table_stage() -> None:
-    """Collect every finished run into results/distill_fashion_mnist.{json,md}: numbers as they came."""
+    """Collect every finished run into results/distill_fashion_mnist.{json,md}: numbers as they came. Rows of the
+    results file that this work folder has no runs of are kept as earlier rows, with the teacher they were measured
+    against: their deltas are against that run's baselines, never mixed with this one's."""
+    earlier = earlier_rows(RESULTS / "distill_fashion_mnist.json")
     teacher, by_config = read_runs(WORK, CONFIGS)
+    earlier = [row for row in earlier if row["config"] not in by_config]
     rows = []
     for config, runs in by_config.items():
         recipe = CONFIGS[config]
@@ -203,8 +209,8 @@ def table_stage() -> None:
              "image_size": IMAGE_SIZE, "test_images": 10_000, "machine": f"{os.cpu_count()} CPU cores, no GPU",
              "torch": torch.__version__, "timm": timm.__version__, "default_recipe": asdict(default_recipe()),
              "command": "benchmarks/run_distill_fashion_mnist.sh"}
-    (RESULTS / "distill_fashion_mnist.json").write_text(json.dumps({"setup": setup, "teacher": teacher, "rows": rows},
-                                                                   indent=2) + "\n")
+    (RESULTS / "distill_fashion_mnist.json").write_text(json.dumps(
+        {"setup": setup, "teacher": teacher, "rows": rows, "earlier_rows": earlier}, indent=2) + "\n")
     lines = ["# Distillation on Fashion-MNIST: the same student, data and epochs; only the recipe differs", "",
              f"Student `{STUDENT}` from random weights ({STUDENT_TRAIN_IMAGES:,} stratified training images, "
              f"{STUDENT_EPOCHS:g} epochs unless said, 32x32, AdamW + warm-up/cosine); teacher `{TEACHER}` from "
@@ -221,16 +227,13 @@ def table_stage() -> None:
              f"lr {FROM_RANDOM.lr:g} (from real weights they use plain KD and the transfer rates; see "
              "edgekd/recipe.py). Rows without a rate train at that rate; rows ending -lrX at X, and -lr0.002 is the "
              "previous version of this table, at the rate edgekd used then.", "",
-             "| configuration | recipe | top-1 mean | per seed | spread | vs labels-only (fixed views, same rate; per "
-             "seed) | vs kd (crop/flip, same rate; per seed) | agreement with teacher | time per run |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        lines.append(f"| {row['config']} | {row['describe']} | {100 * row['top1_mean']:.2f}% | "
-                     + ", ".join(f"{100 * v:.2f}" for v in row["top1_per_seed"])
-                     + f" | {100 * row['top1_spread']:.2f} | {_deltas(row, 'labels_only')} | {_deltas(row, 'kd')} | "
-                     f"{100 * row['agreement_mean']:.2f}% | {row['seconds_mean']:.0f} s |")
-    lines.append(f"| teacher ({TEACHER}) | `ce`, trained here | {100 * teacher['val_top1']:.2f}% | seed "
-                 f"{teacher['seed']} | | | | | {teacher['seconds']:.0f} s |")
+             *_table(rows),
+             f"| teacher ({TEACHER}) | `ce`, trained here | {100 * teacher['val_top1']:.2f}% | seed "
+             f"{teacher['seed']} | | | | | | {teacher['seconds']:.0f} s |"]
+    if earlier:
+        lines += ["", "### Earlier runs, not re-run since", "",
+                  "Measured against earlier trainings of the same teacher (its top-1 in each row's recipe column); "
+                  "each row's deltas are against the baselines of its own run.", "", *_table(earlier)]
     lines += ["", "Notes:", "", *NOTES]
     (RESULTS / "distill_fashion_mnist.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -299,8 +302,43 @@ NOTES = [
 ]
 
 
+def _table(rows: list[dict]) -> list[str]:
+    lines = ["| configuration | recipe | top-1 mean | per seed | spread | vs labels-only (fixed views, same rate; per "
+             "seed) | vs plain KD on fixed views (same rate; per seed) | vs kd (crop/flip, same rate; per seed) | "
+             "agreement with teacher | time per run |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        teacher = f", teacher {100 * row['teacher_top1']:.2f}%" if "teacher_top1" in row else ""
+        lines.append(f"| {row['config']} | {row['describe']}{teacher} | {100 * row['top1_mean']:.2f}% | "
+                     + ", ".join(f"{100 * v:.2f}" for v in row["top1_per_seed"])
+                     + f" | {100 * row['top1_spread']:.2f} | {_deltas(row, 'labels_only')} | "
+                     f"{_deltas(row, 'kd_fixed_views')} | {_deltas(row, 'kd')} | {100 * row['agreement_mean']:.2f}% | "
+                     f"{row['seconds_mean']:.0f} s |")
+    return lines
+
+
+def earlier_rows(results: Path) -> list[dict]:
+    """The rows of a results file written before, each with the top-1 of the teacher it was measured against."""
+    if not results.exists():
+        return []
+    previous = json.loads(results.read_text())
+    by_config = {row["config"]: row for row in previous["rows"]}
+    rows = []
+    for row in previous["rows"]:
+        row = {"teacher_top1": previous["teacher"]["val_top1"], **row}
+        for name in BASELINES:  # a baseline added since: its deltas from the per-seed figures of that run
+            key = name.replace("-", "_")
+            baseline = by_config.get(baseline_for(row["config"], name))
+            if f"delta_vs_{key}_per_seed" not in row and baseline not in (None, by_config[row["config"]]):
+                runs = [{"seed": s, "val_top1": v} for s, v in zip(row["seeds"], row["top1_per_seed"])]
+                base = [{"seed": s, "val_top1": v} for s, v in zip(baseline["seeds"], baseline["top1_per_seed"])]
+                row[f"delta_vs_{key}_per_seed"] = deltas_per_seed(runs, base)
+                row[f"delta_vs_{key}"] = _mean(row[f"delta_vs_{key}_per_seed"])
+        rows.append(row)
+    return rows + previous.get("earlier_rows", [])
+
+
 def _deltas(row: dict, against: str) -> str:
-    deltas = row[f"delta_vs_{against}_per_seed"]
+    deltas = row.get(f"delta_vs_{against}_per_seed")
     if not deltas:
         return "—"
     return f"{100 * row[f'delta_vs_{against}']:+.2f} ({', '.join(f'{100 * d:+.2f}' for d in deltas)})"

@@ -57,6 +57,10 @@ AT_DEFAULT_RATE = {  # fixed views, the teacher's answers cached, unless a row s
     # student's steps only
     "default": Row(default_recipe(UNLABELED_EPOCHS), unlabeled=True, epochs=UNLABELED_EPOCHS),
     "kd": Row(Recipe("ce=1,kd=1", augment=False), unlabeled=True, epochs=UNLABELED_EPOCHS),  # plain KD, fixed views
+    # the teacher's pooled embedding through a trained projector (proj), on top of plain KD and of the default
+    "kd+proj": Row(Recipe("ce=1,kd=1,proj=1", augment=False), unlabeled=True, epochs=UNLABELED_EPOCHS),
+    "default+proj": Row(replace(default_recipe(UNLABELED_EPOCHS), losses=default_recipe().losses + ",proj=1"),
+                        unlabeled=True, epochs=UNLABELED_EPOCHS),
 }
 # Every row of the previous version of this table, at the rate edgekd used then (2e-3).
 AT_OLD_RATE = {

@@ -93,19 +93,28 @@ def test_adapters_shape_student_maps_like_the_teachers_and_learn(student_name, t
     hinted = HintedStudent(student, [pairs], [shapes], SIZE)
     with torch.no_grad():
         teacher_logits, teacher_embedding, teacher_maps = tapped_teacher(images[teacher_name])
-    fitnet = LOSSES["fitnet"]()
+
+    def view(raw, hints, projected) -> TeacherView:
+        assert [tuple(h.shape[1:]) for h in hints[0]] == list(shapes)
+        return TeacherView(teacher_logits, teacher_embedding, teacher_maps, raw[0], hints[0], torch.ones(32))
+
+    losses = train_steps(hinted, images[student_name], LOSSES["fitnet"](), view)
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def train_steps(hinted: HintedStudent, images: torch.Tensor, loss, view, steps: int = 15) -> list[float]:
+    """`steps` Adam steps of the student and its training-time heads on one loss; the loss after each.
+    `view(raw maps, hints, projected embeddings)` builds the teacher's side of the loss from the student's outputs."""
     optimizer = torch.optim.Adam(hinted.parameters(), lr=1e-3)
     losses = []
-    for _ in range(15):
-        logits, embedding, raw, hints, _ = hinted(images[student_name])
-        assert [tuple(h.shape[1:]) for h in hints[0]] == list(shapes)
-        view = TeacherView(teacher_logits, teacher_embedding, teacher_maps, raw[0], hints[0], torch.ones(32))
-        loss = fitnet(LossInputs(logits, embedding, torch.full((32,), -1), (view,)))
+    for _ in range(steps):
+        logits, embedding, raw, hints, projected = hinted(images)
+        value = loss(LossInputs(logits, embedding, torch.full((len(images),), -1), (view(raw, hints, projected),)))
         optimizer.zero_grad()
-        loss.backward()
+        value.backward()
         optimizer.step()
-        losses.append(float(loss.detach()))
-    assert losses[-1] < 0.9 * losses[0]
+        losses.append(float(value.detach()))
+    return losses
 
 
 @pytest.mark.parametrize("student_name, teacher_name", [("test_resnet", "test_vit"), ("test_vit", "test_resnet")])
@@ -120,17 +129,11 @@ def test_projector_maps_the_student_embedding_onto_the_teachers_and_learns(stude
     with torch.no_grad():
         teacher_logits, teacher_embedding, _ = tapped_teacher(images[teacher_name])
     assert teacher_embedding.shape[1] == width
-    proj = LOSSES["proj"]()
-    optimizer = torch.optim.Adam(hinted.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(15):
-        logits, embedding, raw, hints, projected = hinted(images[student_name])
+
+    def view(raw, hints, projected) -> TeacherView:
         assert projected[0].shape == teacher_embedding.shape
-        view = TeacherView(teacher_logits, teacher_embedding, (), raw[0], hints[0], torch.ones(32), projected[0])
-        loss = proj(LossInputs(logits, embedding, torch.full((32,), -1), (view,)))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+        return TeacherView(teacher_logits, teacher_embedding, (), raw[0], hints[0], torch.ones(32), projected[0])
+
+    losses = train_steps(hinted, images[student_name], LOSSES["proj"](), view)
     assert losses[-1] < 0.9 * losses[0]
     assert not any(name.startswith("projectors") for name in hinted.student.state_dict())

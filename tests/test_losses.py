@@ -157,7 +157,8 @@ def test_parse_loss_specs_and_schedule():
     assert str(specs[1]) == "kd=0.5:2"
 
 
-@pytest.mark.parametrize("text, message", [("kdd=1", "known losses: at, ce, dist, dkd, fitnet, kd, proj, rkd, sp, wsl"), ("kd=x", "bad weight"),
+@pytest.mark.parametrize("text, message", [("kdd=1", "known losses: at, ce, dist, dkd, fitnet, kd, proj, rkd, sp, wsl"),
+                                           ("kd=x", "bad weight"),
                                            ("kd=-1", "non-negative"), ("kd=1,kd=2", "twice")])
 def test_parse_loss_specs_rejects_bad_input(text, message):
     with pytest.raises(EdgekdError, match=message):

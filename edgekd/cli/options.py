@@ -99,7 +99,8 @@ LearningRate = Annotated[Optional[float], typer.Option(
     f"{FROM_RANDOM.lr:g} when distilling (edgekd/recipe.py), 0.002 for a teacher.")]
 Losses = Annotated[list[str], typer.Option(
     "--loss", help="name=weight or name=start:end (ramped over training), repeatable; known: ce, kd, dkd, wsl, "
-    "fitnet, at, rkd, sp. Default (edgekd/recipe.py): for a student from random weights " + " ".join(FROM_RANDOM.losses)
+    "dist, fitnet, at, proj, rkd, sp. Default (edgekd/recipe.py): for a student from random weights "
+    + " ".join(FROM_RANDOM.losses)
     + " with " + " ".join(FROM_RANDOM.loss_options) + f" and --temperature {FROM_RANDOM.temperature:g}, "
     f"logit-standardized KD, trained at --lr {FROM_RANDOM.lr:g}: with 1,000 labels and 59,000 unlabeled images it "
     "ended 0.9 points below its teacher, 5.7 above labels only and 3.7 above plain KD "

@@ -234,7 +234,8 @@ class HintedStudent(nn.Module):
         # One linear map per teacher from the student's pooled embedding to that teacher's (only when a loss uses
         # it): a training-time head, like the adapters, left out of the exported student.
         width = embedding_width(self.tapped, input_size) if embedding_widths else 0
-        self.projectors = nn.ModuleList(nn.Linear(width, teacher_width, bias=False) for teacher_width in embedding_widths)
+        self.projectors = nn.ModuleList(nn.Linear(width, teacher_width, bias=False)
+                                        for teacher_width in embedding_widths)
 
     @property
     def heads(self) -> nn.ModuleList:

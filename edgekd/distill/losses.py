@@ -459,7 +459,8 @@ class Objective:
         needing = [name for name, loss in self.losses.items() if loss.needs_labels]
         if needing and not labeled:
             raise EdgekdError(f"loss {', '.join(needing)} needs labels but the data has none; "
-                              "drop it from --loss (label-free distillation uses kd, dkd, dist, fitnet, at, proj, rkd, sp)")
+                              "drop it from --loss (label-free distillation uses kd, dkd, dist, fitnet, at, proj, rkd, "
+                              "sp)")
 
     def __call__(self, inputs: LossInputs, progress: float) -> tuple[Tensor, dict[str, Tensor]]:
         """(weighted total, each term's unweighted value, detached: summed on the device, read rarely)."""
