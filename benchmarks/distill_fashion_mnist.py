@@ -189,9 +189,8 @@ def table_stage() -> None:
     """Collect every finished run into results/distill_fashion_mnist.{json,md}: numbers as they came. Rows of the
     results file that this work folder has no runs of are kept as earlier rows, with the teacher they were measured
     against: their deltas are against that run's baselines, never mixed with this one's."""
-    earlier = earlier_rows(RESULTS / "distill_fashion_mnist.json")
     teacher, by_config = read_runs(WORK, CONFIGS)
-    earlier = [row for row in earlier if row["config"] not in by_config]
+    earlier = earlier_rows(RESULTS / "distill_fashion_mnist.json", teacher, set(by_config))
     rows = []
     for config, runs in by_config.items():
         recipe = CONFIGS[config]
@@ -316,16 +315,23 @@ def _table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def earlier_rows(results: Path) -> list[dict]:
-    """The rows of a results file written before, each with the top-1 of the teacher it was measured against."""
+def earlier_rows(results: Path, teacher: dict, configs: set[str], baselines: Iterable[str] = BASELINES) -> list[dict]:
+    """The rows of a results file written before that this run does not supersede, each with the top-1 of the
+    teacher it was measured against: all of them once the teacher was trained again, else those of other configs.
+    (The teacher is the file's "teacher" record, or its row named "teacher".)"""
     if not results.exists():
         return []
     previous = json.loads(results.read_text())
+    before = previous.get("teacher") or next({"val_top1": r["top1_mean"], "seconds": r["seconds_mean"]}
+                                             for r in previous["rows"] if r["config"] == "teacher")
+    same_teacher = (before["val_top1"], before["seconds"]) == (teacher["val_top1"], teacher["seconds"])
     by_config = {row["config"]: row for row in previous["rows"]}
     rows = []
     for row in previous["rows"]:
-        row = {"teacher_top1": previous["teacher"]["val_top1"], **row}
-        for name in BASELINES:  # a baseline added since: its deltas from the per-seed figures of that run
+        if row["config"] == "teacher" or (same_teacher and row["config"] in configs):
+            continue
+        row = {"teacher_top1": before["val_top1"], **row}
+        for name in baselines:  # a baseline added since: its deltas from the per-seed figures of that run
             key = name.replace("-", "_")
             baseline = by_config.get(baseline_for(row["config"], name))
             if f"delta_vs_{key}_per_seed" not in row and baseline not in (None, by_config[row["config"]]):

@@ -24,8 +24,8 @@ import timm
 import torch
 from PIL import Image
 
-from distill_fashion_mnist import (OLD_RATE, Recipe, baseline_for, deltas_per_seed, default_recipe, read_runs,
-                                   run_stage, save_record, seed_figures)
+from distill_fashion_mnist import (OLD_RATE, Recipe, baseline_for, deltas_per_seed, default_recipe, earlier_rows,
+                                   read_runs, run_stage, save_record, seed_figures)
 from edgekd.data import load_data, stratified_subset
 from edgekd.distill import distill
 from edgekd.distill.teacher import prepare_teacher, read_teacher_result
@@ -79,6 +79,26 @@ CONFIGS = {**AT_DEFAULT_RATE, **{f"{name}-lr{OLD_RATE:g}": replace(row, recipe=r
                                  for name, row in AT_OLD_RATE.items()}}
 
 
+def _table(rows: list[dict]) -> list[str]:
+    lines = ["| configuration | recipe | unlabeled images | epochs | top-1 (mean) | per seed "
+             "| vs labels-only, per seed | agreement with teacher | time per run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if row["config"] == "teacher":
+            lines.append(f"| teacher ({TEACHER}) | `ce`, 1,000 labels | 0 | {TEACHER_EPOCHS:g} | "
+                         f"{100 * row['top1_mean']:.2f}% | seed 0 | | | {row['seconds_mean']:.0f} s |")
+            continue
+        teacher = f", teacher {100 * row['teacher_top1']:.2f}%" if "teacher_top1" in row else ""
+        deltas = ", ".join(f"{100 * d:+.2f}" for d in row["delta_vs_labels_only_per_seed"])
+        if baseline_for(row["config"], "labels-only") == row["config"]:
+            deltas = "—"
+        lines.append(f"| {row['config']} | {Recipe(**row['recipe']).describe()}{teacher} | "
+                     f"{row['unlabeled_images']:,} | {row['epochs']:g} | {100 * row['top1_mean']:.2f}% | "
+                     + ", ".join(f"{100 * v:.2f}%" for v in row["top1_per_seed"])
+                     + f" | {deltas} | {100 * row['agreement_mean']:.2f}% | {row['seconds_mean']:.0f} s |")
+    return lines
+
+
 def write_unlabeled_folder() -> None:
     """The 59,000 training images outside the labeled 1,000, as PNGs with no class folders (written once)."""
     done = UNLABELED / ".complete"
@@ -123,6 +143,7 @@ def student_stage(config: str, seed: int) -> None:
 
 def table_stage() -> None:
     teacher, by_config = read_runs(WORK, CONFIGS)
+    earlier = earlier_rows(RESULTS / "distill_few_labels.json", teacher, set(by_config), ("labels-only",))
     rows = [{"config": config, "recipe": runs[0]["recipe"], "unlabeled_images": runs[0]["unlabeled_images"],
              "epochs": runs[0]["epochs"], **seed_figures(runs),
              "delta_vs_labels_only_per_seed": deltas_per_seed(runs, by_config[baseline_for(config, "labels-only")])}
@@ -134,7 +155,8 @@ def table_stage() -> None:
              "unlabeled_images": next((r["unlabeled_images"] for r in rows if r.get("unlabeled_images")), None),
              "image_size": [32, 32], "test_images": 10_000, "machine": f"{os.cpu_count()} CPU cores, no GPU",
              "torch": torch.__version__, "timm": timm.__version__, "command": "benchmarks/run_distill_few_labels.sh"}
-    (RESULTS / "distill_few_labels.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2) + "\n")
+    (RESULTS / "distill_few_labels.json").write_text(json.dumps({"setup": setup, "rows": rows,
+                                                                "earlier_rows": earlier}, indent=2) + "\n")
     lines = ["# Few labels, many images: 1,000 labeled Fashion-MNIST images + 59,000 unlabeled", "",
              f"Teacher `{TEACHER}` from random weights, {TEACHER_EPOCHS:g} epochs on the 1,000 labeled images only. "
              f"Student `{STUDENT}` from random weights at 32x32; rows on the labeled images alone train "
@@ -142,24 +164,11 @@ def table_stage() -> None:
              f"(`--unlabeled-data`) {UNLABELED_EPOCHS:g} epochs over all 60,000 images (936 steps) unless said. "
              f"Test accuracy on the full 10,000-image test split. {setup['machine']}, torch {setup['torch']}, "
              f"timm {setup['timm']}.", "",
-             f"Reproduce: `{setup['command']}`.", "",
-             "| configuration | recipe | unlabeled images | epochs | top-1 (mean) | per seed "
-             "| vs labels-only, per seed | agreement with teacher | time per run |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        if row["config"] == "teacher":
-            lines.append(f"| teacher ({TEACHER}) | `ce`, 1,000 labels | 0 | {TEACHER_EPOCHS:g} | "
-                         f"{100 * row['top1_mean']:.2f}% | seed 0 | | | {row['seconds_mean']:.0f} s |")
-            continue
-        recipe = Recipe(**row["recipe"])
-        deltas = ", ".join(f"{100 * d:+.2f}" for d in row["delta_vs_labels_only_per_seed"])
-        if baseline_for(row["config"], "labels-only") == row["config"]:
-            deltas = "—"
-        lines.append(f"| {row['config']} | {recipe.describe()} | {row['unlabeled_images']:,} | {row['epochs']:g} | "
-                     f"{100 * row['top1_mean']:.2f}% | "
-                     + ", ".join(f"{100 * v:.2f}%" for v in row["top1_per_seed"])
-                     + f" | {deltas} | {100 * row['agreement_mean']:.2f}% "
-                     f"| {row['seconds_mean']:.0f} s |")
+             f"Reproduce: `{setup['command']}`.", "", *_table(rows)]
+    if earlier:
+        lines += ["", "### Earlier runs, not re-run since", "",
+                  "Measured against an earlier training of the same teacher (its top-1 in each row's recipe column); "
+                  "each row's deltas are against labels-only of its own run.", "", *_table(earlier)]
     default, teacher_top1 = next(r for r in rows if r["config"] == "default"), teacher["val_top1"]
     lines += ["", "Notes:", "",
               f"- The default with the unlabeled folder ends {100 * (default['top1_mean'] - teacher_top1):+.2f} "

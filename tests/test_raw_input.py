@@ -49,13 +49,14 @@ def test_bundle_ships_a_raw_image_model_that_answers_like_python(name, precision
     manifest = {entry["path"]: entry for entry in json.loads((tmp_path / "bundle" / "manifest.json").read_text())}
     figures = manifest[RAW_MODEL_NAME]["metrics"]["against_python_runtime"]
     assert figures["images"] == 200 and figures["top1_agreement"] >= MIN_AGREEMENT
+    feeds = []
     for image, _ in (small_fmnist.val[i] for i in range(5)):  # any size: a 28x28 record and a big upscaled one
         for picture in (image, image.resize((301, 187))):
             probabilities = run_raw(raw, picture)
             assert probabilities.shape == (1, small_fmnist.info.num_classes)
             assert abs(float(probabilities.sum()) - 1.0) < 1e-4
-            pixels = {RAW_INPUT_NAME: np.asarray(picture.convert("RGB"))}
-            assert_mobile_form_agrees(raw.with_suffix(".ort"), raw, pixels)  # onnxruntime-mobile's format
+            feeds.append({RAW_INPUT_NAME: np.asarray(picture.convert("RGB"))})
+    assert_mobile_form_agrees(raw.with_suffix(".ort"), raw, feeds)  # onnxruntime-mobile's format
 
 
 # Share of pixel values away from Pillow's. Bilinear shrinking: up to 2.7% of a photo's values, one level; nearest:

@@ -173,6 +173,10 @@ def _shorter_side_sizes() -> list[onnx.NodeProto]:
 
 
 MIN_AGREEMENT = 0.99  # top-1 equal to edgekd.runtime.Predictor's on at least this share of images, or not written
+# Two classes the Python runtime scores within this much probability of each other are a tie: which one an image
+# gets is decided by one level of a resized pixel (an int8 model moves by up to 0.02 on such a level; measured on
+# the tiny test students), so a different pick between them is not a disagreement.
+TIE_MARGIN = 0.02
 
 
 @dataclass(frozen=True)
@@ -180,7 +184,7 @@ class RawInputCheck:
     """The raw-image model against the Python runtime (edgekd.runtime.Predictor) on the same images."""
 
     images: int
-    top1_agreement: float
+    top1_agreement: float  # the same top-1 as the Python runtime, or one it scores within TIE_MARGIN of its own
     max_probability_diff: float
     source: str  # which images: "validation images" or "synthetic images" (a bundle made without data)
 
@@ -199,7 +203,7 @@ def check_with_preprocessing(raw_path: Path, bundle_dir: Path, images: Sequence[
     for image in images:
         expected = predictor.probabilities([image])[0]
         actual = session.run(None, {RAW_INPUT_NAME: np.asarray(as_model_pixels(image, "RGB"))})[0][0]
-        same += int(actual.argmax() == expected.argmax())
+        same += int(expected.max() - expected[actual.argmax()] <= TIE_MARGIN)
         worst = max(worst, float(np.abs(actual - expected).max()))
     return RawInputCheck(len(images), same / max(1, len(images)), worst, source)
 
