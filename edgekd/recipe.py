@@ -25,7 +25,7 @@ The measurements behind it (benchmarks/results/):
   (demo_compress_host_standardized_kd.md, crop/flip) against 88.35-88.80% with plain KD; one run each.
 - Tried on top (distill_fashion_mnist.md, the 2026-12-04 re-run): the teacher's embedding through a trained
   projector (proj) brings plain KD level with the default on 10,000 labels but not with unlabeled images (77.52%
-  against 80.86%, one seed), and adds 0.1-0.3 to the default; DIST is level with plain KD.
+  against 80.86%, one seed), and adds nothing to the default (-0.08, 3 seeds); DIST is level with plain KD.
 - Consistent mixup/cutmix lost 4-5 points at 8 epochs: off by default (--mix). So did mirror images on fixed views
   (--flip, each image or its mirror image per epoch, both views cached), on seed 0 of the 10,000-label setting: the
   default 0.28 points, plain KD 0.45, labels only 1.01: off by default.
