@@ -30,7 +30,8 @@ if [ -z "${CONFIGS:-}" ]; then  # the ingredient rows the table shows with fewer
              default-batch64-lr0.002:0 labels-only-batch64-lr0.002:0 kd-fixed-views-batch64-lr0.002:0 \
              default-2x-epochs-lr0.002:0 default-augmented-2x-epochs-lr0.002:0 kd+cutmix-lr0.002:0 \
              kd+mixup-lr0.002:0 kd+mixup-lr0.002:1 default+feature:1 default+feature:2 default+relation:1 \
-             default+relation:2; do
+             default+relation:2 kd+proj:0 kd+proj:1 kd+proj:2 default+proj:0 default+proj:1 default+proj:2 \
+             kd+proj3:0 default+proj9:0 dist:0; do
     flock "$LOCK" "$PY" benchmarks/distill_fashion_mnist.py student "${run%:*}" --seed "${run#*:}"
   done
 fi

@@ -15,7 +15,7 @@ for seed in ${SEEDS:-0 1 2}; do
   done
 done
 if [ -z "${CONFIGS:-}" ]; then  # the ingredient rows the table shows with one seed
-  for config in kd default-labeled-only-lr0.002 default-labeled-only-fixed-views-lr0.002 kd-lr0.002 \
+  for config in kd kd+proj default-labeled-only-lr0.002 default-labeled-only-fixed-views-lr0.002 kd-lr0.002 \
                 default-augmented-2x-epochs-lr0.002; do
     flock "$LOCK" "$PY" benchmarks/distill_few_labels.py student "$config" --seed 0
   done
