@@ -154,8 +154,9 @@ class HintonKD(DistillLoss):
         return (log_teacher.exp() * (log_teacher - log_student)).sum(dim=1) * t * t
 
 
-def _zscore(logits: Tensor) -> Tensor:
-    return (logits - logits.mean(dim=1, keepdim=True)) / (logits.std(dim=1, keepdim=True) + 1e-7)
+def _zscore(values: Tensor, dim: int = 1, eps: float = 1e-7) -> Tensor:
+    """Standardised along `dim`: each sample's logits (dim 1), or each dimension over the batch (dim 0)."""
+    return (values - values.mean(dim=dim, keepdim=True)) / (values.std(dim=dim, keepdim=True) + eps)
 
 
 @register("wsl")
@@ -297,7 +298,7 @@ def _batch_standardise(embedding: Tensor) -> Tensor:
     """Each dimension z-scored over the batch, as batch norm does in training (a single sample becomes zeros)."""
     if len(embedding) < 2:
         return torch.zeros_like(embedding)
-    return (embedding - embedding.mean(dim=0)) / (embedding.std(dim=0) + 1e-5)
+    return _zscore(embedding, dim=0, eps=1e-5)
 
 
 def attention_map(feature: Tensor, size: tuple[int, int]) -> Tensor:
