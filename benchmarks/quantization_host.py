@@ -138,6 +138,8 @@ def latency_stage(results: dict) -> None:
                 forms.append(("fp32", "fp32 (transformer fusions)", fused_transformer(fp32, work / "fused.onnx")))
             forms.append(("fp16", "fp16", None))
             forms += [(f"int8_{p.mode}", p.name, p) for p in presets_for(isa, transformer=transformer)]
+            forms += [("int8_static", f"{p.name}, no bias correction", replace(p, bias_correction=False))
+                      for p in presets_for(isa, "static", transformer)[:1] if p.bias_correction]
             optimum, why_not = optimum_forms(fp32, calibration, work)
             forms += [(key, "avx512_vnni (Optimum)", path) for key, path in optimum.items()]
             row = []
@@ -238,6 +240,10 @@ def students_stage(results: dict) -> None:
             static = default_preset(isa, "int8_static", transformer)
             forms[f"int8_static ({static.name})"] = quantize_onnx(fp32, work / "static.onnx", "int8_static", isa=isa,
                                                                   calibration=calibration)
+            if static.bias_correction:  # what the bias correction adds
+                forms[f"int8_static ({static.name}, no bias correction)"] = quantize_onnx(
+                    fp32, work / "static_uncorrected.onnx", "int8_static", isa=isa, calibration=calibration,
+                    preset=replace(static, bias_correction=False))
             if transformer:  # the preset the old benchmark shipped for DeiT: every op type quantized
                 every = default_preset(isa, "int8_static")
                 forms[f"int8_static ({every.name}, every op type)"] = quantize_onnx(
@@ -392,8 +398,18 @@ def where_int8_disagrees(fp32: Path, target: Path, evaluation: np.ndarray, calib
 
 # ----------------------------------------------------------------------------------------------------- the report
 
+def int8_features() -> list[str]:
+    """The CPU's int8 instructions: AMX and VNNI hosts run the same presets at different speeds and roundings."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return [f for f in ("avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+
+
 def save(results: dict) -> None:
     results["host"] = {"isa": detect_isa(), "cpu": platform.processor() or platform.machine(),
+                       "int8_features": int8_features(),
                        "onnxruntime": ort.__version__, "torch": torch.__version__, "threads": THREADS, "batch": 1}
     RESULTS.mkdir(exist_ok=True)
     JSON_PATH.write_text(json.dumps(results, indent=2) + "\n")
@@ -402,7 +418,8 @@ def save(results: dict) -> None:
 def table(results: dict) -> str:
     host = results["host"]
     lines = ["# Quantization on the host: what pays, what keeps the answers, and Optimum side by side", "",
-             f"ONNX Runtime {host['onnxruntime']}, CPU ISA {host['isa']}, {host['threads']} thread, batch 1. "
+             f"ONNX Runtime {host['onnxruntime']}, CPU ISA {host['isa']} (int8 instructions: "
+             f"{', '.join(host.get('int8_features') or ['not recorded'])}), {host['threads']} thread, batch 1. "
              "Reproduce: `flock /tmp/edgekd-cpu.lock python benchmarks/quantization_host.py` (the Optimum rows need "
              "`make optimum-env`). Each part's figures come from one run (dates below); the host is noisy, so "
              "compare within a model, not across runs.", ""]
