@@ -55,7 +55,7 @@ class _QuantizedBias:
 
 
 def correct_bias(reference: Path, quantized: Path, images: np.ndarray, *, max_images: int = CORRECTION_IMAGES,
-                 batch_size: int = 16) -> BiasCorrection:
+                 batch_size: int = 8) -> BiasCorrection:
     """Move each quantized Conv/Gemm's output-mean error on `images` into its int32 bias, in place in `quantized`.
 
     `reference` is the fp32 graph `quantized` was made from (same node names: onnxruntime's quantizer keeps them).
@@ -76,6 +76,7 @@ def correct_bias(reference: Path, quantized: Path, images: np.ndarray, *, max_im
         before.append(_relative(mean - target[i], spread[i]))
         _subtract(initializers[bias.values], numpy_helper.to_array(initializers[bias.scale]), mean - target[i])
         runner.forget(bias.output)  # computed with the old bias: the next layer's pass recomputes it
+        runner.keep_only_what_needs([b.output for b in biases[i + 1:]])
     onnx.save(model, str(quantized))
     return BiasCorrection(layers=len(biases), images=len(images), shift=float(np.mean(before)))
 
@@ -99,16 +100,22 @@ class _PiecewiseRunner:
         self.per_image = _per_image_tensors(model, images)
 
     def compute(self, name: str) -> np.ndarray:
-        self._drop_what_nothing_reads()
         if name not in self.kept:
-            self._run(self._nodes_for(name))
+            self._run(self._nodes_for(name), name)
         return self.kept[name]
 
     def forget(self, name: str) -> None:
         self.kept.pop(name, None)
 
-    def _nodes_for(self, name: str) -> list[onnx.NodeProto]:
-        needed, pending = set(), [name]
+    def keep_only_what_needs(self, targets: list[str]) -> None:
+        """Let go of every kept tensor that computing `targets` from what is kept will not read (the images stay:
+        what no kept tensor covers, such as shape arithmetic, is computed from them again)."""
+        needed = {i for node in self._nodes_for(*targets) for i in node.input if i in self.kept}
+        for name in [n for n in self.kept if n not in needed and n not in targets and n != self.input]:
+            del self.kept[name]
+
+    def _nodes_for(self, *names: str) -> list[onnx.NodeProto]:
+        needed, pending = set(), [n for n in names if n not in self.kept]
         while pending:
             node = self.producers.get(pending.pop())
             if node is not None and id(node) not in needed:
@@ -116,9 +123,13 @@ class _PiecewiseRunner:
                 pending.extend(i for i in node.input if i and i not in self.kept and i not in self.initializers)
         return [node for node in self.model.graph.node if id(node) in needed]  # graph order is topological
 
-    def _run(self, nodes: list[onnx.NodeProto]) -> None:
-        produced = [out for node in nodes for out in node.output if out in self.per_image]
-        feeds = sorted({i for node in nodes for i in node.input if i in self.kept} - set(produced))
+    def _run(self, nodes: list[onnx.NodeProto], wanted: str) -> None:
+        """Run `nodes` over every image and keep `wanted` and what nodes outside the piece read (a residual branch's
+        input, say): keeping every tensor of a piece ran a DeiT-tiny with QDQ on every op out of 24 GB."""
+        inside = {id(node) for node in nodes}
+        produced = [out for node in nodes for out in node.output if out in self.per_image and (
+            out == wanted or any(id(reader) not in inside for reader in self.consumers.get(out, [])))]
+        feeds = sorted({i for node in nodes for i in node.input if i in self.kept})
         used = {i for node in nodes for i in node.input}
         graph = onnx.helper.make_graph(
             nodes, "piece",
@@ -133,13 +144,6 @@ class _PiecewiseRunner:
                   for i in range(0, count, self.batch_size)]
         for k, out in enumerate(produced):
             self.kept[out] = np.concatenate([chunk[k] for chunk in chunks])
-
-    def _drop_what_nothing_reads(self) -> None:
-        """Forget a tensor once every node that reads it has its outputs kept: nothing will read it again."""
-        for name in [n for n in self.kept if n != self.input]:
-            readers = self.consumers.get(name, [])
-            if readers and all(out in self.kept for node in readers for out in node.output if out):
-                del self.kept[name]
 
 
 def _per_image_tensors(model: onnx.ModelProto, images: np.ndarray) -> set[str]:
