@@ -47,9 +47,8 @@ class BiasCorrection:
 
 @dataclass(frozen=True)
 class _QuantizedBias:
-    node: str  # the Conv/Gemm node's name (the same in the fp32 and the quantized graph)
     output: str  # its output tensor in the quantized graph (the quantizer may rename it after folding a Clip/Relu)
-    reference_output: str  # its output tensor in the fp32 graph
+    reference_output: str  # its output in the fp32 graph (found by node name: the quantizer keeps node names)
     values: str  # the int32 initializer the bias DequantizeLinear reads
     scale: str  # that DequantizeLinear's scale initializer (one per output channel, or one for all)
 
@@ -61,13 +60,12 @@ def correct_bias(reference: Path, quantized: Path, images: np.ndarray, *, max_im
     `reference` is the fp32 graph `quantized` was made from (same node names: onnxruntime's quantizer keeps them).
     Layers are corrected one at a time in graph order, each measured with every layer before it already corrected.
     """
-    model = onnx.load(str(quantized))
-    biases = _quantized_biases(model, onnx.load(str(reference), load_external_data=False))
+    model, fp32 = onnx.load(str(quantized)), onnx.load(str(reference))
+    biases = _quantized_biases(model, fp32)
     if not biases:
         return BiasCorrection(layers=0, images=0, shift=0.0)
     images = images[:max_images].astype(np.float32)
-    target, spread = _channel_moments(onnx.load(str(reference)), [b.reference_output for b in biases], images,
-                                      batch_size)
+    target, spread = _channel_moments(fp32, [b.reference_output for b in biases], images, batch_size)
     initializers = {init.name: init for init in model.graph.initializer}
     runner = _PiecewiseRunner(model, images, batch_size)
     before = []
@@ -200,8 +198,7 @@ def _quantized_biases(model: onnx.ModelProto, reference: onnx.ModelProto) -> lis
                 and weight.input[0] in initializers and bias.input[0] in initializers
                 and initializers[bias.input[0]].data_type == onnx.TensorProto.INT32):
             continue
-        found.append(_QuantizedBias(node.name, node.output[0], reference_outputs[node.name], bias.input[0],
-                                    bias.input[1]))
+        found.append(_QuantizedBias(node.output[0], reference_outputs[node.name], bias.input[0], bias.input[1]))
     return found
 
 
