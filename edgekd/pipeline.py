@@ -28,7 +28,7 @@ from edgekd.distill.train import DistillConfig, distill
 from edgekd.errors import EdgekdError
 from edgekd.select.profiles import DeviceProfile, load_profile
 from edgekd.deploy.quantize import GuardConfig
-from edgekd.record import StageRecord, cpu_model, data_fingerprint, stage_key
+from edgekd.record import StageRecord, code_digest, cpu_model, data_fingerprint, stage_key
 from edgekd.select.rule import PassedOver, Selection, select_student
 from edgekd.distill.students import StudentInit, initial_student, read_student_checkpoint, start_fingerprint
 from edgekd.distill.teacher import prepare_teachers
@@ -217,7 +217,8 @@ def _export(config: CompressConfig, record: StageRecord, run_dir: Path, profile:
     table = sha256_file(options.latency_table) if options.latency_table else None  # a re-probed device re-decides
     key = stage_key("export", {"student": sha256_file(student.weights_path), "options": _jsonable(options),
                                "table": table, "data": data_fingerprint(data),  # validation and calibration images
-                               "files": sorted(BUNDLE_FILES)})  # a bundle made before a file was added is made again
+                               "files": sorted(BUNDLE_FILES),  # a bundle made before a file was added is made again
+                               "code": code_digest("deploy")})  # nor is one quantized by other code reused
     if record.fresh("export", key, bundle_dir / "model.onnx"):
         log.info("export: reusing %s", bundle_dir)
         return bundle_dir, key

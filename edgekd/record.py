@@ -55,6 +55,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@lru_cache(maxsize=None)
+def code_digest(package: str) -> str:
+    """The source of one edgekd subpackage by content (e.g. "deploy": export, quantization, bias correction, learned
+    rounding). The package version does not change when that code does, and a stage made by other code (a bundle
+    quantized before learned rounding existed, say) must not be answered from a run folder made before it."""
+    root = Path(__file__).parent / package
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def stage_key(stage: str, inputs: dict[str, Any]) -> str:
     """The content key of one stage: its name, its inputs (already by content) and the versions."""
     return config_hash({"stage": stage, "inputs": inputs, "versions": versions()})

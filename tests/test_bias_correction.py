@@ -19,20 +19,31 @@ from edgekd.deploy.verify import evaluate_onnx, onnx_logits, preprocess_records
 from edgekd.distill.students import load_student, read_student_checkpoint
 from tests.helpers.tiny_students import tiny_student
 
-UNCORRECTED = dataclasses.replace(default_preset("avx512_vnni", "int8_static"), bias_correction=False)
+UNCORRECTED = dataclasses.replace(default_preset("avx512_vnni", "int8_static"), bias_correction=False,
+                                  learned_rounding=False)
 
 
-@pytest.fixture(scope="module")
-def quantized(small_fmnist, tmp_path_factory):
-    """(prepared fp32 graph, its int8 QDQ form without bias correction, calibration images, validation set)."""
+def _quantized(name: str, small_fmnist, tmp_path_factory):
     folder = tmp_path_factory.mktemp("bias")
-    checkpoint = read_student_checkpoint(tiny_student("test_resnet", small_fmnist))
+    checkpoint = read_student_checkpoint(tiny_student(name, small_fmnist))
     fp32 = export_onnx(load_student(checkpoint), folder / "fp32.onnx", checkpoint.preprocess.input_size)
     calibration = preprocess_records(small_fmnist.train, checkpoint.preprocess, limit=128).images
     prepared = prepare_for_quantization(fp32, folder / "prepared.onnx", calibration[:8])
     int8 = quantize_onnx(prepared, folder / "int8.onnx", "int8_static", calibration=calibration, preset=UNCORRECTED,
                          prepared=True)
     return prepared, int8, calibration, preprocess_records(small_fmnist.val, checkpoint.preprocess)
+
+
+@pytest.fixture(scope="module")
+def quantized(small_fmnist, tmp_path_factory):
+    """(prepared fp32 graph, its int8 QDQ form without bias correction, calibration images, validation set)."""
+    return _quantized("test_resnet", small_fmnist, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def depthwise(small_fmnist, tmp_path_factory):
+    """The same for a student with depthwise convs (timm's test_efficientnet), whose rounding is learned."""
+    return _quantized("test_efficientnet", small_fmnist, tmp_path_factory)
 
 
 def _relative_shifts(prepared: Path, int8: Path, images: np.ndarray) -> np.ndarray:
@@ -88,3 +99,56 @@ def test_static_presets_correct_their_biases_and_say_so(quantized, tmp_path: Pat
                             prepared=True)
     assert _relative_shifts(prepared, shipped, calibration[:64]).mean() < 0.1 * _relative_shifts(
         prepared, int8, calibration[:64]).mean()
+
+
+def _layer_errors(prepared: Path, int8: Path, images: np.ndarray) -> np.ndarray:
+    """Per Conv layer: mean squared error of its output against the fp32 graph's, relative to the fp32 output's
+    variance, each layer measured on the inputs the int8 graph gives it."""
+    int8_model, fp32_model = onnx.load(str(int8)), onnx.load(str(prepared))
+    layers = [b for b in _quantized_biases(int8_model, fp32_model) if b.geometry is not None]
+    ours = _float_session(int8_model, [b.output for b in layers]).run(None, {"input": images})
+    theirs = _float_session(fp32_model, [b.reference_output for b in layers]).run(None, {"input": images})
+    return np.array([np.mean((a - b) ** 2) / np.var(b) for a, b in zip(ours, theirs)])
+
+
+def test_learned_rounding_fits_each_layer_closer_to_fp32_and_keeps_the_form(depthwise, tmp_path: Path) -> None:
+    """AdaRound on top of bias correction, on the depthwise and stem convs: only int8 weights (by one step at most)
+    and int32 biases change, the layers' outputs sit closer to fp32's on images it was not fitted on, and the
+    answers hold."""
+    prepared, int8, calibration, evalset = depthwise
+    nearest, learned = tmp_path / "nearest.onnx", tmp_path / "learned.onnx"
+    for path, learn in ((nearest, False), (learned, True)):
+        path.write_bytes(int8.read_bytes())
+        result = correct_bias(prepared, path, calibration, learn_rounding=learn)
+    assert result.rounded >= 3 and 0 < result.flipped < 0.5, result
+    old = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(nearest)).graph.initializer}
+    new = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(learned)).graph.initializer}
+    changed = [name for name in old if not np.array_equal(old[name], new[name])]
+    weights = [name for name in changed if new[name].dtype == np.int8]
+    assert weights and {new[name].dtype for name in changed} <= {np.dtype(np.int8), np.dtype(np.int32)}
+    assert all(np.abs(new[n].astype(int) - old[n].astype(int)).max() == 1 for n in weights)
+    unseen = calibration[64:128]  # correction and rounding fit on the first 64
+    before, after = _layer_errors(prepared, nearest, unseen), _layer_errors(prepared, learned, unseen)
+    # The stem sees the same int8 image either way: its own rounding is all that differs. Later layers' error is
+    # mostly what their inputs bring (measured: 1.0x-1.07x either way), and must not grow.
+    assert after[0] < 0.6 * before[0] and after.mean() <= 1.03 * before.mean(), (before, after)
+    reference = onnx_logits(prepared, evalset.images).argmax(1)
+    agreement = evaluate_onnx(learned, evalset, reference).agreement
+    assert agreement >= evaluate_onnx(nearest, evalset, reference).agreement - 0.01
+
+
+def test_a_file_for_another_cpu_is_measured_as_that_cpu_computes_it(quantized, monkeypatch) -> None:
+    """Int8 kernels differ by CPU (AVX2 without VNNI saturates full-range u8s8 products): a QDQ file for another kind
+    of CPU than the host is measured unfused, in float on the dequantized values; a file for this CPU, an fp32 file
+    and a QOperator file are measured as this CPU runs them."""
+    from edgekd.deploy import verify
+    from edgekd.select import profiles
+
+    prepared, int8, calibration, _ = quantized
+    monkeypatch.setattr(profiles, "detect_isa", lambda: "avx2")
+    assert verify.emulates_target(int8, "avx512_vnni") and verify.emulates_target(int8, "arm64")
+    assert not verify.emulates_target(int8, "avx2") and not verify.emulates_target(int8, None)
+    assert not verify.emulates_target(prepared, "avx512_vnni")
+    emulated = onnx_logits(int8, calibration[:16], target_isa="arm64")
+    unfused = _float_session(onnx.load(str(int8))).run(None, {"input": calibration[:16]})[0]
+    np.testing.assert_allclose(emulated, unfused, rtol=1e-5, atol=1e-5)

@@ -100,7 +100,7 @@ def without_times(report: dict) -> dict:
     return {k: v for k, v in report.items() if k not in ("created", "seconds")}
 
 
-def test_rerun_reuses_every_stage_and_a_changed_option_redoes_only_its_dependents(run):
+def test_rerun_reuses_every_stage_and_a_changed_option_redoes_only_its_dependents(run, monkeypatch):
     run_dir, _ = run
     before = mtimes(run_dir)
     stages = (run_dir / "stages.json").read_bytes()
@@ -116,6 +116,16 @@ def test_rerun_reuses_every_stage_and_a_changed_option_redoes_only_its_dependent
     assert after["distill/student.safetensors"] == before["distill/student.safetensors"]
     assert after["teacher/teacher.safetensors"] == before["teacher/teacher.safetensors"]
     assert after["export/model.onnx"] != before["export/model.onnx"]
+
+    # Other quantization code (an edgekd upgrade that rounds int8 weights differently, say) makes the bundle again
+    # and reuses the training: the package version alone does not say the code changed.
+    from edgekd import pipeline
+    real = pipeline.code_digest
+    monkeypatch.setattr(pipeline, "code_digest",
+                        lambda package: real(package) + ("-changed" if package == "deploy" else ""))
+    changed = compress(run_dir, "--max-accuracy-drop", "5")
+    assert "distill: reusing" in changed.output and "export: reusing" not in changed.output
+    assert mtimes(run_dir)["export/model.onnx"] != after["export/model.onnx"]
 
 
 def test_another_teacher_in_the_same_run_folder_is_refused(run):

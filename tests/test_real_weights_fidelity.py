@@ -43,7 +43,8 @@ def lite0(tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def agreement(path: Path, images: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None) -> float:
-    same = onnx_logits(path, images).argmax(1) == reference.argmax(1)
+    """As an avx512_vnni CPU computes it (the int8 files here are made for one), whatever CPU runs the test."""
+    same = onnx_logits(path, images, target_isa="avx512_vnni").argmax(1) == reference.argmax(1)
     return float(same[mask].mean() if mask is not None else same.mean())
 
 
@@ -63,18 +64,22 @@ def test_fp16_keeps_the_real_lite0_s_answers(lite0, tmp_path):
 
 
 def test_int8_static_keeps_the_real_lite0_s_answers(lite0, tmp_path):
-    """Bias correction (on by default) is what lifts every-crop agreement: without it weight rounding alone shifts
-    the output means enough to flip 10% of the answers; measured 86.2% -> 93.4% on 76 calibration crops."""
+    """Bias correction and learned rounding of the depthwise convs (both on by default) are what lift every-crop
+    agreement: without them weight rounding alone shifts the output means enough to flip 10% of the answers. Measured
+    as an avx512_vnni CPU computes it: 84.2% plain, 92.1% with bias correction, 94.7% with learned rounding too."""
     path, images, calibration, probabilities = lite0
     int8 = quantize_onnx(path, tmp_path / "int8.onnx", "int8_static", isa="avx512_vnni", calibration=calibration)
     confident = probabilities.max(axis=1) >= CONFIDENT
     assert confident.sum() >= 40, "too few confident crops for the figure to mean anything"
     assert agreement(int8, images, probabilities, confident) >= 0.98
-    corrected = agreement(int8, images, probabilities)  # every crop, near-ties included
-    preset = replace(default_preset("avx512_vnni", "int8_static"), bias_correction=False)
-    uncorrected = agreement(quantize_onnx(path, tmp_path / "uncorrected.onnx", "int8_static", calibration=calibration,
-                                          preset=preset), images, probabilities)
-    assert corrected >= 0.90 and corrected >= uncorrected + 0.04, (corrected, uncorrected)
+    shipped = agreement(int8, images, probabilities)  # every crop, near-ties included
+    default = default_preset("avx512_vnni", "int8_static")
+    assert default.bias_correction and default.learned_rounding
+    nearest, plain = (agreement(quantize_onnx(path, tmp_path / f"{name}.onnx", "int8_static", calibration=calibration,
+                                              preset=preset), images, probabilities)
+                      for name, preset in (("nearest", replace(default, learned_rounding=False)),
+                                           ("plain", replace(default, bias_correction=False, learned_rounding=False))))
+    assert shipped >= 0.93 and shipped > nearest >= plain + 0.04, (shipped, nearest, plain)
 
 
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
@@ -134,4 +139,5 @@ def test_the_guard_keeps_the_ranked_nodes_in_float_and_recovers_an_outlier_chann
     control = quantize_onnx(prepared, tmp_path / "bottom.onnx", "int8_static", isa="avx512_vnni", prepared=True,
                             calibration=calibration, nodes_to_exclude=bottom)
     fp32 = onnx_logits(path, confident).argmax(1)
-    assert float((onnx_logits(control, confident).argmax(1) == fp32).mean()) < first.agreement + 0.1
+    control_answers = onnx_logits(control, confident, target_isa="avx512_vnni").argmax(1)
+    assert float((control_answers == fp32).mean()) < first.agreement + 0.1

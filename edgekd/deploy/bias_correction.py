@@ -13,6 +13,9 @@ Correcting all of them from one measurement does not work: each layer's shift in
 passed on, a 1x1 convolution sums that over its input channels, and on Lite0 that made the answers worse with every
 repeat (28% agreement after one).
 Only the QDQ form is corrected: its Conv/Gemm outputs are float tensors that can be read before they are quantized.
+
+With `learn_rounding`, the int8 weights of each small-filter Conv (depthwise, the stem) are first re-rounded up or
+down to fit its fp32 outputs (rounding.py, AdaRound), in the same layer-by-layer pass, and its bias corrected after.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from edgekd.deploy.export import quiet_onnxruntime
+from edgekd.deploy.rounding import ConvGeometry, RoundingFit, layer_moments, worth_learning
+from edgekd.deploy.rounding import learn_rounding as fit_rounding
 
 CORRECTED_OPS = ("Conv", "Gemm")
 # Per-channel means over this many images (times every spatial position) are precise to a small fraction of a
@@ -43,6 +48,8 @@ class BiasCorrection:
     layers: int
     images: int
     shift: float
+    rounded: int = 0  # layers whose learned rounding was kept (it lowered their held-out output error)
+    flipped: float = 0.0  # share of those layers' weights rounded the other way from nearest
 
 
 @dataclass(frozen=True)
@@ -51,14 +58,20 @@ class _QuantizedBias:
     reference_output: str  # its output in the fp32 graph (found by node name: the quantizer keeps node names)
     values: str  # the int32 initializer the bias DequantizeLinear reads
     scale: str  # that DequantizeLinear's scale initializer (one per output channel, or one for all)
+    input: str = ""  # the layer's (dequantized) input in the quantized graph
+    weight_values: str = ""  # the int8 weight initializer and its per-channel scale
+    weight_scale: str = ""
+    reference_weight: str = ""  # the fp32 weight initializer in the reference graph
+    geometry: ConvGeometry | None = None  # a 2-D small-filter Conv to re-round (rounding.worth_learning); else None
 
 
 def correct_bias(reference: Path, quantized: Path, images: np.ndarray, *, max_images: int = CORRECTION_IMAGES,
-                 batch_size: int = 8) -> BiasCorrection:
+                 batch_size: int = 8, learn_rounding: bool = False) -> BiasCorrection:
     """Move each quantized Conv/Gemm's output-mean error on `images` into its int32 bias, in place in `quantized`.
 
     `reference` is the fp32 graph `quantized` was made from (same node names: onnxruntime's quantizer keeps them).
-    Layers are corrected one at a time in graph order, each measured with every layer before it already corrected.
+    Layers are corrected one at a time in graph order, each measured with every layer before it already corrected;
+    with `learn_rounding`, small-filter Convs' weights are re-rounded to fit their fp32 outputs before the bias.
     """
     model, fp32 = onnx.load(str(quantized)), onnx.load(str(reference))
     biases = _quantized_biases(model, fp32)
@@ -68,15 +81,43 @@ def correct_bias(reference: Path, quantized: Path, images: np.ndarray, *, max_im
     target, spread = _channel_moments(fp32, [b.reference_output for b in biases], images, batch_size)
     initializers = {init.name: init for init in model.graph.initializer}
     runner = _PiecewiseRunner(model, images, batch_size)
-    before = []
+    fp32_runner = _PiecewiseRunner(fp32, images, batch_size) if learn_rounding else None
+    fp32_weights = {init.name: init for init in fp32.graph.initializer}
+    before, fits = [], []
     for i, bias in enumerate(biases):
+        if fp32_runner is not None and bias.geometry is not None:
+            fits.append(_round_layer(bias, initializers, fp32_weights, runner, fp32_runner, seed=i))
+            fp32_runner.forget(bias.reference_output)
+            fp32_runner.keep_only_what_needs([b.reference_output for b in biases[i + 1:]])
         mean = _mean_per_channel(runner.compute(bias.output))
         before.append(_relative(mean - target[i], spread[i]))
         _subtract(initializers[bias.values], numpy_helper.to_array(initializers[bias.scale]), mean - target[i])
         runner.forget(bias.output)  # computed with the old bias: the next layer's pass recomputes it
         runner.keep_only_what_needs([b.output for b in biases[i + 1:]])
     onnx.save(model, str(quantized))
-    return BiasCorrection(layers=len(biases), images=len(images), shift=float(np.mean(before)))
+    kept = [fit for fit in fits if fit.kept]
+    return BiasCorrection(layers=len(biases), images=len(images), shift=float(np.mean(before)), rounded=len(kept),
+                          flipped=float(np.mean([fit.flipped for fit in kept])) if kept else 0.0)
+
+
+def _round_layer(layer: _QuantizedBias, initializers: dict[str, onnx.TensorProto],
+                 fp32_weights: dict[str, onnx.TensorProto], runner: _PiecewiseRunner, fp32_runner: _PiecewiseRunner,
+                 seed: int) -> RoundingFit:
+    """Re-round one Conv's int8 weights (in place in `initializers`) to fit its fp32 outputs on the runners' images,
+    from the inputs the layers before it, already re-rounded and corrected, give it."""
+    assert layer.geometry is not None
+    quantized = numpy_helper.to_array(initializers[layer.weight_values])
+    scale = numpy_helper.to_array(initializers[layer.weight_scale]).astype(np.float64)
+    bias_scale = numpy_helper.to_array(initializers[layer.scale]).astype(np.float64)
+    bias = numpy_helper.to_array(initializers[layer.values]).astype(np.float64) * bias_scale
+    weight = numpy_helper.to_array(fp32_weights[layer.reference_weight]).astype(np.float64)
+    fit_on, held_out = layer_moments(runner.compute(layer.input), fp32_runner.compute(layer.reference_output), bias,
+                                     layer.geometry, tuple(weight.shape[2:]), seed=seed)
+    rounded, fit = fit_rounding(weight, np.broadcast_to(scale, weight.shape[:1]), quantized, fit_on, held_out,
+                                layer.geometry.group)
+    initializers[layer.weight_values].CopyFrom(numpy_helper.from_array(rounded, layer.weight_values))
+    runner.forget(layer.output)
+    return fit
 
 
 class _PiecewiseRunner:
@@ -188,7 +229,9 @@ def _quantized_biases(model: onnx.ModelProto, reference: onnx.ModelProto) -> lis
     """The Conv/Gemm nodes whose weight and bias both come dequantized from initializers (the ones int8 runs)."""
     initializers = {init.name: init for init in model.graph.initializer}
     producers = {out: node for node in model.graph.node for out in node.output}
-    reference_outputs = {node.name: node.output[0] for node in reference.graph.node if node.name}
+    reference_nodes = {node.name: node for node in reference.graph.node if node.name}
+    reference_outputs = {name: node.output[0] for name, node in reference_nodes.items()}
+    reference_weights = {init.name: init for init in reference.graph.initializer}
     found = []
     for node in model.graph.node:
         if node.op_type not in CORRECTED_OPS or len(node.input) < 3 or node.name not in reference_outputs:
@@ -198,8 +241,29 @@ def _quantized_biases(model: onnx.ModelProto, reference: onnx.ModelProto) -> lis
                 and weight.input[0] in initializers and bias.input[0] in initializers
                 and initializers[bias.input[0]].data_type == onnx.TensorProto.INT32):
             continue
-        found.append(_QuantizedBias(node.output[0], reference_outputs[node.name], bias.input[0], bias.input[1]))
+        found.append(_QuantizedBias(node.output[0], reference_outputs[node.name], bias.input[0], bias.input[1],
+                                    **_weights(node, weight, reference_nodes[node.name], initializers,
+                                               reference_weights)))
     return found
+
+
+def _weights(node: onnx.NodeProto, weight: onnx.NodeProto, reference: onnx.NodeProto,
+             initializers: dict[str, onnx.TensorProto], reference_weights: dict[str, onnx.TensorProto]) -> dict:
+    """What re-rounding a Conv's weights needs (an empty dict for the layers it does not handle): an int8 weight
+    quantized per output channel (axis 0) from an fp32 initializer of the same shape in the reference graph."""
+    values, fp32 = initializers[weight.input[0]], reference_weights.get(reference.input[1])
+    if (node.op_type != "Conv" or fp32 is None or values.data_type != onnx.TensorProto.INT8
+            or len(weight.input) < 2 or weight.input[1] not in initializers
+            or tuple(values.dims) != tuple(fp32.dims)):
+        return {}
+    scale = numpy_helper.to_array(initializers[weight.input[1]])
+    axis = next((a.i for a in weight.attribute if a.name == "axis"), 1)
+    if not (scale.size == 1 or (scale.size == values.dims[0] and axis == 0)):
+        return {}
+    if not worth_learning(tuple(values.dims)):
+        return {}
+    return {"input": node.input[0], "weight_values": weight.input[0], "weight_scale": weight.input[1],
+            "reference_weight": fp32.name, "geometry": ConvGeometry.of(node, len(values.dims) - 2)}
 
 
 def _channel_moments(model: onnx.ModelProto, outputs: list[str], images: np.ndarray,
