@@ -112,7 +112,7 @@ def _layer_errors(prepared: Path, int8: Path, images: np.ndarray) -> np.ndarray:
 
 
 def test_learned_rounding_fits_each_layer_closer_to_fp32_and_keeps_the_form(depthwise, tmp_path: Path) -> None:
-    """AdaRound on top of bias correction, on the depthwise and stem convs: only int8 weights (by one step at most)
+    """AdaRound on top of bias correction, on the depthwise convs: only int8 weights (by one step at most)
     and int32 biases change, the layers' outputs sit closer to fp32's on images it was not fitted on, and the
     answers hold."""
     prepared, int8, calibration, evalset = depthwise
@@ -120,7 +120,7 @@ def test_learned_rounding_fits_each_layer_closer_to_fp32_and_keeps_the_form(dept
     for path, learn in ((nearest, False), (learned, True)):
         path.write_bytes(int8.read_bytes())
         result = correct_bias(prepared, path, calibration, learn_rounding=learn)
-    assert result.rounded >= 3 and 0 < result.flipped < 0.5, result
+    assert result.rounded >= 2 and 0 < result.flipped < 0.5, result
     old = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(nearest)).graph.initializer}
     new = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(learned)).graph.initializer}
     changed = [name for name in old if not np.array_equal(old[name], new[name])]
@@ -129,9 +129,9 @@ def test_learned_rounding_fits_each_layer_closer_to_fp32_and_keeps_the_form(dept
     assert all(np.abs(new[n].astype(int) - old[n].astype(int)).max() == 1 for n in weights)
     unseen = calibration[64:128]  # correction and rounding fit on the first 64
     before, after = _layer_errors(prepared, nearest, unseen), _layer_errors(prepared, learned, unseen)
-    # The stem sees the same int8 image either way: its own rounding is all that differs. Later layers' error is
-    # mostly what their inputs bring (measured: 1.0x-1.07x either way), and must not grow.
-    assert after[0] < 0.6 * before[0] and after.mean() <= 1.03 * before.mean(), (before, after)
+    # The first depthwise conv gets the same input either way: its own rounding is all that differs (most of its
+    # error is what its int8 input brings, the same either way). Later layers' error must not grow.
+    assert after[0] < before[0] and after.mean() <= before.mean(), (before, after)
     reference = onnx_logits(prepared, evalset.images).argmax(1)
     agreement = evaluate_onnx(learned, evalset, reference).agreement
     assert agreement >= evaluate_onnx(nearest, evalset, reference).agreement - 0.01

@@ -14,7 +14,7 @@ passed on, a 1x1 convolution sums that over its input channels, and on Lite0 tha
 repeat (28% agreement after one).
 Only the QDQ form is corrected: its Conv/Gemm outputs are float tensors that can be read before they are quantized.
 
-With `learn_rounding`, the int8 weights of each small-filter Conv (depthwise, the stem) are first re-rounded up or
+With `learn_rounding`, the int8 weights of each depthwise Conv are first re-rounded up or
 down to fit its fp32 outputs (rounding.py, AdaRound), in the same layer-by-layer pass, and its bias corrected after.
 """
 
@@ -62,7 +62,7 @@ class _QuantizedBias:
     weight_values: str = ""  # the int8 weight initializer and its per-channel scale
     weight_scale: str = ""
     reference_weight: str = ""  # the fp32 weight initializer in the reference graph
-    geometry: ConvGeometry | None = None  # a 2-D small-filter Conv to re-round (rounding.worth_learning); else None
+    geometry: ConvGeometry | None = None  # a 2-D depthwise Conv to re-round (rounding.worth_learning); else None
 
 
 def correct_bias(reference: Path, quantized: Path, images: np.ndarray, *, max_images: int = CORRECTION_IMAGES,
@@ -71,7 +71,7 @@ def correct_bias(reference: Path, quantized: Path, images: np.ndarray, *, max_im
 
     `reference` is the fp32 graph `quantized` was made from (same node names: onnxruntime's quantizer keeps them).
     Layers are corrected one at a time in graph order, each measured with every layer before it already corrected;
-    with `learn_rounding`, small-filter Convs' weights are re-rounded to fit their fp32 outputs before the bias.
+    with `learn_rounding`, depthwise Convs' weights are re-rounded to fit their fp32 outputs before the bias.
     """
     model, fp32 = onnx.load(str(quantized)), onnx.load(str(reference))
     biases = _quantized_biases(model, fp32)

@@ -314,7 +314,7 @@ def _export_and_quantize(model: torch.nn.Module, input_size: tuple[int, int, int
             if int8 and prepared is None:
                 prepared = prepare_for_quantization(fp32, out_dir / f"{stem}.prepared.onnx")
             forms[precision] = quantize_onnx(prepared if int8 and prepared else fp32, target, precision, isa=isa,
-                                             calibration=calibration, prepared=int8)
+                                             calibration=calibration, prepared=int8, for_timing=True)
         except Exception as error:  # noqa: BLE001 - onnxruntime.quantization raises many types; record and go on
             forms[precision] = f"{precision} quantization failed: {first_line(error)}"
     for leftover in (fp32, prepared):
