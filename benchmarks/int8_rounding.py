@@ -10,7 +10,7 @@ fp32 is confident about (top-1 probability >= 0.3; elsewhere its top-1 is a near
 target ISA is measured as that CPU computes it (edgekd.deploy.verify.emulates_target): this host's own kernels for
 its own ISA, the QDQ graph unfused (in float on the dequantized values) for another.
 
-    flock /tmp/edgekd-cpu.lock python benchmarks/int8_rounding.py
+    flock /tmp/edgekd-cpu.lock python benchmarks/int8_rounding.py [--all]
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from edgekd.select.profiles import detect_isa  # noqa: E402
 from tests.helpers.photos import crops  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+# Lite2 (260 px) too with `--all`: about twice Lite0's time on a 2-core host.
 MODELS = ("tf_efficientnet_lite0", "tf_efficientnet_lite2")
 TARGETS = ("avx512_vnni", "avx2")
 CONFIDENT = 0.3
@@ -104,7 +105,7 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgekd-rounding-") as work:
-        for name in MODELS:
+        for name in MODELS if "--all" in sys.argv else MODELS[:1]:
             rows += measure(name, Path(work))
     result = {"date": date.today().isoformat(), "rows": rows,
               "host": {"isa": detect_isa(), "cpu": _cpu(), "onnxruntime": onnxruntime.__version__,

@@ -29,10 +29,11 @@ import torch.nn.functional as F
 # Only depthwise convs (one input channel a filter: 9 or 25 weights) are re-rounded. A filter of few weights cannot
 # average its rounding errors away: on the real Lite0 its depthwise layers' rounding alone cost 8 points of agreement
 # on photos. Their steps also cost about a millisecond, where a 1x1 conv over 1152 channels costs 50 ms; and
-# re-rounding every conv of Lite0 (5 minutes) agreed with fp32 no more often than re-rounding the small-filter ones
-# (5 seconds): 94.7% of every photo crop. The stem (27 weights a filter, reading the image itself) is left alone: with
-# it re-rounded, a tiny ResNet's int8 answered a raw uint8 image (one pixel level off Pillow's resize here and there)
-# unlike its Python runtime on more than 1% of images; without, on none beyond ties.
+# re-rounding every conv of Lite0 (minutes) agreed with fp32 no more often than re-rounding the depthwise ones and the
+# stem: 94.7% of every photo crop (a probe). The stem (27 weights a filter, reading the image itself) is left alone
+# although it gave most of that (depthwise only: 92.8%): with it re-rounded, a tiny ResNet's int8 answered a raw
+# uint8 image (one pixel level off Pillow's resize here and there) unlike its Python runtime on more than 1% of
+# images (tests/test_raw_input.py); why is not known yet.
 MAX_FILTER_INPUTS = 32
 # Output positions (image x pixel) per image the layer's statistics are taken over; a fifth of the images are held
 # out to check the fit.
