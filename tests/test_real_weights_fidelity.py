@@ -64,22 +64,33 @@ def test_fp16_keeps_the_real_lite0_s_answers(lite0, tmp_path):
 
 
 def test_int8_static_keeps_the_real_lite0_s_answers(lite0, tmp_path):
-    """Bias correction and learned rounding of the depthwise convs (both on by default) are what lift every-crop
+    """Bias correction and learned rounding of the small-filter convs (both on by default) are what lift every-crop
     agreement: without them weight rounding alone shifts the output means enough to flip 10% of the answers. Measured
-    as an avx512_vnni CPU computes it: 86.8% plain, 92.1% with bias correction, 92.8% with learned rounding too."""
+    as an avx512_vnni CPU computes it (benchmarks/results/int8_rounding.md): agreement on every crop 86.8% plain,
+    92.1% with bias correction, 94.7% with learned rounding too; mean KL divergence from fp32 0.055, 0.0148, 0.0048.
+    Top-1 agreement on 152 crops moves in steps of 0.66 points, so the divergence carries the finer claims."""
     path, images, calibration, probabilities = lite0
     int8 = quantize_onnx(path, tmp_path / "int8.onnx", "int8_static", isa="avx512_vnni", calibration=calibration)
     confident = probabilities.max(axis=1) >= CONFIDENT
     assert confident.sum() >= 40, "too few confident crops for the figure to mean anything"
     assert agreement(int8, images, probabilities, confident) >= 0.98
-    shipped = agreement(int8, images, probabilities)  # every crop, near-ties included
     default = default_preset("avx512_vnni", "int8_static")
     assert default.bias_correction and default.learned_rounding
-    nearest, plain = (agreement(quantize_onnx(path, tmp_path / f"{name}.onnx", "int8_static", calibration=calibration,
-                                              preset=preset), images, probabilities)
+    nearest, plain = (quantize_onnx(path, tmp_path / f"{name}.onnx", "int8_static", calibration=calibration,
+                                    preset=preset)
                       for name, preset in (("nearest", replace(default, learned_rounding=False)),
                                            ("plain", replace(default, bias_correction=False, learned_rounding=False))))
-    assert shipped >= 0.92 and shipped >= nearest >= plain + 0.04, (shipped, nearest, plain)
+    shipped = agreement(int8, images, probabilities)  # every crop, near-ties included
+    assert shipped >= 0.93 and shipped > agreement(nearest, images, probabilities), shipped
+    divergences = [divergence(p, images, probabilities) for p in (int8, nearest, plain)]
+    assert divergences[0] < 0.5 * divergences[1] and divergences[1] < 0.5 * divergences[2], divergences
+
+
+def divergence(path: Path, images: np.ndarray, reference: np.ndarray) -> float:
+    """Mean KL divergence of `path`'s answers (as an avx512_vnni CPU computes them) from the fp32 probabilities."""
+    logits = torch.from_numpy(onnx_logits(path, images, target_isa="avx512_vnni"))
+    target = torch.from_numpy(reference).clamp_min(1e-12).log()
+    return float(torch.nn.functional.kl_div(logits.log_softmax(1), target, log_target=True, reduction="batchmean"))
 
 
 @pytest.mark.parametrize("method", ["entropy", "percentile"])

@@ -14,8 +14,8 @@ passed on, a 1x1 convolution sums that over its input channels, and on Lite0 tha
 repeat (28% agreement after one).
 Only the QDQ form is corrected: its Conv/Gemm outputs are float tensors that can be read before they are quantized.
 
-With `learn_rounding`, the int8 weights of each depthwise Conv are first re-rounded up or
-down to fit its fp32 outputs (rounding.py, AdaRound), in the same layer-by-layer pass, and its bias corrected after.
+With `learn_rounding`, the int8 weights of each small-filter Conv (depthwise, an RGB stem) are first re-rounded up or
+down to fit its fp32 outputs (rounding.py), in the same layer-by-layer pass, and its bias corrected after.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class _QuantizedBias:
     weight_values: str = ""  # the int8 weight initializer and its per-channel scale
     weight_scale: str = ""
     reference_weight: str = ""  # the fp32 weight initializer in the reference graph
-    geometry: ConvGeometry | None = None  # a 2-D depthwise Conv to re-round (rounding.worth_learning); else None
+    geometry: ConvGeometry | None = None  # a 2-D small-filter Conv to re-round (rounding.worth_learning); else None
 
 
 def correct_bias(reference: Path, quantized: Path, images: np.ndarray, *, max_images: int = CORRECTION_IMAGES,
@@ -71,7 +71,7 @@ def correct_bias(reference: Path, quantized: Path, images: np.ndarray, *, max_im
 
     `reference` is the fp32 graph `quantized` was made from (same node names: onnxruntime's quantizer keeps them).
     Layers are corrected one at a time in graph order, each measured with every layer before it already corrected;
-    with `learn_rounding`, depthwise Convs' weights are re-rounded to fit their fp32 outputs before the bias.
+    with `learn_rounding`, small-filter Convs' weights are re-rounded to fit their fp32 outputs before the bias.
     """
     model, fp32 = onnx.load(str(quantized)), onnx.load(str(reference))
     biases = _quantized_biases(model, fp32)
@@ -86,7 +86,7 @@ def correct_bias(reference: Path, quantized: Path, images: np.ndarray, *, max_im
     before, fits = [], []
     for i, bias in enumerate(biases):
         if fp32_runner is not None and bias.geometry is not None:
-            fits.append(_round_layer(bias, initializers, fp32_weights, runner, fp32_runner, seed=i))
+            fits.append(_round_layer(bias, initializers, fp32_weights, runner, fp32_runner))
             fp32_runner.forget(bias.reference_output)
             fp32_runner.keep_only_what_needs([b.reference_output for b in biases[i + 1:]])
         mean = _mean_per_channel(runner.compute(bias.output))
@@ -101,8 +101,8 @@ def correct_bias(reference: Path, quantized: Path, images: np.ndarray, *, max_im
 
 
 def _round_layer(layer: _QuantizedBias, initializers: dict[str, onnx.TensorProto],
-                 fp32_weights: dict[str, onnx.TensorProto], runner: _PiecewiseRunner, fp32_runner: _PiecewiseRunner,
-                 seed: int) -> RoundingFit:
+                 fp32_weights: dict[str, onnx.TensorProto], runner: _PiecewiseRunner,
+                 fp32_runner: _PiecewiseRunner) -> RoundingFit:
     """Re-round one Conv's int8 weights (in place in `initializers`) to fit its fp32 outputs on the runners' images,
     from the inputs the layers before it, already re-rounded and corrected, give it."""
     assert layer.geometry is not None
@@ -112,7 +112,7 @@ def _round_layer(layer: _QuantizedBias, initializers: dict[str, onnx.TensorProto
     bias = numpy_helper.to_array(initializers[layer.values]).astype(np.float64) * bias_scale
     weight = numpy_helper.to_array(fp32_weights[layer.reference_weight]).astype(np.float64)
     fit_on, held_out = layer_moments(runner.compute(layer.input), fp32_runner.compute(layer.reference_output), bias,
-                                     layer.geometry, tuple(weight.shape[2:]), seed=seed)
+                                     layer.geometry, tuple(weight.shape[2:]))
     rounded, fit = fit_rounding(weight, np.broadcast_to(scale, weight.shape[:1]), quantized, fit_on, held_out,
                                 layer.geometry.group)
     initializers[layer.weight_values].CopyFrom(numpy_helper.from_array(rounded, layer.weight_values))

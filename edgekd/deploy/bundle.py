@@ -35,6 +35,7 @@ from edgekd.deploy.raw_input import (
     RawInputCheck,
     check_with_preprocessing,
     synthetic_images,
+    tie_margin,
     with_preprocessing,
 )
 from edgekd.deploy.raw_input import OPSET as RAW_OPSET
@@ -156,7 +157,7 @@ def _build(model: torch.nn.Module, checkpoint: StudentCheckpoint, work: Path, st
         write_ort_format(model_path, staging / ORT_MODEL_NAME)
     config = preprocess_json(pre, checkpoint.class_names)
     write_json_atomic(staging / PREPROCESS_NAME, config)
-    raw_check = _write_raw_input_model(staging, config, data, options)
+    raw_check = _write_raw_input_model(staging, config, data, options, precision)
     samples = {"validation": evalset.describe() if evalset else None,
                "calibration": calibration_set.describe() if calibration_set else None}
     write_json_atomic(staging / MANIFEST_NAME, _manifest(staging, checkpoint, options, parity, fp32_metrics, shipped,
@@ -192,7 +193,7 @@ def preprocess_json(pre: Preprocess, labels: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _write_raw_input_model(staging: Path, config: dict[str, Any], data: LoadedData | None,
-                           options: BundleOptions) -> RawInputCheck | str:
+                           options: BundleOptions, precision: str) -> RawInputCheck | str:
     """model_with_preprocessing.onnx (uint8 image in, probabilities out) for `config` (preprocess.json), written only
     when it agrees with the Python runtime on the validation images (on synthetic pictures for a bundle made without
     data). Returns the check, or why the file was not written."""
@@ -207,7 +208,7 @@ def _write_raw_input_model(staging: Path, config: dict[str, Any], data: LoadedDa
         images, source = [data.val[i][0] for i in indices], "validation images"
     else:
         images, source = synthetic_images(), "synthetic images (no --data)"
-    check = check_with_preprocessing(raw, staging, images, source)
+    check = check_with_preprocessing(raw, staging, images, source, margin=tie_margin(precision))
     if check.top1_agreement < MIN_AGREEMENT:
         raw.unlink()
         log.warning("no %s: its top-1 matches the Python runtime on %.1f%% of %s (needs %.0f%%)", RAW_MODEL_NAME,
