@@ -271,7 +271,9 @@ def test_sigterm_checkpoints_mid_epoch_and_a_resumed_run_finishes(teachers, tmp_
     with log_path.open("w") as stderr:
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
         deadline = time.monotonic() + 120
-        while "distilling on" not in log_path.read_text() and proc.poll() is None and time.monotonic() < deadline:
+        # the epoch's progress bar is drawn when its first step starts (the set-up before it, models and teacher
+        # cache, took more than the 2 s this test used to wait after "distilling on" when the machine was busy)
+        while "distill epoch 1/1" not in log_path.read_text() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(2.0)  # a few dozen of the epoch's 375 steps
         proc.send_signal(signal.SIGTERM)

@@ -73,7 +73,7 @@ def test_int8_static_keeps_the_real_lite0_s_answers(lite0, tmp_path):
     int8 = quantize_onnx(path, tmp_path / "int8.onnx", "int8_static", isa="avx512_vnni", calibration=calibration)
     confident = probabilities.max(axis=1) >= CONFIDENT
     assert confident.sum() >= 40, "too few confident crops for the figure to mean anything"
-    assert agreement(int8, images, probabilities, confident) >= 0.98
+    assert agreement(int8, images, probabilities, confident) >= 0.97  # issue 11's target; 98.5-100% measured
     default = default_preset("avx512_vnni", "int8_static")
     assert default.bias_correction and default.learned_rounding
     nearest, plain = (quantize_onnx(path, tmp_path / f"{name}.onnx", "int8_static", calibration=calibration,
