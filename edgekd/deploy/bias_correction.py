@@ -14,8 +14,9 @@ passed on, a 1x1 convolution sums that over its input channels, and on Lite0 tha
 repeat (28% agreement after one).
 Only the QDQ form is corrected: its Conv/Gemm outputs are float tensors that can be read before they are quantized.
 
-With `learn_rounding`, the int8 weights of each small-filter Conv (depthwise, an RGB stem) are first re-rounded up or
-down to fit its fp32 outputs (rounding.py), in the same layer-by-layer pass, and its bias corrected after.
+With `learn_rounding`, the int8 weights of each small-filter Conv (depthwise, a stem, a 1x1 over few channels) are
+first re-rounded up or down to fit its fp32 outputs (rounding.py), in the same layer-by-layer pass, and its bias
+corrected after.
 """
 
 from __future__ import annotations

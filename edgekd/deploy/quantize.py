@@ -70,7 +70,7 @@ class QuantPreset:
     # Static QDQ: after calibration, each Conv/Gemm's int32 bias absorbs the output-mean shift int8 rounding causes
     # (bias_correction.py). On the real Lite0 it lifts agreement with fp32 on every photo crop from 84.2% to 92.1%.
     bias_correction: bool = False
-    # With bias correction: the int8 weights of small-filter convs (depthwise, an RGB stem) rounded up or down to
+    # With bias correction: the int8 weights of small-filter convs (depthwise, stem, small 1x1) rounded up or down to
     # fit their fp32 outputs (rounding.py) in the same pass, before their bias is corrected. On the real Lite0:
     # agreement with fp32 on every photo crop 92.1% -> 94.7%, mean KL from fp32 0.0148 -> 0.0048 (int8_rounding.md).
     learned_rounding: bool = False
