@@ -120,13 +120,17 @@ def outlier_channel_lite0(scale: float = 100.0, channel: int = 5) -> torch.nn.Mo
 
 def test_the_guard_keeps_the_ranked_nodes_in_float_and_recovers_an_outlier_channel(lite0, tmp_path):
     """A case that needs node exclusion: an outlier channel crushes the other channels of a per-tensor activation
-    range. The guard must find the nodes to keep in float (ranked by qdq_loss_debug) and ship int8 that keeps the
-    fp32 answers; keeping as many nodes from the bottom of the ranking in float must not recover them."""
+    range. The guard must find the nodes to keep in float (ranked by the error each tensor's own quantization adds,
+    qdq_loss_debug's pre/post QDQ pairs) and ship int8 that keeps the fp32 answers within two rounds; keeping as
+    many nodes from the bottom of the ranking in float must not recover them. (Ranked by the error against the fp32
+    tensor minus the worst input's, the guard kept nodes along the ruined residual stream one at a time: 4 rounds,
+    32 nodes in float, and agreement fell to 4.5% on the way.)"""
     from edgekd.deploy.quantize import GuardConfig, guarded_quantize, prepare_for_quantization
     from edgekd.deploy.sensitivity import rank_sensitive_nodes
     from edgekd.deploy.verify import EvalSet
 
     _, images, calibration, probabilities = lite0
+    calibration = calibration[:36]  # half the crops: five Lite0 quantizations at 224 px are this test's time
     model = outlier_channel_lite0()
     with torch.no_grad():
         torch.testing.assert_close(model(torch.from_numpy(images[:4])).softmax(1),
@@ -141,7 +145,8 @@ def test_the_guard_keeps_the_ranked_nodes_in_float_and_recovers_an_outlier_chann
     assert first.agreement < 0.85, f"the outlier channel should break int8 here ({first.agreement:.1%})"
     assert decision.precision == "int8_static" and last.passed and last.agreement >= 0.97, decision.reason
     kept = last.excluded_nodes
-    assert 0 < len(kept) < 40, len(kept)  # a handful of the ~150 nodes, not the whole model
+    assert 0 < len(kept) <= 16 and len(decision.trials) <= 3, (len(kept), len(decision.trials))  # 11 nodes measured
+    assert any("blocks.2.0/conv_pw" in name for name in kept)  # the other reader of the outlier channel
 
     prepared = prepare_for_quantization(path, tmp_path / "prepared.onnx")
     plain = quantize_onnx(prepared, tmp_path / "plain.onnx", "int8_static", isa="avx512_vnni", prepared=True,

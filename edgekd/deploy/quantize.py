@@ -606,10 +606,13 @@ def _more_in_float(prepared: Path, target: Path, precision: str, preset: QuantPr
                    calibration: np.ndarray, guard: GuardConfig, evalset: EvalSet, excluded: tuple[str, ...],
                    round_index: int) -> tuple[str, ...]:
     """`excluded` plus the most sensitive nodes of the failed model at `target`: 5% of the ranked nodes for round 1,
-    doubling each round."""
+    doubling each round, and the rest of the last tensor's nodes (its producer and readers): a tensor any quantized
+    node reads is still quantized."""
     ranked = [s for s in _rank(prepared, target, precision, preset, isa, calibration, guard, excluded,
                                evalset.images[:SENSITIVITY_IMAGES]) if s.added_error > 0]
     count = max(1, round(len(ranked) * guard.first_exclusion * 2 ** (round_index - 1)))
+    while 0 < count < len(ranked) and ranked[count].tensor == ranked[count - 1].tensor:
+        count += 1
     if ranked:
         log.info("keeping in float: %s", ", ".join(f"{s.name} ({s.added_error:.2g})" for s in ranked[:count]))
     return excluded + tuple(s.name for s in ranked[:count])

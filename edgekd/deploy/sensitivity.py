@@ -1,15 +1,19 @@
 """Which nodes quantization hurts most: the accuracy guard keeps those in float and quantizes again.
 
-Measured with onnxruntime's own QDQ debugging tools (`onnxruntime.quantization.qdq_loss_debug`): both models run with
-every activation exposed, and each float tensor is paired by name with its dequantized twin in the QDQ model. A
-tensor's relative error is measured per channel (noise / signal power, at most 1: destroyed) and averaged over
-channels; its score is the error its
-quantization adds: that relative error minus the worst already on the inputs of the node producing it (error
-flowing in from upstream is not its fault).
+Measured with onnxruntime's own QDQ debugging tools (`onnxruntime.quantization.qdq_loss_debug`): the QDQ model runs
+with every activation exposed, and each quantized tensor is compared before its QuantizeLinear and after its
+DequantizeLinear (the tool's "qdq_err"): the error that tensor's own quantization adds, whatever reached it from
+upstream. It is measured per channel (noise / signal power, at most 1: destroyed) and averaged over channels.
+
+Comparing with the fp32 model's tensor instead (what this ranking did before) mixes in every error from upstream,
+and subtracting the worst input's error to take it back out blames nobody down a chain of tensors that share one
+ruined range: with one outlier channel in a residual stream, each Add and Conv along it reads a tensor as ruined as
+its own output, so the guard kept the wrong nodes in float, round after round, and the model got worse (agreement
+with fp32 52% -> 4.5% on the outlier-channel Lite0 of tests/test_real_weights_fidelity.py) until 32 nodes were float.
 
 Producers are read from the *quantized* graph: when the quantizer fuses a Conv with the ReLU/Clip after it, the Conv
-there produces the clipped tensor. (The hand-written comparison this replaces paired the fp32 Conv's unclipped
-output with that clipped tensor, and blamed only producers, never the consumers that quantize a tensor too.)
+there produces the clipped tensor, and the value it hands the QuantizeLinear is not clipped yet: the fp32 graph's
+activation is applied to it first (the clipping is the model's, not an error).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationDataReader
 from onnxruntime.quantization.qdq_loss_debug import (collect_activations, create_activation_matching,
                                                      modify_model_output_intermediate_tensors)
@@ -34,11 +39,13 @@ _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 @dataclass(frozen=True)
 class NodeSensitivity:
-    """One node and the relative squared error it adds to its output (0 = lossless)."""
+    """One node, and the tensor it is ranked for (which it produces or reads) with the relative squared error that
+    tensor's quantization adds (0 = lossless)."""
 
     name: str
     op_type: str
     added_error: float
+    tensor: str = ""
 
 
 class _Images(CalibrationDataReader):
@@ -58,12 +65,12 @@ def rank_sensitive_nodes(fp32_path: Path, quant_path: Path, images: np.ndarray,
                          skip: tuple[str, ...] = ()) -> list[NodeSensitivity]:
     """Nodes of the model given to the quantizer (`fp32_path`) in the order to keep them in float, worst first.
 
-    Tensors are ranked by the error their quantization adds (their relative error minus the worst on their
-    producer's inputs); each brings its producer and then every node that reads it, all with the tensor's score:
+    Tensors are ranked by the error their own quantization adds (quantization_noise); each brings its producer and
+    then every node that reads it, all with the tensor's score:
     ONNX Runtime quantizes a tensor for any quantized node that reads it, so keeping one tensor in float (an outlier
     channel, say) takes its producer and its consumers together.
     """
-    noise = tensor_noise(fp32_path, quant_path, images)
+    noise = quantization_noise(fp32_path, quant_path, images)
     fp32_nodes = {node.name for node in onnx.load(str(fp32_path)).graph.node}
     producer: dict[str, onnx.NodeProto] = {}
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -73,20 +80,67 @@ def rank_sensitive_nodes(fp32_path: Path, quant_path: Path, images: np.ndarray,
         producer.update({out: node for out in node.output})
         for name in node.input:
             consumers.setdefault(name.removesuffix(_DEQUANTIZED), []).append(node)
-    scored = []
-    for tensor, error in noise.items():
-        node = producer.get(tensor)
-        if node is None:  # the graph input: nothing to keep in float
-            continue
-        upstream = max((noise.get(name.removesuffix(_DEQUANTIZED), 0.0) for name in node.input), default=0.0)
-        scored.append((max(0.0, error - upstream), tensor, node))
+    scored = [(error, tensor, producer[tensor]) for tensor, error in noise.items()
+              if tensor in producer]  # the graph input has no producer: nothing to keep in float
     ranked, seen = [], set(skip)
     for added, tensor, node in sorted(scored, key=lambda item: item[0], reverse=True):
         for member in (node, *consumers.get(tensor, ())):
             if member.name in fp32_nodes and member.name not in seen:
                 seen.add(member.name)
-                ranked.append(NodeSensitivity(member.name, member.op_type, added))
+                ranked.append(NodeSensitivity(member.name, member.op_type, added, tensor))
     return ranked
+
+
+def quantization_noise(fp32_path: Path, quant_path: Path, images: np.ndarray) -> dict[str, float]:
+    """Relative error each activation's own quantization adds in the QDQ model, over `images`: the tensor it
+    dequantizes against the value it quantized (with the fp32 graph's ReLU/Clip the quantizer folded into the range
+    applied), per channel (noise / signal power), averaged over channels."""
+    with tempfile.TemporaryDirectory(prefix="edgekd-qdq-debug-") as work:
+        quant_aug = Path(work) / "quant.onnx"
+        modify_model_output_intermediate_tensors(str(quant_path), str(quant_aug))
+        activations = collect_activations(str(quant_aug), _Images(images))
+    bounds = _activation_bounds(onnx.load(str(fp32_path)))
+    channels = _channel_counts(fp32_path)
+    noise = {}
+    for name, pair in create_activation_matching(activations).items():
+        before, after = np.stack(pair["pre_qdq"]), np.stack(pair["post_qdq"])
+        if before.shape != after.shape:
+            continue
+        if name in bounds:
+            before = np.clip(before, *bounds[name])
+        noise[name] = _channel_noise(before, after, channels.get(name, 1))
+    return noise
+
+
+def _channel_noise(reference: np.ndarray, actual: np.ndarray, count: int) -> float:
+    """Mean over channels of noise / signal power, each at most 1 (images x flattened C x H x W arrays)."""
+    if reference.shape[1] % count:
+        count = 1
+    reference, actual = (a.reshape(len(a), count, -1) for a in (reference, actual))
+    power = np.mean(reference.astype(np.float64) ** 2, axis=(0, 2))
+    floor = max(_DEAD_CHANNEL * float(np.median(power)), _EPS)  # dead (all-zero) channels: no ratio to speak of
+    ratio = np.mean((reference - actual) ** 2, axis=(0, 2)) / np.maximum(power, floor)
+    return float(np.mean(np.minimum(ratio, 1.0)))  # a channel is at worst destroyed: 1
+
+
+def _activation_bounds(model: onnx.ModelProto) -> dict[str, tuple[float, float]]:
+    """(low, high) of each tensor a Relu or a Clip with constant bounds produces: what a quantizer that folds the
+    activation into the tensor's range still computes."""
+    constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    bounds = {}
+    for node in model.graph.node:
+        if node.op_type == "Relu":
+            bounds[node.output[0]] = (0.0, np.inf)
+        elif node.op_type == "Clip":
+            low, high = (node.input[i] if len(node.input) > i else "" for i in (1, 2))
+            if (low and low not in constants) or (high and high not in constants):
+                continue
+            bounds[node.output[0]] = (float(constants[low]) if low else -np.inf,
+                                      float(constants[high]) if high else np.inf)
+    return bounds
 
 
 def tensor_noise(fp32_path: Path, quant_path: Path, images: np.ndarray) -> dict[str, float]:
@@ -108,14 +162,7 @@ def tensor_noise(fp32_path: Path, quant_path: Path, images: np.ndarray) -> dict[
         reference, actual = np.stack(pair["float"]), np.stack(pair["post_qdq"])
         if reference.shape != actual.shape:
             continue
-        count = channels.get(name, 1)
-        if reference.shape[1] % count:
-            count = 1
-        reference, actual = (a.reshape(len(a), count, -1) for a in (reference, actual))
-        power = np.mean(reference.astype(np.float64) ** 2, axis=(0, 2))
-        floor = max(_DEAD_CHANNEL * float(np.median(power)), _EPS)  # dead (all-zero) channels: no ratio to speak of
-        ratio = np.mean((reference - actual) ** 2, axis=(0, 2)) / np.maximum(power, floor)
-        noise[name] = float(np.mean(np.minimum(ratio, 1.0)))  # a channel is at worst destroyed: 1
+        noise[name] = _channel_noise(reference, actual, channels.get(name, 1))
     return noise
 
 
