@@ -322,7 +322,6 @@ def test_guard_records_an_int8_form_onnxruntime_cannot_run_and_ships_another(sma
     assert decision.precision == "int8_static" and decision.trials[0].error is None
 
 
-
 def test_sensitivity_scores_each_tensor_by_its_own_quantization(resnet, tmp_path: Path) -> None:
     """A Conv whose ReLU the quantizer folded into its output range hands QuantizeLinear unclipped values: the
     ReLU is the model's, not an error (unclipped, the real Lite0's 33 ReLU6 tensors scored 0.17-0.97 of their

@@ -45,7 +45,7 @@ class NodeSensitivity:
     name: str
     op_type: str
     added_error: float
-    tensor: str = ""
+    tensor: str
 
 
 class _Images(CalibrationDataReader):
