@@ -243,6 +243,29 @@ def test_guard_keeps_the_most_sensitive_nodes_in_float(resnet, tmp_path: Path) -
     # (that keeping them in float recovers accuracy is tested on a case that needs it: test_real_weights_fidelity)
 
 
+def test_entropy_calibration_clips_ranges_minmax_keeps_whole(resnet, tmp_path: Path) -> None:
+    """quantize_static's own entropy calibrator (128 bins, 128 levels) has one candidate window, the whole range:
+    it wrote the same file as minmax. edgekd's narrows ranges where that keeps the distribution, never widens them,
+    and never spends levels below a ReLU output's 0."""
+    fp32, evalset, calibration = resnet
+    preset = default_preset("avx512_vnni", "int8_static")
+    ranges = {}
+    for method in ("minmax", "entropy"):
+        path = quantize_onnx(fp32, tmp_path / f"{method}.onnx", "int8_static", calibration=calibration[:37],
+                             preset=preset, calibration_method=method)  # 37: histograms with an uneven last batch
+        graph = onnx.load(str(path)).graph
+        values = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
+        ranges[method] = {n.input[0]: float(values[n.input[1]]) * (255 - int(values[n.input[2]]))  # top of range
+                          for n in graph.node if n.op_type == "QuantizeLinear"}
+        assert evaluate_onnx(path, evalset, onnx_logits(fp32, evalset.images).argmax(1),
+                             target_isa="avx512_vnni").agreement >= 0.9
+    shared = ranges["minmax"].keys() & ranges["entropy"].keys()
+    assert len(shared) >= 10
+    narrower = [t for t in shared if ranges["entropy"][t] < 0.95 * ranges["minmax"][t]]
+    assert narrower, "entropy calibration chose the minmax range for every tensor"
+    assert all(ranges["entropy"][t] <= ranges["minmax"][t] * 1.01 for t in shared)
+
+
 def test_auto_calibration_tries_each_method_before_keeping_nodes_in_float(resnet, tmp_path: Path) -> None:
     fp32, evalset, calibration = resnet
     impossible = GuardConfig(max_accuracy_drop=-100.0, max_rounds=1)  # "auto" is the default

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quant_pre_process, quantize_dynamic, quantize_static)
+from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
 from edgekd.artifacts import atomic_path
 from edgekd.errors import EdgekdError, first_line
@@ -339,8 +340,9 @@ def _quantize_static(source: Path, target: Path, preset: QuantPreset, images: np
     # Histogram calibrators (entropy, percentile) fail in onnxruntime when the last batch is smaller than the others
     # ("inhomogeneous shape"): feed them one image at a time.
     reader = ArrayCalibrationReader(images, batch_size=16 if method == "minmax" else 1)
-    with quiet_onnxruntime():
-        quantize_static(str(source), str(target), reader,
+    with quiet_onnxruntime(), tempfile.TemporaryDirectory(prefix="edgekd-calibration-") as scratch:
+        cache = _entropy_ranges(source, reader, preset, Path(scratch)) if method == "entropy" else None
+        quantize_static(str(source), str(target), reader, calibration_cache_path=cache,
                         quant_format=_FORMATS[preset.quant_format], op_types_to_quantize=_op_types(preset),
                         per_channel=preset.per_channel, reduce_range=preset.reduce_range,
                         activation_type=_TYPES[preset.activation_type], weight_type=_TYPES[preset.weight_type],
@@ -359,6 +361,37 @@ def _quantize_static(source: Path, target: Path, preset: QuantPreset, images: np
         if preset.learned_rounding:
             log.info("learned rounding: kept on %d layers, %.1f%% of their weights rounded the other way",
                      corrected.rounded, 100 * corrected.flipped)
+
+
+# Entropy (KL) calibration: the window whose rounding to ENTROPY_LEVELS keeps the histogram's distribution closest.
+# quantize_static builds onnxruntime's entropy calibrator with its defaults, 128 bins and 128 quantized bins, which
+# leave it one candidate window, the whole range: "entropy" was minmax under another name (a 2-epoch EfficientNet-B0
+# student: 15.3% agreement with fp32 from both). onnxruntime's search is Python loops: 2.2 s per tensor at TensorRT's
+# 2048 bins (9 min for B0's 240 tensors), 0.2 s at 512. Measured (2,000 test images; 152 photo crops):
+# the B0 student without bias correction 92.9% agreement, top-1 +0.2 (percentile 86.7%, -1.95; minmax 15.3%); the
+# real Lite0 60.5% of every crop (minmax 95.4%): it clips ReLU6 ranges that need their top. 256 levels did no better
+# (92.3%, 71.7%). The guard's "auto" tries it last and keeps whichever method loses least.
+ENTROPY_BINS = 512
+ENTROPY_LEVELS = 128
+
+
+def _entropy_ranges(source: Path, reader: CalibrationDataReader, preset: QuantPreset, scratch: Path) -> Path:
+    """Entropy-calibrated ranges for `source`, written where quantize_static reads a calibration cache. The window
+    onnxruntime picks is symmetric about zero; as its percentile calibrator does, each end is then held to the values
+    seen (a ReLU output's window does not reach below 0), so no level is spent where no value falls."""
+    calibrator = create_calibrator(source, _op_types(preset), augmented_model_path=str(scratch / "augmented.onnx"),
+                                   calibrate_method=CalibrationMethod.Entropy,
+                                   extra_options={"num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_LEVELS})
+    calibrator.collect_data(reader)
+    seen = {name: (histogram[2], histogram[3]) for name, histogram in calibrator.collector.histogram_dict.items()}
+    ranges = calibrator.compute_data()
+    for name, data in ranges.items():
+        low, high = seen[name]
+        data.lowest = np.maximum(data.lowest, low).astype(data.lowest.dtype)
+        data.highest = np.minimum(data.highest, high).astype(data.highest.dtype)
+    reader.rewind()
+    save_tensors_data(ranges, scratch / "entropy.json")
+    return scratch / "entropy.json"
 
 
 def _float_graph_outputs(path: Path) -> int:
