@@ -389,7 +389,6 @@ def _entropy_ranges(source: Path, reader: CalibrationDataReader, preset: QuantPr
         low, high = seen[name]
         data.lowest = np.maximum(data.lowest, low).astype(data.lowest.dtype)
         data.highest = np.minimum(data.highest, high).astype(data.highest.dtype)
-    reader.rewind()
     save_tensors_data(ranges, scratch / "entropy.json")
     return scratch / "entropy.json"
 
