@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
 
 from edgekd.deploy.bias_correction import (_channel_moments, _float_session, _PiecewiseRunner, _quantized_biases,
                                            correct_bias)
+from edgekd.deploy.correction_check import BIAS, BOTH, NEITHER, correct_where_it_helps, kept_corrections
 from edgekd.deploy.export import export_onnx
 from edgekd.deploy.quantize import default_preset, prepare_for_quantization, quantize_onnx
 from edgekd.deploy.verify import evaluate_onnx, onnx_logits, preprocess_records
@@ -100,6 +102,44 @@ def test_static_presets_correct_their_biases_and_say_so(quantized, tmp_path: Pat
                             prepared=True)
     assert _relative_shifts(prepared, shipped, calibration[:64]).mean() < 0.1 * _relative_shifts(
         prepared, int8, calibration[:64]).mean()
+    assert kept_corrections(shipped) == BOTH  # the check kept them (the manifest's trials say so)
+
+
+def _held_out_divergence(prepared: Path, int8: Path, images: np.ndarray) -> float:
+    """Mean KL divergence of `int8`'s answers from `prepared`'s on `images`, both computed in float."""
+    fp32, ours = (torch.from_numpy(_float_session(onnx.load(str(p))).run(None, {"input": images})[0]).double()
+                  for p in (prepared, int8))
+    return float(torch.nn.functional.kl_div(ours.log_softmax(1), fp32.log_softmax(1), log_target=True,
+                                            reduction="batchmean"))
+
+
+def test_corrections_are_kept_only_where_they_bring_the_answers_closer_to_fp32(quantized, tmp_path: Path) -> None:
+    """The corrections fit on the first 64 calibration images and are judged at the model's output on the rest.
+    Built to need it: the 64 they fit on were preprocessed unlike the model's own (brighter, more contrast: a
+    calibration pipeline that differs from the model's), so the shifts they learn are wrong on real inputs."""
+    prepared, int8, calibration, _ = quantized
+    real = calibration[64:128]
+    misleading = np.concatenate([calibration[:64] * 1.5 + 1.0, real])
+    blind = tmp_path / "blind.onnx"
+    blind.write_bytes(int8.read_bytes())
+    correct_bias(prepared, blind, misleading, learn_rounding=True)  # what the corrections do on their own
+    uncorrected = _held_out_divergence(prepared, int8, real)
+    assert _held_out_divergence(prepared, blind, real) > 1.5 * uncorrected  # the case needs the check
+    checked = tmp_path / "checked.onnx"
+    checked.write_bytes(int8.read_bytes())
+    check = correct_where_it_helps(prepared, checked, misleading, learn_rounding=True)
+    assert check.held_out and check.images == 64
+    assert set(check.divergence) == {NEITHER, BOTH, BIAS}  # both lost to neither: bias correction alone was tried
+    assert check.kept == NEITHER == kept_corrections(checked) and check.correction is None
+    weights = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(checked)).graph.initializer}
+    assert all(np.array_equal(numpy_helper.to_array(i), weights[i.name])
+               for i in onnx.load(str(int8)).graph.initializer)  # the quantizer's own weights and biases
+    # Fitted on the model's own inputs, what the check keeps is the form closest to fp32 on images it did not fit on
+    checked.write_bytes(int8.read_bytes())
+    check = correct_where_it_helps(prepared, checked, calibration, learn_rounding=True)
+    assert check.kept == kept_corrections(checked) and check.divergence[check.kept] == min(check.divergence.values())
+    assert abs(_held_out_divergence(prepared, checked, real) - check.divergence[check.kept]) < 1e-5
+    assert _held_out_divergence(prepared, checked, real) <= uncorrected
 
 
 def _layer_errors(prepared: Path, int8: Path, images: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_d
 
 from edgekd.artifacts import atomic_path
 from edgekd.errors import EdgekdError, first_line
-from edgekd.deploy.bias_correction import correct_bias
+from edgekd.deploy.correction_check import BOTH, correct_where_it_helps, kept_corrections
 from edgekd.deploy.export import check_model, is_transformer, quiet_onnxruntime
 from edgekd.select.latency import ORT_RUN_ERRORS
 from edgekd.deploy.sensitivity import NodeSensitivity, rank_sensitive_nodes
@@ -352,15 +352,16 @@ def _quantize_static(source: Path, target: Path, preset: QuantPreset, images: np
         _float_graph_outputs(target)
     if preset.bias_correction and preset.quant_format == "qdq":
         try:
-            corrected = correct_bias(source, target, images, learn_rounding=preset.learned_rounding)
+            check = correct_where_it_helps(source, target, images, learn_rounding=preset.learned_rounding)
         except ORT_RUN_ERRORS as error:  # the correction runs the quantized graph: the first to see it fail
             raise EdgekdError(f"int8_static does not run: {first_line(error, 160)}; try another preset, "
                               "int8_dynamic or fp32") from error
-        log.info("bias correction: %d layers on %d images (output means were %.3f of a channel's spread off fp32)",
-                 corrected.layers, corrected.images, corrected.shift)
-        if preset.learned_rounding:
-            log.info("learned rounding: kept on %d layers, %.1f%% of their weights rounded the other way",
-                     corrected.rounded, 100 * corrected.flipped)
+        if check.correction is not None:
+            log.info("bias correction: %d layers on %d images (output means were %.3f of a channel's spread off "
+                     "fp32)", check.correction.layers, check.correction.images, check.correction.shift)
+            if check.kept == BOTH:
+                log.info("learned rounding: kept on %d layers, %.1f%% of their weights rounded the other way",
+                         check.correction.rounded, 100 * check.correction.flipped)
 
 
 # Entropy (KL) calibration: the window whose rounding to ENTROPY_LEVELS keeps the histogram's distribution closest.
@@ -498,6 +499,7 @@ class Trial:
     calibration_method: str | None = None  # static presets: how activation ranges were calibrated
     drop_se: float | None = None  # standard error of accuracy_drop on these images (verify.drop_standard_error)
     images: int = 0  # how many images measured it
+    weight_corrections: str | None = None  # static QDQ: the bias correction / learned rounding the file kept
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "preset": self.preset.to_dict(), "excluded_nodes": list(self.excluded_nodes)}
@@ -753,4 +755,4 @@ def _measure(path: Path, precision: str, preset: QuantPreset, isa: str, excluded
     spread = drop_standard_error(fp32_predictions, predictions, labels)
     measured = int((labels >= 0).sum()) if labels is not None else len(predictions)  # what the drop counts
     return Trial(precision, preset, excluded, metrics.top1, agreement, drop, passed, size_bytes=path.stat().st_size,
-                 drop_se=round(spread, 6), images=measured)
+                 drop_se=round(spread, 6), images=measured, weight_corrections=kept_corrections(path))
