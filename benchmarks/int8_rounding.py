@@ -57,7 +57,7 @@ THREADS = 2
 
 
 def forms(isa: str) -> dict[str, QuantPreset]:
-    default = default_preset(isa, "int8_static")
+    default = replace(default_preset(isa, "int8_static"), check_corrections=False)  # each form as it is
     return {"plain": replace(default, bias_correction=False, learned_rounding=False),
             "bias": replace(default, learned_rounding=False), "learned": default, "adaround": default,
             "learned, int8 logits": replace(default, float_logits=False), FIRST_CONVS_IN_FLOAT: default}
@@ -108,7 +108,9 @@ def adaround(weight: np.ndarray, scale: np.ndarray, quantized: np.ndarray, fit: 
     return chosen.reshape(quantized.shape).numpy().astype(quantized.dtype), result
 
 
-def measure(model_name: str, work: Path) -> list[dict]:
+def real_model_on_photos(model_name: str, work: Path) -> tuple[Path, Path, np.ndarray, np.ndarray, tuple[int, ...]]:
+    """The real ImageNet model exported, and prepared for quantization, with its 152 evaluation crops, 76
+    calibration crops (other seeds) and input size."""
     model = create_model(model_name, 1000)
     model.load_state_dict(timm_state_dict(model_name))
     model.eval()
@@ -118,6 +120,11 @@ def measure(model_name: str, work: Path) -> list[dict]:
     calibration = np.stack([transform(c).numpy() for c in crops(4, seed=1)]).astype(np.float32)
     fp32 = export_onnx(model, work / f"{model_name}.onnx", pre.input_size)
     prepared = prepare_for_quantization(fp32, work / f"{model_name}.prepared.onnx", calibration[:8])
+    return fp32, prepared, evaluation, calibration, pre.input_size
+
+
+def measure(model_name: str, work: Path) -> list[dict]:
+    fp32, prepared, evaluation, calibration, input_size = real_model_on_photos(model_name, work)
     reference = onnx_logits(fp32, evaluation)
     first_convs = tuple(n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv")[:FIRST_CONVS]
     confident = torch.from_numpy(reference).softmax(1).numpy().max(1) >= CONFIDENT
@@ -134,7 +141,7 @@ def measure(model_name: str, work: Path) -> list[dict]:
             divergence = torch.nn.functional.kl_div(torch.from_numpy(logits).log_softmax(1),
                                                     torch.from_numpy(reference).log_softmax(1), log_target=True,
                                                     reduction="none").sum(1)
-            rows.append({"model": model_name, "input": list(pre.input_size), "target_isa": isa, "preset": preset.name,
+            rows.append({"model": model_name, "input": list(input_size), "target_isa": isa, "preset": preset.name,
                          "form": form, "agreement_every_crop": float(same.mean()), "crops": int(len(same)),
                          "agreement_confident": float(same[confident].mean()), "confident_crops": int(confident.sum()),
                          "kl_from_fp32": float(divergence.mean()),
@@ -151,7 +158,9 @@ def table(result: dict) -> str:
              "Agreement of top-1 with fp32 on 152 seeded crops of scikit-image's 19 bundled photographs (every crop) "
              "and on those fp32 gives >= 0.3 probability (confident); calibration on 76 other crops. A target ISA "
              "other than this host's is measured as that CPU computes it (the QDQ graph unfused). `learned` is "
-             "what edgekd ships by default (logits unrounded); `adaround` is the same pass with AdaRound's optimiser; "
+             "what edgekd ships by default (logits unrounded; each form is measured as it is, and edgekd's held-out "
+             "check of the corrections keeps `learned` on Lite0: weight_corrections.md); `adaround` is the same pass "
+             "with AdaRound's optimiser; "
              "`learned, int8 logits` rounds the logits to int8 as onnxruntime's quantizer writes them (edgekd "
              "before 2026-12-05); `learned, stem + first depthwise in float` excludes those two convs (its latency "
              "needs the target CPU, not measured here). Top-1 agreement on "

@@ -45,11 +45,16 @@ class CorrectionCheck:
     correction: BiasCorrection | None = None  # what the kept correction did (None: the file kept neither)
 
 
-def correct_where_it_helps(reference: Path, quantized: Path, images: np.ndarray, *,
-                           learn_rounding: bool) -> CorrectionCheck:
+def correct_where_it_helps(reference: Path, quantized: Path, images: np.ndarray, *, learn_rounding: bool,
+                           judge: bool = True) -> CorrectionCheck:
     """Bias-correct `quantized` in place (with learned rounding if asked), then keep whichever of that, bias
     correction alone and neither puts the model's answers closest to `reference`'s on held-out images. Records the
-    choice in the file's metadata (METADATA_KEY)."""
+    choice in the file's metadata (METADATA_KEY). `judge=False` keeps the corrections unjudged (benchmarks)."""
+    if not judge:
+        form = BOTH if learn_rounding else BIAS
+        correction = correct_bias(reference, quantized, images, learn_rounding=learn_rounding)
+        _record(quantized, form)
+        return CorrectionCheck(form, images=0, held_out=False, correction=correction)
     held_out = images[CORRECTION_IMAGES:]
     judged_on = held_out if len(held_out) >= MIN_HELD_OUT else images[:CORRECTION_IMAGES]
     target = _log_probabilities(_logits(onnx.load(str(reference)), judged_on))

@@ -78,6 +78,10 @@ class QuantPreset:
     # Static QDQ: the model's outputs (the logits) are left unrounded (_float_graph_outputs); False keeps the
     # quantizer's QuantizeLinear/DequantizeLinear on them, as onnxruntime writes it (benchmarks compare the two).
     float_logits: bool = True
+    # With bias correction: keep whichever of both corrections, bias correction alone and neither puts the answers
+    # closest to fp32's on held-out calibration images (correction_check.py); False keeps them whatever they do
+    # (benchmarks measure each form that way).
+    check_corrections: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -352,7 +356,8 @@ def _quantize_static(source: Path, target: Path, preset: QuantPreset, images: np
         _float_graph_outputs(target)
     if preset.bias_correction and preset.quant_format == "qdq":
         try:
-            check = correct_where_it_helps(source, target, images, learn_rounding=preset.learned_rounding)
+            check = correct_where_it_helps(source, target, images, learn_rounding=preset.learned_rounding,
+                                           judge=preset.check_corrections)
         except ORT_RUN_ERRORS as error:  # the correction runs the quantized graph: the first to see it fail
             raise EdgekdError(f"int8_static does not run: {first_line(error, 160)}; try another preset, "
                               "int8_dynamic or fp32") from error
