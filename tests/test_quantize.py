@@ -277,9 +277,10 @@ def test_auto_calibration_tries_each_method_before_keeping_nodes_in_float(resnet
     least = min(trials[:3], key=lambda t: t.accuracy_drop)
     assert trials[3].calibration_method == least.calibration_method  # goes on with the one that lost least
     easy = GuardConfig(max_accuracy_drop=100.0)
-    trials = guarded_quantize(fp32, tmp_path / "model.onnx", evalset=evalset, calibration=calibration,
-                              isa="avx512_vnni", precisions=("int8_static",), guard=easy).trials
-    assert [t.calibration_method for t in trials] == ["minmax"]  # minmax passed: nothing else is tried
+    decision = guarded_quantize(fp32, tmp_path / "model.onnx", evalset=evalset, calibration=calibration,
+                                isa="avx512_vnni", precisions=("int8_static",), guard=easy)
+    assert [t.calibration_method for t in decision.trials] == ["minmax"]  # minmax passed: nothing else is tried
+    assert f"weight corrections: {decision.trials[0].weight_corrections}" in decision.reason  # what the file kept
 
 
 def test_guard_passes_and_ships_int8_only_when_it_is_faster(resnet, tmp_path: Path) -> None:
@@ -295,6 +296,10 @@ def test_guard_passes_and_ships_int8_only_when_it_is_faster(resnet, tmp_path: Pa
     assert len(names) == len(presets_for("avx512_vnni"))  # the search tried every preset of the ISA...
     methods = {trial.calibration_method for trial in decision.trials if trial.preset.mode == "static"}
     assert methods == {"minmax", "entropy", "percentile"}  # ...the static ones with every calibration method
+    for trial in (t for t in decision.trials if not t.error):  # which corrections each measured file kept
+        preset = trial.preset
+        corrected = preset.bias_correction and preset.quant_format == "qdq" and preset.mode == "static"
+        assert (trial.weight_corrections is not None) == corrected, trial
     passing = [t for t in decision.trials if t.passed]
     assert passing and all(t.latency_ms is not None for t in passing)
     fastest = min(passing, key=lambda t: t.latency_ms)

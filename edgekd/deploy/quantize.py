@@ -632,6 +632,8 @@ def _decide(best: tuple[Trial, Path] | None, fp32_top1: float | None, fp32_ms: f
     speed = f", {fp32_ms / trial.latency_ms:.2f}x faster than fp32 ({latency_source})" \
         if fp32_ms and trial.latency_ms else ""
     calibrated = f", {trial.calibration_method} calibration" if trial.calibration_method else ""
+    if trial.weight_corrections:  # what the file kept of bias correction and learned rounding (correction_check)
+        calibrated += f", weight corrections: {trial.weight_corrections}"
     return QuantDecision(trial.precision, out_path, isa, trial.preset, fp32_top1, fp32_ms, trial.latency_ms,
                          trials=trials, reason=f"{trial.preset.name}{calibrated}: {trial.describe_drop()}, "
                                                 f"agreement {trial.agreement:.1%}{speed}")
