@@ -3,8 +3,9 @@
 Both fit each layer on the first CORRECTION_IMAGES calibration images (bias_correction.py), layer by layer, and a
 layer that matches fp32 better on its own can still leave the model's answers further from fp32's. On the real
 EfficientNet-Lite0 they take the mean KL divergence from fp32 from 0.055 to 0.0046; on a 2-epoch EfficientNet-B0
-student (logits spread over +-80, a median top-2 margin of 1.7) learned rounding took agreement with fp32 from 86.7%
-to 71.4% (percentile ranges) and bias correction took it from 92.9% to 88.5% (entropy ranges). So each form is
+student (logits spread over +-80, a median top-2 margin of 1.7) both took agreement with fp32 from 86.5% to 70.8%
+with percentile ranges (bias correction alone: 90.3%), and from 94.2% to 90.3% with entropy ranges
+(benchmarks/results/weight_corrections.md). So each form is
 judged where it counts, at the model's output, on calibration images it was not fitted on, and the file keeps the
 form closest to fp32: with both, with bias correction alone (tried when both lose to neither), or with neither.
 Judged in float on the dequantized values (what an int8 unit that does not saturate computes), as the corrections
