@@ -86,6 +86,29 @@ def test_int8_static_keeps_the_real_lite0_s_answers(lite0, tmp_path):
     assert divergences[0] < 0.5 * divergences[1] and divergences[1] < 0.5 * divergences[2], divergences
 
 
+def test_the_guard_keeps_the_layers_nearest_the_input_in_float_when_the_ranking_misses_them(lite0):
+    """On the clean real Lite0 what int8 loses is in the earliest layers, whose error is small where it is made and
+    grows through every layer after it, so the per-tensor ranking does not find them: asked for 97% agreement on
+    every crop, four ranked rounds (up to 38 nodes in float) gave 96.1-96.7% and the guard shipped fp32. Each failed
+    round also tries as large a share of the compute nodes nearest the input: round 1, the stem conv and the first
+    depthwise conv in float, 97.4%."""
+    from edgekd.deploy.quantize import GuardConfig, guarded_quantize
+    from edgekd.deploy.verify import EvalSet
+
+    path, images, calibration, _ = lite0
+    evalset = EvalSet(images, np.full(len(images), -1))  # no labels: the guard measures agreement with fp32
+    decision = guarded_quantize(path, path.with_name("nearest-input.onnx"), evalset=evalset, calibration=calibration,
+                                isa="avx512_vnni", precisions=("int8_static",),
+                                guard=GuardConfig(max_accuracy_drop=3.0, calibration_method="minmax"))
+    first, last = decision.trials[0], decision.trials[-1]
+    assert not first.passed and decision.trials[1].float_nodes_by == "sensitivity"  # both needed more
+    assert not decision.trials[1].passed
+    assert decision.precision == "int8_static" and last.float_nodes_by == "input side" and last.agreement >= 0.97
+    graph = onnx.load(str(path)).graph
+    assert last.excluded_nodes == tuple(n.name for n in graph.node if n.op_type == "Conv")[:len(last.excluded_nodes)]
+    assert len(last.excluded_nodes) <= 4  # (on half the calibration crops, noisier ranges, it took round 4: 20 nodes)
+
+
 def divergence(path: Path, images: np.ndarray, reference: np.ndarray) -> float:
     """Mean KL divergence of `path`'s answers (as an avx512_vnni CPU computes them) from the fp32 probabilities."""
     logits = torch.from_numpy(onnx_logits(path, images, target_isa="avx512_vnni"))
@@ -146,7 +169,8 @@ def test_the_guard_keeps_the_ranked_nodes_in_float_and_recovers_an_outlier_chann
     assert first.agreement < 0.85, f"the outlier channel should break int8 here ({first.agreement:.1%})"
     assert decision.precision == "int8_static" and last.passed and last.agreement >= 0.97, decision.reason
     kept = last.excluded_nodes
-    assert 0 < len(kept) <= 16 and len(decision.trials) <= 3, (len(kept), len(decision.trials))  # 11 nodes measured
+    ranked = [t for t in decision.trials if t.float_nodes_by != "input side"]  # each failed round also tries those
+    assert last.float_nodes_by == "sensitivity" and 0 < len(kept) <= 16 and len(ranked) <= 3, (len(kept), ranked)
     assert any("blocks.2.0/conv_pw" in name for name in kept)  # the other reader of the outlier channel
 
     prepared = prepare_for_quantization(path, tmp_path / "prepared.onnx")
