@@ -221,15 +221,20 @@ def test_guard_keeps_the_most_sensitive_nodes_in_float(resnet, tmp_path: Path) -
     impossible = GuardConfig(max_accuracy_drop=-100.0, max_rounds=2, calibration_method="minmax")  # every round runs
     decision = guarded_quantize(fp32, tmp_path / "model.onnx", evalset=evalset, calibration=calibration,
                                 isa="avx512_vnni", precisions=("int8_static",), guard=impossible)
-    excluded = [trial.excluded_nodes for trial in decision.trials]
+    excluded = [trial.excluded_nodes for trial in decision.trials if trial.float_nodes_by != "input side"]
     assert len(excluded) == 3 and excluded[0] == () and 0 < len(excluded[1]) < len(excluded[2])
+    # each failed round also tried that share of the compute nodes nearest the input (5%, then 10%)
+    near_input = [trial.excluded_nodes for trial in decision.trials if trial.float_nodes_by == "input side"]
+    prepared = prepare_for_quantization(fp32, tmp_path / "prepared.onnx")
+    compute = tuple(n.name for n in onnx.load(str(prepared)).graph.node if n.op_type in ("Conv", "Gemm", "MatMul"))
+    assert len(near_input) == 2 and 0 < len(near_input[0]) < len(near_input[1])
+    assert all(nodes == compute[:len(nodes)] for nodes in near_input), (near_input, compute)
     assert set(excluded[1]) <= set(excluded[2])
     assert decision.precision == "fp32" and "accuracy guard" in decision.reason  # nothing passed: fp32 ships
     assert all(t.images == len(evalset.labels) and t.drop_se is not None and t.drop_se >= 0 for t in decision.trials)
     assert "+-" in decision.trials[0].describe_drop()
     assert onnx.load(str(tmp_path / "model.onnx")).graph.node[0].op_type != "QuantizeLinear"
     # the nodes the guard chose really are the most sensitive, and quantizing without them keeps them in float
-    prepared = prepare_for_quantization(fp32, tmp_path / "prepared.onnx")
     first = quantize_onnx(prepared, tmp_path / "q0.onnx", "int8_static", isa="avx512_vnni", calibration=calibration,
                           prepared=True)
     ranked = rank_sensitive_nodes(prepared, first, evalset.images[:32])
@@ -273,7 +278,9 @@ def test_auto_calibration_tries_each_method_before_keeping_nodes_in_float(resnet
     trials = guarded_quantize(fp32, tmp_path / "model.onnx", evalset=evalset, calibration=calibration,
                               isa="avx512_vnni", precisions=("int8_static",), guard=impossible).trials
     assert [t.calibration_method for t in trials[:3]] == ["minmax", "percentile", "entropy"]
-    assert all(t.excluded_nodes == () for t in trials[:3]) and len(trials) == 4 and trials[3].excluded_nodes
+    assert all(t.excluded_nodes == () for t in trials[:3]) and len(trials) == 5
+    assert [t.float_nodes_by for t in trials[3:]] == ["sensitivity", "input side"]  # round 1: both ways
+    assert trials[3].excluded_nodes and trials[4].excluded_nodes
     least = min(trials[:3], key=lambda t: t.accuracy_drop)
     assert trials[3].calibration_method == least.calibration_method  # goes on with the one that lost least
     easy = GuardConfig(max_accuracy_drop=100.0)

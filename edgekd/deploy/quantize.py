@@ -644,8 +644,9 @@ def _decide(best: tuple[Trial, Path] | None, fp32_top1: float | None, fp32_ms: f
 def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantPreset, isa: str, evalset: EvalSet,
                     calibration: np.ndarray, guard: GuardConfig, fp32_predictions: np.ndarray,
                     fp32_top1: float | None) -> list[Trial]:
-    """Quantize, measure, and while the guard fails keep the most sensitive nodes in float and try again ("auto"
-    calibration first tries each method of AUTO_CALIBRATION, then goes on with the one that lost least)."""
+    """Quantize, measure, and while the guard fails keep the most sensitive nodes in float and try again; a round
+    whose ranked nodes fail also tries that share of the compute nodes nearest the input ("auto" calibration first
+    tries each method of AUTO_CALIBRATION, then goes on with the one that lost least)."""
     excluded: tuple[str, ...] = ()
     rounds: list[Trial] = []
     tried: set[tuple[str, ...]] = set()  # input-side sets already measured (a small graph's share repeats)
