@@ -86,25 +86,25 @@ def test_int8_static_keeps_the_real_lite0_s_answers(lite0, tmp_path):
     assert divergences[0] < 0.5 * divergences[1] and divergences[1] < 0.5 * divergences[2], divergences
 
 
-def test_the_guard_keeps_the_layers_nearest_the_input_in_float_when_the_ranking_misses_them(lite0):
+def test_the_guard_keeps_the_layers_nearest_the_input_in_float_when_the_ranking_misses_them(lite0, tmp_path):
     """On the clean real Lite0 what int8 loses is in the earliest layers, whose error is small where it is made and
     grows through every layer after it, so the per-tensor ranking does not find them: asked for 97% agreement on
     every crop, four ranked rounds (up to 38 nodes in float) gave 96.1-96.7% and the guard shipped fp32. Each failed
     round also tries as large a share of the compute nodes nearest the input: round 1, the stem conv and the first
     depthwise conv in float, 97.4%."""
-    from edgekd.deploy.quantize import GuardConfig, guarded_quantize
+    from edgekd.deploy.quantize import GuardConfig, guarded_quantize, prepare_for_quantization
     from edgekd.deploy.verify import EvalSet
 
     path, images, calibration, _ = lite0
     evalset = EvalSet(images, np.full(len(images), -1))  # no labels: the guard measures agreement with fp32
-    decision = guarded_quantize(path, path.with_name("nearest-input.onnx"), evalset=evalset, calibration=calibration,
+    decision = guarded_quantize(path, tmp_path / "int8.onnx", evalset=evalset, calibration=calibration,
                                 isa="avx512_vnni", precisions=("int8_static",),
                                 guard=GuardConfig(max_accuracy_drop=3.0, calibration_method="minmax"))
     first, last = decision.trials[0], decision.trials[-1]
     assert not first.passed and decision.trials[1].float_nodes_by == "sensitivity"  # both needed more
     assert not decision.trials[1].passed
     assert decision.precision == "int8_static" and last.float_nodes_by == "input side" and last.agreement >= 0.97
-    graph = onnx.load(str(path)).graph
+    graph = onnx.load(str(prepare_for_quantization(path, tmp_path / "prepared.onnx"))).graph  # what the guard read
     assert last.excluded_nodes == tuple(n.name for n in graph.node if n.op_type == "Conv")[:len(last.excluded_nodes)]
     assert len(last.excluded_nodes) <= 4  # (on half the calibration crops, noisier ranges, it took round 4: 20 nodes)
 

@@ -659,17 +659,17 @@ def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantP
             return rounds
         guard = replace(guard, calibration_method=method)
     for round_index in range(1 if rounds else 0, guard.max_rounds + 1):
+        ranked_more = round_index == 0
         if round_index > 0:  # the last round failed: keep more of its most sensitive nodes in float
             more = _more_in_float(prepared, target, precision, preset, isa, calibration, guard, evalset, excluded,
                                   round_index)
-            if more == excluded:
+            ranked_more, excluded = more != excluded, more
+        if ranked_more:
+            trial = _attempt(prepared, target, precision, preset, isa, evalset, calibration, guard, excluded,
+                             fp32_predictions, fp32_top1, method, round_index, "sensitivity" if round_index else None)
+            rounds.append(trial)
+            if trial.passed or trial.error:
                 break
-            excluded = more
-        trial = _attempt(prepared, target, precision, preset, isa, evalset, calibration, guard, excluded,
-                         fp32_predictions, fp32_top1, method, round_index, "sensitivity" if round_index else None)
-        rounds.append(trial)
-        if trial.passed or trial.error:
-            break
         near_input = _input_side(prepared, preset, guard, round_index) if round_index > 0 else ()
         if near_input and near_input not in tried:  # nor did the ranked nodes: the compute nodes nearest the input
             tried.add(near_input)
@@ -680,6 +680,9 @@ def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantP
             if trial.passed:
                 side.replace(target)
                 break
+            side.unlink(missing_ok=True)
+        elif not ranked_more:
+            break  # neither way has another node to keep in float
     return rounds
 
 
@@ -720,7 +723,8 @@ def _input_side(prepared: Path, preset: QuantPreset, guard: GuardConfig, round_i
     """The first compute nodes the preset quantizes, in graph (topological) order: 5% of them for round 1, doubling
     each round."""
     ops = set(preset.op_types or COMPUTE_OPS) & set(COMPUTE_OPS)
-    compute = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type in ops]
+    left_float = set(_activation_matmuls(prepared)) if preset.weight_matmuls_only else set()  # float anyway
+    compute = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type in ops and n.name not in left_float]
     return tuple(compute[:max(1, round(len(compute) * guard.first_exclusion * 2 ** (round_index - 1)))])
 
 
