@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgekd.deploy.bias_correction import CORRECTION_IMAGES, BiasCorrection, _float_session, correct_bias
+from edgekd.deploy.bias_correction import CORRECTION_IMAGES, BiasCorrection, correct_bias
+from edgekd.deploy.verify import onnx_logits, session
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def correct_where_it_helps(reference: Path, quantized: Path, images: np.ndarray,
         return CorrectionCheck(form, images=0, held_out=False, correction=correction)
     held_out = images[CORRECTION_IMAGES:]
     judged_on = held_out if len(held_out) >= MIN_HELD_OUT else images[:CORRECTION_IMAGES]
-    target = _log_probabilities(_logits(onnx.load(str(reference)), judged_on))
+    target = _log_probabilities(_logits(reference, judged_on))
     divergence = {NEITHER: _divergence(quantized, judged_on, target)}
     with tempfile.TemporaryDirectory(prefix="edgekd-corrections-") as scratch:
         uncorrected = Path(scratch) / "uncorrected.onnx"
@@ -67,15 +68,15 @@ def correct_where_it_helps(reference: Path, quantized: Path, images: np.ndarray,
                                                                       learn_rounding=learn_rounding)}
         first = next(iter(corrections))
         divergence[first] = _divergence(quantized, judged_on, target)
-        files = {first: Path(scratch) / "first.onnx", NEITHER: uncorrected}
-        shutil.copyfile(quantized, files[first])
+        files = {first: quantized, NEITHER: uncorrected}
         if learn_rounding and divergence[BOTH] >= divergence[NEITHER]:  # learned rounding may be what hurts
             files[BIAS] = Path(scratch) / "bias.onnx"
             shutil.copyfile(uncorrected, files[BIAS])
             corrections[BIAS] = correct_bias(reference, files[BIAS], images)
             divergence[BIAS] = _divergence(files[BIAS], judged_on, target)
         kept = min(divergence, key=lambda form: divergence[form])
-        shutil.copyfile(files[kept], quantized)
+        if kept != first:
+            shutil.copyfile(files[kept], quantized)
     check = CorrectionCheck(kept, {k: round(v, 6) for k, v in divergence.items()}, len(judged_on),
                             judged_on is held_out, corrections.get(kept))
     _record(quantized, kept)
@@ -99,11 +100,9 @@ def _record(path: Path, kept: str) -> None:
     onnx.save(model, str(path))
 
 
-def _logits(model: onnx.ModelProto, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
-    session = _float_session(model)
-    feed = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {feed: images[i:i + batch_size]})[0]
-                           for i in range(0, len(images), batch_size)]).astype(np.float64)
+def _logits(path: Path, images: np.ndarray) -> np.ndarray:
+    """In float on the dequantized values (the graph unfused), in batches of 16, as the corrections are fitted."""
+    return onnx_logits(session(path, unfused=True), images, batch_size=16).astype(np.float64)
 
 
 def _log_probabilities(logits: np.ndarray) -> np.ndarray:
@@ -113,5 +112,5 @@ def _log_probabilities(logits: np.ndarray) -> np.ndarray:
 
 def _divergence(path: Path, images: np.ndarray, target: np.ndarray) -> float:
     """Mean KL(fp32 || quantized) of the answers: the finer measure than top-1 agreement on a few images."""
-    ours = _log_probabilities(_logits(onnx.load(str(path)), images))
+    ours = _log_probabilities(_logits(path, images))
     return float(np.mean(np.sum(np.exp(target) * (target - ours), axis=1)))
