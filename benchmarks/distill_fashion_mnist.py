@@ -116,6 +116,9 @@ AT_DEFAULT_RATE = {
     "kd+proj3": Recipe("ce=1,kd=1,proj=3", augment=False),
     "default+proj9": replace(default_recipe(), losses=default_recipe().losses + ",proj=9"),
     "dist": Recipe("ce=1,dist=2", augment=False),
+    # the teacher corrected where it is wrong on a training image (kd.correct: its top logit and the label's swap)
+    "default+correct": replace(default_recipe(), options=default_recipe().options + ",kd.correct=1"),
+    "kd-fixed-views+correct": Recipe("ce=1,kd=1", "kd.correct=1", augment=False),
 }
 # The student's rate from random weights, swept on seed 0: edgekd.recipe's 8e-3 is where labels-only and the
 # default peak.

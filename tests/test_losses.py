@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -179,6 +181,24 @@ def test_weighted_soft_labels_transfer_less_where_the_teacher_is_wrong():
     assert float(ratio[2]) == pytest.approx(1.0)  # no label: plain KD
     same = LossInputs(teacher, torch.randn(3, 4), labels, inputs.teachers)
     assert float(wsl(same)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_corrected_kd_teaches_the_label_first_where_the_teacher_is_wrong_and_keeps_the_rest_of_its_ranking():
+    labels = torch.tensor([0, 0, -1])
+    teacher = torch.tensor([[1.0, 4.0, 2.0], [5.0, 1.0, 0.0], [0.0, 3.0, 1.0]])  # wrong, right, unlabeled
+    swapped = torch.tensor([[4.0, 1.0, 2.0], [5.0, 1.0, 0.0], [0.0, 3.0, 1.0]])  # only the wrong row changes
+    inputs = LossInputs(teacher, torch.randn(3, 4), labels,
+                        (TeacherView(teacher, torch.randn(3, 4), (), (), (), torch.ones(3)),))
+    corrected = LOSSES["kd"](temperature=2.0, correct=1.0, standardize=1.0).per_sample(inputs, inputs.teachers[0])
+    assert float(corrected[0]) > 0.5  # a student that copies the teacher's mistake is now off target
+    assert corrected[1:].abs().max() < 1e-5  # right, or without a label: the teacher's answer stands
+    on_target = LossInputs(swapped, torch.randn(3, 4), labels, inputs.teachers)
+    assert float(LOSSES["kd"](correct=1.0)(on_target)) == pytest.approx(0.0, abs=1e-6)
+    # a mixed image is corrected towards the label of its larger part
+    mixed = replace(inputs, labels=torch.tensor([2, 0, -1]), partner_labels=torch.tensor([0, 1, -1]),
+                    own_share=torch.tensor([0.3, 0.8, 1.0]))
+    assert float(LOSSES["kd"](correct=1.0).per_sample(replace(mixed, student_logits=swapped), mixed.teachers[0])[0]) \
+        == pytest.approx(0.0, abs=1e-6)
 
 
 def test_loss_options_set_a_loss_constants(logits):
