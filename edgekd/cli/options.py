@@ -110,8 +110,9 @@ Losses = Annotated[list[str], typer.Option(
     "the standardized recipe held the demo's student near its teacher (86.95% against 88.35-88.80%). No ce without "
     "labels.")]
 LossOptions = Annotated[list[str], typer.Option(
-    "--loss-option", help="A loss's constant as LOSS.KEY=VALUE, repeatable: dkd.alpha, dkd.beta (default 1, 8), "
-    "rkd.distance, rkd.angle (default 1, 2).")]
+    "--loss-option", help="A loss's constant as LOSS.KEY=VALUE, repeatable: kd.standardize=1 (z-scored logits), "
+    "kd.correct=1 (where the teacher's top class is not the label, that logit and the label's swap), dkd.alpha, "
+    "dkd.beta (default 1, 8), rkd.distance, rkd.angle (default 1, 2).")]
 Temperature = Annotated[Optional[float], typer.Option(
     "--temperature", callback=_positive("a softmax temperature", "2 or 4"),
     help="Softmax temperature of kd and dkd (default: the recipe's, see --loss).")]
