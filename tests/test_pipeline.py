@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from edgekd.cli import app
 from edgekd.data import load_data
+from edgekd.deploy.bundle import read_shipped_form
 from edgekd.select.latency import LatencyStats
 from edgekd.select.probe import TABLE_FORMAT
 from edgekd.evaluate.report import SCHEMA_PATH
@@ -147,12 +148,20 @@ def test_bench_a_run_folder(run, tmp_path: Path):
     assert all(m["peak_rss_mb"] > m["model_rss_mb"] > 0 for m in measured["models"])
 
 
-def test_bench_plain_onnx_files_and_bundles(run):
+def test_bench_plain_onnx_files_and_bundles(run, tmp_path: Path):
+    """Bare .onnx files are labelled with the precision their graph holds (an int8 file is not called fp32)."""
+    from edgekd.deploy.quantize import quantize_onnx
+
     run_dir, _ = run
-    result = runner.invoke(app, ["bench", str(run_dir / "models" / "teacher.fp32.onnx"), str(run_dir / "export"),
-                                 "--threads", "1"])
+    teacher = run_dir / "models" / "teacher.fp32.onnx"
+    dynamic = quantize_onnx(teacher, tmp_path / "teacher.dynamic.onnx", "int8_dynamic", isa="avx2")
+    result = runner.invoke(app, ["bench", str(teacher), str(run_dir / "models" / "teacher.int8.onnx"), str(dynamic),
+                                 str(run_dir / "export"), "--threads", "1", "--out", str(tmp_path / "bench.json")])
     assert result.exit_code == 0, result.output
     assert "teacher.fp32" in result.output and "export" in result.output
+    precisions = {m["name"]: m["precision"] for m in json.loads((tmp_path / "bench.json").read_text())["models"]}
+    assert precisions == {"teacher.fp32": "fp32", "teacher.int8": "int8_static", "teacher.dynamic": "int8_dynamic",
+                          "export": read_shipped_form(run_dir / "export").precision}
 
 
 def test_bench_rejects_a_corrupt_model(tmp_path: Path):

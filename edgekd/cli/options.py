@@ -104,8 +104,8 @@ Losses = Annotated[list[str], typer.Option(
     + " with " + " ".join(FROM_RANDOM.loss_options) + f" and --temperature {FROM_RANDOM.temperature:g}, "
     f"logit-standardized KD, trained at --lr {FROM_RANDOM.lr:g}: with 1,000 labels and 59,000 unlabeled images it "
     "ended 0.9 points below its teacher, 5.7 above labels only and 3.7 above plain KD "
-    "(benchmarks/results/distill_few_labels.md); with 10,000 labels, 1.23 above labels only and 0.42 above plain KD "
-    "(distill_fashion_mnist.md). For a student from real weights (pretrained, teacher-derived, "
+    "(benchmarks/results/distill_few_labels.md); with 10,000 labels, 1.1 above labels only and 0.3 above plain KD "
+    "(distill_fashion_mnist.md, 11 runs). For a student from real weights (pretrained, teacher-derived, "
     "a checkpoint) " + " ".join(FROM_REAL_WEIGHTS.losses) + f" at --temperature {FROM_REAL_WEIGHTS.temperature:g}: "
     "the standardized recipe held the demo's student near its teacher (86.95% against 88.35-88.80%). No ce without "
     "labels.")]

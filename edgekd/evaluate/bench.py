@@ -133,6 +133,29 @@ def bench_model_to_dict(model: BenchModel, relative_to: Path) -> dict[str, Any]:
             "preprocess": model.preprocess.to_dict() if model.preprocess else None}
 
 
+# Ops that only a quantized graph holds: dynamic int8 quantizes activations at run time, static int8 carries fixed
+# scales (QDQ pairs, or QOperator ops that take them as inputs).
+DYNAMIC_INT8_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulInteger", "QAttention"})
+STATIC_INT8_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger"})
+
+
+def precision_of_graph(path: Path) -> str:
+    """A bare .onnx file's precision, read from its graph (a run folder or bundle records it instead): int8_dynamic,
+    int8_static, fp16 (half-precision weights) or fp32. A file that is not ONNX is left to check_onnx_file."""
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - unreadable: check_onnx_file says why, in one line
+        return "fp32"
+    ops = {node.op_type for node in graph.node}
+    if ops & DYNAMIC_INT8_OPS:
+        return "int8_dynamic"
+    if ops & STATIC_INT8_OPS or any(op.startswith("QLinear") for op in ops):
+        return "int8_static"
+    if any(tensor.data_type == onnx.TensorProto.FLOAT16 for tensor in graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
 def models_from_paths(paths: Sequence[Path]) -> list[BenchModel]:
     """Run folders (their bench_models.json), bundle folders (model.onnx + preprocess.json) and .onnx files."""
     models: list[BenchModel] = []
@@ -150,7 +173,7 @@ def models_from_paths(paths: Sequence[Path]) -> list[BenchModel]:
         elif path.is_dir():
             raise EdgekdError(f"{path} is neither a run folder ({BENCH_MODELS_NAME}) nor a bundle (preprocess.json)")
         else:
-            models.append(BenchModel(name=path.stem, path=path))
+            models.append(BenchModel(name=path.stem, path=path, precision=precision_of_graph(path)))
     names = [m.name for m in models]
     if len(set(names)) != len(names):  # two bundles called "export": tell them apart by their parent folder
         models = [replace(m, name=f"{Path(m.path).parent.parent.name}/{m.name}") for m in models]
