@@ -25,7 +25,7 @@ from edgekd.metrics import accuracy, top_predictions
 from edgekd.select.latency import measure_onnx
 from edgekd.distill.train_utils import progress
 from edgekd.types import Preprocess
-from edgekd.deploy.verify import EvalSet, onnx_logits, preprocess_records
+from edgekd.deploy.verify import BATCH_DEPENDENT_OPS, EvalSet, onnx_logits, preprocess_records
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +133,11 @@ def bench_model_to_dict(model: BenchModel, relative_to: Path) -> dict[str, Any]:
             "preprocess": model.preprocess.to_dict() if model.preprocess else None}
 
 
-# Ops that only a quantized graph holds: dynamic int8 quantizes activations at run time, static int8 carries fixed
-# scales (QDQ pairs, or QOperator ops that take them as inputs).
-DYNAMIC_INT8_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulInteger", "QAttention"})
-STATIC_INT8_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger"})
+# Ops that only a quantized graph holds: dynamic int8 quantizes activations at run time (the ops whose answer
+# depends on the batch, and MatMulInteger, which reads their output), static int8 carries fixed scales (QDQ pairs,
+# or QLinear* QOperator ops that take them as inputs).
+DYNAMIC_INT8_OPS = BATCH_DEPENDENT_OPS | {"MatMulInteger"}
+STATIC_INT8_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "ConvInteger"})
 
 
 def precision_of_graph(path: Path) -> str:
