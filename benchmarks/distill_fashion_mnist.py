@@ -333,7 +333,7 @@ NOTES = [
     "(77.68% mean), wsl (78.16%), kd+fitnet (77.74%) and kd+fitnet+rkd (78.07%) against kd's 77.79% and "
     "labels-only's 76.81%, all on crop/flip views at 2e-3: within the seed spread of kd. Those rows were not re-run.",
     "- Times include per-epoch evaluation on 10k images and share the machine with other jobs (the 2026-12-06 "
-    "run took 366-406 s per student and 2,058 s for the teacher, alone on the machine: two to four times the "
+    "run took 366-406 s per student and 2,058 s for the teacher, with little else on the machine: 2-4x the "
     "earlier runs' for the same work; seed 0 of labels-only-augmented-lr0.002 and "
     "default-augmented-lr0.002 ran beside the test suite, 4-5x slower), so read "
     "them as rough. Every student run reads the one teacher the teacher stage made (trained at 2e-3, edgekd's rate "
