@@ -272,6 +272,34 @@ def test_entropy_calibration_clips_ranges_minmax_keeps_whole(resnet, tmp_path: P
     assert all(ranges["entropy"][t] <= ranges["minmax"][t] * 1.01 for t in shared)
 
 
+def test_the_entropy_search_picks_onnxruntime_s_window(resnet, tmp_path: Path) -> None:
+    """edgekd's vectorized threshold search against onnxruntime's own loop, on the histograms onnxruntime's
+    entropy calibrator collects from a real model (grown past 512 bins where a later batch reached further) and on
+    made-up ones: a heavy tail, a tensor that is almost always 0, one that is always 0."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import HistogramCollector, create_calibrator
+    from edgekd.deploy.entropy_threshold import entropy_threshold
+    from edgekd.deploy.quantize import ENTROPY_BINS, ENTROPY_LEVELS, ArrayCalibrationReader
+
+    fp32, _, calibration = resnet
+    calibrator = create_calibrator(fp32, augmented_model_path=str(tmp_path / "augmented.onnx"),
+                                   calibrate_method=CalibrationMethod.Entropy,
+                                   extra_options={"num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_LEVELS})
+    calibrator.collect_data(ArrayCalibrationReader(calibration[:24], batch_size=1))  # as edgekd feeds it
+    collector = calibrator.collector
+    rng = np.random.default_rng(0)
+    made_up = HistogramCollector("entropy", False, ENTROPY_BINS, ENTROPY_LEVELS, 99.99, "same")
+    for scale in (1, 3):
+        made_up.collect_value({"heavy": rng.standard_t(2, 5000).astype(np.float32) * scale,
+                               "sparse": np.where(rng.random(5000) < 0.98, 0, rng.normal(size=5000) * 50 * scale),
+                               "zero": np.zeros(100, np.float32)})
+    histograms = {**collector.histogram_dict, **made_up.histogram_dict}
+    assert len(collector.histogram_dict) >= 10 and any(h[0].size > ENTROPY_BINS for h in histograms.values())
+    for name, histogram in histograms.items():
+        assert entropy_threshold(histogram, ENTROPY_LEVELS) == collector.get_entropy_threshold(
+            histogram, ENTROPY_LEVELS), name
+
+
 def test_auto_calibration_tries_each_method_before_keeping_nodes_in_float(resnet, tmp_path: Path) -> None:
     fp32, evalset, calibration = resnet
     impossible = GuardConfig(max_accuracy_drop=-100.0, max_rounds=1)  # "auto" is the default

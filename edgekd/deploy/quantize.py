@@ -21,11 +21,12 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quant_pre_process, quantize_dynamic, quantize_static)
-from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+from onnxruntime.quantization.calibrate import TensorsData, create_calibrator, save_tensors_data
 
 from edgekd.artifacts import atomic_path
 from edgekd.errors import EdgekdError, first_line
 from edgekd.deploy.correction_check import BOTH, correct_where_it_helps, kept_corrections
+from edgekd.deploy.entropy_threshold import entropy_threshold
 from edgekd.deploy.export import check_model, is_transformer, quiet_onnxruntime
 from edgekd.select.latency import ORT_RUN_ERRORS
 from edgekd.deploy.sensitivity import NodeSensitivity, rank_sensitive_nodes
@@ -374,29 +375,28 @@ def _quantize_static(source: Path, target: Path, preset: QuantPreset, images: np
 # quantize_static builds onnxruntime's entropy calibrator with its defaults, 128 bins and 128 quantized bins, which
 # leave it one candidate window, the whole range: "entropy" was minmax under another name (a 2-epoch EfficientNet-B0
 # student: 15.3% agreement with fp32 from both). onnxruntime's search is Python loops: 2.2 s per tensor at TensorRT's
-# 2048 bins (9 min for B0's 240 tensors), 0.2 s at 512. Measured (2,000 test images; 152 photo crops):
-# the B0 student without bias correction 92.9% agreement, top-1 +0.2 (percentile 86.7%, -1.95; minmax 15.3%); the
-# real Lite0 60.5% of every crop (minmax 95.4%): it clips ReLU6 ranges that need their top. 256 levels did no better
-# (92.3%, 71.7%). The guard's "auto" tries it last and keeps whichever method loses least.
+# 2048 bins (9 min for B0's 240 tensors), 0.2 s at 512; edgekd runs the same search 4.5x faster (entropy_threshold.py,
+# benchmarks/results/entropy_threshold_512bins.md: the real Lite0's 95 tensors, the same window for each).
+# Measured (2,000 test images; 152 photo crops): the B0 student without bias correction 92.9% agreement, top-1 +0.2
+# (percentile 86.7%, -1.95; minmax 15.3%); the real Lite0 60.5% of every crop (minmax 95.4%): it clips ReLU6 ranges
+# that need their top. 256 levels did no better (92.3%, 71.7%). The guard's "auto" tries it last and keeps whichever
+# method loses least.
 ENTROPY_BINS = 512
 ENTROPY_LEVELS = 128
 
 
 def _entropy_ranges(source: Path, reader: CalibrationDataReader, preset: QuantPreset, scratch: Path) -> Path:
     """Entropy-calibrated ranges for `source`, written where quantize_static reads a calibration cache. The window
-    onnxruntime picks is symmetric about zero; as its percentile calibrator does, each end is then held to the values
-    seen (a ReLU output's window does not reach below 0), so no level is spent where no value falls."""
+    is symmetric about zero; each end is then held to the values seen (a ReLU output's window does not reach below
+    0), so no level is spent where no value falls. The search is onnxruntime's, without its Python loops
+    (entropy_threshold.py)."""
     calibrator = create_calibrator(source, _op_types(preset), augmented_model_path=str(scratch / "augmented.onnx"),
                                    calibrate_method=CalibrationMethod.Entropy,
                                    extra_options={"num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_LEVELS})
     calibrator.collect_data(reader)
-    seen = {name: (histogram[2], histogram[3]) for name, histogram in calibrator.collector.histogram_dict.items()}
-    ranges = calibrator.compute_data()
-    for name, data in ranges.items():
-        low, high = seen[name]
-        data.lowest = np.maximum(data.lowest, low).astype(data.lowest.dtype)
-        data.highest = np.minimum(data.highest, high).astype(data.highest.dtype)
-    save_tensors_data(ranges, scratch / "entropy.json")
+    ranges = {name: (*entropy_threshold(histogram, ENTROPY_LEVELS), *histogram[:2])
+              for name, histogram in calibrator.collector.histogram_dict.items()}
+    save_tensors_data(TensorsData(CalibrationMethod.Entropy, ranges), scratch / "entropy.json")
     return scratch / "entropy.json"
 
 
