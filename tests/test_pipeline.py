@@ -149,19 +149,25 @@ def test_bench_a_run_folder(run, tmp_path: Path):
 
 
 def test_bench_plain_onnx_files_and_bundles(run, tmp_path: Path):
-    """Bare .onnx files are labelled with the precision their graph holds (an int8 file is not called fp32)."""
+    """Bare .onnx files, and a bundle put together by hand (no manifest), are labelled with the precision their
+    graph holds (an int8 file is not called fp32)."""
     from edgekd.deploy.quantize import quantize_onnx
 
     run_dir, _ = run
     teacher = run_dir / "models" / "teacher.fp32.onnx"
     dynamic = quantize_onnx(teacher, tmp_path / "teacher.dynamic.onnx", "int8_dynamic", isa="avx2")
+    by_hand = tmp_path / "by_hand"
+    by_hand.mkdir()
+    shutil.copy(run_dir / "export" / "preprocess.json", by_hand)
+    shutil.copy(dynamic, by_hand / "model.onnx")
     result = runner.invoke(app, ["bench", str(teacher), str(run_dir / "models" / "teacher.int8.onnx"), str(dynamic),
-                                 str(run_dir / "export"), "--threads", "1", "--out", str(tmp_path / "bench.json")])
+                                 str(run_dir / "export"), str(by_hand), "--threads", "1",
+                                 "--out", str(tmp_path / "bench.json")])
     assert result.exit_code == 0, result.output
     assert "teacher.fp32" in result.output and "export" in result.output
     precisions = {m["name"]: m["precision"] for m in json.loads((tmp_path / "bench.json").read_text())["models"]}
     assert precisions == {"teacher.fp32": "fp32", "teacher.int8": "int8_static", "teacher.dynamic": "int8_dynamic",
-                          "export": read_shipped_form(run_dir / "export").precision}
+                          "export": read_shipped_form(run_dir / "export").precision, "by_hand": "int8_dynamic"}
 
 
 def test_bench_rejects_a_corrupt_model(tmp_path: Path):

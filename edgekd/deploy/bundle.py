@@ -50,6 +50,7 @@ from edgekd.deploy.verify import (
     Parity,
     evaluate_onnx,
     onnx_logits,
+    precision_of_graph,
     preprocess_records,
     sample_indices,
 )
@@ -175,12 +176,14 @@ class ShippedForm:
 
 
 def read_shipped_form(bundle_dir: Path) -> ShippedForm:
-    """From the bundle's manifest; a bundle without one (or without its model's entry) is taken for fp32."""
+    """From the bundle's manifest; for a bundle without one (or without its model's entry: a folder put together by
+    hand), the precision its model's graph holds."""
     path = Path(bundle_dir) / MANIFEST_NAME
     entries = json.loads(path.read_text()) if path.is_file() else []
     model = next((e for e in entries if e.get("path") == MODEL_NAME), {})
     decision = model.get("metrics", {}).get("quantization") or {}
-    return ShippedForm(str(model.get("config", {}).get("precision", "fp32")), decision.get("reason"),
+    precision = model.get("config", {}).get("precision") or precision_of_graph(Path(bundle_dir) / MODEL_NAME)
+    return ShippedForm(str(precision), decision.get("reason"),
                        any(trial.get("passed") for trial in decision.get("trials", [])))
 
 

@@ -161,6 +161,31 @@ def emulates_target(path: Path, target_isa: str | None) -> bool:
 BATCH_DEPENDENT_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "QAttention"})
 
 
+# Ops that only a quantized graph holds: dynamic int8 quantizes activations at run time (the ops whose answer
+# depends on the batch, and MatMulInteger, which reads their output), static int8 carries fixed scales (QDQ pairs,
+# or QLinear* QOperator ops that take them as inputs).
+DYNAMIC_INT8_OPS = BATCH_DEPENDENT_OPS | {"MatMulInteger"}
+STATIC_INT8_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "ConvInteger"})
+
+
+def precision_of_graph(path: Path) -> str:
+    """The precision an .onnx file holds, read from its graph, for files nothing records it for (a bare file, a
+    bundle without a manifest): int8_dynamic, int8_static, fp16 (half-precision weights) or fp32. An unreadable file
+    is called fp32: the caller's own checks say what is wrong with it."""
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - unreadable: the caller's file check says why, in one line
+        return "fp32"
+    ops = {node.op_type for node in graph.node}
+    if ops & DYNAMIC_INT8_OPS:
+        return "int8_dynamic"
+    if ops & STATIC_INT8_OPS or any(op.startswith("QLinear") for op in ops):
+        return "int8_static"
+    if any(tensor.data_type == onnx.TensorProto.FLOAT16 for tensor in graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
 def batch_dependent(path: Path) -> bool:
     """Whether the model's answer for an image depends on the rest of its batch (see BATCH_DEPENDENT_OPS). A file
     that is not ONNX protobuf (an .ort flatbuffer) cannot be inspected: assume it does, batch 1 is always right."""

@@ -25,7 +25,7 @@ from edgekd.metrics import accuracy, top_predictions
 from edgekd.select.latency import measure_onnx
 from edgekd.distill.train_utils import progress
 from edgekd.types import Preprocess
-from edgekd.deploy.verify import BATCH_DEPENDENT_OPS, EvalSet, onnx_logits, preprocess_records
+from edgekd.deploy.verify import EvalSet, onnx_logits, precision_of_graph, preprocess_records
 
 log = logging.getLogger(__name__)
 
@@ -131,30 +131,6 @@ def bench_model_to_dict(model: BenchModel, relative_to: Path) -> dict[str, Any]:
     return {"name": model.name, "path": str(Path(model.path).resolve().relative_to(Path(relative_to).resolve())),
             "role": model.role, "precision": model.precision, "labels": list(model.labels),
             "preprocess": model.preprocess.to_dict() if model.preprocess else None}
-
-
-# Ops that only a quantized graph holds: dynamic int8 quantizes activations at run time (the ops whose answer
-# depends on the batch, and MatMulInteger, which reads their output), static int8 carries fixed scales (QDQ pairs,
-# or QLinear* QOperator ops that take them as inputs).
-DYNAMIC_INT8_OPS = BATCH_DEPENDENT_OPS | {"MatMulInteger"}
-STATIC_INT8_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "ConvInteger"})
-
-
-def precision_of_graph(path: Path) -> str:
-    """A bare .onnx file's precision, read from its graph (a run folder or bundle records it instead): int8_dynamic,
-    int8_static, fp16 (half-precision weights) or fp32. A file that is not ONNX is left to check_onnx_file."""
-    try:
-        graph = onnx.load(str(path), load_external_data=False).graph
-    except Exception:  # noqa: BLE001 - unreadable: check_onnx_file says why, in one line
-        return "fp32"
-    ops = {node.op_type for node in graph.node}
-    if ops & DYNAMIC_INT8_OPS:
-        return "int8_dynamic"
-    if ops & STATIC_INT8_OPS or any(op.startswith("QLinear") for op in ops):
-        return "int8_static"
-    if any(tensor.data_type == onnx.TensorProto.FLOAT16 for tensor in graph.initializer):
-        return "fp16"
-    return "fp32"
 
 
 def models_from_paths(paths: Sequence[Path]) -> list[BenchModel]:
