@@ -100,12 +100,14 @@ def report(results: dict) -> str:
              "for a CNN, 1 for DeiT-tiny) with no timings (another CPU's speed is not measured here), so it ships "
              "its first passing form. onnxruntime " + results["onnxruntime"] + ", torch " + results["torch"] + ".", "",
              f"Reproduce: `flock /tmp/edgekd-cpu.lock python benchmarks/quantization_fidelity.py --isa {isa}`", "",
-             "| student | fp32 top-1 | form | drop (pts) | agreement |", "|---|---:|---|---:|---:|"]
+             "| student | fp32 top-1 | form | drop (pts) | agreement | computed as |", "|---|---:|---|---:|---:|---|"]
     for name, row in results["students"].items():
         student = f"{name} ({row['start']}, {row['epochs']} epochs; {row['date']})"
         for label, form in row["forms"].items():
+            computed = f"{isa} (unfused)" if form["emulated"] else f"this host's {host} kernels"
             lines.append(f"| {student} | {100 * row['fp32_top1']:.2f}% | {label} | "
-                         f"{form['drop']:.2f} +- {form['drop_se']:.2f} | {100 * form['agreement']:.1f}% |")
+                         f"{form['drop']:.2f} +- {form['drop_se']:.2f} | {100 * form['agreement']:.1f}% | "
+                         f"{computed} |")
         shipped = row["shipped"]
         tried = "; ".join(f"{t['preset']} {t['calibration'] or ''} {t['excluded']} in float"
                           f"{' (' + t['float_nodes_by'] + ')' if t['float_nodes_by'] else ''}: {t['drop']:.2f}"
@@ -114,7 +116,7 @@ def report(results: dict) -> str:
         drop = (f"{shipped['drop']:.2f} +- {shipped['drop_se']:.2f}" if shipped["drop"] is not None else "-")
         agreement = f"{100 * shipped['agreement']:.1f}%" if shipped["agreement"] is not None else "-"
         lines.append(f"| **{name}: the guard ships {shipped['precision']}** ({verdict} the {row['target_drop']}-point "
-                     f"target; {row['guard_s']:.0f} s; tried: {tried}) | | | {drop} | {agreement} |")
+                     f"target; {row['guard_s']:.0f} s; tried: {tried}) | | | {drop} | {agreement} | |")
     return "\n".join(lines) + "\n"
 
 

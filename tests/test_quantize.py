@@ -18,8 +18,8 @@ from edgekd.deploy.quantize import (SIDE_BY_SIDE_ROUNDS, GuardConfig, _logit_dif
                                     quantize_onnx)
 from edgekd.deploy.sensitivity import rank_sensitive_nodes
 from edgekd.distill.students import load_student, read_student_checkpoint
-from edgekd.deploy.verify import (EvalSet, batch_dependent, drop_standard_error, evaluate_onnx, onnx_logits,
-                                  preprocess_records, session)
+from edgekd.deploy.verify import (EvalSet, batch_dependent, drop_standard_error, emulates_target, evaluate_onnx,
+                                  onnx_logits, preprocess_records, session)
 from tests.helpers.tiny_students import tiny_student
 
 
@@ -298,6 +298,28 @@ def test_the_entropy_search_picks_onnxruntime_s_window(resnet, tmp_path: Path) -
     for name, histogram in histograms.items():
         assert entropy_threshold(histogram, ENTROPY_LEVELS) == collector.get_entropy_threshold(
             histogram, ENTROPY_LEVELS), name
+
+
+def test_a_dynamic_int8_file_for_another_cpu_is_measured_as_that_cpu_computes_it(resnet, tmp_path: Path) -> None:
+    """Dynamic int8 for a CPU whose int8 unit does not saturate (VNNI, arm64) is measured with its integer products
+    computed in float (tests/test_integer_emulation.py), not in this host's kernels."""
+    from edgekd.deploy.integer_emulation import integer_products_in_float
+    from edgekd.select.profiles import detect_isa
+
+    fp32, evalset, _ = resnet
+    images = evalset.images[:64]
+    other = "arm64" if detect_isa() != "arm64" else "avx512_vnni"
+    dynamic = quantize_onnx(fp32, tmp_path / "dynamic.onnx", "int8_dynamic", isa=other)
+    assert emulates_target(dynamic, other) and not emulates_target(dynamic, detect_isa())
+    rewritten = integer_products_in_float(onnx.load(str(dynamic)))
+    assert not {n.op_type for n in rewritten.graph.node} & {"MatMulInteger", "ConvInteger"}
+    onnx.save(rewritten, str(tmp_path / "rewritten.onnx"))
+    measured = onnx_logits(dynamic, images, target_isa=other)  # one image at a time: dynamic int8 is batch-dependent
+    np.testing.assert_array_equal(
+        measured, onnx_logits(session(tmp_path / "rewritten.onnx", unfused=True), images, batch_size=1))
+    assert (measured.argmax(1) == onnx_logits(fp32, images).argmax(1)).mean() >= 0.95
+    if detect_isa() == "avx2":  # this host's kernels saturate on the classifier's products: other answers
+        assert np.abs(onnx_logits(dynamic, images) - measured).max() > 0.05
 
 
 def test_auto_calibration_tries_each_method_before_keeping_nodes_in_float(resnet, tmp_path: Path) -> None:

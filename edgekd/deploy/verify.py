@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from edgekd.data import pixels_transform
 from edgekd.errors import EdgekdError
+from edgekd.deploy.integer_emulation import INTEGER_PRODUCT_OPS, integer_products_in_float
 from edgekd.metrics import accuracy
 from edgekd.types import Preprocess
 
@@ -129,21 +130,28 @@ def preprocess_records(records: Dataset, preprocess: Preprocess, limit: int | No
 
 def session(path: Path, threads: int = 0, *, unfused: bool = False) -> ort.InferenceSession:
     """A CPU session; `threads` 0 lets ORT pick. `unfused`: no graph optimisation, so a QDQ graph's ops compute in
-    float on the dequantized values instead of in this CPU's fused int8 kernels (see emulates_target)."""
+    float on the dequantized values instead of in this CPU's fused int8 kernels, and dynamic int8's integer
+    products are computed in float too (integer_emulation.py; see emulates_target)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    if unfused:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if not unfused:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    graph = onnx.load(str(path), load_external_data=False).graph
+    if not any(node.op_type in INTEGER_PRODUCT_OPS for node in graph.node):
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    rewritten = integer_products_in_float(onnx.load(str(path))).SerializeToString()
+    return ort.InferenceSession(rewritten, options, providers=["CPUExecutionProvider"])
 
 
 def emulates_target(path: Path, target_isa: str | None) -> bool:
-    """Whether `path` must be measured in float to say what the CPU it is for computes: a QDQ int8 file for another
-    kind of CPU than this one. Int8 kernels differ by CPU: without VNNI, x86 multiplies uint8 by int8 in pairs summed
-    into int16 (VPMADDUBSW), which saturates on full-range weights; the real Lite0's avx512_vnni int8 agreed with fp32
-    on 79% of confident photo crops on such an AVX2 CPU and on 98.5% on a VNNI one. A QDQ graph run unfused computes
-    what an int8 unit that does not saturate computes (VNNI, arm64's dot products, AVX2 with 7-bit weights), up to
-    the last rounding; a file for this CPU is measured in this CPU's own kernels, saturation included."""
+    """Whether `path` must be measured in float to say what the CPU it is for computes: a QDQ or dynamic int8 file
+    for another kind of CPU than this one. Int8 kernels differ by CPU: without VNNI, x86 multiplies uint8 by int8 in
+    pairs summed into int16 (VPMADDUBSW), which saturates on full-range weights; the real Lite0's avx512_vnni int8
+    agreed with fp32 on 79% of confident photo crops on such an AVX2 CPU and on 98.5% on a VNNI one. A QDQ graph
+    run unfused computes what an int8 unit that does not saturate computes (VNNI, arm64's dot products, AVX2 with
+    7-bit weights), up to the last rounding, and so does a dynamic int8 file whose integer products are rewritten in
+    float; a file for this CPU is measured in this CPU's own kernels, saturation included."""
     if target_isa is None or Path(path).suffix == ".ort":
         return False
     from edgekd.select.profiles import detect_isa  # the host's kind, as profiles with isa = "auto" see it
@@ -152,7 +160,8 @@ def emulates_target(path: Path, target_isa: str | None) -> bool:
         return False
     graph = onnx.load(str(path), load_external_data=False).graph
     weights = {init.name for init in graph.initializer}  # QDQ dequantizes its int8 weights; QOperator has no such node
-    return any(node.op_type == "DequantizeLinear" and node.input[0] in weights for node in graph.node)
+    return any((node.op_type == "DequantizeLinear" and node.input[0] in weights) or node.op_type in INTEGER_PRODUCT_OPS
+               for node in graph.node)
 
 
 # Ops whose answer for one image depends on the other images in its batch: DynamicQuantizeLinear computes one

@@ -1,0 +1,68 @@
+"""Dynamic int8's integer products, measured as a CPU that does not saturate computes them (issue 11: kernel
+saturation). Real ONNX Runtime sessions on real graphs; the exact products come from int64 arithmetic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from edgekd.deploy.integer_emulation import integer_products_in_float
+from edgekd.deploy.verify import session
+from edgekd.select.profiles import detect_isa
+
+K, N = 1280, 10  # EfficientNet-B0's classifier: 1,280 products per answer
+
+
+def saturating_matmul(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulInteger of a row of large uint8 activations by large int8 weights (pairs of products past int16), with
+    zero points as dynamic quantization writes them: a scalar one for the activations, per column for the weights.
+    Returns (activations, the exact int64 product)."""
+    rng = np.random.default_rng(0)
+    weights = rng.integers(100, 128, size=(K, N)).astype(np.int8)
+    column_zero_points = rng.integers(-3, 4, size=N).astype(np.int8)
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "w", "a_zero", "w_zero"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [2, K])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [2, N])],
+        [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(np.array(3, np.uint8), "a_zero"),
+         numpy_helper.from_array(column_zero_points, "w_zero")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    activations = np.stack([np.full(K, 255, np.uint8), rng.integers(200, 256, size=K).astype(np.uint8)])
+    exact = (activations.astype(np.int64) - 3) @ (weights.astype(np.int64) - column_zero_points.astype(np.int64))
+    return activations, exact
+
+
+def test_integer_products_are_computed_exactly_in_float(tmp_path: Path) -> None:
+    activations, exact = saturating_matmul(tmp_path / "matmul.onnx")
+    emulated = session(tmp_path / "matmul.onnx", unfused=True).run(None, {"a": activations})[0]
+    np.testing.assert_allclose(emulated, exact, rtol=1e-6)  # float32 rounding of sums past 2^24, nothing more
+    # (this host's own kernels: on an AVX2 CPU without VNNI each pair of products stops at 32,767)
+    own = session(tmp_path / "matmul.onnx").run(None, {"a": activations})[0]
+    if detect_isa() == "avx2":
+        assert (own < 0.7 * exact).all(), "expected VPMADDUBSW saturation on this AVX2 host"
+
+
+def test_integer_convolution_is_computed_exactly_in_float(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, size=(1, 8, 9, 9)).astype(np.uint8)
+    w = rng.integers(-128, 128, size=(4, 2, 3, 3)).astype(np.int8)  # 4 groups of 2 input channels
+    w_zero = rng.integers(-5, 6, size=4).astype(np.int8)  # per output channel
+    graph = helper.make_graph(
+        [helper.make_node("ConvInteger", ["x", "w", "x_zero", "w_zero"], ["y"], name="conv", group=4,
+                          pads=[1, 1, 1, 1], strides=[2, 2])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 8, 9, 9])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(7, np.uint8), "x_zero"),
+         numpy_helper.from_array(w_zero, "w_zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(integer_products_in_float(model), str(tmp_path / "conv.onnx"))
+    emulated = session(tmp_path / "conv.onnx").run(None, {"x": x})[0]
+    exact = torch.nn.functional.conv2d(torch.from_numpy(x.astype(np.float64) - 7),
+                                       torch.from_numpy(w.astype(np.float64) - w_zero[:, None, None, None]),
+                                       padding=1, stride=2, groups=4)
+    assert emulated.dtype == np.int32 and emulated.shape == (1, 4, 5, 5)
+    np.testing.assert_array_equal(emulated, exact.numpy().astype(np.int64))
