@@ -3,10 +3,11 @@
 Issue 11's fidelity targets (int8 loses <= 0.5 point of top-1 for a CNN, <= 1 for DeiT-tiny), measured with the
 current code on quantization_host.py's part B students (same training, seed, data, 64 px, the whole 10,000-image
 test split, 256 stratified calibration images), for a target ISA (default avx512_vnni) as that CPU computes it:
-this host's own kernels when it is one, the QDQ graph run unfused (in float on the dequantized values) when not
-(edgekd.deploy.verify.emulates_target). No latency: timings on another kind of CPU say nothing, so the guard runs
-without them and ships its first passing form (static before dynamic), as it does for a probe profile without a
-latency table. Each student's row is kept as it finishes; a re-run goes on with the rest.
+this host's own kernels when it is one; when not, the QDQ graph run unfused (in float on the dequantized values)
+and dynamic int8's integer products computed in float (edgekd.deploy.verify.emulates_target). No latency: timings
+on another kind of CPU say nothing, so the guard runs without them and ships its first passing form (static before
+dynamic), as it does for a probe profile without a latency table. Each student's row is kept as it finishes; a
+re-run goes on with the rest.
 
     flock /tmp/edgekd-cpu.lock python benchmarks/quantization_fidelity.py [--isa avx512_vnni]
         [--students mobilenetv3_large_100,efficientnet_b0]
@@ -89,9 +90,9 @@ def student_row(name: str, pretrained: bool, epochs: int, data, isa: str) -> dic
 def report(results: dict) -> str:
     isa, host = results["isa"], results["host_isa"]
     how = "this host's own kernels" if isa == host else (
-        f"on a {host} host: static int8 (QDQ) run unfused, in float on the dequantized values, as an int8 unit that "
-        "does not saturate computes it; dynamic int8 in this host's own kernels (without VNNI their uint8 x int8 "
-        "products can saturate, so if anything its figures understate it)")
+        f"on a {host} host as an int8 unit that does not saturate computes it: static int8 (QDQ) run unfused, in float "
+        "on the dequantized values, dynamic int8 with its integer products computed in float "
+        "(edgekd/deploy/integer_emulation.py; this host's own kernels saturate pairs of uint8 x int8 products)")
     lines = [f"# What int8 keeps: part B's students, as a CPU with {isa} computes it", "",
              f"Students trained as `quantization_host.py` part B trains them ({TRAIN_IMAGES:,} Fashion-MNIST images, "
              f"{SIZE} px, same seed), measured on the whole test split ({VAL_IMAGES:,} images), {CALIBRATION_IMAGES} "
@@ -104,7 +105,7 @@ def report(results: dict) -> str:
     for name, row in results["students"].items():
         student = f"{name} ({row['start']}, {row['epochs']} epochs; {row['date']})"
         for label, form in row["forms"].items():
-            computed = f"{isa} (unfused)" if form["emulated"] else f"this host's {host} kernels"
+            computed = f"{isa}, emulated" if form["emulated"] else f"this host's {host} kernels"
             lines.append(f"| {student} | {100 * row['fp32_top1']:.2f}% | {label} | "
                          f"{form['drop']:.2f} +- {form['drop_se']:.2f} | {100 * form['agreement']:.1f}% | "
                          f"{computed} |")
