@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
@@ -46,23 +47,25 @@ def test_integer_products_are_computed_exactly_in_float(tmp_path: Path) -> None:
         assert (own < 0.7 * exact).all(), "expected VPMADDUBSW saturation on this AVX2 host"
 
 
-def test_integer_convolution_is_computed_exactly_in_float(tmp_path: Path) -> None:
+@pytest.mark.parametrize("spatial", [(9, 9), (9,)])  # 2-D convs, and a 1-D one (its zero points reshape otherwise)
+def test_integer_convolution_is_computed_exactly_in_float(tmp_path: Path, spatial: tuple[int, ...]) -> None:
     rng = np.random.default_rng(1)
-    x = rng.integers(0, 256, size=(1, 8, 9, 9)).astype(np.uint8)
-    w = rng.integers(-128, 128, size=(4, 2, 3, 3)).astype(np.int8)  # 4 groups of 2 input channels
+    x = rng.integers(0, 256, size=(1, 8, *spatial)).astype(np.uint8)
+    w = rng.integers(-128, 128, size=(4, 2, *(3 for _ in spatial))).astype(np.int8)  # 4 groups of 2 input channels
     w_zero = rng.integers(-5, 6, size=4).astype(np.int8)  # per output channel
     graph = helper.make_graph(
         [helper.make_node("ConvInteger", ["x", "w", "x_zero", "w_zero"], ["y"], name="conv", group=4,
-                          pads=[1, 1, 1, 1], strides=[2, 2])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 8, 9, 9])],
+                          pads=[1] * 2 * len(spatial), strides=[2] * len(spatial))], "g",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, list(x.shape))],
         [helper.make_tensor_value_info("y", TensorProto.INT32, None)],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(7, np.uint8), "x_zero"),
          numpy_helper.from_array(w_zero, "w_zero")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(integer_products_in_float(model), str(tmp_path / "conv.onnx"))
     emulated = session(tmp_path / "conv.onnx").run(None, {"x": x})[0]
-    exact = torch.nn.functional.conv2d(torch.from_numpy(x.astype(np.float64) - 7),
-                                       torch.from_numpy(w.astype(np.float64) - w_zero[:, None, None, None]),
-                                       padding=1, stride=2, groups=4)
-    assert emulated.dtype == np.int32 and emulated.shape == (1, 4, 5, 5)
+    convolve = torch.nn.functional.conv2d if len(spatial) == 2 else torch.nn.functional.conv1d
+    exact = convolve(torch.from_numpy(x.astype(np.float64) - 7),
+                     torch.from_numpy(w.astype(np.float64) - w_zero.reshape(-1, *(1 for _ in w.shape[1:]))),
+                     padding=1, stride=2, groups=4)
+    assert emulated.dtype == np.int32 and emulated.shape == (1, 4, *(5 for _ in spatial))
     np.testing.assert_array_equal(emulated, exact.numpy().astype(np.int64))

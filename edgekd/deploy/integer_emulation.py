@@ -24,6 +24,7 @@ def integer_products_in_float(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` with every MatMulInteger / ConvInteger replaced by the same product in float32."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
+    ranks = {init.name: len(init.dims) for init in graph.initializer}
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
         if node.op_type not in INTEGER_PRODUCT_OPS:
@@ -33,9 +34,10 @@ def integer_products_in_float(model: onnx.ModelProto) -> onnx.ModelProto:
         inputs = list(node.input) + [""] * (4 - len(node.input))
         conv = node.op_type == "ConvInteger"
         # a per-row zero point of A ([M]) meets A's rows as [M, 1]; a per-output-channel zero point of a conv's
-        # weights ([M]) meets them as [M, 1, 1, 1]; B's per-column zero point ([N]) broadcasts as it is
+        # weights ([M]) meets them as [M, 1, 1, 1] (2-D; one 1 per further axis); B's per-column zero point ([N])
+        # broadcasts as it is
         a_shape = None if conv else [-1, 1]
-        b_shape = [-1, 1, 1, 1] if conv else None
+        b_shape = [-1] + [1] * (ranks.get(inputs[1], 4) - 1) if conv else None
         a, a_nodes = _centred(inputs[0], inputs[2], f"{prefix}/a", a_shape)
         b, b_nodes = _centred(inputs[1], inputs[3], f"{prefix}/b", b_shape)
         attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
