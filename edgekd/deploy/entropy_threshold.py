@@ -42,8 +42,7 @@ def entropy_threshold(histogram: tuple, num_quantized_bins: int) -> tuple[np.nda
         q = np.zeros(p.size, dtype=np.int64)
         # onnxruntime writes quantized / norm into an int64 array: the quotient is truncated, and bins past the
         # last whole merge stay 0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            level = np.where(norms != 0, quantized / np.where(norms != 0, norms, 1), 0)
+        level = np.where(norms != 0, quantized / np.maximum(norms, 1), 0)
         q[:covered] = np.repeat(level.astype(np.int64), merged)
         p, q = smooth_distribution(p), smooth_distribution(q)
         divergences.append(np.array(np.inf if p is None or q is None else entropy(p, q), dtype=dtype))
