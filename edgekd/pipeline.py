@@ -56,6 +56,7 @@ class CompressConfig:
     teacher_training: TrainConfig = TrainConfig()
     distillation: DistillConfig = DistillConfig()
     max_accuracy_drop: float = 1.0  # points of top-1 the int8 model may lose against the fp32 student
+    min_agreement: float | None = None  # share of images where int8/fp16 must keep the fp32 student's top-1; None: any
     calibration_method: str = "auto"  # int8 static: auto, minmax, entropy or percentile (quantize.AUTO_CALIBRATION)
     search_quantization: bool = False
     eval_images: int | None = 2000  # validation images for quantization guard and bench accuracy
@@ -210,6 +211,7 @@ def _export(config: CompressConfig, record: StageRecord, run_dir: Path, profile:
     precisions = tuple(p for p in profile.precisions if p != "fp32")
     options = BundleOptions(isa=profile.isa, precisions=precisions, search=config.search_quantization,
                             guard=GuardConfig(max_accuracy_drop=config.max_accuracy_drop,
+                                              min_agreement=config.min_agreement,
                                               calibration_method=config.calibration_method),
                             ort_format=profile.ort_format, threads=profile.threads,
                             time_models=profile.latency == "host", validation_images=config.eval_images,

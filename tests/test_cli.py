@@ -71,6 +71,17 @@ def test_bad_calibration_method_fails_while_parsing(tmp_path: Path):
     assert not (tmp_path / "run").exists()
 
 
+def test_an_agreement_floor_that_is_not_a_percentage_fails_while_parsing(tmp_path: Path):
+    """`--min-agreement 0.95` read as 0.95% would pass anything; 150 could pass nothing: both say what to give."""
+    for command in (["compress", "--teacher", "resnet18", "--budget", "1ms", "--out", str(tmp_path / "run")],
+                    ["export", str(tmp_path / "student"), "--out", str(tmp_path / "bundle")]):
+        for value in ("150", "0"):
+            result = runner.invoke(app, [*command, "--min-agreement", value])
+            assert result.exit_code == 2 and "is not a percentage of images" in result.output, result.output
+            assert "Traceback" not in result.output
+    assert not (tmp_path / "run").exists() and not (tmp_path / "bundle").exists()
+
+
 def test_bad_labeled_repeat_fails_while_parsing(tmp_path: Path):
     """Not after the teacher was fine-tuned and the students timed: before anything is read or written."""
     result = runner.invoke(app, ["compress", "--teacher", "resnet18", "--budget", "1ms", "--labeled-repeat", "0",

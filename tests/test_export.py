@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from edgekd.artifacts import sha256_file
 from edgekd.deploy.bundle import BundleOptions, bundle_from_checkpoint
+from edgekd.deploy.quantize import GuardConfig
 from edgekd.cli import app
 from edgekd.errors import EdgekdError
 from edgekd.deploy.export import classifier_input_shape, export_with_parity
@@ -137,3 +138,19 @@ def test_a_class_sorted_folder_calibrates_and_validates_on_every_class(small_fmn
         record = images_used[role]
         assert record["count"] == count and record["method"].startswith("stratified random")
         assert len(record["per_class"]) == small_fmnist.info.num_classes, (role, record)  # every class is in
+
+
+def test_fp16_ships_only_within_the_guard_int8_is_held_to(small_fmnist, tmp_path: Path):
+    """fp16 (offered with a GPU provider) is checked on the validation images like int8: within the accuracy drop
+    and, when asked, the agreement floor; otherwise the bundle ships fp32 and its manifest says so."""
+    checkpoint = read_student_checkpoint(tiny_student("test_resnet", small_fmnist))
+    fp16 = bundle_from_checkpoint(checkpoint, tmp_path / "fp16", small_fmnist,
+                                  BundleOptions(precisions=("fp16",), time_models=False, validation_images=100))
+    assert fp16.precision == "fp16"
+    floor = GuardConfig(min_agreement=1.01)  # no form can agree on more than every image
+    refused = bundle_from_checkpoint(checkpoint, tmp_path / "fp32", small_fmnist,
+                                     BundleOptions(precisions=("fp16",), time_models=False, validation_images=100,
+                                                   guard=floor))
+    assert refused.precision == "fp32" and refused.shipped == refused.fp32
+    manifest = json.loads((tmp_path / "fp32" / "manifest.json").read_text())[0]
+    assert manifest["config"]["precision"] == "fp32" and manifest["config"]["guard"]["min_agreement"] == 1.01

@@ -112,11 +112,13 @@ def test_rerun_reuses_every_stage_and_a_changed_option_redoes_only_its_dependent
     assert mtimes(run_dir) == before and (run_dir / "stages.json").read_bytes() == stages  # no stage ran
     assert without_times(json.loads((run_dir / "report.json").read_text())) == without_times(report)
 
-    compress(run_dir, "--max-accuracy-drop", "5")
+    compress(run_dir, "--max-accuracy-drop", "5", "--min-agreement", "50")
     after = mtimes(run_dir)
     assert after["distill/student.safetensors"] == before["distill/student.safetensors"]
     assert after["teacher/teacher.safetensors"] == before["teacher/teacher.safetensors"]
     assert after["export/model.onnx"] != before["export/model.onnx"]
+    guard = json.loads((run_dir / "export" / "manifest.json").read_text())[0]["config"]["guard"]
+    assert guard["max_accuracy_drop"] == 5 and guard["min_agreement"] == 0.5  # the percentage, as a share
 
     # Other quantization code (an edgekd upgrade that rounds int8 weights differently, say) makes the bundle again
     # and reuses the training: the package version alone does not say the code changed.
@@ -124,7 +126,7 @@ def test_rerun_reuses_every_stage_and_a_changed_option_redoes_only_its_dependent
     real = pipeline.code_digest
     monkeypatch.setattr(pipeline, "code_digest",
                         lambda package: real(package) + ("-changed" if package == "deploy" else ""))
-    changed = compress(run_dir, "--max-accuracy-drop", "5")
+    changed = compress(run_dir, "--max-accuracy-drop", "5", "--min-agreement", "50")
     assert "distill: reusing" in changed.output and "export: reusing" not in changed.output
     assert mtimes(run_dir)["export/model.onnx"] != after["export/model.onnx"]
 

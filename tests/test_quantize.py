@@ -338,6 +338,13 @@ def test_auto_calibration_tries_each_method_before_keeping_nodes_in_float(resnet
                                 isa="avx512_vnni", precisions=("int8_static",), guard=easy)
     assert [t.calibration_method for t in decision.trials] == ["minmax"]  # minmax passed: nothing else is tried
     assert f"weight corrections: {decision.trials[0].weight_corrections}" in decision.reason  # what the file kept
+    # An agreement floor no form can reach: the same minmax file keeps its top-1 within the guard and still fails.
+    floor = GuardConfig(max_accuracy_drop=100.0, min_agreement=1.01, max_rounds=0, calibration_method="minmax")
+    refused = guarded_quantize(fp32, tmp_path / "model.onnx", evalset=evalset, calibration=calibration,
+                               isa="avx512_vnni", precisions=("int8_static",), guard=floor)
+    [trial] = refused.trials
+    assert trial.accuracy_drop <= 100.0 and trial.agreement == decision.trials[0].agreement and not trial.passed
+    assert refused.precision == "fp32" and "agreed with fp32 on 101% of the images" in refused.reason
 
 
 def test_guard_passes_and_ships_int8_only_when_it_is_faster(resnet, tmp_path: Path) -> None:

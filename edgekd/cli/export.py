@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from edgekd.cli.app import app, log, user_errors
-from edgekd.cli.options import DATA_HELP, Calibration
+from edgekd.cli.options import DATA_HELP, Calibration, MinAgreement
 from edgekd.errors import EdgekdError
 
 
@@ -20,6 +20,7 @@ def export_command(
     data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP + " Needed for int8 (calibration)."),
     profile: str = typer.Option("host", "--profile", "-p", help="Target device profile: ISA, threads, precisions."),
     max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", help="Top-1 points int8 may lose."),
+    min_agreement: MinAgreement = None,
     search: bool = typer.Option(False, "--search", help="Try every quantization preset of the ISA; keep the fastest."),
     calibration: Calibration = "auto",
     opset: int = typer.Option(17, "--opset", help="ONNX opset (17-20)."),
@@ -45,7 +46,9 @@ def export_command(
         log.info("no --data: the bundle ships fp32 (int8 needs calibration images and an accuracy check)")
     options = BundleOptions(
         isa=device.isa, precisions=tuple(p for p in device.precisions if p != "fp32"), search=search, opset=opset,
-        guard=GuardConfig(max_accuracy_drop=max_accuracy_drop, calibration_method=calibration), threads=device.threads,
+        guard=GuardConfig(max_accuracy_drop=max_accuracy_drop, calibration_method=calibration,
+                          min_agreement=None if min_agreement is None else min_agreement / 100),
+        threads=device.threads,
         overwrite=overwrite, time_models=device.latency == "host",
         calibration_images=max_train or CALIBRATION_IMAGES, validation_images=max_val,
         latency_table=device.table_path if device.latency == "table" else None,

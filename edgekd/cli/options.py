@@ -49,6 +49,12 @@ def _positive(what: str, example: str) -> Callable[[Optional[float]], Optional[f
     return check
 
 
+def _percentage(value: Optional[float]) -> Optional[float]:
+    if value is not None and not 0 < value <= 100:
+        raise typer.BadParameter(f"{value:g} is not a percentage of images; give one above 0 and at most 100 (e.g. 95)")
+    return value
+
+
 def _precisions() -> tuple[str, ...]:
     from edgekd.distill.train_utils import PRECISIONS
 
@@ -61,6 +67,12 @@ def _calibrations() -> tuple[str, ...]:
     return tuple(CALIBRATION_CHOICES)
 
 
+MinAgreement = Annotated[Optional[float], typer.Option(
+    "--min-agreement", callback=_percentage, metavar="PERCENT",
+    help="Also require int8 (and fp16) to give the fp32 student's top-1 answer on at least this share of the "
+    "validation images, e.g. 95. Default: no floor, top-1 accuracy alone decides: a form can keep the accuracy and "
+    "still change answers near ties (a 2-epoch MobileNetV3-large student's static int8 kept its top-1 and agreed on "
+    "82.9%, benchmarks/results/quantization_fidelity_avx512_vnni.md).")]
 Teachers = Annotated[list[str], typer.Option("--teacher", "-t", help=_teacher_help())]
 TeacherCheckpoints = Annotated[list[Path], typer.Option(
     "--teacher-checkpoint", help="A state_dict (.safetensors or .pth) per --teacher, loaded safely.")]

@@ -147,10 +147,9 @@ def _build(model: torch.nn.Module, checkpoint: StudentCheckpoint, work: Path, st
     reference = onnx_logits(fp32_path, evalset.images).argmax(1) if evalset else None
     fp32_metrics = evaluate_onnx(fp32_path, evalset, reference) if evalset else OnnxMetrics(None, None, 0)
     shipped = evaluate_onnx(model_path, evalset, reference) if evalset else OnnxMetrics(None, None, 0)
-    if precision == "fp16" and evalset is not None and (_drop(fp32_metrics, shipped) or 0) > \
-            options.guard.max_accuracy_drop:
-        log.warning("fp16 loses %.2f points of top-1 (guard %.2f): shipping fp32", _drop(fp32_metrics, shipped),
-                    options.guard.max_accuracy_drop)
+    failure = _fp16_failure(fp32_metrics, shipped, options.guard) if precision == "fp16" and evalset else None
+    if failure:
+        log.warning("fp16 %s: shipping fp32", failure)
         precision, shipped = "fp32", fp32_metrics
         quantize_onnx(fp32_path, model_path, precision)
     latency = decision.latency_ms if decision else None
@@ -293,6 +292,20 @@ def _ort_entry(folder: Path, name: str, parent: str) -> list[Artifact]:
         return []
     return [Artifact(stage="export", path=name, sha256=sha256_file(folder / name), parent=parent,
                      config={"format": "ort", "optimization": "basic"})]
+
+
+def _fp16_failure(fp32: OnnxMetrics, shipped: OnnxMetrics, guard: GuardConfig) -> str | None:
+    """Why fp16 fails the guard int8 is held to (top-1 drop, or disagreement without labels; the agreement floor),
+    or None when it passes."""
+    agreement = shipped.agreement if shipped.agreement is not None else 0.0
+    drop = _drop(fp32, shipped)
+    if drop is None:
+        drop = float(np.round(100 * (1.0 - agreement), 4))
+    if drop > guard.max_accuracy_drop:
+        return f"loses {drop:.2f} points (guard {guard.max_accuracy_drop:g})"
+    if guard.min_agreement is not None and agreement < guard.min_agreement:
+        return f"agrees with fp32 on {agreement:.1%} of the images (--min-agreement {100 * guard.min_agreement:g})"
+    return None
 
 
 def _drop(fp32: OnnxMetrics, shipped: OnnxMetrics) -> float | None:

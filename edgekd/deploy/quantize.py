@@ -481,7 +481,7 @@ class GuardConfig:
     """When a quantized model is good enough, and how hard to try before giving up on a preset."""
 
     max_accuracy_drop: float = 1.0  # points of top-1 (of agreement with fp32 when the data has no labels)
-    min_agreement: float | None = None  # optional floor on top-1 agreement with the fp32 model
+    min_agreement: float | None = None  # optional floor (a share, 0-1) on top-1 agreement with the fp32 model
     max_rounds: int = 4  # rounds of "keep the most sensitive nodes in float, quantize again"
     first_exclusion: float = 0.05  # share of quantizable nodes kept in float after round 1; doubles each round
     min_speedup: float = 1.05  # int8 must beat fp32 by this factor (beyond timing noise) to be worth its error
@@ -590,7 +590,7 @@ def guarded_quantize(fp32_path: Path, out_path: Path, *, evalset: EvalSet, calib
                 best = (final, attempt.rename(Path(work) / f"best_{index}.onnx"))
         if best is not None and timing is not None:
             fp32_ms, best = _side_by_side(timing, fp32_path, *best)
-        decision = _decide(best, fp32_top1, fp32_ms, isa, out_path, tuple(trials), guard.min_speedup, latency_source)
+        decision = _decide(best, fp32_top1, fp32_ms, isa, out_path, tuple(trials), guard, latency_source)
         quantize_onnx(best[1] if decision.precision != "fp32" and best else fp32_path, out_path, "fp32")
     log.info("quantization: shipped %s (%s)", decision.precision, decision.reason)
     return decision
@@ -621,10 +621,13 @@ def _faster(candidate: Trial, incumbent: Trial) -> bool:
 
 
 def _decide(best: tuple[Trial, Path] | None, fp32_top1: float | None, fp32_ms: float | None, isa: str,
-            out_path: Path, trials: tuple[Trial, ...], min_speedup: float, latency_source: str) -> QuantDecision:
+            out_path: Path, trials: tuple[Trial, ...], guard: GuardConfig, latency_source: str) -> QuantDecision:
+    min_speedup = guard.min_speedup
     if best is None:
+        floor = "" if guard.min_agreement is None else \
+            f" and agreed with fp32 on {100 * guard.min_agreement:g}% of the images (--min-agreement)"
         return QuantDecision("fp32", out_path, isa, None, fp32_top1, fp32_ms, fp32_ms, trials=trials,
-                             reason="no int8 form stayed within the accuracy guard")
+                             reason=f"no int8 form stayed within the accuracy guard{floor}")
     trial = best[0]
     if fp32_ms is not None and trial.latency_ms is not None and trial.latency_ms * min_speedup > fp32_ms:
         return QuantDecision("fp32", out_path, isa, None, fp32_top1, fp32_ms, fp32_ms, trials=trials,
