@@ -69,3 +69,66 @@ def test_integer_convolution_is_computed_exactly_in_float(tmp_path: Path, spatia
                      padding=1, stride=2, groups=4)
     assert emulated.dtype == np.int32 and emulated.shape == (1, 4, *(5 for _ in spatial))
     np.testing.assert_array_equal(emulated, exact.numpy().astype(np.int64))
+
+
+def requantized_graph(op: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A QLinearConv / QLinearMatMul / QGemm as ORT's QOperator format writes them (uint8 activations with a zero
+    point, int8 weights per output channel, int32 bias), with products past int16 in pairs and an output scale that
+    keeps the exact answer inside uint8. Returns (activations, the exact answer: int64 sums, float64 requantization,
+    rounded half to even)."""
+    rng = np.random.default_rng(2)
+    channels, k = 6, 256
+    x_scale, x_zero, y_zero = 0.02, 3, 40
+    w_scale = rng.uniform(0.01, 0.03, size=channels).astype(np.float32)
+    bias = rng.integers(-5000, 5000, size=channels).astype(np.int32)
+    if op == "QLinearConv":
+        x = rng.integers(200, 256, size=(2, k, 3, 3)).astype(np.uint8)
+        w = rng.integers(90, 128, size=(channels, k, 1, 1)).astype(np.int8)
+        acc = np.einsum("nkhw,mk->nmhw", x.astype(np.int64) - x_zero, w[:, :, 0, 0].astype(np.int64))
+        acc += bias.reshape(1, -1, 1, 1)
+        per_channel = w_scale.reshape(1, -1, 1, 1)
+    else:
+        x = rng.integers(200, 256, size=(2, k)).astype(np.uint8)
+        w = rng.integers(90, 128, size=(k, channels)).astype(np.int8)
+        acc = (x.astype(np.int64) - x_zero) @ w.astype(np.int64)
+        per_channel = w_scale
+        if op == "QGemm":
+            acc += bias
+            w = np.ascontiguousarray(w.T)  # transB=1, as the quantizer writes a classifier
+        else:
+            w_scale = w_scale[:1]  # QLinearMatMul takes one scale per tensor here, as ORT writes them
+            per_channel = w_scale
+    y_scale = float(np.max(acc * x_scale * per_channel) / 200)  # the largest answer near 240: no clipping
+    exact = np.clip(np.round(acc * (x_scale * per_channel.astype(np.float64) / y_scale)) + y_zero, 0, 255)
+    constants = [numpy_helper.from_array(np.array(x_scale, np.float32), "xs"),
+                 numpy_helper.from_array(np.array(x_zero, np.uint8), "xz"), numpy_helper.from_array(w, "w"),
+                 numpy_helper.from_array(w_scale if op != "QLinearMatMul" else w_scale[0], "ws"),
+                 numpy_helper.from_array(np.zeros(len(w_scale), np.int8) if op != "QLinearMatMul" else
+                                         np.array(0, np.int8), "wz"),
+                 numpy_helper.from_array(np.array(y_scale, np.float32), "ys"),
+                 numpy_helper.from_array(np.array(y_zero, np.uint8), "yz")]
+    constants += [numpy_helper.from_array(bias, "b")] if op != "QLinearMatMul" else []
+    if op == "QGemm":
+        node = helper.make_node("QGemm", ["x", "xs", "xz", "w", "ws", "wz", "b", "ys", "yz"], ["y"], name="q",
+                                domain="com.microsoft", transB=1, alpha=1.0)
+    else:
+        inputs = ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"] + (["b"] if op == "QLinearConv" else [])
+        node = helper.make_node(op, inputs, ["y"], name="q")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], constants)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))
+    return x, exact.astype(np.int64)
+
+
+@pytest.mark.parametrize("op", ["QLinearConv", "QLinearMatMul", "QGemm"])
+def test_qoperator_products_are_requantized_as_a_non_saturating_cpu_does(op: str, tmp_path: Path) -> None:
+    """The static QOperator preset's files for another CPU are measured through the rewrite too."""
+    x, exact = requantized_graph(op, tmp_path / "q.onnx")
+    emulated = session(tmp_path / "q.onnx", unfused=True).run(None, {"x": x})[0]
+    assert emulated.dtype == np.uint8 and emulated.shape == exact.shape
+    difference = np.abs(emulated.astype(np.int64) - exact)
+    assert difference.max() <= 1 and (difference == 0).mean() >= 0.95  # float32 products: a tie may round apart
+    own = session(tmp_path / "q.onnx").run(None, {"x": x})[0]  # this host's own kernels
+    if detect_isa() == "avx2":
+        assert np.abs(own.astype(np.int64) - exact).max() > 20, "expected VPMADDUBSW saturation on this AVX2 host"

@@ -322,6 +322,26 @@ def test_a_dynamic_int8_file_for_another_cpu_is_measured_as_that_cpu_computes_it
         assert np.abs(onnx_logits(dynamic, images) - measured).max() > 0.05
 
 
+def test_a_qoperator_int8_file_for_another_cpu_is_measured_as_that_cpu_computes_it(resnet, tmp_path: Path) -> None:
+    """Static int8 in the QOperator form (QLinearConv, QGemm: the search's u8s8_qoperator_per_channel preset) for a
+    VNNI CPU has no QDQ graph to run unfused: its products are rewritten in float and requantized as the op does."""
+    from edgekd.deploy.integer_emulation import REQUANTIZED_PRODUCT_OPS
+    from edgekd.deploy.quantize import U8S8_QOPERATOR
+    from edgekd.select.profiles import detect_isa
+
+    fp32, evalset, calibration = resnet
+    images = evalset.images[:64]
+    other = "avx512_vnni" if detect_isa() != "avx512_vnni" else "arm64"
+    static = quantize_onnx(fp32, tmp_path / "qoperator.onnx", "int8_static", isa=other, calibration=calibration,
+                           preset=U8S8_QOPERATOR)
+    assert {n.op_type for n in onnx.load(str(static)).graph.node} & REQUANTIZED_PRODUCT_OPS
+    assert emulates_target(static, other) and not emulates_target(static, detect_isa())
+    measured = onnx_logits(static, images, target_isa=other)
+    assert (measured.argmax(1) == onnx_logits(fp32, images).argmax(1)).mean() >= 0.9
+    if detect_isa() == "avx2":  # this host's kernels saturate pairs of products: other answers
+        assert np.abs(onnx_logits(static, images) - measured).max() > 0.05
+
+
 def test_auto_calibration_tries_each_method_before_keeping_nodes_in_float(resnet, tmp_path: Path) -> None:
     fp32, evalset, calibration = resnet
     impossible = GuardConfig(max_accuracy_drop=-100.0, max_rounds=1)  # "auto" is the default

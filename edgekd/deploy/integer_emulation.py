@@ -8,8 +8,10 @@ loss, so a file made for them (no reduce_range) measured in an AVX2 CPU's kernel
 there: the 2-epoch EfficientNet-B0 student's dynamic int8 lost 4.96 points on the AVX2 host against 0.06 on an AMX
 one. Rewritten here, each integer product is the same integers, zero points subtracted, multiplied in float32 and
 cast back to int32: exact up to float32's rounding of sums above 2^24 (a relative error near 1e-7, far below the
-int8 rounding itself). QDQ static files need no rewrite: run without graph optimisation they already compute in
-float (verify.session).
+int8 rounding itself). QOperator static files (QLinearConv, QLinearMatMul, QGemm: the same products, requantized
+to the output's scale inside the op) get the same rewrite, followed by the op's requantization written out: times
+scale_a x scale_b / scale_y, rounded half to even, plus the output zero point, clipped to its type. QDQ static files
+need no rewrite: run without graph optimisation they already compute in float (verify.session).
 """
 
 from __future__ import annotations
@@ -17,16 +19,23 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-INTEGER_PRODUCT_OPS = frozenset({"MatMulInteger", "ConvInteger"})
+REQUANTIZED_PRODUCT_OPS = frozenset({"QLinearConv", "QLinearMatMul", "QGemm"})
+INTEGER_PRODUCT_OPS = frozenset({"MatMulInteger", "ConvInteger"}) | REQUANTIZED_PRODUCT_OPS
+_TYPE_RANGES = {TensorProto.UINT8: (0, 255), TensorProto.INT8: (-128, 127)}
 
 
 def integer_products_in_float(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` with every MatMulInteger / ConvInteger replaced by the same product in float32."""
+    """A copy of `model` with every integer product (MatMulInteger, ConvInteger, QLinearConv, QLinearMatMul, QGemm)
+    replaced by the same product in float32."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     ranks = {init.name: len(init.dims) for init in graph.initializer}
+    types = {init.name: init.data_type for init in graph.initializer}
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
+        if node.op_type in REQUANTIZED_PRODUCT_OPS:
+            nodes += _requantized_product(node, ranks, types)
+            continue
         if node.op_type not in INTEGER_PRODUCT_OPS:
             nodes.append(node)
             continue
@@ -51,21 +60,103 @@ def integer_products_in_float(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _requantized_product(node: onnx.NodeProto, ranks: dict[str, int], types: dict[str, int]
+                         ) -> list[onnx.NodeProto]:
+    """QLinearConv / QLinearMatMul / QGemm as float ops: the integer product (zero points subtracted), plus the int32
+    bias, times scale_a x scale_b (x alpha), then divided by the output scale, rounded, shifted by the output zero
+    point and clipped to its type; QGemm without an output scale answers in float."""
+    prefix = f"{node.name or node.output[0]}/in_float"
+    inputs = list(node.input) + [""] * 9
+    attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+    if node.op_type == "QGemm":  # A, a_scale, a_zero, B, b_scale, b_zero, C, y_scale, y_zero
+        a, a_scale, a_zero, b, b_scale, b_zero, bias, y_scale, y_zero = inputs[:9]
+    else:  # x, x_scale, x_zero, w, w_scale, w_zero, y_scale, y_zero[, B]
+        a, a_scale, a_zero, b, b_scale, b_zero, y_scale, y_zero, bias = inputs[:9]
+    conv = node.op_type == "QLinearConv"
+    rank = ranks.get(b, 4)
+    # per output channel: a conv's weights [M, ...] and its output [N, M, ...]; a Gemm's transposed weights [N, K];
+    # a MatMul's weights [K, N] and output [..., N] need no reshape (None); per-row values of A meet A as [M, 1]
+    b_channel = [-1] + [1] * (rank - 1) if conv else ([-1, 1] if attributes.get("transB") else None)
+    out_channel = [-1] + [1] * (rank - 2) if conv else None
+    a_centred, nodes = _centred(a, a_zero, f"{prefix}/a", None if conv else [-1, 1])
+    b_centred, b_nodes = _centred(b, b_zero, f"{prefix}/b", b_channel)
+    nodes += b_nodes
+    if conv:
+        op = helper.make_node("Conv", [a_centred, b_centred], [f"{prefix}/product"], name=f"{prefix}/op",
+                              **attributes)
+    elif node.op_type == "QGemm":
+        op = helper.make_node("Gemm", [a_centred, b_centred], [f"{prefix}/product"], name=f"{prefix}/op",
+                              transA=attributes.get("transA", 0), transB=attributes.get("transB", 0))
+    else:
+        op = helper.make_node("MatMul", [a_centred, b_centred], [f"{prefix}/product"], name=f"{prefix}/op")
+    nodes.append(op)
+    total = op.output[0]
+    if bias:
+        shaped, bias_nodes = _as_float(bias, f"{prefix}/bias", out_channel)
+        nodes += [*bias_nodes, helper.make_node("Add", [total, shaped], [f"{prefix}/biased"], name=f"{prefix}/bias")]
+        total = nodes[-1].output[0]
+    nodes.append(helper.make_node("Mul", [a_scale, b_scale], [f"{prefix}/scale"], name=f"{prefix}/scale"))
+    scale = nodes[-1].output[0]
+    if y_scale:
+        nodes.append(helper.make_node("Div", [scale, y_scale], [f"{prefix}/requantize"], name=f"{prefix}/requantize"))
+        scale = nodes[-1].output[0]
+    if attributes.get("alpha", 1.0) != 1.0:
+        nodes.append(helper.make_node("Mul", [scale, _constant(nodes, f"{prefix}/alpha", attributes["alpha"])],
+                                      [f"{prefix}/alpha_scale"], name=f"{prefix}/alpha_scale"))
+        scale = nodes[-1].output[0]
+    if out_channel is not None:
+        scale, shape_nodes = _reshaped(scale, out_channel, f"{prefix}/scale")
+        nodes += shape_nodes
+    last = node.output[0] if not y_scale else f"{prefix}/scaled"
+    nodes.append(helper.make_node("Mul", [total, scale], [last], name=f"{prefix}/scaled"))
+    if not y_scale:
+        return nodes
+    out_type = types.get(y_zero, TensorProto.UINT8)  # ONNX's default output type without a zero point
+    low, high = _TYPE_RANGES[out_type]
+    rounded = helper.make_node("Round", [last], [f"{prefix}/rounded"], name=f"{prefix}/rounded")  # half to even
+    nodes.append(rounded)
+    shifted = rounded.output[0]
+    if y_zero:
+        point, point_nodes = _as_float(y_zero, f"{prefix}/y_zero", None)
+        nodes += [*point_nodes, helper.make_node("Add", [shifted, point], [f"{prefix}/shifted"],
+                                                 name=f"{prefix}/shifted")]
+        shifted = nodes[-1].output[0]
+    nodes += [helper.make_node("Clip", [shifted, _constant(nodes, f"{prefix}/low", low),
+                                        _constant(nodes, f"{prefix}/high", high)], [f"{prefix}/clipped"],
+                               name=f"{prefix}/clipped"),
+              helper.make_node("Cast", [f"{prefix}/clipped"], [node.output[0]], name=f"{prefix}/typed", to=out_type)]
+    return nodes
+
+
+def _constant(nodes: list[onnx.NodeProto], name: str, value: float) -> str:
+    """Appends a float32 scalar Constant to `nodes`; returns its output."""
+    nodes.append(helper.make_node("Constant", [], [name], name=name,
+                                  value=helper.make_tensor(f"{name}_value", TensorProto.FLOAT, [], [float(value)])))
+    return name
+
+
+def _as_float(value: str, prefix: str, shape: list[int] | None) -> tuple[str, list[onnx.NodeProto]]:
+    cast = helper.make_node("Cast", [value], [f"{prefix}/float"], name=f"{prefix}/float", to=TensorProto.FLOAT)
+    if shape is None:
+        return cast.output[0], [cast]
+    shaped, nodes = _reshaped(cast.output[0], shape, prefix)
+    return shaped, [cast, *nodes]
+
+
+def _reshaped(value: str, shape: list[int], prefix: str) -> tuple[str, list[onnx.NodeProto]]:
+    constant = helper.make_node("Constant", [], [f"{prefix}/shape"], name=f"{prefix}/shape",
+                                value=helper.make_tensor(f"{prefix}/shape_value", TensorProto.INT64, [len(shape)],
+                                                         shape))
+    reshape = helper.make_node("Reshape", [value, constant.output[0]], [f"{prefix}/shaped"], name=f"{prefix}/shaped")
+    return reshape.output[0], [constant, reshape]
+
+
 def _centred(value: str, zero_point: str, prefix: str, zero_point_shape: list[int] | None
              ) -> tuple[str, list[onnx.NodeProto]]:
     """`value` - `zero_point` in float32 (the zero point reshaped to `zero_point_shape` first, when given)."""
     cast = helper.make_node("Cast", [value], [f"{prefix}/float"], name=f"{prefix}/float", to=TensorProto.FLOAT)
     if not zero_point:
         return cast.output[0], [cast]
-    nodes = [cast, helper.make_node("Cast", [zero_point], [f"{prefix}/zero_point"], name=f"{prefix}/zero_point",
-                                    to=TensorProto.FLOAT)]
-    point = nodes[-1].output[0]
-    if zero_point_shape is not None:
-        shape = helper.make_node("Constant", [], [f"{prefix}/shape"], name=f"{prefix}/shape",
-                                 value=helper.make_tensor(f"{prefix}/shape_value", TensorProto.INT64,
-                                                          [len(zero_point_shape)], zero_point_shape))
-        nodes += [shape, helper.make_node("Reshape", [point, shape.output[0]], [f"{prefix}/zero_point_shaped"],
-                                          name=f"{prefix}/zero_point_shaped")]
-        point = nodes[-1].output[0]
+    point, nodes = _as_float(zero_point, f"{prefix}/zero_point", zero_point_shape)
     nodes.append(helper.make_node("Sub", [cast.output[0], point], [f"{prefix}/centred"], name=f"{prefix}/centred"))
-    return nodes[-1].output[0], nodes
+    return nodes[-1].output[0], [cast, *nodes]

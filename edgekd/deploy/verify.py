@@ -130,8 +130,9 @@ def preprocess_records(records: Dataset, preprocess: Preprocess, limit: int | No
 
 def session(path: Path, threads: int = 0, *, unfused: bool = False) -> ort.InferenceSession:
     """A CPU session; `threads` 0 lets ORT pick. `unfused`: no graph optimisation, so a QDQ graph's ops compute in
-    float on the dequantized values instead of in this CPU's fused int8 kernels, and dynamic int8's integer
-    products are computed in float too (integer_emulation.py; see emulates_target)."""
+    float on the dequantized values instead of in this CPU's fused int8 kernels, and the integer products of
+    dynamic int8 and of QOperator static int8 are computed in float too (integer_emulation.py; see
+    emulates_target)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     if not unfused:
@@ -150,8 +151,8 @@ def emulates_target(path: Path, target_isa: str | None) -> bool:
     pairs summed into int16 (VPMADDUBSW), which saturates on full-range weights; the real Lite0's avx512_vnni int8
     agreed with fp32 on 79% of confident photo crops on such an AVX2 CPU and on 98.5% on a VNNI one. A QDQ graph
     run unfused computes what an int8 unit that does not saturate computes (VNNI, arm64's dot products, AVX2 with
-    7-bit weights), up to the last rounding, and so does a dynamic int8 file whose integer products are rewritten in
-    float; a file for this CPU is measured in this CPU's own kernels, saturation included."""
+    7-bit weights), up to the last rounding, and so does a dynamic or QOperator int8 file whose integer products are
+    rewritten in float; a file for this CPU is measured in this CPU's own kernels, saturation included."""
     if target_isa is None or Path(path).suffix == ".ort":
         return False
     from edgekd.select.profiles import detect_isa  # the host's kind, as profiles with isa = "auto" see it
@@ -159,7 +160,7 @@ def emulates_target(path: Path, target_isa: str | None) -> bool:
     if target_isa == detect_isa():
         return False
     graph = onnx.load(str(path), load_external_data=False).graph
-    weights = {init.name for init in graph.initializer}  # QDQ dequantizes its int8 weights; QOperator has no such node
+    weights = {init.name for init in graph.initializer}  # QDQ dequantizes its int8 weights; QOperator multiplies them
     return any((node.op_type == "DequantizeLinear" and node.input[0] in weights) or node.op_type in INTEGER_PRODUCT_OPS
                for node in graph.node)
 
