@@ -625,7 +625,7 @@ def _decide(best: tuple[Trial, Path] | None, fp32_top1: float | None, fp32_ms: f
     min_speedup = guard.min_speedup
     if best is None:
         floor = "" if guard.min_agreement is None else \
-            f" and agreed with fp32 on {100 * guard.min_agreement:g}% of the images (--min-agreement)"
+            f" and agreed with fp32 on at least {100 * guard.min_agreement:g}% of the images (--min-agreement)"
         return QuantDecision("fp32", out_path, isa, None, fp32_top1, fp32_ms, fp32_ms, trials=trials,
                              reason=f"no int8 form stayed within the accuracy guard{floor}")
     trial = best[0]
