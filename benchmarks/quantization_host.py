@@ -13,6 +13,7 @@ Part B also runs the fine-tuned Lite0 under a 0.5-point guard ("strict" stage).
 Part C (the accuracy guard on the real Lite0 and every photo crop): what ships when it must agree on >= 97%.
 
     flock /tmp/edgekd-cpu.lock python benchmarks/quantization_host.py [all|latency|students|strict|photos|table]
+        [--models deit_tiny_patch16_224,tf_efficientnet_lite0 --redo]   (latency: re-time some models only)
 
 The Optimum rows need its own environment (`make optimum-env`); without .venv-optimum they are left out and the
 table says so.
@@ -112,11 +113,11 @@ def photo_sets(model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
     return evaluation, calibration
 
 
-def latency_stage(results: dict) -> None:
+def latency_stage(results: dict, models: tuple[str, ...] = LATENCY_MODELS, redo: bool = False) -> None:
     isa = detect_isa()
     rows = results.setdefault("latency", {})
-    for name in LATENCY_MODELS:
-        if name in rows:
+    for name in models:
+        if name in rows and not redo:
             continue
         real = name == REAL
         model = create_model(name, 1000, (224, 224)).eval()
@@ -622,12 +623,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("stage", nargs="?", default="all",
                         choices=("all", "latency", "students", "strict", "causes", "photos", "table"))
+    # A VNNI/AMX machine lent for minutes can re-time only what matters there: e.g.
+    # `latency --models deit_tiny_patch16_224,tf_efficientnet_lite0 --redo` (issue 11's 2x and float-stem rows).
+    parser.add_argument("--models", default=",".join(LATENCY_MODELS),
+                        help="latency stage: comma-separated models (default: all of part A's)")
+    parser.add_argument("--redo", action="store_true", help="latency stage: measure models that have a row again")
     args = parser.parse_args()
+    models = tuple(m for m in args.models.split(",") if m)
+    if unknown := [m for m in models if m not in LATENCY_MODELS]:
+        parser.error(f"not a part A model: {', '.join(unknown)}; use {', '.join(LATENCY_MODELS)}")
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     torch.set_num_threads(2)
     results = json.loads(JSON_PATH.read_text()) if JSON_PATH.exists() else {}
     if args.stage in ("all", "latency"):
-        latency_stage(results)
+        latency_stage(results, models, args.redo)
     if args.stage in ("all", "students"):
         students_stage(results)
     if args.stage in ("all", "strict"):
