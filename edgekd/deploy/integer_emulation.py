@@ -41,20 +41,12 @@ def integer_products_in_float(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         prefix = f"{node.name or node.output[0]}/in_float"
         inputs = list(node.input) + [""] * (4 - len(node.input))
-        conv = node.op_type == "ConvInteger"
-        # a per-row zero point of A ([M]) meets A's rows as [M, 1]; a per-output-channel zero point of a conv's
-        # weights ([M]) meets them as [M, 1, 1, 1] (2-D; one 1 per further axis); B's per-column zero point ([N])
-        # broadcasts as it is
-        a_shape = None if conv else [-1, 1]
-        b_shape = [-1] + [1] * (ranks.get(inputs[1], 4) - 1) if conv else None
-        a, a_nodes = _centred(inputs[0], inputs[2], f"{prefix}/a", a_shape)
-        b, b_nodes = _centred(inputs[1], inputs[3], f"{prefix}/b", b_shape)
         attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
-        product = helper.make_node("Conv" if conv else "MatMul", [a, b], [f"{prefix}/product"], name=f"{prefix}/op",
-                                   **attributes)
-        cast = helper.make_node("Cast", [product.output[0]], [node.output[0]], name=f"{prefix}/int32",
-                                to=TensorProto.INT32)
-        nodes += [*a_nodes, *b_nodes, product, cast]
+        product, product_nodes = _product_in_float("Conv" if node.op_type == "ConvInteger" else "MatMul", inputs[0],
+                                                   inputs[2], inputs[1], inputs[3], ranks.get(inputs[1], 4),
+                                                   attributes, prefix)
+        cast = helper.make_node("Cast", [product], [node.output[0]], name=f"{prefix}/int32", to=TensorProto.INT32)
+        nodes += [*product_nodes, cast]
     del graph.node[:]
     graph.node.extend(nodes)
     return model
@@ -68,29 +60,17 @@ def _requantized_product(node: onnx.NodeProto, ranks: dict[str, int], types: dic
     prefix = f"{node.name or node.output[0]}/in_float"
     inputs = list(node.input) + [""] * 9
     attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+    alpha = attributes.get("alpha", 1.0)
     if node.op_type == "QGemm":  # A, a_scale, a_zero, B, b_scale, b_zero, C, y_scale, y_zero
         a, a_scale, a_zero, b, b_scale, b_zero, bias, y_scale, y_zero = inputs[:9]
+        attributes = {key: attributes.get(key, 0) for key in ("transA", "transB")}  # alpha joins the scales below
     else:  # x, x_scale, x_zero, w, w_scale, w_zero, y_scale, y_zero[, B]
         a, a_scale, a_zero, b, b_scale, b_zero, y_scale, y_zero, bias = inputs[:9]
     conv = node.op_type == "QLinearConv"
     rank = ranks.get(b, 4)
-    # per output channel: a conv's weights [M, ...] and its output [N, M, ...]; a Gemm's transposed weights [N, K];
-    # a MatMul's weights [K, N] and output [..., N] need no reshape (None); per-row values of A meet A as [M, 1]
-    b_channel = [-1] + [1] * (rank - 1) if conv else ([-1, 1] if attributes.get("transB") else None)
-    out_channel = [-1] + [1] * (rank - 2) if conv else None
-    a_centred, nodes = _centred(a, a_zero, f"{prefix}/a", None if conv else [-1, 1])
-    b_centred, b_nodes = _centred(b, b_zero, f"{prefix}/b", b_channel)
-    nodes += b_nodes
-    if conv:
-        op = helper.make_node("Conv", [a_centred, b_centred], [f"{prefix}/product"], name=f"{prefix}/op",
-                              **attributes)
-    elif node.op_type == "QGemm":
-        op = helper.make_node("Gemm", [a_centred, b_centred], [f"{prefix}/product"], name=f"{prefix}/op",
-                              transA=attributes.get("transA", 0), transB=attributes.get("transB", 0))
-    else:
-        op = helper.make_node("MatMul", [a_centred, b_centred], [f"{prefix}/product"], name=f"{prefix}/op")
-    nodes.append(op)
-    total = op.output[0]
+    out_channel = [-1] + [1] * (rank - 2) if conv else None  # a conv's per-channel values meet its output [N, M, ...]
+    op_type = {"QLinearConv": "Conv", "QLinearMatMul": "MatMul", "QGemm": "Gemm"}[node.op_type]
+    total, nodes = _product_in_float(op_type, a, a_zero, b, b_zero, rank, attributes, prefix)
     if bias:
         shaped, bias_nodes = _as_float(bias, f"{prefix}/bias", out_channel)
         nodes += [*bias_nodes, helper.make_node("Add", [total, shaped], [f"{prefix}/biased"], name=f"{prefix}/bias")]
@@ -100,8 +80,8 @@ def _requantized_product(node: onnx.NodeProto, ranks: dict[str, int], types: dic
     if y_scale:
         nodes.append(helper.make_node("Div", [scale, y_scale], [f"{prefix}/requantize"], name=f"{prefix}/requantize"))
         scale = nodes[-1].output[0]
-    if attributes.get("alpha", 1.0) != 1.0:
-        nodes.append(helper.make_node("Mul", [scale, _constant(nodes, f"{prefix}/alpha", attributes["alpha"])],
+    if alpha != 1.0:
+        nodes.append(helper.make_node("Mul", [scale, _constant(nodes, f"{prefix}/alpha", alpha)],
                                       [f"{prefix}/alpha_scale"], name=f"{prefix}/alpha_scale"))
         scale = nodes[-1].output[0]
     if out_channel is not None:
@@ -126,6 +106,21 @@ def _requantized_product(node: onnx.NodeProto, ranks: dict[str, int], types: dic
                                name=f"{prefix}/clipped"),
               helper.make_node("Cast", [f"{prefix}/clipped"], [node.output[0]], name=f"{prefix}/typed", to=out_type)]
     return nodes
+
+
+def _product_in_float(op_type: str, a: str, a_zero: str, b: str, b_zero: str, b_rank: int,
+                      attributes: dict, prefix: str) -> tuple[str, list[onnx.NodeProto]]:
+    """The integer product of `a` and `b`, zero points subtracted, as a float32 Conv / MatMul / Gemm: (its output,
+    the nodes). A per-row zero point of A ([M]) meets A's rows as [M, 1]; a per-output-channel zero point of a
+    conv's weights ([M]) meets them as [M, 1, 1, 1] (2-D; one 1 per further axis), of a transposed Gemm's [N, K]
+    weights as [N, 1]; a MatMul's per-column zero point ([N]) broadcasts as it is."""
+    conv = op_type == "Conv"
+    b_shape = [-1] + [1] * (b_rank - 1) if conv else ([-1, 1] if attributes.get("transB") else None)
+    a_centred, nodes = _centred(a, a_zero, f"{prefix}/a", None if conv else [-1, 1])
+    b_centred, b_nodes = _centred(b, b_zero, f"{prefix}/b", b_shape)
+    product = helper.make_node(op_type, [a_centred, b_centred], [f"{prefix}/product"], name=f"{prefix}/op",
+                               **attributes)
+    return product.output[0], [*nodes, *b_nodes, product]
 
 
 def _constant(nodes: list[onnx.NodeProto], name: str, value: float) -> str:
