@@ -114,7 +114,7 @@ def compress_command(
         teachers=tuple(specs), budget_ms=budget_ms, out=run_dir, profile=profile, image_size=image_size,
         student=student, student_init=student_init, candidates=tuple(_names(candidates) or ()) or None,
         max_accuracy_drop=max_accuracy_drop, calibration_method=calibration,
-        min_agreement=None if min_agreement is None else min_agreement / 100,
+        min_agreement=min_agreement,
         search_quantization=search_quantization, eval_images=eval_images,
         data=DataSpec(source=data, fashion_mnist_root=fashion_mnist_root, seed=seed, max_train=max_train,
                       max_val=max_val,

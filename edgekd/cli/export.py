@@ -47,7 +47,7 @@ def export_command(
     options = BundleOptions(
         isa=device.isa, precisions=tuple(p for p in device.precisions if p != "fp32"), search=search, opset=opset,
         guard=GuardConfig(max_accuracy_drop=max_accuracy_drop, calibration_method=calibration,
-                          min_agreement=None if min_agreement is None else min_agreement / 100),
+                          min_agreement=min_agreement),
         threads=device.threads,
         overwrite=overwrite, time_models=device.latency == "host",
         calibration_images=max_train or CALIBRATION_IMAGES, validation_images=max_val,

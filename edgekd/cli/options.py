@@ -49,10 +49,13 @@ def _positive(what: str, example: str) -> Callable[[Optional[float]], Optional[f
     return check
 
 
-def _percentage(value: Optional[float]) -> Optional[float]:
-    if value is not None and not 0 < value <= 100:
+def _percentage_as_share(value: Optional[float]) -> Optional[float]:
+    """PERCENT at the command line, a share (0-1] in the code: the conversion is made once, here."""
+    if value is None:
+        return None
+    if not 0 < value <= 100:
         raise typer.BadParameter(f"{value:g} is not a percentage of images; give one above 0 and at most 100 (e.g. 95)")
-    return value
+    return value / 100
 
 
 def _precisions() -> tuple[str, ...]:
@@ -68,7 +71,7 @@ def _calibrations() -> tuple[str, ...]:
 
 
 MinAgreement = Annotated[Optional[float], typer.Option(
-    "--min-agreement", callback=_percentage, metavar="PERCENT",
+    "--min-agreement", callback=_percentage_as_share, metavar="PERCENT",
     help="Also require int8 (and fp16) to give the fp32 student's top-1 answer on at least this share of the "
     "validation images, e.g. 95. Default: no floor, top-1 accuracy alone decides: a form can keep the accuracy and "
     "still change answers near ties (a 2-epoch MobileNetV3-large student's static int8 kept its top-1 and agreed on "

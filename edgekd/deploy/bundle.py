@@ -27,8 +27,8 @@ from edgekd.data import LoadedData
 from edgekd.errors import EdgekdError, first_line
 from edgekd.deploy.export import export_with_parity
 from edgekd.select.latency import measure_onnx
-from edgekd.deploy.quantize import (CALIBRATION_IMAGES, GuardConfig, QuantDecision, Timing, guarded_quantize,
-                                   quantize_onnx)
+from edgekd.deploy.quantize import (CALIBRATION_IMAGES, GuardConfig, QuantDecision, Timing, guard_drop,
+                                   guarded_quantize, quantize_onnx)
 from edgekd.deploy.raw_input import (
     MIN_AGREEMENT,
     RAW_MODEL_NAME,
@@ -147,7 +147,10 @@ def _build(model: torch.nn.Module, checkpoint: StudentCheckpoint, work: Path, st
     reference = onnx_logits(fp32_path, evalset.images).argmax(1) if evalset else None
     fp32_metrics = evaluate_onnx(fp32_path, evalset, reference) if evalset else OnnxMetrics(None, None, 0)
     shipped = evaluate_onnx(model_path, evalset, reference) if evalset else OnnxMetrics(None, None, 0)
-    failure = _fp16_failure(fp32_metrics, shipped, options.guard) if precision == "fp16" and evalset else None
+    failure = None
+    if precision == "fp16" and evalset is not None:  # fp16 is held to the guard int8 is
+        agreement = shipped.agreement if shipped.agreement is not None else 0.0
+        failure = options.guard.failure(guard_drop(fp32_metrics.top1, shipped.top1, agreement), agreement)
     if failure:
         log.warning("fp16 %s: shipping fp32", failure)
         precision, shipped = "fp32", fp32_metrics
@@ -292,20 +295,6 @@ def _ort_entry(folder: Path, name: str, parent: str) -> list[Artifact]:
         return []
     return [Artifact(stage="export", path=name, sha256=sha256_file(folder / name), parent=parent,
                      config={"format": "ort", "optimization": "basic"})]
-
-
-def _fp16_failure(fp32: OnnxMetrics, shipped: OnnxMetrics, guard: GuardConfig) -> str | None:
-    """Why fp16 fails the guard int8 is held to (top-1 drop, or disagreement without labels; the agreement floor),
-    or None when it passes."""
-    agreement = shipped.agreement if shipped.agreement is not None else 0.0
-    drop = _drop(fp32, shipped)
-    if drop is None:
-        drop = float(np.round(100 * (1.0 - agreement), 4))
-    if drop > guard.max_accuracy_drop:
-        return f"loses {drop:.2f} points (guard {guard.max_accuracy_drop:g})"
-    if guard.min_agreement is not None and agreement < guard.min_agreement:
-        return f"agrees with fp32 on {agreement:.1%} of the images (--min-agreement {100 * guard.min_agreement:g})"
-    return None
 
 
 def _drop(fp32: OnnxMetrics, shipped: OnnxMetrics) -> float | None:

@@ -487,6 +487,21 @@ class GuardConfig:
     min_speedup: float = 1.05  # int8 must beat fp32 by this factor (beyond timing noise) to be worth its error
     calibration_method: str = "auto"  # or one of CALIBRATION_METHODS; see AUTO_CALIBRATION
 
+    def failure(self, drop: float, agreement: float) -> str | None:
+        """Why a form that loses `drop` points (guard_drop) and agrees with fp32 on `agreement` fails the guard, or
+        None when it passes: int8 forms and fp16 are held to the same rule."""
+        if drop > self.max_accuracy_drop:
+            return f"loses {drop:.2f} points (guard {self.max_accuracy_drop:g})"
+        if self.min_agreement is not None and agreement < self.min_agreement:
+            return f"agrees with fp32 on {agreement:.1%} of the images (--min-agreement {100 * self.min_agreement:g})"
+        return None
+
+
+def guard_drop(fp32_top1: float | None, top1: float | None, agreement: float) -> float:
+    """Points a form loses: of top-1 against fp32's, or of agreement with fp32 when the images have no labels."""
+    drop = 100.0 * (fp32_top1 - top1) if fp32_top1 is not None and top1 is not None else 100.0 * (1.0 - agreement)
+    return round(drop, 6)  # 3/300 images is 1.0 point, not 1.0000000000000009
+
 
 @dataclass(frozen=True)
 class Trial:
@@ -796,12 +811,8 @@ def _measure(path: Path, precision: str, preset: QuantPreset, isa: str, excluded
     predictions = onnx_logits(path, evalset.images, target_isa=isa).argmax(axis=1)
     metrics = metrics_from_predictions(predictions, evalset, reference=fp32_predictions)
     agreement = metrics.agreement if metrics.agreement is not None else 0.0
-    if fp32_top1 is not None and metrics.top1 is not None:
-        drop = 100.0 * (fp32_top1 - metrics.top1)
-    else:
-        drop = 100.0 * (1.0 - agreement)
-    drop = round(drop, 6)  # 3/300 images is 1.0 point, not 1.0000000000000009
-    passed = drop <= guard.max_accuracy_drop and (guard.min_agreement is None or agreement >= guard.min_agreement)
+    drop = guard_drop(fp32_top1, metrics.top1, agreement)
+    passed = guard.failure(drop, agreement) is None
     labels = evalset.labels if fp32_top1 is not None else None
     spread = drop_standard_error(fp32_predictions, predictions, labels)
     measured = int((labels >= 0).sum()) if labels is not None else len(predictions)  # what the drop counts
