@@ -134,10 +134,9 @@ def main() -> None:
         row("int8 weights, float activations", weights_in_int8(prepared, work / "weights.onnx"), emulate=False)
         every = static("every")
         every_predictions = row("static int8, every activation (minmax)", every)
-        nodes = [n.name for n in onnx.load(str(prepared)).graph.node]
-        classifier = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Gemm"]
+        not_classifier = tuple(n.name for n in onnx.load(str(prepared)).graph.node if n.op_type != "Gemm")
         row("static int8, the classifier alone (its input and weights)",
-            static("classifier", tuple(n for n in nodes if n not in classifier)))
+            static("classifier", not_classifier))
         errors = own_quantization_error(prepared, every, calibration[:64])
         worst = max(errors, key=errors.get)
         ranked = worst_nodes(prepared, errors)
