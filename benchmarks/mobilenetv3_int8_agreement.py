@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quantization_host import TRAIN_IMAGES, VAL_IMAGES, exported_student  # noqa: E402
 
 from edgekd.data import load_data  # noqa: E402
-from edgekd.deploy.quantize import (U8S8_QOPERATOR, GuardConfig, default_preset, guarded_quantize,  # noqa: E402
-                                    prepare_for_quantization, quantize_onnx)
+from edgekd.deploy.quantize import U8S8_QOPERATOR, default_preset, prepare_for_quantization, quantize_onnx  # noqa: E402
+from edgekd.deploy.guard import GuardConfig, guarded_quantize  # noqa: E402
 from edgekd.deploy.sensitivity import _activation_bounds, _channel_counts, _Images  # noqa: E402
 from edgekd.deploy.verify import EvalSet, onnx_logits  # noqa: E402
 from edgekd.select.profiles import detect_isa  # noqa: E402

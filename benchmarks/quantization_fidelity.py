@@ -38,7 +38,8 @@ from quantization_host import CALIBRATION_IMAGES, SIZE, STUDENTS, TRAIN_IMAGES, 
 
 from edgekd.data import load_data  # noqa: E402
 from edgekd.deploy.export import is_transformer  # noqa: E402
-from edgekd.deploy.quantize import GuardConfig, default_preset, guarded_quantize, quantize_onnx  # noqa: E402
+from edgekd.deploy.quantize import default_preset, quantize_onnx  # noqa: E402
+from edgekd.deploy.guard import GuardConfig, guarded_quantize  # noqa: E402
 from edgekd.deploy.verify import EvalSet, drop_standard_error, emulates_target, onnx_logits  # noqa: E402
 from edgekd.select.profiles import detect_isa  # noqa: E402
 from edgekd.types import DataSpec  # noqa: E402

@@ -49,8 +49,8 @@ from edgekd.select.latency import measure_onnx  # noqa: E402
 from edgekd.lite_weights import timm_state_dict  # noqa: E402
 from edgekd.models import create_model, preprocess_for, zero_new_head  # noqa: E402
 from edgekd.select.profiles import detect_isa  # noqa: E402
-from edgekd.deploy.quantize import (GuardConfig, default_preset, guarded_quantize, prepare_for_quantization,  # noqa: E402
-                             presets_for, quantize_onnx)
+from edgekd.deploy.quantize import default_preset, prepare_for_quantization, presets_for, quantize_onnx  # noqa: E402
+from edgekd.deploy.guard import GuardConfig, guarded_quantize, input_side_nodes  # noqa: E402
 from edgekd.deploy.sensitivity import tensor_noise  # noqa: E402
 from edgekd.types import DataSpec, Preprocess, TrainConfig  # noqa: E402
 from edgekd.deploy.verify import EvalSet, drop_standard_error, onnx_logits, preprocess_records  # noqa: E402
@@ -141,6 +141,11 @@ def latency_stage(results: dict, models: tuple[str, ...] = LATENCY_MODELS, redo:
             forms += [(f"int8_{p.mode}", p.name, p) for p in presets_for(isa, transformer=transformer)]
             forms += [("int8_static", f"{p.name}, no bias correction", replace(p, bias_correction=False))
                       for p in presets_for(isa, "static", transformer)[:1] if p.bias_correction]
+            if not transformer:  # what the guard's first input-side round ships (the real Lite0's 97% form)
+                static = default_preset(isa, "int8_static")
+                near_input = input_side_nodes(prepared, static, GuardConfig().first_exclusion)
+                forms.append(("int8_static", f"{static.name}, {len(near_input)} nodes nearest the input in float",
+                              (static, near_input)))
             optimum, why_not = optimum_forms(fp32, calibration, work)
             forms += [(key, "avx512_vnni (Optimum)", path) for key, path in optimum.items()]
             row = []
@@ -151,8 +156,10 @@ def latency_stage(results: dict, models: tuple[str, ...] = LATENCY_MODELS, redo:
                     if isinstance(form, Path):
                         target = form
                     else:
-                        quantize_onnx(prepared if form else fp32, target, precision, isa=isa, calibration=calibration,
-                                      preset=form, prepared=form is not None)
+                        preset, in_float = form if isinstance(form, tuple) else (form, ())
+                        quantize_onnx(prepared if preset else fp32, target, precision, isa=isa,
+                                      calibration=calibration, preset=preset, prepared=preset is not None,
+                                      nodes_to_exclude=in_float)
                 except EdgekdError as error:
                     row.append({"precision": precision, "preset": label, "error": str(error)})
                     print(name, row[-1], flush=True)
@@ -166,7 +173,7 @@ def latency_stage(results: dict, models: tuple[str, ...] = LATENCY_MODELS, redo:
                               "images": len(same), "confident_images": int(confident.sum())}
                 row.append(entry)
                 print(name, row[-1], flush=True)
-        rows[name] = {"real_weights": real, "optimum_missing": why_not, "forms": row}
+        rows[name] = {"real_weights": real, "optimum_missing": why_not, "forms": row, "machine": this_machine()}
         save(results)
 
 
@@ -408,9 +415,27 @@ def int8_features() -> list[str]:
     return [f for f in ("avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def this_machine() -> dict[str, Any]:
+    """What a latency row was measured on: `latency --redo` on another machine replaces some rows and keeps the
+    rest, so each row says which CPU and which day it comes from."""
+    return {"isa": detect_isa(), "int8_features": int8_features(), "cpu": cpu_model(), "onnxruntime": ort.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+
+
 def save(results: dict) -> None:
-    results["host"] = {"isa": detect_isa(), "cpu": platform.processor() or platform.machine(),
-                       "int8_features": int8_features(),
+    for row in results.get("latency", {}).values():  # rows from before rows recorded it: the file's last host
+        row.setdefault("machine", {k: results.get("host", {}).get(k) for k in ("isa", "int8_features", "cpu")})
+    results["host"] = {"isa": detect_isa(), "cpu": cpu_model(), "int8_features": int8_features(),
                        "onnxruntime": ort.__version__, "torch": torch.__version__, "threads": THREADS, "batch": 1}
     RESULTS.mkdir(exist_ok=True)
     JSON_PATH.write_text(json.dumps(results, indent=2) + "\n")
@@ -419,8 +444,9 @@ def save(results: dict) -> None:
 def table(results: dict) -> str:
     host = results["host"]
     lines = ["# Quantization on the host: what pays, what keeps the answers, and Optimum side by side", "",
-             f"ONNX Runtime {host['onnxruntime']}, CPU ISA {host['isa']} (int8 instructions: "
-             f"{', '.join(host.get('int8_features') or ['not recorded'])}), {host['threads']} thread, batch 1. "
+             f"Last run: ONNX Runtime {host['onnxruntime']}, CPU ISA {host['isa']} (int8 instructions: "
+             f"{', '.join(host.get('int8_features') or ['not recorded'])}), {host['threads']} thread, batch 1 (part "
+             "A's rows name the machine that measured them). "
              "Reproduce: `flock /tmp/edgekd-cpu.lock python benchmarks/quantization_host.py` (the Optimum rows need "
              "`make optimum-env`). Each part's figures come from one run (dates below); the host is noisy, so "
              "compare within a model, not across runs.", ""]
@@ -428,7 +454,8 @@ def table(results: dict) -> str:
     lines += ["", "## A. Latency at 224x224 (p50 ms, 1 thread)", "",
               "Random weights, except tf_efficientnet_lite0 (real ImageNet weights): its agreement with fp32 is on "
               "real photographs, on every crop and on the crops fp32 is confident about. Speed-up is fp32 p50 / "
-              "form p50. fp16 is listed for the record: edgekd does not offer it on the CPU provider.", "",
+              "form p50. fp16 is listed for the record: edgekd does not offer it on the CPU provider. Each model's "
+              "rows come from one run on the machine named under them.", "",
               "| model | form | preset | p50 ms | speed-up | size MB | agreement (all / confident crops) |",
               "|---|---|---|---:|---:|---:|---:|"]
     for name, entry in results.get("latency", {}).items():
@@ -444,6 +471,7 @@ def table(results: dict) -> str:
                          f"{base / form['p50_ms']:.2f}x | {form['size_mb']:.1f} | {agreement} |")
         if entry.get("optimum_missing"):
             lines.append(f"| {name} | Optimum | | not run: {entry['optimum_missing']} | | | |")
+        lines.append(f"| {name} | measured on | {machine_line(entry.get('machine') or results['host'])} | | | | |")
     lines += ["", f"## B. Students trained on Fashion-MNIST ({SIZE} px), measured in-domain", "",
               f"The full test split ({VAL_IMAGES:,} images); {CALIBRATION_IMAGES} stratified training images calibrate "
               "edgekd and Optimum alike. Drop is fp32 top-1 minus the form's, in points, +- its standard error on "
@@ -525,6 +553,13 @@ def table(results: dict) -> str:
             for name, picture in where["pictures"].items():
                 lines.append(f"| {name} | {picture['agree']}/{picture['crops']} | {picture['fp32_top1_median']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    features = ", ".join(machine.get("int8_features") or []) or "no VNNI/AMX"
+    when = f", {machine['date']}" if machine.get("date") else ""
+    ort_version = f", onnxruntime {machine['onnxruntime']}" if machine.get("onnxruntime") else ""
+    return f"{machine.get('cpu') or 'CPU not recorded'} ({machine.get('isa')}: {features}{ort_version}{when})"
 
 
 def _se(form: dict) -> str:

@@ -41,8 +41,8 @@ import quantization_host as part_b  # noqa: E402
 from edgekd.data import load_data  # noqa: E402
 from edgekd.deploy.bias_correction import correct_bias  # noqa: E402
 from edgekd.deploy.correction_check import BIAS, BOTH, NEITHER, correct_where_it_helps  # noqa: E402
-from edgekd.deploy.quantize import (GuardConfig, default_preset, guarded_quantize,  # noqa: E402
-                                    prepare_for_quantization, quantize_onnx)
+from edgekd.deploy.quantize import default_preset, prepare_for_quantization, quantize_onnx  # noqa: E402
+from edgekd.deploy.guard import GuardConfig, guarded_quantize  # noqa: E402
 from edgekd.deploy.verify import onnx_logits, preprocess_records  # noqa: E402
 from edgekd.record import cpu_model  # noqa: E402
 from edgekd.select.profiles import detect_isa  # noqa: E402

@@ -27,7 +27,7 @@ from edgekd.data import LoadedData, load_data
 from edgekd.distill.train import DistillConfig, distill
 from edgekd.errors import EdgekdError
 from edgekd.select.profiles import DeviceProfile, load_profile
-from edgekd.deploy.quantize import GuardConfig
+from edgekd.deploy.guard import GuardConfig
 from edgekd.record import StageRecord, code_digest, cpu_model, data_fingerprint, stage_key
 from edgekd.select.rule import PassedOver, Selection, select_student
 from edgekd.distill.students import StudentInit, initial_student, read_student_checkpoint, start_fingerprint

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from edgekd.artifacts import sha256_file
 from edgekd.deploy.bundle import BundleOptions, bundle_from_checkpoint
-from edgekd.deploy.quantize import GuardConfig
+from edgekd.deploy.guard import GuardConfig
 from edgekd.cli import app
 from edgekd.errors import EdgekdError
 from edgekd.deploy.export import classifier_input_shape, export_with_parity

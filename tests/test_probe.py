@@ -16,7 +16,7 @@ from edgekd.select.candidates import PoolEntry, TimingConfig, measure_candidates
 from edgekd.errors import EdgekdError
 from edgekd.select.probe import TABLE_NAME, write_probe_pack
 from edgekd.select.profiles import load_profile
-from edgekd.deploy.quantize import GuardConfig
+from edgekd.deploy.guard import GuardConfig
 from edgekd.select.rule import select_student
 from edgekd.distill.students import read_student_checkpoint
 from tests.helpers.tiny_students import tiny_student

@@ -13,9 +13,9 @@ import torch
 from edgekd.errors import EdgekdError
 from edgekd.deploy.export import export_onnx
 from edgekd.select.latency import measure_onnx
-from edgekd.deploy.quantize import (SIDE_BY_SIDE_ROUNDS, GuardConfig, _logit_difference, check_calibration,
-                                    default_preset, guarded_quantize, prepare_for_quantization, presets_for,
-                                    quantize_onnx)
+from edgekd.deploy.quantize import (_logit_difference, check_calibration, default_preset, prepare_for_quantization,
+                                    presets_for, quantize_onnx)
+from edgekd.deploy.guard import SIDE_BY_SIDE_ROUNDS, GuardConfig, guarded_quantize
 from edgekd.deploy.sensitivity import rank_sensitive_nodes
 from edgekd.distill.students import load_student, read_student_checkpoint
 from edgekd.deploy.verify import (EvalSet, batch_dependent, drop_standard_error, emulates_target, evaluate_onnx,

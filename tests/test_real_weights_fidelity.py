@@ -104,7 +104,8 @@ def test_the_guard_keeps_the_layers_nearest_the_input_in_float_when_the_ranking_
     every crop, four ranked rounds (up to 38 nodes in float) gave 96.1-96.7% and the guard shipped fp32. Each failed
     round also tries as large a share of the compute nodes nearest the input: round 1, the stem conv and the first
     depthwise conv in float, 97.4%."""
-    from edgekd.deploy.quantize import GuardConfig, guarded_quantize, prepare_for_quantization
+    from edgekd.deploy.quantize import prepare_for_quantization
+    from edgekd.deploy.guard import GuardConfig, guarded_quantize
     from edgekd.deploy.verify import EvalSet
 
     path, images, calibration, _ = lite0
@@ -161,7 +162,8 @@ def test_the_guard_keeps_the_ranked_nodes_in_float_and_recovers_an_outlier_chann
     many nodes from the bottom of the ranking in float must not recover them. (Ranked by the error against the fp32
     tensor minus the worst input's, the guard kept nodes along the ruined residual stream one at a time: 4 rounds,
     32 nodes in float, and agreement fell to 4.5% on the way.)"""
-    from edgekd.deploy.quantize import GuardConfig, guarded_quantize, prepare_for_quantization
+    from edgekd.deploy.quantize import prepare_for_quantization
+    from edgekd.deploy.guard import GuardConfig, guarded_quantize
     from edgekd.deploy.sensitivity import rank_sensitive_nodes
     from edgekd.deploy.verify import EvalSet
 

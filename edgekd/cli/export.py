@@ -34,7 +34,8 @@ def export_command(
     """Export a trained student to a bundle: model.onnx (int8 where it pays), preprocess.json, manifest.json."""
     from edgekd.data import load_data
     from edgekd.deploy.bundle import BundleOptions, bundle_from_checkpoint
-    from edgekd.deploy.quantize import CALIBRATION_IMAGES, GuardConfig
+    from edgekd.deploy.quantize import CALIBRATION_IMAGES
+    from edgekd.deploy.guard import GuardConfig
     from edgekd.distill.students import read_student_checkpoint
     from edgekd.select.profiles import load_profile
     from edgekd.types import DataSpec

@@ -27,8 +27,8 @@ from edgekd.data import LoadedData
 from edgekd.errors import EdgekdError, first_line
 from edgekd.deploy.export import export_with_parity
 from edgekd.select.latency import measure_onnx
-from edgekd.deploy.quantize import (CALIBRATION_IMAGES, GuardConfig, QuantDecision, Timing, guard_drop,
-                                   guarded_quantize, quantize_onnx)
+from edgekd.deploy.quantize import CALIBRATION_IMAGES, quantize_onnx
+from edgekd.deploy.guard import GuardConfig, QuantDecision, Timing, guard_drop, guarded_quantize
 from edgekd.deploy.raw_input import (
     MIN_AGREEMENT,
     RAW_MODEL_NAME,

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -25,13 +25,11 @@ from onnxruntime.quantization.calibrate import TensorsData, create_calibrator, s
 
 from edgekd.artifacts import atomic_path
 from edgekd.errors import EdgekdError, first_line
-from edgekd.deploy.correction_check import BOTH, correct_where_it_helps, kept_corrections
+from edgekd.deploy.correction_check import BOTH, correct_where_it_helps
 from edgekd.deploy.entropy_threshold import entropy_threshold
 from edgekd.deploy.export import check_model, is_transformer, quiet_onnxruntime
 from edgekd.select.latency import ORT_RUN_ERRORS
-from edgekd.deploy.sensitivity import NodeSensitivity, rank_sensitive_nodes
-from edgekd.deploy.verify import (INPUT_NAME, PARITY_RTOL, EvalSet, drop_standard_error, emulates_target,
-                                  metrics_from_predictions, onnx_logits)
+from edgekd.deploy.verify import INPUT_NAME, PARITY_RTOL, onnx_logits
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +336,7 @@ def _quantize_static(source: Path, target: Path, preset: QuantPreset, images: np
         raise EdgekdError(f"unknown calibration method {method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
     extra: dict[str, Any] = {"ActivationSymmetric": preset.activation_type == "int8", "WeightSymmetric": True}
     if preset.weight_matmuls_only:  # the QDQ quantizer ignores its MatMulConstBOnly option: exclude them by name
-        exclude += _activation_matmuls(source)
+        exclude += activation_matmuls(source)
     if preset.float_outputs:
         extra["OpTypesToExcludeOutputQuantization"] = list(preset.op_types or ())
     if method == "percentile":
@@ -439,7 +437,7 @@ def _float_graph_outputs(path: Path) -> int:
     return len(freed) // 2
 
 
-def _activation_matmuls(path: Path) -> tuple[str, ...]:
+def activation_matmuls(path: Path) -> tuple[str, ...]:
     """MatMuls of two activations (attention's Q.K^T and A.V): no weight to quantize, and int8 costs them accuracy."""
     graph = onnx.load(str(path), load_external_data=False).graph
     weights = {init.name for init in graph.initializer}
@@ -470,351 +468,3 @@ def _to_fp16(model: onnx.ModelProto, target: Path) -> None:
 def _input_chw(model: onnx.ModelProto) -> tuple[int, ...] | None:
     dims = model.graph.input[0].type.tensor_type.shape.dim[1:]
     return tuple(d.dim_value for d in dims) if all(d.dim_value for d in dims) else None
-
-
-# ------------------------------------------------------------------------------------------ accuracy guard + search
-
-Timing = Callable[[Path, str], "float | None"]  # (model file, its precision) -> p50 ms, None when unknown
-
-@dataclass(frozen=True)
-class GuardConfig:
-    """When a quantized model is good enough, and how hard to try before giving up on a preset."""
-
-    max_accuracy_drop: float = 1.0  # points of top-1 (of agreement with fp32 when the data has no labels)
-    min_agreement: float | None = None  # optional floor (a share, 0-1) on top-1 agreement with the fp32 model
-    max_rounds: int = 4  # rounds of "keep the most sensitive nodes in float, quantize again"
-    first_exclusion: float = 0.05  # share of quantizable nodes kept in float after round 1; doubles each round
-    min_speedup: float = 1.05  # int8 must beat fp32 by this factor (beyond timing noise) to be worth its error
-    calibration_method: str = "auto"  # or one of CALIBRATION_METHODS; see AUTO_CALIBRATION
-
-    def failure(self, drop: float, agreement: float) -> str | None:
-        """Why a form that loses `drop` points (guard_drop) and agrees with fp32 on `agreement` fails the guard, or
-        None when it passes: int8 forms and fp16 are held to the same rule."""
-        if drop > self.max_accuracy_drop:
-            return f"loses {drop:.2f} points (guard {self.max_accuracy_drop:g})"
-        if self.min_agreement is not None and agreement < self.min_agreement:
-            return f"agrees with fp32 on {agreement:.1%} of the images (--min-agreement {100 * self.min_agreement:g})"
-        return None
-
-
-def guard_drop(fp32_top1: float | None, top1: float | None, agreement: float) -> float:
-    """Points a form loses: of top-1 against fp32's, or of agreement with fp32 when the images have no labels."""
-    drop = 100.0 * (fp32_top1 - top1) if fp32_top1 is not None and top1 is not None else 100.0 * (1.0 - agreement)
-    return round(drop, 6)  # 3/300 images is 1.0 point, not 1.0000000000000009
-
-
-@dataclass(frozen=True)
-class Trial:
-    """One quantization attempt and its figures."""
-
-    precision: str
-    preset: QuantPreset
-    excluded_nodes: tuple[str, ...]
-    top1: float | None
-    agreement: float
-    accuracy_drop: float  # points
-    passed: bool
-    latency_ms: float | None = None
-    size_bytes: int = 0
-    error: str | None = None  # the quantizer could not handle this preset on this graph
-    calibration_method: str | None = None  # static presets: how activation ranges were calibrated
-    drop_se: float | None = None  # standard error of accuracy_drop on these images (verify.drop_standard_error)
-    images: int = 0  # how many images measured it
-    weight_corrections: str | None = None  # static QDQ: the bias correction / learned rounding the file kept
-    float_nodes_by: str | None = None  # how its excluded nodes were chosen (FLOAT_NODE_SOURCES); None: none were
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "preset": self.preset.to_dict(), "excluded_nodes": list(self.excluded_nodes)}
-
-    def describe_drop(self) -> str:
-        """"accuracy drop 0.80 +- 0.45 points (1,000 images)": the figure with how precisely it is known."""
-        spread = f" +- {self.drop_se:.2f}" if self.drop_se is not None else ""
-        return f"accuracy drop {self.accuracy_drop:.2f}{spread} points ({self.images:,} images)"
-
-
-@dataclass(frozen=True)
-class QuantDecision:
-    """What shipped, why, and every attempt that led there (for the manifest and the log)."""
-
-    precision: str  # what was shipped: "fp32" when no int8 form passed the guard and paid
-    path: Path
-    isa: str
-    preset: QuantPreset | None
-    fp32_top1: float | None
-    fp32_latency_ms: float | None
-    latency_ms: float | None
-    reason: str
-    trials: tuple[Trial, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"precision": self.precision, "path": str(self.path), "isa": self.isa,
-                "preset": self.preset.to_dict() if self.preset else None, "fp32_top1": self.fp32_top1,
-                "fp32_latency_ms": self.fp32_latency_ms, "latency_ms": self.latency_ms, "reason": self.reason,
-                "trials": [t.to_dict() for t in self.trials]}
-
-
-def search_presets(isa: str, precisions: tuple[str, ...], search: bool, calibration_method: str = "auto",
-                   transformer: bool = False) -> tuple[tuple[str, QuantPreset, str], ...]:
-    """(precision, preset, calibration method) to try: the ISA's defaults with `calibration_method`, or with
-    `search` every preset of the ISA, the static ones with every calibration method."""
-    chosen = []
-    for precision in precisions:
-        mode = precision.removeprefix("int8_")
-        presets = presets_for(isa, mode, transformer)
-        methods = tuple(CALIBRATION_METHODS) if search and mode == "static" else (calibration_method,)
-        chosen += [(precision, p, m) for p in (presets if search else presets[:1]) for m in methods]
-    return tuple(chosen)
-
-
-def guarded_quantize(fp32_path: Path, out_path: Path, *, evalset: EvalSet, calibration: np.ndarray,
-                     isa: str = "avx2", precisions: tuple[str, ...] = ("int8_static", "int8_dynamic"),
-                     guard: GuardConfig = GuardConfig(), search: bool = False,
-                     timing: Timing | None = None, latency_source: str = "timed here") -> QuantDecision:
-    """Quantize within the accuracy guard and ship the fastest passing form, or fp32 when int8 does not pay.
-
-    Each (precision, preset) is tried; one whose accuracy drop exceeds the guard keeps its most sensitive nodes
-    in float and is quantized again, up to `guard.max_rounds` times. `timing(path, precision) -> p50 ms` ranks the
-    passing forms against fp32 (without it the first passing form ships); a form it has no figure for (None: e.g.
-    the device's latency table says it failed there) does not ship. `latency_source` says where the figures come
-    from, for the reason. Everything tried is in `trials`.
-    """
-    unknown = [p for p in precisions if p not in ("int8_static", "int8_dynamic")]
-    if unknown:
-        raise EdgekdError(f"the accuracy guard handles int8_static and int8_dynamic, not {', '.join(unknown)}")
-    fp32_predictions = onnx_logits(fp32_path, evalset.images).argmax(axis=1)
-    fp32_top1 = metrics_from_predictions(fp32_predictions, evalset).top1
-    fp32_ms = timing(fp32_path, "fp32") if timing else None
-    trials: list[Trial] = []
-    best: tuple[Trial, Path] | None = None
-    with tempfile.TemporaryDirectory(prefix="edgekd-guard-") as work:
-        prepared = prepare_for_quantization(fp32_path, Path(work) / "prepared.onnx", calibration[:8])
-        transformer = is_transformer(onnx.load(str(fp32_path), load_external_data=False))
-        for index, (precision, preset, method) in enumerate(
-                search_presets(isa, precisions, search, guard.calibration_method, transformer)):
-            attempt = Path(work) / f"{index}_{preset.name}.onnx"
-            rounds = _guarded_rounds(prepared, attempt, precision, preset, isa, evalset, calibration,
-                                     replace(guard, calibration_method=method), fp32_predictions, fp32_top1)
-            final = rounds[-1]
-            if final.passed and timing:
-                latency = timing(attempt, precision)
-                final = replace(final, latency_ms=latency) if latency is not None else replace(
-                    final, passed=False, error=f"no {precision} latency ({latency_source}): it cannot be shown to pay")
-                rounds[-1] = final
-            trials += rounds
-            if final.passed and (best is None or _faster(final, best[0])):
-                best = (final, attempt.rename(Path(work) / f"best_{index}.onnx"))
-        if best is not None and timing is not None:
-            fp32_ms, best = _side_by_side(timing, fp32_path, *best)
-        decision = _decide(best, fp32_top1, fp32_ms, isa, out_path, tuple(trials), guard, latency_source)
-        quantize_onnx(best[1] if decision.precision != "fp32" and best else fp32_path, out_path, "fp32")
-    log.info("quantization: shipped %s (%s)", decision.precision, decision.reason)
-    return decision
-
-
-# The decision times fp32 and the fastest passing int8 form alternately, this many rounds, and compares medians:
-# p50s taken minutes apart on a busy machine drift by more than the 5% int8 must gain (a classifier-only dynamic
-# int8, no faster by construction, once measured 1.11x that way: benchmarks/results/quantization_host.md).
-SIDE_BY_SIDE_ROUNDS = 3
-
-
-def _side_by_side(timing: Timing, fp32_path: Path, trial: Trial, path: Path) -> tuple[float | None, tuple[Trial, Path]]:
-    fp32_times: list[float] = []
-    int8_times: list[float] = []
-    for _ in range(SIDE_BY_SIDE_ROUNDS):
-        fp32_ms, int8_ms = timing(fp32_path, "fp32"), timing(path, trial.precision)
-        if fp32_ms is None or int8_ms is None:
-            return fp32_ms, (trial, path)
-        fp32_times.append(fp32_ms)
-        int8_times.append(int8_ms)
-    return float(np.median(fp32_times)), (replace(trial, latency_ms=float(np.median(int8_times))), path)
-
-
-def _faster(candidate: Trial, incumbent: Trial) -> bool:
-    if candidate.latency_ms is None or incumbent.latency_ms is None:
-        return False
-    return candidate.latency_ms < incumbent.latency_ms
-
-
-def _decide(best: tuple[Trial, Path] | None, fp32_top1: float | None, fp32_ms: float | None, isa: str,
-            out_path: Path, trials: tuple[Trial, ...], guard: GuardConfig, latency_source: str) -> QuantDecision:
-    min_speedup = guard.min_speedup
-    if best is None:
-        floor = "" if guard.min_agreement is None else \
-            f" and agreed with fp32 on at least {100 * guard.min_agreement:g}% of the images (--min-agreement)"
-        return QuantDecision("fp32", out_path, isa, None, fp32_top1, fp32_ms, fp32_ms, trials=trials,
-                             reason=f"no int8 form stayed within the accuracy guard{floor}")
-    trial = best[0]
-    if fp32_ms is not None and trial.latency_ms is not None and trial.latency_ms * min_speedup > fp32_ms:
-        return QuantDecision("fp32", out_path, isa, None, fp32_top1, fp32_ms, fp32_ms, trials=trials,
-                             reason=f"fastest int8 ({trial.preset.name}, {trial.latency_ms:.2f} ms) is no faster "
-                                    f"than fp32 ({fp32_ms:.2f} ms) by the {min_speedup:g}x it must gain "
-                                    f"({latency_source})")
-    speed = f", {fp32_ms / trial.latency_ms:.2f}x faster than fp32 ({latency_source})" \
-        if fp32_ms and trial.latency_ms else ""
-    calibrated = f", {trial.calibration_method} calibration" if trial.calibration_method else ""
-    if trial.weight_corrections:  # what the file kept of bias correction and learned rounding (correction_check)
-        calibrated += f", weight corrections: {trial.weight_corrections}"
-    return QuantDecision(trial.precision, out_path, isa, trial.preset, fp32_top1, fp32_ms, trial.latency_ms,
-                         trials=trials, reason=f"{trial.preset.name}{calibrated}: {trial.describe_drop()}, "
-                                                f"agreement {trial.agreement:.1%}{speed}")
-
-
-def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantPreset, isa: str, evalset: EvalSet,
-                    calibration: np.ndarray, guard: GuardConfig, fp32_predictions: np.ndarray,
-                    fp32_top1: float | None) -> list[Trial]:
-    """Quantize, measure, and while the guard fails keep the most sensitive nodes in float and try again; a round
-    whose ranked nodes fail also tries that share of the compute nodes nearest the input ("auto" calibration first
-    tries each method of AUTO_CALIBRATION, then goes on with the one that lost least)."""
-    excluded: tuple[str, ...] = ()
-    rounds: list[Trial] = []
-    tried: set[tuple[str, ...]] = set()  # input-side sets already measured (a small graph's share repeats)
-    method = guard.calibration_method if preset.mode == "static" else None
-    if method == "auto":
-        method, first = _first_calibration(prepared, target, precision, preset, isa, evalset, calibration, guard,
-                                           fp32_predictions, fp32_top1)
-        rounds += first
-        if first[-1].passed or first[-1].error:
-            return rounds
-        guard = replace(guard, calibration_method=method)
-    for round_index in range(1 if rounds else 0, guard.max_rounds + 1):
-        ranked_more = round_index == 0
-        if round_index > 0:  # the last round failed: keep more of its most sensitive nodes in float
-            more = _more_in_float(prepared, target, precision, preset, isa, calibration, guard, evalset, excluded,
-                                  round_index)
-            ranked_more, excluded = more != excluded, more
-        if ranked_more:
-            trial = _attempt(prepared, target, precision, preset, isa, evalset, calibration, guard, excluded,
-                             fp32_predictions, fp32_top1, method, round_index, "sensitivity" if round_index else None)
-            rounds.append(trial)
-            if trial.passed or trial.error:
-                break
-        near_input = _input_side(prepared, preset, guard, round_index) if round_index > 0 else ()
-        if near_input and near_input not in tried:  # nor did the ranked nodes: the compute nodes nearest the input
-            tried.add(near_input)
-            side = target.with_name(f"{target.stem}.input-side.onnx")
-            trial = _attempt(prepared, side, precision, preset, isa, evalset, calibration, guard, near_input,
-                             fp32_predictions, fp32_top1, method, round_index, "input side")
-            rounds.append(trial)
-            if trial.passed:
-                side.replace(target)
-                break
-            side.unlink(missing_ok=True)
-        elif not ranked_more:
-            break  # neither way has another node to keep in float
-    return rounds
-
-
-# The ranking scores each tensor by the error its own quantization adds, and an early tensor's error is small where it
-# is made and grows through every layer after it: on the real Lite0 (152 photo crops, a 3-point guard on agreement)
-# four rounds of ranked nodes, up to 38 in float, left agreement at 96.1-96.7%, where the stem and the first
-# depthwise conv in float alone give 97.4% (int8_rounding.md). So a round whose ranked nodes fail also tries the
-# compute nodes nearest the input, as large a share (5%, 10%, ... of them).
-FLOAT_NODE_SOURCES = ("sensitivity", "input side")
-
-
-def _attempt(prepared: Path, target: Path, precision: str, preset: QuantPreset, isa: str, evalset: EvalSet,
-             calibration: np.ndarray, guard: GuardConfig, excluded: tuple[str, ...], fp32_predictions: np.ndarray,
-             fp32_top1: float | None, method: str | None, round_index: int, chosen_by: str | None) -> Trial:
-    """Quantize with `excluded` in float and measure it: one trial (with `error` set where it could not be done)."""
-    def failed(message: str) -> Trial:
-        log.info("quantization %s: %s", preset.name, message)
-        return Trial(precision, preset, excluded, None, 0.0, 100.0, False, error=message, calibration_method=method,
-                     float_nodes_by=chosen_by)
-
-    try:
-        quantize_onnx(prepared, target, precision, isa=isa, calibration=calibration, preset=preset,
-                      prepared=True, calibration_method=guard.calibration_method, nodes_to_exclude=excluded)
-    except EdgekdError as error:
-        return failed(str(error))
-    try:
-        trial = _measure(target, precision, preset, isa, excluded, evalset, fp32_predictions, fp32_top1, guard)
-    except ORT_RUN_ERRORS as error:
-        return failed(f"{precision} does not run: {first_line(error, 160)}")
-    trial = replace(trial, calibration_method=method, float_nodes_by=chosen_by)
-    log.info("quantization %s round %d: %d node(s) in float%s, %s, agreement %.1f%% -> %s", preset.name, round_index,
-             len(excluded), f" ({chosen_by})" if chosen_by else "", trial.describe_drop(), 100 * trial.agreement,
-             "pass" if trial.passed else "fail")
-    return trial
-
-
-def _input_side(prepared: Path, preset: QuantPreset, guard: GuardConfig, round_index: int) -> tuple[str, ...]:
-    """The first compute nodes the preset quantizes, in graph (topological) order: 5% of them for round 1, doubling
-    each round."""
-    ops = set(preset.op_types or COMPUTE_OPS) & set(COMPUTE_OPS)
-    left_float = set(_activation_matmuls(prepared)) if preset.weight_matmuls_only else set()  # float anyway
-    compute = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type in ops and n.name not in left_float]
-    return tuple(compute[:max(1, round(len(compute) * guard.first_exclusion * 2 ** (round_index - 1)))])
-
-
-def _more_in_float(prepared: Path, target: Path, precision: str, preset: QuantPreset, isa: str,
-                   calibration: np.ndarray, guard: GuardConfig, evalset: EvalSet, excluded: tuple[str, ...],
-                   round_index: int) -> tuple[str, ...]:
-    """`excluded` plus the most sensitive nodes of the failed model at `target`: 5% of the ranked nodes for round 1,
-    doubling each round, and the rest of the last tensor's nodes (its producer and readers): a tensor any quantized
-    node reads is still quantized."""
-    ranked = [s for s in _rank(prepared, target, precision, preset, isa, calibration, guard, excluded,
-                               evalset.images[:SENSITIVITY_IMAGES]) if s.added_error > 0]
-    count = max(1, round(len(ranked) * guard.first_exclusion * 2 ** (round_index - 1)))
-    while 0 < count < len(ranked) and ranked[count].tensor == ranked[count - 1].tensor:
-        count += 1
-    if ranked:
-        log.info("keeping in float: %s", ", ".join(f"{s.name} ({s.added_error:.2g})" for s in ranked[:count]))
-    return excluded + tuple(s.name for s in ranked[:count])
-
-
-def _first_calibration(prepared: Path, target: Path, precision: str, preset: QuantPreset, isa: str,
-                       evalset: EvalSet, calibration: np.ndarray, guard: GuardConfig, fp32_predictions: np.ndarray,
-                       fp32_top1: float | None) -> tuple[str, list[Trial]]:
-    """Round 0 of "auto" calibration: each method of AUTO_CALIBRATION in turn until one passes. Returns the method
-    to go on with (the one that passed, else the one that lost least, its model left at `target`) and the trials."""
-    trials: list[Trial] = []
-    best: tuple[float, str] | None = None
-    for method in AUTO_CALIBRATION:
-        trial = _guarded_rounds(prepared, target, precision, preset, isa, evalset, calibration,
-                                replace(guard, calibration_method=method, max_rounds=0), fp32_predictions,
-                                fp32_top1)[0]
-        trials.append(trial)
-        if trial.passed or trial.error:
-            return method, trials
-        if best is None or trial.accuracy_drop < best[0]:
-            best = (trial.accuracy_drop, method)
-    assert best is not None
-    if best[1] != AUTO_CALIBRATION[-1]:  # leave the best method's model at `target`, where sensitivity ranks it
-        quantize_onnx(prepared, target, precision, isa=isa, calibration=calibration, preset=preset, prepared=True,
-                      calibration_method=best[1])
-    return best[1], trials
-
-
-def _rank(prepared: Path, quantized: Path, precision: str, preset: QuantPreset, isa: str, calibration: np.ndarray,
-          guard: GuardConfig, excluded: tuple[str, ...], images: np.ndarray) -> list[NodeSensitivity]:
-    """Sensitivity of each node, from a QDQ model (qdq_loss_debug pairs its dequantized tensors with fp32's by name):
-    a static QOperator model is ranked through its QDQ twin (same scales); a dynamic one, which computes its
-    activation ranges at run time, through a statically calibrated QDQ model of the same op types."""
-    if preset.quant_format != "qdq" or preset.mode == "dynamic":
-        quantized = quantized.with_name(quantized.stem + ".qdq.onnx")
-        twin = replace(preset, quant_format="qdq", mode="static")
-        quantize_onnx(prepared, quantized, "int8_static", isa=isa, calibration=calibration, prepared=True,
-                      preset=twin, calibration_method=guard.calibration_method, nodes_to_exclude=excluded)
-    ranked = rank_sensitive_nodes(prepared, quantized, images, skip=excluded)
-    return [s for s in ranked if not preset.op_types or s.op_type in preset.op_types]  # only what it quantized
-
-
-SENSITIVITY_IMAGES = 32  # enough to rank nodes by the error they add; the guard itself uses the whole set
-
-
-def _measure(path: Path, precision: str, preset: QuantPreset, isa: str, excluded: tuple[str, ...],
-             evalset: EvalSet, fp32_predictions: np.ndarray, fp32_top1: float | None, guard: GuardConfig) -> Trial:
-    """The trial's figures as the target's CPU computes them (verify.emulates_target: a file for another kind of CPU
-    than this one is measured in float, not in this CPU's int8 kernels)."""
-    if emulates_target(path, isa):
-        log.info("measuring %s as %s computes it: this CPU's int8 kernels are another kind", path.name, isa)
-    predictions = onnx_logits(path, evalset.images, target_isa=isa).argmax(axis=1)
-    metrics = metrics_from_predictions(predictions, evalset, reference=fp32_predictions)
-    agreement = metrics.agreement if metrics.agreement is not None else 0.0
-    drop = guard_drop(fp32_top1, metrics.top1, agreement)
-    passed = guard.failure(drop, agreement) is None
-    labels = evalset.labels if fp32_top1 is not None else None
-    spread = drop_standard_error(fp32_predictions, predictions, labels)
-    measured = int((labels >= 0).sum()) if labels is not None else len(predictions)  # what the drop counts
-    return Trial(precision, preset, excluded, metrics.top1, agreement, drop, passed, size_bytes=path.stat().st_size,
-                 drop_se=round(spread, 6), images=measured, weight_corrections=kept_corrections(path))
