@@ -15,7 +15,7 @@ from edgekd.deploy.export import export_onnx
 from edgekd.select.latency import measure_onnx
 from edgekd.deploy.quantize import (_logit_difference, check_calibration, default_preset, prepare_for_quantization,
                                     presets_for, quantize_onnx)
-from edgekd.deploy.guard import SIDE_BY_SIDE_ROUNDS, GuardConfig, guarded_quantize
+from edgekd.deploy.guard import SIDE_BY_SIDE_ROUNDS, GuardConfig, guarded_quantize, most_trials, search_presets
 from edgekd.deploy.sensitivity import rank_sensitive_nodes
 from edgekd.distill.students import load_student, read_student_checkpoint
 from edgekd.deploy.verify import (EvalSet, batch_dependent, drop_standard_error, emulates_target, evaluate_onnx,
@@ -216,11 +216,15 @@ def test_a_drop_comes_with_its_standard_error_on_the_paired_predictions() -> Non
                                partly) == pytest.approx(paired)
 
 
-def test_guard_keeps_the_most_sensitive_nodes_in_float(resnet, tmp_path: Path) -> None:
+def test_guard_keeps_the_most_sensitive_nodes_in_float(resnet, tmp_path: Path, capsys) -> None:
     fp32, evalset, calibration = resnet
     impossible = GuardConfig(max_accuracy_drop=-100.0, max_rounds=2, calibration_method="minmax")  # every round runs
     decision = guarded_quantize(fp32, tmp_path / "model.onnx", evalset=evalset, calibration=calibration,
                                 isa="avx512_vnni", precisions=("int8_static",), guard=impossible)
+    # every round ran, so the progress bar's bound (round 0, then ranked + input-side nodes per round) is reached
+    plan = search_presets("avx512_vnni", ("int8_static",), False, "minmax")
+    assert len(decision.trials) == most_trials(plan, impossible) == 5
+    assert "int8 trials (at most)" in capsys.readouterr().err
     excluded = [trial.excluded_nodes for trial in decision.trials if trial.float_nodes_by != "input side"]
     assert len(excluded) == 3 and excluded[0] == () and 0 < len(excluded[1]) < len(excluded[2])
     # each failed round also tried that share of the compute nodes nearest the input (5%, then 10%)

@@ -18,6 +18,7 @@ from edgekd.deploy.export import is_transformer
 from edgekd.deploy.quantize import (AUTO_CALIBRATION, CALIBRATION_METHODS, COMPUTE_OPS, QuantPreset,
                                     activation_matmuls, prepare_for_quantization, presets_for, quantize_onnx)
 from edgekd.deploy.sensitivity import NodeSensitivity, rank_sensitive_nodes
+from edgekd.distill.train_utils import progress
 from edgekd.deploy.verify import (EvalSet, drop_standard_error, emulates_target, metrics_from_predictions,
                                   onnx_logits)
 from edgekd.errors import EdgekdError, first_line
@@ -140,11 +141,12 @@ def guarded_quantize(fp32_path: Path, out_path: Path, *, evalset: EvalSet, calib
     with tempfile.TemporaryDirectory(prefix="edgekd-guard-") as work:
         prepared = prepare_for_quantization(fp32_path, Path(work) / "prepared.onnx", calibration[:8])
         transformer = is_transformer(onnx.load(str(fp32_path), load_external_data=False))
-        for index, (precision, preset, method) in enumerate(
-                search_presets(isa, precisions, search, guard.calibration_method, transformer)):
+        plan = search_presets(isa, precisions, search, guard.calibration_method, transformer)
+        bar = TrialProgress(most_trials(plan, guard))
+        for index, (precision, preset, method) in enumerate(plan):
             attempt = Path(work) / f"{index}_{preset.name}.onnx"
             rounds = _guarded_rounds(prepared, attempt, precision, preset, isa, evalset, calibration,
-                                     replace(guard, calibration_method=method), fp32_predictions, fp32_top1)
+                                     replace(guard, calibration_method=method), fp32_predictions, fp32_top1, bar)
             final = rounds[-1]
             if final.passed and timing:
                 latency = timing(attempt, precision)
@@ -156,10 +158,35 @@ def guarded_quantize(fp32_path: Path, out_path: Path, *, evalset: EvalSet, calib
                 best = (final, attempt.rename(Path(work) / f"best_{index}.onnx"))
         if best is not None and timing is not None:
             fp32_ms, best = _side_by_side(timing, fp32_path, *best)
+        bar.close()
         decision = _decide(best, fp32_top1, fp32_ms, isa, out_path, tuple(trials), guard, latency_source)
         quantize_onnx(best[1] if decision.precision != "fp32" and best else fp32_path, out_path, "fp32")
     log.info("quantization: shipped %s (%s)", decision.precision, decision.reason)
     return decision
+
+
+class TrialProgress:
+    """The guard's progress bar: trials done against the most it may try (it stops at the first form that passes
+    the guard unless timings rank several), with rate and ETA (an upper bound), and the last trial's figures."""
+
+    def __init__(self, most: int):
+        self.bar = progress(None, total=most, desc="int8 trials (at most)", unit="trial")
+
+    def __call__(self, trial: Trial) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"{trial.preset.name}: {trial.describe_drop()}, agreement {trial.agreement:.1%}",
+                                 refresh=False)
+
+    def close(self) -> None:
+        self.bar.total = self.bar.n  # finished: the bound was not needed
+        self.bar.close()
+
+
+def most_trials(plan: tuple[tuple[str, QuantPreset, str], ...], guard: GuardConfig) -> int:
+    """The most trials `plan` can take: round 0 (each "auto" calibration method for a static preset), then per
+    round the ranked nodes in float and the input-side nodes in float."""
+    return sum((len(AUTO_CALIBRATION) if method == "auto" and preset.mode == "static" else 1) + 2 * guard.max_rounds
+               for _, preset, method in plan)
 
 
 # The decision times fp32 and the fastest passing int8 form alternately, this many rounds, and compares medians:
@@ -212,7 +239,7 @@ def _decide(best: tuple[Trial, Path] | None, fp32_top1: float | None, fp32_ms: f
 
 def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantPreset, isa: str, evalset: EvalSet,
                     calibration: np.ndarray, guard: GuardConfig, fp32_predictions: np.ndarray,
-                    fp32_top1: float | None) -> list[Trial]:
+                    fp32_top1: float | None, tick: Callable[[Trial], None]) -> list[Trial]:
     """Quantize, measure, and while the guard fails keep the most sensitive nodes in float and try again; a round
     whose ranked nodes fail also tries that share of the compute nodes nearest the input ("auto" calibration first
     tries each method of AUTO_CALIBRATION, then goes on with the one that lost least)."""
@@ -222,7 +249,7 @@ def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantP
     method = guard.calibration_method if preset.mode == "static" else None
     if method == "auto":
         method, first = _first_calibration(prepared, target, precision, preset, isa, evalset, calibration, guard,
-                                           fp32_predictions, fp32_top1)
+                                           fp32_predictions, fp32_top1, tick)
         rounds += first
         if first[-1].passed or first[-1].error:
             return rounds
@@ -237,6 +264,7 @@ def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantP
             trial = _attempt(prepared, target, precision, preset, isa, evalset, calibration, guard, excluded,
                              fp32_predictions, fp32_top1, method, round_index, "sensitivity" if round_index else None)
             rounds.append(trial)
+            tick(trial)
             if trial.passed or trial.error:
                 break
         share = guard.first_exclusion * 2 ** (round_index - 1)
@@ -247,6 +275,7 @@ def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantP
             trial = _attempt(prepared, side, precision, preset, isa, evalset, calibration, guard, near_input,
                              fp32_predictions, fp32_top1, method, round_index, "input side")
             rounds.append(trial)
+            tick(trial)
             if trial.passed:
                 side.replace(target)
                 break
@@ -316,7 +345,7 @@ def _more_in_float(prepared: Path, target: Path, precision: str, preset: QuantPr
 
 def _first_calibration(prepared: Path, target: Path, precision: str, preset: QuantPreset, isa: str,
                        evalset: EvalSet, calibration: np.ndarray, guard: GuardConfig, fp32_predictions: np.ndarray,
-                       fp32_top1: float | None) -> tuple[str, list[Trial]]:
+                       fp32_top1: float | None, tick: Callable[[Trial], None]) -> tuple[str, list[Trial]]:
     """Round 0 of "auto" calibration: each method of AUTO_CALIBRATION in turn until one passes. Returns the method
     to go on with (the one that passed, else the one that lost least, its model left at `target`) and the trials."""
     trials: list[Trial] = []
@@ -324,7 +353,7 @@ def _first_calibration(prepared: Path, target: Path, precision: str, preset: Qua
     for method in AUTO_CALIBRATION:
         trial = _guarded_rounds(prepared, target, precision, preset, isa, evalset, calibration,
                                 replace(guard, calibration_method=method, max_rounds=0), fp32_predictions,
-                                fp32_top1)[0]
+                                fp32_top1, tick)[0]
         trials.append(trial)
         if trial.passed or trial.error:
             return method, trials
