@@ -18,15 +18,16 @@ from edgekd.deploy.export import is_transformer
 from edgekd.deploy.quantize import (AUTO_CALIBRATION, CALIBRATION_METHODS, COMPUTE_OPS, QuantPreset,
                                     activation_matmuls, prepare_for_quantization, presets_for, quantize_onnx)
 from edgekd.deploy.sensitivity import NodeSensitivity, rank_sensitive_nodes
-from edgekd.distill.train_utils import progress
 from edgekd.deploy.verify import (EvalSet, drop_standard_error, emulates_target, metrics_from_predictions,
                                   onnx_logits)
+from edgekd.distill.train_utils import progress
 from edgekd.errors import EdgekdError, first_line
 from edgekd.select.latency import ORT_RUN_ERRORS
 
 log = logging.getLogger(__name__)
 
 Timing = Callable[[Path, str], "float | None"]  # (model file, its precision) -> p50 ms, None when unknown
+
 
 @dataclass(frozen=True)
 class GuardConfig:
