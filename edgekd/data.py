@@ -256,6 +256,10 @@ def load_data(spec: DataSpec) -> LoadedData:
         loaded = _load_fashion_mnist(spec)
     else:
         loaded = _load_folder(spec)
+    if loaded.info.labeled and loaded.info.num_classes < 2:
+        raise EdgekdError(f"--data {spec.source} has one class ({', '.join(loaded.info.class_names)}): a classifier "
+                          "needs at least two class sub-folders (images without classes: one folder of loose "
+                          "images, with a pretrained teacher)")
     loaded = _limit(loaded, spec)
     if not spec.unlabeled:
         return loaded

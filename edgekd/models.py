@@ -59,7 +59,7 @@ def resolve_model_name(name: str) -> str:
     if architecture in _known_models():
         return cleaned
     close = difflib.get_close_matches(architecture, sorted(_known_models() | set(MODEL_ALIASES)), n=5, cutoff=0.6)
-    hint = f"; closest: {', '.join(close)}" if close else "; `python -c \"import timm; print(timm.list_models('*vit*'))\"` lists names"
+    hint = f"; closest: {', '.join(close)}" if close else "; `timm.list_models('PATTERN*')` lists timm's names"
     raise EdgekdError(f"unknown model {name!r}{hint}")
 
 

@@ -77,8 +77,9 @@ def compress(config: CompressConfig) -> CompressResult:
     """Teacher and budget in, a checked, benchmarked student bundle and a report out."""
     started = time.perf_counter()
     profile = load_profile(config.profile)  # bad input fails before anything is written
-    data = load_data(config.data)
     run_dir = Path(config.out)
+    _check_out_folder(run_dir, config)
+    data = load_data(config.data)
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_same_run(run_dir, config)
     record = StageRecord.open(run_dir)
@@ -106,6 +107,21 @@ def compress(config: CompressConfig) -> CompressResult:
                           seconds=time.perf_counter() - started)
     write_reports(run_dir, report)
     return CompressResult(run_dir, selection, teacher, student, bundle_dir, bench_result, report)
+
+
+def _check_out_folder(run_dir: Path, config: CompressConfig) -> None:
+    """--out is a new or empty folder, or an earlier run's: compress rewrites what it finds there (export/,
+    report.md, ...), so a folder of the user's own files is refused, as is one inside the images it reads."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise EdgekdError(f"--out {run_dir} is a file; pass a folder (a new one, or an earlier run's)")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / RUN_NAME).exists():
+        raise EdgekdError(f"--out {run_dir} holds files that are not an edgekd run (no {RUN_NAME}); pass a new or "
+                          "empty folder, or an earlier run's folder to resume it")
+    for source in (config.data.source, *config.data.unlabeled):
+        folder = Path(source)
+        if folder.is_dir() and run_dir.resolve().is_relative_to(folder.resolve()):
+            raise EdgekdError(f"--out {run_dir} is inside the image folder {source}: the run's files would be read "
+                              "as images; pass an --out outside it")
 
 
 def _check_same_run(run_dir: Path, config: CompressConfig) -> None:

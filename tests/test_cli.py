@@ -96,3 +96,74 @@ def test_an_exception_without_a_message_still_makes_a_one_line_error():
     assert first_line(AssertionError()) == "AssertionError"  # timm's bare asserts: no IndexError, a name
     assert first_line(ValueError("  bad size\n  more detail")) == "bad size"
     assert first_line(RuntimeError("x" * 500), 160) == "x" * 160
+
+
+def _class_folders(root: Path, classes: tuple[str, ...], per_class: int = 3) -> Path:
+    from PIL import Image
+
+    for index, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for k in range(per_class):
+            Image.new("RGB", (24, 24), (40 * index, 7 * k, 90)).save(root / name / f"{k}.png")
+    return root
+
+
+def test_compress_never_writes_into_a_folder_of_the_users_files(tmp_path: Path):
+    """compress rewrites what it finds in its run folder (export/, report.md): a folder that is not an edgekd run,
+    a file, or a folder inside the images it reads is refused before anything is read or written."""
+    images = _class_folders(tmp_path / "images", ("a", "b"))
+    mine = tmp_path / "mine"
+    (mine / "export").mkdir(parents=True)
+    (mine / "export" / "notes.txt").write_text("precious")
+    (tmp_path / "afile.txt").write_text("mine too")
+    base = ["compress", "--teacher", "test_resnet", "--random-init", "--budget", "20ms", "--data", str(images)]
+    cases = {str(mine): "not an edgekd run", str(tmp_path / "afile.txt"): "is a file",
+             str(images / "runs"): "inside the image folder"}
+    for out, message in cases.items():
+        result = runner.invoke(app, [*base, "--out", out])
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert (mine / "export" / "notes.txt").read_text() == "precious" and sorted(p.name for p in mine.iterdir()) == [
+        "export"]
+    assert (tmp_path / "afile.txt").read_text() == "mine too" and not (images / "runs").exists()
+
+
+def test_one_class_is_refused_before_training(tmp_path: Path):
+    """A single class trained to NaN and was blamed on the ONNX export; now it is refused when the data is read."""
+    images = _class_folders(tmp_path / "images", ("only",))
+    result = runner.invoke(app, ["compress", "--teacher", "test_resnet", "--random-init", "--budget", "20ms",
+                                 "--data", str(images), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "has one class (only)" in result.output, result.output
+    assert not (tmp_path / "run" / "teacher").exists()
+
+
+def _unboxed(output: str) -> str:
+    """typer's usage errors come in a box, wrapped to the terminal: the words, in one line."""
+    return " ".join(output.replace("│", " ").split())
+
+
+def test_typos_and_impossible_values_fail_while_parsing(tmp_path: Path):
+    """Not after the teacher was fine-tuned and the candidates timed: a typo in --student or --candidates (with the
+    closest names), epochs that are not positive, a device this machine lacks, and 0 for a count of images each
+    name the option."""
+    base = ["compress", "--teacher", "test_resnet", "--random-init", "--budget", "20ms", "--out", str(tmp_path / "r")]
+    cases = [(["--student", "resnt18"], "closest: resnet18"), (["--candidates", "test_vit,mobilenetv3_smal_100"],
+                                                               "mobilenetv3_small_100"),
+             (["--epochs", "-1"], "--epochs"), (["--teacher-epochs", "0"], "--teacher-epochs"),
+             (["--max-train", "0"], "--max-train"), (["--eval-images", "0"], "--eval-images")]
+    import torch
+
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "no GPU is visible"))
+    for extra, message in cases:
+        result = runner.invoke(app, [*base, *extra])
+        assert result.exit_code == 2 and message in _unboxed(result.output), (extra, result.output)
+    assert not (tmp_path / "r").exists()
+    result = runner.invoke(app, ["distill", "--teacher", "test_resnet", "--student", "resnt18", "--out",
+                                 str(tmp_path / "d")])
+    assert result.exit_code == 2 and "closest: resnet18" in result.output
+
+
+def test_a_bench_output_that_cannot_be_written_fails_before_the_benchmark(tmp_path: Path):
+    (tmp_path / "afile.txt").write_text("mine")
+    line = _one_line_error(["bench", str(tmp_path), "--out", str(tmp_path / "afile.txt" / "x.json")])
+    assert "cannot be written" in line and (tmp_path / "afile.txt").read_text() == "mine"

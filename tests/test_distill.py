@@ -421,3 +421,11 @@ def test_teacher_cache_shared_by_two_processes_keeps_both_ones_rows(tmp_path):
     torch.testing.assert_close(read_logits, logits)
     torch.testing.assert_close(read_embedding, embedding)
     assert not list(tmp_path.glob(".*.tmp"))  # no private files left behind
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_saves_no_weights(data, teachers, tmp_path):
+    """A loss gone to NaN or infinity (here an absurd rate) stops distillation; it never ships NaN weights as a
+    student, which the export then blamed on ONNX."""
+    with pytest.raises(EdgekdError, match="distillation diverged: the loss is (nan|inf)"):
+        distill(teachers[:1], "test_resnet", data, replace(QUICK, lr=1e12, epochs=0.5), tmp_path / "out")
+    assert not (tmp_path / "out" / "student.safetensors").exists()

@@ -35,8 +35,18 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
                         stream=sys.stderr, force=True)
 
 
-def user_errors(func: Callable) -> Callable:
-    """User mistakes become one line on stderr and exit code 2; an interrupt (Ctrl-C or SIGTERM) says how to resume."""
+PATH_ERRORS = (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+RESUME = "run the same command again to resume"
+
+
+def user_errors(func: Callable | None = None, *, resume: str = RESUME) -> Callable:
+    """User mistakes become one line on stderr and exit code 2; an interrupt (Ctrl-C or SIGTERM) says how to resume
+    (`resume`: a command whose re-run does not resume by itself says what does). `@user_errors` or
+    `@user_errors(resume=...)`."""
+    if func is None:
+        return functools.partial(user_errors, resume=resume)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -46,8 +56,12 @@ def user_errors(func: Callable) -> Callable:
         except EdgekdError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2) from None
+        except PATH_ERRORS as error:  # a path given where a folder or file cannot be (--out on a file, ...)
+            typer.echo(f"error: {error.strerror}: {error.filename}; check the paths given (--out, --data, ...)",
+                       err=True)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted: finished stages are kept; run the same command again to resume", err=True)
+            typer.echo(f"interrupted: finished stages are kept; {resume}", err=True)
             raise typer.Exit(130) from None
 
     return wrapper

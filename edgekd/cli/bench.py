@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from edgekd.cli.app import app, user_errors
+from edgekd.errors import EdgekdError
 
 
 @app.command("bench")
@@ -18,7 +19,7 @@ def bench_command(
     threads: list[int] = typer.Option([], "--threads", help="Thread counts (default: 1 and the profile's)."),
     profile: str = typer.Option("host", "--profile", "-p", help="Profile whose thread count is measured."),
     batch: int = typer.Option(32, "--batch", help="Batch size of the throughput measurement."),
-    eval_images: int = typer.Option(2000, "--eval-images", help="Validation images for accuracy."),
+    eval_images: int = typer.Option(2000, "--eval-images", min=1, help="Validation images for accuracy."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the results as JSON here."),
 ) -> None:
     """Teacher vs student (or any models): latency p50/p90/p99, throughput, start-up, memory, size, accuracy."""
@@ -31,6 +32,8 @@ def bench_command(
     from edgekd.select.profiles import load_profile
     from edgekd.types import DataSpec
 
+    if out is not None and (out.is_dir() or any(p.exists() and not p.is_dir() for p in out.parents)):
+        raise EdgekdError(f"--out {out} cannot be written (a folder, or under a file); give a .json file path")
     models = models_from_paths(targets)
     run_json = targets[0] / "run.json"
     if data is None and len(targets) == 1 and run_json.is_file():

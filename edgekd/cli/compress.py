@@ -44,6 +44,8 @@ from edgekd.cli.options import (
     Workers,
     _names,
     parse_input_size,
+    _positive,
+    check_model_names,
     student_choice,
     teacher_specs,
 )
@@ -69,7 +71,8 @@ def compress_command(
     random_init: RandomInit = False,
     input_size: InputSize = None,
     teacher_epochs: TeacherEpochs = 2.0,
-    epochs: Annotated[float, typer.Option("--epochs", help="Distillation epochs (fractions allowed).")] = 3.0,
+    epochs: Annotated[float, typer.Option("--epochs", callback=_positive("a number of epochs", "3"),
+                                          help="Distillation epochs (fractions allowed).")] = 3.0,
     loss: Losses = [],
     loss_option: LossOptions = [],
     temperature: Temperature = None,
@@ -88,7 +91,8 @@ def compress_command(
     calibration: Calibration = "auto",
     max_train: MaxTrain = None,
     max_val: MaxVal = None,
-    eval_images: int = typer.Option(2000, "--eval-images", help="Validation images for the int8 guard and bench."),
+    eval_images: int = typer.Option(2000, "--eval-images", min=1,
+                                    help="Validation images for the int8 guard and bench."),
     fashion_mnist_root: FashionMnistRoot = None,
     workers: Workers = None,
     device: Device = "auto",
@@ -107,6 +111,7 @@ def compress_command(
 
     budget_ms = parse_budget(budget)
     specs = teacher_specs(teacher, teacher_checkpoint, random_init)
+    check_model_names("--student", [student] if student else [])
     student, student_init = student_choice(student, student_checkpoint, student_pretrained)
     image_size = parse_input_size(input_size)
     run_dir = out or Path("runs") / f"{specs[0].name.split('.')[0]}-{budget.replace(' ', '')}"

@@ -38,6 +38,8 @@ from edgekd.cli.options import (
     UnlabeledData,
     Workers,
     parse_input_size,
+    _positive,
+    check_model_names,
     student_choice,
     teacher_specs,
 )
@@ -46,7 +48,7 @@ from edgekd.recipe import DEFAULT_MIX, DEFAULT_MIX_ALPHA
 
 
 @app.command("distill")
-@user_errors
+@user_errors(resume="run the same command with --resume to continue from the checkpoint")
 def distill_command(
     student: Optional[str] = typer.Option(None, "--student", "-s", help="Student: a timm name or alias (or a "
                                           "derived name); may be implied by --student-checkpoint."),
@@ -63,7 +65,8 @@ def distill_command(
     out: Path = typer.Option(Path("runs/distill"), "--out", "-o", help="Folder for the student, its log and state."),
     loss: Losses = [],
     loss_option: LossOptions = [],
-    epochs: Annotated[float, typer.Option("--epochs", help="Distillation epochs (fractions allowed).")] = 10.0,
+    epochs: Annotated[float, typer.Option("--epochs", callback=_positive("a number of epochs", "3"),
+                                          help="Distillation epochs (fractions allowed).")] = 10.0,
     batch_size: BatchSize = 128,
     lr: LearningRate = None,
     temperature: Temperature = None,
@@ -101,6 +104,7 @@ def distill_command(
 
     if bool(teacher) == bool(teacher_dir):
         raise EdgekdError("give the teacher either by --teacher NAME or by --teacher-dir DIR (one of them)")
+    check_model_names("--student", [student] if student else [])
     student, student_init = student_choice(student, student_checkpoint, student_pretrained)
     if student is None:
         raise EdgekdError("give the student: --student NAME (a timm name, alias or derived:<teacher>:depth=F), or "

@@ -80,11 +80,14 @@ Teachers = Annotated[list[str], typer.Option("--teacher", "-t", help=_teacher_he
 TeacherCheckpoints = Annotated[list[Path], typer.Option(
     "--teacher-checkpoint", help="A state_dict (.safetensors or .pth) per --teacher, loaded safely.")]
 RandomInit = Annotated[bool, typer.Option("--random-init", help="Teacher(s) from random weights, trained here.")]
-TeacherEpochs = Annotated[float, typer.Option("--teacher-epochs", help="Epochs when the teacher needs fine-tuning.")]
+TeacherEpochs = Annotated[float, typer.Option("--teacher-epochs", callback=_positive("a number of epochs", "2"),
+                                              help="Epochs when the teacher needs fine-tuning.")]
 Data = Annotated[str, typer.Option("--data", "-d", help=DATA_HELP)]
 InputSize = Annotated[Optional[int], typer.Option("--input-size", help="Side in pixels (default: the teacher's).")]
-MaxTrain = Annotated[Optional[int], typer.Option("--max-train", help="Use a stratified subset of training images.")]
-MaxVal = Annotated[Optional[int], typer.Option("--max-val", help="Use a stratified subset of validation images.")]
+MaxTrain = Annotated[Optional[int], typer.Option("--max-train", min=1,
+                                                 help="Use a stratified subset of training images.")]
+MaxVal = Annotated[Optional[int], typer.Option("--max-val", min=1,
+                                               help="Use a stratified subset of validation images.")]
 FashionMnistRoot = Annotated[Optional[Path], typer.Option("--fashion-mnist-root", help="Where the idx files are.")]
 UnlabeledData = Annotated[list[Path], typer.Option(
     "--unlabeled-data", help="A folder of images without labels (any layout; sub-folder names are ignored), "
@@ -104,8 +107,9 @@ Mix = Annotated[str, typer.Option(
 MixAlpha = Annotated[float, typer.Option(
     "--mix-alpha", min=0.01, help="The mixing ratio is drawn from Beta(alpha, alpha): 1.0 uniform, "
     f"smaller values mostly keep one image (default {DEFAULT_MIX_ALPHA:g}).")]
-Epochs = Annotated[float, typer.Option("--epochs", help="Training epochs (fractions allowed).")]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="Global batch, split across torchrun processes.")]
+Epochs = Annotated[float, typer.Option("--epochs", callback=_positive("a number of epochs", "8"),
+                                       help="Training epochs (fractions allowed).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=2, help="Global batch, split across torchrun processes.")]
 LearningRate = Annotated[Optional[float], typer.Option(
     "--lr", callback=_positive("a learning rate", "0.004"),
     help="Peak learning rate of the head (AdamW, warm-up + cosine; in compress: of distillation). Default: from real "
@@ -145,7 +149,21 @@ CacheTeacher = Annotated[Optional[bool], typer.Option(
     "--cache-teacher/--no-cache-teacher", help="Keep teacher outputs on disk, keyed by content, for later epochs and "
     "runs. Default: wherever views are fixed (no --augment, no --mix) and no feature loss needs the teacher's maps.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Data loader processes (default: cores - 1).")]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (under torchrun: each rank's GPU).")]
+def _device(value: str) -> str:
+    """A parse-time check: --device cuda on a machine without a GPU fails before any data is read."""
+    from edgekd.distill.train_utils import pick_device
+
+    try:
+        pick_device(value)
+    except RuntimeError as error:  # torch's own "Invalid device string" and the like
+        raise typer.BadParameter(f"{value!r} is not a device; use auto, cpu, cuda or cuda:N") from error
+    except EdgekdError as error:
+        raise typer.BadParameter(str(error)) from None
+    return value
+
+
+Device = Annotated[str, typer.Option("--device", callback=_device,
+                                     help="auto, cpu, cuda or cuda:N (under torchrun: each rank's GPU).")]
 Precision = Annotated[str, typer.Option(
     "--precision", callback=_one_of("a precision", _precisions),
     help="Training precision: auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32.")]
@@ -168,8 +186,18 @@ Calibration = Annotated[str, typer.Option(
     help="How int8 static calibrates activation ranges: minmax, entropy, percentile (99.999th), or auto "
     "(minmax, then percentile and entropy when the guard fails, before keeping nodes "
     "in float). --search-quantization / --search tries all three with every preset.")]
-Candidates = Annotated[Optional[str], typer.Option("--candidates", help="Comma-separated candidate names (timm names "
-                                                   "or derived:<teacher>:depth=F); default: the whole pool.")]
+def _candidate_names(value: Optional[str]) -> Optional[str]:
+    """A parse-time check: a typo among the candidates fails now, not as a row of the report."""
+    try:
+        check_model_names("--candidates", _names(value) or [])
+    except EdgekdError as error:
+        raise typer.BadParameter(str(error).removeprefix("--candidates: ")) from None
+    return value
+
+
+Candidates = Annotated[Optional[str], typer.Option("--candidates", callback=_candidate_names,
+                                                   help="Comma-separated candidate names (timm names or "
+                                                   "derived:<teacher>:depth=F); default: the whole pool.")]
 
 
 def student_choice(student: Optional[str], checkpoint: Optional[Path], pretrained: bool):
@@ -189,6 +217,20 @@ def student_choice(student: Optional[str], checkpoint: Optional[Path], pretraine
         log.info("--student-checkpoint %s holds %s: that is the student", checkpoint, student)
     check_student_checkpoint(student, state, checkpoint)
     return student, StudentInit(pretrained=pretrained, checkpoint=checkpoint)
+
+
+def check_model_names(option: str, names: list[str]) -> None:
+    """Fail on a typo in --student / --candidates before the teacher is trained (a derived name is checked by its own
+    parser), with the closest names."""
+    from edgekd.distill.students import parse_derived
+    from edgekd.models import resolve_model_name
+
+    for name in names:
+        try:
+            if parse_derived(name) is None:
+                resolve_model_name(name)
+        except EdgekdError as error:
+            raise EdgekdError(f"{option}: {error}") from None
 
 
 def parse_input_size(value: Optional[int]) -> Optional[tuple[int, int]]:

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from edgekd.cli.app import app, user_errors
-from edgekd.cli.options import PROFILE_HELP, Candidates, StudentPretrained, _names, parse_input_size
+from edgekd.cli.options import (PROFILE_HELP, Candidates, StudentPretrained, _names, check_model_names,
+                                parse_input_size)
 from edgekd.errors import EdgekdError
 
 
@@ -45,6 +46,7 @@ def select_command(
     from edgekd.select.profiles import load_profile
     from edgekd.select.rule import RULE, format_table, parse_budget
 
+    check_model_names("--student", [student] if student else [])
     budget_ms = parse_budget(budget)
     device = load_profile(profile)
     measured = measure_for_teacher(resolve_model_name(teacher), device, num_classes=num_classes,

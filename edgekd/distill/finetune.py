@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 from edgekd.artifacts import write_json_atomic
 from edgekd.data import LoadedData, ModelInputs, make_loader
-from edgekd.distill.train_utils import (Compute, backward_in_slices, evaluate, make_optimizer, micro_batch_size,
-                                        pick_device, progress, recipe_for, seed_everything, warmup_cosine)
+from edgekd.distill.train_utils import (Compute, backward_in_slices, check_finite, evaluate, make_optimizer,
+                                        micro_batch_size, pick_device, progress, recipe_for, seed_everything,
+                                        warmup_cosine)
 from edgekd.record import TrainState, data_fingerprint, resume_training_state, save_training_state, stage_key
 from edgekd.types import Preprocess, TrainConfig
 
@@ -80,6 +81,7 @@ def train_classifier(model: torch.nn.Module, data: LoadedData, preprocess: Prepr
             scheduler.step_update(step)
             seen += len(labels)
             running += loss.item()
+            check_finite(running, step, label)
             bar.set_postfix(refresh=False, loss=f"{running / (batch_index + 1):.3f}",
                                  img_s=f"{seen / (time.perf_counter() - started):.0f}")
         bar.close()

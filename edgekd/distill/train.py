@@ -37,8 +37,9 @@ from edgekd.record import (TrainState, data_fingerprint, records_fingerprint, re
                            save_training_state, stage_key)
 from edgekd.distill.students import StudentStart, build_student
 from edgekd.distill.teacher import load_teacher_model
-from edgekd.distill.train_utils import (PRECISIONS, Compute, backward_in_slices, evaluate, make_optimizer,
-                                        micro_batch_size, progress, recipe_for, seed_everything, warmup_cosine)
+from edgekd.distill.train_utils import (PRECISIONS, Compute, backward_in_slices, check_finite, evaluate,
+                                        make_optimizer, micro_batch_size, progress, recipe_for, seed_everything,
+                                        warmup_cosine)
 from edgekd.types import Preprocess, StudentCheckpoint, TeacherResult
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
         except KeyboardInterrupt:
             if processes.main:
                 save_training_state(state_path, key, state, hinted, optimizer, scheduler)
-                log.info("interrupted at step %d; checkpoint saved, run again with --resume to continue", state.step)
+                log.info("interrupted at step %d; checkpoint saved in %s", state.step, state_path)
             raise
         if cache is not None:
             cache.flush()
@@ -328,6 +329,7 @@ class DistillLoop:
                 sums["seconds"] = time.perf_counter() - started
                 state.partial = sums
                 if batch_index % 10 == 0 or batch_index + 1 == steps:  # one device sync per 10 steps
+                    check_finite(float(sums["loss"]), state.step, "distillation")
                     shown = {k: f"{float(sums[k]) / sums['steps']:.3f}" for k in ("loss", *terms)}
                     bar.set_postfix(refresh=False, **shown, img_s=f"{sums['images'] / sums['seconds']:.0f}")
         finally:

@@ -288,6 +288,13 @@ def backward_in_slices(size: int, micro: int | None, slice_loss: Callable[[slice
     return total, terms
 
 
+def check_finite(loss: float, step: int, what: str) -> None:
+    """Stop a diverged run before it saves NaN weights as a result (the last epoch's checkpoint stays)."""
+    if not math.isfinite(loss):
+        raise EdgekdError(f"{what} diverged: the loss is {loss} at step {step}; lower --lr, or check the images and "
+                          "the teacher")
+
+
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float):
     """timm's CosineLRScheduler, per optimizer step: linear warm-up over `warmup_fraction` of the steps, then cosine
     decay to zero. Call `step_update(steps_done)` after each optimizer step; it applies each group's lr_scale."""
