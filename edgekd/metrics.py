@@ -23,3 +23,12 @@ def accuracy(top: np.ndarray, labels: np.ndarray) -> tuple[float | None, float |
     hits = top[labeled] == labels[labeled, None]
     top5 = float(hits.any(axis=1).mean()) if top.shape[1] > 1 else None
     return float(hits[:, 0].mean()), top5
+
+
+def indistinguishable_from_chance(top1: float | None, classes: int, images: int) -> bool:
+    """Whether a top-1 measured on `images` images lies within two standard errors of guessing among `classes`:
+    such a model (a teacher fine-tuned on too few images or steps) has nothing to teach."""
+    if top1 is None or classes < 2 or images < 1:
+        return False
+    chance = 1.0 / classes
+    return top1 <= chance + 2.0 * (chance * (1.0 - chance) / images) ** 0.5

@@ -29,6 +29,7 @@ from edgekd.distill.teacher import prepare_teacher
 from edgekd.distill.views import MirrorDraw, view_rows
 from edgekd.errors import EdgekdError
 from edgekd.types import DataSpec, TeacherSpec, TrainConfig
+from tests.helpers.interrupt import InterruptAfter
 
 pytestmark = pytest.mark.slow
 SPEC = DataSpec("fashion-mnist", max_train=192, max_val=64)
@@ -89,23 +90,6 @@ def test_label_free_run_on_an_unlabeled_folder(data, teachers, tmp_path):
     cached_weights, plain_weights = load_file(str(checkpoint.weights_path)), load_file(str(uncached.weights_path))
     for name in plain_weights:
         torch.testing.assert_close(cached_weights[name], plain_weights[name], rtol=1e-4, atol=1e-5, msg=name)
-
-
-class InterruptAfter(torch.utils.data.Dataset):
-    """The real training records, with a Ctrl-C arriving after `count` images have been read."""
-
-    def __init__(self, records, count: int):
-        self.records, self.count, self.reads = records, count, 0
-        self.labels = records.labels
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int):
-        self.reads += 1
-        if self.reads > self.count:
-            raise KeyboardInterrupt
-        return self.records[index]
 
 
 def test_resume_after_an_interruption_reaches_the_uninterrupted_result(data, teachers, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,9 @@ def test_cli_export_then_predict(small_fmnist, tmp_path: Path) -> None:
     assert result.output.count(",") == 2 and any(label in result.output for label in small_fmnist.info.class_names)
     result = runner.invoke(app, ["predict", str(tmp_path), str(image_path)])
     assert result.exit_code == 2 and "not an edgekd bundle" in result.output
+    shutil.copytree(out, tmp_path / "run" / "export")  # a compress run folder keeps its bundle in export/
+    result = runner.invoke(app, ["predict", str(tmp_path / "run"), str(image_path), "--top-k", "3"])
+    assert result.exit_code == 0 and result.output.count(",") == 2, result.output
 
 
 def test_a_class_sorted_folder_calibrates_and_validates_on_every_class(small_fmnist, tmp_path: Path) -> None:

@@ -104,3 +104,41 @@ def test_unlabeled_data_cannot_fit_a_fresh_head(tmp_path: Path, fmnist_arrays):
     with pytest.raises(EdgekdError, match="no labels"):
         prepare_teacher(TeacherSpec("test_resnet", random_init=True), data, tmp_path / "t", image_size=(32, 32),
                         train_config=QUICK)
+
+
+def test_an_interrupted_fine_tune_resumes_mid_epoch_and_ends_where_an_uninterrupted_one_does(small_fmnist, tmp_path):
+    """A teacher's epoch can take an hour on a laptop: Ctrl-C keeps the batches done, and the re-run continues from
+    the next batch (not the epoch's start), with the batches an uninterrupted run draws."""
+    from edgekd.data import LoadedData
+    from edgekd.distill.finetune import train_classifier
+    from edgekd.models import preprocess_for
+    from tests.helpers.interrupt import InterruptAfter
+
+    config = TrainConfig(epochs=2, batch_size=64, num_workers=0, seed=3)  # 9 batches an epoch
+    pre = preprocess_for(create_model("test_resnet", 10), (32, 32))
+
+    def model():
+        torch.manual_seed(0)
+        return create_model("test_resnet", 10, (32, 32))
+
+    straight, _ = train_classifier(model(), small_fmnist, pre, config, tmp_path / "straight")
+    cut = LoadedData(small_fmnist.info, InterruptAfter(small_fmnist.train, 64 * 12 + 10), small_fmnist.val)
+    with pytest.raises(KeyboardInterrupt):  # epoch 2, its 4th batch
+        train_classifier(model(), cut, pre, config, tmp_path / "resumed")
+    saved = torch.load(tmp_path / "resumed" / "train_state.pt", weights_only=True)
+    assert saved["step"] == 12  # the 3 batches of epoch 2 that finished are kept
+    resumed, history = train_classifier(model(), small_fmnist, pre, config, tmp_path / "resumed")
+    assert [h["epoch"] for h in history] == [1, 2]
+    for name, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_pickled_model_is_refused_with_what_to_save_instead(tmp_path: Path):
+    """A whole pickled model loads only by running the file's code: refused (weights_only), saying what to save;
+    torch's own advice (weights_only=False) is not passed on."""
+    from edgekd.models import read_state_dict
+
+    torch.save(create_model("test_resnet", 10), tmp_path / "model.pth")
+    with pytest.raises(EdgekdError, match=r"pickled Python objects.*state_dict\(\)") as caught:
+        read_state_dict(tmp_path / "model.pth")
+    assert "weights_only" not in str(caught.value)

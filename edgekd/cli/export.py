@@ -64,13 +64,16 @@ def export_command(
 @app.command("predict")
 @user_errors
 def predict_command(
-    bundle: Path = typer.Argument(..., help="A bundle folder written by `edgekd export`."),
+    bundle: Path = typer.Argument(..., help="A bundle folder written by `edgekd export` (or a compress run folder: "
+                                  "its export/)."),
     images: list[Path] = typer.Argument(..., help="Image files."),
     top_k: int = typer.Option(5, "--top-k", "-k", help="Labels to print per image."),
 ) -> None:
     """Print the top-k labels with probabilities for each image (what edgekd.runtime.Predictor gives apps)."""
-    from edgekd.runtime import BundleError, Predictor
+    from edgekd.runtime import PREPROCESS_NAME, BundleError, Predictor
 
+    if not (bundle / PREPROCESS_NAME).is_file() and (bundle / "export" / PREPROCESS_NAME).is_file():
+        bundle = bundle / "export"  # a compress run folder: its bundle
     try:
         predictor = Predictor(bundle)
         for image in images:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from edgekd.artifacts import write_json_atomic
 from edgekd.data import LoadedData, ModelInputs, make_loader
+from edgekd.distill.sampling import EpochSampler, SeededItems
 from edgekd.distill.train_utils import (Compute, backward_in_slices, check_finite, evaluate, make_optimizer,
                                         micro_batch_size, pick_device, progress, recipe_for, seed_everything,
                                         warmup_cosine)
@@ -38,9 +39,13 @@ def train_classifier(model: torch.nn.Module, data: LoadedData, preprocess: Prepr
     device = compute.device
     log.info("%s on %s", label, compute.describe())
     model = compute.prepare(model)
-    train_loader = make_loader(ModelInputs(data.train, [preprocess], training=True), config.batch_size,
-                               shuffle=True, seed=config.seed, num_workers=config.num_workers, device=device,
-                               drop_last=len(data.train) > config.batch_size)
+    # Data order and augmentation are functions of (seed, epoch, index) (sampling.py), so an interrupted epoch
+    # resumes at the batch it stopped at, with the batches an uninterrupted run would have drawn.
+    drop_last = len(data.train) > config.batch_size
+    sampler = EpochSampler(len(data.train), num_replicas=1, rank=0, seed=config.seed, drop_last=False)
+    train_loader = make_loader(SeededItems(ModelInputs(data.train, [preprocess], training=True), config.seed),
+                               config.batch_size, shuffle=False, seed=config.seed, sampler=sampler,
+                               num_workers=config.num_workers, device=device, drop_last=drop_last)
     val_loader = make_loader(ModelInputs(data.val, [preprocess], training=False), config.batch_size * 2,
                              shuffle=False, num_workers=config.num_workers, device=device)
     steps_per_epoch = len(train_loader)
@@ -61,30 +66,43 @@ def train_classifier(model: torch.nn.Module, data: LoadedData, preprocess: Prepr
     epochs = math.ceil(total_steps / steps_per_epoch)
     for epoch in range(step // steps_per_epoch, epochs):
         model.train()
-        started, seen, running = time.perf_counter(), 0, 0.0
+        done = step - epoch * steps_per_epoch  # batches of this epoch trained before an interruption
+        sampler.set_position(epoch, done * config.batch_size)
+        partial = state.partial or {}
+        seen, running = int(partial.get("seen", 0)), partial.get("running", 0.0)
+        started = time.perf_counter() - partial.get("seconds", 0.0)
         epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
-        bar = progress(train_loader, total=epoch_steps, desc=f"{label} epoch {epoch + 1}/{epochs}", unit="batch")
-        for batch_index, (inputs, labels) in enumerate(bar):
-            if batch_index >= epoch_steps:
-                break
-            inputs, labels = compute.inputs(inputs), labels.to(device)
-            optimizer.zero_grad(set_to_none=True)
+        bar = progress(train_loader, total=epoch_steps, initial=done, desc=f"{label} epoch {epoch + 1}/{epochs}",
+                       unit="batch")
+        batches = zip(range(done, epoch_steps), bar)
+        try:
+            for batch_index, (inputs, labels, _) in batches:
+                inputs, labels = compute.inputs(inputs), labels.to(device)
+                optimizer.zero_grad(set_to_none=True)
 
-            def slice_loss(part: slice) -> tuple[torch.Tensor, dict]:
-                with compute.autocast():
-                    return F.cross_entropy(model(inputs[part]).float(), labels[part], label_smoothing=0.1), {}
+                def slice_loss(part: slice) -> tuple[torch.Tensor, dict]:
+                    with compute.autocast():
+                        return F.cross_entropy(model(inputs[part]).float(), labels[part], label_smoothing=0.1), {}
 
-            loss, _ = backward_in_slices(len(labels), micro, slice_loss)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            step += 1
-            scheduler.step_update(step)
-            seen += len(labels)
-            running += loss.item()
-            check_finite(running, step, label)
-            bar.set_postfix(refresh=False, loss=f"{running / (batch_index + 1):.3f}",
-                                 img_s=f"{seen / (time.perf_counter() - started):.0f}")
-        bar.close()
+                loss, _ = backward_in_slices(len(labels), micro, slice_loss)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                step += 1
+                scheduler.step_update(step)
+                seen += len(labels)
+                running += loss.item()
+                check_finite(running, step, label)
+                state.partial = {"seen": seen, "running": running, "seconds": time.perf_counter() - started}
+                bar.set_postfix(refresh=False, loss=f"{running / (batch_index + 1):.3f}",
+                                img_s=f"{seen / (time.perf_counter() - started):.0f}")
+        except KeyboardInterrupt:  # mid-epoch: keep the batches done, so a re-run continues from this one
+            save_training_state(state_path, key, TrainState(step, history, state.partial), model, optimizer,
+                                scheduler)
+            log.info("interrupted at step %d; checkpoint saved in %s", step, state_path)
+            raise
+        finally:
+            bar.close()
+        state.partial = None
         result = evaluate(model, val_loader, compute, description=f"{label} val")
         metrics = {"epoch": epoch + 1, "train_loss": running / max(1, epoch_steps), "val_top1": result.top1,
                    "val_top5": result.top5, "seconds": time.perf_counter() - started,

@@ -15,6 +15,7 @@ from edgekd.artifacts import atomic_path, make_artifact, sha256_file, write_json
 from edgekd.data import LoadedData, ModelInputs, make_loader
 from edgekd.errors import EdgekdError
 from edgekd.distill.finetune import train_classifier
+from edgekd.metrics import indistinguishable_from_chance
 from edgekd.record import data_fingerprint, stage_key
 from edgekd.models import (classifier_keys, count_params, create_model, fetch_pretrained, load_weights,
                            preprocess_for, read_state_dict, resolve_model_name)
@@ -98,6 +99,9 @@ def prepare_teacher(spec: TeacherSpec, data: LoadedData, out_dir: Path, *, image
                       config={"model": model_name, "weights": source, "input_size": list(preprocess.input_size)},
                       metrics={"val_top1": top1, "val_top5": top5, "params": result.params})
     log.info("teacher %s ready: val top-1 %s on %d images", model_name, _pct(top1), data.info.num_val)
+    if indistinguishable_from_chance(top1, num_classes, data.info.num_val):
+        log.warning("the teacher's val top-1 (%s) is no better than guessing among %d classes: it has nothing to "
+                    "teach; give it more --teacher-epochs or more images", _pct(top1), num_classes)
     return result
 
 

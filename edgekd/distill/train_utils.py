@@ -304,8 +304,16 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fra
     base = optimizer.param_groups[0]["lr"]
     # Step s < warmup runs at (s + 1) / warmup of the peak: the first step already learns, the last warm-up step
     # reaches the peak, where the cosine starts.
-    return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup + 1), lr_min=0.0, warmup_t=warmup - 1,
-                             warmup_lr_init=base / warmup, warmup_prefix=True, t_in_epochs=False)
+    # A run of a step or two leaves no room for the cosine; timm says so on the log, which a user cannot act on.
+    timm_log = logging.getLogger("timm.scheduler.cosine_lr")
+    level = timm_log.level
+    timm_log.setLevel(logging.ERROR)
+    try:
+        return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup + 1), lr_min=0.0,
+                                 warmup_t=warmup - 1, warmup_lr_init=base / warmup, warmup_prefix=True,
+                                 t_in_epochs=False)
+    finally:
+        timm_log.setLevel(level)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from edgekd.artifacts import write_json_atomic, write_text_atomic
 from edgekd.evaluate.bench import BenchResult, ModelFacts
 from edgekd.data import LoadedData, skipped_images
 from edgekd.deploy.bundle import read_shipped_form
+from edgekd.metrics import indistinguishable_from_chance
 
 if TYPE_CHECKING:
     from edgekd.select.profiles import DeviceProfile
@@ -203,6 +204,14 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"Starting weights: student {s.get('student_init') or 'unknown'}; teacher {teacher.get('weights', '?')}"
         f"{', fine-tuned here' if teacher.get('fine_tuned') else ''}.",
     ]
+    data = report.get("data", {})
+    if data.get("skipped_corrupt"):
+        lines.append(f"Data: {data['skipped_corrupt']} unreadable image(s) skipped (named in the log).")
+    if teacher and indistinguishable_from_chance(teacher.get("val_top1"), data.get("num_classes", 0),
+                                                 data.get("num_val", 0)):
+        lines.append(f"Warning: the teacher's top-1 ({_fmt(teacher['val_top1'], 'pct')} on {data['num_val']} "
+                     f"images) is no better than guessing among {data['num_classes']} classes: it had nothing to "
+                     "teach; give it more --teacher-epochs or more images.")
     if s.get("shipped_form_reason"):
         lines.append(f"Shipped form: {s['precision']}: {s['shipped_form_reason']}")
     for passed in s.get("passed_over", []):
