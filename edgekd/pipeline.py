@@ -106,6 +106,7 @@ def compress(config: CompressConfig) -> CompressResult:
                           selection=selection, student=student, bundle_dir=bundle_dir, bench=bench_result,
                           seconds=time.perf_counter() - started)
     write_reports(run_dir, report)
+    _record_run(run_dir, config)
     return CompressResult(run_dir, selection, teacher, student, bundle_dir, bench_result, report)
 
 
@@ -125,15 +126,25 @@ def _check_out_folder(run_dir: Path, config: CompressConfig) -> None:
 
 
 def _check_same_run(run_dir: Path, config: CompressConfig) -> None:
-    """Record what this run folder is for; another teacher or data set in the same folder would mix results."""
-    identity = {"teachers": [t.name for t in config.teachers], "data": config.data.source}
+    """Record what this run folder is for; another teacher or data set in the same folder would mix results. The
+    options are recorded here only for a new folder; after that, by a finished run (_record_run): run.json then
+    describes the run whose report and bundle are in the folder, not an attempt that failed on the way."""
     path = run_dir / RUN_NAME
     if path.exists():
         previous = json.loads(path.read_text())
-        if previous.get("identity") != identity:
+        if previous.get("identity") != _identity(config):
             raise EdgekdError(f"{run_dir} holds a run for {previous.get('identity')}; pass another --out, "
                               "or remove the folder to start over")
-    write_json_atomic(path, {"identity": identity, "config": _jsonable(config)})
+    else:
+        _record_run(run_dir, config)
+
+
+def _identity(config: CompressConfig) -> dict[str, Any]:
+    return {"teachers": [t.name for t in config.teachers], "data": config.data.source}
+
+
+def _record_run(run_dir: Path, config: CompressConfig) -> None:
+    write_json_atomic(run_dir / RUN_NAME, {"identity": _identity(config), "config": _jsonable(config)})
 
 
 def _select(config: CompressConfig, record: StageRecord, run_dir: Path, profile: DeviceProfile,

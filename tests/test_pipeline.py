@@ -130,6 +130,12 @@ def test_rerun_reuses_every_stage_and_a_changed_option_redoes_only_its_dependent
     assert "distill: reusing" in changed.output and "export: reusing" not in changed.output
     assert mtimes(run_dir)["export/model.onnx"] != after["export/model.onnx"]
 
+    # a re-run that fails on the way leaves run.json describing the run whose report and bundle are in the folder
+    failed = runner.invoke(app, ["compress", *TINY, "--budget", "0.001ms", "--epochs", "1", "--out", str(run_dir)])
+    assert failed.exit_code == 2 and "no candidate fits" in failed.output, failed.output
+    recorded = json.loads((run_dir / "run.json").read_text())["config"]
+    assert recorded["budget_ms"] == 50 and recorded["max_accuracy_drop"] == 5 and recorded["min_agreement"] == 0.5
+
 
 def test_another_teacher_in_the_same_run_folder_is_refused(run):
     run_dir, _ = run
