@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from edgekd.distill.finetune import train_classifier  # noqa: E402
 from edgekd.select.latency import measure_onnx  # noqa: E402
 from edgekd.lite_weights import timm_state_dict  # noqa: E402
 from edgekd.models import create_model, preprocess_for, zero_new_head  # noqa: E402
+from edgekd.record import cpu_model  # noqa: E402
 from edgekd.select.profiles import detect_isa  # noqa: E402
 from edgekd.deploy.quantize import default_preset, prepare_for_quantization, presets_for, quantize_onnx  # noqa: E402
 from edgekd.deploy.guard import GuardConfig, guarded_quantize, input_side_nodes  # noqa: E402
@@ -413,16 +413,6 @@ def int8_features() -> list[str]:
     except OSError:
         return []
     return [f for f in ("avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def this_machine() -> dict[str, Any]:

@@ -25,6 +25,7 @@ from edgekd.select.latency import measure_onnx
 from edgekd.select.profiles import load_profile
 from edgekd.select.rule import RULE, Candidate, format_table, parse_budget, select_student
 from edgekd.distill.students import build_student
+from edgekd.record import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TEACHER = "vit_base_patch16_224"
@@ -55,7 +56,7 @@ def main() -> None:
     stability = [stability_of(name, profile, args.repeats, timing) for name in dict.fromkeys(stability_names)]
     load_after = os.getloadavg()
     payload = {
-        "machine": {"cpu": cpu_name(), "cores": profile.threads, "platform": platform.platform(),
+        "machine": {"cpu": cpu_model(), "cores": profile.threads, "platform": platform.platform(),
                     "onnxruntime": ort.__version__, "isa": profile.isa,
                     "load_average_1_5_15_before": [round(v, 2) for v in load_before],
                     "load_average_1_5_15_after": [round(v, 2) for v in load_after]},
@@ -98,16 +99,6 @@ def stability_of(name: str, profile, repeats: int, timing: TimingConfig) -> dict
                                "spread_pct": round(100 * (max(p50s) - min(p50s)) / median, 1),
                                "cv_pct": round(100 * statistics.pstdev(p50s) / statistics.mean(p50s), 1)}
     return {"model": name, "forms": rows}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def markdown(payload: dict, candidates: list[Candidate], budget_ms: float, precisions: tuple[str, ...]) -> str:
