@@ -149,6 +149,8 @@ CacheTeacher = Annotated[Optional[bool], typer.Option(
     "--cache-teacher/--no-cache-teacher", help="Keep teacher outputs on disk, keyed by content, for later epochs and "
     "runs. Default: wherever views are fixed (no --augment, no --mix) and no feature loss needs the teacher's maps.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Data loader processes (default: cores - 1).")]
+
+
 def _device(value: str) -> str:
     """A parse-time check: --device cuda on a machine without a GPU fails before any data is read."""
     from edgekd.distill.train_utils import pick_device
@@ -186,6 +188,8 @@ Calibration = Annotated[str, typer.Option(
     help="How int8 static calibrates activation ranges: minmax, entropy, percentile (99.999th), or auto "
     "(minmax, then percentile and entropy when the guard fails, before keeping nodes "
     "in float). --search-quantization / --search tries all three with every preset.")]
+
+
 def _candidate_names(value: Optional[str]) -> Optional[str]:
     """A parse-time check: a typo among the candidates fails now, not as a row of the report."""
     try:
