@@ -199,11 +199,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure to parse means the file is not a usable checkpoint
-        if "Weights only load failed" in str(error):  # torch's advice (weights_only=False) runs the file's code
+        # torch's own message advises weights_only=False, which runs the file's code: not passed on
+        if "Unsupported global" in str(error):
             raise EdgekdError(f"checkpoint {path} holds pickled Python objects (a whole model or a training state), "
                               "which edgekd does not unpickle; save the weights alone: "
                               "torch.save(model.state_dict(), 'weights.pth') or safetensors") from error
-        raise EdgekdError(f"cannot read checkpoint {path}: {first_line(error, 1000)}; "
+        reason = "not a file torch.save wrote" if "Weights only load failed" in str(error) else first_line(error, 1000)
+        raise EdgekdError(f"cannot read checkpoint {path}: {reason}; "
                           "give a state_dict saved as .safetensors or with torch.save") from error
     for key in ("state_dict", "model", "state_dict_ema", "model_ema"):  # common wrappers (timm train.py, others)
         if isinstance(state, dict) and isinstance(state.get(key), dict):

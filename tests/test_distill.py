@@ -264,7 +264,7 @@ def test_sigterm_checkpoints_mid_epoch_and_a_resumed_run_finishes(teachers, tmp_
         code = proc.wait(timeout=120)
     message = log_path.read_text()
     assert code == 130, message[-2000:]
-    assert "interrupted: finished stages are kept; run the same command again to resume" in message
+    assert "interrupted: finished stages are kept; run the same command with --resume to continue" in message
     saved = torch.load(out / "distill_state.pt", map_location="cpu", weights_only=True)
     assert 0 < saved["step"] < 375 and json.loads(saved["partial"])["steps"] == saved["step"]
     assert not (out / "student.safetensors").exists()
