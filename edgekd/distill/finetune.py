@@ -64,7 +64,9 @@ def train_classifier(model: torch.nn.Module, data: LoadedData, preprocess: Prepr
     state = resume_training_state(state_path, key, model, optimizer, scheduler)
     step, history = state.step, state.history
     epochs = math.ceil(total_steps / steps_per_epoch)
-    for epoch in range(step // steps_per_epoch, epochs):
+    # The epoch to go on with is the first without a history entry (an interruption after its last batch still
+    # evaluates it); the batches of it already trained follow from the step.
+    for epoch in range(len(history), epochs):
         model.train()
         done = step - epoch * steps_per_epoch  # batches of this epoch trained before an interruption
         sampler.set_position(epoch, done * config.batch_size)

@@ -201,7 +201,7 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
                        cache, total_steps, micro, mirrors)
     epochs = math.ceil(total_steps / steps_per_epoch)
     started = time.perf_counter()
-    for epoch in range(state.step // steps_per_epoch, epochs):
+    for epoch in range(len(state.history), epochs):  # the first epoch without its history entry (see finetune.py)
         skip_steps = state.step - epoch * steps_per_epoch
         sampler.set_position(epoch, skip_steps * per_rank_batch)
         epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch) - skip_steps
