@@ -167,3 +167,25 @@ def test_a_bench_output_that_cannot_be_written_fails_before_the_benchmark(tmp_pa
     (tmp_path / "afile.txt").write_text("mine")
     line = _one_line_error(["bench", str(tmp_path), "--out", str(tmp_path / "afile.txt" / "x.json")])
     assert "cannot be written" in line and (tmp_path / "afile.txt").read_text() == "mine"
+
+
+def test_ctrl_c_while_the_command_line_loads_is_one_line():
+    """The console script's imports (torch, timm, onnxruntime) take seconds; Ctrl-C then is not a traceback."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", "from edgekd.console import main; main()", "--help"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # well inside the imports (seconds), after the interpreter has started
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted while starting" in stderr and "Traceback" not in stderr, stderr
+
+
+def test_a_teacher_no_better_than_guessing_is_told_apart_from_a_weak_one():
+    from edgekd.metrics import indistinguishable_from_chance
+
+    assert indistinguishable_from_chance(1 / 3, 3, 12)  # the helper's 1-step Lite0: chance on 3 classes
+    assert indistinguishable_from_chance(0.156, 10, 32)
+    assert not indistinguishable_from_chance(0.25, 10, 300)  # weak, but it has learnt something
+    assert not indistinguishable_from_chance(0.8695, 10, 2000) and not indistinguishable_from_chance(None, 10, 10)
