@@ -143,7 +143,7 @@ def latency_stage(results: dict, models: tuple[str, ...] = LATENCY_MODELS, redo:
                       for p in presets_for(isa, "static", transformer)[:1] if p.bias_correction]
             if not transformer:  # what the guard's first input-side round ships (the real Lite0's 97% form)
                 static = default_preset(isa, "int8_static")
-                near_input = input_side_nodes(prepared, static, GuardConfig().first_exclusion)
+                near_input = input_side_nodes(prepared, static, GuardConfig().float_share(1))
                 forms.append(("int8_static", f"{static.name}, {len(near_input)} nodes nearest the input in float",
                               (static, near_input)))
             optimum, why_not = optimum_forms(fp32, calibration, work)

@@ -99,12 +99,13 @@ def test_an_exception_without_a_message_still_makes_a_one_line_error():
 
 
 def _class_folders(root: Path, classes: tuple[str, ...], per_class: int = 3) -> Path:
-    from PIL import Image
+    import numpy as np
 
-    for index, name in enumerate(classes):
-        (root / name).mkdir(parents=True)
-        for k in range(per_class):
-            Image.new("RGB", (24, 24), (40 * index, 7 * k, 90)).save(root / name / f"{k}.png")
+    from tests.helpers.images import write_images
+
+    labels = np.repeat(np.arange(len(classes)), per_class)
+    pixels = np.random.default_rng(0).integers(0, 256, (len(labels), 24, 24, 3), dtype=np.uint8)
+    write_images(root, pixels, labels, classes)
     return root
 
 

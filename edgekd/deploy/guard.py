@@ -40,6 +40,10 @@ class GuardConfig:
     min_speedup: float = 1.05  # int8 must beat fp32 by this factor (beyond timing noise) to be worth its error
     calibration_method: str = "auto"  # or one of CALIBRATION_METHODS; see AUTO_CALIBRATION
 
+    def float_share(self, round_index: int) -> float:
+        """The share of nodes round `round_index` (1, 2, ...) keeps in float: first_exclusion, doubling each round."""
+        return self.first_exclusion * 2 ** (round_index - 1)
+
     def failure(self, drop: float, agreement: float) -> str | None:
         """Why a form that loses `drop` points (guard_drop) and agrees with fp32 on `agreement` fails the guard, or
         None when it passes: int8 forms and fp16 are held to the same rule."""
@@ -268,8 +272,7 @@ def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantP
             tick(trial)
             if trial.passed or trial.error:
                 break
-        share = guard.first_exclusion * 2 ** (round_index - 1)
-        near_input = input_side_nodes(prepared, preset, share) if round_index > 0 else ()
+        near_input = input_side_nodes(prepared, preset, guard.float_share(round_index)) if round_index > 0 else ()
         if near_input and near_input not in tried:  # nor did the ranked nodes: the compute nodes nearest the input
             tried.add(near_input)
             side = target.with_name(f"{target.stem}.input-side.onnx")
@@ -324,7 +327,7 @@ def _attempt(prepared: Path, target: Path, precision: str, preset: QuantPreset, 
 
 def input_side_nodes(prepared: Path, preset: QuantPreset, share: float) -> tuple[str, ...]:
     """The first `share` of the compute nodes the preset quantizes (at least one), in graph (topological) order: the
-    guard's round r asks for first_exclusion * 2**(r - 1) of them."""
+    guard's round r asks for GuardConfig.float_share(r) of them."""
     ops = set(preset.op_types or COMPUTE_OPS) & set(COMPUTE_OPS)
     left_float = set(activation_matmuls(prepared)) if preset.weight_matmuls_only else set()  # float anyway
     compute = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type in ops and n.name not in left_float]
@@ -339,7 +342,7 @@ def _more_in_float(prepared: Path, target: Path, precision: str, preset: QuantPr
     node reads is still quantized."""
     ranked = [s for s in _rank(prepared, target, precision, preset, isa, calibration, guard, excluded,
                                evalset.images[:SENSITIVITY_IMAGES]) if s.added_error > 0]
-    count = max(1, round(len(ranked) * guard.first_exclusion * 2 ** (round_index - 1)))
+    count = max(1, round(len(ranked) * guard.float_share(round_index)))
     while 0 < count < len(ranked) and ranked[count].tensor == ranked[count - 1].tensor:
         count += 1
     if ranked:
