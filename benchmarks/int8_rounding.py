@@ -10,7 +10,8 @@ quantized with each ISA's default static preset in three forms, same calibration
             reference implementations' hyper-parameters), written below for this comparison only
   learned, int8 logits   learned, with the logits rounded to int8 as onnxruntime's quantizer writes them (edgekd
             ships them unrounded)
-  learned, stem + first depthwise in float   learned, those two convs excluded (their latency is not measured here)
+  learned, stem + first depthwise in float   learned, those two convs excluded (their latency is not measured here);
+            and each of the first three convs alone in float, to find which tensor the error comes from
 Agreement of top-1 with fp32 on seeded crops of scikit-image's bundled photographs: on every crop, and on the crops
 fp32 is confident about (top-1 probability >= 0.3; elsewhere its top-1 is a near-tie any rounding flips). Each
 target ISA is measured as that CPU computes it (edgekd.deploy.verify.emulates_target): this host's own kernels for
@@ -60,14 +61,17 @@ def forms(isa: str) -> dict[str, QuantPreset]:
     default = replace(default_preset(isa, "int8_static"), check_corrections=False)  # each form as it is
     return {"plain": replace(default, bias_correction=False, learned_rounding=False),
             "bias": replace(default, learned_rounding=False), "learned": default, "adaround": default,
-            "learned, int8 logits": replace(default, float_logits=False), FIRST_CONVS_IN_FLOAT: default}
+            "learned, int8 logits": replace(default, float_logits=False),
+            **{form: default for form in CONVS_IN_FLOAT}}
 
 
-# The form that keeps the stem conv and the first depthwise conv in float (nodes_to_exclude), the rest as shipped:
-# where the remaining error comes from (the earliest activations; see int8_rounding.md). Their latency cost needs
-# the target CPU to measure; this host's int8 kernels (AVX2) are another kind.
-FIRST_CONVS_IN_FLOAT = "learned, stem + first depthwise in float"
-FIRST_CONVS = 2
+# Forms that keep some of the first convs in float (nodes_to_exclude, by their index among the graph's Conv nodes:
+# 0 the stem, 1 the first block's depthwise conv, 2 its pointwise conv), the rest as shipped: where the remaining
+# error comes from. Each alone and the stem with the depthwise conv (what edgekd's guard keeps in float on the real
+# Lite0) tell whether it is one conv's rounding or the tensor between two convs. Their latency cost needs the target
+# CPU to measure; this host's int8 kernels (AVX2) are another kind.
+CONVS_IN_FLOAT = {"learned, stem + first depthwise in float": (0, 1), "learned, stem alone in float": (0,),
+                  "learned, first depthwise alone in float": (1,), "learned, first pointwise alone in float": (2,)}
 
 
 def adaround(weight: np.ndarray, scale: np.ndarray, quantized: np.ndarray, fit: LayerMoments,
@@ -108,9 +112,26 @@ def adaround(weight: np.ndarray, scale: np.ndarray, quantized: np.ndarray, fit: 
     return chosen.reshape(quantized.shape).numpy().astype(quantized.dtype), result
 
 
-def real_model_on_photos(model_name: str, work: Path) -> tuple[Path, Path, np.ndarray, np.ndarray, tuple[int, ...]]:
+def stem_channel_peaks(model: torch.nn.Module, images: np.ndarray) -> dict[str, float]:
+    """How the channels of the stem's activation (ReLU6's output: the tensor between the stem and the first depthwise
+    conv) peak on `images`: how many reach the cap of 6, how many never fire, and the lowest peak of the others.
+    Cross-layer equalization scales channels so that their ranges match; channels whose ranges are already close
+    leave it little to even out."""
+    peaks = []
+    handle = model.bn1.register_forward_hook(lambda _module, _inputs, out: peaks.append(out.amax(dim=(0, 2, 3))))
+    with torch.no_grad():
+        model(torch.from_numpy(images))
+    handle.remove()
+    peak = peaks[0]
+    live = peak[peak > 0]
+    return {"channels": int(peak.numel()), "at_cap": int((peak >= 6.0 - 1e-4).sum()), "never_active": int(
+        (peak <= 0).sum()), "lowest_live_peak": round(float(live.min()), 2) if live.numel() else 0.0}
+
+
+def real_model_on_photos(model_name: str, work: Path) -> tuple[Path, Path, np.ndarray, np.ndarray, tuple[int, ...],
+                                                                dict[str, float]]:
     """The real ImageNet model exported, and prepared for quantization, with its 152 evaluation crops, 76
-    calibration crops (other seeds) and input size."""
+    calibration crops (other seeds), input size and stem_channel_peaks on the calibration crops."""
     model = create_model(model_name, 1000)
     model.load_state_dict(timm_state_dict(model_name))
     model.eval()
@@ -120,13 +141,13 @@ def real_model_on_photos(model_name: str, work: Path) -> tuple[Path, Path, np.nd
     calibration = np.stack([transform(c).numpy() for c in crops(4, seed=1)]).astype(np.float32)
     fp32 = export_onnx(model, work / f"{model_name}.onnx", pre.input_size)
     prepared = prepare_for_quantization(fp32, work / f"{model_name}.prepared.onnx", calibration[:8])
-    return fp32, prepared, evaluation, calibration, pre.input_size
+    return fp32, prepared, evaluation, calibration, pre.input_size, stem_channel_peaks(model, calibration)
 
 
 def measure(model_name: str, work: Path) -> list[dict]:
-    fp32, prepared, evaluation, calibration, input_size = real_model_on_photos(model_name, work)
+    fp32, prepared, evaluation, calibration, input_size, stem_peaks = real_model_on_photos(model_name, work)
     reference = onnx_logits(fp32, evaluation)
-    first_convs = tuple(n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv")[:FIRST_CONVS]
+    convs = tuple(n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv")
     confident = torch.from_numpy(reference).softmax(1).numpy().max(1) >= CONFIDENT
     rows = []
     for isa in TARGETS:
@@ -134,7 +155,7 @@ def measure(model_name: str, work: Path) -> list[dict]:
             bias_correction.fit_rounding = adaround if form == "adaround" else learn_rounding
             start = time.perf_counter()
             path = quantize_onnx(prepared, work / "int8.onnx", "int8_static", calibration=calibration, preset=preset,
-                                 prepared=True, nodes_to_exclude=first_convs if form == FIRST_CONVS_IN_FLOAT else ())
+                                 prepared=True, nodes_to_exclude=tuple(convs[i] for i in CONVS_IN_FLOAT.get(form, ())))
             seconds = time.perf_counter() - start
             logits = onnx_logits(path, evaluation, target_isa=isa)
             same = logits.argmax(1) == reference.argmax(1)
@@ -145,6 +166,7 @@ def measure(model_name: str, work: Path) -> list[dict]:
                          "form": form, "agreement_every_crop": float(same.mean()), "crops": int(len(same)),
                          "agreement_confident": float(same[confident].mean()), "confident_crops": int(confident.sum()),
                          "kl_from_fp32": float(divergence.mean()),
+                         "stem_channel_peaks": stem_peaks,
                          "quantize_seconds": round(seconds, 1)})
             print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -162,17 +184,28 @@ def table(result: dict) -> str:
              "check of the corrections keeps `learned` on Lite0: weight_corrections.md); `adaround` is the same pass "
              "with AdaRound's optimiser; "
              "`learned, int8 logits` rounds the logits to int8 as onnxruntime's quantizer writes them (edgekd "
-             "before 2026-12-05); `learned, stem + first depthwise in float` excludes those two convs (its latency "
-             "needs the target CPU, not measured here). Top-1 agreement on "
+             "before 2026-12-05); `learned, stem + first depthwise in float` excludes those two convs (what "
+             "edgekd's guard keeps in float on the real Lite0; its latency needs the target CPU, not measured here), "
+             "and the rows with one conv alone in float say whether the error is one conv's or the tensor between "
+             "them. Top-1 agreement on "
              "152 crops moves in steps of 0.66 points, and a near-tie flips on a whisker: the mean KL divergence of "
              "the int8 answers from fp32's, over every crop, is the finer measure. Quantization time includes ORT's "
              "calibration.\n",
              "| model | target ISA | form | every crop | confident crops | KL(fp32 ‖ int8), mean | quantize (s) |",
              "|---|---|---|---:|---:|---:|---:|"]
+    peaks = {}
     for row in result["rows"]:
+        peaks[f"{row['model']} ({row['input'][1]} px)"] = row["stem_channel_peaks"]
         lines.append(f"| {row['model']} ({row['input'][1]} px) | {row['target_isa']} | {row['form']} | "
                      f"{100 * row['agreement_every_crop']:.1f}% | {100 * row['agreement_confident']:.1f}% "
                      f"({row['confident_crops']}) | {row['kl_from_fp32']:.4f} | {row['quantize_seconds']:.0f} |")
+    described = [f"{model}: of {p['channels']} channels {p['at_cap']} peak at ReLU6's cap of 6, {p['never_active']} "
+                 f"are never active, the others peak at {p['lowest_live_peak']:g} to 6 (the live channels' ranges "
+                 f"within a factor of {6 / max(p['lowest_live_peak'], 1e-6):.2f} of each other)"
+                 for model, p in peaks.items()]
+    lines.append("\nThe tensor between the stem and the first depthwise conv (the stem's ReLU6 output), on the "
+                 "calibration crops: " + "; ".join(described) + ". Cross-layer equalization scales channels into the "
+                 "depthwise conv so that their ranges match, which pays where they differ by orders of magnitude.")
     return "\n".join(lines) + "\n"
 
 

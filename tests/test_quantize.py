@@ -253,6 +253,62 @@ def test_guard_keeps_the_most_sensitive_nodes_in_float(resnet, tmp_path: Path, c
     # (that keeping them in float recovers accuracy is tested on a case that needs it: test_real_weights_fidelity)
 
 
+def _weights_onnxruntime_puts_in_int8(path: Path, nodes: tuple[str, ...], tmp_path: Path) -> list[str]:
+    """Which of `nodes` read their weights through a DequantizeLinear once ORT has loaded `path` (basic level, the
+    rewrites every ORT makes whatever the CPU)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / f"{path.stem}.loaded.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(options.optimized_model_filepath).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    return [n.name for n in graph.node if n.name in nodes
+            and getattr(producer.get(n.input[1]), "op_type", None) == "DequantizeLinear"]
+
+
+def test_nodes_kept_in_float_stay_float_when_onnxruntime_loads_the_file(resnet, tmp_path: Path) -> None:
+    """ORT's WeightBiasQuantization puts in int8, per tensor, the float weights of a conv fed by a dequantized tensor
+    when it loads a file: a node the quantizer excluded ran in int8 anyway (the real Lite0's first depthwise conv "in
+    float": 54.6% agreement with fp32 instead of 94.1%). edgekd gives such a node a per-axis dequantization of its own,
+    which computes the same values and which the pass leaves alone."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    from edgekd.deploy.float_weights import keep_float_weights
+    from edgekd.deploy.quantize import ArrayCalibrationReader
+
+    fp32, evalset, calibration = resnet
+    prepared = prepare_for_quantization(fp32, tmp_path / "prepared.onnx")
+    convs = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv"]
+    middle = (convs[len(convs) // 2],)  # its input is the output of a quantized conv
+    raw = tmp_path / "onnxruntime.onnx"
+    quantize_static(str(prepared), str(raw), ArrayCalibrationReader(calibration[:32], 16), quant_format=QuantFormat.QDQ,
+                    per_channel=True, nodes_to_exclude=list(middle))
+    assert _weights_onnxruntime_puts_in_int8(raw, middle, tmp_path) == list(middle)  # what the pass does
+    rewritten = tmp_path / "rewritten.onnx"
+    rewritten.write_bytes(raw.read_bytes())
+    assert keep_float_weights(rewritten) == 1
+    assert _weights_onnxruntime_puts_in_int8(rewritten, middle, tmp_path) == []
+    onnx.checker.check_model(str(rewritten))
+    import onnxruntime as ort
+
+    images = evalset.images[:16]
+    untouched = ort.SessionOptions()
+    untouched.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    as_written = [onnx_logits(ort.InferenceSession(str(p), untouched, providers=["CPUExecutionProvider"]), images)
+                  for p in (raw, rewritten)]
+    np.testing.assert_allclose(*as_written, rtol=1e-6, atol=1e-6)  # the per-axis dequantization: the same values
+    # what the guard measures for another CPU (ORT's basic rewrites, in float) sees the pass's int8 weights
+    assert not np.allclose(onnx_logits(session(raw, unfused=True), images), as_written[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(onnx_logits(session(rewritten, unfused=True), images), as_written[1], rtol=1e-4,
+                               atol=1e-4)
+    # quantize_onnx, which the guard uses, writes it that way, and measures what ORT will run
+    shipped = quantize_onnx(prepared, tmp_path / "shipped.onnx", "int8_static", isa="avx512_vnni",
+                            calibration=calibration, prepared=True, nodes_to_exclude=middle)
+    assert _weights_onnxruntime_puts_in_int8(shipped, middle, tmp_path) == []
+
+
 def test_entropy_calibration_clips_ranges_minmax_keeps_whole(resnet, tmp_path: Path) -> None:
     """quantize_static's own entropy calibrator (128 bins, 128 levels) has one candidate window, the whole range:
     it wrote the same file as minmax. edgekd's narrows ranges where that keeps the distribution, never widens them,

@@ -294,9 +294,10 @@ def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantP
 # four rounds of ranked nodes, up to 38 in float, left agreement at 96.1-96.7%, where the stem and the first
 # depthwise conv in float alone give 97.4% (int8_rounding.md). So a round whose ranked nodes fail also tries the
 # compute nodes nearest the input, as large a share (5%, 10%, ... of them). What those two keep is the tensor between
-# them: the stem alone in float gives 94.1%, the depthwise conv alone 94.1%, both 97.4% (none 95.4%). Its channels
-# are not unequal (28 of 32 peak at ReLU6's 6 on the calibration crops), so rescaling channels into the depthwise
-# conv (cross-layer equalization) has nothing to even out; measured 2026-12-06, the same 95.4%.
+# them: the stem alone in float gives 94.1%, the depthwise conv alone 94.1%, the next pointwise conv alone 94.1%, both
+# 97.4% (none 95.4%; int8_rounding.md, as a VNNI CPU computes it). That tensor's live channels peak within a factor of
+# 1.35 of each other (18 of 32 at ReLU6's cap, 4 never active), so rescaling channels into the depthwise conv
+# (cross-layer equalization) has little to even out (a probe of it, 2026-12-06, not committed: the same 95.4%).
 FLOAT_NODE_SOURCES = ("sensitivity", "input side")
 
 

@@ -27,6 +27,7 @@ from edgekd.artifacts import atomic_path
 from edgekd.errors import EdgekdError, first_line
 from edgekd.deploy.correction_check import BOTH, correct_where_it_helps
 from edgekd.deploy.entropy_threshold import entropy_threshold
+from edgekd.deploy.float_weights import keep_float_weights
 from edgekd.deploy.export import check_model, is_transformer, quiet_onnxruntime
 from edgekd.select.latency import ORT_RUN_ERRORS
 from edgekd.deploy.verify import INPUT_NAME, PARITY_RTOL, onnx_logits
@@ -195,7 +196,7 @@ def prepare_for_quantization(fp32_path: Path, out_path: Path, check_inputs: np.n
             quant_pre_process(source, target, skip_symbolic_shape=True)
         _finish_prepared(Path(target))
         if check_inputs is None:
-            shape = _input_chw(check_model(Path(fp32_path)))
+            shape = _input_chw(check_model(Path(source)))
             check_inputs = np.random.default_rng(0).standard_normal((2, *shape)).astype(np.float32)
         difference = _logit_difference(Path(source), Path(target), check_inputs)
         if difference is not None:
@@ -352,6 +353,9 @@ def _quantize_static(source: Path, target: Path, preset: QuantPreset, images: np
                         activation_type=_TYPES[preset.activation_type], weight_type=_TYPES[preset.weight_type],
                         nodes_to_exclude=list(exclude), calibrate_method=CALIBRATION_METHODS[method],
                         extra_options=extra)
+    kept = keep_float_weights(target)
+    if kept:
+        log.debug("%d float nodes fed by int8 tensors get their own per-axis dequantization (kept in float)", kept)
     if preset.quant_format == "qdq" and preset.float_logits:
         _float_graph_outputs(target)
     if preset.bias_correction and preset.quant_format == "qdq":

@@ -129,15 +129,17 @@ def preprocess_records(records: Dataset, preprocess: Preprocess, limit: int | No
 
 
 def session(path: Path, threads: int = 0, *, unfused: bool = False) -> ort.InferenceSession:
-    """A CPU session; `threads` 0 lets ORT pick. `unfused`: no graph optimisation, so a QDQ graph's ops compute in
-    float on the dequantized values instead of in this CPU's fused int8 kernels, and the integer products of
-    dynamic int8 and of QOperator static int8 are computed in float too (integer_emulation.py; see
-    emulates_target)."""
+    """A CPU session; `threads` 0 lets ORT pick. `unfused`: only ORT's basic graph optimisations, so a QDQ graph's
+    ops compute in float on the dequantized values instead of in this CPU's fused int8 kernels (ORT fuses QDQ node
+    units into int8 kernels from the extended level up), and the integer products of dynamic int8 and of QOperator
+    static int8 are computed in float too (integer_emulation.py; see emulates_target). Basic, not none: its rewrites
+    run on every ORT, whatever the CPU, and change answers (WeightBiasQuantization puts in int8 the float weights of a
+    Conv fed by a dequantized tensor; float_weights.py), so a measurement without them is of a graph no app runs."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     if not unfused:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     graph = onnx.load(str(path), load_external_data=False).graph
     if not any(node.op_type in INTEGER_PRODUCT_OPS for node in graph.node):
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
