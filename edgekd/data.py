@@ -371,6 +371,10 @@ def _scan_split(folder: Path, class_names: tuple[str, ...] | None) -> tuple[list
                                   "add images or remove the folder")
             paths += found
             labels += [names.index(sub_dir.name)] * len(found)
+        loose = _images_in(folder, recursive=False)
+        if loose:  # beside class folders an image has no label: say so rather than drop it unseen
+            log.warning("ignored %d image(s) directly in %s, e.g. %s: a labeled folder holds its images in one "
+                        "sub-folder per class", len(loose), folder, loose[0].name)
     else:
         names = ()
         paths = _images_in(folder, recursive=False)
@@ -389,8 +393,9 @@ def _identifiable_ones(paths: list[Path], where: str) -> list[bool]:
     example, and a folder where none is an image is an error."""
     keep = [_identifiable(p) for p in paths]
     if not all(keep):
-        bad = next(str(p) for p, ok in zip(paths, keep) if not ok)
-        log.warning("skipped %d unreadable image(s) in %s, e.g. %s", keep.count(False), where, bad)
+        bad = [str(p) for p, ok in zip(paths, keep) if not ok]
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        log.warning("skipped %d unreadable image(s) in %s: %s", len(bad), where, shown)
         if not any(keep):
             raise EdgekdError(f"every image in {where} is unreadable (e.g. {bad}); check the files")
     return keep

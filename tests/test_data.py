@@ -66,15 +66,22 @@ def test_unlabeled_folder_gives_label_minus_one(tmp_path: Path, fmnist_arrays):
     assert set(loaded.train.labels.tolist()) == {-1}
 
 
-def test_corrupt_images_are_skipped_and_counted(class_folder: Path):
+def test_corrupt_images_are_skipped_and_counted(class_folder: Path, caplog):
     (class_folder / "tshirt" / "broken.png").write_bytes(b"not an image at all")
+    (class_folder / "tshirt" / "empty.png").write_bytes(b"")
     (class_folder / "trouser" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0")
-    loaded = load_data(DataSpec(str(class_folder)))
-    assert loaded.info.skipped_corrupt == 1  # not an image at all: left out when the folder is read
+    loose = class_folder / "tshirt" / "img_0000.png"
+    (class_folder / "beside_the_classes.png").write_bytes(loose.read_bytes())
+    with caplog.at_level("WARNING"):
+        loaded = load_data(DataSpec(str(class_folder)))
+    assert loaded.info.skipped_corrupt == 2  # not images at all: left out when the folder is read, each named
+    assert "broken.png" in caplog.text and "empty.png" in caplog.text
+    # an image beside the class folders has no label: left out, and said
+    assert "ignored 1 image(s) directly in" in caplog.text and "beside_the_classes.png" in caplog.text
     assert loaded.info.num_train + loaded.info.num_val == 37
     for records in (loaded.train, loaded.val):  # a JPEG header with nothing after it: found when decoded
         assert all(records[i][0].size == (28, 28) for i in range(len(records)))
-    assert skipped_images(loaded) == 2
+    assert skipped_images(loaded) == 3
 
 
 @pytest.mark.parametrize("make, message", [

@@ -1,6 +1,7 @@
 """Probe packs: written here, run in a fresh environment holding only onnxruntime and numpy, read back as a profile."""
 
 import json
+import os
 import re
 import subprocess
 import venv
@@ -55,9 +56,14 @@ def pack(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe")
     (root / "board.toml").write_text(PROFILE)
     profile = load_profile(str(root / "board.toml"))
-    runner = write_probe_pack("test_vit", profile, root / "pack", num_classes=10, names=NAMES,
-                              timing=TimingConfig(warmup=2, min_runs=8, min_seconds=0.0))
-    return root, profile, runner
+    previous = os.getcwd()
+    os.chdir(root)  # --out as the README writes it, relative (the int8 forms were once lost that way)
+    try:
+        runner = write_probe_pack("test_vit", profile, Path("pack"), num_classes=10, names=NAMES,
+                                  timing=TimingConfig(warmup=2, min_runs=8, min_seconds=0.0))
+    finally:
+        os.chdir(previous)
+    return root, profile, root / runner
 
 
 def test_pack_holds_every_deployment_form_and_a_standalone_runner(pack):
@@ -65,7 +71,7 @@ def test_pack_holds_every_deployment_form_and_a_standalone_runner(pack):
     manifest = json.loads((runner.parent / "pack.json").read_text())
     assert {(m["model_name"], m["precision"]) for m in manifest["models"]} == \
         {(n, p) for n in NAMES for p in profile.precisions}
-    assert all((runner.parent / m["file"]).is_file() for m in manifest["models"])
+    assert all((runner.parent / m["file"]).is_file() for m in manifest["models"]) and not manifest["not_exported"]
     assert manifest["profile"]["name"] == "board"
     assert not re.search(r"^\s*(from|import) (edgekd|torch|timm)\b", runner.read_text(), re.M)
 

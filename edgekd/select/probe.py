@@ -7,6 +7,7 @@ device, `python run_probe.py` writes latency_table.json, which `--profile latenc
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 from dataclasses import asdict
@@ -21,6 +22,8 @@ from edgekd.models import preprocess_for
 from edgekd.select.profiles import TABLE_FORMAT, DeviceProfile
 from edgekd.distill.students import build_student
 from edgekd.distill.train_utils import progress
+
+log = logging.getLogger(__name__)
 
 PACK_FORMAT = "edgekd-probe-pack"
 RUNNER_NAME = "run_probe.py"
@@ -59,6 +62,8 @@ def write_probe_pack(teacher: str, profile: DeviceProfile, out_dir: Path, *, num
                             "file": str(form.relative_to(out_dir)), "sha256": sha256_file(form)})
     if not entries:
         raise EdgekdError(f"no candidate could be exported for {profile.name}: {errors[0]['error'] if errors else ''}")
+    for error in errors:  # the device will not time these: say so now, not when its table comes back without them
+        log.warning("not in the pack: %s %s: %s", error["model_name"], error.get("precision", ""), error["error"])
     shutil.copyfile(latency.__file__, out_dir / LATENCY_MODULE)
     write_text_atomic(out_dir / RUNNER_NAME, RUNNER)
     write_text_atomic(out_dir / "requirements.txt", "onnxruntime\nnumpy\n")
