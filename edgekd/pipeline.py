@@ -173,7 +173,7 @@ def _select(config: CompressConfig, record: StageRecord, run_dir: Path, profile:
     log.info("student: %s (%s, p90 %.3f ms against a %.3f ms budget): %s", selection.chosen.model_name,
              selection.precision, best.p90_ms if best else float("nan"), config.budget_ms, selection.reason)
     write_json_atomic(path, selection.to_dict())
-    record.done("select", key)
+    record.done("select", key, path)
     return selection
 
 
@@ -219,7 +219,7 @@ def _distill(config: CompressConfig, record: StageRecord, run_dir: Path, teacher
     key = stage_key("distill", {"teachers": [sha256_file(t.weights_path) for t in teachers], "student": name,
                                 "start": start_key, "config": settings.outcome_fields(),
                                 "data": data_fingerprint(data)})
-    if record.fresh("distill", key, out_dir / "student.json"):
+    if record.fresh("distill", key, out_dir / "student.json", out_dir / "student.safetensors"):
         log.info("distill: reusing %s", out_dir)
         return read_student_checkpoint(out_dir)
     start = initial_student(name, teachers[0].num_classes, settings.image_size, config.student_init,
@@ -228,7 +228,7 @@ def _distill(config: CompressConfig, record: StageRecord, run_dir: Path, teacher
     make_artifact(run_dir, "distill", checkpoint.weights_path, parent=str(teachers[0].weights_path),
                   config={"student": name, "epochs": settings.epochs, "student_init": start.source},
                   metrics={"val_top1": checkpoint.val_top1, "teacher_agreement": checkpoint.teacher_agreement})
-    record.done("distill", key)
+    record.done("distill", key, out_dir / "student.json", checkpoint.weights_path)
     return checkpoint
 
 
@@ -248,14 +248,14 @@ def _export(config: CompressConfig, record: StageRecord, run_dir: Path, profile:
                                "table": table, "data": data_fingerprint(data),  # validation and calibration images
                                "files": sorted(BUNDLE_FILES),  # a bundle made before a file was added is made again
                                "code": code_digest("deploy")})  # nor is one quantized by other code reused
-    if record.fresh("export", key, bundle_dir / "model.onnx"):
+    if record.fresh("export", key, bundle_dir / "model.onnx", bundle_dir):
         log.info("export: reusing %s", bundle_dir)
         return bundle_dir, key
     result = bundle_from_checkpoint(student, bundle_dir, data, options)
     make_artifact(run_dir, "export", bundle_dir / "model.onnx", parent=str(student.weights_path),
                   config={"precision": result.precision, "isa": profile.isa},
                   metrics={"parity_max_abs_diff": result.parity.max_abs_diff, "top1": result.shipped.top1})
-    record.done("export", key)
+    record.done("export", key, bundle_dir)
     return bundle_dir, key
 
 
@@ -270,10 +270,10 @@ def _bench_models(record: StageRecord, run_dir: Path, profile: DeviceProfile, te
     key = stage_key("bench-models", {"teacher": sha256_file(teacher.weights_path),
                                      "student": sha256_file(student.weights_path), "bundle": bundle_key,
                                      "isa": profile.isa, "data": data_fingerprint(data)})
-    if not record.fresh("bench-models", key, listing):
+    if not record.fresh("bench-models", key, listing, folder):
         models = export_reference_models(teacher, student, bundle_dir, folder, data, profile.isa)
         write_json_atomic(listing, [bench_model_to_dict(m, run_dir) for m in models])
-        record.done("bench-models", key)
+        record.done("bench-models", key, listing, folder)
     return models_from_paths([run_dir])
 
 
@@ -289,7 +289,7 @@ def _bench(config: CompressConfig, record: StageRecord, run_dir: Path, profile: 
         return BenchResult.from_dict(json.loads(path.read_text()))
     result = bench(models, data=data, threads=threads, max_eval_images=config.eval_images)
     write_json_atomic(path, result.to_dict())
-    record.done("bench", key)
+    record.done("bench", key, path)
     return result
 
 

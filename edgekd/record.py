@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from edgekd import __version__
-from edgekd.artifacts import atomic_path, config_hash, write_json_atomic
+from edgekd.artifacts import atomic_path, config_hash, sha256_file, write_json_atomic
+from edgekd.errors import first_line
 
 if TYPE_CHECKING:
     from edgekd.data import LoadedData
@@ -117,11 +118,36 @@ class StageRecord:
         return cls(Path(run_dir), entries)
 
     def fresh(self, stage: str, key: str, *outputs: Path) -> bool:
-        return self.entries.get(stage, {}).get("key") == key and all(Path(p).exists() for p in outputs)
+        """Whether `stage` finished with `key` and its outputs (files or folders) are as it wrote them: present, and
+        with the sha256 recorded then, so a file cut short by a crash or edited by hand is made again, not reused."""
+        entry = self.entries.get(stage, {})
+        if entry.get("key") != key or not all(Path(p).exists() for p in outputs):
+            return False
+        recorded = entry.get("outputs")  # None: a run recorded before the record kept digests
+        now = output_digests(self.run_dir, outputs) if recorded is not None else None
+        changed = sorted(name for name in (recorded or {}) if (now or {}).get(name) != recorded[name])
+        if changed:
+            log.warning("%s: %s changed since this run wrote it (damaged or edited); making it again", stage,
+                        ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else ""))
+            return False
+        return True
 
-    def done(self, stage: str, key: str) -> None:
-        self.entries[stage] = {"key": key, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    def done(self, stage: str, key: str, *outputs: Path) -> None:
+        self.entries[stage] = {"key": key, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                               "outputs": output_digests(self.run_dir, outputs)}
         write_json_atomic(self.run_dir / STAGES_NAME, self.entries)
+
+
+def output_digests(run_dir: Path, outputs: tuple[Path, ...]) -> dict[str, str]:
+    """sha256 of each output file, and of each file under an output folder (hidden staging files aside), by its path
+    relative to the run folder."""
+    files = []
+    for output in map(Path, outputs):
+        if output.is_dir():
+            files += sorted(f for f in output.rglob("*") if f.is_file() and not f.name.startswith("."))
+        elif output.exists():
+            files.append(output)
+    return {str(f.relative_to(run_dir)) if f.is_relative_to(run_dir) else str(f): sha256_file(f) for f in files}
 
 
 # ------------------------------------------------------------------------------------------------ training state
@@ -154,7 +180,11 @@ def resume_training_state(path: Path, key: str, model: torch.nn.Module, optimize
     path = Path(path)
     if not path.exists():
         return TrainState()
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - a file cut short fails in torch's zip reader, pickle or elsewhere
+        log.warning("not resuming from %s: it cannot be read (%s); starting over", path, first_line(error))
+        return TrainState()
     if saved.get("key") != key:
         log.warning("not resuming from %s: it was written for other inputs (weights, data, options or versions); "
                     "starting over", path)

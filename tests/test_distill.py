@@ -413,3 +413,20 @@ def test_a_diverging_run_stops_with_a_clear_error_and_saves_no_weights(data, tea
     with pytest.raises(EdgekdError, match="distillation diverged: the loss is (nan|inf)"):
         distill(teachers[:1], "test_resnet", data, replace(QUICK, lr=1e12, epochs=0.5), tmp_path / "out")
     assert not (tmp_path / "out" / "student.safetensors").exists()
+
+
+def test_a_training_state_cut_short_starts_over_instead_of_failing(tmp_path: Path, caplog):
+    """A state file a crash left half written (or a disk filled) is not a traceback on every re-run: the training
+    starts over, and says why."""
+    from edgekd.record import TrainState, resume_training_state, save_training_state
+
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    path = tmp_path / "distill_state.pt"
+    save_training_state(path, "key", TrainState(step=7), model, optimizer, scheduler)
+    assert resume_training_state(path, "key", model, optimizer, scheduler).step == 7
+    path.write_bytes(path.read_bytes()[:200])
+    with caplog.at_level("WARNING"):
+        state = resume_training_state(path, "key", model, optimizer, scheduler)
+    assert state.step == 0 and "cannot be read" in caplog.text and "starting over" in caplog.text

@@ -137,6 +137,34 @@ def test_rerun_reuses_every_stage_and_a_changed_option_redoes_only_its_dependent
     assert recorded["budget_ms"] == 50 and recorded["max_accuracy_drop"] == 5 and recorded["min_agreement"] == 0.5
 
 
+def test_a_damaged_output_is_made_again_not_reused(run, tmp_path: Path):
+    """A file of a finished run cut short (a crash, a full disk) or edited by hand is made again by the next run,
+    never shipped or loaded as it is: each stage records its outputs' sha256 (the teacher, in teacher.json)."""
+    from edgekd.artifacts import sha256_file
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(run[0], run_dir)
+    compress(run_dir)  # (other tests re-run this folder with other options) every stage as these options make it
+    model = run_dir / "export" / "model.onnx"
+    model.write_bytes(model.read_bytes()[:1000])
+    result = compress(run_dir)
+    assert "export/model.onnx changed since this run wrote it" in result.output
+    assert "distill: reusing" in result.output and "export: reusing" not in result.output
+    manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
+    assert all(entry["sha256"] == sha256_file(run_dir / "export" / entry["path"]) for entry in manifest)
+
+    student = run_dir / "distill" / "student.safetensors"
+    student.write_bytes(student.read_bytes()[:5000])
+    result = compress(run_dir)
+    assert "distill/student.safetensors changed" in result.output and "distill: reusing" not in result.output
+
+    teacher = run_dir / "teacher" / "teacher.safetensors"
+    teacher.write_bytes(teacher.read_bytes()[:5000])
+    result = compress(run_dir)
+    assert "teacher.safetensors changed since it was written" in result.output
+    assert "teacher resnet18: reusing" not in result.output
+
+
 def test_another_teacher_in_the_same_run_folder_is_refused(run):
     run_dir, _ = run
     result = runner.invoke(app, ["compress", "--teacher", "test_vit", "--random-init", "--budget", "5ms",

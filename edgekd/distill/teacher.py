@@ -93,7 +93,8 @@ def prepare_teacher(spec: TeacherSpec, data: LoadedData, out_dir: Path, *, image
                            class_names=class_names, preprocess=preprocess, weights_source=source,
                            fine_tuned=bool(history), val_top1=top1, val_top5=top5,
                            params=count_params(model), history=tuple(history))
-    write_json_atomic(out_dir / RESULT_NAME, {"key": key, **result.to_dict()})
+    write_json_atomic(out_dir / RESULT_NAME, {"key": key, "weights_sha256": sha256_file(weights_path),
+                                              **result.to_dict()})
     if run_dir is not None:
         make_artifact(run_dir, "teacher", weights_path, parent=str(spec.checkpoint) if spec.checkpoint else None,
                       config={"model": model_name, "weights": source, "input_size": list(preprocess.input_size)},
@@ -166,6 +167,10 @@ def read_teacher_result(folder: Path) -> TeacherResult:
                           "make one with `edgekd train-teacher --out DIR` and pass that DIR")
     raw = json.loads(path.read_text())
     raw.pop("key", None)
+    recorded = raw.pop("weights_sha256", None)
+    if recorded is not None and recorded != sha256_file(Path(folder) / WEIGHTS_NAME):
+        raise EdgekdError(f"{Path(folder) / WEIGHTS_NAME} changed since `edgekd train-teacher` wrote it (damaged or "
+                          "edited); run train-teacher again")
     return replace(TeacherResult.from_dict(raw), weights_path=Path(folder) / WEIGHTS_NAME)
 
 
@@ -175,6 +180,11 @@ def _load_cached(out_dir: Path, key: str) -> TeacherResult | None:
         return None
     raw = json.loads(path.read_text())
     if raw.pop("key", None) != key:
+        return None
+    recorded = raw.pop("weights_sha256", None)  # None: written before teacher.json kept it
+    if recorded is not None and recorded != sha256_file(out_dir / WEIGHTS_NAME):
+        log.warning("teacher: %s changed since it was written (damaged or edited); making it again",
+                    out_dir / WEIGHTS_NAME)
         return None
     return replace(TeacherResult.from_dict(raw), weights_path=out_dir / WEIGHTS_NAME)  # the run folder may have moved
 
