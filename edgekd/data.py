@@ -263,13 +263,16 @@ def load_data(spec: DataSpec) -> LoadedData:
     loaded = _limit(loaded, spec)
     if not spec.unlabeled:
         return loaded
-    unlabeled, skipped = _load_unlabeled(spec.unlabeled)
+    labeled = {Path(path).resolve() for records in (loaded.train, loaded.val) for path in getattr(records, "paths", ())}
+    unlabeled, skipped = _load_unlabeled(spec.unlabeled, labeled)
     info = replace(loaded.info, num_unlabeled=len(unlabeled), skipped_corrupt=loaded.info.skipped_corrupt + skipped)
     return LoadedData(info, loaded.train, loaded.val, unlabeled)
 
 
-def _load_unlabeled(folders: Sequence[str]) -> tuple[FileRecords, int]:
-    """Every image under each folder, whatever its layout; any sub-folder names are ignored: no labels are read."""
+def _load_unlabeled(folders: Sequence[str], labeled: set[Path]) -> tuple[FileRecords, int]:
+    """Every image under each folder, whatever its layout; any sub-folder names are ignored: no labels are read.
+    A file is taken once, however many of the folders hold it, and not at all when it is one of the `labeled`
+    images (resolved paths): a validation image trained on would make the accuracy guard and the report flatter."""
     paths: list[Path] = []
     for folder in map(Path, folders):
         if not folder.is_dir():
@@ -278,6 +281,21 @@ def _load_unlabeled(folders: Sequence[str]) -> tuple[FileRecords, int]:
         if not found:
             raise EdgekdError(f"--unlabeled-data {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         paths += found
+    seen: set[Path] = set()
+    unique = []  # (resolved, as given), at each file's first mention
+    for path in paths:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            unique.append((path.resolve(), path))
+    if len(unique) < len(paths):
+        log.warning("--unlabeled-data: %d image(s) given more than once (overlapping folders or links) are taken once",
+                    len(paths) - len(unique))
+    paths = [path for resolved, path in unique if resolved not in labeled]
+    if len(paths) < len(unique):
+        log.warning("--unlabeled-data: left out %d image(s) that are also in --data (its labeled and validation "
+                    "images are used as such)", len(unique) - len(paths))
+    if not paths:
+        raise EdgekdError("--unlabeled-data holds only images that are in --data; give a folder of other images")
     keep = _identifiable_ones(paths, "--unlabeled-data")
     kept = [p for p, ok in zip(paths, keep) if ok]
     return FileRecords(kept, [UNLABELED] * len(kept)), keep.count(False)

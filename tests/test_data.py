@@ -118,3 +118,19 @@ def test_training_views_are_shared_between_models(small_fmnist):
     torch.manual_seed(0)
     x_a, x_b, _ = ModelInputs(small_fmnist.train, [pre, other], training=True)[5]
     assert torch.allclose(x_a * 0.5 + 0.5, x_b * 0.25 + 0.2, atol=1e-5)
+
+
+def test_unlabeled_images_are_taken_once_and_never_the_labeled_ones(class_folder: Path, tmp_path: Path, caplog):
+    """Overlapping --unlabeled-data folders count each file once, and an image of --data (a validation image above
+    all: the guard and the report measure on those) is not trained on again without its label."""
+    write_images(tmp_path / "extra" / "nested", np.full((6, 28, 28), 100, np.uint8), None)
+    with caplog.at_level("WARNING"):
+        loaded = load_data(DataSpec(str(class_folder), unlabeled=(str(tmp_path / "extra"), str(tmp_path / "extra" /
+                                                                                                 "nested"),
+                                                                 str(class_folder))))
+    labeled = {p.resolve() for records in (loaded.train, loaded.val) for p in records.paths}
+    assert loaded.info.num_unlabeled == 6 and len(set(loaded.unlabeled.paths)) == 6
+    assert not labeled & {p.resolve() for p in loaded.unlabeled.paths}
+    assert "given more than once" in caplog.text and "also in --data" in caplog.text
+    with pytest.raises(EdgekdError, match="only images that are in --data"):
+        load_data(DataSpec(str(class_folder), unlabeled=(str(class_folder / "tshirt"),)))
