@@ -31,6 +31,17 @@ def test_train_teacher_end_to_end(tmp_path: Path, fmnist_root):
     assert result.exit_code == 0, result.output
     assert "validation top-1" in result.output and "on 200 images" in result.output
     assert (tmp_path / "t" / "teacher.safetensors").exists() and (tmp_path / "t" / "teacher.json").exists()
+    # another teacher into the same --out replaces it only when asked to (as export's --overwrite); a student
+    # likewise, where distill finished one
+    written = (tmp_path / "t" / "teacher.safetensors").read_bytes()
+    line = _one_line_error(["train-teacher", "--teacher", "test_vit", "--random-init", "--out", str(tmp_path / "t")])
+    assert "holds a finished teacher (test_resnet)" in line and "--overwrite" in line
+    assert (tmp_path / "t" / "teacher.safetensors").read_bytes() == written
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "student.json").write_text('{"model_name": "lcnet_050"}')
+    line = _one_line_error(["distill", "--teacher-dir", str(tmp_path / "t"), "--student", "test_resnet",
+                            "--out", str(tmp_path / "s")])
+    assert "holds a finished distilled student (lcnet_050)" in line
 
 
 def _one_line_error(args: list[str]) -> str:

@@ -39,7 +39,9 @@ from edgekd.cli.options import (
     Workers,
     parse_input_size,
     _positive,
+    Overwrite,
     check_model_names,
+    check_not_replacing,
     student_choice,
     teacher_specs,
 )
@@ -80,6 +82,7 @@ def distill_command(
     flip: Flip = None,
     cache_teacher: CacheTeacher = None,
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
+    overwrite: Overwrite = False,
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the student (pays off on CUDA)."),
     input_size: InputSize = None,
     teacher_epochs: TeacherEpochs = 2.0,
@@ -109,6 +112,7 @@ def distill_command(
     if student is None:
         raise EdgekdError("give the student: --student NAME (a timm name, alias or derived:<teacher>:depth=F), or "
                           "--student-checkpoint PATH")
+    check_not_replacing(out / "student.json", student, "distilled student", overwrite)
     if teacher and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise EdgekdError("under torchrun, prepare the teacher once first (`edgekd train-teacher ... --out DIR`) "
                           "and pass --teacher-dir DIR")

@@ -237,6 +237,26 @@ def check_model_names(option: str, names: list[str]) -> None:
             raise EdgekdError(f"{option}: {error}") from None
 
 
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a finished result of another model in --out.")]
+
+
+def check_not_replacing(result_file: Path, model_name: str, what: str, overwrite: bool) -> None:
+    """Refuse to replace, without --overwrite, a finished `what` of another model in --out (`result_file`, its JSON
+    record with a model_name): the stages run alone write into a folder the user names, where compress's run folder
+    knows what it holds. The same model is made again, as a re-run of the same command would be."""
+    import json
+
+    if overwrite or not result_file.is_file():
+        return
+    try:
+        held = json.loads(result_file.read_text()).get("model_name")
+    except (ValueError, AttributeError):
+        held = None
+    if held is not None and held != model_name:
+        raise EdgekdError(f"{result_file.parent} holds a finished {what} ({held}); pass --overwrite to replace it "
+                          f"with {model_name}, or another --out")
+
+
 def parse_input_size(value: Optional[int]) -> Optional[tuple[int, int]]:
     if value is None:
         return None

@@ -18,12 +18,14 @@ from edgekd.cli.options import (
     LearningRate,
     MaxTrain,
     MaxVal,
+    Overwrite,
     Precision,
     RandomInit,
     Seed,
     TeacherCheckpoints,
     Teachers,
     Workers,
+    check_not_replacing,
     parse_input_size,
     teacher_specs,
 )
@@ -49,13 +51,17 @@ def train_teacher_command(
     precision: Precision = "auto",
     channels_last: ChannelsLast = None,
     seed: Seed = 0,
+    overwrite: Overwrite = False,
 ) -> None:
     """Load the teacher(s), fine-tune on the data when the head does not fit, report validation accuracy."""
     from edgekd.data import load_data
-    from edgekd.distill.teacher import prepare_teachers
+    from edgekd.distill.teacher import RESULT_NAME, prepare_teachers
+    from edgekd.models import resolve_model_name
     from edgekd.types import DataSpec, TrainConfig
 
     specs = teacher_specs(teacher, teacher_checkpoint, random_init)
+    if len(specs) == 1:  # several teachers go to sub-folders named after each
+        check_not_replacing(out / RESULT_NAME, resolve_model_name(specs[0].name), "teacher", overwrite)
     image_size = parse_input_size(input_size)
     loaded = load_data(DataSpec(source=data, fashion_mnist_root=fashion_mnist_root, seed=seed,
                                 max_train=max_train, max_val=max_val))
