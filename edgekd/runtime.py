@@ -26,7 +26,7 @@ _RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.B
              "bicubic": Image.Resampling.BICUBIC, "box": Image.Resampling.BOX,
              "hamming": Image.Resampling.HAMMING, "lanczos": Image.Resampling.LANCZOS}
 
-ImageLike = Union[str, Path, Image.Image]
+ImageLike = Union[str, Path, Image.Image, np.ndarray]  # an array: H x W (grey) or H x W x 3 / 4 (RGB / RGBA) uint8
 
 
 class BundleError(ValueError):
@@ -120,6 +120,14 @@ def read_image(image: ImageLike | BinaryIO, name: str | None = None) -> Image.Im
     An image is returned as given. `name` says which image in the error (default: the path)."""
     if isinstance(image, Image.Image):
         return image
+    if isinstance(image, np.ndarray):  # pixels an app already holds (a camera frame, a decoded upload)
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+            raise BundleError(f"cannot use a {image.dtype} array of shape {image.shape} as an image: give H x W "
+                              "(grey) or H x W x 3 / 4 (RGB / RGBA) uint8 pixels")
+        return Image.fromarray(image)
+    if not isinstance(image, (str, Path)) and not hasattr(image, "read"):
+        raise BundleError(f"cannot read an image from {type(image).__name__}: give a path, an open file, a PIL "
+                          "image or a uint8 pixel array")
     try:
         with Image.open(image) as opened:
             opened.load()

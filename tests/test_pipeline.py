@@ -97,6 +97,17 @@ def test_an_app_that_knows_only_the_contract_answers_like_edgekd_predict(run, tm
     assert [a["label"] for a in answers] == expected
 
 
+def test_predict_answers_every_readable_image_and_names_the_others(run, tmp_path: Path):
+    run_dir, _ = run
+    good = tmp_path / "good.png"
+    load_data(DataSpec("fashion-mnist", max_val=4)).val[0][0].save(good)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    result = runner.invoke(app, ["predict", str(run_dir), str(tmp_path / "bad.png"), str(good), "-k", "2"])
+    assert result.exit_code == 2 and "cannot read image" in result.output and "Traceback" not in result.output
+    assert len([line for line in result.output.splitlines() if line.startswith(f"{good}: ")]) == 1
+    assert runner.invoke(app, ["predict", str(run_dir), str(good), "-k", "0"]).exit_code == 2  # at least one label
+
+
 def without_times(report: dict) -> dict:
     return {k: v for k, v in report.items() if k not in ("created", "seconds")}
 

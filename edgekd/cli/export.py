@@ -67,7 +67,7 @@ def predict_command(
     bundle: Path = typer.Argument(..., help="A bundle folder written by `edgekd export` (or a compress run folder: "
                                   "its export/)."),
     images: list[Path] = typer.Argument(..., help="Image files."),
-    top_k: int = typer.Option(5, "--top-k", "-k", help="Labels to print per image."),
+    top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="Labels to print per image."),
 ) -> None:
     """Print the top-k labels with probabilities for each image (what edgekd.runtime.Predictor gives apps)."""
     from edgekd.runtime import PREPROCESS_NAME, BundleError, Predictor
@@ -76,8 +76,16 @@ def predict_command(
         bundle = bundle / "export"  # a compress run folder: its bundle
     try:
         predictor = Predictor(bundle)
-        for image in images:
-            ranked = predictor.predict(image, top_k=top_k)
-            typer.echo(f"{image}: " + ", ".join(f"{label} {prob:.3f}" for label, prob in ranked))
     except BundleError as error:
         raise EdgekdError(str(error)) from error
+    unreadable = []
+    for image in images:  # an image that cannot be read is said, and the others still answered
+        try:
+            ranked = predictor.predict(image, top_k=top_k)
+        except BundleError as error:
+            unreadable.append(image)
+            typer.echo(f"error: {error}", err=True)
+            continue
+        typer.echo(f"{image}: " + ", ".join(f"{label} {prob:.3f}" for label, prob in ranked))
+    if unreadable:
+        raise typer.Exit(2)
