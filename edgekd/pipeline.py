@@ -22,7 +22,7 @@ from typing import Any
 from edgekd.artifacts import make_artifact, sha256_file, write_json_atomic
 from edgekd.evaluate.bench import BENCH_MODELS_NAME, BenchModel, BenchResult, bench, bench_model_to_dict
 from edgekd.deploy.bundle import BUNDLE_FILES, BundleOptions, bundle_from_checkpoint, read_shipped_form
-from edgekd.select.candidates import choose_student
+from edgekd.select.candidates import check_measurable_here, choose_student
 from edgekd.data import LoadedData, load_data
 from edgekd.distill.train import DistillConfig, distill
 from edgekd.errors import EdgekdError
@@ -77,6 +77,7 @@ def compress(config: CompressConfig) -> CompressResult:
     """Teacher and budget in, a checked, benchmarked student bundle and a report out."""
     started = time.perf_counter()
     profile = load_profile(config.profile)  # bad input fails before anything is written
+    check_measurable_here(profile)
     run_dir = Path(config.out)
     _check_out_folder(run_dir, config)
     data = load_data(config.data)

@@ -146,6 +146,12 @@ def test_one_class_is_refused_before_training(tmp_path: Path):
                                  "--data", str(images), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "has one class (only)" in result.output, result.output
     assert not (tmp_path / "run" / "teacher").exists()
+    # a profile measured on the device itself needs its table: said before the teacher is trained, not after
+    images = _class_folders(tmp_path / "two", ("a", "b"))
+    result = runner.invoke(app, ["compress", "--teacher", "test_resnet", "--random-init", "--budget", "20ms",
+                                 "--data", str(images), "--profile", "phone-arm64", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "probe-pack" in result.output, result.output
+    assert not (tmp_path / "run" / "teacher").exists()
 
 
 def _unboxed(output: str) -> str:

@@ -191,16 +191,22 @@ def measure_for_teacher(teacher: str, profile: DeviceProfile, *, num_classes: in
                               cache_dir=cache_dir, timing=timing, student_init=student_init, pinned=student)
 
 
+def check_measurable_here(profile: DeviceProfile) -> None:
+    """A profile whose latencies come from the device itself (a probe) needs its table first: say so before any
+    work (compress calls this before the teacher is trained)."""
+    if profile.latency == "probe":
+        raise EdgekdError(f"profile {profile.name} is measured on the device itself: run `edgekd probe-pack "
+                          f"--profile {profile.name} --teacher T --out DIR`, run DIR/run_probe.py on the device, "
+                          "then pass --profile DIR/latency_table.json")
+
+
 def measure_candidates(names: list[str], profile: DeviceProfile, *, num_classes: int, image_size: tuple[int, int],
                        pool: tuple[PoolEntry, ...] = POOL, cache_dir: Path | None = None,
                        timing: TimingConfig = TimingConfig(), student_init: StudentInit = StudentInit(),
                        pinned: str | None = None) -> list[Candidate]:
     """Measure every candidate's deployment forms on `profile` (timed here, or read from a probe's table), each
     with what its training would start from (never cached: weights can arrive in the cache at any time)."""
-    if profile.latency == "probe":
-        raise EdgekdError(f"profile {profile.name} is measured on the device itself: run `edgekd probe-pack "
-                          f"--profile {profile.name} --teacher T --out DIR`, run DIR/run_probe.py on the device, "
-                          "then pass --profile DIR/latency_table.json")
+    check_measurable_here(profile)
     table = read_table_rows(profile.table_path) if profile.table_path else None
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     published = {entry.name: entry for entry in pool}
