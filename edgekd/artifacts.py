@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -31,10 +32,34 @@ def atomic_path(target: Path) -> Iterator[Path]:
         yield tmp
         if tmp.exists():
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; artifacts are meant to be shared
+        if tmp.is_file():
+            with open(tmp, "rb") as written:  # on disk before it takes the name: a power cut leaves old or new
+                os.fsync(written.fileno())
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def staging_prefix(target: Path) -> str:
+    """The name a folder being written for `target` starts with, beside it: hidden, and with the writer's process id
+    so that a later run can tell one a killed process left (remove_stale_staging) from one being written now."""
+    return f".{Path(target).name}.{os.getpid()}."
+
+
+def remove_stale_staging(target: Path) -> None:
+    """Remove the staging folders of `target` whose writer is no longer running (killed with SIGKILL, the machine
+    went down): nothing else ever would."""
+    for folder in Path(target).parent.glob(f".{Path(target).name}.*"):
+        pid = folder.name[len(Path(target).name) + 2:].split(".", 1)[0]
+        if not folder.is_dir() or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            pass  # another user's live process
 
 
 def _umask() -> int:

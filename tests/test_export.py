@@ -158,3 +158,22 @@ def test_fp16_ships_only_within_the_guard_int8_is_held_to(small_fmnist, tmp_path
     assert refused.precision == "fp32" and refused.shipped == refused.fp32
     manifest = json.loads((tmp_path / "fp32" / "manifest.json").read_text())[0]
     assert manifest["config"]["precision"] == "fp32" and manifest["config"]["guard"]["min_agreement"] == 1.01
+
+
+def test_a_staging_folder_a_killed_export_left_is_removed_by_the_next(tmp_path: Path):
+    """kill -9 during an export leaves its hidden staging folder beside the bundle; the next export removes it, and
+    never one a running process is writing."""
+    import subprocess
+    import sys
+
+    from edgekd.artifacts import remove_stale_staging, staging_prefix
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f".export.{gone.pid}.abc.tmp"
+    live = tmp_path / f"{staging_prefix(tmp_path / 'export')}def.tmp"
+    for folder in (stale, live):
+        (folder / "model.onnx").parent.mkdir()
+        (folder / "model.onnx").write_bytes(b"half")
+    remove_stale_staging(tmp_path / "export")
+    assert not stale.exists() and live.exists()

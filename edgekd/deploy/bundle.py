@@ -21,7 +21,8 @@ import onnxruntime as ort
 import torch
 
 from edgekd import __version__
-from edgekd.artifacts import MANIFEST_NAME, sha256_file, write_json_atomic
+from edgekd.artifacts import (MANIFEST_NAME, remove_stale_staging, sha256_file, staging_prefix,
+                              write_json_atomic)
 from edgekd.select.candidates import table_timing
 from edgekd.data import LoadedData
 from edgekd.errors import EdgekdError, first_line
@@ -107,7 +108,8 @@ def bundle_from_checkpoint(checkpoint: StudentCheckpoint, out_dir: Path, data: L
     model = load_student(checkpoint)
     evalset = preprocess_records(data.val, checkpoint.preprocess, options.validation_images) if data else None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    remove_stale_staging(out_dir)
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(out_dir), suffix=".tmp", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
     try:
         with tempfile.TemporaryDirectory(prefix="edgekd-export-") as work:
@@ -308,7 +310,7 @@ def _move_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists():
         if not overwrite and any(out_dir.iterdir()):
             raise EdgekdError(f"{out_dir} appeared while exporting; remove it or pass --overwrite")
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+        old = Path(tempfile.mkdtemp(prefix=staging_prefix(out_dir), suffix=".old", dir=out_dir.parent))
         os.replace(out_dir, old / out_dir.name)
         os.replace(staging, out_dir)
         shutil.rmtree(old)

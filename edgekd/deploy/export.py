@@ -7,8 +7,10 @@ requested opset, while the dynamo exporter takes 1.5-2.5 s per model, writes ops
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import io
 import logging
 import re
 import warnings
@@ -235,13 +237,20 @@ def optimize_graph(path: Path) -> None:
 def quiet_onnxruntime() -> Iterator[None]:
     """Mute the root-logger chatter of onnxruntime's Python tools (quantizer, fusions): per-tensor notes, not news.
 
-    They log through the root logger and loggers named after their modules, so the root level is raised briefly.
+    They log through the root logger and loggers named after their modules, so the root level is raised briefly;
+    the calibrators print their progress ("Collecting tensor data and making histogram ...") to standard output,
+    which goes to the debug log instead.
     """
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
+    printed = io.StringIO()
     try:
-        yield
+        with contextlib.redirect_stdout(printed):
+            yield
     finally:
         root.setLevel(level)
+        for line in printed.getvalue().splitlines():
+            if line.strip():
+                log.debug("onnxruntime: %s", line.strip())
 

@@ -110,7 +110,8 @@ def train_classifier(model: torch.nn.Module, data: LoadedData, preprocess: Prepr
                    "val_top5": result.top5, "seconds": time.perf_counter() - started,
                    "images_per_s": seen / (time.perf_counter() - started)}
         history.append(metrics)
-        log.info("%s epoch %d: loss %.4f, val top-1 %.4f", label, epoch + 1, metrics["train_loss"], result.top1 or 0)
+        log.info("%s epoch %d: loss %.4f, val top-1 %.2f%%", label, epoch + 1, metrics["train_loss"],
+                 100 * (result.top1 or 0))
         save_training_state(state_path, key, TrainState(step, history), model, optimizer, scheduler)
     write_json_atomic(Path(work_dir) / "train_log.json", history)
     return model.cpu().eval(), history

@@ -102,7 +102,8 @@ def prepare_teacher(spec: TeacherSpec, data: LoadedData, out_dir: Path, *, image
     log.info("teacher %s ready: val top-1 %s on %d images", model_name, _pct(top1), data.info.num_val)
     if indistinguishable_from_chance(top1, num_classes, data.info.num_val):
         log.warning("the teacher's val top-1 (%s) is no better than guessing among %d classes: it has nothing to "
-                    "teach; give it more --teacher-epochs or more images", _pct(top1), num_classes)
+                    "teach; train it longer (compress's --teacher-epochs, train-teacher's --epochs) or on more images",
+                    _pct(top1), num_classes)
     return result
 
 
