@@ -107,6 +107,11 @@ def test_runner_in_a_bare_environment_and_its_table_as_profile(device_table, tmp
         assert all(m.stats is not None and "table" in m.source for m in by_name[name].measurements)
     assert all("not in the latency table" in m.error for m in by_name["test_efficientnet"].measurements)
     assert select_student(candidates, 1000.0).chosen.model_name == "derived:test_vit:depth=0.5"
+    # the table at another input size than the one asked for: the error says so, not only "check the providers"
+    other_size = measure_candidates(NAMES, profile, num_classes=10, image_size=(48, 48), pool=POOL,
+                                    cache_dir=tmp_path / "cache")
+    with pytest.raises(EdgekdError, match=r"measured at \(3, 32, 32\), not \(3, 48, 48\).*--input-size"):
+        select_student(other_size, 1000.0)
 
 
 def test_int8_pays_or_not_by_the_device_s_latencies(device_table, small_fmnist, tmp_path):

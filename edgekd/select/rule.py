@@ -180,8 +180,12 @@ def select_student(candidates: list[Candidate], budget_ms: float, *, student: st
     """Apply the rule (see RULE); `student` pins one candidate by name and only reports whether it fits."""
     rows = verdicts(candidates, budget_ms)
     if not any(v.fits is not None for v in rows):
-        raise EdgekdError("no candidate could be measured (see the table); check the profile's providers and "
-                          "precisions, or pass --student with a timm model name")
+        # the most common reason first (e.g. every row of a device table "measured at (3, 32, 32), not ...")
+        reasons = [m.error for v in rows for m in v.candidate.measurements if m.error]
+        common = max(set(reasons), key=reasons.count) if reasons else None
+        raise EdgekdError("no candidate could be measured" + (f" (most often: {common})" if common else "") +
+                          "; check the profile's providers, precisions and input size (--input-size), or pass "
+                          "--student with a timm model name")
     if student is not None:
         return _pinned(rows, budget_ms, student)
     fitting = [v.candidate for v in rows if v.fits]
