@@ -67,6 +67,12 @@ def test_compress_writes_a_report_a_bundle_and_a_verdict(run):
     page = (run_dir / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "<table>" in page
     assert "| model | precision |" in (run_dir / "report.md").read_text()
+    from edgekd.evaluate.report import summary_lines
+
+    speed = f"the student's p50 is {summary['speedup_vs_teacher']:.1f}x faster"  # which figure the ratio compares
+    assert speed in summary_lines(report)[0] and speed in output
+    untimed = {**report, "summary": {**summary, "teacher_p50_ms": None, "speedup_vs_teacher": None}}
+    assert "the teacher is not timed on this profile" in summary_lines(untimed)[0]  # a device table without it
     distillation = report["distillation"]
     # the default recipe (edgekd/recipe.py): losses by the student's start, fixed views with the teacher's answers
     # cached over this short schedule

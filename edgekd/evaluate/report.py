@@ -193,11 +193,13 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     teacher_verdict = "" if teacher_p90 is None else \
         f"teacher p90 {_fmt(teacher_p90, 'ms')} ms {'meets' if teacher_p90 <= s['budget_ms'] else 'misses'} it; "
     teacher = report["teachers"][0] if report.get("teachers") else {}
+    speed = "the teacher is not timed on this profile" if s.get("teacher_p50_ms") is None else \
+        f"teacher p50 {_fmt(s['teacher_p50_ms'], 'ms')} ms: the student's p50 is " \
+        f"{_fmt(s['speedup_vs_teacher'], 'x')} faster"
     lines = [
         f"Student: {s['student']} ({s['precision']}), p90 {_fmt(s['student_p90_ms'], 'ms')} ms at "
         f"{s['measured_threads']} thread(s): {verdict} the {_fmt(s['budget_ms'], 'ms')} ms budget "
-        f"({teacher_verdict}teacher p50 {_fmt(s['teacher_p50_ms'], 'ms')} ms, "
-        f"{_fmt(s['speedup_vs_teacher'], 'x')} faster).",
+        f"({teacher_verdict}{speed}).",
         f"Accuracy: student {_fmt(s['student_top1'], 'pct')} vs teacher {_fmt(s['teacher_top1'], 'pct')} top-1 "
         f"({_fmt(s['accuracy_drop_points'])} points), top-1 agreement with the teacher "
         f"{_fmt(s['teacher_agreement'], 'pct')}; {_fmt(s['size_ratio'], 'x')} smaller file.",
