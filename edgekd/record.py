@@ -123,9 +123,10 @@ class StageRecord:
         entry = self.entries.get(stage, {})
         if entry.get("key") != key or not all(Path(p).exists() for p in outputs):
             return False
-        recorded = entry.get("outputs")  # None: a run recorded before the record kept digests
-        now = output_digests(self.run_dir, outputs) if recorded is not None else None
-        changed = sorted(name for name in (recorded or {}) if (now or {}).get(name) != recorded[name])
+        recorded = entry.get("outputs") or {}  # none: a run recorded before the record kept digests
+        # the files it wrote, only (an app's node_modules installed into export/ afterwards is not the stage's)
+        changed = sorted(name for name, digest in recorded.items()
+                         if not (self.run_dir / name).is_file() or sha256_file(self.run_dir / name) != digest)
         if changed:
             log.warning("%s: %s changed since this run wrote it (damaged or edited); making it again", stage,
                         ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else ""))
