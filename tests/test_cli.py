@@ -194,7 +194,14 @@ def test_ctrl_c_while_the_command_line_loads_is_one_line():
 
     proc = subprocess.Popen([sys.executable, "-c", "from edgekd.console import main; main()", "--help"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)  # well inside the imports (seconds), after the interpreter has started
+    # inside the imports: once torch's library is mapped (seconds of importing remain); a fixed delay raced the
+    # interpreter's own start on a loaded machine
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 30
+    while maps.exists() and "libtorch" not in maps.read_text(errors="replace") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if not maps.exists():
+        time.sleep(1.0)  # no /proc (not Linux): well inside the imports on an idle machine
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted while starting" in stderr and "Traceback" not in stderr, stderr
