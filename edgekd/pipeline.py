@@ -94,7 +94,7 @@ def compress(config: CompressConfig) -> CompressResult:
     while True:
         student = _distill(config, record, run_dir, teachers, selection, data)
         bundle_dir, bundle_key = _export(config, record, run_dir, profile, student, data)
-        following = _next_if_shipped_form_misses(config, run_dir, selection, bundle_dir)
+        following = _next_if_shipped_form_misses(config, record, run_dir, selection, bundle_dir)
         if following is None:
             break
         selection = following
@@ -178,7 +178,7 @@ def _select(config: CompressConfig, record: StageRecord, run_dir: Path, profile:
     return selection
 
 
-def _next_if_shipped_form_misses(config: CompressConfig, run_dir: Path, selection: Selection,
+def _next_if_shipped_form_misses(config: CompressConfig, record: StageRecord, run_dir: Path, selection: Selection,
                                  bundle_dir: Path) -> Selection | None:
     """The shipped form feeds back into selection: when the chosen student fitted the budget only in its int8 form
     and the accuracy guard rejected every int8 form (too much accuracy lost), the form that ships may be too slow;
@@ -208,6 +208,7 @@ def _next_if_shipped_form_misses(config: CompressConfig, run_dir: Path, selectio
     following = replace(following, verdicts=selection.verdicts, passed_over=(*selection.passed_over, passed),
                         reason=f"{following.reason} (after {passed.model_name}: {passed.why})")
     write_json_atomic(run_dir / SELECTION_NAME, following.to_dict())  # same key: a re-run resumes from this choice
+    record.rewrote("select", run_dir / SELECTION_NAME)
     return following
 
 

@@ -139,6 +139,14 @@ class StageRecord:
         write_json_atomic(self.run_dir / STAGES_NAME, self.entries)
 
 
+    def rewrote(self, stage: str, *outputs: Path) -> None:
+        """`stage`'s outputs were rewritten on purpose later in the run (the selection, when its choice gave way to
+        the next candidate): its key stands, the digests follow the files."""
+        entry = self.entries.setdefault(stage, {})
+        entry["outputs"] = {**entry.get("outputs", {}), **output_digests(self.run_dir, outputs)}
+        write_json_atomic(self.run_dir / STAGES_NAME, self.entries)
+
+
 def output_digests(run_dir: Path, outputs: tuple[Path, ...]) -> dict[str, str]:
     """sha256 of each output file, and of each file under an output folder (hidden staging files aside), by its path
     relative to the run folder."""

@@ -335,7 +335,7 @@ def test_a_student_whose_int8_is_rejected_and_whose_fp32_misses_gives_way_to_the
     assert "fitted the budget as int8_static" in passed["why"] and f"Passed over: {derived}" in result.output
     again = runner.invoke(app, ["compress", *TINY, "--profile", str(table), "--budget", "3ms", "--epochs", "1",
                                 "--max-accuracy-drop=-100", "--out", str(run_dir)])
-    assert again.exit_code == 0 and "distill: reusing" in again.output  # the re-run resumes from the second choice
+    assert again.exit_code == 0 and "distill: reusing" in again.output, again.output  # resumes from the second choice
 
 
 def test_unlabeled_images_join_distillation_but_not_the_teacher(run, tmp_path: Path, small_fmnist):
