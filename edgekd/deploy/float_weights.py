@@ -4,13 +4,13 @@ ONNX Runtime's session optimizer (its WeightBiasQuantization pass, which runs fr
 every execution provider and build) quantizes the float weights of a Conv, ConvTranspose or Gemm whose input comes
 from a per-tensor DequantizeLinear: per tensor, symmetric int8. So a node `quantize_static(nodes_to_exclude=...)`
 left in float, fed by a quantized node, runs in int8 anyway wherever the file is loaded, and per tensor, which a
-depthwise conv with batch norm folded in cannot take: on the real Lite0 "the first depthwise conv in float" agreed
-with fp32 on 54.6% of the photo crops as ONNX Runtime runs it, against 94.1% truly in float and 95.4% with it
-quantized per channel (benchmarks/results/int8_rounding.md). A graph run without optimisation (the accuracy guard's
-measurement for another CPU) never saw it. The pass matches only a DequantizeLinear with one scale; one with the same
-scale once per channel (per-axis, axis 1) computes the same values and is left alone, so each node with float weights
-fed by a per-tensor DequantizeLinear gets such a dequantization of its own: excluded by name, or of an op type the
-preset does not quantize (a node the quantizer quantized reads its weights through a DequantizeLinear).
+depthwise conv with batch norm folded in cannot take: on the real Lite0, on an AVX2 host, "the first depthwise conv in
+float" agreed with fp32 on 54.6% of the photo crops as ONNX Runtime ran it, 91.4% with the rewrite below (every conv
+in int8: 92.1%; benchmarks/results/int8_rounding.md). A graph run without optimisation (the accuracy guard's
+measurement for another CPU, then) never saw it. The pass matches only a DequantizeLinear with one scale; one with
+the same scale once per channel (per-axis, axis 1) computes the same values and is left alone, so each node with
+float weights fed by a per-tensor DequantizeLinear gets such a dequantization of its own: excluded by name, or of an
+op type the preset does not quantize (a node the quantizer quantized reads its weights through a DequantizeLinear).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-# The op types ONNX Runtime's WeightBiasQuantization quantizes, and which input's channels its input 0 has.
+# The op types ONNX Runtime's WeightBiasQuantization quantizes.
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm")
 
 
