@@ -192,8 +192,10 @@ def test_ctrl_c_while_the_command_line_loads_is_one_line():
     import signal
     import time
 
+    # as from a terminal: a test run started in the background inherits SIGINT ignored, and so would the child
     proc = subprocess.Popen([sys.executable, "-c", "from edgekd.console import main; main()", "--help"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # inside the imports: once torch's library is mapped (seconds of importing remain); a fixed delay raced the
     # interpreter's own start on a loaded machine
     maps = Path(f"/proc/{proc.pid}/maps")
