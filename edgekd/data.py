@@ -281,16 +281,13 @@ def _load_unlabeled(folders: Sequence[str], labeled: set[Path]) -> tuple[FileRec
         if not found:
             raise EdgekdError(f"--unlabeled-data {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         paths += found
-    seen: set[Path] = set()
-    unique = []  # (resolved, as given), at each file's first mention
+    unique: dict[Path, Path] = {}  # resolved -> as given, at each file's first mention
     for path in paths:
-        if path.resolve() not in seen:
-            seen.add(path.resolve())
-            unique.append((path.resolve(), path))
+        unique.setdefault(path.resolve(), path)
     if len(unique) < len(paths):
         log.warning("--unlabeled-data: %d image(s) given more than once (overlapping folders or links) are taken once",
                     len(paths) - len(unique))
-    paths = [path for resolved, path in unique if resolved not in labeled]
+    paths = [path for resolved, path in unique.items() if resolved not in labeled]
     if len(paths) < len(unique):
         log.warning("--unlabeled-data: left out %d image(s) that are also in --data (its labeled and validation "
                     "images are used as such)", len(unique) - len(paths))

@@ -138,7 +138,6 @@ class StageRecord:
                                "outputs": output_digests(self.run_dir, outputs)}
         write_json_atomic(self.run_dir / STAGES_NAME, self.entries)
 
-
     def rewrote(self, stage: str, *outputs: Path) -> None:
         """`stage`'s outputs were rewritten on purpose later in the run (the selection, when its choice gave way to
         the next candidate): its key stands, the digests follow the files."""

@@ -81,12 +81,14 @@ def keep_float_weights(path: Path) -> int:
 
 
 def _drop_unread(graph: onnx.GraphProto) -> None:
-    """Remove DequantizeLinear nodes nobody reads any more (a float node's old input), and their parameters."""
+    """Remove DequantizeLinear nodes nobody reads any more (a float node's old input), and those of their parameters
+    nothing else reads; the rest of the graph is left as it is."""
     outputs = {o.name for o in graph.output}
     read = {name for node in graph.node for name in node.input} | outputs
     unread = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] not in read]
     for node in unread:
         graph.node.remove(node)
-    read = {name for node in graph.node for name in node.input} | outputs
-    for init in [init for init in graph.initializer if init.name not in read]:
+    still_read = {name for node in graph.node for name in node.input} | outputs
+    parameters = {name for node in unread for name in node.input[1:]} - still_read
+    for init in [init for init in graph.initializer if init.name in parameters]:
         graph.initializer.remove(init)

@@ -168,8 +168,7 @@ def read_teacher_result(folder: Path) -> TeacherResult:
                           "make one with `edgekd train-teacher --out DIR` and pass that DIR")
     raw = json.loads(path.read_text())
     raw.pop("key", None)
-    recorded = raw.pop("weights_sha256", None)
-    if recorded is not None and recorded != sha256_file(Path(folder) / WEIGHTS_NAME):
+    if not _weights_as_written(Path(folder), raw.pop("weights_sha256", None)):
         raise EdgekdError(f"{Path(folder) / WEIGHTS_NAME} changed since `edgekd train-teacher` wrote it (damaged or "
                           "edited); run train-teacher again")
     return replace(TeacherResult.from_dict(raw), weights_path=Path(folder) / WEIGHTS_NAME)
@@ -182,12 +181,17 @@ def _load_cached(out_dir: Path, key: str) -> TeacherResult | None:
     raw = json.loads(path.read_text())
     if raw.pop("key", None) != key:
         return None
-    recorded = raw.pop("weights_sha256", None)  # None: written before teacher.json kept it
-    if recorded is not None and recorded != sha256_file(out_dir / WEIGHTS_NAME):
+    if not _weights_as_written(out_dir, raw.pop("weights_sha256", None)):
         log.warning("teacher: %s changed since it was written (damaged or edited); making it again",
                     out_dir / WEIGHTS_NAME)
         return None
     return replace(TeacherResult.from_dict(raw), weights_path=out_dir / WEIGHTS_NAME)  # the run folder may have moved
+
+
+def _weights_as_written(folder: Path, recorded: str | None) -> bool:
+    """Whether the teacher's weights in `folder` still have the sha256 teacher.json recorded when they were written
+    (None: a teacher.json from before it kept one)."""
+    return recorded is None or recorded == sha256_file(folder / WEIGHTS_NAME)
 
 
 def _pct(value: float | None) -> str:
