@@ -244,10 +244,27 @@ def training_records(data: LoadedData, labeled_repeat: int = 1) -> Records | Tra
 
 
 def skipped_images(data: LoadedData) -> int:
-    """Files left out: unidentifiable when the folder was read, plus those found undecodable by this process's reads."""
-    found = sum(records.unreadable for records in (data.train, data.val, data.unlabeled)
-                if isinstance(records, DecodedRecords))
-    return data.info.skipped_corrupt + found
+    """Files left out: unidentifiable when the folder was read, plus those found undecodable by this process's reads
+    (or recalled from an earlier one's: recall_unreadable)."""
+    return data.info.skipped_corrupt + sum(records.unreadable for _, records in _decoded_splits(data))
+
+
+def unreadable_marks(data: LoadedData) -> dict[str, list[int]]:
+    """The images of each split found undecodable so far (their indices), for a later process to recall."""
+    return {split: torch.nonzero(records.bad).flatten().tolist() for split, records in _decoded_splits(data)}
+
+
+def recall_unreadable(data: LoadedData, marks: dict[str, list[int]]) -> None:
+    """Mark as undecodable the images an earlier process found so (unreadable_marks, on the same data): a stage it
+    ran and this one reuses does not read them again, yet they are skipped and counted the same."""
+    for split, records in _decoded_splits(data):
+        indices = [index for index in marks.get(split, []) if 0 <= index < len(records)]
+        records.bad[indices] = True
+
+
+def _decoded_splits(data: LoadedData) -> list[tuple[str, DecodedRecords]]:
+    splits = (("train", data.train), ("val", data.val), ("unlabeled", data.unlabeled))
+    return [(split, records) for split, records in splits if isinstance(records, DecodedRecords)]
 
 
 def load_data(spec: DataSpec) -> LoadedData:

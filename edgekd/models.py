@@ -6,6 +6,8 @@ import difflib
 import logging
 import os
 import socket
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -81,11 +83,7 @@ def create_model(model_name: str, num_classes: int, image_size: tuple[int, int] 
     if image_size is not None and fixed_input_size(model_name):
         kwargs["img_size"] = image_size
     if pretrained:
-        located = fetch_pretrained(model_name)
-        if located is None:
-            raise EdgekdError(f"pretrained weights for {model_name} are not cached and the Hugging Face hub is "
-                              "unreachable; pass --teacher-checkpoint PATH (a .safetensors or .pth state_dict) or "
-                              "--random-init")
+        located = require_pretrained(model_name)
         kwargs["pretrained_cfg_overlay"] = {"file": located.file} if located.file else {}
     try:
         model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
@@ -96,6 +94,16 @@ def create_model(model_name: str, num_classes: int, image_size: tuple[int, int] 
     if pretrained and num_classes != model.pretrained_cfg.get("num_classes", num_classes):
         zero_new_head(model)  # timm made a new head for these classes on the pretrained features
     return model
+
+
+def require_pretrained(model_name: str) -> PretrainedWeights:
+    """fetch_pretrained, or the error that says what to pass instead when the weights cannot be had here."""
+    located = fetch_pretrained(model_name)
+    if located is None:
+        raise EdgekdError(f"pretrained weights for {model_name} are not cached and the Hugging Face hub is "
+                          "unreachable; pass --teacher-checkpoint PATH (a .safetensors or .pth state_dict) or "
+                          "--random-init")
+    return located
 
 
 @dataclass(frozen=True)
@@ -244,6 +252,31 @@ def classifier_keys(model: torch.nn.Module) -> list[str]:
     return [k for k in model.state_dict() if any(k.startswith(h + ".") for h in heads)]
 
 
+def strip_wrapper_prefix(state: dict[str, torch.Tensor], own_keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    """A model saved through a wrapper has its keys under the wrapper's attribute ("model." in a Lightning module,
+    "_orig_mod." after torch.compile, "backbone.", "student."): the one prefix whose removal makes the most keys the
+    model's own is removed, when that beats the keys as they are. Keys outside it (a training wrapper's other
+    parts: a loss's buffers, an EMA copy, a teacher) are left out, and the log says how many."""
+    own = set(own_keys)
+    as_they_are = sum(key in own for key in state)
+    if as_they_are == len(state):
+        return state
+    prefixes: Counter[str] = Counter()
+    for key in state:
+        for position, character in enumerate(key):
+            if character == "." and key[position + 1:] in own:
+                prefixes[key[:position + 1]] += 1
+    if not prefixes:
+        return state
+    prefix, matching = prefixes.most_common(1)[0]
+    if matching <= as_they_are:
+        return state
+    kept = {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
+    log.info("checkpoint keys under %r are the model's (a wrapper's); %d other key(s) left out", prefix,
+             len(state) - len(kept))
+    return kept
+
+
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, *,
                  allow_head_mismatch: bool) -> bool:
     """Load `state` into `model`; returns True when the head was left new (at zero, see zero_new_head) because its
@@ -252,6 +285,7 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
     Any other missing key, unexpected key or shape difference is a clear error naming the keys.
     """
     own = model.state_dict()
+    state = strip_wrapper_prefix(state, own)
     head = set(classifier_keys(model))
     head_mismatch = any(k in state and state[k].shape != own[k].shape for k in head) or \
         (head and not any(k in state for k in head))

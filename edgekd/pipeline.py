@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -21,9 +22,10 @@ from typing import Any
 
 from edgekd.artifacts import make_artifact, sha256_file, write_json_atomic
 from edgekd.evaluate.bench import BENCH_MODELS_NAME, BenchModel, BenchResult, bench, bench_model_to_dict
+from edgekd.evaluate.report import REPORT_FILES, build_report, write_reports
 from edgekd.deploy.bundle import BUNDLE_FILES, BundleOptions, bundle_from_checkpoint, read_shipped_form
 from edgekd.select.candidates import check_measurable_here, choose_student
-from edgekd.data import LoadedData, load_data
+from edgekd.data import LoadedData, load_data, recall_unreadable, unreadable_marks
 from edgekd.distill.train import DistillConfig, distill
 from edgekd.errors import EdgekdError
 from edgekd.select.profiles import DeviceProfile, load_profile
@@ -31,13 +33,15 @@ from edgekd.deploy.guard import GuardConfig
 from edgekd.record import StageRecord, code_digest, cpu_model, data_fingerprint, stage_key
 from edgekd.select.rule import PassedOver, Selection, select_student
 from edgekd.distill.students import StudentInit, initial_student, read_student_checkpoint, start_fingerprint
-from edgekd.distill.teacher import prepare_teachers
+from edgekd.distill.teacher import NO_TEACHER, TeacherOutline, outline_teacher, prepare_teachers
 from edgekd.types import DataSpec, StudentCheckpoint, TeacherResult, TeacherSpec, TrainConfig
 
 log = logging.getLogger(__name__)
 
 RUN_NAME = "run.json"
 SELECTION_NAME = "selection.json"
+UNREADABLE_NAME = "unreadable.json"  # images found undecodable, by index, with the data's fingerprint
+PREVIOUS_REPORT = "previous-report"  # where a report goes once a stage starts replacing what it describes
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,8 @@ class CompressResult:
 def compress(config: CompressConfig) -> CompressResult:
     """Teacher and budget in, a checked, benchmarked student bundle and a report out."""
     started = time.perf_counter()
+    if not config.teachers:
+        raise EdgekdError(NO_TEACHER)
     profile = load_profile(config.profile)  # bad input fails before anything is written
     check_measurable_here(profile)
     run_dir = Path(config.out)
@@ -84,15 +90,23 @@ def compress(config: CompressConfig) -> CompressResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_same_run(run_dir, config)
     record = StageRecord.open(run_dir)
+    _recall_unreadable(run_dir, data)
     log.info("data: %s, %d train / %d val images, %s", data.info.source, data.info.num_train, data.info.num_val,
              f"{data.info.num_classes} classes" if data.info.labeled else "no labels")
 
+    # the student first: a budget that no candidate meets is said before the teacher's fine-tune (hours, maybe)
+    outline = outline_teacher(config.teachers[0], data, config.image_size)
+    selection = _select(config, record, run_dir, profile, outline)
     teachers = prepare_teachers(list(config.teachers), data, run_dir / "teacher", image_size=config.image_size,
                                 train_config=config.teacher_training, run_dir=run_dir)
     teacher = teachers[0]
-    selection = _select(config, record, run_dir, profile, teacher)
+    if TeacherOutline.of(teacher) != outline:  # not expected; if it happens, the student fits the teacher made
+        log.warning("the teacher came out as %s, not %s as outlined: choosing the student again",
+                    TeacherOutline.of(teacher), outline)
+        selection = _select(config, record, run_dir, profile, TeacherOutline.of(teacher))
     while True:
         student = _distill(config, record, run_dir, teachers, selection, data)
+        _keep_unreadable(run_dir, data)  # what training found, for a re-run that reuses it
         bundle_dir, bundle_key = _export(config, record, run_dir, profile, student, data)
         following = _next_if_shipped_form_misses(config, record, run_dir, selection, bundle_dir)
         if following is None:
@@ -101,8 +115,7 @@ def compress(config: CompressConfig) -> CompressResult:
     models = _bench_models(record, run_dir, profile, teacher, student, bundle_dir, bundle_key, data)
     bench_result = _bench(config, record, run_dir, profile, models, data)
 
-    from edgekd.evaluate.report import build_report, write_reports
-
+    _keep_unreadable(run_dir, data)
     report = build_report(run_dir=run_dir, budget_ms=config.budget_ms, profile=profile, data=data, teachers=teachers,
                           selection=selection, student=student, bundle_dir=bundle_dir, bench=bench_result,
                           seconds=time.perf_counter() - started)
@@ -149,13 +162,13 @@ def _record_run(run_dir: Path, config: CompressConfig) -> None:
 
 
 def _select(config: CompressConfig, record: StageRecord, run_dir: Path, profile: DeviceProfile,
-            teacher: TeacherResult) -> Selection:
+            teacher: TeacherOutline) -> Selection:
     """Measured on the profile once; a re-run of the same command keeps the decision (selection.json) instead of
     timing again, so a run stopped half way through distillation continues with the same student."""
     path = run_dir / SELECTION_NAME
     init = config.student_init
     key = stage_key("select", {
-        "teacher": teacher.model_name, "classes": teacher.num_classes, "size": teacher.preprocess.image_size,
+        "teacher": teacher.model_name, "classes": teacher.num_classes, "size": teacher.image_size,
         "budget_ms": config.budget_ms, "profile": _jsonable(profile), "student": config.student,
         "candidates": config.candidates, "pretrained": init.pretrained,
         "checkpoint": sha256_file(init.checkpoint) if init.checkpoint else None,
@@ -167,10 +180,11 @@ def _select(config: CompressConfig, record: StageRecord, run_dir: Path, profile:
         log.info("select: reusing %s: %s (%s)", path, selection.chosen.model_name, selection.precision)
         return selection
     selection = choose_student(teacher.model_name, config.budget_ms, profile, num_classes=teacher.num_classes,
-                               image_size=teacher.preprocess.image_size, student=config.student,
+                               image_size=teacher.image_size, student=config.student,
                                names=list(config.candidates) if config.candidates else None,
                                student_init=config.student_init)
     best = selection.chosen.best
+    _retire_report(run_dir)
     log.info("student: %s (%s, p90 %.3f ms against a %.3f ms budget): %s", selection.chosen.model_name,
              selection.precision, best.p90_ms if best else float("nan"), config.budget_ms, selection.reason)
     write_json_atomic(path, selection.to_dict())
@@ -224,6 +238,7 @@ def _distill(config: CompressConfig, record: StageRecord, run_dir: Path, teacher
     if record.fresh("distill", key, out_dir / "student.json", out_dir / "student.safetensors"):
         log.info("distill: reusing %s", out_dir)
         return read_student_checkpoint(out_dir)
+    _retire_report(run_dir)
     start = initial_student(name, teachers[0].num_classes, settings.image_size, config.student_init,
                             teacher_weights=teachers[0].weights_path, seed=settings.seed)
     checkpoint = distill(teachers, name, data, settings, out_dir, start=start)
@@ -253,6 +268,7 @@ def _export(config: CompressConfig, record: StageRecord, run_dir: Path, profile:
     if record.fresh("export", key, bundle_dir / "model.onnx", bundle_dir):
         log.info("export: reusing %s", bundle_dir)
         return bundle_dir, key
+    _retire_report(run_dir)
     result = bundle_from_checkpoint(student, bundle_dir, data, options)
     make_artifact(run_dir, "export", bundle_dir / "model.onnx", parent=str(student.weights_path),
                   config={"precision": result.precision, "isa": profile.isa},
@@ -273,6 +289,7 @@ def _bench_models(record: StageRecord, run_dir: Path, profile: DeviceProfile, te
                                      "student": sha256_file(student.weights_path), "bundle": bundle_key,
                                      "isa": profile.isa, "data": data_fingerprint(data)})
     if not record.fresh("bench-models", key, listing, folder):
+        _retire_report(run_dir)
         models = export_reference_models(teacher, student, bundle_dir, folder, data, profile.isa)
         write_json_atomic(listing, [bench_model_to_dict(m, run_dir) for m in models])
         record.done("bench-models", key, listing, folder)
@@ -289,10 +306,42 @@ def _bench(config: CompressConfig, record: StageRecord, run_dir: Path, profile: 
     if record.fresh("bench", key, path):
         log.info("bench: reusing %s", path)
         return BenchResult.from_dict(json.loads(path.read_text()))
+    _retire_report(run_dir)
     result = bench(models, data=data, threads=threads, max_eval_images=config.eval_images)
     write_json_atomic(path, result.to_dict())
     record.done("bench", key, path)
     return result
+
+
+def _recall_unreadable(run_dir: Path, data: LoadedData) -> None:
+    """The images an earlier run on the same data found undecodable count as found (data.recall_unreadable): a reused
+    stage does not read them again, and the report's count of skipped images must not depend on which stages ran."""
+    path = run_dir / UNREADABLE_NAME
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        if recorded.get("data") == data_fingerprint(data):
+            recall_unreadable(data, recorded["found"])
+
+
+def _keep_unreadable(run_dir: Path, data: LoadedData) -> None:
+    write_json_atomic(run_dir / UNREADABLE_NAME, {"data": data_fingerprint(data), "found": unreadable_marks(data)})
+
+
+def _retire_report(run_dir: Path) -> None:
+    """A stage is about to replace what the report at the top of the run folder describes (another student, bundle
+    or figures): the report moves to previous-report/ first, so that a re-run stopped half way never leaves a report
+    beside outputs it does not describe. The run's own report is written when it finishes; run.json, likewise
+    written then, still describes the previous report's run."""
+    reports = [run_dir / name for name in REPORT_FILES if (run_dir / name).exists()]
+    if not reports:
+        return
+    folder = run_dir / PREVIOUS_REPORT
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    for path in reports:
+        path.replace(folder / path.name)
+    log.info("the previous report moved to %s: this run replaces what it describes; its own report comes at the end",
+             folder)
 
 
 def _jsonable(value: Any) -> Any:

@@ -154,6 +154,17 @@ def test_one_class_is_refused_before_training(tmp_path: Path):
     assert not (tmp_path / "run" / "teacher").exists()
 
 
+def test_a_budget_no_student_meets_is_said_before_the_teacher_is_fine_tuned(tmp_path: Path):
+    """Selection needs only the teacher's architecture, classes and input size: it runs first, so an impossible
+    budget costs seconds, not the teacher's fine-tune."""
+    images = _class_folders(tmp_path / "images", ("a", "b"))
+    result = runner.invoke(app, ["compress", "--teacher", "test_resnet", "--random-init", "--budget", "1us",
+                                 "--input-size", "32", "--candidates", "lcnet_050", "--data", str(images),
+                                 "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "no candidate fits" in result.output, result.output
+    assert not (tmp_path / "run" / "teacher").exists() and "fine-tuning teacher" not in result.output
+
+
 def _unboxed(output: str) -> str:
     """typer's usage errors come in a box, wrapped to the terminal: the words, in one line."""
     return " ".join(output.replace("│", " ").split())

@@ -136,6 +136,8 @@ def test_rerun_reuses_every_stage_and_a_changed_option_redoes_only_its_dependent
     assert after["export/model.onnx"] != before["export/model.onnx"]
     guard = json.loads((run_dir / "export" / "manifest.json").read_text())[0]["config"]["guard"]
     assert guard["max_accuracy_drop"] == 5 and guard["min_agreement"] == 0.5  # the percentage, as a share
+    previous = json.loads((run_dir / "previous-report" / "report.json").read_text())
+    assert without_times(previous) == without_times(report)  # the report of the bundle it replaced, kept aside
 
     # Other quantization code (an edgekd upgrade that rounds int8 weights differently, say) makes the bundle again
     # and reuses the training: the package version alone does not say the code changed.
@@ -152,6 +154,22 @@ def test_rerun_reuses_every_stage_and_a_changed_option_redoes_only_its_dependent
     assert failed.exit_code == 2 and "no candidate fits" in failed.output, failed.output
     recorded = json.loads((run_dir / "run.json").read_text())["config"]
     assert recorded["budget_ms"] == 50 and recorded["max_accuracy_drop"] == 5 and recorded["min_agreement"] == 0.5
+    report = json.loads((run_dir / "report.json").read_text())  # nothing was replaced: the report stays on top
+
+    # a re-run killed while it replaces the bundle leaves no report beside a bundle it may not describe
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "bundle_from_checkpoint", killed)
+    stopped = runner.invoke(app, ["compress", *TINY, "--budget", "50ms", "--epochs", "1", "--out", str(run_dir),
+                                  "--max-accuracy-drop", "4"])
+    assert stopped.exit_code == 130, stopped.output
+    assert not any((run_dir / name).exists() for name in ("report.json", "report.md", "report.html"))
+    assert without_times(json.loads((run_dir / "previous-report" / "report.json").read_text())) == \
+        without_times(report)  # moved whole, not lost
+    monkeypatch.undo()
+    compress(run_dir, "--max-accuracy-drop", "4")
+    assert json.loads((run_dir / "report.json").read_text())["summary"]["student"] == report["summary"]["student"]
 
 
 def test_a_damaged_output_is_made_again_not_reused(run, tmp_path: Path):

@@ -142,3 +142,23 @@ def test_a_pickled_model_is_refused_with_what_to_save_instead(tmp_path: Path):
     with pytest.raises(EdgekdError, match=r"pickled Python objects.*state_dict\(\)") as caught:
         read_state_dict(tmp_path / "model.pth")
     assert "weights_only" not in str(caught.value)
+
+
+def test_a_checkpoint_saved_through_a_wrapper_loads(tmp_path: Path):
+    """Weights as training frameworks save them: under a Lightning module's attribute ("model.", beside a loss's
+    buffer) or torch.compile's "_orig_mod.", inside a {"state_dict": ...} file; the model gets exactly its weights."""
+    from edgekd.models import load_weights, read_state_dict
+
+    torch.manual_seed(1)
+    trained = create_model("test_resnet", 10).state_dict()
+    torch.save({"state_dict": {**{f"model.{k}": v for k, v in trained.items()},
+                               "criterion.weight": torch.ones(10)}, "epoch": 3}, tmp_path / "last.ckpt")
+    save_file({f"_orig_mod.{k}": v.contiguous() for k, v in trained.items()}, str(tmp_path / "compiled.safetensors"))
+    for name in ("last.ckpt", "compiled.safetensors"):
+        model = create_model("test_resnet", 10)
+        assert not load_weights(model, read_state_dict(tmp_path / name), name, allow_head_mismatch=True)
+        for key, value in trained.items():
+            torch.testing.assert_close(model.state_dict()[key], value, msg=key)
+    other = {f"model.{k}": v for k, v in create_model("test_vit", 10).state_dict().items()}
+    with pytest.raises(EdgekdError, match="does not fit"):  # another architecture is still named as such
+        load_weights(create_model("test_resnet", 10), other, "vit.ckpt", allow_head_mismatch=True)

@@ -15,7 +15,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from edgekd.cli import app
-from edgekd.data import ModelInputs, eval_transform, load_data, make_loader, skipped_images
+from edgekd.data import (ModelInputs, eval_transform, load_data, make_loader, recall_unreadable, skipped_images,
+                         unreadable_marks)
 from edgekd.deploy.bundle import preprocess_json
 from edgekd.errors import EdgekdError
 from edgekd.record import data_fingerprint
@@ -84,6 +85,14 @@ def test_a_file_cut_short_is_skipped_and_counted_without_stopping_the_epoch(user
         seen += sum(len(labels) for _, labels in loader)
     assert seen == data.info.num_train + data.info.num_val  # a readable image took the broken one's place
     assert skipped_images(data) == 1
+    # a later process that reuses this one's work recalls what it found (compress keeps it in unreadable.json)
+    again = load_data(DataSpec(str(tmp_path / "data"), val_fraction=0.3))
+    assert skipped_images(again) == 0
+    recall_unreadable(again, json.loads(json.dumps(unreadable_marks(data))))
+    assert skipped_images(again) == 1
+    split = "train" if broken in again.train.paths else "val"
+    records = getattr(again, split)
+    assert records.bad[records.paths.index(broken)]  # skipped without being read again
     with pytest.raises(BundleError, match="cannot read image .*interrupted_download.jpg.*truncated"):
         read_image(broken)
 

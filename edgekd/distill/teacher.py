@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import timm
@@ -18,7 +18,8 @@ from edgekd.distill.finetune import train_classifier
 from edgekd.metrics import indistinguishable_from_chance
 from edgekd.record import data_fingerprint, stage_key
 from edgekd.models import (classifier_keys, count_params, create_model, fetch_pretrained, load_weights,
-                           preprocess_for, read_state_dict, resolve_model_name)
+                           preprocess_for, read_state_dict, require_pretrained, resolve_model_name,
+                           strip_wrapper_prefix)
 from edgekd.distill.train_utils import Compute, evaluate, pick_device, seed_everything
 from edgekd.types import TeacherResult, TeacherSpec, TrainConfig
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 RESULT_NAME = "teacher.json"
 WEIGHTS_NAME = "teacher.safetensors"
+NO_TEACHER = "no teacher given; pass --teacher NAME (e.g. --teacher vit_base)"
 
 
 def build_teacher(spec: TeacherSpec, num_classes: int, image_size: tuple[int, int] | None) -> tuple[
@@ -42,6 +44,35 @@ def build_teacher(spec: TeacherSpec, num_classes: int, image_size: tuple[int, in
     model = create_model(model_name, num_classes, image_size, pretrained=True)
     # timm re-initialises the classifier when num_classes differs from the pretrained head's.
     return model, "pretrained", num_classes != model.pretrained_cfg.get("num_classes", num_classes)
+
+
+@dataclass(frozen=True)
+class TeacherOutline:
+    """What choosing a student needs of the teacher (its architecture, head and input size), known before its
+    weights are loaded or fine-tuned."""
+
+    model_name: str
+    num_classes: int
+    image_size: tuple[int, int]
+
+    @classmethod
+    def of(cls, teacher: TeacherResult) -> TeacherOutline:
+        return cls(teacher.model_name, teacher.num_classes, teacher.preprocess.image_size)
+
+
+def outline_teacher(spec: TeacherSpec, data: LoadedData, image_size: tuple[int, int] | None) -> TeacherOutline:
+    """The teacher as prepare_teacher will make it, without its weights: compress chooses the student first, so a
+    budget no student meets is said before a fine-tune that can take hours. Its weights are checked to be at hand
+    (the same error as loading them), and the model is built on the meta device (no memory) for its input size."""
+    model_name = resolve_model_name(spec.name)
+    if spec.checkpoint is not None:
+        read_state_dict(spec.checkpoint)  # unreadable or unsafe: said now, not after the selection
+    elif not spec.random_init:
+        require_pretrained(model_name)
+    num_classes = _class_count(spec, data, image_size)
+    with torch.device("meta"):
+        model = create_model(model_name, num_classes, image_size)
+    return TeacherOutline(model_name, num_classes, preprocess_for(model, image_size).image_size)
 
 
 def prepare_teacher(spec: TeacherSpec, data: LoadedData, out_dir: Path, *, image_size: tuple[int, int] | None,
@@ -64,7 +95,7 @@ def prepare_teacher(spec: TeacherSpec, data: LoadedData, out_dir: Path, *, image
         return cached
 
     labeled = data.info.labeled
-    num_classes = data.info.num_classes if labeled else _unlabeled_class_count(spec, image_size)
+    num_classes = _class_count(spec, data, image_size)
     seed_everything(train_config.seed)  # a fresh head (or a random model) starts from the same weights every run
     model, source, fresh_head = build_teacher(spec, num_classes, image_size)  # a new head on real weights is zero
     model_name = resolve_model_name(spec.name)
@@ -129,7 +160,7 @@ def prepare_teachers(specs: list[TeacherSpec], data: LoadedData, out_dir: Path, 
                      run_dir: Path | None = None) -> list[TeacherResult]:
     """Several teachers (for multi-teacher distillation), each in its own folder."""
     if not specs:
-        raise EdgekdError("no teacher given; pass --teacher NAME (e.g. --teacher vit_base)")
+        raise EdgekdError(NO_TEACHER)
     if len(specs) == 1:
         return [prepare_teacher(specs[0], data, out_dir, image_size=image_size, train_config=train_config,
                                 run_dir=run_dir)]
@@ -148,11 +179,16 @@ def _weights_identity(spec: TeacherSpec) -> str | None:
     return sha256_file(located.file) if located is not None and located.file else None
 
 
+def _class_count(spec: TeacherSpec, data: LoadedData, image_size: tuple[int, int] | None) -> int:
+    """The teacher's head: the data's classes, or without labels its own."""
+    return data.info.num_classes if data.info.labeled else _unlabeled_class_count(spec, image_size)
+
+
 def _unlabeled_class_count(spec: TeacherSpec, image_size: tuple[int, int] | None) -> int:
     """Without labels, keep the teacher's own head: its class count comes from the checkpoint or timm config."""
     if spec.checkpoint is not None:
-        state = read_state_dict(spec.checkpoint)
         probe = create_model(resolve_model_name(spec.name), 1, image_size)
+        state = strip_wrapper_prefix(read_state_dict(spec.checkpoint), probe.state_dict())
         weights = [k for k in classifier_keys(probe) if k.endswith("weight") and k in state]
         if weights:
             return int(state[weights[-1]].shape[0])

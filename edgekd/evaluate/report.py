@@ -159,9 +159,12 @@ def loss_terms(epochs: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+REPORT_FILES = ("report.json", "report.md", "report.html")
+
+
 def write_reports(run_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
     """report.json, report.md and report.html, each written whole."""
-    paths = {"json": run_dir / "report.json", "md": run_dir / "report.md", "html": run_dir / "report.html"}
+    paths = {name.split(".")[1]: run_dir / name for name in REPORT_FILES}
     write_json_atomic(paths["json"], report)
     write_text_atomic(paths["md"], render_markdown(report))
     write_text_atomic(paths["html"], render_html(report))

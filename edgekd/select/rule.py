@@ -166,7 +166,7 @@ def verdicts(candidates: list[Candidate], budget_ms: float) -> list[Verdict]:
     for candidate in candidates:
         best = candidate.best
         if best is None:
-            why = candidate.error or "; ".join(f"{m.precision}: {m.error}" for m in candidate.measurements if m.error)
+            why = candidate.error or _errors_by_form(candidate)
             rows.append(Verdict(candidate, None, f"not measured: {why or 'no precision measured'}"))
             continue
         fits = best.p90_ms <= budget_ms
@@ -174,6 +174,15 @@ def verdicts(candidates: list[Candidate], budget_ms: float) -> list[Verdict]:
             f"too slow (fastest form {best.precision}: p90 {best.p90_ms:.2f} > {budget_ms:g} ms)"
         rows.append(Verdict(candidate, fits, note))
     return sorted(rows, key=lambda v: (v.candidate.best is None, _p90(v.candidate)))
+
+
+def _errors_by_form(candidate: Candidate) -> str:
+    """"fp32, int8_static: not in the latency table; ...": each error once, after the forms it stopped."""
+    forms: dict[str, list[str]] = {}
+    for measurement in candidate.measurements:
+        if measurement.error:
+            forms.setdefault(measurement.error, []).append(measurement.precision)
+    return "; ".join(f"{', '.join(precisions)}: {error}" for error, precisions in forms.items())
 
 
 def select_student(candidates: list[Candidate], budget_ms: float, *, student: str | None = None) -> Selection:
