@@ -94,8 +94,9 @@ def compress(config: CompressConfig) -> CompressResult:
     log.info("data: %s, %d train / %d val images, %s", data.info.source, data.info.num_train, data.info.num_val,
              f"{data.info.num_classes} classes" if data.info.labeled else "no labels")
 
-    # the student first: a budget that no candidate meets is said before the teacher's fine-tune (hours, maybe)
-    outline = outline_teacher(config.teachers[0], data, config.image_size)
+    # The student first: a budget that no candidate meets is said before the teacher's fine-tune (hours, maybe).
+    # Every teacher is outlined, so that weights that are not at hand are said before the candidates are timed.
+    outline = [outline_teacher(spec, data, config.image_size) for spec in config.teachers][0]
     selection = _select(config, record, run_dir, profile, outline)
     teachers = prepare_teachers(list(config.teachers), data, run_dir / "teacher", image_size=config.image_size,
                                 train_config=config.teacher_training, run_dir=run_dir)

@@ -163,6 +163,19 @@ def test_a_budget_no_student_meets_is_said_before_the_teacher_is_fine_tuned(tmp_
                                  "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "no candidate fits" in result.output, result.output
     assert not (tmp_path / "run" / "teacher").exists() and "fine-tuning teacher" not in result.output
+    # and every teacher's weights are checked before the candidates are timed
+    import torch
+
+    from edgekd.models import create_model
+
+    torch.save(create_model("test_resnet", 2).state_dict(), tmp_path / "good.pth")
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    result = runner.invoke(app, ["compress", "--teacher", "test_resnet", "--teacher", "test_resnet", "--budget", "50ms",
+                                 "--teacher-checkpoint", str(tmp_path / "good.pth"), "--teacher-checkpoint",
+                                 str(tmp_path / "bad.pth"), "--input-size", "32", "--candidates", "lcnet_050",
+                                 "--data", str(images), "--out", str(tmp_path / "two")])
+    assert result.exit_code == 2 and "cannot read checkpoint" in result.output, result.output
+    assert not (tmp_path / "two" / "selection.json").exists()
 
 
 def _unboxed(output: str) -> str:
