@@ -212,7 +212,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise EdgekdError(f"checkpoint {path} holds pickled Python objects (a whole model or a training state), "
                               "which edgekd does not unpickle; save the weights alone: "
                               "torch.save(model.state_dict(), 'weights.pth') or safetensors") from error
-        reason = "not a file torch.save wrote" if "Weights only load failed" in str(error) else first_line(error, 1000)
+        # torch's own words name its internals ("pop from empty list", "101", a miniz error): said in plain terms
+        log.debug("torch.load(%s): %r", path, error)
+        reason = "empty or cut short" if isinstance(error, EOFError) else \
+            "a damaged archive (cut short or corrupted)" if "PytorchStreamReader" in str(error) else \
+            "not a file torch.save wrote"
         raise EdgekdError(f"cannot read checkpoint {path}: {reason}; "
                           "give a state_dict saved as .safetensors or with torch.save") from error
     for key in ("state_dict", "model", "state_dict_ema", "model_ema"):  # common wrappers (timm train.py, others)
@@ -268,9 +272,13 @@ def strip_wrapper_prefix(state: dict[str, torch.Tensor], own_keys: Iterable[str]
                 prefixes[key[:position + 1]] += 1
     if not prefixes:
         return state
-    prefix, matching = prefixes.most_common(1)[0]
+    (prefix, matching), *others = prefixes.most_common(2)
     if matching <= as_they_are:
         return state
+    if others and others[0][1] == matching:  # two whole copies (a model and its EMA, a teacher and its student)
+        raise EdgekdError(f"the checkpoint holds the model twice, under {prefix!r} and {others[0][0]!r}; save the "
+                          f"one you mean alone: {{k.removeprefix(PREFIX): v for k, v in state.items() if "
+                          "k.startswith(PREFIX)}")
     kept = {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
     log.info("checkpoint keys under %r are the model's (a wrapper's); %d other key(s) left out", prefix,
              len(state) - len(kept))
@@ -303,6 +311,9 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
             parts.append(f"{len(missing)} key(s) missing, e.g. {', '.join(missing[:3])}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:3])}")
+        if any("pos_embed" in shape for shape in shapes):
+            parts.append("a transformer's position embeddings fix its input size: pass the --input-size it was "
+                         "trained at")
         raise EdgekdError(f"checkpoint {source} does not fit {model.__class__.__name__} "
                           f"({getattr(model, 'pretrained_cfg', {}).get('architecture', '?')}): {'; '.join(parts)}")
     model.load_state_dict(state, strict=False)

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 RUN_NAME = "run.json"
 SELECTION_NAME = "selection.json"
+BENCH_NAME = "bench.json"
 UNREADABLE_NAME = "unreadable.json"  # images found undecodable, by index, with the data's fingerprint
 PREVIOUS_REPORT = "previous-report"  # where a report goes once a stage starts replacing what it describes
 
@@ -185,7 +186,7 @@ def _select(config: CompressConfig, record: StageRecord, run_dir: Path, profile:
                                names=list(config.candidates) if config.candidates else None,
                                student_init=config.student_init)
     best = selection.chosen.best
-    _retire_report(run_dir)
+    _retire_report(run_dir, bench_too=False)  # the same student may come out: its bench may still be reused
     log.info("student: %s (%s, p90 %.3f ms against a %.3f ms budget): %s", selection.chosen.model_name,
              selection.precision, best.p90_ms if best else float("nan"), config.budget_ms, selection.reason)
     write_json_atomic(path, selection.to_dict())
@@ -299,7 +300,7 @@ def _bench_models(record: StageRecord, run_dir: Path, profile: DeviceProfile, te
 
 def _bench(config: CompressConfig, record: StageRecord, run_dir: Path, profile: DeviceProfile,
            models: list[BenchModel], data: LoadedData) -> BenchResult:
-    path = run_dir / "bench.json"
+    path = run_dir / BENCH_NAME
     threads = tuple(dict.fromkeys((1, profile.threads)))
     key = stage_key("bench", {"models": [sha256_file(m.path) for m in models], "threads": threads,
                               "eval": config.eval_images, "data": data_fingerprint(data),
@@ -328,17 +329,20 @@ def _keep_unreadable(run_dir: Path, data: LoadedData) -> None:
     write_json_atomic(run_dir / UNREADABLE_NAME, {"data": data_fingerprint(data), "found": unreadable_marks(data)})
 
 
-def _retire_report(run_dir: Path) -> None:
+def _retire_report(run_dir: Path, bench_too: bool = True) -> None:
     """A stage is about to replace what the report at the top of the run folder describes (another student, bundle
-    or figures): the report moves to previous-report/ first, so that a re-run stopped half way never leaves a report
-    beside outputs it does not describe. The run's own report is written when it finishes; run.json, likewise
-    written then, still describes the previous report's run."""
-    reports = [run_dir / name for name in REPORT_FILES if (run_dir / name).exists()]
+    or figures): the report (and bench.json, whose figures it shows, which will be measured again) moves to
+    previous-report/ first, so that a re-run stopped half way never leaves a report beside outputs it does not
+    describe. The run's own report is written when it finishes; run.json, likewise written then, still describes
+    the previous report's run."""
+    names = (*REPORT_FILES, BENCH_NAME) if bench_too else REPORT_FILES
+    reports = [run_dir / name for name in names if (run_dir / name).exists()]
     if not reports:
         return
     folder = run_dir / PREVIOUS_REPORT
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir()
+    if any((run_dir / name).exists() for name in REPORT_FILES):  # a newer report: the one kept aside is superseded
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(exist_ok=True)  # else it joins the report moved there earlier in this run (bench.json after select)
     for path in reports:
         path.replace(folder / path.name)
     log.info("the previous report moved to %s: this run replaces what it describes; its own report comes at the end",

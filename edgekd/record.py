@@ -9,6 +9,7 @@ export, reference models, bench) goes through this module.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -181,6 +182,18 @@ def save_training_state(path: Path, key: str, state: TrainState, model: torch.nn
         payload["cuda_rng"] = torch.cuda.get_rng_state_all()
     with atomic_path(Path(path)) as tmp:
         torch.save(payload, tmp)
+
+
+@contextlib.contextmanager
+def state_kept_on_interrupt(save: Callable[[], int], path: Path) -> Iterator[None]:
+    """Ctrl-C (or SIGTERM, raised as KeyboardInterrupt) inside, whether in a batch or in the epoch's validation:
+    `save` writes the training state and returns its step before the interrupt goes on, so a re-run continues from
+    there instead of from the last finished epoch."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        log.info("interrupted at step %d; checkpoint saved in %s", save(), path)
+        raise
 
 
 def resume_training_state(path: Path, key: str, model: torch.nn.Module, optimizer, scheduler) -> TrainState:

@@ -76,8 +76,10 @@ class Predictor:
         return probs / probs.sum(axis=1, keepdims=True)
 
     def predict_batch(self, images: Sequence[ImageLike], top_k: int = 5) -> list[list[tuple[str, float]]]:
+        if top_k < 1:
+            raise BundleError(f"top_k is {top_k}; ask for at least 1 label")
         probs = self.probabilities(images)
-        k = max(1, min(top_k, probs.shape[1]))
+        k = min(top_k, probs.shape[1])
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         return [[(self._label(i), float(row[i])) for i in top] for row, top in zip(probs, order)]
 
@@ -121,7 +123,8 @@ def read_image(image: ImageLike | BinaryIO, name: str | None = None) -> Image.Im
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, np.ndarray):  # pixels an app already holds (a camera frame, a decoded upload)
-        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))) or \
+                0 in image.shape:
             raise BundleError(f"cannot use a {image.dtype} array of shape {image.shape} as an image: give H x W "
                               "(grey) or H x W x 3 / 4 (RGB / RGBA) uint8 pixels")
         return Image.fromarray(image)

@@ -69,6 +69,16 @@ def test_bad_checkpoint_is_one_line(tmp_path: Path):
     line = _one_line_error(["train-teacher", "--teacher", "test_resnet", "--teacher-checkpoint", str(tmp_path / "w.pth"),
                             "--data", "fashion-mnist", "--max-train", "50", "--max-val", "20"])
     assert "cannot read checkpoint" in line
+    import pytest
+
+    from edgekd.errors import EdgekdError
+    from edgekd.models import read_state_dict
+
+    for junk, reason in ((b"eeee", "not a file torch.save wrote"), (b"", "empty or cut short"),
+                         (b"PK\x03\x04junk", "a damaged archive")):
+        (tmp_path / "junk.pth").write_bytes(junk)
+        with pytest.raises(EdgekdError, match=reason):
+            read_state_dict(tmp_path / "junk.pth")
 
 
 def test_bad_input_size_is_one_line():
@@ -176,6 +186,13 @@ def test_a_budget_no_student_meets_is_said_before_the_teacher_is_fine_tuned(tmp_
                                  "--data", str(images), "--out", str(tmp_path / "two")])
     assert result.exit_code == 2 and "cannot read checkpoint" in result.output, result.output
     assert not (tmp_path / "two" / "selection.json").exists()
+
+
+def test_select_refuses_no_classes_and_an_empty_candidate_list():
+    base = ["select", "--teacher", "resnet18", "--budget", "5ms"]
+    for extra, message in ((["--num-classes", "0"], "--num-classes"), (["--candidates", ""], "names no candidate")):
+        result = runner.invoke(app, [*base, *extra])
+        assert result.exit_code == 2 and message in _unboxed(result.output), result.output
 
 
 def _unboxed(output: str) -> str:

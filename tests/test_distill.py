@@ -105,6 +105,15 @@ def test_resume_after_an_interruption_reaches_the_uninterrupted_result(data, tea
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
     assert resumed.val_top1 == straight.val_top1
+    # a Ctrl-C in an epoch's validation keeps the epoch's batches: the re-run validates it and goes on
+    validating = LoadedData(data.info, data.train, InterruptAfter(data.val, 5))
+    with pytest.raises(KeyboardInterrupt):
+        distill(teachers[:1], "test_resnet", validating, config, tmp_path / "validating")
+    assert torch.load(tmp_path / "validating" / "distill_state.pt", weights_only=True)["history"] == "[]"
+    again = distill(teachers[:1], "test_resnet", data, replace(config, resume=True), tmp_path / "validating")
+    c = load_file(str(again.weights_path))
+    for name in a:
+        torch.testing.assert_close(c[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_resume_ignores_a_checkpoint_of_another_configuration(data, teachers, tmp_path, caplog):

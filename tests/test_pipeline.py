@@ -164,7 +164,8 @@ def test_rerun_reuses_every_stage_and_a_changed_option_redoes_only_its_dependent
     stopped = runner.invoke(app, ["compress", *TINY, "--budget", "50ms", "--epochs", "1", "--out", str(run_dir),
                                   "--max-accuracy-drop", "4"])
     assert stopped.exit_code == 130, stopped.output
-    assert not any((run_dir / name).exists() for name in ("report.json", "report.md", "report.html"))
+    assert not any((run_dir / name).exists() for name in ("report.json", "report.md", "report.html", "bench.json"))
+    assert (run_dir / "previous-report" / "bench.json").is_file()  # the figures that report shows, with it
     assert without_times(json.loads((run_dir / "previous-report" / "report.json").read_text())) == \
         without_times(report)  # moved whole, not lost
     monkeypatch.undo()
@@ -217,6 +218,21 @@ def test_bench_a_run_folder(run, tmp_path: Path):
     teacher = next(m for m in measured["models"] if m["role"] == "teacher")
     assert teacher["teacher_agreement"] == 1.0 and teacher["eval_images"] == 60
     assert all(m["peak_rss_mb"] > m["model_rss_mb"] > 0 for m in measured["models"])
+    assert runner.invoke(app, ["bench", str(run_dir), "--threads", "0"]).exit_code == 2  # said before timing
+
+    # two runs on the same data are compared on its images; runs on different data ask for --data
+    second = tmp_path / "second"
+    shutil.copytree(run_dir, second)
+    result = runner.invoke(app, ["bench", str(run_dir), str(second), "--threads", "1", "--eval-images", "30",
+                                 "--out", str(tmp_path / "both.json")])
+    assert result.exit_code == 0, result.output
+    both = json.loads((tmp_path / "both.json").read_text())["models"]
+    assert len(both) == 8 and all(m["eval_images"] == 30 and m["top1"] is not None for m in both)
+    recorded = json.loads((second / "run.json").read_text())
+    recorded["config"]["data"]["max_val"] = 7
+    (second / "run.json").write_text(json.dumps(recorded))
+    result = runner.invoke(app, ["bench", str(run_dir), str(second), "--threads", "1"])
+    assert result.exit_code == 2 and "made on different data; pass --data" in result.output, result.output
 
 
 def test_bench_plain_onnx_files_and_bundles(run, tmp_path: Path):

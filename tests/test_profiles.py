@@ -95,6 +95,13 @@ def test_profiles_from_the_environment_are_listed(tmp_path, monkeypatch):
     write(tmp_path, GOOD, "tiny.toml")
     monkeypatch.setenv("EDGEKD_PROFILES", str(tmp_path))
     assert load_profile("tiny").source == str(tmp_path / "tiny.toml")
+    # a file whose name field differs from its file name answers to both; a broken file is named, not in the way
+    write(tmp_path, GOOD.replace('name = "tiny"', 'name = "my-laptop"'), "laptop.toml")
+    write(tmp_path, "threads = [", "broken.toml")
+    assert load_profile("my-laptop").source == load_profile("laptop").source == str(tmp_path / "laptop.toml")
+    listed = CliRunner().invoke(app, ["profiles"])
+    assert listed.exit_code == 2 and "also --profile my-laptop" in listed.output, listed.output
+    assert "broken         cannot be used: profile" in listed.output and "host" in listed.output
 
 
 def test_cli_profiles_and_unknown_profile():

@@ -74,9 +74,11 @@ def test_predictor_agrees_with_pytorch(bundle, small_fmnist, tmp_path: Path) -> 
     # pixels an app already holds: the same answer as the file
     assert predictor.predict(np.asarray(images[0]), top_k=3) == predictor.predict(path, top_k=3)
     assert predictor.predict(np.asarray(images[0].convert("RGB")), top_k=1)[0][0] == labels[expected[0]]
-    for wrong in (np.zeros((10, 10, 3), np.float32), np.zeros((10, 10, 2), np.uint8), 7):
+    for wrong in (np.zeros((10, 10, 3), np.float32), np.zeros((10, 10, 2), np.uint8), 7, np.zeros((0, 0, 3), np.uint8)):
         with pytest.raises(BundleError, match="cannot"):
             predictor.predict(wrong)
+    with pytest.raises(BundleError, match="at least 1 label"):  # as `edgekd predict --top-k 0`
+        predictor.predict(path, top_k=0)
     broken = tmp_path / "broken"
     shutil.copytree(folder, broken)
     (broken / "model.onnx").write_bytes(b"not a model")

@@ -132,6 +132,17 @@ def test_an_interrupted_fine_tune_resumes_mid_epoch_and_ends_where_an_uninterrup
     for name, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
+    # a Ctrl-C during an epoch's validation keeps every batch of it: the re-run only validates, then goes on
+    in_validation = LoadedData(small_fmnist.info, small_fmnist.train, InterruptAfter(small_fmnist.val, 5))
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(model(), in_validation, pre, config, tmp_path / "validating")
+    saved = torch.load(tmp_path / "validating" / "train_state.pt", weights_only=True)
+    assert saved["step"] == 9 and saved["history"] == "[]"  # epoch 1 trained, not yet measured
+    resumed, history = train_classifier(model(), small_fmnist, pre, config, tmp_path / "validating")
+    assert [h["epoch"] for h in history] == [1, 2] and history[0]["train_loss"] > 0
+    for name, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
 
 def test_a_pickled_model_is_refused_with_what_to_save_instead(tmp_path: Path):
     """A whole pickled model loads only by running the file's code: refused (weights_only), saying what to save;
@@ -159,6 +170,17 @@ def test_a_checkpoint_saved_through_a_wrapper_loads(tmp_path: Path):
         assert not load_weights(model, read_state_dict(tmp_path / name), name, allow_head_mismatch=True)
         for key, value in trained.items():
             torch.testing.assert_close(model.state_dict()[key], value, msg=key)
+    twice = {f"{prefix}{k}": v for prefix in ("model.", "model_ema.module.") for k, v in trained.items()}
+    with pytest.raises(EdgekdError, match="holds the model twice, under 'model.' and 'model_ema.module.'"):
+        load_weights(create_model("test_resnet", 10), twice, "ema.ckpt", allow_head_mismatch=True)
     other = {f"model.{k}": v for k, v in create_model("test_vit", 10).state_dict().items()}
     with pytest.raises(EdgekdError, match="does not fit"):  # another architecture is still named as such
         load_weights(create_model("test_resnet", 10), other, "vit.ckpt", allow_head_mismatch=True)
+
+
+def test_a_transformer_checkpoint_at_another_input_size_names_the_option(tmp_path: Path):
+    from edgekd.models import load_weights
+
+    trained = create_model("test_vit", 10).state_dict()  # its own size
+    with pytest.raises(EdgekdError, match="pos_embed .*pass the --input-size it was trained at"):
+        load_weights(create_model("test_vit", 10, (32, 32)), trained, "vit.pth", allow_head_mismatch=True)

@@ -191,7 +191,10 @@ Calibration = Annotated[str, typer.Option(
 
 
 def _candidate_names(value: Optional[str]) -> Optional[str]:
-    """A parse-time check: a typo among the candidates fails now, not as a row of the report."""
+    """A parse-time check: a typo among the candidates fails now, not as a row of the report; an empty list is not
+    taken to mean the whole pool (minutes of timing)."""
+    if value is not None and not _names(value):
+        raise typer.BadParameter("names no candidate; leave the option out to measure the whole pool")
     try:
         check_model_names("--candidates", _names(value) or [])
     except EdgekdError as error:

@@ -5,6 +5,7 @@ Resumable: the training state is written whole after every epoch, and a re-run c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -19,7 +20,8 @@ from edgekd.distill.sampling import EpochSampler, SeededItems
 from edgekd.distill.train_utils import (Compute, backward_in_slices, check_finite, evaluate, make_optimizer,
                                         micro_batch_size, pick_device, progress, recipe_for, seed_everything,
                                         warmup_cosine)
-from edgekd.record import TrainState, data_fingerprint, resume_training_state, save_training_state, stage_key
+from edgekd.record import (TrainState, data_fingerprint, resume_training_state, save_training_state, stage_key,
+                           state_kept_on_interrupt)
 from edgekd.types import Preprocess, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,12 @@ def train_classifier(model: torch.nn.Module, data: LoadedData, preprocess: Prepr
         bar = progress(train_loader, total=epoch_steps, initial=done, desc=f"{label} epoch {epoch + 1}/{epochs}",
                        unit="batch")
         batches = zip(range(done, epoch_steps), bar)
-        try:
+
+        def save() -> int:  # the batches done (all of the epoch's, when it came in validation) and their sums
+            save_training_state(state_path, key, TrainState(step, history, state.partial), model, optimizer, scheduler)
+            return step
+
+        with state_kept_on_interrupt(save, state_path), contextlib.closing(bar):
             for batch_index, (inputs, labels, _) in batches:
                 inputs, labels = compute.inputs(inputs), labels.to(device)
                 optimizer.zero_grad(set_to_none=True)
@@ -97,15 +104,9 @@ def train_classifier(model: torch.nn.Module, data: LoadedData, preprocess: Prepr
                 state.partial = {"seen": seen, "running": running, "seconds": time.perf_counter() - started}
                 bar.set_postfix(refresh=False, loss=f"{running / (batch_index + 1):.3f}",
                                 img_s=f"{seen / (time.perf_counter() - started):.0f}")
-        except KeyboardInterrupt:  # mid-epoch: keep the batches done, so a re-run continues from this one
-            save_training_state(state_path, key, TrainState(step, history, state.partial), model, optimizer,
-                                scheduler)
-            log.info("interrupted at step %d; checkpoint saved in %s", step, state_path)
-            raise
-        finally:
-            bar.close()
+            bar.close()  # before validation's own bar
+            result = evaluate(model, val_loader, compute, description=f"{label} val")
         state.partial = None
-        result = evaluate(model, val_loader, compute, description=f"{label} val")
         metrics = {"epoch": epoch + 1, "train_loss": running / max(1, epoch_steps), "val_top1": result.top1,
                    "val_top5": result.top5, "seconds": time.perf_counter() - started,
                    "images_per_s": seen / (time.perf_counter() - started)}

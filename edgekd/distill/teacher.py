@@ -113,6 +113,8 @@ def prepare_teacher(spec: TeacherSpec, data: LoadedData, out_dir: Path, *, image
     if history:  # fine-tuning just measured it on the validation split
         top1, top5 = history[-1]["val_top1"], history[-1]["val_top5"]
     else:
+        log.info("teacher %s: the %s head fits the %d classes: used as it is, not fine-tuned", model_name,
+                 "checkpoint's" if source.startswith("checkpoint") else "pretrained", num_classes)
         top1, top5 = measure_accuracy(model, data, preprocess, train_config)
 
     weights_path = out_dir / WEIGHTS_NAME

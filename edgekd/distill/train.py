@@ -34,7 +34,7 @@ from edgekd.models import preprocess_for
 from edgekd.recipe import (DEFAULT_MIX, DEFAULT_MIX_ALPHA, MIRROR_FIXED_VIEWS, default_augment, default_for_start,
                            recipe_fingerprint)
 from edgekd.record import (TrainState, data_fingerprint, records_fingerprint, resume_training_state,
-                           save_training_state, stage_key)
+                           save_training_state, stage_key, state_kept_on_interrupt)
 from edgekd.distill.students import StudentStart, build_student
 from edgekd.distill.teacher import load_teacher_model
 from edgekd.distill.train_utils import (PRECISIONS, Compute, backward_in_slices, check_finite, evaluate,
@@ -201,22 +201,24 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
                        cache, total_steps, micro, mirrors)
     epochs = math.ceil(total_steps / steps_per_epoch)
     started = time.perf_counter()
+
+    def save() -> int:  # on an interrupt: the main process keeps the state (the step and the epoch's sums)
+        if processes.main:
+            save_training_state(state_path, key, state, hinted, optimizer, scheduler)
+        return state.step
+
     for epoch in range(len(state.history), epochs):  # the first epoch without its history entry (see finetune.py)
         skip_steps = state.step - epoch * steps_per_epoch
         sampler.set_position(epoch, skip_steps * per_rank_batch)
         epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch) - skip_steps
-        try:
+        with state_kept_on_interrupt(save, state_path):
             sums = loop.epoch(loader, epoch, epoch_steps, state, f"distill epoch {epoch + 1}/{epochs}", len(teachers))
-        except KeyboardInterrupt:
-            if processes.main:
-                save_training_state(state_path, key, state, hinted, optimizer, scheduler)
-                log.info("interrupted at step %d; checkpoint saved in %s", state.step, state_path)
-            raise
         if cache is not None:
             cache.flush()
         metrics: dict[str, Any] = {"epoch": epoch + 1, **_epoch_metrics(sums, optimizer)}
         if processes.main:
-            result = evaluate(hinted.student, val_student, compute, description="student val")
+            with state_kept_on_interrupt(save, state_path):  # every batch trained: a re-run only evaluates
+                result = evaluate(hinted.student, val_student, compute, description="student val")
             metrics.update(val_top1=result.top1, val_top5=result.top5)
             log.info("distill epoch %d: loss %.4f, val top-1 %s", epoch + 1, metrics["loss"], _pct(result.top1))
         state.history.append(metrics)  # type: ignore[union-attr]

@@ -85,8 +85,16 @@ def known_profiles() -> dict[str, Path]:
     return found
 
 
-def list_profiles() -> list[DeviceProfile]:
-    return [load_profile(str(path)) for path in known_profiles().values()]
+def list_profiles() -> list[tuple[str, DeviceProfile | EdgekdError]]:
+    """Every known profile by the name --profile takes, loaded, or the error that says what is wrong with its file
+    (one broken file does not hide the others)."""
+    listed: list[tuple[str, DeviceProfile | EdgekdError]] = []
+    for name, path in known_profiles().items():
+        try:
+            listed.append((name, _load_toml(path)))
+        except EdgekdError as error:
+            listed.append((name, error))
+    return listed
 
 
 def load_profile(name_or_path: str | Path) -> DeviceProfile:
@@ -98,10 +106,20 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
             raise EdgekdError(f"profile file {path} does not exist; known profiles: {_known_names()}")
         return _load_table(path) if path.suffix == ".json" else _load_toml(path)
     known = known_profiles()
-    if text not in known:
+    if text not in known:  # the name a profile gives itself inside its file, as `edgekd profiles` shows it too
+        by_field = [path for path in known.values() if _name_field(path) == text]
+        if by_field:
+            return _load_toml(by_field[0])
         raise EdgekdError(f"unknown profile {text!r}; known profiles: {_known_names()} "
                           "(or give a .toml file, or a latency table .json from a probe pack)")
     return _load_toml(known[text])
+
+
+def _name_field(path: Path) -> str | None:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8")).get("name")
+    except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError):
+        return None
 
 
 def _known_names() -> str:
@@ -232,7 +250,7 @@ def _precisions(value: Any, providers: Any, where: str) -> tuple[str, ...]:
 
 
 def _isa(value: Any, where: str) -> str:
-    return detect_isa() if value == "auto" else _choice(value, ISAS, "isa", where)
+    return detect_isa() if value == "auto" else _choice(value, ("auto", *ISAS), "isa", where)
 
 
 def detect_isa() -> str:
