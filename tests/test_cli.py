@@ -257,3 +257,29 @@ def test_a_teacher_no_better_than_guessing_is_told_apart_from_a_weak_one():
     assert indistinguishable_from_chance(0.156, 10, 32)
     assert not indistinguishable_from_chance(0.25, 10, 300)  # weak, but it has learnt something
     assert not indistinguishable_from_chance(0.8695, 10, 2000) and not indistinguishable_from_chance(None, 10, 10)
+
+
+def test_a_failure_inside_a_progress_bar_closes_it_before_the_message(monkeypatch):
+    """Otherwise the bar, still open while its frame is in the traceback, is redrawn after the one-line error."""
+    import typer
+    from tqdm import tqdm
+
+    from edgekd.cli.app import user_errors
+    from edgekd.distill.train_utils import progress
+    from edgekd.errors import EdgekdError
+
+    bars, open_when_said = [], []
+    monkeypatch.setattr(typer, "echo", lambda *args, **kwargs: open_when_said.append(
+        bars[0] in getattr(tqdm, "_instances", set())))
+
+    @user_errors
+    def failing():
+        bars.append(progress(None, total=10, desc="working"))  # updated by hand, as a measurement's bar is
+        bars[0].update(3)
+        raise EdgekdError("it went wrong")
+
+    try:
+        failing()
+    except typer.Exit as exit_:
+        assert exit_.exit_code == 2
+    assert open_when_said == [False]

@@ -60,7 +60,8 @@ def test_compress_writes_a_report_a_bundle_and_a_verdict(run):
     assert summary["student"] == "derived:resnet18:depth=0.5"  # the rule prefers the teacher-derived student
     assert summary["meets_budget"] and summary["student_p90_ms"] <= 50
     assert 0.0 <= summary["student_top1"] <= 1.0 and summary["teacher_agreement"] is not None
-    assert {m["role"] for m in report["bench"]["models"]} == {"teacher", "teacher-int8", "student-fp32", "student"}
+    fp32_row = {"student-fp32"} if summary["precision"] != "fp32" else set()  # an fp32 bundle is that row itself
+    assert {m["role"] for m in report["bench"]["models"]} == {"teacher", "teacher-int8", "student"} | fp32_row
     assert [c["model"] for c in report["selection"]["candidates"] if c["chosen"]] == [summary["student"]]
     for name in ("model.onnx", "preprocess.json", "manifest.json"):
         assert (run_dir / "export" / name).is_file()
@@ -214,7 +215,9 @@ def test_bench_a_run_folder(run, tmp_path: Path):
                                  "--out", str(tmp_path / "bench.json")])
     assert result.exit_code == 0, result.output
     measured = json.loads((tmp_path / "bench.json").read_text())
-    assert len(measured["models"]) == 4 and all(t["threads"] == 1 for t in measured["timings"])
+    rows = len(json.loads((run_dir / "bench_models.json").read_text()))
+    assert rows == (4 if read_shipped_form(run_dir / "export").precision != "fp32" else 3)
+    assert len(measured["models"]) == rows and all(t["threads"] == 1 for t in measured["timings"])
     teacher = next(m for m in measured["models"] if m["role"] == "teacher")
     assert teacher["teacher_agreement"] == 1.0 and teacher["eval_images"] == 60
     assert all(m["peak_rss_mb"] > m["model_rss_mb"] > 0 for m in measured["models"])
@@ -227,7 +230,7 @@ def test_bench_a_run_folder(run, tmp_path: Path):
                                  "--out", str(tmp_path / "both.json")])
     assert result.exit_code == 0, result.output
     both = json.loads((tmp_path / "both.json").read_text())["models"]
-    assert len(both) == 8 and all(m["eval_images"] == 30 and m["top1"] is not None for m in both)
+    assert len(both) == 2 * rows and all(m["eval_images"] == 30 and m["top1"] is not None for m in both)
     recorded = json.loads((second / "run.json").read_text())
     recorded["config"]["data"]["max_val"] = 7
     (second / "run.json").write_text(json.dumps(recorded))

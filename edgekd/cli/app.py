@@ -51,7 +51,7 @@ def user_errors(func: Callable | None = None, *, resume: str = RESUME) -> Callab
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
-            with _sigterm_as_interrupt():
+            with _sigterm_as_interrupt(), _progress_bars_closed_on_the_way_out():
                 return func(*args, **kwargs)
         except EdgekdError as error:
             typer.echo(f"error: {error}", err=True)
@@ -65,6 +65,20 @@ def user_errors(func: Callable | None = None, *, resume: str = RESUME) -> Callab
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _progress_bars_closed_on_the_way_out():
+    """A failure or an interrupt ends the bars it cut short first: otherwise tqdm redraws them at exit, after the
+    one-line message, which then is no longer the last line."""
+    from tqdm import tqdm
+
+    try:
+        yield
+    except BaseException:
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+        raise
 
 
 @contextlib.contextmanager

@@ -39,19 +39,20 @@ def export_reference_models(teacher: TeacherResult, student: StudentCheckpoint, 
     calibration = preprocess_records(data.train, teacher.preprocess, CALIBRATION_IMAGES).images
     teacher_int8 = quantize_onnx(teacher_fp32, folder / "teacher.int8.onnx", precision, isa=isa,
                                  calibration=calibration)
-    student_fp32 = export_onnx(load_student(student), folder / "student.fp32.onnx", student.preprocess.input_size)
     shipped_precision = read_shipped_form(bundle_dir).precision
     labels = teacher.class_names
     short = teacher.model_name.split(".")[0]
-    return [
-        BenchModel(f"teacher {short} fp32", teacher_fp32, "teacher", "fp32", teacher.preprocess, labels),
-        BenchModel(f"teacher {short} {precision}", teacher_int8, "teacher-int8", precision, teacher.preprocess,
-                   labels),
-        BenchModel(f"student {student.model_name} fp32", student_fp32, "student-fp32", "fp32", student.preprocess,
-                   labels),
-        BenchModel(f"student {student.model_name} {shipped_precision} (shipped)", bundle_dir / "model.onnx",
-                   "student", shipped_precision, _bundle_preprocess(bundle_dir, student.preprocess), labels),
-    ]
+    models = [BenchModel(f"teacher {short} fp32", teacher_fp32, "teacher", "fp32", teacher.preprocess, labels),
+              BenchModel(f"teacher {short} {precision}", teacher_int8, "teacher-int8", precision, teacher.preprocess,
+                         labels)]
+    if shipped_precision != "fp32":  # an fp32 bundle is the student's fp32 model: one row, not the same one twice
+        student_fp32 = export_onnx(load_student(student), folder / "student.fp32.onnx",
+                                   student.preprocess.input_size)
+        models.append(BenchModel(f"student {student.model_name} fp32", student_fp32, "student-fp32", "fp32",
+                                 student.preprocess, labels))
+    return models + [BenchModel(f"student {student.model_name} {shipped_precision} (shipped)",
+                                bundle_dir / "model.onnx", "student", shipped_precision,
+                                _bundle_preprocess(bundle_dir, student.preprocess), labels)]
 
 
 def _bundle_preprocess(bundle_dir: Path, fallback: Preprocess) -> Preprocess:

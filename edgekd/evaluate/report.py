@@ -35,7 +35,7 @@ def build_report(*, run_dir: Path, budget_ms: float, profile: DeviceProfile, dat
     teacher = teachers[0]
     teacher_fp32 = _facts(bench, "teacher")
     shipped = _facts(bench, "student")
-    fp32_student = _facts(bench, "student-fp32")
+    fp32_student = _facts(bench, "student-fp32") or (shipped if shipped and shipped.precision == "fp32" else None)
     student_ms, teacher_ms, source = _budget_latencies(bench, profile, selection, shipped, teacher_fp32)
     summary = {
         "student": student.model_name,
