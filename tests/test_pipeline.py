@@ -54,6 +54,8 @@ def run(tmp_path_factory, fmnist_root) -> tuple[Path, str]:
 def test_compress_writes_a_report_a_bundle_and_a_verdict(run):
     run_dir, output = run
     assert "meets the 50.0 ms budget" in output and "Bundle:" in output
+    assert output.index("student: ") < output.index("teacher resnet18 ready")  # chosen before the teacher is made
+    assert "as outlined" not in output  # the outline (architecture, classes, size) was the teacher made
     report = json.loads((run_dir / "report.json").read_text())
     jsonschema.validate(report, json.loads(SCHEMA_PATH.read_text()))
     summary = report["summary"]
@@ -113,6 +115,8 @@ def test_predict_answers_every_readable_image_and_names_the_others(run, tmp_path
     assert result.exit_code == 2 and "cannot read image" in result.output and "Traceback" not in result.output
     assert len([line for line in result.output.splitlines() if line.startswith(f"{good}: ")]) == 1
     assert runner.invoke(app, ["predict", str(run_dir), str(good), "-k", "0"]).exit_code == 2  # at least one label
+    student = runner.invoke(app, ["predict", str(run_dir / "distill"), str(good)])
+    assert student.exit_code == 2 and "a trained student, not a bundle; make one with `edgekd export" in student.output
 
 
 def without_times(report: dict) -> dict:

@@ -74,6 +74,9 @@ def predict_command(
 
     if not (bundle / PREPROCESS_NAME).is_file() and (bundle / "export" / PREPROCESS_NAME).is_file():
         bundle = bundle / "export"  # a compress run folder: its bundle
+    if not (bundle / PREPROCESS_NAME).is_file() and (bundle / "student.json").is_file():
+        raise EdgekdError(f"{bundle} holds a trained student, not a bundle; make one with `edgekd export {bundle} "
+                          "--data ...` and predict with that")
     try:
         predictor = Predictor(bundle)
     except BundleError as error:

@@ -154,7 +154,7 @@ def parse_budget(text: str) -> float:
         raise EdgekdError(f"--budget {text!r} is not a duration; write it like 10ms, 2.5 ms or 0.01s")
     value = float(match["value"])
     if not (math.isfinite(value) and value > 0):
-        raise EdgekdError(f"--budget {text!r} must be a positive duration, e.g. 10ms")
+        raise EdgekdError(f"--budget {text!r} must be a positive, finite duration, e.g. 10ms")
     if match["unit"] is None:
         raise EdgekdError(f"--budget {text!r} has no unit; write {match['value']}ms or {match['value']}s")
     return value * _UNIT_MS[match["unit"].lower()]
