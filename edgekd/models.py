@@ -7,7 +7,6 @@ import logging
 import os
 import socket
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -256,19 +255,21 @@ def classifier_keys(model: torch.nn.Module) -> list[str]:
     return [k for k in model.state_dict() if any(k.startswith(h + ".") for h in heads)]
 
 
-def strip_wrapper_prefix(state: dict[str, torch.Tensor], own_keys: Iterable[str]) -> dict[str, torch.Tensor]:
+def strip_wrapper_prefix(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A model saved through a wrapper has its keys under the wrapper's attribute ("model." in a Lightning module,
     "_orig_mod." after torch.compile, "backbone.", "student."): the one prefix whose removal makes the most keys the
     model's own is removed, when that beats the keys as they are. Keys outside it (a training wrapper's other
     parts: a loss's buffers, an EMA copy, a teacher) are left out, and the log says how many."""
-    own = set(own_keys)
-    as_they_are = sum(key in own for key in state)
+    def fits(key: str, value: torch.Tensor) -> bool:  # by name and shape: a teacher's keys are often a student's
+        return key in own and tuple(own[key].shape) == tuple(value.shape)
+
+    as_they_are = sum(fits(key, value) for key, value in state.items())
     if as_they_are == len(state):
         return state
     prefixes: Counter[str] = Counter()
-    for key in state:
+    for key, value in state.items():
         for position, character in enumerate(key):
-            if character == "." and key[position + 1:] in own:
+            if character == "." and fits(key[position + 1:], value):
                 prefixes[key[:position + 1]] += 1
     if not prefixes:
         return state
@@ -292,6 +293,17 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
 
     Any other missing key, unexpected key or shape difference is a clear error naming the keys.
     """
+    state, head_mismatch = fitted_state(model, state, source, allow_head_mismatch=allow_head_mismatch)
+    model.load_state_dict(state, strict=False)
+    if head_mismatch:
+        zero_new_head(model)  # a new head on the checkpoint's features
+    return head_mismatch
+
+
+def fitted_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, *,
+                 allow_head_mismatch: bool) -> tuple[dict[str, torch.Tensor], bool]:
+    """load_weights' checks without loading (so a model on the meta device can be checked): the state as it will
+    load, and whether the head is left new. Any other missing key, unexpected key or shape difference is an error."""
     own = model.state_dict()
     state = strip_wrapper_prefix(state, own)
     head = set(classifier_keys(model))
@@ -316,7 +328,4 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
                          "trained at")
         raise EdgekdError(f"checkpoint {source} does not fit {model.__class__.__name__} "
                           f"({getattr(model, 'pretrained_cfg', {}).get('architecture', '?')}): {'; '.join(parts)}")
-    model.load_state_dict(state, strict=False)
-    if head_mismatch:
-        zero_new_head(model)  # a new head on the checkpoint's features
-    return bool(head_mismatch)
+    return state, bool(head_mismatch)

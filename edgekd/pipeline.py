@@ -12,13 +12,16 @@ Teacher fine-tuning and distillation also resume mid-way from their training sta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from edgekd.artifacts import make_artifact, sha256_file, write_json_atomic
 from edgekd.evaluate.bench import BENCH_MODELS_NAME, BenchModel, BenchResult, bench, bench_model_to_dict
@@ -100,7 +103,8 @@ def compress(config: CompressConfig) -> CompressResult:
     outline = [outline_teacher(spec, data, config.image_size) for spec in config.teachers][0]
     selection = _select(config, record, run_dir, profile, outline)
     teachers = prepare_teachers(list(config.teachers), data, run_dir / "teacher", image_size=config.image_size,
-                                train_config=config.teacher_training, run_dir=run_dir)
+                                train_config=config.teacher_training, run_dir=run_dir,
+                                before_making=lambda: _retire_report(run_dir))
     teacher = teachers[0]
     if TeacherOutline.of(teacher) != outline:  # not expected; if it happens, the student fits the teacher made
         log.warning("the teacher came out as %s, not %s as outlined: choosing the student again",
@@ -340,13 +344,37 @@ def _retire_report(run_dir: Path, bench_too: bool = True) -> None:
     if not reports:
         return
     folder = run_dir / PREVIOUS_REPORT
-    if any((run_dir / name).exists() for name in REPORT_FILES):  # a newer report: the one kept aside is superseded
-        shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(exist_ok=True)  # else it joins the report moved there earlier in this run (bench.json after select)
-    for path in reports:
-        path.replace(folder / path.name)
+    with _interrupts_held():  # the files move together, or none does
+        if any((run_dir / name).exists() for name in REPORT_FILES):  # a newer report: the one aside is superseded
+            shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(exist_ok=True)  # else they join the report moved there earlier (bench.json after select)
+        for path in reports:
+            if (folder / path.name).exists():  # bench.json of a run that stopped before its report: not that one's
+                path.unlink()
+            else:
+                path.replace(folder / path.name)
     log.info("the previous report moved to %s: this run replaces what it describes; its own report comes at the end",
              folder)
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM that arrive inside the block take effect right after it (their handlers are swapped for
+    ones that note them, then restored and the signals raised again): a few renames are not cut in half. Outside
+    the main thread, where handlers cannot be set, the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {number: signal.signal(number, lambda received, _frame: arrived.append(received))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(arrived):
+            signal.raise_signal(number)
 
 
 def _jsonable(value: Any) -> Any:

@@ -185,14 +185,16 @@ def save_training_state(path: Path, key: str, state: TrainState, model: torch.nn
 
 
 @contextlib.contextmanager
-def state_kept_on_interrupt(save: Callable[[], int], path: Path) -> Iterator[None]:
+def state_kept_on_interrupt(save: Callable[[], int | None], path: Path) -> Iterator[None]:
     """Ctrl-C (or SIGTERM, raised as KeyboardInterrupt) inside, whether in a batch or in the epoch's validation:
-    `save` writes the training state and returns its step before the interrupt goes on, so a re-run continues from
-    there instead of from the last finished epoch."""
+    `save` writes the training state and returns its step (None where this process does not save: torchrun's other
+    ranks) before the interrupt goes on, so a re-run continues from there instead of from the last finished epoch."""
     try:
         yield
     except KeyboardInterrupt:
-        log.info("interrupted at step %d; checkpoint saved in %s", save(), path)
+        step = save()
+        if step is not None:
+            log.info("interrupted at step %d; checkpoint saved in %s", step, path)
         raise
 
 

@@ -186,6 +186,19 @@ def test_a_budget_no_student_meets_is_said_before_the_teacher_is_fine_tuned(tmp_
                                  "--data", str(images), "--out", str(tmp_path / "two")])
     assert result.exit_code == 2 and "cannot read checkpoint" in result.output, result.output
     assert not (tmp_path / "two" / "selection.json").exists()
+    # so is a checkpoint of another model, and a teacher that would need labels the data does not have
+    torch.save(create_model("test_vit", 2).state_dict(), tmp_path / "vit.pth")
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for image in list(images.rglob("*.png"))[:4]:
+        (loose / image.name).write_bytes(image.read_bytes())
+    for out, extra, message in (
+            ("three", ["--teacher-checkpoint", str(tmp_path / "vit.pth"), "--data", str(images)], "does not fit"),
+            ("four", ["--random-init", "--data", str(loose)], "the data has no labels")):
+        result = runner.invoke(app, ["compress", "--teacher", "test_resnet", "--budget", "50ms", "--input-size", "32",
+                                     "--candidates", "lcnet_050", *extra, "--out", str(tmp_path / out)])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not (tmp_path / out / "selection.json").exists()
 
 
 def test_select_refuses_no_classes_and_an_empty_candidate_list():

@@ -25,6 +25,7 @@ from edgekd.evaluate.report import SCHEMA_PATH
 from edgekd.types import DataSpec
 from tests.helpers.images import write_images
 from tests.helpers.node import NODE, app_folder, node
+from tests.helpers.user_images import write_truncated_jpeg
 
 runner = CliRunner()
 
@@ -336,12 +337,18 @@ def test_a_changed_data_folder_redoes_every_stage_from_the_teacher(tmp_path: Pat
     assert runner.invoke(app, args).exit_code == 0
     before = mtimes(tmp_path / "run")
     Image.fromarray(images[0][::-1]).save(folder / "trouser" / "one_more.png")  # the user adds a picture
+    write_truncated_jpeg(folder / "trouser" / "half_copied.jpg")  # and one cut short: found only when decoded
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     after = mtimes(tmp_path / "run")
     for name in ("teacher/teacher.safetensors", "distill/student.safetensors", "export/model.onnx"):
         assert after[name] != before[name], name
     assert "teacher resnet18: reusing" not in result.output and "distill: reusing" not in result.output
+    skipped = json.loads((tmp_path / "run" / "report.json").read_text())["data"]["skipped_corrupt"]
+    assert skipped == 1
+    again = runner.invoke(app, args)  # every stage reused: nothing decodes the bad file, yet it is counted the same
+    assert again.exit_code == 0 and "distill: reusing" in again.output, again.output
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["data"]["skipped_corrupt"] == skipped
 
 
 def latency_row(model: str, precision: str, p90_ms: float) -> dict:
@@ -369,6 +376,9 @@ def test_a_student_whose_int8_is_rejected_and_whose_fp32_misses_gives_way_to_the
     assert result.exit_code == 0, result.output
     summary = json.loads((run_dir / "report.json").read_text())["summary"]
     assert summary["student"] == lcnet and summary["precision"] == "fp32"
+    models = json.loads((run_dir / "bench_models.json").read_text())
+    assert [m["role"] for m in models].count("student") == 1 and "student-fp32" not in [m["role"] for m in models]
+    assert summary["student_fp32_top1"] == summary["student_top1"] is not None  # the fp32 bundle is that model
     assert summary["student_p90_ms"] == 2.5 and summary["meets_budget"]  # the device's figure, not this machine's
     assert "latency table" in summary["latency_source"]
     [passed] = summary["passed_over"]
@@ -406,3 +416,27 @@ def test_unlabeled_images_join_distillation_but_not_the_teacher(run, tmp_path: P
     log = json.loads((run_dir / "distill" / "distill_log.json").read_text())
     assert log["unlabeled_images"] == 40 and log["train_images"] == 320
     assert json.loads((run_dir / "report.json").read_text())["data"]["num_unlabeled"] == 40
+
+
+def test_a_ctrl_c_while_the_report_moves_aside_lands_after_every_file_has_moved(tmp_path: Path, monkeypatch):
+    from edgekd import pipeline
+
+    names = ("report.json", "report.md", "report.html", "bench.json")
+    for name in names:
+        (tmp_path / name).write_text(name)
+    (tmp_path / "previous-report").mkdir()
+    real_rmtree = shutil.rmtree
+
+    def interrupted_rmtree(*args, **kwargs):  # Ctrl-C arrives as the moving begins
+        os.kill(os.getpid(), signal.SIGINT)
+        real_rmtree(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.shutil, "rmtree", interrupted_rmtree)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pipeline._retire_report(tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert sorted(p.name for p in (tmp_path / "previous-report").iterdir()) == sorted(names)
+    assert not any((tmp_path / name).exists() for name in names)

@@ -102,6 +102,11 @@ def test_profiles_from_the_environment_are_listed(tmp_path, monkeypatch):
     listed = CliRunner().invoke(app, ["profiles"])
     assert listed.exit_code == 2 and "also --profile my-laptop" in listed.output, listed.output
     assert "broken         cannot be used: profile" in listed.output and "host" in listed.output
+    write(tmp_path, GOOD.replace('name = "tiny"', 'name = "my-laptop"'), "other.toml")  # two files, one name
+    with pytest.raises(EdgekdError, match="is the name in 2 files"):
+        load_profile("my-laptop")
+    (tmp_path / "latin1.toml").write_bytes('name = "caf\xe9"'.encode("latin-1"))  # not UTF-8: named, not a traceback
+    assert "latin1         cannot be used: profile" in CliRunner().invoke(app, ["profiles"]).output
 
 
 def test_cli_profiles_and_unknown_profile():

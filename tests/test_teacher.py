@@ -173,6 +173,13 @@ def test_a_checkpoint_saved_through_a_wrapper_loads(tmp_path: Path):
     twice = {f"{prefix}{k}": v for prefix in ("model.", "model_ema.module.") for k, v in trained.items()}
     with pytest.raises(EdgekdError, match="holds the model twice, under 'model.' and 'model_ema.module.'"):
         load_weights(create_model("test_resnet", 10), twice, "ema.ckpt", allow_head_mismatch=True)
+    # a distillation wrapper's student and teacher share key names, not shapes: the student's are taken
+    wider = {k: torch.zeros(tuple(d * 2 for d in v.shape)) if v.ndim else v for k, v in trained.items()}
+    pair = {**{f"student.{k}": v for k, v in trained.items()}, **{f"teacher.{k}": v for k, v in wider.items()}}
+    model = create_model("test_resnet", 10)
+    load_weights(model, pair, "kd.ckpt", allow_head_mismatch=False)
+    for key, value in trained.items():
+        torch.testing.assert_close(model.state_dict()[key], value, msg=key)
     other = {f"model.{k}": v for k, v in create_model("test_vit", 10).state_dict().items()}
     with pytest.raises(EdgekdError, match="does not fit"):  # another architecture is still named as such
         load_weights(create_model("test_resnet", 10), other, "vit.ckpt", allow_head_mismatch=True)

@@ -59,11 +59,12 @@ def _runs_data(targets: list[Path]) -> DataSpec | None:
     compared on the same images); None otherwise, and the table says accuracy was not measured."""
     import json
 
+    from edgekd.pipeline import RUN_NAME
     from edgekd.types import DataSpec
 
     recorded = []
     for target in targets:
-        run_json = Path(target) / "run.json"
+        run_json = Path(target) / RUN_NAME
         if not run_json.is_file():
             return None
         raw = json.loads(run_json.read_text())["config"]["data"]

@@ -20,11 +20,13 @@ def profiles_command() -> None:
     from edgekd.select.profiles import list_profiles
 
     listed = list_profiles()
+    stems = {name for name, _ in listed}
     for name, p in listed:
         if isinstance(p, EdgekdError):
             typer.echo(f"{name:14} cannot be used: {p}")
             continue
-        also = f" (also --profile {p.name}, the name in its file)" if p.name != name else ""
+        # the name inside the file answers to --profile too, unless a file of that name takes it
+        also = f" (also --profile {p.name}, the name in its file)" if p.name not in stems else ""
         size = "teacher's" if p.input_size is None else f"{p.input_size}px"
         typer.echo(f"{name:14} {p.description}{also}\n{'':14} providers {', '.join(p.providers)}; "
                    f"{p.threads} threads, "

@@ -6,6 +6,7 @@ import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import timm
 import torch
@@ -17,8 +18,8 @@ from edgekd.errors import EdgekdError
 from edgekd.distill.finetune import train_classifier
 from edgekd.metrics import indistinguishable_from_chance
 from edgekd.record import data_fingerprint, stage_key
-from edgekd.models import (classifier_keys, count_params, create_model, fetch_pretrained, load_weights,
-                           preprocess_for, read_state_dict, require_pretrained, resolve_model_name,
+from edgekd.models import (classifier_keys, count_params, create_model, fetch_pretrained, fitted_state,
+                           load_weights, preprocess_for, read_state_dict, require_pretrained, resolve_model_name,
                            strip_wrapper_prefix)
 from edgekd.distill.train_utils import Compute, evaluate, pick_device, seed_everything
 from edgekd.types import TeacherResult, TeacherSpec, TrainConfig
@@ -65,21 +66,27 @@ def outline_teacher(spec: TeacherSpec, data: LoadedData, image_size: tuple[int, 
     budget no student meets is said before a fine-tune that can take hours. Its weights are checked to be at hand
     (the same error as loading them), and the model is built on the meta device (no memory) for its input size."""
     model_name = resolve_model_name(spec.name)
-    if spec.checkpoint is not None:
-        read_state_dict(spec.checkpoint)  # unreadable or unsafe: said now, not after the selection
-    elif not spec.random_init:
+    if spec.checkpoint is None and not spec.random_init:
         require_pretrained(model_name)
     num_classes = _class_count(spec, data, image_size)
     with torch.device("meta"):
         model = create_model(model_name, num_classes, image_size)
+    fresh_head = spec.random_init
+    if spec.checkpoint is not None:  # unreadable, unsafe or of another model: said now, not after the selection
+        _, fresh_head = fitted_state(model, read_state_dict(spec.checkpoint), str(spec.checkpoint),
+                                     allow_head_mismatch=True)
+    if fresh_head and not data.info.labeled:
+        raise EdgekdError(_no_head_without_labels(model_name))
     return TeacherOutline(model_name, num_classes, preprocess_for(model, image_size).image_size)
 
 
 def prepare_teacher(spec: TeacherSpec, data: LoadedData, out_dir: Path, *, image_size: tuple[int, int] | None,
-                    train_config: TrainConfig, run_dir: Path | None = None) -> TeacherResult:
+                    train_config: TrainConfig, run_dir: Path | None = None,
+                    before_making: Callable[[], None] | None = None) -> TeacherResult:
     """Load the teacher, fine-tune it when its head does not fit the data, measure it, save it under out_dir.
 
-    A finished teacher whose inputs are unchanged is loaded from out_dir instead of being made again.
+    A finished teacher whose inputs are unchanged is loaded from out_dir instead of being made again;
+    `before_making` is called when it is not (compress moves its previous report aside then).
     """
     out_dir = Path(out_dir)
     weights = _weights_identity(spec)
@@ -93,6 +100,8 @@ def prepare_teacher(spec: TeacherSpec, data: LoadedData, out_dir: Path, *, image
         log.info("teacher %s: reusing %s (val top-1 %s)", cached.model_name, out_dir / WEIGHTS_NAME,
                  _pct(cached.val_top1))
         return cached
+    if before_making is not None:
+        before_making()
 
     labeled = data.info.labeled
     num_classes = _class_count(spec, data, image_size)
@@ -103,8 +112,7 @@ def prepare_teacher(spec: TeacherSpec, data: LoadedData, out_dir: Path, *, image
     history: list[dict[str, float]] = []
     if fresh_head:
         if not labeled:
-            raise EdgekdError(f"teacher {model_name} has no classifier for this data and the data has no labels; "
-                              "give a --teacher-checkpoint trained for your classes, or labeled class folders")
+            raise EdgekdError(_no_head_without_labels(model_name))
         why = "random weights" if source == "random" else f"its head does not match the {num_classes} classes"
         log.info("fine-tuning teacher %s on %s (%s), %g epoch(s)", model_name, data.info.source, why,
                  train_config.epochs)
@@ -159,15 +167,17 @@ def load_teacher_model(result: TeacherResult) -> torch.nn.Module:
 
 def prepare_teachers(specs: list[TeacherSpec], data: LoadedData, out_dir: Path, *,
                      image_size: tuple[int, int] | None, train_config: TrainConfig,
-                     run_dir: Path | None = None) -> list[TeacherResult]:
+                     run_dir: Path | None = None, before_making: Callable[[], None] | None = None,
+                     ) -> list[TeacherResult]:
     """Several teachers (for multi-teacher distillation), each in its own folder."""
     if not specs:
         raise EdgekdError(NO_TEACHER)
     if len(specs) == 1:
         return [prepare_teacher(specs[0], data, out_dir, image_size=image_size, train_config=train_config,
-                                run_dir=run_dir)]
+                                run_dir=run_dir, before_making=before_making)]
     return [prepare_teacher(spec, data, Path(out_dir) / f"{i}-{resolve_model_name(spec.name)}", image_size=image_size,
-                            train_config=replace(train_config, seed=train_config.seed + i), run_dir=run_dir)
+                            train_config=replace(train_config, seed=train_config.seed + i), run_dir=run_dir,
+                            before_making=before_making)
             for i, spec in enumerate(specs)]
 
 
@@ -181,6 +191,11 @@ def _weights_identity(spec: TeacherSpec) -> str | None:
     return sha256_file(located.file) if located is not None and located.file else None
 
 
+def _no_head_without_labels(model_name: str) -> str:
+    return (f"teacher {model_name} has no classifier for this data and the data has no labels; give a "
+            "--teacher-checkpoint trained for your classes, or labeled class folders")
+
+
 def _class_count(spec: TeacherSpec, data: LoadedData, image_size: tuple[int, int] | None) -> int:
     """The teacher's head: the data's classes, or without labels its own."""
     return data.info.num_classes if data.info.labeled else _unlabeled_class_count(spec, image_size)
@@ -189,7 +204,8 @@ def _class_count(spec: TeacherSpec, data: LoadedData, image_size: tuple[int, int
 def _unlabeled_class_count(spec: TeacherSpec, image_size: tuple[int, int] | None) -> int:
     """Without labels, keep the teacher's own head: its class count comes from the checkpoint or timm config."""
     if spec.checkpoint is not None:
-        probe = create_model(resolve_model_name(spec.name), 1, image_size)
+        with torch.device("meta"):  # its key names only
+            probe = create_model(resolve_model_name(spec.name), 1, image_size)
         state = strip_wrapper_prefix(read_state_dict(spec.checkpoint), probe.state_dict())
         weights = [k for k in classifier_keys(probe) if k.endswith("weight") and k in state]
         if weights:

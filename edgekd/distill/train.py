@@ -202,9 +202,10 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
     epochs = math.ceil(total_steps / steps_per_epoch)
     started = time.perf_counter()
 
-    def save() -> int:  # on an interrupt: the main process keeps the state (the step and the epoch's sums)
-        if processes.main:
-            save_training_state(state_path, key, state, hinted, optimizer, scheduler)
+    def save() -> int | None:  # on an interrupt: the main process keeps the state (the step and the epoch's sums)
+        if not processes.main:
+            return None
+        save_training_state(state_path, key, state, hinted, optimizer, scheduler)
         return state.step
 
     for epoch in range(len(state.history), epochs):  # the first epoch without its history entry (see finetune.py)

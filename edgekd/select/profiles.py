@@ -108,6 +108,9 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
     known = known_profiles()
     if text not in known:  # the name a profile gives itself inside its file, as `edgekd profiles` shows it too
         by_field = [path for path in known.values() if _name_field(path) == text]
+        if len(by_field) > 1:
+            raise EdgekdError(f"profile {text!r} is the name in {len(by_field)} files ({', '.join(map(str, by_field))});"
+                              " give the file's path, or its file name: " + ", ".join(p.stem for p in by_field))
         if by_field:
             return _load_toml(by_field[0])
         raise EdgekdError(f"unknown profile {text!r}; known profiles: {_known_names()} "
@@ -129,8 +132,10 @@ def _known_names() -> str:
 def _load_toml(path: Path) -> DeviceProfile:
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as error:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise EdgekdError(f"profile {path} is not valid TOML: {error}; fix the file") from error
+    except OSError as error:
+        raise EdgekdError(f"profile {path} cannot be read: {error.strerror}") from error
     return profile_from_dict(raw, source=str(path))
 
 
