@@ -109,8 +109,9 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
     if text not in known:  # the name a profile gives itself inside its file, as `edgekd profiles` shows it too
         by_field = [path for path in known.values() if _name_field(path) == text]
         if len(by_field) > 1:
-            raise EdgekdError(f"profile {text!r} is the name in {len(by_field)} files ({', '.join(map(str, by_field))});"
-                              " give the file's path, or its file name: " + ", ".join(p.stem for p in by_field))
+            files = ", ".join(map(str, by_field))
+            raise EdgekdError(f"profile {text!r} is the name in {len(by_field)} files ({files}); give the file's "
+                              "path, or its file name: " + ", ".join(path.stem for path in by_field))
         if by_field:
             return _load_toml(by_field[0])
         raise EdgekdError(f"unknown profile {text!r}; known profiles: {_known_names()} "
