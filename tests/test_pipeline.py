@@ -178,6 +178,15 @@ def test_rerun_reuses_every_stage_and_a_changed_option_redoes_only_its_dependent
     compress(run_dir, "--max-accuracy-drop", "4")
     assert json.loads((run_dir / "report.json").read_text())["summary"]["student"] == report["summary"]["student"]
 
+    # another budget: the selection is made again and moves the report aside, but not bench.json, which the same
+    # student's unchanged models reuse
+    bench_written = (run_dir / "bench.json").stat().st_mtime_ns
+    rechosen = compress(run_dir, "--max-accuracy-drop", "4", "--budget", "40ms")  # the last --budget counts
+    assert "select: reusing" not in rechosen.output and "bench: reusing" in rechosen.output, rechosen.output
+    assert (run_dir / "bench.json").stat().st_mtime_ns == bench_written
+    assert (run_dir / "previous-report" / "report.json").is_file()
+    assert json.loads((run_dir / "report.json").read_text())["summary"]["budget_ms"] == 40
+
 
 def test_a_damaged_output_is_made_again_not_reused(run, tmp_path: Path):
     """A file of a finished run cut short (a crash, a full disk) or edited by hand is made again by the next run,
