@@ -208,6 +208,15 @@ def test_select_refuses_no_classes_and_an_empty_candidate_list():
         assert result.exit_code == 2 and message in _unboxed(result.output), result.output
 
 
+def test_compress_under_torchrun_says_which_steps_take_it(tmp_path: Path, monkeypatch):
+    """Each rank would run the whole pipeline into the same folder: refused before anything is read or written."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = runner.invoke(app, ["compress", "--teacher", "test_resnet", "--random-init", "--budget", "20ms",
+                                 "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "torchrun ... -m edgekd.cli distill" in result.output, result.output
+    assert not (tmp_path / "run").exists()
+
+
 def _unboxed(output: str) -> str:
     """typer's usage errors come in a box, wrapped to the terminal: the words, in one line."""
     return " ".join(output.replace("│", " ").split())

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from edgekd.cli.app import app, user_errors
+from edgekd.errors import EdgekdError
 from edgekd.cli.options import (
     PROFILE_HELP,
     Augment,
@@ -109,6 +111,10 @@ def compress_command(
     from edgekd.select.rule import parse_budget
     from edgekd.types import DataSpec, TrainConfig
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would run the whole pipeline into one folder
+        raise EdgekdError("compress runs as one process; on several GPUs run its distillation with torchrun: "
+                          "`edgekd train-teacher`, then `torchrun ... -m edgekd.cli distill --teacher-dir DIR`, then "
+                          "`edgekd export` (README, 'On several GPUs')")
     budget_ms = parse_budget(budget)
     specs = teacher_specs(teacher, teacher_checkpoint, random_init)
     check_model_names("--student", [student] if student else [])
