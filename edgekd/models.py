@@ -220,6 +220,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                           "give a state_dict saved as .safetensors or with torch.save") from error
     for key in ("state_dict", "model", "state_dict_ema", "model_ema"):  # common wrappers (timm train.py, others)
         if isinstance(state, dict) and isinstance(state.get(key), dict):
+            others = [other for other in ("state_dict_ema", "model_ema") if other != key and other in state]
+            if others:  # timm's train.py keeps both: say which one this is
+                log.info("checkpoint %s: using its %r weights (it also holds %s; save those alone to use them)",
+                         path, key, " and ".join(repr(other) for other in others))
             state = state[key]
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

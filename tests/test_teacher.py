@@ -191,3 +191,12 @@ def test_a_transformer_checkpoint_at_another_input_size_names_the_option(tmp_pat
     trained = create_model("test_vit", 10).state_dict()  # its own size
     with pytest.raises(EdgekdError, match="pos_embed .*pass the --input-size it was trained at"):
         load_weights(create_model("test_vit", 10, (32, 32)), trained, "vit.pth", allow_head_mismatch=True)
+
+
+def test_a_timm_checkpoint_with_ema_weights_says_which_it_loads(tmp_path: Path, caplog):
+    from edgekd.models import read_state_dict
+
+    torch.save({"state_dict": {"a": torch.zeros(1)}, "state_dict_ema": {"a": torch.ones(1)}}, tmp_path / "last.pth")
+    with caplog.at_level("INFO"):
+        assert read_state_dict(tmp_path / "last.pth")["a"].item() == 0.0
+    assert "using its 'state_dict' weights (it also holds 'state_dict_ema'" in caplog.text
