@@ -104,6 +104,13 @@ def test_unlabeled_data_cannot_fit_a_fresh_head(tmp_path: Path, fmnist_arrays):
     with pytest.raises(EdgekdError, match="no labels"):
         prepare_teacher(TeacherSpec("test_resnet", random_init=True), data, tmp_path / "t", image_size=(32, 32),
                         train_config=QUICK)
+    # a checkpoint with its own head (saved through a wrapper): the outline takes the head's classes from it
+    from edgekd.distill.teacher import outline_teacher
+
+    torch.save({"state_dict": {f"model.{k}": v for k, v in create_model("test_resnet", 7).state_dict().items()}},
+               tmp_path / "own.ckpt")
+    outline = outline_teacher(TeacherSpec("test_resnet", checkpoint=tmp_path / "own.ckpt"), data, (32, 32))
+    assert (outline.num_classes, outline.image_size) == (7, (32, 32))
 
 
 def test_an_interrupted_fine_tune_resumes_mid_epoch_and_ends_where_an_uninterrupted_one_does(small_fmnist, tmp_path):

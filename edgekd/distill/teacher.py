@@ -68,13 +68,14 @@ def outline_teacher(spec: TeacherSpec, data: LoadedData, image_size: tuple[int, 
     model_name = resolve_model_name(spec.name)
     if spec.checkpoint is None and not spec.random_init:
         require_pretrained(model_name)
-    num_classes = _class_count(spec, data, image_size)
+    # unreadable or unsafe: said now, not after the selection; read once for the class count and the check below
+    state = read_state_dict(spec.checkpoint) if spec.checkpoint is not None else None
+    num_classes = _class_count(spec, data, image_size, state)
     with torch.device("meta"):
         model = create_model(model_name, num_classes, image_size)
     fresh_head = spec.random_init
-    if spec.checkpoint is not None:  # unreadable, unsafe or of another model: said now, not after the selection
-        _, fresh_head = fitted_state(model, read_state_dict(spec.checkpoint), str(spec.checkpoint),
-                                     allow_head_mismatch=True)
+    if state is not None:  # a checkpoint of another model: said now too
+        _, fresh_head = fitted_state(model, state, str(spec.checkpoint), allow_head_mismatch=True)
     if fresh_head and not data.info.labeled:
         raise EdgekdError(_no_head_without_labels(model_name))
     return TeacherOutline(model_name, num_classes, preprocess_for(model, image_size).image_size)
@@ -196,17 +197,23 @@ def _no_head_without_labels(model_name: str) -> str:
             "--teacher-checkpoint trained for your classes, or labeled class folders")
 
 
-def _class_count(spec: TeacherSpec, data: LoadedData, image_size: tuple[int, int] | None) -> int:
-    """The teacher's head: the data's classes, or without labels its own."""
-    return data.info.num_classes if data.info.labeled else _unlabeled_class_count(spec, image_size)
+def _class_count(spec: TeacherSpec, data: LoadedData, image_size: tuple[int, int] | None,
+                 checkpoint_state: dict[str, torch.Tensor] | None = None) -> int:
+    """The teacher's head: the data's classes, or without labels its own (`checkpoint_state`: the checkpoint's
+    tensors when the caller has read them already; else they are read here when needed)."""
+    if data.info.labeled:
+        return data.info.num_classes
+    return _unlabeled_class_count(spec, image_size, checkpoint_state)
 
 
-def _unlabeled_class_count(spec: TeacherSpec, image_size: tuple[int, int] | None) -> int:
+def _unlabeled_class_count(spec: TeacherSpec, image_size: tuple[int, int] | None,
+                           checkpoint_state: dict[str, torch.Tensor] | None = None) -> int:
     """Without labels, keep the teacher's own head: its class count comes from the checkpoint or timm config."""
     if spec.checkpoint is not None:
         with torch.device("meta"):  # its key names only
             probe = create_model(resolve_model_name(spec.name), 1, image_size)
-        state = strip_wrapper_prefix(read_state_dict(spec.checkpoint), probe.state_dict())
+        read = checkpoint_state if checkpoint_state is not None else read_state_dict(spec.checkpoint)
+        state = strip_wrapper_prefix(read, probe.state_dict())
         weights = [k for k in classifier_keys(probe) if k.endswith("weight") and k in state]
         if weights:
             return int(state[weights[-1]].shape[0])
