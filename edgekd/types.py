@@ -53,6 +53,16 @@ class DataSpec:
     max_val: int | None = None
     unlabeled: tuple[str, ...] = ()  # --unlabeled-data folders: extra images the student learns from the teacher alone
 
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> DataSpec:
+        """The spec a run recorded in run.json (its `asdict`, paths as strings): every field, so a run's validation
+        split is the one it was trained beside (`val_fraction`, `seed`) and never overlaps its training images."""
+        root = raw.get("fashion_mnist_root")
+        return cls(source=raw["source"], fashion_mnist_root=Path(root) if root else None,
+                   val_fraction=float(raw.get("val_fraction", cls.val_fraction)), seed=int(raw.get("seed", cls.seed)),
+                   max_train=raw.get("max_train"), max_val=raw.get("max_val"),
+                   unlabeled=tuple(raw.get("unlabeled", ())))
+
 
 @dataclass(frozen=True)
 class DatasetInfo:

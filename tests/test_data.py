@@ -46,6 +46,26 @@ def test_class_folder_without_split_is_split_per_class(class_folder: Path):
     assert load_data(DataSpec(str(class_folder), val_fraction=0.25, seed=1)).val.paths == loaded.val.paths
 
 
+def test_bench_reads_a_runs_validation_split_as_the_run_recorded_it(class_folder: Path, tmp_path: Path,
+                                                                    fmnist_arrays):
+    """`edgekd bench RUN` rebuilds the run's data from run.json: a non-default --val-fraction must give the same
+    validation images the run held out (with 0.2 instead, a third of them would be training images)."""
+    import json
+
+    from edgekd.cli.bench import _runs_data
+    from edgekd.pipeline import RUN_NAME, _jsonable
+
+    write_images(tmp_path / "extra", fmnist_arrays[0][:6], None, suffix=".jpg")
+    spec = DataSpec(str(class_folder), val_fraction=0.5, seed=3, unlabeled=(str(tmp_path / "extra"),))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / RUN_NAME).write_text(json.dumps({"config": {"data": _jsonable(spec)}}))
+    recalled = _runs_data([run_dir])
+    assert recalled is not None and recalled.unlabeled == ()  # accuracy needs no unlabeled folder indexed
+    assert load_data(recalled).val.paths == load_data(spec).val.paths
+    assert load_data(recalled).info.num_val == 18
+
+
 def test_train_and_val_folders_are_used_as_given(tmp_path: Path, fmnist_arrays):
     images, labels = fmnist_arrays
     names = ("a", "b", "c")

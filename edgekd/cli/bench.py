@@ -58,6 +58,7 @@ def _runs_data(targets: list[Path]) -> DataSpec | None:
     """The data the run folders were made on, when every target is a run folder and they agree (so two runs are
     compared on the same images); None otherwise, and the table says accuracy was not measured."""
     import json
+    from dataclasses import replace
 
     from edgekd.pipeline import RUN_NAME
     from edgekd.types import DataSpec
@@ -67,9 +68,8 @@ def _runs_data(targets: list[Path]) -> DataSpec | None:
         run_json = Path(target) / RUN_NAME
         if not run_json.is_file():
             return None
-        raw = json.loads(run_json.read_text())["config"]["data"]
-        recorded.append(DataSpec(source=raw["source"], fashion_mnist_root=raw.get("fashion_mnist_root"),
-                                 seed=raw["seed"], max_train=raw.get("max_train"), max_val=raw.get("max_val")))
+        # Accuracy is measured on the validation split alone, so the --unlabeled-data folders are not indexed.
+        recorded.append(replace(DataSpec.from_dict(json.loads(run_json.read_text())["config"]["data"]), unlabeled=()))
     if len(set(recorded)) > 1:
         raise EdgekdError("the runs were made on different data; pass --data DIR to compare them on the same images")
     return recorded[0] if recorded else None
