@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -12,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
+from edgekd.errors import EdgekdError
 from edgekd.types import Artifact
 
 MANIFEST_NAME = "manifest.json"
@@ -29,7 +32,13 @@ def atomic_path(target: Path) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as error:  # noqa: BLE001 - re-raised, as the OS error it was where that can be told
+            told = _as_os_error(error, target, tmp)
+            if told is error:
+                raise
+            raise told from error
         if tmp.exists():
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; artifacts are meant to be shared
         if tmp.is_file():
@@ -39,6 +48,32 @@ def atomic_path(target: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+# Writers in C++ and Rust (torch's zip writer, safetensors, ONNX Runtime) report a full disk in their own words:
+# "unexpected pos 2977664 vs 2977560", "I/O error: No space left on device (os error 28)".
+_OS_ERROR_IN_TEXT = re.compile(r"os error (\d+)")
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+def _as_os_error(error: Exception, target: Path, tmp: Path) -> Exception:
+    """A failed write as the OSError it was (errno and the artifact's path, so the CLI can say "the disk is full:
+    free space or write elsewhere"), when the error says so or the disk holding `target` has no room left; any
+    other error as it is."""
+    if isinstance(error, EdgekdError):
+        return error
+    if isinstance(error, OSError) and error.errno is not None:
+        named_for_us = error.filename in (None, str(tmp), tmp)  # the temporary file means nothing to the user
+        return OSError(error.errno, error.strerror, str(target)) if named_for_us else error
+    match = _OS_ERROR_IN_TEXT.search(str(error))
+    if match:
+        number = int(match[1])
+        return OSError(number, os.strerror(number), str(target))
+    try:
+        full = shutil.disk_usage(target.parent).free < _NEARLY_FULL_BYTES  # measured with the partial file there
+    except OSError:
+        full = False
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target)) if full else error
 
 
 def staging_prefix(target: Path) -> str:

@@ -180,8 +180,8 @@ def save_training_state(path: Path, key: str, state: TrainState, model: torch.nn
                "rng": torch.get_rng_state()}
     if torch.cuda.is_available():
         payload["cuda_rng"] = torch.cuda.get_rng_state_all()
-    with atomic_path(Path(path)) as tmp:
-        torch.save(payload, tmp)
+    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as handle:
+        torch.save(payload, handle)  # through a Python file: a full disk is an OSError, not torch's "unexpected pos"
 
 
 @contextlib.contextmanager

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from edgekd import __version__
@@ -44,9 +47,10 @@ def test_train_teacher_end_to_end(tmp_path: Path, fmnist_root):
     assert "holds a finished distilled student (lcnet_050)" in line
 
 
-def _one_line_error(args: list[str]) -> str:
+def _one_line_error(args: list[str], **how) -> str:
     """Run the installed console script as a user would; a mistake must be one line, exit 2, no traceback."""
-    proc = subprocess.run([sys.executable, "-m", "edgekd.cli", *args], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "edgekd.cli", *args], capture_output=True, text=True, timeout=300,
+                          **how)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -305,3 +309,58 @@ def test_a_failure_inside_a_progress_bar_closes_it_before_the_message(monkeypatc
     except typer.Exit as exit_:
         assert exit_.exit_code == 2
     assert open_when_said == [False]
+
+
+TEACHER_RUN = ["train-teacher", "--teacher", "test_resnet", "--random-init", "--data", "fashion-mnist", "--input-size",
+               "32", "--epochs", "0.1", "--max-train", "200", "--max-val", "100", "--workers", "0"]
+# A writer in Rust (safetensors) or C++ (torch's zip writer, given a path) says a failed write in its own words.
+WRITE_THROUGH_A_LIBRARY = """
+import sys, torch
+from pathlib import Path
+from safetensors.torch import save_file
+from edgekd.artifacts import atomic_path
+with atomic_path(Path(sys.argv[1])) as tmp:
+    save_file({"w": torch.zeros(1 << 18)}, str(tmp)) if sys.argv[2] == "safetensors" else \
+        torch.save({"w": torch.zeros(1 << 18)}, tmp)
+"""
+
+
+def _file_size_limit(limit: int):
+    def apply() -> None:  # in the child: a write past the limit fails with EFBIG instead of killing it
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_file_the_disk_cannot_take_is_one_line_naming_it(tmp_path: Path, fmnist_root):
+    """A full disk, a quota or a size limit: the file that failed and what to do, not torch's "unexpected pos"."""
+    line = _one_line_error([*TEACHER_RUN, "--out", str(tmp_path / "t")], preexec_fn=_file_size_limit(32 << 10))
+    assert f"File too large: {tmp_path / 't' / 'train_state.pt'}" in line and "ulimit" in line, line
+    proc = subprocess.run([sys.executable, "-c", WRITE_THROUGH_A_LIBRARY, str(tmp_path / "w.safetensors"),
+                           "safetensors"], capture_output=True, text=True, preexec_fn=_file_size_limit(32 << 10))
+    assert f"OSError: [Errno 27] File too large: '{tmp_path / 'w.safetensors'}'" in proc.stderr, proc.stderr
+    assert not list(tmp_path.glob(".w.safetensors*")) and not (tmp_path / "w.safetensors").exists()
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a small file system needs root (CAP_SYS_ADMIN) on this machine")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_full_or_read_only_disk_is_one_line_naming_the_file(small_disk: Path, fmnist_root):
+    line = _one_line_error([*TEACHER_RUN, "--out", str(small_disk / "t")])
+    assert f"No space left on device: {small_disk / 't' / 'train_state.pt'}" in line and "free space" in line, line
+    # torch given a path fails with "unexpected pos": told by the disk it left full
+    proc = subprocess.run([sys.executable, "-c", WRITE_THROUGH_A_LIBRARY, str(small_disk / "w.pt"), "torch"],
+                          capture_output=True, text=True)
+    assert f"OSError: [Errno 28] No space left on device: '{small_disk / 'w.pt'}'" in proc.stderr, proc.stderr
+    assert not list(small_disk.glob(".w.pt*"))
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    line = _one_line_error(["compress", "--teacher", "test_resnet", "--random-init", "--budget", "10ms",
+                            "--out", str(small_disk / "run")])
+    assert f"Read-only file system: {small_disk / 'run'}" in line and "--out" in line, line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import signal
@@ -36,6 +37,11 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 
 PATH_ERRORS = (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+# Where the run writes cannot take it: said with the file that failed, and what to do.
+DISK_ERRORS = {errno.ENOSPC: "free space on that disk, or pass --out on another one, and run the command again",
+               errno.EDQUOT: "free space within your quota, or pass --out on another disk, and run the command again",
+               errno.EFBIG: "the file system or a limit (ulimit -f) caps file sizes; pass --out on another disk",
+               errno.EROFS: "pass --out (or run from) a folder you can write to"}
 
 
 RESUME = "run the same command again to resume"
@@ -59,6 +65,12 @@ def user_errors(func: Callable | None = None, *, resume: str = RESUME) -> Callab
         except PATH_ERRORS as error:  # a path given where a folder or file cannot be (--out on a file, ...)
             typer.echo(f"error: {error.strerror}: {error.filename}; check the paths given (--out, --data, ...)",
                        err=True)
+            raise typer.Exit(2) from None
+        except OSError as error:
+            if error.errno not in DISK_ERRORS:
+                raise
+            where = f": {error.filename}" if error.filename else ""
+            typer.echo(f"error: {error.strerror}{where}; {DISK_ERRORS[error.errno]}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo(f"interrupted: finished stages are kept; {resume}", err=True)
