@@ -37,6 +37,9 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 UNLABELED = -1
+# An evaluation row whose image could not be decoded: a placeholder every figure leaves out (evaluation never
+# takes another image in its place, which would count that one twice).
+UNREADABLE = -2
 
 
 class ArrayRecords(Dataset):
@@ -83,15 +86,21 @@ class DecodedRecords(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         for offset in range(len(self)):
-            candidate = (index + offset) % len(self)
-            if bool(self.bad[candidate]):
-                continue
-            try:
-                return _upright(self.decode(candidate)), int(self.labels[candidate])
-            except BundleError as error:
-                self.bad[candidate] = True
-                log.warning("skipping %s", first_line(error, 300))
+            read = self.decoded_or_none((index + offset) % len(self))
+            if read is not None:
+                return read
         raise EdgekdError(f"none of the {len(self)} images can be decoded (e.g. {self.name(index)}); check the files")
+
+    def decoded_or_none(self, index: int) -> tuple[Image.Image, int] | None:
+        """This image and its label, or None when it cannot be decoded (marked and logged the first time)."""
+        if bool(self.bad[index]):
+            return None
+        try:
+            return _upright(self.decode(index)), int(self.labels[index])
+        except BundleError as error:
+            self.bad[index] = True
+            log.warning("skipping %s", first_line(error, 300))
+            return None
 
     def decode(self, index: int) -> Image.Image:
         raise NotImplementedError
@@ -257,9 +266,25 @@ def unreadable_marks(data: LoadedData) -> dict[str, list[int]]:
 def recall_unreadable(data: LoadedData, marks: dict[str, list[int]]) -> None:
     """Mark as undecodable the images an earlier process found so (unreadable_marks, on the same data): a stage it
     ran and this one reuses does not read them again, yet they are skipped and counted the same."""
+    named = []
     for split, records in _decoded_splits(data):
-        indices = [index for index in marks.get(split, []) if 0 <= index < len(records)]
+        indices = [index for index in marks.get(split, []) if 0 <= index < len(records) and not records.bad[index]]
         records.bad[indices] = True
+        named += [records.name(index) for index in indices]
+    if named:  # this run's log names them too, as the summary says
+        shown = ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
+        log.warning("skipping %d image(s) an earlier run of this data found undecodable: %s", len(named), shown)
+
+
+def readable_count(records: Dataset) -> int:
+    """How many of `records` evaluation scores: all but those found undecodable so far."""
+    return len(records) - (records.unreadable if isinstance(records, DecodedRecords) else 0)
+
+
+def evaluation_read(records: Dataset, index: int) -> tuple[Image.Image, int] | None:
+    """What evaluation reads: the image itself, or None where it cannot be decoded (training's read takes the next
+    readable image instead, which in an evaluation would count that image twice)."""
+    return records.decoded_or_none(index) if isinstance(records, DecodedRecords) else records[index]
 
 
 def _decoded_splits(data: LoadedData) -> list[tuple[str, DecodedRecords]]:
@@ -647,9 +672,14 @@ class ModelInputs(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> tuple:
-        image, label = self.records[index]
         if self.training:
+            image, label = self.records[index]
             image = self.augment(image)
+        else:
+            read = evaluation_read(self.records, index)
+            if read is None:  # a placeholder that evaluate() leaves out
+                return (*[torch.zeros(pre.input_size) for pre in self.preprocesses], UNREADABLE)
+            image, label = read
         tensors = {pre: transform(image) for pre, transform in self.per_model.items()}
         return (*[tensors[pre] for pre in self.preprocesses], label)
 

@@ -97,6 +97,44 @@ def test_a_file_cut_short_is_skipped_and_counted_without_stopping_the_epoch(user
         read_image(broken)
 
 
+def test_evaluation_leaves_an_undecodable_image_out_instead_of_counting_another_twice(user_images, tmp_path, caplog):
+    """Training takes the next readable image in a broken one's place; evaluation must not: the validation figures
+    (the teacher's, the student's, the int8 guard's, bench's) are over the readable images, each counted once."""
+    import torch
+
+    from edgekd.data import readable_count
+    from edgekd.deploy.verify import preprocess_records
+    from edgekd.distill.train_utils import Compute, evaluate
+
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            for image in user_images.values():
+                target = tmp_path / "data" / split / label / image.path.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(image.path, target)
+    broken = write_truncated_jpeg(tmp_path / "data" / "val" / "a" / "interrupted_download.jpg")
+    data = load_data(DataSpec(str(tmp_path / "data")))
+    pre = Preprocess((3, 32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear", 1.0)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 2)).eval()
+    loader = make_loader(ModelInputs(data.val, [pre], training=False), 4, shuffle=False, num_workers=2)
+    measured = evaluate(model, loader, Compute.choose(torch.device("cpu"), "fp32"))
+    readable = [i for i, path in enumerate(data.val.paths) if path != broken]
+    assert measured.count == len(readable) == len(data.val) - 1 == readable_count(data.val)
+    transform = eval_transform(pre)
+    with torch.inference_mode():
+        predicted = [int(model(transform(data.val[i][0])[None]).argmax()) for i in readable]
+    assert measured.top1 == pytest.approx(np.mean(np.array(predicted) == data.val.labels[readable]))
+    assert measured.predictions.tolist() == predicted
+    evalset = preprocess_records(data.val, pre)  # the ONNX side (guard, bench) likewise
+    assert evalset.labels.tolist() == data.val.labels[readable].tolist()
+    # a later run that recalls the broken file names it in its own log
+    again = load_data(DataSpec(str(tmp_path / "data")))
+    with caplog.at_level("WARNING", logger="edgekd"):
+        recall_unreadable(again, unreadable_marks(data))
+    assert "interrupted_download.jpg" in caplog.text and "earlier run" in caplog.text
+
+
 def write_tar(path, members: dict[str, Path]) -> None:
     with tarfile.open(path, "w") as archive:
         for name, source in members.items():

@@ -54,7 +54,7 @@ def train_teacher_command(
     overwrite: Overwrite = False,
 ) -> None:
     """Load the teacher(s), fine-tune on the data when the head does not fit, report validation accuracy."""
-    from edgekd.data import load_data
+    from edgekd.data import load_data, readable_count
     from edgekd.distill.teacher import RESULT_NAME, prepare_teachers
     from edgekd.models import resolve_model_name
     from edgekd.types import DataSpec, TrainConfig
@@ -76,4 +76,4 @@ def train_teacher_command(
         typer.echo(f"teacher {result.model_name} ({result.params / 1e6:.2f}M params, input "
                    f"{'x'.join(map(str, result.preprocess.input_size))}, weights: {result.weights_source}"
                    f"{', fine-tuned' if result.fine_tuned else ''}): validation {accuracy} "
-                   f"on {loaded.info.num_val} images -> {result.weights_path}")
+                   f"on {readable_count(loaded.val)} images -> {result.weights_path}")

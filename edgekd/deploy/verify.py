@@ -12,7 +12,7 @@ import onnxruntime as ort
 import torch
 from torch.utils.data import Dataset
 
-from edgekd.data import pixels_transform
+from edgekd.data import evaluation_read, pixels_transform
 from edgekd.errors import EdgekdError
 from edgekd.deploy.integer_emulation import INTEGER_PRODUCT_OPS, integer_products_in_float
 from edgekd.metrics import accuracy
@@ -122,10 +122,17 @@ def preprocess_records(records: Dataset, preprocess: Preprocess, limit: int | No
         raise EdgekdError("no images to evaluate on; check --data")
     pixels = np.empty((len(indices), *preprocess.input_size), dtype=np.uint8)  # filled in place: no second copy
     labels = np.empty(len(indices), dtype=np.int64)
-    for row, index in enumerate(indices):
-        image, labels[row] = records[index]
-        pixels[row] = crop(image)
-    return EvalSet(NormalizedPixels(pixels, preprocess.mean, preprocess.std), labels, method)
+    rows = 0
+    for index in indices:
+        read = evaluation_read(records, index)
+        if read is None:  # undecodable: left out, not replaced by another image
+            continue
+        image, labels[rows] = read
+        pixels[rows] = crop(image)
+        rows += 1
+    if rows == 0:
+        raise EdgekdError("none of the images to evaluate on can be decoded; check --data")
+    return EvalSet(NormalizedPixels(pixels[:rows], preprocess.mean, preprocess.std), labels[:rows], method)
 
 
 def session(path: Path, threads: int = 0, *, unfused: bool = False) -> ort.InferenceSession:

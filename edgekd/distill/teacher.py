@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from edgekd.artifacts import atomic_path, make_artifact, sha256_file, write_json_atomic
-from edgekd.data import LoadedData, ModelInputs, make_loader
+from edgekd.data import LoadedData, ModelInputs, make_loader, readable_count
 from edgekd.errors import EdgekdError
 from edgekd.distill.finetune import train_classifier
 from edgekd.metrics import indistinguishable_from_chance
@@ -141,7 +141,7 @@ def prepare_teacher(spec: TeacherSpec, data: LoadedData, out_dir: Path, *, image
         make_artifact(run_dir, "teacher", weights_path, parent=str(spec.checkpoint) if spec.checkpoint else None,
                       config={"model": model_name, "weights": source, "input_size": list(preprocess.input_size)},
                       metrics={"val_top1": top1, "val_top5": top5, "params": result.params})
-    log.info("teacher %s ready: val top-1 %s on %d images", model_name, _pct(top1), data.info.num_val)
+    log.info("teacher %s ready: val top-1 %s on %d images", model_name, _pct(top1), readable_count(data.val))
     if indistinguishable_from_chance(top1, num_classes, data.info.num_val):
         log.warning("the teacher's val top-1 (%s) is no better than guessing among %d classes: it has nothing to "
                     "teach; train it longer (compress's --teacher-epochs, train-teacher's --epochs) or on more images",

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from edgekd.errors import EdgekdError
+from edgekd.data import UNREADABLE
 from edgekd.metrics import accuracy, top_predictions
 
 log = logging.getLogger(__name__)
@@ -337,6 +338,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, compute: Compute, *, in
         labels.append(batch[-1].numpy())
     if not tops:
         return EvalResult(None, None, 0, torch.empty(0, dtype=torch.long))
-    top = np.concatenate(tops)
-    top1, top5 = accuracy(top, np.concatenate(labels))
+    readable = np.concatenate(labels) != UNREADABLE  # images that could not be decoded count nowhere
+    top, truth = np.concatenate(tops)[readable], np.concatenate(labels)[readable]
+    top1, top5 = accuracy(top, truth)
     return EvalResult(top1, top5, len(top), torch.from_numpy(top[:, 0]))

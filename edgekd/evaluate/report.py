@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from edgekd import __version__
 from edgekd.artifacts import write_json_atomic, write_text_atomic
 from edgekd.evaluate.bench import BenchResult, ModelFacts
-from edgekd.data import LoadedData, skipped_images
+from edgekd.data import LoadedData, readable_count, skipped_images
 from edgekd.deploy.bundle import read_shipped_form
 from edgekd.metrics import indistinguishable_from_chance
 
@@ -71,7 +71,7 @@ def build_report(*, run_dir: Path, budget_ms: float, profile: DeviceProfile, dat
         "summary": summary,
         "profile": profile.to_dict(),
         "data": {"source": data.info.source, "labeled": data.info.labeled, "num_classes": data.info.num_classes,
-                 "num_train": data.info.num_train, "num_val": data.info.num_val,
+                 "num_train": data.info.num_train, "num_val": readable_count(data.val),
                  "skipped_corrupt": skipped_images(data), "num_unlabeled": data.info.num_unlabeled},
         "teachers": [{"model": t.model_name, "params": t.params, "input_size": list(t.preprocess.input_size),
                       "weights": t.weights_source, "fine_tuned": t.fine_tuned, "val_top1": t.val_top1,
