@@ -13,6 +13,7 @@ import logging
 import os
 import posixpath
 import tarfile
+import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -373,15 +374,51 @@ def _load_fashion_mnist(spec: DataSpec) -> LoadedData:
 
 # ---------------------------------------------------------------------------------------------- folders
 
+# Split folders, in order of preference: `valid/` is Roboflow's, YOLO's and many Kaggle exports' name; `test/` only
+# where there is no other.
+TRAIN_SPLITS = ("train", "training")
+VAL_SPLITS = ("val", "valid", "validation", "test")
+# What an archiver or a file manager leaves beside the pictures: macOS zips' __MACOSX/ (AppleDouble `._name.jpg`
+# files, metadata with an image's extension), dot-folders, Windows' thumbnails folder.
+_NOT_PICTURES = ("__MACOSX",)
+
+
+def _is_picture_folder(name: str) -> bool:
+    return not name.startswith(".") and name not in _NOT_PICTURES
+
+
+def _is_picture_file(name: str) -> bool:
+    return not name.startswith("._") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
 def _images_in(folder: Path, recursive: bool) -> list[Path]:
     """Image files under `folder` by extension, sorted. os.walk's directory entries spare a stat per file, and sorting
-    the strings before making Paths spares pathlib's slow comparisons (100k files: seconds)."""
+    the strings before making Paths spares pathlib's slow comparisons (100k files: seconds). Linked folders are
+    followed, each real folder once: a link back up (`up -> ..`) would read every other class into this one."""
     if not recursive:
         with os.scandir(folder) as entries:
-            found = [e.path for e in entries if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS]
-    else:
-        found = [os.path.join(root, name) for root, _, files in os.walk(folder, followlinks=True) for name in files
-                 if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
+            found = [e.path for e in entries if e.is_file() and _is_picture_file(e.name)]
+        return [Path(path) for path in sorted(found)]
+    found, seen, loops = [], set(), []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            loops.append(root)
+            dirs[:] = []
+            continue
+        seen.add(real)
+        kept = []
+        for name in filter(_is_picture_folder, dirs):
+            target = os.path.realpath(os.path.join(root, name))
+            if (real + os.sep).startswith(target + os.sep):  # a link to this folder or one above it
+                loops.append(os.path.join(root, name))
+            else:
+                kept.append(name)
+        dirs[:] = kept
+        found += [os.path.join(root, name) for name in files if _is_picture_file(name)]
+    if loops:
+        log.warning("%s: not following %d linked folder(s) that lead back to a folder being read (e.g. %s)", folder,
+                    len(loops), loops[0])
     return [Path(path) for path in sorted(found)]
 
 
@@ -410,24 +447,28 @@ def _identifiable(path: Path) -> bool:
 
 def _scan_split(folder: Path, class_names: tuple[str, ...] | None) -> tuple[list[Path], list[int], tuple[str, ...], int]:
     """Index one split folder: class sub-folders (labeled) or loose images (unlabeled). Corrupt files are skipped."""
-    sub_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    sub_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and _is_picture_folder(d.name))
     paths: list[Path] = []
     labels: list[int] = []
     if sub_dirs:
         names = tuple(d.name for d in sub_dirs)
         if class_names is not None:
-            unknown = sorted(set(names) - set(class_names))
+            # one Unicode form for both splits: macOS and some zip tools write "é" as e + accent (NFD)
+            known = {unicodedata.normalize("NFC", name): index for index, name in enumerate(class_names)}
+            unknown = sorted(name for name in names if unicodedata.normalize("NFC", name) not in known)
             if unknown:
                 raise EdgekdError(f"{folder} has class folders the training split lacks: {', '.join(unknown)}; "
                                   "use the same class folder names in train/ and val/")
             names = class_names
+        else:
+            known = {unicodedata.normalize("NFC", name): index for index, name in enumerate(names)}
         for sub_dir in sub_dirs:
             found = _images_in(sub_dir, recursive=True)
             if not found:
                 raise EdgekdError(f"class folder {sub_dir} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
                                   "add images or remove the folder")
             paths += found
-            labels += [names.index(sub_dir.name)] * len(found)
+            labels += [known[unicodedata.normalize("NFC", sub_dir.name)]] * len(found)
         loose = _images_in(folder, recursive=False)
         if loose:  # beside class folders an image has no label: say so rather than drop it unseen
             log.warning("ignored %d image(s) directly in %s, e.g. %s: a labeled folder holds its images in one "
@@ -442,6 +483,11 @@ def _scan_split(folder: Path, class_names: tuple[str, ...] | None) -> tuple[list
     keep = _identifiable_ones(paths, str(folder))
     paths = [p for p, ok in zip(paths, keep) if ok]
     labels = [label for label, ok in zip(labels, keep) if ok]
+    if names and class_names is None:
+        empty = [name for index, name in enumerate(names) if index not in set(labels)]
+        if empty:  # only files that are not images: it would be a class the model can never learn
+            raise EdgekdError(f"class folder {folder / empty[0]} holds no readable images (its files are not "
+                              "images, named in the warning above); add images or remove the folder")
     return paths, labels, names, keep.count(False)
 
 
@@ -470,18 +516,51 @@ def _load_folder(spec: DataSpec) -> LoadedData:
     if not root.is_dir():
         raise EdgekdError(f"--data {root} is not a folder or a .tar; pass a folder of images, a .tar of them, or "
                           "--data fashion-mnist")
-    val_dir = next((root / name for name in ("val", "validation", "test") if (root / name).is_dir()), None)
-    if (root / "train").is_dir() and val_dir is not None:
-        train_paths, train_labels, names, skipped_train = _scan_split(root / "train", None)
+    train_dir = next((root / name for name in TRAIN_SPLITS if (root / name).is_dir()), None)
+    val_dir = next((root / name for name in VAL_SPLITS if (root / name).is_dir()), None)
+    if train_dir is not None and val_dir is not None:
+        unused = [name for name in VAL_SPLITS if (root / name).is_dir() and root / name != val_dir]
+        if unused:
+            log.info("validating on %s/; %s/ not used", val_dir.name, "/, ".join(unused))
+        train_paths, train_labels, names, skipped_train = _scan_split(train_dir, None)
         val_paths, val_labels, _, skipped_val = _scan_split(val_dir, names if names else None)
         skipped = skipped_train + skipped_val
         train, val = FileRecords(train_paths, train_labels), FileRecords(val_paths, val_labels)
     else:
+        _refuse_a_lone_split(root)
         paths, labels, names, skipped = _scan_split(root, None)
         train, val = _split(FileRecords(paths, labels), spec)
+    _warn_unvalidated_classes(names, train.labels, val.labels, root)
     info = DatasetInfo(source=str(root), class_names=names, labeled=bool(names), num_train=len(train),
                        num_val=len(val), skipped_corrupt=skipped)
     return LoadedData(info, train, val)
+
+
+def _refuse_a_lone_split(root: Path) -> None:
+    """A train/ (or val/) folder of class folders without its partner would be read as one class named "train":
+    say what is missing instead."""
+    splits = [d for d in sorted(root.iterdir()) if d.is_dir() and d.name.lower() in TRAIN_SPLITS + VAL_SPLITS
+              and any(child.is_dir() and _is_picture_folder(child.name) for child in d.iterdir())]
+    if not splits:
+        return
+    has_train = any(d.name.lower() in TRAIN_SPLITS for d in splits)
+    missing = f"a validation folder beside it ({', '.join(f'{n}/' for n in VAL_SPLITS)})" if has_train else \
+        f"a training folder beside it ({', '.join(f'{n}/' for n in TRAIN_SPLITS)})"
+    raise EdgekdError(f"{root} holds {', '.join(d.name + '/' for d in splits)} with class folders inside but not "
+                      f"{missing}; add it, or point --data at one folder of class folders (20% of each class is "
+                      "then held out for validation)")
+
+
+def _warn_unvalidated_classes(names: tuple[str, ...], train_labels: np.ndarray, val_labels: np.ndarray,
+                              root: Path) -> None:
+    """A class with no validation image is never measured: neither the accuracy guard nor the report sees it."""
+    if not names:
+        return
+    unseen = [names[c] for c in sorted(set(np.asarray(train_labels).tolist()) - set(np.asarray(val_labels).tolist()))]
+    if unseen:
+        log.warning("%s: no validation image for %d class(es) (%s): their accuracy is not measured; give each class "
+                    "2 or more images (a validation folder: images of each class)", root, len(unseen),
+                    ", ".join(unseen[:5]) + (" ..." if len(unseen) > 5 else ""))
 
 
 def _load_archives(root: Path, archives: list[Path], spec: DataSpec) -> LoadedData:

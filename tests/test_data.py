@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +86,62 @@ def test_unlabeled_folder_gives_label_minus_one(tmp_path: Path, fmnist_arrays):
     assert not loaded.info.labeled and loaded.info.class_names == ()
     assert loaded.info.num_train + loaded.info.num_val == 10
     assert set(loaded.train.labels.tolist()) == {-1}
+
+
+def test_folders_as_exports_and_archivers_leave_them(tmp_path: Path, fmnist_arrays, caplog):
+    """What users' folders hold besides the pictures, each read as they mean it (the layouts of a fourth trial)."""
+    import unicodedata
+
+    images, labels = fmnist_arrays
+    names = ("shirt", "Größe", "coat")
+    # Roboflow / YOLO exports: train/, valid/ and test/; validation on valid/, not on test/, and not 2 classes
+    for split, part in (("train", slice(0, None, 2)), ("valid", slice(1, None, 4)), ("test", slice(3, None, 4))):
+        write_images(tmp_path / "export" / split, images[part], labels[part], names)
+    with caplog.at_level("INFO"):
+        loaded = load_data(DataSpec(str(tmp_path / "export")))
+    assert loaded.info.class_names == tuple(sorted(names)) and loaded.info.num_val == 9
+    assert all("/valid/" in str(path) for path in loaded.val.paths) and "test/ not used" in caplog.text
+
+    # the same class name written in another Unicode form in valid/ (macOS, some zip tools) is the same class
+    nfd = tmp_path / "export" / "valid" / unicodedata.normalize("NFD", "Größe")
+    (tmp_path / "export" / "valid" / "Größe").rename(nfd)
+    again = load_data(DataSpec(str(tmp_path / "export")))
+    assert [again.info.class_names[label] for label in again.val.labels] == \
+        [loaded.info.class_names[label] for label in loaded.val.labels]
+
+    # train/ alone would have been one class named "train"
+    shutil.rmtree(tmp_path / "export" / "valid")
+    shutil.rmtree(tmp_path / "export" / "test")
+    with pytest.raises(EdgekdError, match="holds train/ with class folders inside but not a validation folder"):
+        load_data(DataSpec(str(tmp_path / "export")))
+
+    # a macOS zip's __MACOSX/ (AppleDouble `._` files, not images) is no class, nor are `._` files images
+    shop = tmp_path / "shop"
+    write_images(shop, images, labels, names)
+    for name in names:
+        for junk in (shop / "__MACOSX" / name / "._img_0000.png", shop / name / "._img_0001.png"):
+            junk.parent.mkdir(parents=True, exist_ok=True)
+            junk.write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 80)
+    # a linked folder back up (`up -> ..`) reads each real folder once
+    (shop / "shirt" / "up").symlink_to("..")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        loaded = load_data(DataSpec(str(shop)))
+    assert loaded.info.class_names == tuple(sorted(names)) and loaded.info.skipped_corrupt == 0
+    assert len(loaded.train) + len(loaded.val) == len(images) and "not following 1 linked folder" in caplog.text
+
+    # a class folder whose files are none of them images is an error, as an empty one is
+    fake = shop / "fake"
+    fake.mkdir()
+    (fake / "photo.jpg").write_text("not a picture")
+    with pytest.raises(EdgekdError, match="fake holds no readable images"):
+        load_data(DataSpec(str(shop)))
+    # a class with one image is trained on but never measured: said, naming it
+    shutil.copyfile(shop / "coat" / sorted(os.listdir(shop / "coat"))[-1], fake / "photo.jpg")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        loaded = load_data(DataSpec(str(shop)))
+    assert "no validation image for 1 class(es) (fake)" in caplog.text
 
 
 def test_corrupt_images_are_skipped_and_counted(class_folder: Path, caplog):
