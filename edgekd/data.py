@@ -8,6 +8,7 @@ student with different sizes or mean/std each see their own input of the same au
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import logging
 import os
@@ -306,16 +307,18 @@ def load_data(spec: DataSpec) -> LoadedData:
     loaded = _limit(loaded, spec)
     if not spec.unlabeled:
         return loaded
-    labeled = {Path(path).resolve() for records in (loaded.train, loaded.val) for path in getattr(records, "paths", ())}
+    labeled = [Path(path) for records in (loaded.train, loaded.val) for path in getattr(records, "paths", ())]
     unlabeled, skipped = _load_unlabeled(spec.unlabeled, labeled)
     info = replace(loaded.info, num_unlabeled=len(unlabeled), skipped_corrupt=loaded.info.skipped_corrupt + skipped)
     return LoadedData(info, loaded.train, loaded.val, unlabeled)
 
 
-def _load_unlabeled(folders: Sequence[str], labeled: set[Path]) -> tuple[FileRecords, int]:
+def _load_unlabeled(folders: Sequence[str], labeled_paths: Sequence[Path]) -> tuple[FileRecords, int]:
     """Every image under each folder, whatever its layout; any sub-folder names are ignored: no labels are read.
-    A file is taken once, however many of the folders hold it, and not at all when it is one of the `labeled`
-    images (resolved paths): a validation image trained on would make the accuracy guard and the report flatter."""
+    A file is taken once, however many of the folders hold it, and not at all when it is one of the labeled images
+    or a copy of one (the same bytes): a validation image trained on would make the accuracy guard and the report
+    flatter."""
+    labeled = {path.resolve() for path in labeled_paths}
     paths: list[Path] = []
     for folder in map(Path, folders):
         if not folder.is_dir():
@@ -334,11 +337,36 @@ def _load_unlabeled(folders: Sequence[str], labeled: set[Path]) -> tuple[FileRec
     if len(paths) < len(unique):
         log.warning("--unlabeled-data: left out %d image(s) that are also in --data (its labeled and validation "
                     "images are used as such)", len(unique) - len(paths))
+    copies = _copies_of(paths, labeled_paths)
+    if copies:
+        log.warning("--unlabeled-data: left out %d image(s) with the same contents as images in --data (copies, "
+                    "e.g. %s)", len(copies), paths[min(copies)])
+        paths = [path for index, path in enumerate(paths) if index not in copies]
     if not paths:
         raise EdgekdError("--unlabeled-data holds only images that are in --data; give a folder of other images")
     keep = _identifiable_ones(paths, "--unlabeled-data")
     kept = [p for p, ok in zip(paths, keep) if ok]
     return FileRecords(kept, [UNLABELED] * len(kept)), keep.count(False)
+
+
+def _copies_of(candidates: Sequence[Path], originals: Sequence[Path], head: int = 1 << 20) -> set[int]:
+    """The indices of `candidates` whose bytes are those of one of `originals`. Sizes first (a stat each), then a hash
+    of the first `head` bytes of the files whose size some file on the other side shares: a copy is byte-identical,
+    and two different pictures of one size differ within their first MiB, so a large folder is not read whole."""
+    def sizes(paths: Sequence[Path]) -> list[int]:
+        return [os.stat(path).st_size for path in paths]
+
+    def digest(path: Path) -> bytes:
+        with open(path, "rb") as handle:
+            return hashlib.blake2b(handle.read(head), digest_size=16).digest()
+
+    if not candidates or not originals:
+        return set()
+    candidate_sizes, original_sizes = sizes(candidates), sizes(originals)
+    shared = set(candidate_sizes) & set(original_sizes)
+    known = {(size, digest(path)) for path, size in zip(originals, original_sizes) if size in shared}
+    return {index for index, (path, size) in enumerate(zip(candidates, candidate_sizes))
+            if size in shared and (size, digest(path)) in known}
 
 
 # ---------------------------------------------------------------------------------------------- Fashion-MNIST

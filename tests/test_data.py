@@ -212,3 +212,18 @@ def test_unlabeled_images_are_taken_once_and_never_the_labeled_ones(class_folder
     assert "given more than once" in caplog.text and "also in --data" in caplog.text
     with pytest.raises(EdgekdError, match="only images that are in --data"):
         load_data(DataSpec(str(class_folder), unlabeled=(str(class_folder / "tshirt"),)))
+
+    # copies are how overlap usually comes (an "all photos" folder): the same bytes under another path are left out
+    photos = tmp_path / "all_photos"
+    photos.mkdir()
+    val = load_data(DataSpec(str(class_folder))).val.paths
+    for index, path in enumerate(val[:3]):
+        shutil.copyfile(path, photos / f"copy_{index}.png")
+    same_size = bytearray(val[0].read_bytes())
+    same_size[-20] ^= 0xFF  # one byte differs: another picture of the same size, kept
+    (photos / "other.png").write_bytes(bytes(same_size))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        loaded = load_data(DataSpec(str(class_folder), unlabeled=(str(photos),)))
+    assert [path.name for path in loaded.unlabeled.paths] == ["other.png"]
+    assert "left out 3 image(s) with the same contents as images in --data" in caplog.text
