@@ -323,7 +323,7 @@ def _load_unlabeled(folders: Sequence[str], labeled_paths: Sequence[Path]) -> tu
     for folder in map(Path, folders):
         if not folder.is_dir():
             raise EdgekdError(f"--unlabeled-data {folder} is not a folder; give a folder of images (any layout)")
-        found = _images_in(folder, recursive=True)
+        found = images_in(folder, recursive=True)
         if not found:
             raise EdgekdError(f"--unlabeled-data {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         paths += found
@@ -419,7 +419,7 @@ def _is_picture_file(name: str) -> bool:
     return not name.startswith("._") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _images_in(folder: Path, recursive: bool) -> list[Path]:
+def images_in(folder: Path, recursive: bool) -> list[Path]:
     """Image files under `folder` by extension, sorted. os.walk's directory entries spare a stat per file, and sorting
     the strings before making Paths spares pathlib's slow comparisons (100k files: seconds). Linked folders are
     followed, each real folder once: a link back up (`up -> ..`) would read every other class into this one."""
@@ -491,19 +491,19 @@ def _scan_split(folder: Path, class_names: tuple[str, ...] | None) -> tuple[list
         else:
             known = {unicodedata.normalize("NFC", name): index for index, name in enumerate(names)}
         for sub_dir in sub_dirs:
-            found = _images_in(sub_dir, recursive=True)
+            found = images_in(sub_dir, recursive=True)
             if not found:
                 raise EdgekdError(f"class folder {sub_dir} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
                                   "add images or remove the folder")
             paths += found
             labels += [known[unicodedata.normalize("NFC", sub_dir.name)]] * len(found)
-        loose = _images_in(folder, recursive=False)
+        loose = images_in(folder, recursive=False)
         if loose:  # beside class folders an image has no label: say so rather than drop it unseen
             log.warning("ignored %d image(s) directly in %s, e.g. %s: a labeled folder holds its images in one "
                         "sub-folder per class", len(loose), folder, loose[0].name)
     else:
         names = ()
-        paths = _images_in(folder, recursive=False)
+        paths = images_in(folder, recursive=False)
         labels = [UNLABELED] * len(paths)
     if not paths:
         raise EdgekdError(f"no images found in {folder}; point --data at a folder of images "

@@ -118,6 +118,15 @@ def test_predict_answers_every_readable_image_and_names_the_others(run, tmp_path
     assert runner.invoke(app, ["predict", str(run_dir), str(good), "-k", "0"]).exit_code == 2  # at least one label
     student = runner.invoke(app, ["predict", str(run_dir / "distill"), str(good)])
     assert student.exit_code == 2 and "a trained student, not a bundle; make one with `edgekd export" in student.output
+    # a folder: every image in it and its sub-folders, in order; a folder without images is said
+    (tmp_path / "album" / "2024").mkdir(parents=True)
+    shutil.copyfile(good, tmp_path / "album" / "2024" / "b.png")
+    shutil.copyfile(good, tmp_path / "album" / "a.png")
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["predict", str(run_dir), str(tmp_path / "album"), str(tmp_path / "empty"), "-k", "1"])
+    answered = [line.split(": ")[0] for line in result.output.splitlines() if ".png: " in line]
+    assert answered == [str(tmp_path / "album" / "2024" / "b.png"), str(tmp_path / "album" / "a.png")], result.output
+    assert result.exit_code == 2 and f"{tmp_path / 'empty'} holds no images" in result.output
 
 
 def without_times(report: dict) -> dict:

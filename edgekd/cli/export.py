@@ -66,10 +66,11 @@ def export_command(
 def predict_command(
     bundle: Path = typer.Argument(..., help="A bundle folder written by `edgekd export` (or a compress run folder: "
                                   "its export/)."),
-    images: list[Path] = typer.Argument(..., help="Image files."),
+    images: list[Path] = typer.Argument(..., help="Image files, or folders of them (read with their sub-folders)."),
     top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="Labels to print per image."),
 ) -> None:
     """Print the top-k labels with probabilities for each image (what edgekd.runtime.Predictor gives apps)."""
+    from edgekd.data import IMAGE_EXTENSIONS, images_in
     from edgekd.runtime import PREPROCESS_NAME, BundleError, Predictor
 
     if not (bundle / PREPROCESS_NAME).is_file() and (bundle / "export" / PREPROCESS_NAME).is_file():
@@ -81,7 +82,11 @@ def predict_command(
         predictor = Predictor(bundle)
     except BundleError as error:
         raise EdgekdError(str(error)) from error
-    unreadable = []
+    unreadable = [folder for folder in images if folder.is_dir() and not images_in(folder, recursive=True)]
+    for folder in unreadable:
+        typer.echo(f"error: {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})", err=True)
+    images = [found for path in images
+              for found in (images_in(path, recursive=True) if path.is_dir() else [path])]
     for image in images:  # an image that cannot be read is said, and the others still answered
         try:
             ranked = predictor.predict(image, top_k=top_k)
