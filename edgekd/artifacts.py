@@ -28,23 +28,26 @@ def atomic_path(target: Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as error:  # a read-only or full disk: said of the artifact, not of a hidden temporary name
+        raise OSError(error.errno, error.strerror, str(target)) from error
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         try:
             yield tmp
+            if tmp.exists():
+                os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; artifacts are meant to be shared
+            if tmp.is_file():
+                with open(tmp, "rb") as written:  # on disk before it takes the name: a power cut leaves old or new
+                    os.fsync(written.fileno())  # (a full disk or quota may only tell here: delayed allocation)
+            os.replace(tmp, target)
         except Exception as error:  # noqa: BLE001 - re-raised, as the OS error it was where that can be told
             told = _as_os_error(error, target, tmp)
             if told is error:
                 raise
             raise told from error
-        if tmp.exists():
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; artifacts are meant to be shared
-        if tmp.is_file():
-            with open(tmp, "rb") as written:  # on disk before it takes the name: a power cut leaves old or new
-                os.fsync(written.fileno())
-        os.replace(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -69,6 +72,8 @@ def _as_os_error(error: Exception, target: Path, tmp: Path) -> Exception:
     if match:
         number = int(match[1])
         return OSError(number, os.strerror(number), str(target))
+    if not isinstance(error, RuntimeError):  # torch's writer's kind; any other error is a bug to see whole
+        return error
     try:
         full = shutil.disk_usage(target.parent).free < _NEARLY_FULL_BYTES  # measured with the partial file there
     except OSError:

@@ -7,6 +7,7 @@ student with different sizes or mean/std each see their own input of the same au
 
 from __future__ import annotations
 
+import filecmp
 import gzip
 import hashlib
 import io
@@ -56,6 +57,8 @@ class ArrayRecords(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         return Image.fromarray(self.images[index]), int(self.labels[index])
+
+    decoded_or_none = __getitem__  # pixels in memory always decode
 
     def subset(self, indices: list[int]) -> ArrayRecords:
         return ArrayRecords(self.images[indices], self.labels[indices])
@@ -283,10 +286,10 @@ def readable_count(records: Dataset) -> int:
     return len(records) - (records.unreadable if isinstance(records, DecodedRecords) else 0)
 
 
-def evaluation_read(records: Dataset, index: int) -> tuple[Image.Image, int] | None:
+def evaluation_read(records: Records, index: int) -> tuple[Image.Image, int] | None:
     """What evaluation reads: the image itself, or None where it cannot be decoded (training's read takes the next
     readable image instead, which in an evaluation would count that image twice)."""
-    return records.decoded_or_none(index) if isinstance(records, DecodedRecords) else records[index]
+    return records.decoded_or_none(index)
 
 
 def _decoded_splits(data: LoadedData) -> list[tuple[str, DecodedRecords]]:
@@ -305,6 +308,7 @@ def load_data(spec: DataSpec) -> LoadedData:
                           "needs at least two class sub-folders (images without classes: one folder of loose "
                           "images, with a pretrained teacher)")
     loaded = _limit(loaded, spec)
+    _warn_unvalidated_classes(loaded.info.class_names, loaded.train.labels, loaded.val.labels, spec.source)
     if not spec.unlabeled:
         return loaded
     labeled = [Path(path) for records in (loaded.train, loaded.val) for path in getattr(records, "paths", ())]
@@ -337,36 +341,60 @@ def _load_unlabeled(folders: Sequence[str], labeled_paths: Sequence[Path]) -> tu
     if len(paths) < len(unique):
         log.warning("--unlabeled-data: left out %d image(s) that are also in --data (its labeled and validation "
                     "images are used as such)", len(unique) - len(paths))
-    copies = _copies_of(paths, labeled_paths)
-    if copies:
-        log.warning("--unlabeled-data: left out %d image(s) with the same contents as images in --data (copies, "
-                    "e.g. %s)", len(copies), paths[min(copies)])
-        paths = [path for index, path in enumerate(paths) if index not in copies]
     if not paths:
         raise EdgekdError("--unlabeled-data holds only images that are in --data; give a folder of other images")
     keep = _identifiable_ones(paths, "--unlabeled-data")
     kept = [p for p, ok in zip(paths, keep) if ok]
+    copies = _copies_of(kept, labeled_paths)
+    if copies:
+        log.warning("--unlabeled-data: left out %d image(s) with the same contents as images in --data (copies, "
+                    "e.g. %s)", len(copies), kept[min(copies)])
+        kept = [path for index, path in enumerate(kept) if index not in copies]
+        if not kept:
+            raise EdgekdError("--unlabeled-data holds only copies of images in --data; give a folder of other images")
     return FileRecords(kept, [UNLABELED] * len(kept)), keep.count(False)
 
 
-def _copies_of(candidates: Sequence[Path], originals: Sequence[Path], head: int = 1 << 20) -> set[int]:
-    """The indices of `candidates` whose bytes are those of one of `originals`. Sizes first (a stat each), then a hash
-    of the first `head` bytes of the files whose size some file on the other side shares: a copy is byte-identical,
-    and two different pictures of one size differ within their first MiB, so a large folder is not read whole."""
-    def sizes(paths: Sequence[Path]) -> list[int]:
-        return [os.stat(path).st_size for path in paths]
+def _copies_of(candidates: Sequence[Path], originals: Sequence[Path], head: int = 1 << 16) -> set[int]:
+    """The indices of `candidates` whose bytes are those of one of `originals`. Sizes first (a stat each); files
+    whose size the other side shares are told apart by their first `head` bytes, and those that still match are
+    compared whole: a large folder is not read whole, and two pictures that share a size and a header (BMPs of one
+    shape) are not taken for copies."""
+    def size(path: Path) -> int | None:
+        try:
+            return os.stat(path).st_size
+        except OSError:  # gone since it was listed: no copy of anything
+            return None
 
-    def digest(path: Path) -> bytes:
-        with open(path, "rb") as handle:
-            return hashlib.blake2b(handle.read(head), digest_size=16).digest()
+    def start(path: Path) -> bytes | None:  # a digest of the first bytes: thousands are held at once
+        try:
+            with open(path, "rb") as handle:
+                return hashlib.blake2b(handle.read(head), digest_size=16).digest()
+        except OSError:
+            return None
 
     if not candidates or not originals:
         return set()
-    candidate_sizes, original_sizes = sizes(candidates), sizes(originals)
-    shared = set(candidate_sizes) & set(original_sizes)
-    known = {(size, digest(path)) for path, size in zip(originals, original_sizes) if size in shared}
-    return {index for index, (path, size) in enumerate(zip(candidates, candidate_sizes))
-            if size in shared and (size, digest(path)) in known}
+    candidate_sizes, original_sizes = [size(p) for p in candidates], [size(p) for p in originals]
+    shared = (set(candidate_sizes) & set(original_sizes)) - {None}
+    alike: dict[tuple[int, bytes], list[Path]] = defaultdict(list)
+    for path, length in zip(originals, original_sizes):
+        if length in shared and (opening := start(path)) is not None:
+            alike[(length, opening)].append(path)
+    copies = set()
+    for index, (path, length) in enumerate(zip(candidates, candidate_sizes)):
+        if length not in shared or (opening := start(path)) is None:
+            continue
+        if any(_same_bytes(path, original) for original in alike.get((length, opening), ())):
+            copies.add(index)
+    return copies
+
+
+def _same_bytes(one: Path, other: Path) -> bool:
+    try:
+        return filecmp.cmp(one, other, shallow=False)
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------- Fashion-MNIST
@@ -406,8 +434,8 @@ def _load_fashion_mnist(spec: DataSpec) -> LoadedData:
 # where there is no other.
 TRAIN_SPLITS = ("train", "training")
 VAL_SPLITS = ("val", "valid", "validation", "test")
-# What an archiver or a file manager leaves beside the pictures: macOS zips' __MACOSX/ (AppleDouble `._name.jpg`
-# files, metadata with an image's extension), dot-folders, Windows' thumbnails folder.
+# What an archiver leaves beside the pictures: macOS zips' __MACOSX/, holding AppleDouble `._name.jpg` files
+# (metadata with an image's extension, also found loose). Dot-folders are skipped too (_is_picture_folder).
 _NOT_PICTURES = ("__MACOSX",)
 
 
@@ -419,34 +447,40 @@ def _is_picture_file(name: str) -> bool:
     return not name.startswith("._") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def images_in(folder: Path, recursive: bool) -> list[Path]:
+def images_in(folder: Path, recursive: bool, fenced: Sequence[str] = ()) -> list[Path]:
     """Image files under `folder` by extension, sorted. os.walk's directory entries spare a stat per file, and sorting
     the strings before making Paths spares pathlib's slow comparisons (100k files: seconds). Linked folders are
-    followed, each real folder once: a link back up (`up -> ..`) would read every other class into this one."""
+    followed, each real folder once, except one leading back up (`up -> ..` would read every class into this one)
+    or into a `fenced` folder (the other classes' real folders: their images would be read under two labels)."""
     if not recursive:
         with os.scandir(folder) as entries:
             found = [e.path for e in entries if e.is_file() and _is_picture_file(e.name)]
         return [Path(path) for path in sorted(found)]
-    found, seen, loops = [], set(), []
+    seen: set[str] = set()
+    found, skipped = [], []
     for root, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
         if real in seen:
-            loops.append(root)
+            skipped.append(root)
             dirs[:] = []
             continue
         seen.add(real)
         kept = []
-        for name in filter(_is_picture_folder, dirs):
+        for name in sorted(filter(_is_picture_folder, dirs)):  # sorted: which path reads a shared folder is fixed
+            if not os.path.islink(os.path.join(root, name)):  # a real sub-folder lies inside this one: no check
+                kept.append(name)
+                continue
             target = os.path.realpath(os.path.join(root, name))
-            if (real + os.sep).startswith(target + os.sep):  # a link to this folder or one above it
-                loops.append(os.path.join(root, name))
+            if os.path.commonpath([real, target]) == target or \
+                    any(os.path.commonpath([target, other]) == other for other in fenced):
+                skipped.append(os.path.join(root, name))
             else:
                 kept.append(name)
         dirs[:] = kept
         found += [os.path.join(root, name) for name in files if _is_picture_file(name)]
-    if loops:
-        log.warning("%s: not following %d linked folder(s) that lead back to a folder being read (e.g. %s)", folder,
-                    len(loops), loops[0])
+    if skipped:
+        log.warning("%s: not following %d linked folder(s) that lead to a folder read already, to one above it or "
+                    "to another class (e.g. %s)", folder, len(skipped), skipped[0])
     return [Path(path) for path in sorted(found)]
 
 
@@ -490,8 +524,14 @@ def _scan_split(folder: Path, class_names: tuple[str, ...] | None) -> tuple[list
             names = class_names
         else:
             known = {unicodedata.normalize("NFC", name): index for index, name in enumerate(names)}
-        for sub_dir in sub_dirs:
-            found = images_in(sub_dir, recursive=True)
+            if len(known) < len(names):
+                forms = [unicodedata.normalize("NFC", name) for name in names]
+                twins = sorted(name for name, form in zip(names, forms) if forms.count(form) > 1)
+                raise EdgekdError(f"{folder} has class folders whose names differ only in how their accents are "
+                                  f"encoded (Unicode NFC / NFD): {', '.join(map(repr, twins))}; merge them into one")
+        real_dirs = [os.path.realpath(d) for d in sub_dirs]
+        for sub_dir, real in zip(sub_dirs, real_dirs):
+            found = images_in(sub_dir, recursive=True, fenced=[other for other in real_dirs if other != real])
             if not found:
                 raise EdgekdError(f"class folder {sub_dir} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
                                   "add images or remove the folder")
@@ -512,7 +552,8 @@ def _scan_split(folder: Path, class_names: tuple[str, ...] | None) -> tuple[list
     paths = [p for p, ok in zip(paths, keep) if ok]
     labels = [label for label, ok in zip(labels, keep) if ok]
     if names and class_names is None:
-        empty = [name for index, name in enumerate(names) if index not in set(labels)]
+        present = set(labels)
+        empty = [name for index, name in enumerate(names) if index not in present]
         if empty:  # only files that are not images: it would be a class the model can never learn
             raise EdgekdError(f"class folder {folder / empty[0]} holds no readable images (its files are not "
                               "images, named in the warning above); add images or remove the folder")
@@ -544,10 +585,11 @@ def _load_folder(spec: DataSpec) -> LoadedData:
     if not root.is_dir():
         raise EdgekdError(f"--data {root} is not a folder or a .tar; pass a folder of images, a .tar of them, or "
                           "--data fashion-mnist")
-    train_dir = next((root / name for name in TRAIN_SPLITS if (root / name).is_dir()), None)
-    val_dir = next((root / name for name in VAL_SPLITS if (root / name).is_dir()), None)
+    folders = {d.name.lower(): d for d in sorted(root.iterdir()) if d.is_dir() and _is_picture_folder(d.name)}
+    train_dir = next((folders[name] for name in TRAIN_SPLITS if name in folders), None)
+    val_dir = next((folders[name] for name in VAL_SPLITS if name in folders), None)
     if train_dir is not None and val_dir is not None:
-        unused = [name for name in VAL_SPLITS if (root / name).is_dir() and root / name != val_dir]
+        unused = [folders[name].name for name in VAL_SPLITS if name in folders and folders[name] != val_dir]
         if unused:
             log.info("validating on %s/; %s/ not used", val_dir.name, "/, ".join(unused))
         train_paths, train_labels, names, skipped_train = _scan_split(train_dir, None)
@@ -555,20 +597,21 @@ def _load_folder(spec: DataSpec) -> LoadedData:
         skipped = skipped_train + skipped_val
         train, val = FileRecords(train_paths, train_labels), FileRecords(val_paths, val_labels)
     else:
-        _refuse_a_lone_split(root)
+        _refuse_a_lone_split(root, list(folders.values()))
         paths, labels, names, skipped = _scan_split(root, None)
         train, val = _split(FileRecords(paths, labels), spec)
-    _warn_unvalidated_classes(names, train.labels, val.labels, root)
     info = DatasetInfo(source=str(root), class_names=names, labeled=bool(names), num_train=len(train),
                        num_val=len(val), skipped_corrupt=skipped)
     return LoadedData(info, train, val)
 
 
-def _refuse_a_lone_split(root: Path) -> None:
+def _refuse_a_lone_split(root: Path, folders: list[Path]) -> None:
     """A train/ (or val/) folder of class folders without its partner would be read as one class named "train":
-    say what is missing instead."""
-    splits = [d for d in sorted(root.iterdir()) if d.is_dir() and d.name.lower() in TRAIN_SPLITS + VAL_SPLITS
-              and any(child.is_dir() and _is_picture_folder(child.name) for child in d.iterdir())]
+    say what is missing instead. Only where every folder is named like a split: beside other class folders, a
+    class may well be called "train" (a vehicle) and hold its images in sub-folders."""
+    if not folders or any(d.name.lower() not in TRAIN_SPLITS + VAL_SPLITS for d in folders):
+        return
+    splits = [d for d in folders if any(child.is_dir() and _is_picture_folder(child.name) for child in d.iterdir())]
     if not splits:
         return
     has_train = any(d.name.lower() in TRAIN_SPLITS for d in splits)
@@ -580,14 +623,14 @@ def _refuse_a_lone_split(root: Path) -> None:
 
 
 def _warn_unvalidated_classes(names: tuple[str, ...], train_labels: np.ndarray, val_labels: np.ndarray,
-                              root: Path) -> None:
+                              source: str) -> None:
     """A class with no validation image is never measured: neither the accuracy guard nor the report sees it."""
     if not names:
         return
     unseen = [names[c] for c in sorted(set(np.asarray(train_labels).tolist()) - set(np.asarray(val_labels).tolist()))]
     if unseen:
         log.warning("%s: no validation image for %d class(es) (%s): their accuracy is not measured; give each class "
-                    "2 or more images (a validation folder: images of each class)", root, len(unseen),
+                    "2 or more images (a validation folder: images of each class)", source, len(unseen),
                     ", ".join(unseen[:5]) + (" ..." if len(unseen) > 5 else ""))
 
 
@@ -765,11 +808,16 @@ class ModelInputs(Dataset):
     """
 
     def __init__(self, records: Dataset, preprocesses: Sequence[Preprocess], training: bool,
-                 crop_scale: tuple[float, float] = (0.5, 1.0)):
+                 crop_scale: tuple[float, float] = (0.5, 1.0), *, evaluation: bool | None = None):
+        """`training`: the shared random crop/flip and training's transform, else each model's eval transform.
+        `evaluation` (default: not training): an undecodable image gives a placeholder that evaluate() leaves out;
+        otherwise the next readable image takes its place (training, where distillation's fixed views use the eval
+        transform: a black placeholder would be a picture the student learns from)."""
         self.records = records
         self.preprocesses = tuple(preprocesses)
         self.unique = tuple(dict.fromkeys(self.preprocesses))
         self.training = training
+        self.evaluation = (not training) if evaluation is None else evaluation
         largest = max((p.image_size for p in self.unique), key=lambda hw: hw[0] * hw[1])
         self.augment = T.Compose([T.RandomResizedCrop(largest, scale=crop_scale), T.RandomHorizontalFlip()])
         make = _finish_transform if training else eval_transform
@@ -779,14 +827,15 @@ class ModelInputs(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> tuple:
-        if self.training:
-            image, label = self.records[index]
-            image = self.augment(image)
-        else:
+        if self.evaluation:
             read = evaluation_read(self.records, index)
             if read is None:  # a placeholder that evaluate() leaves out
                 return (*[torch.zeros(pre.input_size) for pre in self.preprocesses], UNREADABLE)
             image, label = read
+        else:
+            image, label = self.records[index]
+        if self.training:
+            image = self.augment(image)
         tensors = {pre: transform(image) for pre, transform in self.per_model.items()}
         return (*[tensors[pre] for pre in self.preprocesses], label)
 

@@ -32,3 +32,13 @@ def indistinguishable_from_chance(top1: float | None, classes: int, images: int)
         return False
     chance = 1.0 / classes
     return top1 <= chance + 2.0 * (chance * (1.0 - chance) / images) ** 0.5
+
+
+def paired_agreement(first: tuple[np.ndarray, np.ndarray], second: tuple[np.ndarray, np.ndarray]) -> float | None:
+    """Top-1 agreement of two models, each given as (image indices, top-1 classes), on the images both were scored
+    on: evaluation leaves out an image it cannot decode, and a file that broke between the two passes would
+    otherwise pair one model's answer for an image with the other's for the next."""
+    _, in_first, in_second = np.intersect1d(first[0], second[0], assume_unique=True, return_indices=True)
+    if not len(in_first):
+        return None
+    return float((np.asarray(first[1])[in_first] == np.asarray(second[1])[in_second]).mean())

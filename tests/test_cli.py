@@ -364,3 +364,16 @@ def test_a_full_or_read_only_disk_is_one_line_naming_the_file(small_disk: Path, 
     line = _one_line_error(["compress", "--teacher", "test_resnet", "--random-init", "--budget", "10ms",
                             "--out", str(small_disk / "run")])
     assert f"Read-only file system: {small_disk / 'run'}" in line and "--out" in line, line
+
+
+def test_a_full_disk_says_which_setting_moves_the_file(monkeypatch, tmp_path: Path):
+    """Most files are under --out; export's scratch folders are in TMPDIR and the teacher's answers in its cache."""
+    import tempfile
+
+    from edgekd.cli.app import _elsewhere
+
+    monkeypatch.setenv("EDGEKD_TEACHER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    assert "EDGEKD_TEACHER_CACHE_DIR" in _elsewhere(str(tmp_path / "cache" / "abc" / "logits.npy"))
+    assert "TMPDIR" in _elsewhere(str(tmp_path / "tmp" / "edgekd-export-x1" / "model.onnx"))
+    assert "--out" in _elsewhere(str(tmp_path / "tmp" / "my-run" / "run.json"))  # a run folder the user put there

@@ -144,6 +144,57 @@ def test_folders_as_exports_and_archivers_leave_them(tmp_path: Path, fmnist_arra
     assert "no validation image for 1 class(es) (fake)" in caplog.text
 
 
+def test_split_and_class_names_are_told_apart(tmp_path: Path, fmnist_arrays, caplog):
+    """The layouts the split detection must not mistake: a class called "train" (a vehicle) beside other classes,
+    capitalised split folders, a link to another class, and two folders that are one name in two Unicode forms."""
+    import unicodedata
+
+    images, labels = fmnist_arrays
+    vehicles = tmp_path / "vehicles"
+    write_images(vehicles, images, labels, ("bus", "car", "train"))
+    (vehicles / "train" / "2024").mkdir()
+    shutil.move(str(vehicles / "train" / "img_0024.png"), vehicles / "train" / "2024")
+    loaded = load_data(DataSpec(str(vehicles)))
+    assert loaded.info.class_names == ("bus", "car", "train") and len(loaded.train) + len(loaded.val) == 36
+
+    capitals = tmp_path / "capitals"
+    write_images(capitals / "Train", images[::2], labels[::2], ("a", "b", "c"))
+    write_images(capitals / "Val", images[1::2], labels[1::2], ("a", "b", "c"))
+    loaded = load_data(DataSpec(str(capitals)))
+    assert (loaded.info.num_train, loaded.info.num_val, loaded.info.class_names) == (18, 18, ("a", "b", "c"))
+
+    # a link from one class to another's folder would label its images twice: not followed
+    (vehicles / "bus" / "more").symlink_to(vehicles / "car")
+    with caplog.at_level("WARNING"):
+        loaded = load_data(DataSpec(str(vehicles)))
+    assert len(loaded.train) + len(loaded.val) == 36 and "to another class" in caplog.text
+    (vehicles / "bus" / "more").unlink()
+
+    (vehicles / unicodedata.normalize("NFD", "café")).mkdir()
+    (vehicles / unicodedata.normalize("NFC", "café")).mkdir()
+    for form in ("NFD", "NFC"):
+        shutil.copyfile(vehicles / "bus" / "img_0000.png", vehicles / unicodedata.normalize(form, "café") / "x.png")
+    with pytest.raises(EdgekdError, match="differ only in how their accents are encoded"):
+        load_data(DataSpec(str(vehicles)))
+
+
+def test_a_copy_is_the_same_bytes_not_the_same_header(tmp_path: Path, fmnist_arrays):
+    """Uncompressed pictures of one shape share their size and their first bytes: only the whole file tells a copy."""
+    from PIL import Image
+
+    from edgekd.data import _copies_of
+
+    picture = np.zeros((700, 700), np.uint8)
+    Image.fromarray(picture).save(tmp_path / "original.bmp")  # 490 kB; BMP stores the bottom row first
+    picture[:5] = 255  # the top rows: the file's last bytes
+    Image.fromarray(picture).save(tmp_path / "other.bmp")
+    shutil.copyfile(tmp_path / "original.bmp", tmp_path / "copy.bmp")
+    (tmp_path / "gone.bmp").symlink_to(tmp_path / "nowhere.bmp")
+    candidates = [tmp_path / "other.bmp", tmp_path / "copy.bmp", tmp_path / "gone.bmp"]
+    assert (tmp_path / "other.bmp").stat().st_size == (tmp_path / "original.bmp").stat().st_size
+    assert _copies_of(candidates, [tmp_path / "original.bmp"]) == {1}
+
+
 def test_corrupt_images_are_skipped_and_counted(class_folder: Path, caplog):
     (class_folder / "tshirt" / "broken.png").write_bytes(b"not an image at all")
     (class_folder / "tshirt" / "empty.png").write_bytes(b"")

@@ -128,6 +128,10 @@ def test_evaluation_leaves_an_undecodable_image_out_instead_of_counting_another_
     assert measured.predictions.tolist() == predicted
     evalset = preprocess_records(data.val, pre)  # the ONNX side (guard, bench) likewise
     assert evalset.labels.tolist() == data.val.labels[readable].tolist()
+    assert evalset.indices.tolist() == readable and "1 undecodable left out" in evalset.method
+    # distillation's fixed views use the eval transform, but train: the next image, never a black placeholder
+    training = ModelInputs(data.val, [pre], training=False, evaluation=False)
+    assert all(training[i][-1] >= 0 for i in range(len(data.val)))
     # a later run that recalls the broken file names it in its own log
     again = load_data(DataSpec(str(tmp_path / "data")))
     with caplog.at_level("WARNING", logger="edgekd"):

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import functools
 import logging
+import os
 import signal
 import sys
 import threading
@@ -38,10 +39,31 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 PATH_ERRORS = (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 # Where the run writes cannot take it: said with the file that failed, and what to do.
-DISK_ERRORS = {errno.ENOSPC: "free space on that disk, or pass --out on another one, and run the command again",
-               errno.EDQUOT: "free space within your quota, or pass --out on another disk, and run the command again",
-               errno.EFBIG: "the file system or a limit (ulimit -f) caps file sizes; pass --out on another disk",
-               errno.EROFS: "pass --out (or run from) a folder you can write to"}
+DISK_ERRORS = {errno.ENOSPC: "free space on that disk, or {elsewhere}, and run the command again",
+               errno.EDQUOT: "free space within your quota, or {elsewhere}, and run the command again",
+               errno.EFBIG: "the file system or a limit (ulimit -f) caps file sizes; {elsewhere}",
+               errno.EROFS: "{elsewhere}"}
+
+
+WORK_DIR_PREFIX = "edgekd-"  # edgekd's scratch folders in TMPDIR (tempfile.TemporaryDirectory(prefix="edgekd-..."))
+
+
+def _elsewhere(filename: str | None) -> str:
+    """How to put the file that failed on another disk: most are under --out; work files and caches are not."""
+    import tempfile
+
+    from edgekd.distill.state import TEACHER_CACHE_ENV, teacher_cache_root
+
+    def under(folder) -> bool:
+        return bool(filename) and os.path.commonpath([os.path.abspath(filename), os.path.abspath(folder)]) == \
+            os.path.abspath(folder)
+
+    if under(teacher_cache_root()):
+        return f"set {TEACHER_CACHE_ENV} to a folder on another disk"
+    if under(tempfile.gettempdir()) and os.path.relpath(os.path.abspath(filename), tempfile.gettempdir()).startswith(
+            WORK_DIR_PREFIX):  # export's and quantization's scratch folders
+        return "set TMPDIR to a folder on another disk"
+    return "pass --out (or run from) a folder on another disk"
 
 
 RESUME = "run the same command again to resume"
@@ -70,7 +92,8 @@ def user_errors(func: Callable | None = None, *, resume: str = RESUME) -> Callab
             if error.errno not in DISK_ERRORS:
                 raise
             where = f": {error.filename}" if error.filename else ""
-            typer.echo(f"error: {error.strerror}{where}; {DISK_ERRORS[error.errno]}", err=True)
+            advice = DISK_ERRORS[error.errno].format(elsewhere=_elsewhere(error.filename))
+            typer.echo(f"error: {error.strerror}{where}; {advice}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo(f"interrupted: finished stages are kept; {resume}", err=True)

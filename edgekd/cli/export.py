@@ -82,12 +82,14 @@ def predict_command(
         predictor = Predictor(bundle)
     except BundleError as error:
         raise EdgekdError(str(error)) from error
-    unreadable = [folder for folder in images if folder.is_dir() and not images_in(folder, recursive=True)]
-    for folder in unreadable:
-        typer.echo(f"error: {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})", err=True)
-    images = [found for path in images
-              for found in (images_in(path, recursive=True) if path.is_dir() else [path])]
-    for image in images:  # an image that cannot be read is said, and the others still answered
+    files, unreadable = [], []
+    for path in images:
+        found = images_in(path, recursive=True) if path.is_dir() else [path]
+        if not found:
+            unreadable.append(path)
+            typer.echo(f"error: {path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})", err=True)
+        files += found
+    for image in files:  # an image that cannot be read is said, and the others still answered
         try:
             ranked = predictor.predict(image, top_k=top_k)
         except BundleError as error:

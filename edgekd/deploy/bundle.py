@@ -24,7 +24,7 @@ from edgekd import __version__
 from edgekd.artifacts import (MANIFEST_NAME, remove_stale_staging, sha256_file, staging_prefix,
                               write_json_atomic)
 from edgekd.select.candidates import table_timing
-from edgekd.data import LoadedData
+from edgekd.data import LoadedData, evaluation_read
 from edgekd.errors import EdgekdError, first_line
 from edgekd.deploy.export import export_with_parity
 from edgekd.select.latency import measure_onnx
@@ -212,7 +212,8 @@ def _write_raw_input_model(staging: Path, config: dict[str, Any], data: LoadedDa
         return f"not written: {first_line(error)}"
     if data is not None:
         indices, _ = sample_indices(data.val, options.validation_images)
-        images, source = [data.val[i][0] for i in indices], "validation images"
+        read = [evaluation_read(data.val, i) for i in indices]
+        images, source = [image for image, _ in filter(None, read)], "validation images"
     else:
         images, source = synthetic_images(), "synthetic images (no --data)"
     check = check_with_preprocessing(raw, staging, images, source, margin=tie_margin(precision))

@@ -56,6 +56,7 @@ class EvalSet:
     images: np.ndarray | NormalizedPixels
     labels: np.ndarray
     method: str = "all"  # how the images were picked from their records (see sample_indices)
+    indices: np.ndarray | None = None  # the records' indices of the rows (None: 0..N-1); undecodable ones left out
 
     def describe(self) -> dict[str, Any]:
         """What the manifest records of a calibration or evaluation set."""
@@ -122,17 +123,21 @@ def preprocess_records(records: Dataset, preprocess: Preprocess, limit: int | No
         raise EdgekdError("no images to evaluate on; check --data")
     pixels = np.empty((len(indices), *preprocess.input_size), dtype=np.uint8)  # filled in place: no second copy
     labels = np.empty(len(indices), dtype=np.int64)
-    rows = 0
+    kept = []
     for index in indices:
         read = evaluation_read(records, index)
         if read is None:  # undecodable: left out, not replaced by another image
             continue
-        image, labels[rows] = read
-        pixels[rows] = crop(image)
-        rows += 1
-    if rows == 0:
+        image, labels[len(kept)] = read
+        pixels[len(kept)] = crop(image)
+        kept.append(index)
+    if not kept:
         raise EdgekdError("none of the images to evaluate on can be decoded; check --data")
-    return EvalSet(NormalizedPixels(pixels[:rows], preprocess.mean, preprocess.std), labels[:rows], method)
+    if len(kept) < len(indices):
+        method += f" ({len(indices) - len(kept)} undecodable left out)"
+    rows = len(kept)
+    return EvalSet(NormalizedPixels(pixels[:rows], preprocess.mean, preprocess.std), labels[:rows], method,
+                   np.asarray(kept, dtype=np.int64))
 
 
 def session(path: Path, threads: int = 0, *, unfused: bool = False) -> ort.InferenceSession:

@@ -142,7 +142,7 @@ def prepare_teacher(spec: TeacherSpec, data: LoadedData, out_dir: Path, *, image
                       config={"model": model_name, "weights": source, "input_size": list(preprocess.input_size)},
                       metrics={"val_top1": top1, "val_top5": top5, "params": result.params})
     log.info("teacher %s ready: val top-1 %s on %d images", model_name, _pct(top1), readable_count(data.val))
-    if indistinguishable_from_chance(top1, num_classes, data.info.num_val):
+    if indistinguishable_from_chance(top1, num_classes, readable_count(data.val)):
         log.warning("the teacher's val top-1 (%s) is no better than guessing among %d classes: it has nothing to "
                     "teach; train it longer (compress's --teacher-epochs, train-teacher's --epochs) or on more images",
                     _pct(top1), num_classes)

@@ -30,6 +30,7 @@ from edgekd.distill.views import MirrorDraw, mirror, view_rows
 from edgekd.distill.state import (STATE_NAME, Processes, TeacherCache, agree_on_minimum, finish_processes,
                                   share_from_main, start_processes, sync_buffers, teacher_cache_root)
 from edgekd.errors import EdgekdError
+from edgekd.metrics import paired_agreement
 from edgekd.models import preprocess_for
 from edgekd.recipe import (DEFAULT_MIX, DEFAULT_MIX_ALPHA, MIRROR_FIXED_VIEWS, default_augment, default_for_start,
                            recipe_fingerprint)
@@ -163,7 +164,7 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
         log.info("training on %d labeled images (x%d per epoch) and %d unlabeled ones, shuffled together",
                  len(data.train), config.labeled_repeat, len(data.unlabeled))
     train_set = SeededItems(ModelInputs(records, [student_pre] + [t.preprocess for t in teachers],
-                                        training=config.augment), config.seed)
+                                        training=config.augment, evaluation=False), config.seed)
     drop_last = len(records) > config.batch_size
     sampler = EpochSampler(len(records), num_replicas=processes.world, rank=processes.rank, seed=config.seed,
                            drop_last=drop_last)
@@ -431,8 +432,9 @@ def _finish(hinted: HintedStudent, loop: DistillLoop, teachers: list[TeacherResu
     val_teacher = make_loader(ModelInputs(data.val, [teachers[0].preprocess], training=False),
                               config.batch_size * 2 // processes.world, shuffle=False,
                               num_workers=config.num_workers, device=device)
-    teacher_preds = evaluate(loop.teachers[0].model, val_teacher, compute, description="teacher val").predictions
-    agreement = float((teacher_preds == result.predictions).float().mean()) if len(teacher_preds) else None
+    teacher = evaluate(loop.teachers[0].model, val_teacher, compute, description="teacher val")
+    agreement = paired_agreement((teacher.indices, teacher.predictions.numpy()),
+                                 (result.indices, result.predictions.numpy()))
     weights_path = out_dir / "student.safetensors"
     student_state = {k: v.detach().cpu().contiguous() for k, v in hinted.student.state_dict().items()}
     with atomic_path(weights_path) as tmp:

@@ -322,7 +322,8 @@ class EvalResult:
     top1: float | None  # None without labels
     top5: float | None
     count: int
-    predictions: torch.Tensor  # top-1 class per sample, in loader order
+    predictions: torch.Tensor  # top-1 class per image scored, in loader order
+    indices: np.ndarray  # the loader positions of those images (undecodable ones are left out)
 
 
 @torch.inference_mode()
@@ -337,8 +338,10 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, compute: Compute, *, in
         tops.append(top_predictions(logits.cpu().numpy()))  # N x 5 ints: small whatever the data's size
         labels.append(batch[-1].numpy())
     if not tops:
-        return EvalResult(None, None, 0, torch.empty(0, dtype=torch.long))
+        return EvalResult(None, None, 0, torch.empty(0, dtype=torch.long), np.empty(0, dtype=np.int64))
     readable = np.concatenate(labels) != UNREADABLE  # images that could not be decoded count nowhere
+    if not readable.any():
+        raise EdgekdError(f"none of the {len(readable)} validation images can be decoded; check --data")
     top, truth = np.concatenate(tops)[readable], np.concatenate(labels)[readable]
     top1, top5 = accuracy(top, truth)
-    return EvalResult(top1, top5, len(top), torch.from_numpy(top[:, 0]))
+    return EvalResult(top1, top5, len(top), torch.from_numpy(top[:, 0]), np.flatnonzero(readable))

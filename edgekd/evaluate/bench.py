@@ -21,7 +21,7 @@ import onnxruntime as ort
 from edgekd.data import LoadedData
 from edgekd.deploy.bundle import read_shipped_form
 from edgekd.errors import EdgekdError, first_line
-from edgekd.metrics import accuracy, top_predictions
+from edgekd.metrics import accuracy, paired_agreement, top_predictions
 from edgekd.select.latency import measure_onnx
 from edgekd.distill.train_utils import progress
 from edgekd.types import Preprocess
@@ -190,7 +190,7 @@ def bench(models: Sequence[BenchModel], *, data: LoadedData | None = None, threa
 def _model_facts(models: Sequence[BenchModel], data: LoadedData | None,
                  max_eval_images: int | None) -> list[ModelFacts]:
     evalsets: dict[Preprocess, EvalSet] = {}
-    predictions: dict[str, np.ndarray] = {}
+    predictions: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # image indices, top-1 classes
     facts = []
     teacher = next((m for m in models if m.role == "teacher"), None)
     ordered = sorted(models, key=lambda m: m is not teacher)  # the teacher's predictions are needed first
@@ -203,11 +203,11 @@ def _model_facts(models: Sequence[BenchModel], data: LoadedData | None,
             evalset = evalsets[model.preprocess]
             logits = onnx_logits(model.path, evalset.images)
             top = top_predictions(logits)
-            predictions[model.name] = top[:, 0]
+            predictions[model.name] = (evalset.indices, top[:, 0])
             count = len(top)
             top1, top5 = accuracy(top, evalset.labels)
             if teacher is not None and teacher.name in predictions:
-                agreement = float((predictions[model.name] == predictions[teacher.name]).mean())
+                agreement = paired_agreement(predictions[model.name], predictions[teacher.name])
         peak, delta = peak_rss_mb(model.path, model.preprocess.input_size if model.preprocess else None)
         facts.append(ModelFacts(name=model.name, role=model.role, precision=model.precision, path=str(model.path),
                                 size_bytes=Path(model.path).stat().st_size, peak_rss_mb=peak, model_rss_mb=delta,
