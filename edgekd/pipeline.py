@@ -12,12 +12,9 @@ Teacher fine-tuning and distillation also resume mid-way from their training sta
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -31,6 +28,7 @@ from edgekd.select.candidates import check_measurable_here, choose_student
 from edgekd.data import LoadedData, load_data, recall_unreadable, unreadable_marks
 from edgekd.distill.train import DistillConfig, distill
 from edgekd.errors import EdgekdError
+from edgekd.interrupts import interrupts_held
 from edgekd.select.profiles import DeviceProfile, load_profile
 from edgekd.deploy.guard import GuardConfig
 from edgekd.record import StageRecord, code_digest, cpu_model, data_fingerprint, stage_key
@@ -344,7 +342,7 @@ def _retire_report(run_dir: Path, bench_too: bool = True) -> None:
     if not reports:
         return
     folder = run_dir / PREVIOUS_REPORT
-    with _interrupts_held():  # the files move together, or none does
+    with interrupts_held():  # the files move together, or none does
         if any((run_dir / name).exists() for name in REPORT_FILES):  # a newer report: the one aside is superseded
             shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(exist_ok=True)  # else they join the report moved there earlier (bench.json after select)
@@ -355,26 +353,6 @@ def _retire_report(run_dir: Path, bench_too: bool = True) -> None:
                 path.replace(folder / path.name)
     log.info("the previous report moved to %s: this run replaces what it describes; its own report comes at the end",
              folder)
-
-
-@contextlib.contextmanager
-def _interrupts_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM that arrive inside the block take effect right after it (their handlers are swapped for
-    ones that note them, then restored and the signals raised again): a few renames are not cut in half. Outside
-    the main thread, where handlers cannot be set, the block runs as it is."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    arrived: list[int] = []
-    previous = {number: signal.signal(number, lambda received, _frame: arrived.append(received))
-                for number in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-        for number in dict.fromkeys(arrived):
-            signal.raise_signal(number)
 
 
 def _jsonable(value: Any) -> Any:

@@ -117,6 +117,38 @@ def test_resume_after_an_interruption_reaches_the_uninterrupted_result(data, tea
         torch.testing.assert_close(c[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_a_ctrl_c_inside_a_step_lands_after_it(data, teachers, tmp_path):
+    """Ctrl-C mid-forward (where a user's usually lands) used to keep BatchNorm statistics the saved step count did
+    not include, so the resumed student differed (num_batches_tracked 9 for 8). The step now lands whole first."""
+    import signal
+
+    config = replace(QUICK, epochs=2, losses=parse_loss_specs(["ce=1,kd=1:0.5"]))
+    straight = distill(teachers[:1], "test_resnet", data, config, tmp_path / "straight")
+    first_norm: list[torch.nn.Module] = []
+    calls = [0]
+
+    def ctrl_c_in_a_step(module, inputs, output):  # the student's first BatchNorm, in training mode
+        if not (isinstance(module, torch.nn.BatchNorm2d) and module.training):
+            return
+        first_norm[:] = first_norm or [module]
+        if module is first_norm[0]:
+            calls[0] += 1
+            if calls[0] == 8:
+                signal.raise_signal(signal.SIGINT)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(ctrl_c_in_a_step)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            distill(teachers[:1], "test_resnet", data, config, tmp_path / "resumed")
+    finally:
+        hook.remove()
+    assert 0 < torch.load(tmp_path / "resumed" / "distill_state.pt", weights_only=True)["step"] < 12
+    resumed = distill(teachers[:1], "test_resnet", data, replace(config, resume=True), tmp_path / "resumed")
+    a, b = load_file(str(straight.weights_path)), load_file(str(resumed.weights_path))
+    for name in a:  # buffers included: running statistics and num_batches_tracked
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_resume_ignores_a_checkpoint_of_another_configuration(data, teachers, tmp_path, caplog):
     distill(teachers[:1], "test_resnet", data, replace(QUICK, losses=parse_loss_specs(["kd=1"])), tmp_path)
     with caplog.at_level("WARNING"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,7 @@ def test_bundle_is_complete_hashed_and_not_overwritten(small_fmnist, tmp_path: P
     assert model_entry["parent"] == str(checkpoint.weights_path)
     assert model_entry["metrics"]["parity"]["max_abs_diff"] <= model_entry["metrics"]["parity"]["tolerance"]
     assert model_entry["metrics"]["quantization"]["trials"], "every quantization decision is recorded"
+    assert model_entry["metrics"]["quantization"]["path"] == "model.onnx"  # not the deleted scratch folder's
     assert result.precision == model_entry["config"]["precision"] == "int8_static"
     assert abs(model_entry["metrics"]["accuracy_drop_points"]) <= 1.0
     pre = json.loads((out / "preprocess.json").read_text())
@@ -99,6 +101,16 @@ def test_bundle_is_complete_hashed_and_not_overwritten(small_fmnist, tmp_path: P
     with pytest.raises(EdgekdError, match="already exists"):
         bundle_from_checkpoint(checkpoint, out, small_fmnist, options)
     assert sha256_file(out / "model.onnx") == before
+    # --overwrite replaces a bundle, never a folder that is not one: the student's own, a run's, an app's
+    student_folder = checkpoint.weights_path.parent
+    app_folder = tmp_path / "myapp"
+    (app_folder / "src").mkdir(parents=True)
+    (app_folder / "main.py").write_text("important")
+    for folder, named in ((student_folder, "student.safetensors"), (app_folder, "main.py, src")):
+        held = sorted(p.name for p in folder.iterdir())
+        with pytest.raises(EdgekdError, match=f"is not a bundle \\(it holds .*{named}"):
+            bundle_from_checkpoint(checkpoint, folder, small_fmnist, replace(options, overwrite=True))
+        assert sorted(p.name for p in folder.iterdir()) == held
 
 
 def test_cli_export_then_predict(small_fmnist, tmp_path: Path) -> None:

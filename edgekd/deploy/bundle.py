@@ -103,8 +103,14 @@ def bundle_from_checkpoint(checkpoint: StudentCheckpoint, out_dir: Path, data: L
     Without data the bundle ships fp32: int8 and fp16 ship only when checked on real images.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not options.overwrite:
-        raise EdgekdError(f"{out_dir} already exists; remove it, pass another --out, or pass --overwrite")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        foreign = _not_a_bundles(out_dir)
+        if foreign:  # --overwrite must never empty a student's, a run's or an app's folder
+            shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+            raise EdgekdError(f"{out_dir} is not a bundle (it holds {shown}); pass an empty or new folder as --out "
+                              "(--overwrite replaces a bundle only)")
+        if not options.overwrite:
+            raise EdgekdError(f"{out_dir} already exists; remove it, pass another --out, or pass --overwrite")
     model = load_student(checkpoint)
     evalset = preprocess_records(data.val, checkpoint.preprocess, options.validation_images) if data else None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -274,7 +280,8 @@ def _manifest(folder: Path, checkpoint: StudentCheckpoint, options: BundleOption
                         metrics={"parity": parity.to_dict(), "fp32": fp32.to_dict(), "shipped": shipped.to_dict(),
                                  "accuracy_drop_points": _drop(fp32, shipped), "latency_p50_ms": latency_ms,
                                  "size_bytes": (folder / MODEL_NAME).stat().st_size,
-                                 "quantization": decision.to_dict() if decision else None,
+                                 # the shipped file by its name in the bundle, not the scratch folder it was made in
+                                 "quantization": {**decision.to_dict(), "path": MODEL_NAME} if decision else None,
                                  "images": samples,  # which images validated and calibrated it
                                  # why the raw-image model was not written
                                  **({"with_preprocessing": raw_check} if isinstance(raw_check, str) else {})})]
@@ -304,6 +311,21 @@ def _drop(fp32: OnnxMetrics, shipped: OnnxMetrics) -> float | None:
     if fp32.top1 is None or shipped.top1 is None:
         return None
     return float(np.round(100 * (fp32.top1 - shipped.top1), 4))
+
+
+def _not_a_bundles(folder: Path) -> list[str]:
+    """What in `folder` a bundle does not hold (its files, their .ort forms, web/), by relative path."""
+    foreign = []
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if path.is_dir() and name == "web":
+            continue
+        if path.is_file() and (name in BUNDLE_FILES or (name.endswith(".ort") and "/" not in name)):
+            continue
+        if any(str(parent) in foreign for parent in Path(name).parents):
+            continue  # a foreign folder is named once, not file by file
+        foreign.append(name)
+    return foreign
 
 
 def _move_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:

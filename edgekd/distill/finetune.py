@@ -20,6 +20,7 @@ from edgekd.distill.sampling import EpochSampler, SeededItems
 from edgekd.distill.train_utils import (Compute, backward_in_slices, check_finite, evaluate, make_optimizer,
                                         micro_batch_size, pick_device, progress, recipe_for, seed_everything,
                                         warmup_cosine)
+from edgekd.interrupts import interrupts_held
 from edgekd.record import (TrainState, data_fingerprint, resume_training_state, save_training_state, stage_key,
                            state_kept_on_interrupt)
 from edgekd.types import Preprocess, TrainConfig
@@ -87,21 +88,22 @@ def train_classifier(model: torch.nn.Module, data: LoadedData, preprocess: Prepr
         with state_kept_on_interrupt(save, state_path), contextlib.closing(bar):
             for batch_index, (inputs, labels, _) in batches:
                 inputs, labels = compute.inputs(inputs), labels.to(device)
-                optimizer.zero_grad(set_to_none=True)
 
                 def slice_loss(part: slice) -> tuple[torch.Tensor, dict]:
                     with compute.autocast():
                         return F.cross_entropy(model(inputs[part]).float(), labels[part], label_smoothing=0.1), {}
 
-                loss, _ = backward_in_slices(len(labels), micro, slice_loss)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
-                step += 1
-                scheduler.step_update(step)
-                seen += len(labels)
-                running += loss.item()
+                with interrupts_held():  # a step lands whole (weights, BatchNorm statistics, step count) or not
+                    optimizer.zero_grad(set_to_none=True)
+                    loss, _ = backward_in_slices(len(labels), micro, slice_loss)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                    optimizer.step()
+                    step += 1
+                    scheduler.step_update(step)
+                    seen += len(labels)
+                    running += loss.item()
+                    state.partial = {"seen": seen, "running": running, "seconds": time.perf_counter() - started}
                 check_finite(running, step, label)
-                state.partial = {"seen": seen, "running": running, "seconds": time.perf_counter() - started}
                 bar.set_postfix(refresh=False, loss=f"{running / (batch_index + 1):.3f}",
                                 img_s=f"{seen / (time.perf_counter() - started):.0f}")
             bar.close()  # before validation's own bar

@@ -30,6 +30,7 @@ from edgekd.distill.views import MirrorDraw, mirror, view_rows
 from edgekd.distill.state import (STATE_NAME, Processes, TeacherCache, agree_on_minimum, finish_processes,
                                   share_from_main, start_processes, sync_buffers, teacher_cache_root)
 from edgekd.errors import EdgekdError
+from edgekd.interrupts import interrupts_held
 from edgekd.metrics import paired_agreement
 from edgekd.models import preprocess_for
 from edgekd.recipe import (DEFAULT_MIX, DEFAULT_MIX_ALPHA, MIRROR_FIXED_VIEWS, default_augment, default_for_start,
@@ -324,14 +325,15 @@ class DistillLoop:
             for batch_index, batch in enumerate(bar):
                 if batch_index >= steps:
                     break
-                total, terms, images = self.step(self.views(batch, n_teachers, epoch, state.step), n_teachers,
-                                                 state.step / self.total_steps)
-                state.step += 1
-                self.scheduler.step_update(state.step)
-                for name, value in {"loss": total, **terms, "steps": 1, "images": images}.items():
-                    sums[name] = sums.get(name, 0.0) + value
-                sums["seconds"] = time.perf_counter() - started
-                state.partial = sums
+                with interrupts_held():  # a step lands whole (weights, BatchNorm statistics, step count) or not
+                    total, terms, images = self.step(self.views(batch, n_teachers, epoch, state.step), n_teachers,
+                                                     state.step / self.total_steps)
+                    state.step += 1
+                    self.scheduler.step_update(state.step)
+                    for name, value in {"loss": total, **terms, "steps": 1, "images": images}.items():
+                        sums[name] = sums.get(name, 0.0) + value
+                    sums["seconds"] = time.perf_counter() - started
+                    state.partial = sums
                 if batch_index % 10 == 0 or batch_index + 1 == steps:  # one device sync per 10 steps
                     check_finite(float(sums["loss"]), state.step, "distillation")
                     shown = {k: f"{float(sums[k]) / sums['steps']:.3f}" for k in ("loss", *terms)}
