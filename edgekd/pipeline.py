@@ -18,7 +18,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from edgekd.artifacts import make_artifact, sha256_file, write_json_atomic
 from edgekd.evaluate.bench import BENCH_MODELS_NAME, BenchModel, BenchResult, bench, bench_model_to_dict
