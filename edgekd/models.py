@@ -278,8 +278,8 @@ def strip_wrapper_prefix(state: dict[str, torch.Tensor], own: dict[str, torch.Te
     if not prefixes:
         return state
     (prefix, matching), *others = prefixes.most_common(2)
-    if matching <= as_they_are:
-        return state
+    if matching <= as_they_are or matching < len(own) / 2:  # no whole model under it: another model's checkpoint
+        return state  # (a resnet's "layer1.0.bn1.weight" is an efficientnet's "bn1.weight"), for load_weights to say
     if others and others[0][1] == matching:  # two whole copies (a model and its EMA, a teacher and its student)
         raise EdgekdError(f"the checkpoint holds the model twice, under {prefix!r} and {others[0][0]!r}; save the "
                           f"one you mean alone: {{k.removeprefix(PREFIX): v for k, v in state.items() if "

@@ -377,3 +377,14 @@ def test_a_full_disk_says_which_setting_moves_the_file(monkeypatch, tmp_path: Pa
     assert "EDGEKD_TEACHER_CACHE_DIR" in _elsewhere(str(tmp_path / "cache" / "abc" / "logits.npy"))
     assert "TMPDIR" in _elsewhere(str(tmp_path / "tmp" / "edgekd-export-x1" / "model.onnx"))
     assert "--out" in _elsewhere(str(tmp_path / "tmp" / "my-run" / "run.json"))  # a run folder the user put there
+
+
+def test_a_derived_candidate_named_through_an_alias_is_the_one_selection_looks_for():
+    """A probe pack made with `derived:efficientnet_lite0:...` measured the teacher-derived student under that
+    name, and a later `select` (which names it canonically) found no row for it and chose another student."""
+    from edgekd.cli.options import _candidate_names
+    from edgekd.select.candidates import candidate_names
+
+    given = _candidate_names("lcnet_050, derived:efficientnet_lite0:depth=0.5")
+    assert given == "lcnet_050,derived:tf_efficientnet_lite0:depth=0.5"
+    assert given.split(",")[1] in candidate_names("efficientnet_lite0")

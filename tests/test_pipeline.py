@@ -289,6 +289,9 @@ def test_bench_rejects_a_corrupt_model(tmp_path: Path):
     (tmp_path / "broken.onnx").write_bytes(b"\x08\x07garbage")
     result = runner.invoke(app, ["bench", str(tmp_path / "broken.onnx")])
     assert result.exit_code == 2 and "not a valid ONNX model" in result.output
+    (tmp_path / "model.ort").write_bytes(b"ORTM")  # a bundle's mobile form is named as such, not called invalid
+    result = runner.invoke(app, ["bench", str(tmp_path / "model.ort")])
+    assert result.exit_code == 2 and "mobile form of model.onnx" in result.output, result.output
 
 
 def test_killed_distillation_resumes_without_redoing_finished_stages(tmp_path: Path, fmnist_root):

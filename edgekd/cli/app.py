@@ -66,7 +66,7 @@ def _elsewhere(filename: str | None) -> str:
     return "pass --out (or run from) a folder on another disk"
 
 
-RESUME = "run the same command again to resume"
+RESUME = "finished stages are kept; run the same command again to resume"
 
 
 def user_errors(func: Callable | None = None, *, resume: str = RESUME) -> Callable:
@@ -96,7 +96,7 @@ def user_errors(func: Callable | None = None, *, resume: str = RESUME) -> Callab
             typer.echo(f"error: {error.strerror}{where}; {advice}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            typer.echo(f"interrupted: finished stages are kept; {resume}", err=True)
+            typer.echo(f"interrupted: {resume}", err=True)
             raise typer.Exit(130) from None
 
     return wrapper

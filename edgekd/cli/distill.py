@@ -50,7 +50,7 @@ from edgekd.recipe import DEFAULT_MIX, DEFAULT_MIX_ALPHA
 
 
 @app.command("distill")
-@user_errors(resume="run the same command with --resume to continue from the checkpoint")
+@user_errors(resume="finished stages are kept; run the same command with --resume to continue from the checkpoint")
 def distill_command(
     student: Optional[str] = typer.Option(None, "--student", "-s", help="Student: a timm name or alias (or a "
                                           "derived name); may be implied by --student-checkpoint."),

@@ -13,15 +13,16 @@ from edgekd.errors import EdgekdError
 
 
 @app.command("export")
-@user_errors
+@user_errors(resume="nothing was written (a bundle appears whole or not at all); run the same command again")
 def export_command(
     checkpoint: Path = typer.Argument(..., help="A student checkpoint folder (student.json + student.safetensors)."),
     out: Path = typer.Option(Path("export"), "--out", "-o", help="The bundle folder to write."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP + " Needed for int8 (calibration)."),
     profile: str = typer.Option("host", "--profile", "-p", help="Target device profile: ISA, threads, precisions."),
-    max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", help="Top-1 points int8 may lose."),
+    max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", min=0.0, help="Top-1 points int8 may lose."),
     min_agreement: MinAgreement = None,
-    search: bool = typer.Option(False, "--search", help="Try every quantization preset of the ISA; keep the fastest."),
+    search: bool = typer.Option(False, "--search-quantization", "--search",
+                                help="Try every quantization preset of the ISA; keep the fastest."),
     calibration: Calibration = "auto",
     opset: int = typer.Option(17, "--opset", help="ONNX opset (17-20)."),
     ort_format: Optional[bool] = typer.Option(None, "--ort-format/--no-ort-format",

@@ -199,7 +199,13 @@ def _candidate_names(value: Optional[str]) -> Optional[str]:
         check_model_names("--candidates", _names(value) or [])
     except EdgekdError as error:
         raise typer.BadParameter(str(error).removeprefix("--candidates: ")) from None
-    return value
+    if value is None:
+        return None
+    from edgekd.distill.students import parse_derived
+
+    # one spelling per model: a derived student named through an alias (derived:efficientnet_lite0:...) is the
+    # teacher-derived candidate a latency table or a selection looks for (derived:tf_efficientnet_lite0:...)
+    return ",".join(spec.name if (spec := parse_derived(name)) else name for name in _names(value) or [])
 
 
 Candidates = Annotated[Optional[str], typer.Option("--candidates", callback=_candidate_names,

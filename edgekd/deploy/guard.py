@@ -156,7 +156,7 @@ def guarded_quantize(fp32_path: Path, out_path: Path, *, evalset: EvalSet, calib
             if final.passed and timing:
                 latency = timing(attempt, precision)
                 final = replace(final, latency_ms=latency) if latency is not None else replace(
-                    final, passed=False, error=f"no {precision} latency ({latency_source}): it cannot be shown to pay")
+                    final, passed=False, error=f"no {precision} latency ({latency_source}): {UNPRICED}")
                 rounds[-1] = final
             trials += rounds
             if final.passed and (best is None or _faster(final, best[0])):
@@ -194,6 +194,8 @@ def most_trials(plan: tuple[tuple[str, QuantPreset, str], ...], guard: GuardConf
                for _, preset, method in plan)
 
 
+UNPRICED = "it cannot be shown to pay"  # a form the guard passed, with no latency to rank it by
+
 # The decision times fp32 and the fastest passing int8 form alternately, this many rounds, and compares medians:
 # p50s taken minutes apart on a busy machine drift by more than the 5% int8 must gain (a classifier-only dynamic
 # int8, no faster by construction, once measured 1.11x that way: benchmarks/results/quantization_host.md).
@@ -222,6 +224,11 @@ def _decide(best: tuple[Trial, Path] | None, fp32_top1: float | None, fp32_ms: f
             out_path: Path, trials: tuple[Trial, ...], guard: GuardConfig, latency_source: str) -> QuantDecision:
     min_speedup = guard.min_speedup
     if best is None:
+        unpriced = next((t for t in trials if t.error and t.error.endswith(UNPRICED)), None)
+        if unpriced is not None:  # accurate enough, but the latency source has no figure for it
+            return QuantDecision("fp32", out_path, isa, None, fp32_top1, fp32_ms, fp32_ms, trials=trials,
+                                 reason=f"{unpriced.preset.name} stayed within the accuracy guard, but "
+                                        f"{unpriced.error}; measure it there (a probe pack with this student)")
         floor = "" if guard.min_agreement is None else \
             f" and agreed with fp32 on at least {100 * guard.min_agreement:g}% of the images (--min-agreement)"
         return QuantDecision("fp32", out_path, isa, None, fp32_top1, fp32_ms, fp32_ms, trials=trials,

@@ -149,6 +149,9 @@ def models_from_paths(paths: Sequence[Path]) -> list[BenchModel]:
                                      labels=tuple(raw.get("labels", ()))))
         elif path.is_dir():
             raise EdgekdError(f"{path} is neither a run folder ({BENCH_MODELS_NAME}) nor a bundle (preprocess.json)")
+        elif path.suffix == ".ort":  # onnxruntime-mobile's form: no ONNX graph to read the input from
+            raise EdgekdError(f"{path} is ONNX Runtime's mobile form of {path.with_suffix('.onnx').name}, the same "
+                              "graph; bench that .onnx file or its bundle folder (the .ort runs on the phone)")
         else:
             models.append(BenchModel(name=path.stem, path=path, precision=precision_of_graph(path)))
     names = [m.name for m in models]

@@ -358,7 +358,10 @@ def _from_table(table: dict[tuple[str, str], dict[str, Any]], name: str, precisi
         return Measurement(precision, None, source, error=f"failed on the device: {row['error']}")
     stats = LatencyStats.from_dict(row["stats"])
     if tuple(stats.input_shape[1:]) != tuple(input_size):
-        return Measurement(precision, None, source, error=f"measured at {stats.input_shape[1:]}, not {input_size}")
+        measured = tuple(stats.input_shape[2:])
+        return Measurement(precision, None, source, error=f"measured at {'x'.join(map(str, measured))} px, not "
+                           f"{'x'.join(map(str, input_size[1:]))}: pass --input-size {measured[0]}, or make a probe "
+                           "pack at this size")
     return Measurement(precision, stats, source)
 
 
