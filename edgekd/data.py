@@ -286,10 +286,12 @@ def readable_count(records: Dataset) -> int:
     return len(records) - (records.unreadable if isinstance(records, DecodedRecords) else 0)
 
 
-def evaluation_read(records: Records, index: int) -> tuple[Image.Image, int] | None:
+def evaluation_read(records: Dataset, index: int) -> tuple[Image.Image, int] | None:
     """What evaluation reads: the image itself, or None where it cannot be decoded (training's read takes the next
-    readable image instead, which in an evaluation would count that image twice)."""
-    return records.decoded_or_none(index)
+    readable image instead, which in an evaluation would count that image twice). A dataset of another kind (a
+    wrapper around records) is read as it reads itself."""
+    read = getattr(records, "decoded_or_none", None)
+    return read(index) if read is not None else records[index]
 
 
 def _decoded_splits(data: LoadedData) -> list[tuple[str, DecodedRecords]]:
