@@ -137,11 +137,14 @@ def test_a_ctrl_c_inside_a_step_lands_after_it(data, teachers, tmp_path):
                 signal.raise_signal(signal.SIGINT)
 
     hook = torch.nn.modules.module.register_module_forward_hook(ctrl_c_in_a_step)
+    # Python's own Ctrl-C handler, as in a terminal: a job started in the background of a script ignores SIGINT
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
             distill(teachers[:1], "test_resnet", data, config, tmp_path / "resumed")
     finally:
         hook.remove()
+        signal.signal(signal.SIGINT, previous)
     assert 0 < torch.load(tmp_path / "resumed" / "distill_state.pt", weights_only=True)["step"] < 12
     resumed = distill(teachers[:1], "test_resnet", data, replace(config, resume=True), tmp_path / "resumed")
     a, b = load_file(str(straight.weights_path)), load_file(str(resumed.weights_path))
