@@ -85,7 +85,7 @@ def compress_command(
     cache_teacher: CacheTeacher = None,
     batch_size: BatchSize = 128,
     lr: LearningRate = None,
-    max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", min=0.0,
+    max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop",
                                             help="Top-1 points int8 may lose against the fp32 student."),
     min_agreement: MinAgreement = None,
     search_quantization: bool = typer.Option(False, "--search-quantization",

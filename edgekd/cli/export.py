@@ -19,7 +19,7 @@ def export_command(
     out: Path = typer.Option(Path("export"), "--out", "-o", help="The bundle folder to write."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP + " Needed for int8 (calibration)."),
     profile: str = typer.Option("host", "--profile", "-p", help="Target device profile: ISA, threads, precisions."),
-    max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", min=0.0, help="Top-1 points int8 may lose."),
+    max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", help="Top-1 points int8 may lose."),
     min_agreement: MinAgreement = None,
     search: bool = typer.Option(False, "--search-quantization", "--search",
                                 help="Try every quantization preset of the ISA; keep the fastest."),
