@@ -125,14 +125,14 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
 
 
-_HASHED: dict[tuple[str, int, int, int], str] = {}
+_HASHED: dict[tuple[str, int, int, int, int], str] = {}
 
 
 def sha256_file(path: Path) -> str:
     """The file's sha256. Stage keys ask for the same weights several times a run (a ViT-B teacher is 350 MB): a file
-    whose inode, size and modification time are unchanged is not read again in this process."""
+    whose inode, size, modification and change times are unchanged is not read again in this process."""
     stat = os.stat(path)
-    identity = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    identity = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
     if identity not in _HASHED:
         digest = hashlib.sha256()
         with open(path, "rb") as handle:
@@ -144,8 +144,12 @@ def sha256_file(path: Path) -> str:
 
 def config_hash(config: Any) -> str:
     """A stable short hash of a JSON-able config: the cache key of a stage."""
-    blob = json.dumps(config, sort_keys=True, default=_json_default).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return hashlib.sha256(canonical_json(config).encode()).hexdigest()[:16]
+
+
+def canonical_json(config: Any) -> str:
+    """The text config_hash hashes (sorted keys; tuples as lists, paths and dataclasses as _json_default writes)."""
+    return json.dumps(config, sort_keys=True, default=_json_default)
 
 
 def read_manifest(run_dir: Path) -> list[Artifact]:

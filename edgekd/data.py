@@ -69,6 +69,11 @@ class ArrayRecords(Dataset):
         digest.update(self.labels.tobytes())
 
 
+def file_identity(stat: os.stat_result) -> str:
+    """A file's content identity without reading it: size, modification time and change time (FileRecords)."""
+    return f"{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}"
+
+
 class DecodedRecords(Dataset):
     """Images decoded lazily, upright and 8-bit as a viewer shows them (edgekd.runtime.as_model_pixels).
 
@@ -131,11 +136,14 @@ class FileRecords(DecodedRecords):
         return FileRecords([self.paths[i] for i in indices], self.labels[indices])
 
     def fingerprint_into(self, digest) -> None:
-        """Every file's path, size and modification time, with its label: an added, removed, replaced or edited
-        image changes it, without reading any pixels."""
+        """Every file's path, size and modification and change times, with its label: an added, removed, replaced
+        or edited image changes it, without reading any pixels. The change time (st_ctime_ns) is the one a user
+        cannot set: an image replaced by another of the same size with its old modification time put back (cp -p,
+        rsync -t, an editor that keeps it) changes it too. Copying the folder elsewhere reads as new data (redone,
+        never answered from an older result)."""
         for path, label in zip(self.paths, self.labels.tolist()):
             stat = os.stat(path)
-            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{label}\n".encode())
+            digest.update(f"{path}\0{file_identity(stat)}\0{label}\n".encode())
 
 
 class TarRecords(DecodedRecords):
@@ -163,8 +171,7 @@ class TarRecords(DecodedRecords):
         """Each archive's size and modification time, then each member's name and size with its label."""
         root = Path(self.reader.root)
         for archive in sorted(root.glob("*.tar")) if root.is_dir() else [root]:
-            stat = os.stat(archive)
-            digest.update(f"{archive}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            digest.update(f"{archive}\0{file_identity(os.stat(archive))}\n".encode())
         for member, label in zip(self.members, self.labels.tolist()):
             info = self.reader.samples[member][0]
             digest.update(f"{info.name}\0{info.size}\0{label}\n".encode())
@@ -200,8 +207,7 @@ class ShardRecords(DecodedRecords):
     def fingerprint_into(self, digest) -> None:
         """Each shard's size and modification time, then each image's place and label."""
         for shard in self.shards:
-            stat = os.stat(shard)
-            digest.update(f"{shard}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            digest.update(f"{shard}\0{file_identity(os.stat(shard))}\n".encode())
         digest.update(self.entries.tobytes())
         digest.update(self.labels.tobytes())
 
@@ -449,6 +455,13 @@ def _is_picture_file(name: str) -> bool:
     return not name.startswith("._") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def _is_picture_member(path: str) -> bool:
+    """A tar member that is a picture of the data set, not what archivers add: macOS tar's AppleDouble `._x.jpg`
+    beside each file, `__MACOSX/` and dot-folders (as in folders, _is_picture_folder)."""
+    *folders, name = path.split("/")
+    return not name.startswith("._") and all(_is_picture_folder(part) for part in folders if part not in ("", "."))
+
+
 def images_in(folder: Path, recursive: bool, fenced: Sequence[str] = ()) -> list[Path]:
     """Image files under `folder` by extension, sorted. os.walk's directory entries spare a stat per file, and sorting
     the strings before making Paths spares pathlib's slow comparisons (100k files: seconds). Linked folders are
@@ -667,10 +680,15 @@ def _timm_tar_records(root: Path) -> tuple[TarRecords, tuple[str, ...]]:
     from timm.data.readers.reader_image_in_tar import ReaderImageInTar
 
     reader = ReaderImageInTar(str(root), cache_tarfiles=False)
-    names = tuple(name for name, _ in sorted(reader.class_name_to_idx.items(), key=lambda item: item[1]))
+    every_name = [name for name, _ in sorted(reader.class_name_to_idx.items(), key=lambda item: item[1])]
+    members = [i for i, sample in enumerate(reader.samples) if _is_picture_member(sample[0].name)]
+    targets = [int(reader.targets[i]) for i in members]
+    used = sorted(set(targets))  # a class timm made of archiver files only (__MACOSX/...) is none
+    names = tuple(every_name[index] for index in used)
     if names == ("",):  # loose images in one archive: no classes
-        return TarRecords(reader, range(len(reader)), [UNLABELED] * len(reader)), ()
-    return TarRecords(reader, range(len(reader)), reader.targets), names
+        return TarRecords(reader, members, [UNLABELED] * len(members)), ()
+    renumbered = {old: new for new, old in enumerate(used)}
+    return TarRecords(reader, members, [renumbered[target] for target in targets]), names
 
 
 WEBDATASET_LABEL = ".cls"
@@ -696,7 +714,7 @@ def _index_shards(shards: list[Path]) -> tuple[ShardRecords, tuple[str, ...]]:
         classes: dict[str, int] = {}
         with tarfile.open(shard, "r:") as handle:
             for member in handle:
-                if not member.isfile():
+                if not member.isfile() or not _is_picture_member(member.name):
                     continue
                 folder, base = posixpath.split(member.name)
                 stem, _, extension = base.partition(".")

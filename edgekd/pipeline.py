@@ -234,7 +234,8 @@ def _distill(config: CompressConfig, record: StageRecord, run_dir: Path, teacher
              selection: Selection, data: LoadedData) -> StudentCheckpoint:
     out_dir = run_dir / "distill"
     name = selection.chosen.model_name
-    settings = replace(config.distillation, image_size=teachers[0].preprocess.image_size, resume=True)
+    settings = replace(config.distillation, image_size=teachers[0].preprocess.image_size, resume=True,
+                       start_over_if_changed=True)
     start_key = start_fingerprint(name, config.student_init, teacher_weights=teachers[0].weights_path)
     key = stage_key("distill", {"teachers": [sha256_file(t.weights_path) for t in teachers], "student": name,
                                 "start": start_key, "config": settings.outcome_fields(),

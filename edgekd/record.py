@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 
 from edgekd import __version__
-from edgekd.artifacts import atomic_path, config_hash, sha256_file, write_json_atomic
-from edgekd.errors import first_line
+from edgekd.artifacts import atomic_path, canonical_json, config_hash, sha256_file, write_json_atomic
+from edgekd.errors import EdgekdError, first_line
 
 if TYPE_CHECKING:
     from edgekd.data import LoadedData
@@ -71,7 +71,37 @@ def code_digest(package: str) -> str:
 
 def stage_key(stage: str, inputs: dict[str, Any]) -> str:
     """The content key of one stage: its name, its inputs (already by content) and the versions."""
-    return config_hash({"stage": stage, "inputs": inputs, "versions": versions()})
+    return config_hash(key_inputs(stage, inputs))
+
+
+def key_inputs(stage: str, inputs: dict[str, Any]) -> dict[str, Any]:
+    """What stage_key hashes; kept beside a training state, so a refused resume can say what changed."""
+    return {"stage": stage, "inputs": inputs, "versions": versions()}
+
+
+# How the inputs of a training key read in a message (the others by their own name).
+_INPUT_NAMES = {"data": "the images or labels", "teachers": "the teacher's weights", "start": "the student's starting "
+                "weights", "specs": "the loss terms", "world": "the number of processes", "identity": "the model",
+                "preprocess": "the preprocessing"}
+
+
+def changed_inputs(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The inputs that differ between two key_inputs, for people: options as `name old -> new`."""
+    changes, current = [], json.loads(canonical_json(current))  # as saved: tuples as lists
+    for group in ("inputs", "versions"):
+        old, new = saved.get(group, {}), current.get(group, {})
+        for name in sorted(set(old) | set(new)):
+            if old.get(name) == new.get(name):
+                continue
+            if name == "config" and isinstance(old.get(name), dict) and isinstance(new.get(name), dict):
+                changes += [f"{option} {old[name].get(option)} -> {new[name].get(option)}"
+                            for option in sorted(set(old[name]) | set(new[name]))
+                            if old[name].get(option) != new[name].get(option)]
+            elif group == "versions":
+                changes.append(f"{name} {old.get(name)} -> {new.get(name)}")
+            else:
+                changes.append(_INPUT_NAMES.get(name, name))
+    return changes
 
 
 def data_fingerprint(data: LoadedData, *, unlabeled: bool = True) -> str:
@@ -171,11 +201,13 @@ class TrainState:
 
 
 def save_training_state(path: Path, key: str, state: TrainState, model: torch.nn.Module, optimizer,
-                        scheduler) -> None:
+                        scheduler, inputs: dict[str, Any] | None = None) -> None:
     """Written whole (atomically): at every epoch end and when interrupted. With the random generators' states, so
-    the resumed run draws the same batches and augmentations as an uninterrupted one."""
+    the resumed run draws the same batches and augmentations as an uninterrupted one; with the key's `inputs`
+    (key_inputs), so a resume refused for changed inputs can name them."""
     partial = {k: float(v) for k, v in (state.partial or {}).items()}
-    payload = {"key": key, "step": state.step, "history": json.dumps(state.history), "partial": json.dumps(partial),
+    payload = {"key": key, "inputs": canonical_json(inputs or {}), "step": state.step,
+               "history": json.dumps(state.history), "partial": json.dumps(partial),
                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                "rng": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -198,8 +230,10 @@ def state_kept_on_interrupt(save: Callable[[], int | None], path: Path) -> Itera
         raise
 
 
-def resume_training_state(path: Path, key: str, model: torch.nn.Module, optimizer, scheduler) -> TrainState:
-    """Restore a previous run with the same key; a state written for other inputs is ignored, loudly."""
+def resume_training_state(path: Path, key: str, model: torch.nn.Module, optimizer, scheduler,
+                          inputs: dict[str, Any] | None = None, must_match: bool = False) -> TrainState:
+    """Restore a previous run with the same key; a state written for other inputs is ignored, loudly, or, where the
+    user asked to resume that run (`must_match`), refused: starting over would replace what they asked to keep."""
     path = Path(path)
     if not path.exists():
         return TrainState()
@@ -208,6 +242,11 @@ def resume_training_state(path: Path, key: str, model: torch.nn.Module, optimize
     except Exception as error:  # noqa: BLE001 - a file cut short fails in torch's zip reader, pickle or elsewhere
         log.warning("not resuming from %s: it cannot be read (%s); starting over", path, first_line(error))
         return TrainState()
+    if saved.get("key") != key and must_match:
+        changes = changed_inputs(json.loads(saved.get("inputs") or "{}"), inputs or {})
+        raise EdgekdError(f"cannot resume from {path}: it was saved at step {saved.get('step')} for other inputs ("
+                          f"{'; '.join(changes) if changes else 'weights, data, options or versions'}); run with the "
+                          "settings it was made with, or start over with --overwrite (its state is replaced)")
     if saved.get("key") != key:
         log.warning("not resuming from %s: it was written for other inputs (weights, data, options or versions); "
                     "starting over", path)

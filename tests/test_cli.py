@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +47,11 @@ def test_train_teacher_end_to_end(tmp_path: Path, fmnist_root):
     line = _one_line_error(["distill", "--teacher-dir", str(tmp_path / "t"), "--student", "test_resnet",
                             "--out", str(tmp_path / "s")])
     assert "holds a finished distilled student (lcnet_050)" in line
+    # the teacher's own folder as the student's --out: refused, the teacher's files untouched
+    line = _one_line_error(["distill", "--teacher-dir", str(tmp_path / "t"), "--student", "test_resnet",
+                            "--out", str(tmp_path / "t")])
+    assert "is a teacher's folder" in line and "another --out" in line
+    assert (tmp_path / "t" / "teacher.safetensors").read_bytes() == written
 
 
 def _one_line_error(args: list[str], **how) -> str:
@@ -360,6 +367,18 @@ def test_a_full_or_read_only_disk_is_one_line_naming_the_file(small_disk: Path, 
                           capture_output=True, text=True)
     assert f"OSError: [Errno 28] No space left on device: '{small_disk / 'w.pt'}'" in proc.stderr, proc.stderr
     assert not list(small_disk.glob(".w.pt*"))
+    # the teacher's answers, memory-mapped in its cache: numpy makes the files sparse, and a map written where the
+    # disk has no room dies of SIGBUS; the blocks are reserved first, so it is the one-line error naming the setting
+    shutil.rmtree(small_disk / "t", ignore_errors=True)
+    teacher = small_disk.parent / "teacher"
+    subprocess.run([sys.executable, "-m", "edgekd.cli", *TEACHER_RUN, "--out", str(teacher)], check=True,
+                   capture_output=True)
+    line = _one_line_error(["distill", "--teacher-dir", str(teacher), "--student", "test_resnet", "--data",
+                            "fashion-mnist", "--input-size", "32", "--epochs", "0.1", "--max-train", "3000",
+                            "--max-val", "50", "--workers", "0", "--out", str(small_disk.parent / "s")],
+                           env={**os.environ, "EDGEKD_TEACHER_CACHE_DIR": str(small_disk / "cache")})
+    assert "No space left on device" in line and str(small_disk / "cache") in line, line
+    assert "EDGEKD_TEACHER_CACHE_DIR" in line and ".tmp" not in line, line
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     line = _one_line_error(["compress", "--teacher", "test_resnet", "--random-init", "--budget", "10ms",
                             "--out", str(small_disk / "run")])

@@ -152,10 +152,19 @@ def test_a_ctrl_c_inside_a_step_lands_after_it(data, teachers, tmp_path):
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_resume_ignores_a_checkpoint_of_another_configuration(data, teachers, tmp_path, caplog):
+def test_resume_of_another_configuration_is_refused_or_where_allowed_starts_over(data, teachers, tmp_path, caplog):
+    """`distill --resume` with a changed option would replace the state the user asked to continue: refused, naming
+    what changed. compress (start_over_if_changed) follows its options and starts over, loudly."""
     distill(teachers[:1], "test_resnet", data, replace(QUICK, losses=parse_loss_specs(["kd=1"])), tmp_path)
-    with caplog.at_level("WARNING"):
+    saved = (tmp_path / "distill_state.pt").read_bytes()
+    with pytest.raises(EdgekdError) as refused:
         distill(teachers[:1], "test_resnet", data, replace(QUICK, resume=True, lr=1e-3), tmp_path)
+    assert "lr 0.003 -> 0.001" in str(refused.value) and "the loss terms" in str(refused.value)
+    assert "--overwrite" in str(refused.value)
+    assert (tmp_path / "distill_state.pt").read_bytes() == saved
+    with caplog.at_level("WARNING"):
+        distill(teachers[:1], "test_resnet", data, replace(QUICK, resume=True, start_over_if_changed=True, lr=1e-3),
+                tmp_path)
     assert "written for other inputs" in caplog.text
     assert [e["epoch"] for e in json.loads((tmp_path / "distill_log.json").read_text())["epoch_log"]] == [1]
 
@@ -288,6 +297,10 @@ def test_readme_torchrun_command_runs_the_cli_on_two_processes(data, teachers, t
     log = json.loads((out / "distill_log.json").read_text())
     assert log["processes"] == 2 and log["train_images"] == 96 and log["unlabeled_images"] == 40
     assert len(log["teachers"]) == 2
+    # agreement with each teacher, not with the first one only
+    agreements = log["teacher_agreements"]
+    assert len(agreements) == 2 and agreements[0] == log["teacher_agreement"] and 0 <= agreements[1] <= 1
+    assert all(f"{name} {100 * value:.2f}%" in result.stdout for name, value in zip(log["teachers"], agreements))
 
 
 def test_sigterm_checkpoints_mid_epoch_and_a_resumed_run_finishes(teachers, tmp_path):
@@ -313,6 +326,11 @@ def test_sigterm_checkpoints_mid_epoch_and_a_resumed_run_finishes(teachers, tmp_
     saved = torch.load(out / "distill_state.pt", map_location="cpu", weights_only=True)
     assert 0 < saved["step"] < 375 and json.loads(saved["partial"])["steps"] == saved["step"]
     assert not (out / "student.safetensors").exists()
+    # the same command without --resume would start over and replace the state: refused, saying what to pass
+    forgot = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    assert forgot.returncode == 2 and "holds an interrupted distillation" in forgot.stderr, forgot.stderr[-2000:]
+    assert "Traceback" not in forgot.stderr
+    assert torch.load(out / "distill_state.pt", map_location="cpu", weights_only=True)["step"] == saved["step"]
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming from {out / 'distill_state.pt'} at step {saved['step']}" in resumed.stderr

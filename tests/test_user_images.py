@@ -147,12 +147,17 @@ def write_tar(path, members: dict[str, Path]) -> None:
 
 def test_a_tar_of_class_folders_is_read_in_place(user_images, tmp_path):
     """An archive as users download data sets: class folders inside one .tar, read by timm's tar reader without
-    unpacking; every kind of file comes out as a viewer shows it, a member cut short is skipped and counted, and a
-    changed archive is a changed data set for the run record."""
+    unpacking; every kind of file comes out as a viewer shows it, a member cut short is skipped and counted, what
+    macOS tar and zip add (AppleDouble `._x.jpg` beside each file, `__MACOSX/`) is not read, and a changed archive
+    is a changed data set for the run record."""
     broken = write_truncated_jpeg(tmp_path / "interrupted.jpg")
     members = {f"{label}/{kind}{image.path.suffix}": image.path
                for label in ("a", "b") for kind, image in user_images.items()}
-    write_tar(tmp_path / "shop.tar", {**members, "a/interrupted.jpg": broken})
+    apple_double = tmp_path / "apple_double"
+    apple_double.write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(4000))
+    archivers = {"a/._photo.jpg": apple_double, "b/._photo.jpg": apple_double, "__MACOSX/a/._photo.jpg": apple_double,
+                 "__MACOSX/c/._photo.jpg": apple_double}
+    write_tar(tmp_path / "shop.tar", {**members, "a/interrupted.jpg": broken, **archivers})
     data = load_data(DataSpec(str(tmp_path / "shop.tar"), val_fraction=0.3))
     assert data.info.class_names == ("a", "b") and data.info.num_train + data.info.num_val == 13
     shown = {}
@@ -245,6 +250,13 @@ def test_webdataset_shards_are_read_in_place(tmp_path, small_fmnist):
         shard.addfile(info, io.BytesIO(payload))
     with pytest.raises(EdgekdError, match="sample999999.png has no .*sample999999.cls"):
         load_data(DataSpec(str(tmp_path / "half")))
+    write_shards(tmp_path / "mac", images[:10], labels[:10], per_shard=10)
+    with tarfile.open(tmp_path / "mac" / "shard-000000.tar", "a") as shard:  # macOS tar's AppleDouble member
+        info = tarfile.TarInfo("._sample000003.png")
+        info.size = 4096
+        shard.addfile(info, io.BytesIO(bytes(4096)))
+    mac = load_data(DataSpec(str(tmp_path / "mac")))
+    assert mac.info.num_train + mac.info.num_val == 10
 
 
 def test_a_folder_of_one_tar_per_class(tmp_path, small_fmnist):

@@ -49,6 +49,20 @@ from edgekd.errors import EdgekdError
 from edgekd.recipe import DEFAULT_MIX, DEFAULT_MIX_ALPHA
 
 
+def check_not_abandoning(out: Path, resume: bool, overwrite: bool) -> None:
+    """--out is the student's own folder, not a teacher's. An interrupted distillation in --out (its state, no
+    finished student) is continued with --resume or replaced with --overwrite, never dropped by a run that forgot
+    --resume."""
+    from edgekd.distill.state import STATE_NAME
+
+    if (out / "teacher.json").is_file():
+        raise EdgekdError(f"{out} is a teacher's folder (teacher.json): the student's files would mix with it; give "
+                          "the student another --out")
+    if (out / STATE_NAME).is_file() and not (out / "student.json").is_file() and not (resume or overwrite):
+        raise EdgekdError(f"{out} holds an interrupted distillation ({STATE_NAME}); continue it with --resume, or "
+                          "start over with --overwrite")
+
+
 @app.command("distill")
 @user_errors(resume="finished stages are kept; run the same command with --resume to continue from the checkpoint")
 def distill_command(
@@ -103,6 +117,7 @@ def distill_command(
     from edgekd.distill.features import parse_feature_pairs
     from edgekd.distill.students import initial_student
     from edgekd.distill.teacher import prepare_teachers, read_teacher_result
+    from edgekd.distill.train import agreement_text
     from edgekd.types import DataSpec, TrainConfig
 
     if bool(teacher) == bool(teacher_dir):
@@ -113,6 +128,7 @@ def distill_command(
         raise EdgekdError("give the student: --student NAME (a timm name, alias or derived:<teacher>:depth=F), or "
                           "--student-checkpoint PATH")
     check_not_replacing(out / "student.json", student, "distilled student", overwrite)
+    check_not_abandoning(out, resume, overwrite)
     if teacher and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise EdgekdError("under torchrun, prepare the teacher once first (`edgekd train-teacher ... --out DIR`) "
                           "and pass --teacher-dir DIR")
@@ -121,7 +137,8 @@ def distill_command(
                            feature_pairs=parse_feature_pairs(feature_pairs), teacher_weighting=teacher_weighting,
                            epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, labeled_repeat=labeled_repeat,
                            image_size=parse_input_size(input_size), augment=augment, flip=flip,
-                           cache_teacher=cache_teacher, compile=compile_model, resume=resume, num_workers=workers,
+                           cache_teacher=cache_teacher, compile=compile_model, resume=resume,
+                           start_over_if_changed=overwrite, num_workers=workers,
                            device=device, precision=precision, teacher_precision=teacher_precision,
                            channels_last=channels_last)
     specs = teacher_specs(teacher, teacher_checkpoint, random_init) if teacher else []
@@ -139,6 +156,6 @@ def distill_command(
     result = distill(teachers, student, loaded, config, out, start=start)
     if int(os.environ.get("RANK", "0")) == 0:
         accuracy = "n/a (no labels)" if result.val_top1 is None else f"top-1 {100 * result.val_top1:.2f}%"
-        agreement = "n/a" if result.teacher_agreement is None else f"{100 * result.teacher_agreement:.2f}%"
-        typer.echo(f"student {student}: validation {accuracy}, agreement with {teachers[0].model_name} {agreement} "
+        agreements = result.metrics.get("teacher_agreements", [result.teacher_agreement])
+        typer.echo(f"student {student}: validation {accuracy}, agreement with {agreement_text(teachers, agreements)} "
                    f"-> {result.weights_path} (log: {out / 'distill_log.json'})")

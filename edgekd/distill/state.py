@@ -3,6 +3,7 @@ state is edgekd.record's, shared with teacher fine-tuning.)"""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from dataclasses import dataclass
@@ -109,8 +110,10 @@ class TeacherCache:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.size, self.teachers = folder, size, teachers
         flags = folder / "filled.npy"
-        self.filled = open_memmap(flags, mode="r+") if flags.exists() else \
-            open_memmap(flags, mode="w+", dtype=np.bool_, shape=(size,))
+        if not flags.exists():
+            open_memmap(flags, mode="w+", dtype=np.bool_, shape=(size,)).flush()
+            _reserve_disk(flags, flags)
+        self.filled = open_memmap(flags, mode="r+")
         self.slots: list[tuple[np.ndarray, np.ndarray] | None] = [self._open(k) for k in range(teachers)]
         self.hits = self.misses = 0
 
@@ -175,9 +178,29 @@ def _create_once(path: Path, shape: tuple[int, ...]) -> np.ndarray:
         private = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         open_memmap(private, mode="w+", dtype=np.float32, shape=shape).flush()
         try:
+            _reserve_disk(private, path)
             os.link(private, path)
         except FileExistsError:
             pass
         finally:
             private.unlink()
     return open_memmap(path, mode="r+")
+
+
+def _reserve_disk(path: Path, named: Path) -> None:
+    """Allocate the file's blocks now (numpy makes it sparse): a memory map written where the disk has no room left
+    dies of SIGBUS, where this raises ENOSPC naming the file (`named`: what the user would look for), which the CLI
+    answers with the setting that moves the cache (EDGEKD_TEACHER_CACHE_DIR)."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows: the map's writes are all there is
+        return
+    descriptor = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(descriptor, 0, os.fstat(descriptor).st_size)
+    except OSError as error:
+        if error.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # a file system without it
+            return
+        if path == named:  # the flags file; _create_once removes its private copy itself
+            path.unlink(missing_ok=True)
+        raise OSError(error.errno, os.strerror(error.errno), str(named)) from None
+    finally:
+        os.close(descriptor)

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from edgekd.artifacts import atomic_path, sha256_file, write_json_atomic
+from edgekd.artifacts import atomic_path, config_hash, sha256_file, write_json_atomic
 from edgekd.data import LoadedData, ModelInputs, make_loader, training_records
 from edgekd.distill.features import (DEFAULT_PAIRS, HintedStudent, TappedModel, embedding_width, feature_shapes,
                                     list_taps, pair_layers)
@@ -35,7 +35,7 @@ from edgekd.metrics import paired_agreement
 from edgekd.models import preprocess_for
 from edgekd.recipe import (DEFAULT_MIX, DEFAULT_MIX_ALPHA, MIRROR_FIXED_VIEWS, default_augment, default_for_start,
                            recipe_fingerprint)
-from edgekd.record import (TrainState, data_fingerprint, records_fingerprint, resume_training_state,
+from edgekd.record import (TrainState, data_fingerprint, key_inputs, records_fingerprint, resume_training_state,
                            save_training_state, stage_key, state_kept_on_interrupt)
 from edgekd.distill.students import StudentStart, build_student
 from edgekd.distill.teacher import load_teacher_model
@@ -79,6 +79,9 @@ class DistillConfig:
     labeled_repeat: int = 1  # with --unlabeled-data: each labeled image this many times per epoch (TrainingRecords)
     compile: bool = False  # torch.compile the student (and its adapters)
     resume: bool = False
+    # resume: a state saved for other inputs is replaced (compress: its run folder follows its options) rather than
+    # refused (the distill command's --resume: the user asked for that run)
+    start_over_if_changed: bool = False
     num_workers: int | None = None
     device: str = "auto"
     precision: str = "auto"  # the student's: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32; see train_utils.Compute
@@ -87,7 +90,8 @@ class DistillConfig:
 
     def outcome_fields(self) -> dict[str, Any]:
         """The settings that decide the trained student; not where or how fast it is computed (cache/resume keys)."""
-        fields = asdict(replace(self, resume=False, device="auto", num_workers=None, compile=False, channels_last=None))
+        fields = asdict(replace(self, resume=False, start_over_if_changed=False, device="auto", num_workers=None,
+                                compile=False, channels_last=None))
         fields["losses"] = [str(spec) for spec in self.losses]
         fields["default_recipe"] = recipe_fingerprint()  # what the None settings above resolve to
         return fields
@@ -181,13 +185,15 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
     log.info("student starts from %s weights: %s", start.source, recipe.describe())
     micro = agree_on_minimum(processes, micro_batch_size(student, student_pre.input_size, per_rank_batch, compute))
 
-    key = stage_key("distill-training", {
+    inputs = key_inputs("distill-training", {
         "config": config.outcome_fields(), "specs": [str(s) for s in objective.specs], "student": student_name,
         "start": start.fingerprint, "teachers": [sha256_file(t.weights_path) for t in teachers],
         "data": data_fingerprint(data), "world": processes.world})
+    key = config_hash(inputs)
     state_path = out_dir / STATE_NAME
     if config.resume:
-        state = resume_training_state(state_path, key, hinted, optimizer, scheduler)
+        state = resume_training_state(state_path, key, hinted, optimizer, scheduler, inputs,
+                                      must_match=not config.start_over_if_changed)
     else:
         state = TrainState()
     cache = _teacher_cache(config, objective, records, teachers, processes)
@@ -207,7 +213,7 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
     def save() -> int | None:  # on an interrupt: the main process keeps the state (the step and the epoch's sums)
         if not processes.main:
             return None
-        save_training_state(state_path, key, state, hinted, optimizer, scheduler)
+        save_training_state(state_path, key, state, hinted, optimizer, scheduler, inputs)
         return state.step
 
     for epoch in range(len(state.history), epochs):  # the first epoch without its history entry (see finetune.py)
@@ -227,7 +233,7 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
         state.history.append(metrics)  # type: ignore[union-attr]
         state.partial = None
         if processes.main:
-            save_training_state(state_path, key, state, hinted, optimizer, scheduler)
+            save_training_state(state_path, key, state, hinted, optimizer, scheduler, inputs)
     seconds = time.perf_counter() - started
     sync_buffers(processes, hinted)
     final = _finish(hinted, loop, teachers, data, student_name, student_pre, config, pairs, state, out_dir,
@@ -427,16 +433,20 @@ def _epoch_metrics(sums: dict[str, float], optimizer) -> dict[str, float]:
 def _finish(hinted: HintedStudent, loop: DistillLoop, teachers: list[TeacherResult], data: LoadedData,
             student_name: str, student_pre: Preprocess, config: DistillConfig, pairs, state: TrainState,
             out_dir: Path, val_student, seconds: float, processes: Processes, student_init: str) -> dict[str, Any]:
-    """Measure the student (accuracy, agreement with the first teacher) and write weights, card and log (rank 0)."""
+    """Measure the student (accuracy, agreement with each teacher; the first's is the checkpoint's) and write
+    weights, card and log (rank 0)."""
     compute, cache, objective = loop.compute, loop.cache, loop.objective
     device = compute.device
     result = evaluate(hinted.student, val_student, compute, description="student val")
-    val_teacher = make_loader(ModelInputs(data.val, [teachers[0].preprocess], training=False),
-                              config.batch_size * 2 // processes.world, shuffle=False,
-                              num_workers=config.num_workers, device=device)
-    teacher = evaluate(loop.teachers[0].model, val_teacher, compute, description="teacher val")
-    agreement = paired_agreement((teacher.indices, teacher.predictions.numpy()),
-                                 (result.indices, result.predictions.numpy()))
+    agreements = []
+    for teacher_result, tapped in zip(teachers, loop.teachers):
+        val_teacher = make_loader(ModelInputs(data.val, [teacher_result.preprocess], training=False),
+                                  config.batch_size * 2 // processes.world, shuffle=False,
+                                  num_workers=config.num_workers, device=device)
+        teacher = evaluate(tapped.model, val_teacher, compute, description=f"{teacher_result.model_name} val")
+        agreements.append(paired_agreement((teacher.indices, teacher.predictions.numpy()),
+                                           (result.indices, result.predictions.numpy())))
+    agreement = agreements[0]
     weights_path = out_dir / "student.safetensors"
     student_state = {k: v.detach().cpu().contiguous() for k, v in hinted.student.state_dict().items()}
     with atomic_path(weights_path) as tmp:
@@ -447,6 +457,7 @@ def _finish(hinted: HintedStudent, loop: DistillLoop, teachers: list[TeacherResu
                "labeled_repeat": config.labeled_repeat, "augment": config.augment, "flip": config.flip,
                "mix": config.mix, "mix_alpha": config.mix_alpha,
                "teachers": [t.model_name for t in teachers], "teacher_val_top1": teachers[0].val_top1,
+               "teacher_agreements": agreements,  # with each teacher, in the order of "teachers"
                "feature_pairs": [[f"{s.name}->{t.name}" for s, t in chosen] for chosen in pairs],
                "teacher_cache": cache is not None, "processes": processes.world,
                # views (images; with --flip, images and mirror images) whose teacher outputs came from the cache /
@@ -462,9 +473,15 @@ def _finish(hinted: HintedStudent, loop: DistillLoop, teachers: list[TeacherResu
     write_json_atomic(out_dir / "student.json", {**checkpoint.to_dict(), "weights_path": weights_path.name})
     write_json_atomic(out_dir / "distill_log.json", {**metrics, "val_top1": result.top1, "val_top5": result.top5,
                                                      "teacher_agreement": agreement, "epoch_log": state.history})
-    log.info("student %s: val top-1 %s, agreement with %s %s -> %s", student_name, _pct(result.top1),
-             teachers[0].model_name, _pct(agreement), weights_path)
+    log.info("student %s: val top-1 %s, agreement with %s -> %s", student_name, _pct(result.top1),
+             agreement_text(teachers, agreements), weights_path)
     return checkpoint.to_dict()
+
+
+def agreement_text(teachers: list[TeacherResult], agreements: list[float | None]) -> str:
+    """"resnet18 91.20%", or with several teachers "resnet18 91.20%, vit_tiny 88.00%"."""
+    return ", ".join(f"{t.model_name} {'n/a' if a is None else f'{100 * a:.2f}%'}"
+                     for t, a in zip(teachers, agreements))
 
 
 def _pct(value: float | None) -> str:

@@ -182,7 +182,10 @@ def bench(models: Sequence[BenchModel], *, data: LoadedData | None = None, threa
                                  p90_ms=single.p90_ms, p99_ms=single.p99_ms, runs=single.runs,
                                  throughput_batch=throughput_batch,
                                  throughput_ips=throughput_batch * 1e3 / batched.p50_ms, session_ms=single.session_ms))
-    facts = _model_facts(models, data, max_eval_images)
+    facts, samples = _model_facts(models, data, max_eval_images)
+    if samples:  # two benches of the same models on other samples differ: say which images these figures are on
+        notes.append(f"accuracy on the validation images of {data.info.source}: "  # type: ignore[union-attr]
+                     + "; ".join(sorted(set(samples))))
     if data is None:
         notes.append("no --data: accuracy and agreement were not measured")
     elif not data.info.labeled:
@@ -191,7 +194,8 @@ def bench(models: Sequence[BenchModel], *, data: LoadedData | None = None, threa
 
 
 def _model_facts(models: Sequence[BenchModel], data: LoadedData | None,
-                 max_eval_images: int | None) -> list[ModelFacts]:
+                 max_eval_images: int | None) -> tuple[list[ModelFacts], list[str]]:
+    """Each model's size, memory and accuracy, and how its evaluation images were picked (EvalSet.method)."""
     evalsets: dict[Preprocess, EvalSet] = {}
     predictions: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # image indices, top-1 classes
     facts = []
@@ -217,7 +221,8 @@ def _model_facts(models: Sequence[BenchModel], data: LoadedData | None,
                                 input_size=model.preprocess.input_size if model.preprocess else None, top1=top1,
                                 top5=top5, teacher_agreement=agreement, eval_images=count))
     order = {m.name: i for i, m in enumerate(models)}
-    return sorted(facts, key=lambda f: order[f.name])
+    return sorted(facts, key=lambda f: order[f.name]), [f"{len(evalset.labels)} images ({evalset.method})"
+                                                            for evalset in evalsets.values()]
 
 
 _RSS_PROBE = """
