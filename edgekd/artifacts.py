@@ -125,14 +125,14 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
 
 
-_HASHED: dict[tuple[str, int, int, int, int], str] = {}
+_HASHED: dict[tuple[str, int, int, int], str] = {}
 
 
 def sha256_file(path: Path) -> str:
     """The file's sha256. Stage keys ask for the same weights several times a run (a ViT-B teacher is 350 MB): a file
-    whose inode, size, modification and change times are unchanged is not read again in this process."""
+    whose inode, size and modification time are unchanged is not read again in this process."""
     stat = os.stat(path)
-    identity = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    identity = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
     if identity not in _HASHED:
         digest = hashlib.sha256()
         with open(path, "rb") as handle:

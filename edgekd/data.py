@@ -70,8 +70,8 @@ class ArrayRecords(Dataset):
 
 
 def file_identity(stat: os.stat_result) -> str:
-    """A file's content identity without reading it: size, modification time and change time (FileRecords)."""
-    return f"{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}"
+    """A file's content identity without reading it: its size and modification time (FileRecords)."""
+    return f"{stat.st_size}\0{stat.st_mtime_ns}"
 
 
 class DecodedRecords(Dataset):
@@ -136,11 +136,11 @@ class FileRecords(DecodedRecords):
         return FileRecords([self.paths[i] for i in indices], self.labels[indices])
 
     def fingerprint_into(self, digest) -> None:
-        """Every file's path, size and modification and change times, with its label: an added, removed, replaced
-        or edited image changes it, without reading any pixels. The change time (st_ctime_ns) is the one a user
-        cannot set: an image replaced by another of the same size with its old modification time put back (cp -p,
-        rsync -t, an editor that keeps it) changes it too. Copying the folder elsewhere reads as new data (redone,
-        never answered from an older result)."""
+        """Every file's path, size and modification time, with its label: an added, removed, replaced or edited
+        image changes it, without reading any pixels. (Not the change time, st_ctime: chmod, chown, a scheduler
+        re-owning a volume or a viewer's extended attributes move it, and a killed run could then never resume; a
+        picture swapped for another of the same size with its old modification time put back goes unnoticed, as
+        it does by rsync's and make's checks.)"""
         for path, label in zip(self.paths, self.labels.tolist()):
             stat = os.stat(path)
             digest.update(f"{path}\0{file_identity(stat)}\0{label}\n".encode())
@@ -170,7 +170,7 @@ class TarRecords(DecodedRecords):
     def fingerprint_into(self, digest) -> None:
         """Each archive's size and modification time, then each member's name and size with its label."""
         root = Path(self.reader.root)
-        for archive in sorted(root.glob("*.tar")) if root.is_dir() else [root]:
+        for archive in tar_archives_in(root) if root.is_dir() else [root]:
             digest.update(f"{archive}\0{file_identity(os.stat(archive))}\n".encode())
         for member, label in zip(self.members, self.labels.tolist()):
             info = self.reader.samples[member][0]
@@ -455,6 +455,12 @@ def _is_picture_file(name: str) -> bool:
     return not name.startswith("._") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def tar_archives_in(folder: Path) -> list[Path]:
+    """The .tar archives in a folder, sorted; not macOS's AppleDouble `._name.tar` (nor other dot-files), which
+    timm's tar reader leaves out too."""
+    return sorted(path for path in folder.glob("*.tar") if not path.name.startswith("."))
+
+
 def _is_picture_member(path: str) -> bool:
     """A tar member that is a picture of the data set, not what archivers add: macOS tar's AppleDouble `._x.jpg`
     beside each file, `__MACOSX/` and dot-folders (as in folders, _is_picture_folder)."""
@@ -594,7 +600,7 @@ def _load_folder(spec: DataSpec) -> LoadedData:
         raise EdgekdError(f"data folder {root} does not exist; pass --data DIR (or --data fashion-mnist)")
     if root.is_file() and root.suffix.lower() == ".tar":
         return _load_archives(root, [root], spec)
-    archives = sorted(root.glob("*.tar")) if root.is_dir() else []
+    archives = tar_archives_in(root) if root.is_dir() else []
     if archives and not any(p.is_dir() or p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir()):
         return _load_archives(root, archives, spec)
     if not root.is_dir():

@@ -80,8 +80,9 @@ def key_inputs(stage: str, inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 # How the inputs of a training key read in a message (the others by their own name).
-_INPUT_NAMES = {"data": "the images or labels", "teachers": "the teacher's weights", "start": "the student's starting "
-                "weights", "specs": "the loss terms", "world": "the number of processes", "identity": "the model",
+_INPUT_NAMES = {"data": "the images or labels", "teachers": "the teacher's weights",
+                "start": "the student's starting weights", "specs": "the loss terms",
+                "world": "the number of processes", "student": "the student model", "identity": "the model",
                 "preprocess": "the preprocessing"}
 
 
@@ -243,10 +244,12 @@ def resume_training_state(path: Path, key: str, model: torch.nn.Module, optimize
         log.warning("not resuming from %s: it cannot be read (%s); starting over", path, first_line(error))
         return TrainState()
     if saved.get("key") != key and must_match:
-        changes = changed_inputs(json.loads(saved.get("inputs") or "{}"), inputs or {})
+        recorded = json.loads(saved.get("inputs") or "{}")
+        changes = "; ".join(changed_inputs(recorded, inputs or {})) if recorded else \
+            "an earlier edgekd saved it without recording them, so they cannot be compared"
         raise EdgekdError(f"cannot resume from {path}: it was saved at step {saved.get('step')} for other inputs ("
-                          f"{'; '.join(changes) if changes else 'weights, data, options or versions'}); run with the "
-                          "settings it was made with, or start over with --overwrite (its state is replaced)")
+                          f"{changes or 'weights, data, options or versions'}); run with the settings it was made "
+                          "with, or start over with --overwrite (its state is replaced)")
     if saved.get("key") != key:
         log.warning("not resuming from %s: it was written for other inputs (weights, data, options or versions); "
                     "starting over", path)

@@ -162,6 +162,13 @@ def test_resume_of_another_configuration_is_refused_or_where_allowed_starts_over
     assert "lr 0.003 -> 0.001" in str(refused.value) and "the loss terms" in str(refused.value)
     assert "--overwrite" in str(refused.value)
     assert (tmp_path / "distill_state.pt").read_bytes() == saved
+    # a state saved before the inputs were recorded says so, instead of calling every input changed
+    older = torch.load(tmp_path / "distill_state.pt", weights_only=True)
+    del older["inputs"]
+    (tmp_path / "older").mkdir()
+    torch.save(older, tmp_path / "older" / "distill_state.pt")
+    with pytest.raises(EdgekdError, match="an earlier edgekd saved it without recording them"):
+        distill(teachers[:1], "test_resnet", data, replace(QUICK, resume=True, lr=1e-3), tmp_path / "older")
     with caplog.at_level("WARNING"):
         distill(teachers[:1], "test_resnet", data, replace(QUICK, resume=True, start_over_if_changed=True, lr=1e-3),
                 tmp_path)
@@ -326,10 +333,16 @@ def test_sigterm_checkpoints_mid_epoch_and_a_resumed_run_finishes(teachers, tmp_
     saved = torch.load(out / "distill_state.pt", map_location="cpu", weights_only=True)
     assert 0 < saved["step"] < 375 and json.loads(saved["partial"])["steps"] == saved["step"]
     assert not (out / "student.safetensors").exists()
-    # the same command without --resume would start over and replace the state: refused, saying what to pass
+    # the same command without --resume would start over and replace the state: refused, saying what to pass; also
+    # where an earlier run of the same model finished in this folder (its card is older than the state)
+    earlier = out / "student.json"
+    earlier.write_text('{"model_name": "test_resnet"}')
+    an_hour_before = (out / "distill_state.pt").stat().st_mtime_ns - 3600 * 10**9
+    os.utime(earlier, ns=(an_hour_before, an_hour_before))
     forgot = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
     assert forgot.returncode == 2 and "holds an interrupted distillation" in forgot.stderr, forgot.stderr[-2000:]
     assert "Traceback" not in forgot.stderr
+    earlier.unlink()
     assert torch.load(out / "distill_state.pt", map_location="cpu", weights_only=True)["step"] == saved["step"]
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -468,6 +481,35 @@ def test_teacher_cache_shared_by_two_processes_keeps_both_ones_rows(tmp_path):
     torch.testing.assert_close(read_logits, logits)
     torch.testing.assert_close(read_embedding, embedding)
     assert not list(tmp_path.glob(".*.tmp"))  # no private files left behind
+
+
+def test_teacher_cache_reserves_its_disk_or_says_which_file_does_not_fit(tmp_path, monkeypatch):
+    """The cache's files are made sparse by numpy; written through a memory map on a full disk they kill the process
+    with SIGBUS. Their blocks are reserved when made (one reservation, by the process that made the file): a disk
+    without room is an OSError naming the cache file, and the file is not left for a later run to map unreserved.
+    A file system without fallocate keeps the sparse file. (test_cli fills a real small disk.)"""
+    import errno
+
+    reserved = []
+    real = os.posix_fallocate
+    monkeypatch.setattr(os, "posix_fallocate", lambda fd, offset, size: reserved.append(size) or real(fd, offset, size))
+    cache = TeacherCache(tmp_path / "fits", 8, 1)
+    cache.store(torch.arange(8), [(torch.zeros(8, 3), torch.zeros(8, 5))])
+    assert sorted(reserved) == sorted(os.path.getsize(p) for p in (tmp_path / "fits").glob("*.npy"))  # 3 files
+
+    def no_room(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", no_room)
+    with pytest.raises(OSError, match="No space left on device") as full:
+        TeacherCache(tmp_path / "full", 8, 1)
+    assert full.value.filename == str(tmp_path / "full" / "filled.npy") and not list((tmp_path / "full").iterdir())
+
+    def unsupported(fd, offset, size):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    sparse = TeacherCache(tmp_path / "sparse", 8, 1)
+    sparse.store(torch.arange(8), [(torch.ones(8, 3), torch.ones(8, 5))])
+    assert not sparse.missing(torch.arange(8)).any()
 
 
 def test_a_diverging_run_stops_with_a_clear_error_and_saves_no_weights(data, teachers, tmp_path):

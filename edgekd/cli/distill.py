@@ -39,7 +39,6 @@ from edgekd.cli.options import (
     Workers,
     parse_input_size,
     _positive,
-    Overwrite,
     check_model_names,
     check_not_replacing,
     student_choice,
@@ -58,7 +57,10 @@ def check_not_abandoning(out: Path, resume: bool, overwrite: bool) -> None:
     if (out / "teacher.json").is_file():
         raise EdgekdError(f"{out} is a teacher's folder (teacher.json): the student's files would mix with it; give "
                           "the student another --out")
-    if (out / STATE_NAME).is_file() and not (out / "student.json").is_file() and not (resume or overwrite):
+    state, finished = out / STATE_NAME, out / "student.json"
+    # a state newer than the finished student's card is a later run's, interrupted
+    interrupted = state.is_file() and (not finished.is_file() or state.stat().st_mtime_ns > finished.stat().st_mtime_ns)
+    if interrupted and not (resume or overwrite):
         raise EdgekdError(f"{out} holds an interrupted distillation ({STATE_NAME}); continue it with --resume, or "
                           "start over with --overwrite")
 
@@ -96,7 +98,9 @@ def distill_command(
     flip: Flip = None,
     cache_teacher: CacheTeacher = None,
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
-    overwrite: Overwrite = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace a finished student of another model in --out, or an interrupted distillation "
+        "there (with --resume: continue it where its settings match, else start over).")] = False,
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the student (pays off on CUDA)."),
     input_size: InputSize = None,
     teacher_epochs: TeacherEpochs = 2.0,

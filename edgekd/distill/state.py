@@ -110,9 +110,14 @@ class TeacherCache:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.size, self.teachers = folder, size, teachers
         flags = folder / "filled.npy"
-        if not flags.exists():
-            open_memmap(flags, mode="w+", dtype=np.bool_, shape=(size,)).flush()
-            _reserve_disk(flags, flags)
+        if not flags.exists():  # made by the main process only (the others open it after a barrier)
+            try:
+                open_memmap(flags, mode="w+", dtype=np.bool_, shape=(size,)).flush()
+            except OSError as error:
+                flags.unlink(missing_ok=True)
+                raise OSError(error.errno, os.strerror(error.errno) if error.errno else str(error), str(flags)) \
+                    from None
+            _reserve_disk(flags)
         self.filled = open_memmap(flags, mode="r+")
         self.slots: list[tuple[np.ndarray, np.ndarray] | None] = [self._open(k) for k in range(teachers)]
         self.hits = self.misses = 0
@@ -176,31 +181,35 @@ def _create_once(path: Path, shape: tuple[int, ...]) -> np.ndarray:
 
     if not path.exists():
         private = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        open_memmap(private, mode="w+", dtype=np.float32, shape=shape).flush()
         try:
-            _reserve_disk(private, path)
+            open_memmap(private, mode="w+", dtype=np.float32, shape=shape).flush()
             os.link(private, path)
         except FileExistsError:
             pass
+        except OSError as error:  # a full disk fails numpy's header write already: name the file, not the temporary
+            raise OSError(error.errno, os.strerror(error.errno) if error.errno else str(error), str(path)) from None
+        else:  # this process made the file: it alone reserves its blocks (under torchrun, one reservation, not N)
+            _reserve_disk(path)
         finally:
-            private.unlink()
+            private.unlink(missing_ok=True)
     return open_memmap(path, mode="r+")
 
 
-def _reserve_disk(path: Path, named: Path) -> None:
+def _reserve_disk(path: Path) -> None:
     """Allocate the file's blocks now (numpy makes it sparse): a memory map written where the disk has no room left
-    dies of SIGBUS, where this raises ENOSPC naming the file (`named`: what the user would look for), which the CLI
-    answers with the setting that moves the cache (EDGEKD_TEACHER_CACHE_DIR)."""
-    if not hasattr(os, "posix_fallocate"):  # macOS, Windows: the map's writes are all there is
+    dies of SIGBUS, where this raises ENOSPC naming the file, which the CLI answers with the setting that moves the
+    cache (EDGEKD_TEACHER_CACHE_DIR). A file that cannot be reserved is removed, so a later run does not map it
+    unreserved. Where the system has no posix_fallocate (macOS, Windows) or the file system refuses it, the map's
+    writes are all there is."""
+    if not hasattr(os, "posix_fallocate"):
         return
     descriptor = os.open(path, os.O_RDWR)
     try:
         os.posix_fallocate(descriptor, 0, os.fstat(descriptor).st_size)
     except OSError as error:
-        if error.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # a file system without it
+        if error.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             return
-        if path == named:  # the flags file; _create_once removes its private copy itself
-            path.unlink(missing_ok=True)
-        raise OSError(error.errno, os.strerror(error.errno), str(named)) from None
+        path.unlink(missing_ok=True)
+        raise OSError(error.errno, os.strerror(error.errno), str(path)) from None
     finally:
         os.close(descriptor)

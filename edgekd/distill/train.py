@@ -90,8 +90,8 @@ class DistillConfig:
 
     def outcome_fields(self) -> dict[str, Any]:
         """The settings that decide the trained student; not where or how fast it is computed (cache/resume keys)."""
-        fields = asdict(replace(self, resume=False, start_over_if_changed=False, device="auto", num_workers=None,
-                                compile=False, channels_last=None))
+        fields = asdict(replace(self, resume=False, device="auto", num_workers=None, compile=False, channels_last=None))
+        fields.pop("start_over_if_changed")  # how to resume, not what is trained (and keys made before it stay valid)
         fields["losses"] = [str(spec) for spec in self.losses]
         fields["default_recipe"] = recipe_fingerprint()  # what the None settings above resolve to
         return fields
