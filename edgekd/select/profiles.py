@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -66,9 +67,12 @@ class DeviceProfile:
 # ------------------------------------------------------------------------------------------------ discovery
 
 def profile_dirs() -> list[Path]:
-    """Where named profiles live: $EDGEKD_PROFILES (os.pathsep-separated), ./profiles, then the repository's."""
+    """Where named profiles live: $EDGEKD_PROFILES (os.pathsep-separated), ./profiles, then edgekd's own: the
+    repository's profiles/ (a checkout or an editable install), or where a wheel installs them
+    (<prefix>/share/edgekd/profiles: pyproject's data-files)."""
     dirs = [Path(p) for p in os.environ.get(PROFILE_DIR_ENV, "").split(os.pathsep) if p]
-    dirs += [Path.cwd() / "profiles", Path(__file__).resolve().parents[2] / "profiles"]
+    dirs += [Path.cwd() / "profiles", Path(__file__).resolve().parents[2] / "profiles",
+             Path(sys.prefix) / "share" / "edgekd" / "profiles"]
     unique: list[Path] = []
     for folder in dirs:
         if folder.is_dir() and folder.resolve() not in [u.resolve() for u in unique]:
