@@ -278,6 +278,19 @@ NOTES = [
     "correlations of the softened probabilities within each sample and across the batch), seed 0: 85.06%, level "
     "with plain KD (+0.01). The default's logit standardization already asks for the teacher's ranking and spacing "
     "rather than its values, which is DIST's point.",
+    "- **The teacher's own classifier, reused by the student** (SimKD: Chen et al., CVPR 2022: the student's "
+    "embedding, through a trained projector (two linear layers with BatchNorm and ReLU), feeds a frozen copy of "
+    "the teacher's classifier and is trained to equal the teacher's embedding by mean squared error; the "
+    "student would ship with that head). The last lever named for this table's gap, tried as a prototype "
+    "(`benchmarks/experiments/simkd_prototype.patch`: `git apply` it on 60d38b8, then `CONFIGS=\"simkd simkd+ce "
+    "default+simkd\" SEEDS=0 benchmarks/run_distill_fashion_mnist.sh` after the teacher stage), seed 0, against "
+    "a new training of the teacher (88.33%) with that run's baselines on the same seed: simkd alone 81.97%, "
+    "with the labels (`ce=1,simkd=1`) 84.62%, under the default's terms (`ce=0.1,kd=9,simkd=1`) 85.14%, against "
+    "the default 84.83%, labels-only 84.88% and plain KD on fixed views 84.25%. Alone it loses 2.9 points to "
+    "the default; under the default's terms it gains 0.31 on one seed, inside the run-to-run spread (on this "
+    "teacher the default and labels-only tie on seed 0, where the 11 seed-runs of the first table and the "
+    "2026-12-04 run average +1.12). Not kept: it changes the shipped student (the teacher's head behind a "
+    "projector) for no measured gain.",
     "- The notes below are about the earlier runs (the second table), unless they say otherwise.",
     "- **The rate.** edgekd trained students from random weights at 2e-3, a rate chosen by hand. Swept on seed 0 "
     "(2e-3 / 4e-3 / 8e-3 / 16e-3): labels-only 81.07 / 83.26 / 85.57 / 84.89, the default 82.26 / 84.53 / 85.68 / "
