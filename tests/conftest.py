@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgekd.data import FASHION_MNIST_DEFAULT_ROOT, LoadedData, load_data
+from edgekd.data import LoadedData, fashion_mnist_root, load_data
+from edgekd.errors import EdgekdError
 from edgekd.types import DataSpec
 from tests.helpers.images import write_images
 
@@ -23,9 +24,11 @@ def teacher_outputs_in_a_scratch_folder(tmp_path_factory) -> None:
 
 @pytest.fixture(scope="session")
 def fmnist_root() -> Path:
-    if not (FASHION_MNIST_DEFAULT_ROOT / "train-images-idx3-ubyte.gz").exists():
-        pytest.fail("Fashion-MNIST is missing: `apt-get install dataset-fashion-mnist` (.ci/run installs it)")
-    return FASHION_MNIST_DEFAULT_ROOT
+    try:  # where edgekd itself looks: EDGEKD_FASHION_MNIST, else the Debian package's folder
+        return fashion_mnist_root(None)
+    except EdgekdError:
+        pytest.fail("Fashion-MNIST is missing: `apt-get install dataset-fashion-mnist` (.ci/run installs it), or "
+                    "EDGEKD_FASHION_MNIST=DIR")
 
 
 @pytest.fixture(scope="session")

@@ -483,11 +483,12 @@ def test_teacher_cache_shared_by_two_processes_keeps_both_ones_rows(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # no private files left behind
 
 
-def test_teacher_cache_reserves_its_disk_or_says_which_file_does_not_fit(tmp_path, monkeypatch):
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="no posix_fallocate on this system (macOS, Windows)")
+def test_teacher_cache_reserves_its_disk_or_says_which_file_does_not_fit(tmp_path, monkeypatch, caplog):
     """The cache's files are made sparse by numpy; written through a memory map on a full disk they kill the process
-    with SIGBUS. Their blocks are reserved when made (one reservation, by the process that made the file): a disk
-    without room is an OSError naming the cache file, and the file is not left for a later run to map unreserved.
-    A file system without fallocate keeps the sparse file. (test_cli fills a real small disk.)"""
+    with SIGBUS. Their blocks are reserved before they are mapped: a disk without room is an OSError naming the cache
+    file. A file system without fallocate keeps the sparse file. Rows marked filled whose file has gone are computed
+    again, not read as zeros. (test_cli fills a real small disk.)"""
     import errno
 
     reserved = []
@@ -502,7 +503,7 @@ def test_teacher_cache_reserves_its_disk_or_says_which_file_does_not_fit(tmp_pat
     monkeypatch.setattr(os, "posix_fallocate", no_room)
     with pytest.raises(OSError, match="No space left on device") as full:
         TeacherCache(tmp_path / "full", 8, 1)
-    assert full.value.filename == str(tmp_path / "full" / "filled.npy") and not list((tmp_path / "full").iterdir())
+    assert full.value.filename == str(tmp_path / "full" / "filled.npy")
 
     def unsupported(fd, offset, size):
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
@@ -510,6 +511,12 @@ def test_teacher_cache_reserves_its_disk_or_says_which_file_does_not_fit(tmp_pat
     sparse = TeacherCache(tmp_path / "sparse", 8, 1)
     sparse.store(torch.arange(8), [(torch.ones(8, 3), torch.ones(8, 5))])
     assert not sparse.missing(torch.arange(8)).any()
+
+    monkeypatch.setattr(os, "posix_fallocate", real)
+    (tmp_path / "fits" / "logits_0.npy").unlink()
+    with caplog.at_level("WARNING"):
+        assert TeacherCache(tmp_path / "fits", 8, 1).cached == 0
+    assert "outputs missing for rows marked filled" in caplog.text
 
 
 def test_a_diverging_run_stops_with_a_clear_error_and_saves_no_weights(data, teachers, tmp_path):

@@ -128,31 +128,51 @@ def test_fp16_is_offered_only_with_a_provider_that_has_fp16_kernels():
 
 def test_an_installed_edgekd_finds_its_profiles_outside_the_checkout(tmp_path):
     """`pip install edgekd` (a wheel, not this checkout): `--profile host` must still be found. The wheel carries
-    profiles/ as data files (<prefix>/share/edgekd/profiles); installed into a fresh environment that borrows this
-    one's libraries (torch, timm, ...) but not its editable edgekd, and run from a folder without profiles/."""
+    profiles/ as data files, which land under the install scheme's data path: sys.prefix in a venv, but /usr/local
+    for Debian's system Python, ~/.local with --user, or a --prefix. Installed into a fresh venv and under a --prefix,
+    each borrowing this environment's libraries (torch, timm, ...) but not its editable edgekd, and run from a folder
+    without profiles/."""
+    import os
+    import shutil
     import subprocess
     import sys
     import sysconfig
 
-    root = Path(__file__).resolve().parents[1]
+    root, source = Path(__file__).resolve().parents[1], tmp_path / "source"
+    source.mkdir()  # built from a copy: setuptools leaves build/ in the tree it builds
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    for folder in ("edgekd", "profiles"):
+        shutil.copytree(root / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "wheel"), str(root)], check=True, capture_output=True)
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q",
-                    *map(str, (tmp_path / "wheel").glob("edgekd-*.whl"))], check=True, capture_output=True)
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
-    # a plain path line: this environment's libraries, after the installed edgekd (no .pth of it is read, so its
-    # editable edgekd stays out)
-    Path(site, "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
+                    str(tmp_path / "wheel"), str(source)], check=True, capture_output=True)
+    wheel = str(next((tmp_path / "wheel").glob("edgekd-*.whl")))
+    borrowed = sysconfig.get_paths()["purelib"]
+    env = {k: v for k, v in os.environ.items() if k not in ("EDGEKD_PROFILES", "PYTHONPATH")}
     probe = ("import edgekd.select.profiles as p; print(p.__file__); "
              "print(p.load_profile('host').name, sorted(p.known_profiles()))")
-    shown = subprocess.run([str(python), "-c", probe], cwd=elsewhere, capture_output=True, text=True)
-    assert shown.returncode == 0, shown.stderr[-2000:]
-    module, profiles = shown.stdout.splitlines()
-    assert module.startswith(site)  # the installed copy, not this checkout
-    assert profiles == "host ['desktop-avx2', 'host', 'phone-arm64', 'rpi4']"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "-q", wheel], check=True,
+                   capture_output=True)
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    # a plain path line: this environment's libraries after the installed edgekd (no .pth of theirs is read, so the
+    # editable edgekd stays out)
+    Path(site, "borrowed.pth").write_text(borrowed + "\n")
+    prefix = tmp_path / "prefix"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--prefix", str(prefix), wheel],
+                   check=True, capture_output=True)
+    prefixed = next(prefix.glob("lib/python*/site-packages"))
+    for command, installed in (([python, "-c", probe], site),
+                               ([python, "-S", "-c", f"import sys; sys.path[:0] = [{str(prefixed)!r}, {borrowed!r}]; "
+                                 + probe], str(prefixed))):
+        shown = subprocess.run(command, cwd=elsewhere, capture_output=True, text=True, env=env)
+        assert shown.returncode == 0, shown.stderr[-2000:]
+        module, profiles = shown.stdout.splitlines()
+        assert module.startswith(installed)  # the installed copy, not this checkout
+        assert profiles == "host ['desktop-avx2', 'host', 'phone-arm64', 'rpi4']"

@@ -272,6 +272,8 @@ def test_a_folder_of_one_tar_per_class(tmp_path, small_fmnist):
         write_tar(tmp_path / "classes" / f"{name}.tar", members)
         # what macOS puts beside each file it copies: an AppleDouble `._shirt.tar`, not an archive
         (tmp_path / "classes" / f"._{name}.tar").write_bytes(b"\x00\x05\x16\x07" + bytes(4092))
+    (tmp_path / "classes" / ".git").mkdir()  # nor is a dot-folder beside them a class folder
+    (tmp_path / "classes" / "._cover.jpg").write_bytes(bytes(4096))
     data = load_data(DataSpec(str(tmp_path / "classes"), val_fraction=0.25))
     assert data.info.class_names == ("shirt", "trouser") and data.info.num_train + data.info.num_val == 16
     assert sorted(set(data.train.labels.tolist())) == [0, 1] and data.train[0][0].size == (28, 28)

@@ -49,9 +49,9 @@ from edgekd.recipe import DEFAULT_MIX, DEFAULT_MIX_ALPHA
 
 
 def check_not_abandoning(out: Path, resume: bool, overwrite: bool) -> None:
-    """--out is the student's own folder, not a teacher's. An interrupted distillation in --out (its state, no
-    finished student) is continued with --resume or replaced with --overwrite, never dropped by a run that forgot
-    --resume."""
+    """--out is the student's own folder, not a teacher's. An interrupted distillation in --out (a training state
+    newer than any finished student's card there) is continued with --resume or replaced with --overwrite, never
+    dropped by a run that forgot --resume."""
     from edgekd.distill.state import STATE_NAME
 
     if (out / "teacher.json").is_file():

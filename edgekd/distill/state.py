@@ -115,11 +115,14 @@ class TeacherCache:
                 open_memmap(flags, mode="w+", dtype=np.bool_, shape=(size,)).flush()
             except OSError as error:
                 flags.unlink(missing_ok=True)
-                raise OSError(error.errno, os.strerror(error.errno) if error.errno else str(error), str(flags)) \
-                    from None
-            _reserve_disk(flags)
+                raise _named(error, flags) from None
+        _reserve_disk(flags)
         self.filled = open_memmap(flags, mode="r+")
         self.slots: list[tuple[np.ndarray, np.ndarray] | None] = [self._open(k) for k in range(teachers)]
+        if any(slot is None for slot in self.slots) and bool(self.filled.any()):
+            # rows marked filled whose file is gone (removed by hand, or never made whole): none can be trusted
+            log.warning("teacher cache %s: outputs missing for rows marked filled; they are computed again", folder)
+            self.filled[:] = False
         self.hits = self.misses = 0
 
     @property
@@ -136,6 +139,8 @@ class TeacherCache:
         paths = self._paths(k)
         if not all(path.exists() for path in paths):
             return None
+        for path in paths:
+            _reserve_disk(path)
         return open_memmap(paths[0], mode="r+"), open_memmap(paths[1], mode="r+")
 
     def missing(self, indices: torch.Tensor) -> torch.Tensor:
@@ -187,20 +192,20 @@ def _create_once(path: Path, shape: tuple[int, ...]) -> np.ndarray:
         except FileExistsError:
             pass
         except OSError as error:  # a full disk fails numpy's header write already: name the file, not the temporary
-            raise OSError(error.errno, os.strerror(error.errno) if error.errno else str(error), str(path)) from None
-        else:  # this process made the file: it alone reserves its blocks (under torchrun, one reservation, not N)
-            _reserve_disk(path)
+            raise _named(error, path) from None
         finally:
             private.unlink(missing_ok=True)
+    _reserve_disk(path)  # every process, on the one shared file: the same blocks, reserved before any row is written
     return open_memmap(path, mode="r+")
 
 
 def _reserve_disk(path: Path) -> None:
-    """Allocate the file's blocks now (numpy makes it sparse): a memory map written where the disk has no room left
-    dies of SIGBUS, where this raises ENOSPC naming the file, which the CLI answers with the setting that moves the
-    cache (EDGEKD_TEACHER_CACHE_DIR). A file that cannot be reserved is removed, so a later run does not map it
-    unreserved. Where the system has no posix_fallocate (macOS, Windows) or the file system refuses it, the map's
-    writes are all there is."""
+    """Allocate the file's blocks before it is mapped (numpy makes it sparse): a memory map written where the disk
+    has no room left dies of SIGBUS, where this raises ENOSPC naming the file, which the CLI answers with the setting
+    that moves the cache (EDGEKD_TEACHER_CACHE_DIR). Done on every opening, by every process: blocks already there
+    cost nothing, so one file is never reserved twice, and a file a killed run left sparse is reserved by the next.
+    Where the system has no posix_fallocate (macOS, Windows) or the file system refuses it, the map's writes are all
+    there is."""
     if not hasattr(os, "posix_fallocate"):
         return
     descriptor = os.open(path, os.O_RDWR)
@@ -209,7 +214,11 @@ def _reserve_disk(path: Path) -> None:
     except OSError as error:
         if error.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             return
-        path.unlink(missing_ok=True)
-        raise OSError(error.errno, os.strerror(error.errno), str(path)) from None
+        raise _named(error, path) from None
     finally:
         os.close(descriptor)
+
+
+def _named(error: OSError, path: Path) -> OSError:
+    """The same error naming `path` (what the user would look for), not a temporary or no file at all."""
+    return OSError(error.errno, os.strerror(error.errno) if error.errno else str(error), str(path))

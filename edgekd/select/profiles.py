@@ -7,10 +7,10 @@ it embeds the profile it was measured for, and its measurements replace local ti
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
-import sys
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -67,17 +67,32 @@ class DeviceProfile:
 # ------------------------------------------------------------------------------------------------ discovery
 
 def profile_dirs() -> list[Path]:
-    """Where named profiles live: $EDGEKD_PROFILES (os.pathsep-separated), ./profiles, then edgekd's own: the
-    repository's profiles/ (a checkout or an editable install), or where a wheel installs them
-    (<prefix>/share/edgekd/profiles: pyproject's data-files)."""
+    """Where named profiles live: $EDGEKD_PROFILES (os.pathsep-separated), ./profiles, then edgekd's own."""
     dirs = [Path(p) for p in os.environ.get(PROFILE_DIR_ENV, "").split(os.pathsep) if p]
-    dirs += [Path.cwd() / "profiles", Path(__file__).resolve().parents[2] / "profiles",
-             Path(sys.prefix) / "share" / "edgekd" / "profiles"]
+    own = _edgekd_profiles()
+    dirs += [Path.cwd() / "profiles", *([own] if own else [])]
     unique: list[Path] = []
     for folder in dirs:
         if folder.is_dir() and folder.resolve() not in [u.resolve() for u in unique]:
             unique.append(folder)
     return unique
+
+
+def _edgekd_profiles() -> Path | None:
+    """edgekd's own profiles: the checkout's profiles/ (a clone, an editable install), or where an installed wheel
+    put them (its data files, share/edgekd/profiles under the install scheme's data path, which is sys.prefix in a
+    venv but /usr/local, ~/.local or a --prefix elsewhere), found through the installed files' record."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").is_file():
+        return root / "profiles"
+    try:
+        files = importlib.metadata.distribution("edgekd").files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if "share/edgekd/profiles/" in file.as_posix() and file.suffix == ".toml":
+            return Path(file.locate()).resolve().parent
+    return None
 
 
 def known_profiles() -> dict[str, Path]:
