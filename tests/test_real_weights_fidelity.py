@@ -119,7 +119,10 @@ def test_the_guard_keeps_the_layers_nearest_the_input_in_float_when_the_ranking_
     assert decision.precision == "int8_static" and last.float_nodes_by == "input side" and last.agreement >= 0.97
     graph = onnx.load(str(prepare_for_quantization(path, tmp_path / "prepared.onnx"))).graph  # what the guard read
     assert last.excluded_nodes == tuple(n.name for n in graph.node if n.op_type == "Conv")[:len(last.excluded_nodes)]
-    assert len(last.excluded_nodes) <= 4  # (on half the calibration crops, noisier ranges, it took round 4: 20 nodes)
+    # round 1 (the stem and the first depthwise conv) where an AVX2 host computes the VNNI file unfused; round 2 (the
+    # first 5 convs) where a VNNI/AMX Xeon runs it natively. (On half the calibration crops, noisier ranges, it took
+    # round 4: 20 nodes.)
+    assert len(last.excluded_nodes) <= 8
 
 
 def divergence(path: Path, images: np.ndarray, reference: np.ndarray) -> float:
