@@ -91,7 +91,12 @@ def test_compress_writes_a_report_a_bundle_and_a_verdict(run):
 @pytest.mark.skipif(NODE is None, reason="this machine has no Node.js")
 def test_an_app_that_knows_only_the_contract_answers_like_edgekd_predict(run, tmp_path: Path):
     """A fresh compress bundle in a Node app that knows only the raw-image contract: the same top-1 as
-    `edgekd predict` on real images."""
+    `edgekd predict` on real images, or, as the bundle's own check counts it, a class `edgekd predict` scores within
+    the bundle's tie margin of its top-1 (one level of a resized pixel decides such a near-tie: a suite run on an
+    AMX host met one in 40)."""
+    from edgekd.deploy.raw_input import tie_margin
+    from edgekd.runtime import Predictor
+
     run_dir, _ = run
     folder = app_folder(run_dir / "export", tmp_path / "app", "contract.mjs")
     records = load_data(DataSpec("fashion-mnist", max_val=40)).val
@@ -104,7 +109,13 @@ def test_an_app_that_knows_only_the_contract_answers_like_edgekd_predict(run, tm
     expected = [line.split(": ", 1)[1].rsplit(" ", 1)[0] for line in printed.output.splitlines()]
     answers = node(folder / "contract.mjs", folder / "model_with_preprocessing.onnx", folder / "preprocess.json",
                    *images)
-    assert [a["label"] for a in answers] == expected
+    margin = tie_margin(read_shipped_form(run_dir / "export").precision)
+    predictor = Predictor(folder)
+    for image, answer, top1 in zip(images, answers, expected):
+        if answer["label"] != top1:
+            scores = dict(predictor.predict(str(image), top_k=len(predictor.labels)))
+            assert scores[top1] - scores[answer["label"]] <= margin, (image, answer, scores)
+    assert sum(a["label"] == top1 for a, top1 in zip(answers, expected)) >= len(images) - 1
 
 
 def test_predict_answers_every_readable_image_and_names_the_others(run, tmp_path: Path):
