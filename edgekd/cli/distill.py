@@ -160,6 +160,6 @@ def distill_command(
     result = distill(teachers, student, loaded, config, out, start=start)
     if int(os.environ.get("RANK", "0")) == 0:
         accuracy = "n/a (no labels)" if result.val_top1 is None else f"top-1 {100 * result.val_top1:.2f}%"
-        agreements = result.metrics.get("teacher_agreements", [result.teacher_agreement])
+        agreements = result.metrics["teacher_agreements"]  # distill() measures every teacher
         typer.echo(f"student {student}: validation {accuracy}, agreement with {agreement_text(teachers, agreements)} "
                    f"-> {result.weights_path} (log: {out / 'distill_log.json'})")
