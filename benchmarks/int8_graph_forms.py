@@ -11,7 +11,8 @@ machine's state; the figure is the median over the repeats of each form's p50) a
    (the same arithmetic) it runs in int8. MobileNetV3-large and EfficientNet-B0, prepared with and without it.
 2. Attention fusion for DeiT-tiny (issue #11's 2x target): edgekd exports timm's attention as it is (one qkv Linear,
    scaled_dot_product_attention), which no onnxruntime.transformers fusion recognises. Here the same weights are also
-   exported in the shape ORT's BERT/ViT attention fusion matches (separate q, k, v Linears, explicit
+   exported as edgekd.deploy.attention_fusion exports them for dynamic int8, in the shape ORT's BERT/ViT attention
+   fusion matches (separate q, k, v Linears, explicit
    softmax(q.k^T/sqrt(d)).v, the block's residual added after the branch), fused into com.microsoft Attention with
    plain LayerNormalization kept (its SkipLayerNormalization fusion made fp32 slower here), and quantized with
    edgekd's presets: dynamic int8 turns Attention into QAttention.
@@ -25,10 +26,9 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
-import platform
 import statistics
 import tempfile
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -37,16 +37,15 @@ import onnx
 import onnxruntime as ort
 import timm
 import torch
-from onnxruntime.transformers.fusion_options import FusionOptions
-from onnxruntime.transformers.optimizer import optimize_model
-from timm.models.vision_transformer import Attention, Block
 from torch import nn
 
 from edgekd.artifacts import write_json_atomic, write_text_atomic
 from edgekd.deploy import quantize
-from edgekd.deploy.export import export_onnx, quiet_onnxruntime
+from edgekd.deploy.attention_fusion import FusableBlock, fuse_attention
+from edgekd.deploy.export import export_onnx
 from edgekd.deploy.quantize import (DYNAMIC_MATMUL, U8S8, U8S8_MATMUL, prepare_for_quantization, quantize_onnx)
 from edgekd.deploy.verify import onnx_logits
+from edgekd.record import cpu_model
 from edgekd.select.latency import measure_onnx
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -54,58 +53,6 @@ SHAPE = (3, 224, 224)
 SE_MODELS = ("mobilenetv3_large_100", "efficientnet_b0")
 TRANSFORMER = "deit_tiny_patch16_224"
 ISA = "avx512_vnni"
-
-
-class FusableAttention(nn.Module):
-    """timm's Attention with q, k and v as three Linears and the attention written out: ORT's fusion pattern."""
-
-    def __init__(self, attention: Attention):
-        super().__init__()
-        plain = (attention.q_norm, attention.k_norm, attention.norm)
-        assert attention.gate is None and all(isinstance(m, nn.Identity) for m in plain), "DeiT/ViT attention only"
-        self.heads, self.head_dim = attention.num_heads, attention.head_dim
-        width = attention.num_heads * attention.head_dim
-        weight, bias = attention.qkv.weight.detach(), attention.qkv.bias.detach()
-        self.q, self.k, self.v = (nn.Linear(weight.shape[1], width) for _ in range(3))
-        for index, linear in enumerate((self.q, self.k, self.v)):
-            linear.weight.data.copy_(weight[index * width:(index + 1) * width])
-            linear.bias.data.copy_(bias[index * width:(index + 1) * width])
-        self.proj = attention.proj
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, _ = x.shape
-        q = self.q(x).reshape(batch, tokens, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k(x).reshape(batch, tokens, self.heads, self.head_dim).permute(0, 2, 3, 1)
-        v = self.v(x).reshape(batch, tokens, self.heads, self.head_dim).transpose(1, 2)
-        weights = (torch.matmul(q, k) / math.sqrt(self.head_dim)).softmax(dim=-1)
-        out = torch.matmul(weights, v).transpose(1, 2).reshape(batch, tokens, self.heads * self.head_dim)
-        return self.proj(out)
-
-
-class FusableBlock(nn.Module):
-    """timm's Block with the residual added second (branch + x): ORT's matcher follows an Add's first Add parent,
-    which in timm's order (x + branch) is the residual stream, not the attention's output projection."""
-
-    def __init__(self, block: Block):
-        super().__init__()
-        self.block, self.attn = block, FusableAttention(block.attn)
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        b = self.block
-        x = b.drop_path1(b.ls1(self.attn(b.norm1(x)))) + x
-        return b.drop_path2(b.ls2(b.mlp(b.norm2(x)))) + x
-
-
-def fuse_attention(source: Path, target: Path, heads: int, width: int) -> dict[str, int]:
-    options = FusionOptions("vit")
-    for flag in ("enable_skip_layer_norm", "enable_bias_skip_layer_norm", "enable_gelu", "enable_bias_gelu",
-                 "enable_layer_norm"):
-        setattr(options, flag, False)  # ORT's session fuses Gelu and LayerNorm itself; SkipLayerNorm was slower
-    with quiet_onnxruntime():
-        fused = optimize_model(str(source), model_type="vit", num_heads=heads, hidden_size=width, opt_level=0,
-                               use_gpu=False, optimization_options=options)
-        fused.save_model_to_file(str(target))
-    return {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
 
 
 def op_profile(path: Path, runs: int = 30) -> dict[str, float]:
@@ -195,7 +142,8 @@ def main() -> None:
         write_text_atomic(RESULTS / "int8_graph_forms.md", render(json.loads(json_path.read_text())))
         return
     results = {"host": {"onnxruntime": ort.__version__, "torch": torch.__version__, "timm": timm.__version__,
-                        "cpu": platform.processor() or platform.machine(), "isa": ISA, "threads": 1, "batch": 1},
+                        "cpu": cpu_model(), "cpu_flags": int8_flags(), "isa": ISA,
+                        "date": time.strftime("%Y-%m-%d"), "threads": 1, "batch": 1},
                "repeats": args.repeats, "pooling": {}}
     with tempfile.TemporaryDirectory() as folder:
         for name in SE_MODELS:
@@ -208,6 +156,19 @@ def main() -> None:
     print(render(results))
 
 
+def int8_flags() -> list[str]:
+    """The CPU's int8 instruction sets (/proc/cpuinfo), which decide what int8 gains."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return sorted(flags & {"avx2", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm"})
+
+
+def _flags(host: dict) -> str:
+    return f" ({', '.join(host['cpu_flags'])})" if host.get("cpu_flags") else ""
+
+
 def _profile_lines(profiles: dict[str, dict[str, float]]) -> list[str]:
     return [f"- {name}: " + ", ".join(f"{op} {ms:.2f}" for op, ms in list(profile.items())[:9])
             for name, profile in profiles.items()]
@@ -216,6 +177,7 @@ def _profile_lines(profiles: dict[str, dict[str, float]]) -> list[str]:
 def render(results: dict) -> str:
     host = results["host"]
     lines = ["# How the graph's form decides what int8 gains (224x224, 1 thread, batch 1)", "",
+             f"Measured on {host['cpu']}{_flags(host)}, {host.get('date', 'date unrecorded')}. "
              f"onnxruntime {host['onnxruntime']}, torch {host['torch']}, timm {host['timm']}, preset ISA "
              f"{host['isa']}. Reproduce: `flock /tmp/edgekd-cpu.lock .venv/bin/python benchmarks/int8_graph_forms.py`."
              f" p50 is the median over {results['repeats']} round-robin repeats of each form's p50, all forms of a "
@@ -233,7 +195,8 @@ def render(results: dict) -> str:
     medians = attention["p50_ms"]
     base, fused = medians["fp32 (edgekd's export)"], medians["fp32 (attention fused)"]
     lines += ["", f"## 2. Attention fusion ({attention['model']})", "",
-              f"Fusions applied: {attention['fusions']}.", "",
+              f"Fusions applied: {attention['fusions']}.",
+              "",
               "| form | p50 ms | vs fp32 (edgekd's export) | vs fp32 (attention fused) | max logit diff vs torch |",
               "|---|---:|---:|---:|---:|"]
     for name, ms in medians.items():
@@ -257,9 +220,11 @@ def render(results: dict) -> str:
               f"against {base / dynamic:.2f}x unfused. Static int8 of the fused graph runs {fused_static:.2f} ms "
               f"({change(static, fused_static)} than unfused static): the QDQ quantizer has no int8 Attention, so the "
               "q/k/v projections stay in float. What the weight MatMuls save, the float ops around them (attention "
-              "core, Gelu, LayerNorm, the patch Conv) cap: see the profile. edgekd keeps exporting attention "
-              "unfused: what the fusion gains does not pay for contrib ops in every app's file, a static int8 that "
-              "keeps q/k/v in float, and a rewrite of timm's blocks at export."]
+              "core, Gelu, LayerNorm, the patch Conv) cap: see the profile. So edgekd ships fp32 and static int8 "
+              "from its plain export and quantizes dynamic int8 from the fused graph (edgekd.deploy.attention_fusion;"
+              " the guard's preset is then named dynamic_matmul_attention_fused). The contrib ops run in "
+              "onnxruntime (Python, Node), onnxruntime-web's wasm build (tests/test_js_apps.py runs such a bundle "
+              "in Node and in Chromium) and the full mobile packages."]
     return "\n".join(lines) + "\n"
 
 

@@ -14,17 +14,21 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from timm.data import ImageNetInfo
 
-from edgekd.deploy.bundle import APP_FILES, APPS, preprocess_json
+from edgekd.deploy.bundle import APP_FILES, APPS, BundleOptions, bundle_from_checkpoint, preprocess_json
 from edgekd.deploy.export import export_onnx
+from edgekd.deploy.guard import FUSED_ATTENTION
+from edgekd.distill.students import read_student_checkpoint
 from edgekd.lite_weights import timm_state_dict
 from edgekd.models import create_model, preprocess_for
 from edgekd.deploy.raw_input import RAW_MODEL_NAME, with_preprocessing
 from edgekd.runtime import MODEL_NAME, PREPROCESS_NAME, Predictor, as_model_pixels, read_image
 from tests.helpers.node import NODE, app_folder, node
 from tests.helpers.photos import crops
+from tests.helpers.tiny_students import tiny_student
 from tests.helpers.user_images import write_user_images
 
 CHROMIUM = shutil.which("chromium")  # Debian's package; .ci/run installs it
@@ -145,3 +149,49 @@ def test_the_web_page_classifies_chosen_images_like_python(app, user_images, tmp
     assert (answers[7]["height"], answers[7]["width"]) == phone.shown.shape[:2]
     assert shown["image_width"] > 0 and shown["labels"] == 5  # the page shows the picture and its top labels
     assert shot.stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def fused_vit_app(small_fmnist, tmp_path_factory) -> tuple[Path, list[Path]]:
+    """A ViT student's bundle whose dynamic int8 quantized its attention-fused graph (com.microsoft QAttention,
+    attention_fusion.py), as an app embeds it, and Fashion-MNIST test images as PNG files."""
+    checkpoint = read_student_checkpoint(tiny_student("test_vit", small_fmnist))
+    options = BundleOptions(precisions=("int8_dynamic",), time_models=False, validation_images=200)
+    bundle = tmp_path_factory.mktemp("vit") / "bundle"
+    result = bundle_from_checkpoint(checkpoint, bundle, small_fmnist, options)
+    assert result.precision == "int8_dynamic" and result.decision.preset.name.endswith(FUSED_ATTENTION)
+    assert "QAttention" in {node.op_type for node in onnx.load(str(bundle / MODEL_NAME)).graph.node}
+    folder = app_folder(bundle, bundle.with_name("app"), "browser.mjs")
+    pngs = []
+    for index in range(8):
+        pngs.append(folder.with_name(f"{index}.png"))
+        small_fmnist.val[index][0].save(pngs[-1])
+    return folder, pngs
+
+
+def _clear_answers(python: Predictor, pngs: list[Path]) -> dict[str, str]:
+    """Python's top-1 for each image whose top two classes are 0.05 apart or more (a near-tie may flip between
+    onnxruntime builds: wasm's int8 kernels are not the native ones)."""
+    answers = {str(p): python.predict(p, 2) for p in pngs}
+    return {file: top[0][0] for file, top in answers.items() if top[0][1] - top[1][1] >= 0.05}
+
+
+def test_fused_int8_attention_runs_in_node_and_the_browser(fused_vit_app, tmp_path):
+    """The contrib ops of the fused form run in onnxruntime-node and in onnxruntime-web's wasm build, with Python's
+    answers."""
+    folder, pngs = fused_vit_app
+    expected = _clear_answers(Predictor(folder), pngs)
+    assert len(expected) >= len(pngs) // 2  # enough clear answers for the comparison to mean something
+    in_node = {a["file"]: a["top"][0][0] for a in node(folder / "predict.mjs", *pngs)}
+    assert {file: in_node[file] for file in expected} == expected
+    if CHROMIUM is None:
+        return  # Node alone on a machine without Chromium
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/web/index.html"
+        lines = node(folder / "browser.mjs", url, tmp_path / "page.png", *pngs)
+    finally:
+        server.shutdown()
+    in_browser = {a["file"]: a["label"] for a in lines[:-1]}
+    assert {file: in_browser[file] for file in expected} == expected

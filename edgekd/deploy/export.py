@@ -221,10 +221,10 @@ def optimize_graph(path: Path) -> None:
     Only the basic level is saved: extended/layout optimisations are specific to the machine that runs them,
     and ORT applies them itself when the app creates its session. Transformers get no onnxruntime.transformers
     fusions either: on CPU their SkipLayerNormalization kernels made DeiT-tiny slower, fp32 and int8 alike
-    (benchmarks/results/quantization_host.md, "fp32 (transformer fusions)" row). Nor does timm's attention become
-    ORT's Attention contrib op (QAttention in dynamic int8): probed on DeiT-tiny at 224 px, 1 thread, AVX2 host, it
-    ran fp32 and dynamic int8 alike 5% faster (35.7 -> 34.0 ms, 25.9 -> 24.4 ms; int8's speed-up unchanged), too
-    little to narrow the runtimes the bundle runs on to those with contrib ops.
+    (benchmarks/results/quantization_host.md, "fp32 (transformer fusions)" row). Nor does this export fuse timm's
+    attention into ORT's Attention contrib op: fp32 gains 2-4% from it and static int8 loses (the QDQ quantizer has
+    no int8 Attention); dynamic int8, which runs it as QAttention and gains 6-11%, is quantized from a second,
+    fused export (attention_fusion.py).
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
