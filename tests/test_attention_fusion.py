@@ -16,6 +16,7 @@ from edgekd.deploy.guard import FUSED_ATTENTION, GuardConfig, guarded_quantize
 from edgekd.deploy.quantize import quantize_onnx
 from edgekd.deploy.verify import onnx_logits, preprocess_records
 from edgekd.distill.students import load_student, read_student_checkpoint
+from edgekd.select.candidates import deployment_forms
 from tests.helpers.tiny_students import tiny_student
 
 
@@ -73,3 +74,34 @@ def test_the_guard_quantizes_the_fused_graph_for_dynamic_presets_only(small_fmni
     dynamic_name, dynamic_ops = shipped["int8_dynamic"]
     assert not static_name.endswith(FUSED_ATTENTION) and "Attention" not in static_ops  # QDQ has no int8 Attention
     assert dynamic_name == f"dynamic_matmul{FUSED_ATTENTION}" and "QAttention" in dynamic_ops
+
+
+def test_candidate_selection_times_a_vit_s_dynamic_int8_in_the_form_that_ships(tmp_path):
+    """Selection and probe packs time each precision as compress ships it: a ViT's dynamic int8 with QAttention."""
+    vit = timm.create_model("test_vit", num_classes=10).eval()
+    forms = deployment_forms(vit, (3, 160, 160), ("fp32", "int8_dynamic"), "avx512_vnni", tmp_path, "vit")
+    assert "QAttention" in op_types(forms["int8_dynamic"]) and "Attention" not in op_types(forms["fp32"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vit.fp32.onnx", "vit.int8_dynamic.onnx"]  # no leftovers
+
+
+def test_dynamic_int8_falls_back_to_the_plain_graph(small_fmnist, tmp_path):
+    """The fused graph is a faster form, never a new way to fail: one that cannot be prepared is left out, and a
+    dynamic preset that fails on it is tried again on the plain export."""
+    checkpoint = read_student_checkpoint(tiny_student("test_vit", small_fmnist))
+    model, size = load_student(checkpoint), checkpoint.preprocess.input_size
+    evalset = preprocess_records(small_fmnist.val, checkpoint.preprocess, limit=120)
+    calibration = preprocess_records(small_fmnist.train, checkpoint.preprocess, limit=64).images
+    plain = export_onnx(model, tmp_path / "plain.onnx", size)
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an onnx file")
+    decision = guarded_quantize(plain, tmp_path / "a.onnx", evalset=evalset, calibration=calibration,
+                                isa="avx512_vnni", precisions=("int8_dynamic",), attention_fused=broken,
+                                guard=GuardConfig(max_accuracy_drop=5.0))
+    assert decision.precision == "int8_dynamic" and decision.preset.name == "dynamic_matmul"
+    fused = export_attention_fused(model, tmp_path / "fused.onnx", size)
+    decision = guarded_quantize(plain, tmp_path / "b.onnx", evalset=evalset, calibration=calibration,
+                                isa="avx512_vnni", precisions=("int8_dynamic",), attention_fused=fused,
+                                guard=GuardConfig(max_accuracy_drop=-1.0, max_rounds=1))  # nothing passes
+    assert decision.precision == "fp32"
+    assert [t.preset.name for t in decision.trials if t.float_nodes_by is None] == [
+        f"dynamic_matmul{FUSED_ATTENTION}", "dynamic_matmul"]

@@ -132,3 +132,41 @@ def test_qoperator_products_are_requantized_as_a_non_saturating_cpu_does(op: str
     own = session(tmp_path / "q.onnx").run(None, {"x": x})[0]  # this host's own kernels
     if detect_isa() == "avx2":
         assert np.abs(own.astype(np.int64) - exact).max() > 20, "expected VPMADDUBSW saturation on this AVX2 host"
+
+
+def test_qattention_is_computed_as_the_float_attention_it_quantizes(tmp_path: Path) -> None:
+    """Dynamic int8 of an attention-fused ViT (attention_fusion.py) projects q, k and v with QAttention: emulated,
+    that is the float Attention op on the dequantized input and weights, with full-range weights that saturate an
+    AVX2 CPU's pairs of products."""
+    rng = np.random.default_rng(2)
+    tokens, hidden, heads = 5, 64, 2
+    x = rng.integers(180, 256, size=(1, tokens, hidden)).astype(np.uint8)
+    w = rng.integers(-128, 128, size=(hidden, 3 * hidden)).astype(np.int8)
+    bias = rng.standard_normal(3 * hidden).astype(np.float32)
+    x_scale, x_zero, w_scale = np.float32(0.02), np.uint8(7), (rng.random(3 * hidden) * 1e-3).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("QAttention", ["x", "w", "bias", "x_scale", "w_scale", "", "x_zero"], ["y"], name="qatt",
+                          domain="com.microsoft", num_heads=heads)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "bias"),
+         numpy_helper.from_array(np.array(x_scale), "x_scale"), numpy_helper.from_array(w_scale, "w_scale"),
+         numpy_helper.from_array(np.array(x_zero), "x_zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 9
+    onnx.save(model, str(tmp_path / "qattention.onnx"))
+    rewritten = integer_products_in_float(model)
+    assert {n.op_type for n in rewritten.graph.node} >= {"Attention"} and "QAttention" not in {
+        n.op_type for n in rewritten.graph.node}
+    emulated = session(tmp_path / "qattention.onnx", unfused=True).run(None, {"x": x})[0]
+    qkv = ((x.astype(np.float64) - x_zero) * x_scale) @ (w.astype(np.float64) * w_scale) + bias
+    q, k, v = (part.reshape(tokens, heads, -1).transpose(1, 0, 2) for part in np.split(qkv[0], 3, axis=-1))
+    scores = q @ k.transpose(0, 2, 1) / np.sqrt(hidden // heads)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    exact = (weights @ v).transpose(1, 0, 2).reshape(1, tokens, hidden)
+    np.testing.assert_allclose(emulated, exact, rtol=1e-4, atol=1e-4)
+    if detect_isa() != "avx2":  # a CPU whose int8 unit does not saturate computes the same in its own kernels
+        own = session(tmp_path / "qattention.onnx").run(None, {"x": x})[0]
+        np.testing.assert_allclose(own, exact, rtol=1e-3, atol=1e-3)

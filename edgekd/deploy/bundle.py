@@ -143,11 +143,10 @@ def _build(model: torch.nn.Module, checkpoint: StudentCheckpoint, work: Path, st
         calibration_set = preprocess_records(data.train, pre, options.calibration_images)
         calibration = calibration_set.images
         timer, source = _timer(options, checkpoint.model_name, pre)
-        # Dynamic int8 of a ViT/DeiT runs faster from the attention-fused graph, but a probe pack's latency table
-        # timed edgekd's plain export on the device: there the file that ships is the one it measured.
+        # Dynamic int8 of a ViT/DeiT runs faster from the attention-fused graph (candidate selection and probe
+        # packs time that form too: select.candidates.deployment_forms)
         fused = export_attention_fused(model, work / "model.fp32.fused.onnx", pre.input_size, opset=options.opset,
-                                       check_inputs=check) \
-            if "int8_dynamic" in int8 and options.latency_table is None else None
+                                       check_inputs=check) if "int8_dynamic" in int8 else None
         decision = guarded_quantize(fp32_path, model_path, evalset=evalset, calibration=calibration, isa=options.isa,
                                     precisions=int8, guard=options.guard, search=options.search, timing=timer,
                                     latency_source=source, attention_fused=fused)

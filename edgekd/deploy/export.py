@@ -210,9 +210,11 @@ def classifier_input_shape(path: Path) -> tuple[int, int, int]:
 
 
 def is_transformer(model: onnx.ModelProto) -> bool:
-    """Attention models (Softmax + MatMul + LayerNormalization): int8 quantizes their weight MatMuls only."""
+    """Attention models (Softmax + MatMul + LayerNormalization, or ORT's fused Attention op): int8 quantizes their
+    weight MatMuls only."""
     ops = {node.op_type for node in model.graph.node}
-    return {"Softmax", "MatMul"} <= ops and bool(ops & {"LayerNormalization", "SkipLayerNormalization", "ReduceMean"})
+    norms = bool(ops & {"LayerNormalization", "SkipLayerNormalization", "ReduceMean"})
+    return norms and ("Attention" in ops or {"Softmax", "MatMul"} <= ops)
 
 
 def optimize_graph(path: Path) -> None:
@@ -222,7 +224,7 @@ def optimize_graph(path: Path) -> None:
     and ORT applies them itself when the app creates its session. Transformers get no onnxruntime.transformers
     fusions either: on CPU their SkipLayerNormalization kernels made DeiT-tiny slower, fp32 and int8 alike
     (benchmarks/results/quantization_host.md, "fp32 (transformer fusions)" row). Nor does this export fuse timm's
-    attention into ORT's Attention contrib op: fp32 gains 2-4% from it and static int8 loses (the QDQ quantizer has
+    attention into ORT's Attention contrib op: fp32 gains 4-7% from it and static int8 loses (the QDQ quantizer has
     no int8 Attention); dynamic int8, which runs it as QAttention and gains 6-11%, is quantized from a second,
     fused export (attention_fusion.py).
     """

@@ -20,7 +20,8 @@ import onnx
 from onnx import TensorProto, helper
 
 REQUANTIZED_PRODUCT_OPS = frozenset({"QLinearConv", "QLinearMatMul", "QGemm"})
-INTEGER_PRODUCT_OPS = frozenset({"MatMulInteger", "ConvInteger"}) | REQUANTIZED_PRODUCT_OPS
+# com.microsoft QAttention: a ViT block's q/k/v projection in int8 (dynamic int8 of an attention-fused graph)
+INTEGER_PRODUCT_OPS = frozenset({"MatMulInteger", "ConvInteger", "QAttention"}) | REQUANTIZED_PRODUCT_OPS
 _TYPE_RANGES = {TensorProto.UINT8: (0, 255), TensorProto.INT8: (-128, 127)}
 
 
@@ -36,6 +37,9 @@ def integer_products_in_float(model: onnx.ModelProto) -> onnx.ModelProto:
         if node.op_type in REQUANTIZED_PRODUCT_OPS:
             nodes += _requantized_product(node, ranks, types)
             continue
+        if node.op_type == "QAttention":
+            nodes += _attention_in_float(node)
+            continue
         if node.op_type not in INTEGER_PRODUCT_OPS:
             nodes.append(node)
             continue
@@ -50,6 +54,26 @@ def integer_products_in_float(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(nodes)
     return model
+
+
+def _attention_in_float(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """QAttention as the float Attention op it quantizes: its int8 input and weights dequantized (zero points
+    subtracted, times their scales; a per-column weight scale meets the [hidden, 3 x hidden] weights' columns)."""
+    prefix = f"{node.name or node.output[0]}/in_float"
+    # input, weight, bias, input_scale, weight_scale, mask_index, input_zero_point, weight_zero_point, past
+    x, w, bias, x_scale, w_scale, mask, x_zero, w_zero, past = (list(node.input) + [""] * 9)[:9]
+    x_centred, nodes = _centred(x, x_zero, f"{prefix}/input", None)
+    w_centred, w_nodes = _centred(w, w_zero, f"{prefix}/weight", None)
+    nodes += [*w_nodes,
+              helper.make_node("Mul", [x_centred, x_scale], [f"{prefix}/input_real"], name=f"{prefix}/input_real"),
+              helper.make_node("Mul", [w_centred, w_scale], [f"{prefix}/weight_real"], name=f"{prefix}/weight_real")]
+    inputs = [f"{prefix}/input_real", f"{prefix}/weight_real", bias, mask, past]
+    while inputs[-1] == "":
+        inputs.pop()
+    attention = helper.make_node("Attention", inputs, list(node.output), name=f"{prefix}/attention",
+                                 domain="com.microsoft")
+    attention.attribute.extend(node.attribute)  # num_heads, unidirectional: the same attention
+    return [*nodes, attention]
 
 
 def _requantized_product(node: onnx.NodeProto, ranks: dict[str, int], types: dict[str, int]

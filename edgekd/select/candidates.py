@@ -27,12 +27,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from edgekd import __version__
 from edgekd.artifacts import config_hash, write_json_atomic
 from edgekd.errors import EdgekdError, first_line
+from edgekd.deploy.attention_fusion import export_attention_fused
 from edgekd.deploy.export import export_onnx
 from edgekd.select.latency import ORT_RUN_ERRORS, LatencyStats, measure_onnx
 from edgekd.models import count_params, preprocess_for, resolve_model_name
 from edgekd.select.profiles import DeviceProfile
 from edgekd.deploy.quantize import MIN_CALIBRATION_IMAGES, prepare_for_quantization, quantize_onnx
-from edgekd.record import cpu_model
+from edgekd.record import code_digest, cpu_model
 from edgekd.select.rule import DERIVED_FAMILY, Candidate, Measurement, Selection, select_student
 from edgekd.distill.students import StudentInit, build_student, derived_name, parse_derived
 from edgekd.distill.train_utils import progress
@@ -256,10 +257,11 @@ def _measure_one(name: str, profile: DeviceProfile, num_classes: int, image_size
 
 def _latency_key(profile: DeviceProfile, name: str, input_size: tuple[int, int, int], num_classes: int,
                  precision: str, timing: TimingConfig) -> dict[str, Any]:
-    # A figure is this machine's (CPU model) for this edgekd (how the form is exported and quantized) and onnxruntime.
+    # A figure is this machine's (CPU model) for this onnxruntime and for the form edgekd's deploy code makes (by
+    # content: a ViT's dynamic int8 changed form, attention fused, without a new version number).
     return {"kind": "latency", "profile": profile.timing_key(), "model": name, "input_size": list(input_size),
             "classes": num_classes, "precision": precision, "ort": ort.__version__, "timing": asdict(timing),
-            "cpu": cpu_model(), "edgekd": __version__}
+            "cpu": cpu_model(), "edgekd": __version__, "form": code_digest("deploy")}
 
 
 def _measure_forms(model: torch.nn.Module, precisions: Sequence[str], input_size: tuple[int, int, int],
@@ -310,6 +312,9 @@ def _export_and_quantize(model: torch.nn.Module, input_size: tuple[int, int, int
         export_onnx(model, fp32, input_size)
     except Exception as error:  # noqa: BLE001 - the exporter raises many types; the candidate records it
         return {p: f"export failed: {first_line(error)}" for p in precisions}
+    # a ViT's dynamic int8 ships quantized from its attention-fused export (guard.guarded_quantize): time that one
+    fused = export_attention_fused(model, out_dir / f"{stem}.fused.onnx", input_size) \
+        if "int8_dynamic" in precisions else None
     forms: dict[str, Path | str] = {}
     prepared: Path | None = None
     calibration = np.random.default_rng(0).standard_normal((MIN_CALIBRATION_IMAGES, *input_size)).astype(np.float32)
@@ -317,13 +322,16 @@ def _export_and_quantize(model: torch.nn.Module, input_size: tuple[int, int, int
         target = out_dir / f"{stem}.{precision}.onnx"
         int8 = precision.startswith("int8")
         try:
+            if precision == "int8_dynamic" and fused is not None:
+                forms[precision] = quantize_onnx(fused, target, precision, isa=isa, for_timing=True)
+                continue
             if int8 and prepared is None:
                 prepared = prepare_for_quantization(fp32, out_dir / f"{stem}.prepared.onnx")
             forms[precision] = quantize_onnx(prepared if int8 and prepared else fp32, target, precision, isa=isa,
                                              calibration=calibration, prepared=int8, for_timing=True)
         except Exception as error:  # noqa: BLE001 - onnxruntime.quantization raises many types; record and go on
             forms[precision] = f"{precision} quantization failed: {first_line(error)}"
-    for leftover in (fp32, prepared):
+    for leftover in (fp32, prepared, fused):
         if leftover is not None and leftover.exists():
             leftover.unlink()
     return forms
