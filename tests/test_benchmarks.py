@@ -1,11 +1,15 @@
-"""The benchmark scripts keep running as the code under them changes (tiny models, one step: not a measurement)."""
+"""The benchmark scripts keep running as the code under them changes (tiny models, one step: not a measurement), and
+their committed tables are what they render from their committed figures."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).parents[1]
 
@@ -26,3 +30,14 @@ def test_distill_throughput_benchmark_runs_on_tiny_models(tmp_path):
     markdown = out.with_suffix(".md").read_text()
     assert "## What limits it" in markdown and "**auto**" in markdown
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("script", ["int8_graph_forms", "int8_float_head"])
+def test_committed_tables_are_their_json_rendered(script):
+    """A results table is what its script renders from the committed figures, not edited by hand."""
+    spec = importlib.util.spec_from_file_location(script, ROOT / "benchmarks" / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = ROOT / "benchmarks" / "results"
+    figures = json.loads((results / f"{script}.json").read_text())
+    assert module.render(figures) == (results / f"{script}.md").read_text()

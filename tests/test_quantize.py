@@ -521,3 +521,19 @@ def test_sensitivity_scores_each_tensor_by_its_own_quantization(resnet, tmp_path
     assert max(own.values()) < 0.05, max(own.items(), key=lambda item: item[1])
     last = folded[-1]  # deep in the network: everything upstream has added its error
     assert against_fp32[last] > own[last], (against_fp32[last], own[last])
+
+
+def test_the_input_side_form_ships_only_at_the_same_speed(resnet, tmp_path: Path) -> None:
+    """The form with the nodes nearest the input in float is timed too; 10% slower than the all-int8 form, it does
+    not ship, however well it agrees (the timings here are the guard's inputs, given)."""
+    fp32, evalset, calibration = resnet
+
+    def p50(path: Path, precision: str) -> float:
+        return 3.0 if precision == "fp32" else 1.1 if "input-side" in path.name else 1.0
+
+    decision = guarded_quantize(fp32, tmp_path / "int8.onnx", evalset=evalset, calibration=calibration,
+                                isa="avx512_vnni", precisions=("int8_static",),
+                                guard=GuardConfig(max_accuracy_drop=5.0), timing=p50)
+    side = decision.trials[-1]
+    assert side.float_nodes_by == "input side" and side.excluded_nodes and side.latency_ms == 1.1
+    assert decision.precision == "int8_static" and decision.latency_ms == 1.0 and "in float" not in decision.reason

