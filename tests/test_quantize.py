@@ -537,3 +537,19 @@ def test_the_input_side_form_ships_only_at_the_same_speed(resnet, tmp_path: Path
     side = decision.trials[-1]
     assert side.float_nodes_by == "input side" and side.excluded_nodes and side.latency_ms == 1.1
     assert decision.precision == "int8_static" and decision.latency_ms == 1.0 and "in float" not in decision.reason
+
+
+def test_the_input_side_form_is_preferred_only_closer_at_the_same_speed_and_paying() -> None:
+    from edgekd.deploy.guard import SAME_SPEED, Trial, _prefer
+    from edgekd.deploy.quantize import U8S8
+
+    base = Trial("int8_static", U8S8, (), 0.80, 0.94, 0.5, True, latency_ms=1.0)
+    closer = dataclasses.replace(base, excluded_nodes=("stem", "dw"), agreement=0.95, latency_ms=1.02,
+                                 float_nodes_by="input side")
+    assert _prefer(base, closer, fp32_ms=2.0, min_speedup=1.05)
+    assert not _prefer(base, dataclasses.replace(closer, latency_ms=1.0 * SAME_SPEED + 0.01), 2.0, 1.05)  # slower
+    assert not _prefer(base, dataclasses.replace(closer, agreement=0.94), 2.0, 1.05)  # no closer to fp32
+    assert not _prefer(base, dataclasses.replace(closer, accuracy_drop=0.6), 2.0, 1.05)  # loses more top-1
+    assert not _prefer(base, dataclasses.replace(closer, passed=False), 2.0, 1.05)
+    # fp32 at 1.06 ms: the all-int8 form pays (1.06x), the closer one (1.04x) would not: keep the one that pays
+    assert not _prefer(base, closer, fp32_ms=1.06, min_speedup=1.05)

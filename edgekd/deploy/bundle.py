@@ -149,7 +149,8 @@ def _build(model: torch.nn.Module, checkpoint: StudentCheckpoint, work: Path, st
                                        check_inputs=check) if "int8_dynamic" in int8 else None
         decision = guarded_quantize(fp32_path, model_path, evalset=evalset, calibration=calibration, isa=options.isa,
                                     precisions=int8, guard=options.guard, search=options.search, timing=timer,
-                                    latency_source=source, attention_fused=fused)
+                                    latency_source=source, attention_fused=fused,
+                                    times_files=options.latency_table is None)
         precision = decision.precision
     else:
         # fp16 needs no calibration, but it ships only when checked on real images (below); without them, fp32.
