@@ -221,7 +221,7 @@ def _input_side_candidate(best: tuple[Trial, Path], prepared: Path, work: Path, 
     """For an all-int8 static `best`, the same form with the guard's first input-side share of compute nodes in
     float (its trial and file), to be timed beside it (_side_by_side); None where there is none or it failed."""
     trial, path = best
-    if trial.precision != "int8_static" or trial.excluded_nodes:
+    if trial.precision != "int8_static" or trial.excluded_nodes or trial.agreement >= 1.0:  # nothing to gain
         return None
     near_input = input_side_nodes(prepared, trial.preset, guard.float_share(1))
     side = work / f"{path.stem}.input-side.onnx"
@@ -287,7 +287,10 @@ def _side_by_side(timing: Timing, fp32_path: Path, best: tuple[Trial, Path],
                   ) -> tuple[float | None, tuple[Trial, Path], Trial | None]:
     """fp32, the fastest passing form and (when given) its input-side candidate timed in turn, SIDE_BY_SIDE_ROUNDS
     rounds: (fp32's median, the form to ship with its median, the candidate's trial with its median)."""
-    contenders = [best] + ([candidate] if candidate is not None and candidate[0].passed else [])
+    # the candidate is timed only if it can win on its answers (_prefer): each timing takes seconds
+    closer = candidate is not None and candidate[0].passed and candidate[0].agreement > best[0].agreement and \
+        candidate[0].accuracy_drop <= best[0].accuracy_drop
+    contenders = [best] + ([candidate] if closer else [])
     fp32_times: list[float] = []
     times: list[list[float]] = [[] for _ in contenders]
     for _ in range(SIDE_BY_SIDE_ROUNDS):
