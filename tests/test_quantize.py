@@ -548,6 +548,7 @@ def test_the_input_side_form_is_timed_beside_the_all_int8_one_and_ships_only_at_
     _, (_, path), recorded = _side_by_side(lambda p, _: calls.append(p.name) or 1.0, Path("fp32.onnx"), forms[0],
                                            (no_closer, forms[1][1]), min_speedup=1.05)
     assert path.name == "best_0.onnx" and recorded.latency_ms is None and "best_0.input-side.onnx" not in calls
+    assert not recorded.passed and recorded.error  # within the guard, but it cannot ship: the record says why
 
 
 def test_the_input_side_form_is_preferred_only_closer_at_the_same_speed_and_paying() -> None:
