@@ -241,11 +241,16 @@ def _input_side_candidate(best: tuple[Trial, Path], prepared: Path, work: Path, 
 def _prefer(incumbent: Trial, candidate: Trial, fp32_ms: float, min_speedup: float) -> bool:
     """Whether `candidate` (input-side nodes in float) ships instead of `incumbent` (all int8), both timed side by
     side: it passed, agrees better with fp32 without losing more top-1, is as fast (SAME_SPEED), and still pays."""
-    if not candidate.passed or candidate.latency_ms is None or incumbent.latency_ms is None:
+    if not _closer_answers(incumbent, candidate) or candidate.latency_ms is None or incumbent.latency_ms is None:
         return False
     pays = candidate.latency_ms * min_speedup <= fp32_ms or incumbent.latency_ms * min_speedup > fp32_ms
-    return (candidate.agreement > incumbent.agreement and candidate.accuracy_drop <= incumbent.accuracy_drop
-            and candidate.latency_ms <= incumbent.latency_ms * SAME_SPEED and pays)
+    return candidate.latency_ms <= incumbent.latency_ms * SAME_SPEED and pays
+
+
+def _closer_answers(incumbent: Trial, candidate: Trial) -> bool:
+    """`candidate` passed the guard, agrees better with fp32 and loses no more top-1 than `incumbent`."""
+    return (candidate.passed and candidate.agreement > incumbent.agreement
+            and candidate.accuracy_drop <= incumbent.accuracy_drop)
 
 
 class TrialProgress:
@@ -289,8 +294,7 @@ def _side_by_side(timing: Timing, fp32_path: Path, best: tuple[Trial, Path],
     """fp32, the fastest passing form and (when given) its input-side candidate timed in turn, SIDE_BY_SIDE_ROUNDS
     rounds: (fp32's median, the form to ship with its median, the candidate's trial with its median)."""
     # the candidate is timed only if it can win on its answers (_prefer): each timing takes seconds
-    closer = candidate is not None and candidate[0].passed and candidate[0].agreement > best[0].agreement and \
-        candidate[0].accuracy_drop <= best[0].accuracy_drop
+    closer = candidate is not None and _closer_answers(best[0], candidate[0])
     contenders = [best] + ([candidate] if closer else [])
     if candidate is not None and candidate[0].passed and not closer:  # within the guard, but it cannot ship
         candidate = (replace(candidate[0], passed=False, error=NOT_CLOSER), candidate[1])
