@@ -47,7 +47,9 @@ CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": Calibratio
 # before any node is kept in float. Clipping the rare extreme activations is often all a model needs.
 AUTO_CALIBRATION = ("minmax", "percentile", "entropy")
 CALIBRATION_CHOICES = ("auto", *CALIBRATION_METHODS)
-_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+# 16-bit QDQ types are for measuring which half of int8 loses the answers (benchmarks/int8_float_head.py): no preset
+# ships them, the CPU provider has no 16-bit kernels and runs those nodes in float.
+_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8, "uint16": QuantType.QUInt16, "int16": QuantType.QInt16}
 _FORMATS = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
 DYNAMIC_OP_TYPES = ("MatMul", "Attention")  # dynamic Conv runs 5-12x slower than fp32 on x86: never by default
 
