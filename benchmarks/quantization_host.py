@@ -298,10 +298,10 @@ def students_stage(results: dict, models: tuple[str, ...] = LATENCY_MODELS, redo
         save(results)
 
 
-def strict_stage(results: dict) -> None:
+def strict_stage(results: dict, redo: bool = False) -> None:
     """The fine-tuned Lite0 under a 0.5-point guard (--max-accuracy-drop 0.5): issue 11's target for CNNs, which the
     default 1-point guard does not ask for. Same training as part B (same seed), so the same student."""
-    if "strict" in results:
+    if "strict" in results and not redo:
         return
     isa = detect_isa()
     data = load_data(DataSpec("fashion-mnist", max_train=TRAIN_IMAGES, max_val=VAL_IMAGES))
@@ -315,19 +315,24 @@ def strict_stage(results: dict) -> None:
                          "reason": decision.reason,
                          "trials": [{"preset": t.preset.name, "calibration": t.calibration_method,
                                      "excluded": len(t.excluded_nodes), "top1": t.top1, "drop": t.accuracy_drop,
-                                     "drop_se": t.drop_se,
+                                     "drop_se": t.drop_se, "excluded_by": t.float_nodes_by,
                                      "agreement": t.agreement, "latency_ms": t.latency_ms, "passed": t.passed}
                                     for t in decision.trials]}
     print(json.dumps(results["strict"], indent=1), flush=True)
     save(results)
 
 
-def causes_stage(results: dict) -> None:
+def causes_date(causes: dict) -> str:
+    """The day the causes stage trained its students (runs before it recorded one: 2026-12-04, its git history)."""
+    return next((entry["date"] for entry in causes.values() if entry.get("date")), "2026-12-04")
+
+
+def causes_stage(results: dict, redo: bool = False) -> None:
     """Why static int8 collapses on the EfficientNet-B0 student and not on the fine-tuned Lite0 (same data, size and
     epochs): quantizing only the compute ops, percentile calibration, and which tensors lose most and how far their
     loudest channel stands above the others (one scale per tensor: a channel 100x louder leaves the rest a few
     levels)."""
-    if "causes" in results:
+    if "causes" in results and not redo:
         return
     isa = detect_isa()
     data = load_data(DataSpec("fashion-mnist", max_train=TRAIN_IMAGES, max_val=VAL_IMAGES))
@@ -357,7 +362,8 @@ def causes_stage(results: dict) -> None:
                     spread = channel_spread(prepared, worst, calibration[:32])
                     noisiest = [{"tensor": t, "relative_error": noise[t], "loudest_channel_x_median": spread.get(t)}
                                 for t in worst]
-        entry[name] = {**facts, "fp32_top1": fp32_top1, "forms": rows, "noisiest": noisiest}
+        entry[name] = {**facts, "fp32_top1": fp32_top1, "forms": rows, "noisiest": noisiest,
+                       "date": time.strftime("%Y-%m-%d")}
         print(name, json.dumps(entry[name], indent=1), flush=True)
     results["causes"] = entry
     save(results)
@@ -380,10 +386,10 @@ def channel_spread(path: Path, tensors: list[str], images: np.ndarray) -> dict[s
 
 # ------------------------------------------------------------------------------- part C: the guard on real photos
 
-def photos_stage(results: dict) -> None:
+def photos_stage(results: dict, redo: bool = False) -> None:
     """The real Lite0 (ImageNet) on every photo crop, unlabeled: the guard measures agreement with fp32 and, at a
     3-point allowance, must ship a form that agrees on >= 97% (issue 11's target) or fp32."""
-    if "photos" in results:
+    if "photos" in results and not redo:
         return
     isa = detect_isa()
     model = create_model(REAL, 1000).eval()
@@ -397,7 +403,8 @@ def photos_stage(results: dict) -> None:
                                     isa=isa, guard=GuardConfig(max_accuracy_drop=3.0),
                                     timing=lambda path, _: p50_ms(path, shape))
         trials = [{"preset": t.preset.name, "calibration": t.calibration_method, "excluded": len(t.excluded_nodes),
-                   "agreement": t.agreement, "latency_ms": t.latency_ms, "passed": t.passed, "error": t.error}
+                   "excluded_by": t.float_nodes_by, "agreement": t.agreement, "latency_ms": t.latency_ms,
+                   "passed": t.passed, "error": t.error}
                   for t in decision.trials]
         entry = {"default": {"precision": decision.precision, "reason": decision.reason,
                              "fp32_ms": decision.fp32_latency_ms, "trials": trials}}
@@ -506,15 +513,19 @@ def table(results: dict) -> str:
                   "|---|---|---:|---:|---:|---:|---:|---|"]
         for trial in strict["trials"]:
             ms = f"{trial['latency_ms']:.3f}" if trial["latency_ms"] else "-"
-            lines.append(f"| {trial['preset']} | {trial['calibration'] or '-'} | {trial['excluded']} | "
+            by = f" ({trial['excluded_by']})" if trial.get("excluded_by") and trial["excluded"] else ""
+            lines.append(f"| {trial['preset']} | {trial['calibration'] or '-'} | {trial['excluded']}{by} | "
                          f"{100 * trial['top1']:.2f}% | {trial['drop']:.2f}{_se(trial)} | "
                          f"{100 * trial['agreement']:.1f}% | {ms} | "
                          f"{'yes' if trial['passed'] else 'no'} |")
         lines.append(f"| **ships {strict['precision']}** | | | | | | | {strict['reason']} |")
     causes = results.get("causes")
     if causes:
-        lines += ["", "### Why static int8 collapses on EfficientNet-B0 and not on Lite0 (section \"causes\")", "",
-                  "Both trained as in part B (2 epochs, 64 px). Each static form with the ISA's default preset; then "
+        lines += ["", "### Why static int8 collapsed on an EfficientNet-B0 student and not on Lite0 "
+                  "(section \"causes\")", "",
+                  f"Both trained as in part B (2 epochs, 64 px) on {causes_date(causes)}: that day's students, not the "
+                  "ones in the table above (training them again gives other networks, and the 2-epoch B0 above "
+                  "does not collapse). Each static form with the ISA's default preset; then "
                   "the default form's five noisiest tensors (relative error per channel, averaged over channels, on "
                   "32 test images; onnxruntime's qdq_loss_debug pairs them) and how far each one's loudest channel "
                   "peaks above the median channel's peak, on 32 calibration images.", "",
@@ -540,8 +551,10 @@ def table(results: dict) -> str:
         for mode in ("default",):
             for trial in photos[mode]["trials"]:
                 ms = f"{trial['latency_ms']:.2f}" if trial["latency_ms"] else "-"
-                lines.append(f"| {mode} | {trial['preset']} | {trial['calibration'] or '-'} | {trial['excluded']} | "
-                             f"{100 * trial['agreement']:.1f}% | {ms} | {'yes' if trial['passed'] else 'no'} |")
+                by = f" ({trial['excluded_by']})" if trial.get("excluded_by") and trial["excluded"] else ""
+                lines.append(f"| {mode} | {trial['preset']} | {trial['calibration'] or '-'} | "
+                             f"{trial['excluded']}{by} | {100 * trial['agreement']:.1f}% | {ms} | "
+                             f"{'yes' if trial['passed'] else 'no'} |")
             lines.append(f"| **{mode}: ships {photos[mode]['precision']}** | | | | | "
                          f"{photos[mode]['fp32_ms']:.2f} (fp32) | {photos[mode]['reason']} |")
         where = photos.get("by_picture")
@@ -570,81 +583,86 @@ def _se(form: dict) -> str:
 
 FINDINGS = """## What the figures say (from the runs below)
 
-Since 2026-12-05 edgekd's static int8 (QDQ) leaves the logits unrounded (the quantizer had put a
-QuantizeLinear/DequantizeLinear pair on the model's output); the static rows below were measured before that change.
-`int8_rounding.md` measures it side by side on the real Lite0 ("learned, int8 logits" is the old form); on the 2-epoch
-EfficientNet-B0 of part B (1,000 test images, percentile calibration, no bias correction) agreement with fp32 went
-from 79.0% to 85.7% (README, "Static int8 (QDQ) answers in float"). Later the same day edgekd began to keep bias
-correction and learned rounding only where they bring the answers closer to fp32 on held-out calibration images:
-`weight_corrections.md` has a 2-epoch EfficientNet-B0 trained as part B trains it (on an AVX2 host, fp32 75.70% on
-2,000 test images: not this table's network) passing the guard at 0.5 points that way, entropy ranges with neither
-correction, top-1 +0.10 +- 0.48, agreement 94.2% (its latency there unmeasured: no VNNI). Part B below predates it.
-
-Every part was re-made on 2026-12-04 on this host, a Sapphire Rapids CPU with AMX-int8 (earlier runs, on a
-VNNI-only CPU, are in git history: absolute milliseconds here are 1.6-1.8x theirs; compare ratios within a run),
-after edgekd began bias-correcting static int8 ("no bias correction" rows are the same preset without it). Part B
-drops are on the whole 10,000-image test split. The students were trained again: EfficientNet-B0 is not the same
-network as in earlier runs (fp32 69.37% and 83.32% here against 73.32% and 83.55%), and that changes its int8 figures
-a great deal (below).
+**When and where.** Part A was made on 2026-12-04 on a Sapphire Rapids CPU with AMX-int8 (earlier runs, on a
+VNNI-only CPU, are in git history; compare ratios within a run), its DeiT-tiny and Lite0 rows re-timed on 2026-12-07
+on a 2-core Xeon with AMX. Part B, its 0.5-point guard and part C were re-made on 2026-12-07 on that Xeon with that
+day's code: static int8 answers in float (no QuantizeLinear on the logits), bias correction and learned rounding kept
+only where they bring the answers closer to fp32 on held-out calibration images, the input-side form timed beside
+the all-int8 one, DeiT's dynamic int8 from its attention-fused graph. Part B's students were trained again, and
+training again gives other networks: fp32 78.67% (ResNet-18), 65.27% (MobileNetV3-large; 70.50% on 2026-12-04),
+74.92% and 82.89% (EfficientNet-B0, 2 and 8 epochs; 69.37% and 83.32%), 87.36% (Lite0; 86.75%). Whether static int8
+keeps a student's answers follows its trained weights more than its family: the 2-epoch B0 that lost 52.89 points on
+2026-12-04 is replaced by one that loses 0.12, and the 8-epoch B0 that lost 0.18 by one that loses 73.10. That is
+why the guard measures every model and ships fp32 where no int8 form passes and pays. The "causes" section studies
+the 2026-12-04 students.
 
 **Bias correction** (`edgekd/deploy/bias_correction.py`): after calibration, each quantized Conv/Gemm's per-channel
 output mean on 64 calibration images is measured against fp32's, layer by layer in graph order, and the difference
-goes into its int32 bias. What it changes, same preset with and without, side by side in one run:
+goes into its int32 bias; learned rounding re-rounds small filters' weights; a held-out check keeps either only where
+the answers come closer to fp32. What that changes, same preset without the corrections and as edgekd quantizes,
+side by side in one run:
 
-| model | measured on | without | with |
+| model | measured on | without | edgekd's default |
 |---|---|---:|---:|
-| real Lite0 (ImageNet) | agreement, every photo crop (part A) | 84.2% | 92.1% |
-| real Lite0 (ImageNet), per-tensor weights | agreement, every photo crop (part A) | 41.4% (earlier run) | 62.5% |
-| Lite0 fine-tuned on Fashion-MNIST | drop / agreement (part B) | 0.23 +- 0.14 / 97.8% | 0.15 +- 0.10 / 98.8% |
-| MobileNetV3-large student | drop / agreement (part B) | 0.87 +- 0.21 / 93.6% | 0.40 +- 0.22 / 93.0% |
-| ResNet-18 student | drop / agreement (part B) | 0.03 +- 0.07 / 99.4% | 0.06 +- 0.06 / 99.5% |
-| EfficientNet-B0 student (2 epochs) | drop (part B) | 52.77 | 52.89 |
+| real Lite0 (ImageNet) | agreement, every photo crop (part A, 2026-12-04: bias correction alone) | 84.2% | 92.1% |
+| real Lite0 (ImageNet), per-tensor weights | agreement, every crop (part A, the same) | 41.4% (earlier run) | 62.5% |
+| Lite0 fine-tuned on Fashion-MNIST | drop / agreement (part B) | 0.10 +- 0.13 / 98.1% | 0.06 +- 0.08 / 99.2% |
+| MobileNetV3-large student | drop / agreement (part B) | 3.70 +- 0.37 / 81.0% | 2.32 +- 0.40 / 77.5% |
+| ResNet-18 student | drop / agreement (part B; the check kept neither) | 0.04 +- 0.06 / 99.5% | 0.04 +- 0.06 / 99.5% |
+| EfficientNet-B0 student (2 epochs) | drop / agreement (part B) | 0.32 +- 0.16 / 96.5% | 0.12 +- 0.14 / 97.0% |
+| EfficientNet-B0 student (8 epochs) | drop (part B) | 73.10 | 73.10 |
 
 It does nothing for DeiT (its weight MatMuls carry their bias in a float Add; only the classifier Gemm is
-corrected) and cannot mend EfficientNet-B0's squeeze-excite outliers (a range problem, not a mean shift). The
+corrected) and cannot mend an EfficientNet-B0's outlier channels (a range problem, not a mean shift). The
 latency of a corrected file is the same within timing noise (part A: 0.1 ms either way, 1-3%).
 
 **Why the old benchmark lost 10-50 points** (each cause with the row that rules it in or out):
 
 1. *Dynamic int8 was measured in batches of 64.* Dynamic quantization takes one activation range per tensor over
    the whole batch, so a batch of 64 runs a coarser model than the batch of 1 an app runs. Part B, last row of each
-   student: EfficientNet-B0's dynamic int8 agrees with fp32 on 88.2% in batches of 64 and on 99.8% one image at a
-   time (MobileNetV3: 98.7% vs 99.8%; 90.9% vs 99.7% in the earlier run). edgekd measures any graph with dynamic
+   student: the 8-epoch EfficientNet-B0's dynamic int8 agrees with fp32 on 58.2% in batches of 64 and on 100.0%
+   one image at a time (MobileNetV3: 87.1% vs 99.8%; 2-epoch B0: 99.1% vs 99.9%). edgekd measures any graph with dynamic
    quantization one image at a time.
 2. *DeiT's static int8 quantized every op type.* Softmax, LayerNorm inputs, residual Adds and Q.K^T in int8: the
    DeiT-tiny student loses 2.42 points, 72.4% agreement (Optimum's avx512_vnni static, which does the same: 4.07);
    an earlier training of the same recipe (fp32 60.76%, against 55.94% for the one retrained on 2026-12-07) lost
    9.98 and 11.89. Weight MatMuls only, with float outputs: 0.03 +- 0.05 points, 99.6% agreement.
-3. *Outlier channels in squeeze-excite gates.* The 2-epoch EfficientNet-B0's static int8 loses 52.89 points
-   (Optimum's 51.85). Section "causes": its noisiest tensors are the squeeze-excite branches' SiLU outputs (relative
-   error 0.61-0.69), where the loudest channel peaks 159-232x above the median channel, so one scale per tensor
-   leaves most channels a few levels; compute ops only: 45.36 lost, percentile calibration 50.33 (3.26 on the
-   earlier run's B0, whose peaks were 46-126x). The 8-epoch B0 of this run has no such collapse: 0.13 +- 0.12
-   without correction, 0.18 +- 0.12 with (72.26 on the earlier run's): whether B0 survives int8 depends on the
-   trained weights, so the guard measures every model rather than trusting a family. Lite0 (no squeeze-excite, ReLU6
+3. *Outlier channels.* The 2026-12-04 2-epoch EfficientNet-B0's static int8 lost 52.89 points (Optimum's 51.85).
+   Section "causes": its noisiest tensors were the squeeze-excite branches' SiLU outputs (relative error 0.61-0.69),
+   where the loudest channel peaks 159-232x above the median channel, so one scale per tensor leaves most channels a
+   few levels; compute ops only: 45.36 lost, percentile calibration 50.33. The 8-epoch B0 of 2026-12-07 collapses
+   too (73.10; Optimum 68.93), elsewhere: keeping its classifier head (pooling, Gemm) in float gives 72.97 and its
+   squeeze-excite branches in float 73.09, while the guard's ranking scores the tensors of its last block, head
+   conv and head SiLU at 1.0 (destroyed); with 78 nodes in float it passes (0.16) but is no faster than fp32, so
+   fp32 ships. On the 2026-12-07 MobileNetV3-large the squeeze-excite branches are the cause: with their ops
+   (ReduceMean, the two small convs, ReLU, HardSigmoid; not the gating Mul) in float, static int8 loses 0.15
+   instead of 2.32 (agreement 83.8% against 77.5%) and runs 1.16x fp32's speed against 1.50x (three round-robin
+   p50s at 64 px; measured outside this script, not yet a form the guard tries). Lite0 (no squeeze-excite, ReLU6
    caps every activation at 6) has noisiest tensors at 0.015-0.023 with correction (0.08-0.10 without, earlier run).
 4. *Part A's Lite0 agreement had been measured on Fashion-MNIST with an ImageNet head.* On real photographs its
    static int8 agrees with fp32 on 98.5% of the crops fp32 is confident about and on 92.1% of all crops (84.2%
-   without bias correction); fp16 on 100.0% and 98.7%. Part C: asked for 97% on every crop, near-ties included, the
-   guard gets static int8 to 94.1% (percentile calibration) and 95.4% (8 nodes in float), short of 97%; dynamic int8
-   agrees on 99.3% but is no faster, so fp32 ships. Every crop where static int8 disagrees is a near-tie for fp32
-   (top two classes at most 0.048 apart, median 0.006; 0.128 and 0.011 before bias correction). What is left is
-   weight rounding itself: in PyTorch, with int8 weights, float activations and the same bias correction, the real
-   Lite0 agrees on 94.7% of the crops; a rounding that learns from data (AdaRound) would be the next step.
+   without bias correction; part A, 2026-12-04); fp16 on 100.0% and 98.7%. Part C (2026-12-07): asked for 97% on
+   every crop, near-ties included, the guard ships static int8 with the first five convs in float, 98.0% on those
+   152 crops and 1.72x faster than fp32; on 608 held-out crops that form agrees on 95.4% and no form that pays
+   reaches 97% (`int8_float_head.md`, where fp32 itself changes its answer on 8.9% of the crops framed one pixel
+   over). Every crop where the default static int8 disagrees is a near-tie for fp32 (top two classes at most 0.036
+   apart, median 0.006, against 0.112 where they agree).
 5. *Ruled out:* the prepared graph (`quant_pre_process`) reproduced the export's logits on every model here (it is
    checked on every run); calibration and validation are stratified random samples.
 
-**Targets met in part B.** Static int8 (what ships) loses 0.15 +- 0.10 points on the fine-tuned Lite0 (the guard at
-`--max-accuracy-drop 0.5` ships it, 1.77x faster than fp32), 0.06 on ResNet-18, 0.40 +- 0.22 on MobileNetV3 (now
-shipped as static int8: 1.39x faster, timed side by side) and 0.18 on the 8-epoch B0 (shipped, 1.39x); DeiT-tiny
-ships dynamic int8 quantized from its attention-fused graph at -0.01 +- 0.03 (99.8% agreement, 2.21x faster than
-fp32 timed side by side at 64 px). Not met: the 2-epoch EfficientNet-B0 (fp32 ships).
+**Targets in part B** (<= 0.5 point for CNNs, <= 1 for DeiT-tiny, as shipped). Met: the fine-tuned Lite0 ships
+static int8 with its stem and first depthwise conv in float, 0.04 +- 0.08 points, 99.3% agreement, 1.78x faster
+than fp32 (the same form under the 0.5-point guard, below), ResNet-18 static int8 0.04 +- 0.06 (2.96x), the 2-epoch
+B0 static int8 0.12 +- 0.14 (1.40x), DeiT-tiny dynamic int8 from its attention-fused graph -0.01 +- 0.03 (99.8%,
+2.21x; all timed side by side at 64 px). Not met, fp32 ships: this MobileNetV3-large (static int8 loses 2.32; the
+guard's passing form, 22 nodes in float, 0.79, does not pay; dynamic int8 keeps it, 0.04, at fp32's speed) and the
+8-epoch B0 (item 3). On 2026-12-04's trainings those two were met (0.40 and 0.18) and the 2-epoch B0 was not.
 
 **Speed, 224 px, 1 thread, this AMX host.** ResNets: int8 static 3.0-3.2x faster than fp32. Lite0: 1.73x (1.83x
 re-timed on a 2-core Xeon with AMX, 2026-12-07, its rows above; there the form with the stem and the first depthwise
 conv in float, which agrees on 95.4% of every crop against 94.7%, runs 3.60 ms against 3.77: keeping them in float
 costs nothing on a VNNI CPU either).
-EfficientNet-B0: 1.25x. MobileNetV3-large: 0.98x at 224 px (1.39x at the student's 64 px): its hard-swish and
+EfficientNet-B0: 1.25x. MobileNetV3-large: 0.98x at 224 px (1.36x at the student's 64 px): its hard-swish and
 squeeze-excite gates run as QLinearMul, HardSigmoid and QLinearSigmoid, which cost what the int8 convolutions save
 (int8_graph_forms.md profiles them); the guard ships int8 only where it is measured faster. DeiT-tiny, re-timed on
 the 2-core Xeon with AMX on 2026-12-07 (its rows above): dynamic int8 from the attention-fused graph (QAttention,
@@ -655,15 +673,17 @@ form measured 1.61x on that Xeon earlier the same day. Earlier hosts: 1.66x stat
 and 1.89x (VNNI; attention fused 1.98x). fp16 on the CPU provider: 0.37-0.94x of fp32 (not offered).
 
 **Optimum side by side.** For CNNs Optimum's avx512_vnni static preset writes the same kind of QDQ graph with the
-same quantizer but without bias correction: on the real Lite0 it agrees on 84.2% of all photo crops against edgekd's
-92.1%, on the fine-tuned Lite0 loses 0.24 against 0.15, on MobileNetV3 0.80 against 0.40, at equal latency on the
-ResNets and Lite0. Optimum quantizes only the compute ops, which runs MobileNetV3 and EfficientNet-B0 slower than
-fp32 at 224 px (0.88x, 0.72x). Its dynamic preset also quantizes Conv (4-11x slower than fp32, and the fine-tuned
-Lite0 loses 45.0 points). For DeiT-tiny Optimum's static loses 4.07 points (11.89 on the earlier training); on the
-Xeon its dynamic runs 11.87 ms at 224 px against 10.28 for edgekd's (attention fused), and at 64 px it agrees with
-fp32 on 99.6% against 99.8%. Lite0's static on the Xeon: Optimum 3.85 ms at 84.2% agreement, edgekd 3.77 ms at 94.7%.
-What edgekd ships is as fast as Optimum's best form of equal or lower agreement for every student, within noise,
-and agrees better where bias correction applies.
+same quantizer but without weight corrections: on the real Lite0 it agrees on 84.2% of all photo crops against
+edgekd's 92.1% (part A), on the fine-tuned Lite0 loses 0.08 +- 0.13 (98.1%) against 0.06 +- 0.08 (99.2%), on the
+2-epoch B0 1.28 +- 0.18 (95.8%, 1.07x fp32) against 0.12 +- 0.14 (97.0%, 1.43x), on MobileNetV3 2.60 (83.0%)
+against 2.32 (77.5%; neither passes a 1-point guard), on ResNet-18 0.04 against 0.04 (single p50s 0.97 and 1.09 ms
+for the same graph: noise). Optimum quantizes only the compute ops, which runs MobileNetV3 and EfficientNet-B0 slower
+than fp32 at 224 px (0.88x, 0.72x; part A). Its dynamic preset also quantizes Conv (4-11x slower than fp32, and the
+fine-tuned Lite0 loses 40.69 points). For DeiT-tiny Optimum's static loses 4.07 points (11.89 on an earlier
+training); on the Xeon its dynamic runs 11.87 ms at 224 px against 10.28 for edgekd's (attention fused), and at 64
+px it agrees with fp32 on 99.6% against 99.8%. Lite0's static on the Xeon: Optimum 3.85 ms at 84.2% agreement,
+edgekd 3.77 ms at 94.7%. What edgekd ships is as fast as Optimum's best form of equal or higher agreement for every
+student, within noise, and agrees better where the weight corrections apply.
 """.splitlines()
 
 
@@ -676,7 +696,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(LATENCY_MODELS),
                         help="latency and students stages: comma-separated models (default: all of part A's)")
     parser.add_argument("--redo", action="store_true",
-                        help="latency and students stages: measure models that have a row again")
+                        help="measure again what has a row (latency, students: the --models; strict, photos)")
     args = parser.parse_args()
     models = tuple(m for m in args.models.split(",") if m)
     if unknown := [m for m in models if m not in LATENCY_MODELS]:
@@ -689,11 +709,11 @@ def main() -> None:
     if args.stage in ("all", "students"):
         students_stage(results, models, args.redo)
     if args.stage in ("all", "strict"):
-        strict_stage(results)
+        strict_stage(results, args.redo)
     if args.stage in ("all", "causes"):
-        causes_stage(results)
+        causes_stage(results, args.redo)
     if args.stage in ("all", "photos"):
-        photos_stage(results)
+        photos_stage(results, args.redo)
     (RESULTS / "quantization_host.md").write_text(table(results))
     print(table(results))
 
