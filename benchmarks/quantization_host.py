@@ -293,7 +293,8 @@ def students_stage(results: dict, models: tuple[str, ...] = LATENCY_MODELS, redo
                       "dynamic_batch64": {"top1": float((batched == evalset.labels).mean()),
                                           "agreement": float((batched == reference).mean())},
                       "shipped": {"precision": decision.precision, "reason": decision.reason,
-                                  "preset": decision.preset.name if decision.preset else None}}
+                                  "preset": decision.preset.name if decision.preset else None,
+                                  "trials": trial_rows(decision)}}
         print(key, json.dumps(rows[key], indent=1), flush=True)
         save(results)
 
@@ -312,14 +313,16 @@ def strict_stage(results: dict, redo: bool = False) -> None:
                                     calibration=student.calibration, isa=isa, guard=GuardConfig(max_accuracy_drop=0.5),
                                     timing=lambda path, _, shape=student.pre.input_size: p50_ms(path, shape))
     results["strict"] = {"student": REAL, "fp32_top1": decision.fp32_top1, "precision": decision.precision,
-                         "reason": decision.reason,
-                         "trials": [{"preset": t.preset.name, "calibration": t.calibration_method,
-                                     "excluded": len(t.excluded_nodes), "top1": t.top1, "drop": t.accuracy_drop,
-                                     "drop_se": t.drop_se, "excluded_by": t.float_nodes_by,
-                                     "agreement": t.agreement, "latency_ms": t.latency_ms, "passed": t.passed}
-                                    for t in decision.trials]}
+                         "reason": decision.reason, "trials": trial_rows(decision)}
     print(json.dumps(results["strict"], indent=1), flush=True)
     save(results)
+
+
+def trial_rows(decision) -> list[dict[str, Any]]:
+    """Every trial of the guard's decision, as the strict table shows them (and part B's JSON keeps them)."""
+    return [{"preset": t.preset.name, "calibration": t.calibration_method, "excluded": len(t.excluded_nodes),
+             "top1": t.top1, "drop": t.accuracy_drop, "drop_se": t.drop_se, "excluded_by": t.float_nodes_by,
+             "agreement": t.agreement, "latency_ms": t.latency_ms, "passed": t.passed} for t in decision.trials]
 
 
 def causes_date(causes: dict) -> str:

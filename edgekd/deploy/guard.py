@@ -16,7 +16,8 @@ import onnx
 from edgekd.deploy.correction_check import kept_corrections
 from edgekd.deploy.export import is_transformer
 from edgekd.deploy.quantize import (AUTO_CALIBRATION, CALIBRATION_METHODS, COMPUTE_OPS, QuantPreset,
-                                    activation_matmuls, prepare_for_quantization, presets_for, quantize_onnx)
+                                    activation_matmuls, prepare_for_quantization, presets_for, quantize_onnx,
+                                    squeeze_excite_nodes)
 from edgekd.deploy.sensitivity import NodeSensitivity, rank_sensitive_nodes
 from edgekd.deploy.verify import (EvalSet, drop_standard_error, emulates_target, metrics_from_predictions,
                                   onnx_logits)
@@ -156,7 +157,9 @@ def guarded_quantize(fp32_path: Path, out_path: Path, *, evalset: EvalSet, calib
         transformer = is_transformer(onnx.load(str(fp32_path), load_external_data=False))
         plan = search_presets(isa, precisions, search, guard.calibration_method, transformer)
         closer = int(timing is not None and times_files and any(p.mode == "static" for _, p, _ in plan))
-        bar = TrialProgress(most_trials(plan, guard, fused=prepared_fused is not None) + closer)
+        static = any(p.mode == "static" for _, p, _ in plan)
+        bar = TrialProgress(most_trials(plan, guard, fused=prepared_fused is not None,
+                                        squeeze_excite=static and bool(squeeze_excite_nodes(prepared))) + closer)
         for index, (precision, preset, method) in enumerate(plan):
             # a dynamic preset quantizes the attention-fused graph first, and the plain one only if that fails
             sources = [(prepared, preset)]
@@ -270,11 +273,14 @@ class TrialProgress:
         self.bar.close()
 
 
-def most_trials(plan: tuple[tuple[str, QuantPreset, str], ...], guard: GuardConfig, fused: bool = False) -> int:
+def most_trials(plan: tuple[tuple[str, QuantPreset, str], ...], guard: GuardConfig, fused: bool = False,
+                squeeze_excite: bool = False) -> int:
     """The most trials `plan` can take: round 0 (each "auto" calibration method for a static preset), then per
-    round the ranked nodes in float and the input-side nodes in float; a dynamic preset twice with an
-    attention-fused graph (it, then the plain one)."""
-    return sum(((len(AUTO_CALIBRATION) if method == "auto" and preset.mode == "static" else 1) + 2 * guard.max_rounds)
+    round the ranked nodes in float and the input-side nodes in float, and once the squeeze-excite branches (a
+    static preset, where the graph has them); a dynamic preset twice with an attention-fused graph (it, then the
+    plain one)."""
+    return sum(((len(AUTO_CALIBRATION) if method == "auto" and preset.mode == "static" else 1) + 2 * guard.max_rounds
+                + (squeeze_excite and preset.mode == "static" and guard.max_rounds > 0))
                * (2 if fused and preset.mode == "dynamic" else 1) for _, preset, method in plan)
 
 
@@ -362,8 +368,9 @@ def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantP
                     calibration: np.ndarray, guard: GuardConfig, fp32_predictions: np.ndarray,
                     fp32_top1: float | None, tick: Callable[[Trial], None]) -> list[Trial]:
     """Quantize, measure, and while the guard fails keep the most sensitive nodes in float and try again; a round
-    whose ranked nodes fail also tries that share of the compute nodes nearest the input ("auto" calibration first
-    tries each method of AUTO_CALIBRATION, then goes on with the one that lost least)."""
+    whose ranked nodes fail also tries that share of the compute nodes nearest the input, and round 1 then the
+    squeeze-excite branches ("auto" calibration first tries each method of AUTO_CALIBRATION, then goes on with the
+    one that lost least)."""
     excluded: tuple[str, ...] = ()
     rounds: list[Trial] = []
     tried: set[tuple[str, ...]] = set()  # input-side sets already measured (a small graph's share repeats)
@@ -400,9 +407,36 @@ def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantP
                 side.replace(target)
                 break
             side.unlink(missing_ok=True)
+            if round_index == 1 and _squeeze_excite_in_float(prepared, target, precision, preset, isa, evalset,
+                                                              calibration, guard, fp32_predictions, fp32_top1,
+                                                              method, rounds, tick):
+                break
         elif not ranked_more:
             break  # neither way has another node to keep in float
     return rounds
+
+
+def _squeeze_excite_in_float(prepared: Path, target: Path, precision: str, preset: QuantPreset, isa: str,
+                             evalset: EvalSet, calibration: np.ndarray, guard: GuardConfig,
+                             fp32_predictions: np.ndarray, fp32_top1: float | None, method: str | None,
+                             rounds: list[Trial], tick: Callable[[Trial], None]) -> bool:
+    """Once, after round 1's ranked and input-side nodes fail: the squeeze-excite branches in float (quantize's
+    squeeze_excite_nodes), where the graph has any. Appends the trial; True if it passed (then it is at `target`).
+    The ranking misses them: the 2-epoch MobileNetV3-large student of quantization_host.md lost 2.32 points as
+    static int8 and 0.15 with its 40 squeeze-excite nodes in float (its guard trials are recorded there)."""
+    branches = squeeze_excite_nodes(prepared) if preset.mode == "static" else ()
+    if not branches:
+        return False
+    side = target.with_name(f"{target.stem}.squeeze-excite.onnx")
+    trial = _attempt(prepared, side, precision, preset, isa, evalset, calibration, guard, branches,
+                     fp32_predictions, fp32_top1, method, 1, "squeeze-excite")
+    rounds.append(trial)
+    tick(trial)
+    if trial.passed:
+        side.replace(target)
+        return True
+    side.unlink(missing_ok=True)
+    return False
 
 
 # The ranking scores each tensor by the error its own quantization adds, and an early tensor's error is small where it
@@ -414,7 +448,7 @@ def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantP
 # 97.4% (none 95.4%; int8_rounding.md, as a VNNI CPU computes it). That tensor's live channels peak within a factor of
 # 1.35 of each other (18 of 32 at ReLU6's cap, 4 never active), so rescaling channels into the depthwise conv
 # (cross-layer equalization) has little to even out (a probe of it, 2026-12-06, not committed: the same 95.4%).
-FLOAT_NODE_SOURCES = ("sensitivity", "input side")
+FLOAT_NODE_SOURCES = ("sensitivity", "input side", "squeeze-excite")
 
 
 def _attempt(prepared: Path, target: Path, precision: str, preset: QuantPreset, isa: str, evalset: EvalSet,

@@ -248,13 +248,9 @@ def _spatial_means_as_global_pools(model: onnx.ModelProto) -> int:
     overridable = {value.name for value in model.graph.input}
     replaced = 0
     for node in means:
-        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        axes = attributes.get("axes")  # an attribute up to opset 17, the optional second input from opset 18
-        if len(node.input) > 1 and node.input[1]:
-            axes = None if node.input[1] not in initializers or node.input[1] in overridable else \
-                np.atleast_1d(onnx.numpy_helper.to_array(initializers[node.input[1]])).tolist()
-        if node.input[0] not in float_maps or attributes.get("keepdims", 1) != 1 or not axes \
-                or any(not -4 <= int(a) < 4 for a in axes) or sorted(int(a) % 4 for a in axes) != [2, 3]:
+        keepdims = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
+        if node.input[0] not in float_maps or keepdims != 1 or not _means_height_and_width(node, initializers,
+                                                                                             overridable):
             continue
         node.CopyFrom(onnx.helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), name=node.name))
         replaced += 1
@@ -448,6 +444,79 @@ def activation_matmuls(path: Path) -> tuple[str, ...]:
     graph = onnx.load(str(path), load_external_data=False).graph
     weights = {init.name for init in graph.initializer}
     return tuple(n.name for n in graph.node if n.op_type == "MatMul" and not set(n.input) & weights)
+
+
+GATES = ("Sigmoid", "HardSigmoid")
+SQUEEZE_EXCITE_MAX_NODES = 12  # pool, two 1x1 convs, their activation (SiLU is Sigmoid + Mul), the gate: a few more
+
+
+def squeeze_excite_nodes(path: Path) -> tuple[str, ...]:
+    """The squeeze-excite branches' nodes (MobileNetV3, EfficientNet, RegNetY, ...): from each spatial pool to the
+    Sigmoid/HardSigmoid gate that scales the feature map, without the scaling Mul itself. A branch computes on one value
+    per channel, so keeping it in float costs little, while one loud channel among its 1x1 activations leaves the
+    others a few int8 levels: a 2-epoch MobileNetV3-large student lost 2.32 points as static int8 and 0.15 with these
+    in float (benchmarks/results/quantization_host.md, item 3). Found by structure, not by name: walking back from
+    each gate over every input, every path must reach the same pool within SQUEEZE_EXCITE_MAX_NODES nodes, and that
+    pool must read the map the gate scales. Names as quantize_static's nodes_to_exclude reads them: give the prepared
+    graph (prepare_for_quantization names every node)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    producer = {output: node for node in graph.node for output in node.output}
+    weights = {init.name: init for init in graph.initializer}
+    branches: list[str] = []
+    for scale in (n for n in graph.node if n.op_type == "Mul" and len(n.input) == 2):
+        for gate_input, scaled in (scale.input, reversed(scale.input)):
+            gate = producer.get(gate_input)
+            if gate is None or gate.op_type not in GATES:
+                continue
+            branch, pool = _branch_back_to_pool(gate, producer, weights)
+            if pool is not None and pool.input[0] == scaled:  # the gate is computed from the map it scales
+                branches += [name for name in branch if name not in branches]
+    return tuple(branches)
+
+
+def _branch_back_to_pool(gate: onnx.NodeProto, producer: dict[str, onnx.NodeProto],
+                         weights: dict[str, onnx.TensorProto]) -> tuple[list[str], onnx.NodeProto | None]:
+    """The nodes from `gate` back to one spatial pool, and that pool; ([], None) where a path leaves the branch (a
+    graph input, a second pool, too many nodes: not a squeeze-excite branch)."""
+    found: dict[int, onnx.NodeProto] = {}
+    pools: list[onnx.NodeProto] = []
+    stack = [gate]
+    while stack:
+        node = stack.pop()
+        if id(node) in found:
+            continue
+        found[id(node)] = node
+        if len(found) > SQUEEZE_EXCITE_MAX_NODES:
+            return [], None
+        if _spatial_pool(node, weights):
+            pools.append(node)
+            continue
+        for name in node.input:
+            if name in producer:
+                stack.append(producer[name])
+            elif name and name not in weights:
+                return [], None  # a graph input reached without passing a pool
+    if len(pools) != 1:
+        return [], None
+    return [node.name for node in found.values() if node.op_type != "Constant"], pools[0]
+
+
+def _spatial_pool(node: onnx.NodeProto, weights: dict[str, onnx.TensorProto]) -> bool:
+    """A mean over height and width: GlobalAveragePool, or such a ReduceMean (a mean over channels, as
+    spatial-attention gates take, is not a squeeze)."""
+    return node.op_type == "GlobalAveragePool" or (node.op_type == "ReduceMean"
+                                                   and _means_height_and_width(node, weights, set()))
+
+
+def _means_height_and_width(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto],
+                            overridable: set[str]) -> bool:
+    """A ReduceMean whose axes are 2 and 3 of an N x C x H x W map: an attribute up to opset 17, the optional second
+    input from opset 18 (an initializer a caller cannot override)."""
+    axes = next((list(a.ints) for a in node.attribute if a.name == "axes"), None)
+    if len(node.input) > 1 and node.input[1]:
+        axes = None if node.input[1] not in initializers or node.input[1] in overridable else \
+            np.atleast_1d(onnx.numpy_helper.to_array(initializers[node.input[1]])).tolist()
+    return bool(axes) and all(-4 <= int(a) < 4 for a in axes) and sorted(int(a) % 4 for a in axes) == [2, 3]
 
 
 def _quantize_dynamic(source: Path, target: Path, preset: QuantPreset, exclude: tuple[str, ...]) -> None:
