@@ -157,6 +157,12 @@ def measure(repeats: int) -> dict:
                      "date": time.strftime("%Y-%m-%d")}}
 
 
+def agreement_cells(figures: dict) -> str:
+    """One crop set's 'every / confident' and 'changed (near-ties)' table cells."""
+    return (f"{figures['agreement']:.1%} / {figures['agreement_confident']:.1%} | "
+            f"{figures['changed']} ({figures['changed_near_ties']})")
+
+
 def render(result: dict) -> str:
     host = result["host"]
     small, large = (name for name, _, _ in EVAL_SETS)
@@ -176,9 +182,7 @@ def render(result: dict) -> str:
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
         a, b = row[small], row[large]
-        lines.append(f"| {row['float_nodes']} | {a['agreement']:.1%} / {a['agreement_confident']:.1%} | "
-                     f"{a['changed']} ({a['changed_near_ties']}) | {b['agreement']:.1%} / "
-                     f"{b['agreement_confident']:.1%} | {b['changed']} ({b['changed_near_ties']}) | "
+        lines.append(f"| {row['float_nodes']} | {agreement_cells(a)} | {agreement_cells(b)} | "
                      f"{a['kl_mean']:.4f} | {b['kl_mean']:.4f} | {row['p50_ms']:.2f} | {row['speedup']:.2f}x |")
     if scale := result.get("scale"):
         lines += ["", "What else changes fp32's answers on the same crops (int8 weights: the default's calibration and "
@@ -188,9 +192,7 @@ def render(result: dict) -> str:
                   f"| changed (near-ties) | KL ({small}) | KL ({large}) |", "|---|---:|---:|---:|---:|---:|---:|"]
         for row in scale:
             a, b = row[small], row[large]
-            lines.append(f"| {row['form']} | {a['agreement']:.1%} / {a['agreement_confident']:.1%} | "
-                         f"{a['changed']} ({a['changed_near_ties']}) | {b['agreement']:.1%} / "
-                         f"{b['agreement_confident']:.1%} | {b['changed']} ({b['changed_near_ties']}) | "
+            lines.append(f"| {row['form']} | {agreement_cells(a)} | {agreement_cells(b)} | "
                          f"{a['kl_mean']:.5f} | {b['kl_mean']:.5f} |")
     first = result["rows"][0]
     best = max(result["rows"], key=lambda r: r[large]["agreement"])

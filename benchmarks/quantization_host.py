@@ -319,10 +319,17 @@ def strict_stage(results: dict, redo: bool = False) -> None:
 
 
 def trial_rows(decision) -> list[dict[str, Any]]:
-    """Every trial of the guard's decision, as the strict table shows them (and part B's JSON keeps them)."""
+    """Every trial of the guard's decision, as the strict and photos tables show them (part B's JSON keeps them)."""
     return [{"preset": t.preset.name, "calibration": t.calibration_method, "excluded": len(t.excluded_nodes),
              "top1": t.top1, "drop": t.accuracy_drop, "drop_se": t.drop_se, "excluded_by": t.float_nodes_by,
-             "agreement": t.agreement, "latency_ms": t.latency_ms, "passed": t.passed} for t in decision.trials]
+             "agreement": t.agreement, "latency_ms": t.latency_ms, "passed": t.passed, "error": t.error}
+            for t in decision.trials]
+
+
+def float_nodes_cell(trial: dict[str, Any]) -> str:
+    """How many nodes a trial kept in float, and how they were chosen."""
+    by = f" ({trial['excluded_by']})" if trial.get("excluded_by") and trial["excluded"] else ""
+    return f"{trial['excluded']}{by}"
 
 
 def causes_date(causes: dict) -> str:
@@ -405,12 +412,8 @@ def photos_stage(results: dict, redo: bool = False) -> None:
         decision = guarded_quantize(fp32, Path(folder) / "shipped.onnx", evalset=evalset, calibration=calibration,
                                     isa=isa, guard=GuardConfig(max_accuracy_drop=3.0),
                                     timing=lambda path, _: p50_ms(path, shape))
-        trials = [{"preset": t.preset.name, "calibration": t.calibration_method, "excluded": len(t.excluded_nodes),
-                   "excluded_by": t.float_nodes_by, "agreement": t.agreement, "latency_ms": t.latency_ms,
-                   "passed": t.passed, "error": t.error}
-                  for t in decision.trials]
         entry = {"default": {"precision": decision.precision, "reason": decision.reason,
-                             "fp32_ms": decision.fp32_latency_ms, "trials": trials}}
+                             "fp32_ms": decision.fp32_latency_ms, "trials": trial_rows(decision)}}
         entry["by_picture"] = where_int8_disagrees(fp32, Path(folder) / "static.onnx", evaluation, calibration, isa)
         print(json.dumps(entry, indent=1), flush=True)
     results["photos"] = {"images": len(evaluation), "calibration_images": len(calibration), **entry}
@@ -516,8 +519,7 @@ def table(results: dict) -> str:
                   "|---|---|---:|---:|---:|---:|---:|---|"]
         for trial in strict["trials"]:
             ms = f"{trial['latency_ms']:.3f}" if trial["latency_ms"] else "-"
-            by = f" ({trial['excluded_by']})" if trial.get("excluded_by") and trial["excluded"] else ""
-            lines.append(f"| {trial['preset']} | {trial['calibration'] or '-'} | {trial['excluded']}{by} | "
+            lines.append(f"| {trial['preset']} | {trial['calibration'] or '-'} | {float_nodes_cell(trial)} | "
                          f"{100 * trial['top1']:.2f}% | {trial['drop']:.2f}{_se(trial)} | "
                          f"{100 * trial['agreement']:.1f}% | {ms} | "
                          f"{'yes' if trial['passed'] else 'no'} |")
@@ -554,9 +556,8 @@ def table(results: dict) -> str:
         for mode in ("default",):
             for trial in photos[mode]["trials"]:
                 ms = f"{trial['latency_ms']:.2f}" if trial["latency_ms"] else "-"
-                by = f" ({trial['excluded_by']})" if trial.get("excluded_by") and trial["excluded"] else ""
                 lines.append(f"| {mode} | {trial['preset']} | {trial['calibration'] or '-'} | "
-                             f"{trial['excluded']}{by} | {100 * trial['agreement']:.1f}% | {ms} | "
+                             f"{float_nodes_cell(trial)} | {100 * trial['agreement']:.1f}% | {ms} | "
                              f"{'yes' if trial['passed'] else 'no'} |")
             lines.append(f"| **{mode}: ships {photos[mode]['precision']}** | | | | | "
                          f"{photos[mode]['fp32_ms']:.2f} (fp32) | {photos[mode]['reason']} |")

@@ -156,8 +156,8 @@ def guarded_quantize(fp32_path: Path, out_path: Path, *, evalset: EvalSet, calib
             if attention_fused is not None and "int8_dynamic" in precisions else None
         transformer = is_transformer(onnx.load(str(fp32_path), load_external_data=False))
         plan = search_presets(isa, precisions, search, guard.calibration_method, transformer)
-        closer = int(timing is not None and times_files and any(p.mode == "static" for _, p, _ in plan))
         static = any(p.mode == "static" for _, p, _ in plan)
+        closer = int(timing is not None and times_files and static)
         bar = TrialProgress(most_trials(plan, guard, fused=prepared_fused is not None,
                                         squeeze_excite=static and bool(squeeze_excite_nodes(prepared))) + closer)
         for index, (precision, preset, method) in enumerate(plan):
@@ -398,38 +398,31 @@ def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantP
         near_input = input_side_nodes(prepared, preset, guard.float_share(round_index)) if round_index > 0 else ()
         if near_input and near_input not in tried:  # nor did the ranked nodes: the compute nodes nearest the input
             tried.add(near_input)
-            side = target.with_name(f"{target.stem}.input-side.onnx")
-            trial = _attempt(prepared, side, precision, preset, isa, evalset, calibration, guard, near_input,
-                             fp32_predictions, fp32_top1, method, round_index, "input side")
-            rounds.append(trial)
-            tick(trial)
-            if trial.passed:
-                side.replace(target)
+            if _in_float_beside(prepared, target, precision, preset, isa, evalset, calibration, guard, near_input,
+                                fp32_predictions, fp32_top1, method, round_index, "input side", rounds, tick):
                 break
-            side.unlink(missing_ok=True)
-            if round_index == 1 and _squeeze_excite_in_float(prepared, target, precision, preset, isa, evalset,
-                                                              calibration, guard, fp32_predictions, fp32_top1,
-                                                              method, rounds, tick):
+            # once, in round 1: the squeeze-excite branches (quantize.squeeze_excite_nodes), which the ranking misses:
+            # the 2-epoch MobileNetV3-large student of quantization_host.md lost 2.32 points as static int8 and 0.15
+            # with its 40 squeeze-excite nodes in float (its guard trials are recorded there)
+            branches = squeeze_excite_nodes(prepared) if round_index == 1 and preset.mode == "static" else ()
+            if branches and _in_float_beside(prepared, target, precision, preset, isa, evalset, calibration, guard,
+                                             branches, fp32_predictions, fp32_top1, method, round_index,
+                                             "squeeze-excite", rounds, tick):
                 break
         elif not ranked_more:
             break  # neither way has another node to keep in float
     return rounds
 
 
-def _squeeze_excite_in_float(prepared: Path, target: Path, precision: str, preset: QuantPreset, isa: str,
-                             evalset: EvalSet, calibration: np.ndarray, guard: GuardConfig,
-                             fp32_predictions: np.ndarray, fp32_top1: float | None, method: str | None,
-                             rounds: list[Trial], tick: Callable[[Trial], None]) -> bool:
-    """Once, after round 1's ranked and input-side nodes fail: the squeeze-excite branches in float (quantize's
-    squeeze_excite_nodes), where the graph has any. Appends the trial; True if it passed (then it is at `target`).
-    The ranking misses them: the 2-epoch MobileNetV3-large student of quantization_host.md lost 2.32 points as
-    static int8 and 0.15 with its 40 squeeze-excite nodes in float (its guard trials are recorded there)."""
-    branches = squeeze_excite_nodes(prepared) if preset.mode == "static" else ()
-    if not branches:
-        return False
-    side = target.with_name(f"{target.stem}.squeeze-excite.onnx")
-    trial = _attempt(prepared, side, precision, preset, isa, evalset, calibration, guard, branches,
-                     fp32_predictions, fp32_top1, method, 1, "squeeze-excite")
+def _in_float_beside(prepared: Path, target: Path, precision: str, preset: QuantPreset, isa: str, evalset: EvalSet,
+                     calibration: np.ndarray, guard: GuardConfig, nodes: tuple[str, ...],
+                     fp32_predictions: np.ndarray, fp32_top1: float | None, method: str | None, round_index: int,
+                     chosen_by: str, rounds: list[Trial], tick: Callable[[Trial], None]) -> bool:
+    """A trial with `nodes` (chosen another way than by rank) in float, written beside `target` so that a failure
+    leaves the ranked form there for the next round; appended to `rounds`. True if it passed (then it is `target`)."""
+    side = target.with_name(f"{target.stem}.{chosen_by.replace(' ', '-')}.onnx")
+    trial = _attempt(prepared, side, precision, preset, isa, evalset, calibration, guard, nodes, fp32_predictions,
+                     fp32_top1, method, round_index, chosen_by)
     rounds.append(trial)
     tick(trial)
     if trial.passed:
