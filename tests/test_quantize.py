@@ -347,6 +347,28 @@ def test_nodes_kept_in_float_stay_float_when_onnxruntime_loads_the_file(resnet, 
     assert _weights_onnxruntime_puts_in_int8(shipped, middle, tmp_path) == []
 
 
+def test_averaged_ranges_keep_the_answers_rare_extreme_images_cost_minmax(resnet, tmp_path: Path) -> None:
+    """Some networks answer a few images with activations far beyond the rest's (an 8-epoch EfficientNet-B0 student:
+    2% of its calibration images, 100-1,000x). Built here: two of the 128 calibration images 30x brighter. Minmax
+    ranges stretch to them and round everyone else's activations away; the mean of per-batch extremes clips them,
+    and the guard's "auto" calibration tries it right after minmax."""
+    fp32, evalset, calibration = resnet
+    extreme = np.array(calibration, copy=True)
+    extreme[[5, 70]] *= 30
+    reference = onnx_logits(fp32, evalset.images).argmax(1)
+    agreement = {}
+    for method in ("minmax", "average"):
+        path = quantize_onnx(fp32, tmp_path / f"{method}.onnx", "int8_static", isa="avx512_vnni",
+                             calibration=extreme, calibration_method=method)
+        agreement[method] = evaluate_onnx(path, evalset, reference, target_isa="avx512_vnni").agreement
+    assert agreement["minmax"] < 0.7 and agreement["average"] >= 0.8, agreement
+    decision = guarded_quantize(fp32, tmp_path / "model.onnx", evalset=evalset, calibration=extreme,
+                                isa="avx512_vnni", precisions=("int8_static",),
+                                guard=GuardConfig(max_accuracy_drop=5.0, max_rounds=0))
+    assert [t.calibration_method for t in decision.trials] == ["minmax", "average"]
+    assert decision.precision == "int8_static" and decision.trials[-1].passed
+
+
 def test_entropy_calibration_clips_ranges_minmax_keeps_whole(resnet, tmp_path: Path) -> None:
     """quantize_static's own entropy calibrator (128 bins, 128 levels) has one candidate window, the whole range:
     it wrote the same file as minmax. edgekd's narrows ranges where that keeps the distribution, never widens them,
@@ -445,12 +467,12 @@ def test_auto_calibration_tries_each_method_before_keeping_nodes_in_float(resnet
     impossible = GuardConfig(max_accuracy_drop=-100.0, max_rounds=1)  # "auto" is the default
     trials = guarded_quantize(fp32, tmp_path / "model.onnx", evalset=evalset, calibration=calibration,
                               isa="avx512_vnni", precisions=("int8_static",), guard=impossible).trials
-    assert [t.calibration_method for t in trials[:3]] == ["minmax", "percentile", "entropy"]
-    assert all(t.excluded_nodes == () for t in trials[:3]) and len(trials) == 5
-    assert [t.float_nodes_by for t in trials[3:]] == ["sensitivity", "input side"]  # round 1: both ways
-    assert trials[3].excluded_nodes and trials[4].excluded_nodes
-    least = min(trials[:3], key=lambda t: t.accuracy_drop)
-    assert trials[3].calibration_method == least.calibration_method  # goes on with the one that lost least
+    assert [t.calibration_method for t in trials[:4]] == ["minmax", "average", "percentile", "entropy"]
+    assert all(t.excluded_nodes == () for t in trials[:4]) and len(trials) == 6
+    assert [t.float_nodes_by for t in trials[4:]] == ["sensitivity", "input side"]  # round 1: both ways
+    assert trials[4].excluded_nodes and trials[5].excluded_nodes
+    least = min(trials[:4], key=lambda t: t.accuracy_drop)
+    assert trials[4].calibration_method == least.calibration_method  # goes on with the one that lost least
     easy = GuardConfig(max_accuracy_drop=100.0)
     decision = guarded_quantize(fp32, tmp_path / "model.onnx", evalset=evalset, calibration=calibration,
                                 isa="avx512_vnni", precisions=("int8_static",), guard=easy)
@@ -477,7 +499,7 @@ def test_guard_passes_and_ships_int8_only_when_it_is_faster(resnet, tmp_path: Pa
     names = {trial.preset.name for trial in decision.trials}
     assert len(names) == len(presets_for("avx512_vnni"))  # the search tried every preset of the ISA...
     methods = {trial.calibration_method for trial in decision.trials if trial.preset.mode == "static"}
-    assert methods == {"minmax", "entropy", "percentile"}  # ...the static ones with every calibration method
+    assert methods == {"minmax", "average", "entropy", "percentile"}  # ...static ones with every calibration method
     for trial in (t for t in decision.trials if not t.error):  # which corrections each measured file kept
         preset = trial.preset
         corrected = preset.bias_correction and preset.quant_format == "qdq" and preset.mode == "static"

@@ -185,9 +185,10 @@ StudentCheckpointPath = Annotated[Optional[Path], typer.Option(
     "architecture the file names.")]
 Calibration = Annotated[str, typer.Option(
     "--calibration", callback=_one_of("a calibration method", _calibrations),
-    help="How int8 static calibrates activation ranges: minmax, entropy, percentile (99.999th), or auto "
-    "(minmax, then percentile and entropy when the guard fails, before keeping nodes "
-    "in float). --search-quantization tries all three with every preset.")]
+    help="How int8 static calibrates activation ranges: minmax, average (the mean of per-batch extremes: a few "
+    "images with extreme activations do not stretch them), entropy, percentile (99.999th), or auto (minmax, then "
+    "average, percentile and entropy when the guard fails, before keeping nodes in float). --search-quantization "
+    "tries each with every preset.")]
 
 
 def _candidate_names(value: Optional[str]) -> Optional[str]:
