@@ -51,7 +51,8 @@ from edgekd.record import cpu_model, int8_instructions  # noqa: E402
 from edgekd.select.profiles import detect_isa  # noqa: E402
 from edgekd.deploy.quantize import default_preset, prepare_for_quantization, presets_for, quantize_onnx  # noqa: E402
 from edgekd.deploy.attention_fusion import export_attention_fused  # noqa: E402
-from edgekd.deploy.guard import FUSED_ATTENTION, GuardConfig, guarded_quantize, input_side_nodes  # noqa: E402
+from edgekd.deploy.guard import (FUSED_ATTENTION, GuardConfig, QuantDecision, guarded_quantize,  # noqa: E402
+                                 input_side_nodes)
 from edgekd.deploy.sensitivity import tensor_noise  # noqa: E402
 from edgekd.types import DataSpec, Preprocess, TrainConfig  # noqa: E402
 from edgekd.deploy.verify import EvalSet, drop_standard_error, onnx_logits, preprocess_records  # noqa: E402
@@ -222,6 +223,7 @@ class ExportedStudent:
     pre: Preprocess
     evalset: EvalSet  # the whole test split
     calibration: np.ndarray  # stratified training images
+    calibration_labels: np.ndarray
     fp32: Path
     attention_fused: Path | None  # a ViT/DeiT's fp32 graph with attention fused, what dynamic int8 quantizes
 
@@ -230,11 +232,32 @@ def exported_student(name: str, pretrained: bool, epochs: int, data, work: Path)
     model, facts = train_student(name, pretrained, epochs, data, work)
     pre = preprocess_for(model, (SIZE, SIZE))
     evalset = preprocess_records(data.val, pre, VAL_IMAGES)
-    calibration = preprocess_records(data.train, pre, CALIBRATION_IMAGES).images
+    calibration = preprocess_records(data.train, pre, CALIBRATION_IMAGES)
     fp32 = export_onnx(model, work / "fp32.onnx", pre.input_size, check_inputs=evalset.images[:64])
     fused = export_attention_fused(model, work / "attention_fused.onnx", pre.input_size, opset=17,
                                    check_inputs=evalset.images[:64])
-    return ExportedStudent(facts, pre, evalset, calibration, fp32, fused)
+    return ExportedStudent(facts, pre, evalset, calibration.images, calibration.labels, fp32, fused)
+
+
+EXTREME = 10.0  # an image whose peak |activation| in some conv's output is this many times the median image's
+
+
+def extreme_images(fp32: Path, images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]) -> dict[str, Any]:
+    """The calibration images whose peak activation in some conv's output is EXTREME x the median image's there: the
+    images that stretch minmax ranges (the 8-epoch B0's sandals). Also the largest such ratio and where."""
+    model = onnx.load(str(fp32))
+    convs = [node.output[0] for node in model.graph.node if node.op_type == "Conv"]
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in convs)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    peaks = np.concatenate([np.stack([np.abs(value).reshape(len(value), -1).max(1) for value in session.run(
+        convs, {session.get_inputs()[0].name: np.asarray(images[start:start + 32], dtype=np.float32)})], axis=1)
+        for start in range(0, len(images), 32)])  # images x convs
+    ratios = peaks / np.maximum(np.median(peaks, axis=0), 1e-12)
+    extreme = np.flatnonzero((ratios > EXTREME).any(axis=1))
+    worst = np.unravel_index(np.argmax(ratios), ratios.shape)
+    return {"images": len(images), "extreme": len(extreme),
+            "classes": sorted({classes[int(labels[i])] for i in extreme}),
+            "largest_x_median": float(ratios[worst]), "largest_at": convs[worst[1]]}
 
 
 def form_figures(path: Path, evalset: EvalSet, reference: np.ndarray, fp32_top1: float, shape) -> dict[str, Any]:
@@ -244,6 +267,10 @@ def form_figures(path: Path, evalset: EvalSet, reference: np.ndarray, fp32_top1:
             "drop_se": drop_standard_error(reference, predictions, evalset.labels),
             "agreement": float((predictions == reference).mean()),
             "p50_ms": p50_ms(path, shape), "size_mb": path.stat().st_size / 1e6}
+
+
+STRICT_DROP = 0.5  # issue 11's target for CNNs: where an int8 form within the default 1-point guard loses more, part
+# B also shows what a 0.5-point guard (--max-accuracy-drop 0.5) ships
 
 
 def students_stage(results: dict, models: tuple[str, ...] = LATENCY_MODELS, redo: bool = False) -> None:
@@ -290,15 +317,24 @@ def students_stage(results: dict, models: tuple[str, ...] = LATENCY_MODELS, redo
                        for label, path in forms.items()}
             batched = onnx_logits(ort.InferenceSession(str(dynamic), providers=["CPUExecutionProvider"]),
                                   evalset.images, batch_size=64).argmax(1)  # a session: no batch-1 rule
-            decision = guarded_quantize(fp32, work / "shipped.onnx", evalset=evalset, calibration=calibration,
-                                        isa=isa, guard=GuardConfig(), attention_fused=student.attention_fused,
-                                        timing=lambda path, _, shape=pre.input_size: p50_ms(path, shape))
+            extreme = extreme_images(fp32, calibration, student.calibration_labels, data.info.class_names)
+
+            def ships(guard: GuardConfig, student=student) -> QuantDecision:
+                return guarded_quantize(student.fp32, work / "shipped.onnx", evalset=student.evalset,
+                                        calibration=student.calibration, isa=isa, guard=guard,
+                                        attention_fused=student.attention_fused,
+                                        timing=lambda path, _, shape=student.pre.input_size: p50_ms(path, shape))
+
+            decisions = {"shipped": ships(GuardConfig())}  # the default guard, 1 point
+            if any(t.passed and t.accuracy_drop > STRICT_DROP for t in decisions["shipped"].trials):
+                decisions["strict"] = ships(GuardConfig(max_accuracy_drop=STRICT_DROP))  # what the target asks
         rows[key] = {**facts, "fp32_top1": fp32_top1, "forms": figures, "optimum_missing": why_not,
-                      "dynamic_batch64": {"top1": float((batched == evalset.labels).mean()),
-                                          "agreement": float((batched == reference).mean())},
-                      "shipped": {"precision": decision.precision, "reason": decision.reason,
-                                  "preset": decision.preset.name if decision.preset else None,
-                                  "trials": trial_rows(decision)}}
+                     "extreme_images": extreme,
+                     "dynamic_batch64": {"top1": float((batched == evalset.labels).mean()),
+                                         "agreement": float((batched == reference).mean())},
+                     **{label: {"precision": decision.precision, "reason": decision.reason,
+                                "preset": decision.preset.name if decision.preset else None,
+                                "trials": trial_rows(decision)} for label, decision in decisions.items()}}
         print(key, json.dumps(rows[key], indent=1), flush=True)
         save(results)
 
@@ -512,13 +548,21 @@ def table(results: dict) -> str:
                      f"{100 * old['agreement']:.1f}% | | |")
         lines.append(f"| **{name}: edgekd ships** | | **{entry['shipped']['precision']}** | | | | | "
                      f"{entry['shipped']['reason']} |")
+        if strict := entry.get("strict"):
+            lines.append(f"| **{name}: under a {STRICT_DROP}-point guard** | | **{strict['precision']}** | | | | | "
+                         f"{strict['reason']} |")
+        if extreme := entry.get("extreme_images"):
+            lines.append(f"| {name} | | calibration images with extreme activations (a conv's peak > {EXTREME:.0f}x "
+                         f"the median image's) | {extreme['extreme']}/{extreme['images']} | | | | largest "
+                         f"{extreme['largest_x_median']:.0f}x at `{extreme['largest_at']}`; classes: "
+                         f"{', '.join(extreme['classes']) or '-'} |")
         if entry.get("optimum_missing"):
             lines.append(f"| {name} | | Optimum not run: {entry['optimum_missing']} | | | | | |")
     strict = results.get("strict")
     if strict:
         lines += ["", f"### {strict['student']} (fine-tuned) under a 0.5-point guard (`--max-accuracy-drop 0.5`)", "",
                   f"fp32 top-1 {100 * strict['fp32_top1']:.2f}%. The default `--calibration auto` tries minmax, then "
-                  "percentile and entropy, before keeping nodes in float.", "",
+                  "averaged ranges, percentile and entropy, before keeping nodes in float.", "",
                   "| preset | calibration | nodes in float | top-1 | drop (pts) | agreement | p50 ms | passed |",
                   "|---|---|---:|---:|---:|---:|---:|---|"]
         for trial in strict["trials"]:
@@ -596,12 +640,15 @@ VNNI-only CPU, are in git history; compare ratios within a run), its DeiT-tiny a
 on a 2-core Xeon with AMX. Part B, its 0.5-point guard and part C were re-made on 2026-12-07 on that Xeon with that
 day's code: static int8 answers in float (no QuantizeLinear on the logits), bias correction and learned rounding kept
 only where they bring the answers closer to fp32 on held-out calibration images, the input-side form timed beside
-the all-int8 one, DeiT's dynamic int8 from its attention-fused graph. Part B's students were trained again, and
+the all-int8 one, DeiT's dynamic int8 from its attention-fused graph; part B's CNN rows and the 0.5-point guard again
+later that day, when the guard's "auto" calibration gained averaged ranges (the same students: training is
+deterministic within a code version, and fp32 top-1 came out the same). Part B's students were trained again, and
 training again gives other networks: fp32 78.67% (ResNet-18), 65.27% (MobileNetV3-large; 70.50% on 2026-12-04),
 74.92% and 82.89% (EfficientNet-B0, 2 and 8 epochs; 69.37% and 83.32%), 87.36% (Lite0; 86.75%). Whether static int8
 keeps a student's answers follows its trained weights more than its family: the 2-epoch B0 that lost 52.89 points on
-2026-12-04 is replaced by one that loses 0.12, and the 8-epoch B0 that lost 0.18 by one that loses 73.10. That is
-why the guard measures every model and ships fp32 where no int8 form passes and pays. The "causes" section studies
+2026-12-04 is replaced by one that loses 0.12, and the 8-epoch B0 that lost 0.18 by one whose minmax ranges lose
+73.10 (averaged ranges: none). That is why the guard measures every model and ships fp32 where no int8 form passes
+and pays. The "causes" section studies
 the 2026-12-04 students.
 
 **Bias correction** (`edgekd/deploy/bias_correction.py`): after calibration, each quantized Conv/Gemm's per-channel
@@ -638,17 +685,28 @@ latency of a corrected file is the same within timing noise (part A: 0.1 ms eith
 3. *Outlier channels.* The 2026-12-04 2-epoch EfficientNet-B0's static int8 lost 52.89 points (Optimum's 51.85).
    Section "causes": its noisiest tensors were the squeeze-excite branches' SiLU outputs (relative error 0.61-0.69),
    where the loudest channel peaks 159-232x above the median channel, so one scale per tensor leaves most channels a
-   few levels; compute ops only: 45.36 lost, percentile calibration 50.33. The 8-epoch B0 of 2026-12-07 collapses
-   too (73.10; Optimum 68.93), elsewhere: keeping its classifier head (pooling, Gemm) in float gives 72.97 and its
-   squeeze-excite branches in float 73.09, while the guard's ranking scores the tensors of its last block, head
-   conv and head SiLU at 1.0 (destroyed); with 78 nodes in float it passes (0.16) but is no faster than fp32, so
-   fp32 ships. On the 2026-12-07 MobileNetV3-large the squeeze-excite branches are the cause: the guard's ranking
-   keeps 8 nodes in float (1.56 lost), the input side 3 (3.31), while its 40 squeeze-excite nodes in float (the
-   pool, the two small convs, ReLU, HardSigmoid; not the gating Mul) lose 0.15 +- 0.34 (agreement 83.8% against
-   77.5%), which the guard now tries and ships, 1.15x faster than fp32 timed side by side (the JSON's
-   `shipped.trials`). Lite0 (no squeeze-excite, ReLU6
+   few levels; compute ops only: 45.36 lost, percentile calibration 50.33.
+4. *A few images with extreme activations.* The 8-epoch B0 of 2026-12-07 loses 73.10 points with minmax ranges
+   (Optimum 68.93), 72.97 with its head in float, 73.09 with its squeeze-excite branches in float. Its cause is in
+   the images, not the channels: 5 of the 256 calibration images, all sandals, drive its activations up to 1,143x
+   the median image's peak (row "calibration images with extreme activations"), growing block by block through
+   the residual stream (the Add after block 4.2 peaks at 349 on one of them, 5.7 on the median image). Minmax ranges
+   stretched to them leave every other image a level or two: onnxruntime's qdq_loss_debug on 32 test images puts
+   the signal-to-noise of each quantized tensor at 0 dB from block 5.2's squeeze-excite conv on (everything rounded
+   to zero), and the histogram methods see no more (percentile 9.45% top-1, entropy 9.70%, 2,000 test images).
+   Ranges averaged over batches of 16 (`--calibration average`, which "auto" now tries right after minmax) clip
+   those images and lose nothing: -0.22 +- 0.14 points, agreement 97.6%, shipped, 1.39x faster than fp32 (on the
+   380 test images whose head-conv peak is over 10x the median image's it gives fp32's answer on all; leaving
+   the 5 images out of minmax calibration gives 98.8% on 2,000 test images; both by hand). The 2-epoch B0 has 7 such
+   images at 40x and keeps its answers with minmax ranges (0.12); ResNet-18 and Lite0 have none.
+   On the 2026-12-07 MobileNetV3-large (25 such images, 177x at the head conv) both causes meet: averaged ranges
+   lose 0.81 +- 0.28 (89.2%, 1.47x), within the default 1-point guard, which ships that; the guard's ranking keeps
+   8 nodes in float (0.75), the input side 3 (1.01), while its 40 squeeze-excite nodes in float (the pool, the two
+   small convs, ReLU, HardSigmoid; not the gating Mul) lose 0.36 +- 0.28 with averaged ranges (agreement 88.8%;
+   0.15 and 83.8% with minmax ranges), which a 0.5-point guard ships, 1.14x faster than fp32 timed side by side
+   (the JSON's `strict.trials`). Lite0 (no squeeze-excite, ReLU6
    caps every activation at 6) has noisiest tensors at 0.015-0.023 with correction (0.08-0.10 without, earlier run).
-4. *Part A's Lite0 agreement had been measured on Fashion-MNIST with an ImageNet head.* On real photographs its
+5. *Part A's Lite0 agreement had been measured on Fashion-MNIST with an ImageNet head.* On real photographs its
    static int8 agrees with fp32 on 98.5% of the crops fp32 is confident about and on 92.1% of all crops (84.2%
    without bias correction; part A, 2026-12-04); fp16 on 100.0% and 98.7%. Part C (2026-12-07): asked for 97% on
    every crop, near-ties included, the guard ships static int8 with the first five convs in float, 98.0% on those
@@ -656,16 +714,18 @@ latency of a corrected file is the same within timing noise (part A: 0.1 ms eith
    reaches 97% (`int8_float_head.md`, where fp32 itself changes its answer on 8.9% of the crops framed one pixel
    over). Every crop where the default static int8 disagrees is a near-tie for fp32 (top two classes at most 0.036
    apart, median 0.006, against 0.112 where they agree).
-5. *Ruled out:* the prepared graph (`quant_pre_process`) reproduced the export's logits on every model here (it is
+6. *Ruled out:* the prepared graph (`quant_pre_process`) reproduced the export's logits on every model here (it is
    checked on every run); calibration and validation are stratified random samples.
 
-**Targets in part B** (<= 0.5 point for CNNs, <= 1 for DeiT-tiny, as shipped). Met: the fine-tuned Lite0 ships
-static int8 with its stem and first depthwise conv in float, 0.04 +- 0.08 points, 99.3% agreement, 1.78x faster
-than fp32 (the same form under the 0.5-point guard, below), ResNet-18 static int8 0.04 +- 0.06 (2.96x), the 2-epoch
-B0 static int8 0.12 +- 0.14 (1.40x), DeiT-tiny dynamic int8 from its attention-fused graph -0.01 +- 0.03 (99.8%,
-2.21x; all timed side by side at 64 px), and MobileNetV3-large static int8 with its squeeze-excite branches in
-float, 0.15 +- 0.34 (agreement 83.8%, 1.15x; all-int8 it loses 2.32). Not met, fp32 ships: the 8-epoch B0 (item
-3). On 2026-12-04's trainings MobileNetV3 and the 8-epoch B0 were met (0.40 and 0.18) and the 2-epoch B0 was not.
+**Targets in part B** (<= 0.5 point for CNNs, <= 1 for DeiT-tiny, as shipped). Met by every student: the
+fine-tuned Lite0 ships static int8 with its stem and first depthwise conv in float, 0.04 +- 0.08 points, 99.3%
+agreement, 1.77x faster than fp32 (the same form under the 0.5-point guard, below), ResNet-18 static int8 0.04 +-
+0.06 (3.19x), the 2-epoch B0 static int8 0.12 +- 0.14 (1.43x), the 8-epoch B0 static int8 with averaged ranges
+-0.22 +- 0.14 (97.6%, 1.39x), DeiT-tiny dynamic int8 from its attention-fused graph -0.01 +- 0.03 (99.8%, 2.21x; all
+timed side by side at 64 px). MobileNetV3-large meets it under a 0.5-point guard: static int8 with averaged ranges
+and its squeeze-excite branches in float, 0.36 +- 0.28 (88.8%, 1.14x); the default 1-point guard ships its all-int8
+form with averaged ranges, 0.81 +- 0.28 (89.2%, 1.47x; minmax ranges lose 2.32). On 2026-12-04's trainings
+MobileNetV3 and the 8-epoch B0 were met (0.40 and 0.18) and the 2-epoch B0 was not.
 
 **Speed, 224 px, 1 thread, this AMX host.** ResNets: int8 static 3.0-3.2x faster than fp32. Lite0: 1.73x (1.83x
 re-timed on a 2-core Xeon with AMX, 2026-12-07, its rows above; there the form with the stem and the first depthwise
@@ -685,7 +745,8 @@ and 1.89x (VNNI; attention fused 1.98x). fp16 on the CPU provider: 0.37-0.94x of
 same quantizer but without weight corrections: on the real Lite0 it agrees on 84.2% of all photo crops against
 edgekd's 92.1% (part A), on the fine-tuned Lite0 loses 0.08 +- 0.13 (98.1%) against 0.06 +- 0.08 (99.2%), on the
 2-epoch B0 1.28 +- 0.18 (95.8%, 1.07x fp32) against 0.12 +- 0.14 (97.0%, 1.43x), on MobileNetV3 2.60 (83.0%) against
-2.32 (77.5%; neither passes a 1-point guard: edgekd ships its squeeze-excite form, 0.15), on ResNet-18 0.04 against
+2.32 (77.5%; edgekd ships averaged ranges, 0.81, 89.2%), on the 8-epoch B0 68.93 (14.9%) against -0.22 (97.6%,
+averaged ranges), on ResNet-18 0.04 against
 0.04 (single p50s 0.97 and 1.09 ms for the same graph: noise). Optimum quantizes only the compute ops, which runs
 MobileNetV3 and EfficientNet-B0 slower than fp32 at 224 px (0.88x, 0.72x; part A). Its dynamic preset also quantizes
 Conv (4-11x slower than fp32, and the fine-tuned Lite0 loses 40.69 points). For DeiT-tiny Optimum's static loses

@@ -99,7 +99,7 @@ def test_bad_input_size_is_one_line():
 def test_bad_calibration_method_fails_while_parsing(tmp_path: Path):
     result = runner.invoke(app, ["compress", "--teacher", "resnet18", "--budget", "1ms", "--calibration", "median",
                                  "--out", str(tmp_path / "run")])
-    assert result.exit_code == 2 and "minmax, entropy, percentile" in result.output
+    assert result.exit_code == 2 and "minmax, average, entropy, percentile" in result.output
     assert not (tmp_path / "run").exists()
 
 

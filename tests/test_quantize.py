@@ -274,7 +274,7 @@ def test_squeeze_excite_branches_are_found_by_structure(name: str, tmp_path: Pat
 def test_the_guard_tries_the_squeeze_excite_branches_in_float_once(small_fmnist, tmp_path: Path) -> None:
     """After round 1's ranked and input-side nodes fail, one trial with every squeeze-excite branch in float (the
     ranking misses them: a MobileNetV3-large student lost 2.32 points as static int8 and 0.15 with them in float,
-    quantization_host.md item 3); the progress bar's bound counts it."""
+    quantization_host.md item 4); the progress bar's bound counts it."""
     model = create_model("test_efficientnet", 10, (32, 32)).eval()
     fp32 = export_onnx(model, tmp_path / "fp32.onnx", (3, 32, 32))
     pre = preprocess_for(model, (32, 32))

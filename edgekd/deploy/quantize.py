@@ -465,7 +465,7 @@ def squeeze_excite_nodes(path: Path) -> tuple[str, ...]:
     Sigmoid/HardSigmoid gate that scales the feature map, without the scaling Mul itself. A branch computes on one value
     per channel, so keeping it in float costs little, while one loud channel among its 1x1 activations leaves the
     others a few int8 levels: a 2-epoch MobileNetV3-large student lost 2.32 points as static int8 and 0.15 with these
-    in float (benchmarks/results/quantization_host.md, item 3). Found by structure, not by name: walking back from
+    in float (benchmarks/results/quantization_host.md, item 4). Found by structure, not by name: walking back from
     each gate over every input, every path must reach the same pool within SQUEEZE_EXCITE_MAX_NODES nodes, and that
     pool must read the map the gate scales. Names as quantize_static's nodes_to_exclude reads them: give the prepared
     graph (prepare_for_quantization names every node)."""
