@@ -63,7 +63,7 @@ class CompressConfig:
     distillation: DistillConfig = DistillConfig()
     max_accuracy_drop: float = 1.0  # points of top-1 the int8 model may lose against the fp32 student
     min_agreement: float | None = None  # share of images where int8/fp16 must keep the fp32 student's top-1; None: any
-    calibration_method: str = "auto"  # int8 static: auto, minmax, average, entropy or percentile (quantize.AUTO_CALIBRATION)
+    calibration_method: str = "auto"  # int8 static: auto or one of quantize.CALIBRATION_METHODS (AUTO_CALIBRATION)
     search_quantization: bool = False
     eval_images: int | None = 2000  # validation images for quantization guard and bench accuracy
 

@@ -137,6 +137,7 @@ def test_a_class_sorted_folder_calibrates_and_validates_on_every_class(small_fmn
     """Folder data comes sorted by class: the first N images would calibrate (and rank sensitive nodes) on the first
     classes only. Calibration and validation are stratified random samples, recorded in the manifest."""
     from edgekd.data import load_data
+    from edgekd.deploy.verify import sample_indices
     from edgekd.types import DataSpec
     from tests.helpers.images import write_images
 
@@ -154,6 +155,12 @@ def test_a_class_sorted_folder_calibrates_and_validates_on_every_class(small_fmn
         record = images_used[role]
         assert record["count"] == count and record["method"].startswith("stratified random")
         assert len(record["per_class"]) == small_fmnist.info.num_classes, (role, record)  # every class is in
+    # all of a folder's images (no limit) come shuffled too: the guard ranks sensitive nodes on the first few, and
+    # averaged calibration averages over batches in that order
+    indices, method = sample_indices(folder.train, None)
+    assert sorted(indices) == list(range(len(folder.train))) and "shuffled" in method
+    assert len(set(folder.train.labels[indices[:16]].tolist())) >= 5
+    assert indices == sample_indices(folder.train, None)[0]  # seeded: the same order every run
 
 
 def test_fp16_ships_only_within_the_guard_int8_is_held_to(small_fmnist, tmp_path: Path):

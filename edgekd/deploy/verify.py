@@ -100,10 +100,11 @@ class OnnxMetrics:
 
 def sample_indices(records: Dataset, limit: int | None, seed: int = 0) -> tuple[list[int], str]:
     """Which records calibrate or evaluate: all of them, or a stratified random `limit` (each class in its share),
-    shuffled. Taking the first `limit` would calibrate a folder data set (sorted by class) on its first classes
-    and rank quantization-sensitive nodes on one class. Returns the indices and how they were picked."""
+    shuffled either way. Taking the first `limit` would calibrate a folder data set (sorted by class) on its first
+    classes; in record order, the guard would rank quantization-sensitive nodes on the first images (one class) and
+    averaged calibration would average one class per batch. Returns the indices and how they were picked."""
     if limit is None or limit >= len(records):
-        return list(range(len(records))), "all"
+        return [int(i) for i in np.random.default_rng(seed).permutation(len(records))], f"all, shuffled, seed {seed}"
     from edgekd.data import stratified_subset
 
     labels = getattr(records, "labels", None)
