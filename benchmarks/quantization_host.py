@@ -710,7 +710,8 @@ latency of a corrected file is the same within timing noise (part A: 0.1 ms eith
    static int8 agrees with fp32 on 98.5% of the crops fp32 is confident about and on 92.1% of all crops (84.2%
    without bias correction; part A, 2026-12-04); fp16 on 100.0% and 98.7%. Part C (2026-12-07): asked for 97% on
    every crop, near-ties included, the guard ships static int8 with the first five convs in float, 98.0% on those
-   152 crops and 1.72x faster than fp32; on 608 held-out crops that form agrees on 95.4% and no form that pays
+   152 crops and 1.71x faster than fp32 (averaged ranges, tried second, agree on 92.8%
+   against minmax's 94.7%); on 608 held-out crops that form agrees on 95.4% and no form that pays
    reaches 97% (`int8_float_head.md`, where fp32 itself changes its answer on 8.9% of the crops framed one pixel
    over). Every crop where the default static int8 disagrees is a near-tie for fp32 (top two classes at most 0.036
    apart, median 0.006, against 0.112 where they agree).
