@@ -50,6 +50,7 @@ from edgekd.models import create_model, preprocess_for, zero_new_head  # noqa: E
 from edgekd.record import cpu_model, int8_instructions  # noqa: E402
 from edgekd.select.profiles import detect_isa  # noqa: E402
 from edgekd.deploy.quantize import default_preset, prepare_for_quantization, presets_for, quantize_onnx  # noqa: E402
+from edgekd.deploy.activation_peaks import EXTREME, extreme_images  # noqa: E402
 from edgekd.deploy.attention_fusion import export_attention_fused  # noqa: E402
 from edgekd.deploy.guard import (FUSED_ATTENTION, GuardConfig, QuantDecision, guarded_quantize,  # noqa: E402
                                  input_side_nodes)
@@ -239,25 +240,12 @@ def exported_student(name: str, pretrained: bool, epochs: int, data, work: Path)
     return ExportedStudent(facts, pre, evalset, calibration.images, calibration.labels, fp32, fused)
 
 
-EXTREME = 10.0  # an image whose peak |activation| in some conv's output is this many times the median image's
-
-
-def extreme_images(fp32: Path, images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]) -> dict[str, Any]:
-    """The calibration images whose peak activation in some conv's output is EXTREME x the median image's there: the
-    images that stretch minmax ranges (the 8-epoch B0's sandals). Also the largest such ratio and where."""
-    model = onnx.load(str(fp32))
-    convs = [node.output[0] for node in model.graph.node if node.op_type == "Conv"]
-    model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in convs)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    peaks = np.concatenate([np.stack([np.abs(value).reshape(len(value), -1).max(1) for value in session.run(
-        convs, {session.get_inputs()[0].name: np.asarray(images[start:start + 32], dtype=np.float32)})], axis=1)
-        for start in range(0, len(images), 32)])  # images x convs
-    ratios = peaks / np.maximum(np.median(peaks, axis=0), 1e-12)
-    extreme = np.flatnonzero((ratios > EXTREME).any(axis=1))
-    worst = np.unravel_index(np.argmax(ratios), ratios.shape)
-    return {"images": len(images), "extreme": len(extreme),
-            "classes": sorted({classes[int(labels[i])] for i in extreme}),
-            "largest_x_median": float(ratios[worst]), "largest_at": convs[worst[1]]}
+def extreme_images_row(fp32: Path, images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]) -> dict[str, Any]:
+    """The calibration images that stretch minmax ranges (activation_peaks.extreme_images), with their classes."""
+    found = extreme_images(fp32, images)
+    return {"images": found.images, "extreme": len(found.extreme),
+            "classes": sorted({classes[int(labels[i])] for i in found.extreme}),
+            "largest_x_median": found.largest_x_median, "largest_at": found.largest_at}
 
 
 def form_figures(path: Path, evalset: EvalSet, reference: np.ndarray, fp32_top1: float, shape) -> dict[str, Any]:
@@ -317,7 +305,7 @@ def students_stage(results: dict, models: tuple[str, ...] = LATENCY_MODELS, redo
                        for label, path in forms.items()}
             batched = onnx_logits(ort.InferenceSession(str(dynamic), providers=["CPUExecutionProvider"]),
                                   evalset.images, batch_size=64).argmax(1)  # a session: no batch-1 rule
-            extreme = extreme_images(fp32, calibration, student.calibration_labels, data.info.class_names)
+            extreme = extreme_images_row(fp32, calibration, student.calibration_labels, data.info.class_names)
 
             def ships(guard: GuardConfig, student=student) -> QuantDecision:
                 return guarded_quantize(student.fp32, work / "shipped.onnx", evalset=student.evalset,

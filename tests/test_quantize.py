@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from edgekd.errors import EdgekdError
+from edgekd.deploy.activation_peaks import extreme_images
 from edgekd.deploy.export import export_onnx
 from edgekd.select.latency import measure_onnx
 from edgekd.deploy.quantize import (_logit_difference, check_calibration, default_preset, prepare_for_quantization,
@@ -347,14 +349,17 @@ def test_nodes_kept_in_float_stay_float_when_onnxruntime_loads_the_file(resnet, 
     assert _weights_onnxruntime_puts_in_int8(shipped, middle, tmp_path) == []
 
 
-def test_averaged_ranges_keep_the_answers_rare_extreme_images_cost_minmax(resnet, tmp_path: Path) -> None:
+def test_averaged_ranges_keep_the_answers_rare_extreme_images_cost_minmax(resnet, tmp_path: Path, caplog) -> None:
     """Some networks answer a few images with activations far beyond the rest's (an 8-epoch EfficientNet-B0 student:
     2% of its calibration images, 100-1,000x). Built here: two of the 128 calibration images 30x brighter. Minmax
     ranges stretch to them and round everyone else's activations away; the mean of per-batch extremes clips them,
-    and the guard's "auto" calibration tries it right after minmax."""
+    and the guard's "auto" calibration tries it right after minmax, saying which images stretched minmax's."""
     fp32, evalset, calibration = resnet
     extreme = np.array(calibration, copy=True)
     extreme[[5, 70]] *= 30
+    assert extreme_images(fp32, calibration).extreme == ()  # ordinary images: none stands out
+    found = extreme_images(fp32, extreme)
+    assert found.extreme == (5, 70) and found.largest_x_median > 10 and found.images == len(extreme)
     reference = onnx_logits(fp32, evalset.images).argmax(1)
     agreement = {}
     for method in ("minmax", "average"):
@@ -362,11 +367,13 @@ def test_averaged_ranges_keep_the_answers_rare_extreme_images_cost_minmax(resnet
                              calibration=extreme, calibration_method=method)
         agreement[method] = evaluate_onnx(path, evalset, reference, target_isa="avx512_vnni").agreement
     assert agreement["minmax"] < 0.7 and agreement["average"] >= 0.8, agreement
-    decision = guarded_quantize(fp32, tmp_path / "model.onnx", evalset=evalset, calibration=extreme,
-                                isa="avx512_vnni", precisions=("int8_static",),
-                                guard=GuardConfig(max_accuracy_drop=5.0, max_rounds=0))
+    with caplog.at_level(logging.INFO, logger="edgekd"):
+        decision = guarded_quantize(fp32, tmp_path / "model.onnx", evalset=evalset, calibration=extreme,
+                                    isa="avx512_vnni", precisions=("int8_static",),
+                                    guard=GuardConfig(max_accuracy_drop=5.0, max_rounds=0))
     assert [t.calibration_method for t in decision.trials] == ["minmax", "average"]
     assert decision.precision == "int8_static" and decision.trials[-1].passed
+    assert f"minmax ranges: {found.describe()}; averaged ranges clip them" in caplog.text
 
 
 def test_entropy_calibration_clips_ranges_minmax_keeps_whole(resnet, tmp_path: Path) -> None:

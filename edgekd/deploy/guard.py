@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
+from edgekd.deploy.activation_peaks import extreme_images
 from edgekd.deploy.correction_check import kept_corrections
 from edgekd.deploy.export import is_transformer
 from edgekd.deploy.quantize import (AUTO_CALIBRATION, CALIBRATION_METHODS, COMPUTE_OPS, QuantPreset,
@@ -508,6 +509,10 @@ def _first_calibration(prepared: Path, target: Path, precision: str, preset: Qua
         trials.append(trial)
         if trial.passed or trial.error:
             return method, trials
+        if method == "minmax":  # say why the next ranges may do better: a few images can stretch minmax's
+            stretching = extreme_images(prepared, calibration)
+            if stretching.extreme:
+                log.info("minmax ranges: %s; averaged ranges clip them", stretching.describe())
         if best is None or trial.accuracy_drop < best[0]:
             best = (trial.accuracy_drop, method)
     assert best is not None
