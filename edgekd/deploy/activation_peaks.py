@@ -42,13 +42,13 @@ def extreme_images(path: Path, images: np.ndarray, batch_size: int = 32) -> Extr
     (Abs -> GlobalMaxPool: N x C values, not the maps themselves, so memory stays small at any input size)."""
     model = onnx.load(str(path))
     convs = [node.output[0] for node in model.graph.node if node.op_type == "Conv"]
+    if not convs:
+        return ExtremeImages(len(images), (), 1.0, "-")
     for index, name in enumerate(convs):
         magnitude, peak = f"{_PEAK_PREFIX}abs_{index}", f"{_PEAK_PREFIX}{index}"
         model.graph.node.extend([helper.make_node("Abs", [name], [magnitude]),
                                  helper.make_node("GlobalMaxPool", [magnitude], [peak])])
         model.graph.output.append(helper.make_tensor_value_info(peak, onnx.TensorProto.FLOAT, None))
-    if not convs:
-        return ExtremeImages(len(images), (), 1.0, "-")
     runner = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     outputs = [f"{_PEAK_PREFIX}{index}" for index in range(len(convs))]
     peaks = np.concatenate([
