@@ -77,7 +77,8 @@ def main() -> None:
                                        augmented_model_path=str(Path(scratch) / "augmented.onnx"),
                                        calibrate_method=CalibrationMethod.Entropy,
                                        extra_options={"num_bins": bins, "num_quantized_bins": ENTROPY_LEVELS})
-        calibrator.collect_data(ArrayCalibrationReader(images, batch_size=1))  # as edgekd feeds it
+        # onnxruntime's histograms, which edgekd now bins a few images at a time to the same counts (activation_ranges)
+        calibrator.collect_data(ArrayCalibrationReader(images, batch_size=1))
         collector = calibrator.collector
         rows = []
         for name, histogram in collector.histogram_dict.items():

@@ -32,7 +32,19 @@ def test_distill_throughput_benchmark_runs_on_tiny_models(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("script", ["int8_graph_forms", "int8_float_head"])
+def test_quantization_memory_benchmark_runs_on_a_tiny_model(tmp_path):
+    out = tmp_path / "memory.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quantization_memory.py"), "--models",
+                             "test_efficientnet", "--steps", "percentile,sensitivity", "--size", "32", "--out",
+                             str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())["runs"]["now"]
+    assert [row["step"] for row in rows] == ["percentile", "sensitivity"], rows
+    assert all(row["peak_mb"] >= row["before_mb"] > 100 for row in rows), rows  # each a process of its own
+    assert "| test_efficientnet | percentile |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("script", ["int8_graph_forms", "int8_float_head", "quantization_memory"])
 def test_committed_tables_are_their_json_rendered(script):
     """A results table is what its script renders from the committed figures, not edited by hand."""
     spec = importlib.util.spec_from_file_location(script, ROOT / "benchmarks" / f"{script}.py")

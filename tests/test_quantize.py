@@ -353,7 +353,8 @@ def test_averaged_ranges_keep_the_answers_rare_extreme_images_cost_minmax(resnet
     """Some networks answer a few images with activations far beyond the rest's (an 8-epoch EfficientNet-B0 student:
     2% of its calibration images, 100-1,000x). Built here: two of the 128 calibration images 30x brighter. Minmax
     ranges stretch to them and round everyone else's activations away; the mean of per-batch extremes clips them,
-    and the guard's "auto" calibration tries it right after minmax, saying which images stretched minmax's."""
+    and the guard's "auto" calibration tries it right after minmax, saying (in the log and the manifest) which
+    images stretched minmax's."""
     fp32, evalset, calibration = resnet
     extreme = np.array(calibration, copy=True)
     extreme[[5, 70]] *= 30
@@ -374,6 +375,8 @@ def test_averaged_ranges_keep_the_answers_rare_extreme_images_cost_minmax(resnet
     assert [t.calibration_method for t in decision.trials] == ["minmax", "average"]
     assert decision.precision == "int8_static" and decision.trials[-1].passed
     assert f"minmax ranges: {found.describe()}; averaged ranges clip them" in caplog.text
+    # and the manifest keeps it with the trial it explains
+    assert [t["finding"] for t in decision.to_dict()["trials"]] == [f"ranges stretched: {found.describe()}", None]
 
 
 def test_entropy_calibration_clips_ranges_minmax_keeps_whole(resnet, tmp_path: Path) -> None:
@@ -425,6 +428,45 @@ def test_the_entropy_search_picks_onnxruntime_s_window(resnet, tmp_path: Path) -
     for name, histogram in histograms.items():
         assert entropy_threshold(histogram, ENTROPY_LEVELS) == collector.get_entropy_threshold(
             histogram, ENTROPY_LEVELS), name
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy", "average"])
+def test_ranges_computed_a_few_images_at_a_time_are_onnxruntime_s(resnet, tmp_path: Path, method: str) -> None:
+    """edgekd runs the calibration images a few at a time (onnxruntime's histogram calibrators hold every image's
+    activations until the last: killed at 24 GB for B0 at 224 px; its MinMax calibrator a batch's) and hands the
+    quantizer its ranges as a calibration cache. Those ranges are the ones onnxruntime computes in one shot, as
+    quantize_static would set its calibrator up (op types, bins, percentile, symmetry), for the same tensors:
+    exactly where onnxruntime runs the same batches (a convolution's last bits depend on the batch size): 36 images,
+    4 a run, for the histogram methods; averaged ranges over 37 (a short last group) against its batches of 16."""
+    from onnxruntime.quantization.calibrate import create_calibrator, load_tensors_data
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+    from edgekd.deploy.activation_ranges import RANGE_BATCH
+    from edgekd.deploy.quantize import (AVERAGE_BATCH, CALIBRATION_METHODS, ENTROPY_BINS, ENTROPY_LEVELS,
+                                        ArrayCalibrationReader, _calibration_cache)
+
+    fp32, _, calibration = resnet
+    images = calibration[:37 if method == "average" else 36]
+    preset = default_preset("avx512_vnni", "int8_static")
+    assert len(images) > 2 * AVERAGE_BATCH > 2 * RANGE_BATCH and preset.op_types is None
+    (tmp_path / "ours").mkdir()
+    ours = load_tensors_data(_calibration_cache(fp32, images, preset, method, tmp_path / "ours"))
+    # quantize_static's own set-up: every op type it knows; entropy with edgekd's bins; percentile at its defaults
+    options = {"average": {"moving_average": True}, "percentile": {},
+               "entropy": {"num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_LEVELS}}[method]
+    calibrator = create_calibrator(fp32, list(set(QLinearOpsRegistry) | set(QDQRegistry)),
+                                   augmented_model_path=str(tmp_path / "augmented.onnx"),
+                                   calibrate_method=CALIBRATION_METHODS[method], extra_options=options)
+    calibrator.collect_data(ArrayCalibrationReader(images, AVERAGE_BATCH if method == "average" else RANGE_BATCH))
+    theirs = calibrator.compute_data()
+    assert ours.calibration_method == theirs.calibration_method
+    assert len(theirs.data) >= 10 and set(ours.data) == set(theirs.data)
+    for name, data in theirs.data.items():
+        mine = np.asarray(ours.data[name].range_value)
+        if method == "average":
+            # onnxruntime keeps each (ReduceMin, ReduceMax) as a 1-element array, edgekd as a scalar
+            np.testing.assert_allclose(mine, np.ravel(data.range_value), rtol=1e-5, atol=1e-6, err_msg=name)
+        else:
+            np.testing.assert_array_equal(mine, data.range_value, err_msg=name)
 
 
 def test_a_dynamic_int8_file_for_another_cpu_is_measured_as_that_cpu_computes_it(resnet, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from edgekd.deploy.activation_ranges import RANGE_BATCH
 from edgekd.deploy.verify import INPUT_NAME
 
 EXTREME = 10.0  # an image whose peak |activation| at some conv's output is this many times the median image's there
@@ -37,9 +38,10 @@ class ExtremeImages:
                 f"{EXTREME:.0f}x the median image's (up to {self.largest_x_median:.0f}x, at {self.largest_at})")
 
 
-def extreme_images(path: Path, images: np.ndarray, batch_size: int = 32) -> ExtremeImages:
+def extreme_images(path: Path, images: np.ndarray, batch_size: int = RANGE_BATCH) -> ExtremeImages:
     """Run the float model `path` over `images` with each Conv output's per-channel peak |value| exposed
-    (Abs -> GlobalMaxPool: N x C values, not the maps themselves, so memory stays small at any input size)."""
+    (Abs -> GlobalMaxPool: N x C values, not the maps themselves, so what is kept stays small at any input size; the
+    run itself holds a batch's activations, hence a few images a batch)."""
     model = onnx.load(str(path))
     convs = [node.output[0] for node in model.graph.node if node.op_type == "Conv"]
     if not convs:

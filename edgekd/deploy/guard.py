@@ -81,6 +81,7 @@ class Trial:
     images: int = 0  # how many images measured it
     weight_corrections: str | None = None  # static QDQ: the bias correction / learned rounding the file kept
     float_nodes_by: str | None = None  # how its excluded nodes were chosen (FLOAT_NODE_SOURCES); None: none were
+    finding: str | None = None  # what the guard found out about why this form failed (the manifest keeps it)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "preset": self.preset.to_dict(), "excluded_nodes": list(self.excluded_nodes)}
@@ -506,13 +507,14 @@ def _first_calibration(prepared: Path, target: Path, precision: str, preset: Qua
         trial = _guarded_rounds(prepared, target, precision, preset, isa, evalset, calibration,
                                 replace(guard, calibration_method=method, max_rounds=0), fp32_predictions,
                                 fp32_top1, tick)[0]
-        trials.append(trial)
         if trial.passed or trial.error:
-            return method, trials
+            return method, [*trials, trial]
         if method == "minmax":  # say why the next ranges may do better: a few images can stretch minmax's
             stretching = extreme_images(prepared, calibration)
             if stretching.extreme:
                 log.info("minmax ranges: %s; averaged ranges clip them", stretching.describe())
+                trial = replace(trial, finding=f"ranges stretched: {stretching.describe()}")
+        trials.append(trial)
         if best is None or trial.accuracy_drop < best[0]:
             best = (trial.accuracy_drop, method)
     assert best is not None

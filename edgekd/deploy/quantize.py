@@ -21,13 +21,15 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quant_pre_process, quantize_dynamic, quantize_static)
-from onnxruntime.quantization.calibrate import TensorsData, create_calibrator, save_tensors_data
+from onnxruntime.quantization.calibrate import HistogramCollector, TensorsData, save_tensors_data
 
 from edgekd.artifacts import atomic_path
 from edgekd.errors import EdgekdError, first_line
 from edgekd.deploy.correction_check import BOTH, correct_where_it_helps
 from edgekd.deploy.entropy_threshold import entropy_threshold
 from edgekd.deploy.float_weights import keep_float_weights
+from edgekd.deploy.activation_ranges import (RANGE_BATCH, CalibratedTensors, activation_histograms,
+                                            averaged_ranges)
 from edgekd.deploy.export import check_model, is_transformer, quiet_onnxruntime
 from edgekd.select.latency import ORT_RUN_ERRORS
 from edgekd.deploy.verify import INPUT_NAME, PARITY_RTOL, onnx_logits
@@ -41,8 +43,9 @@ ISAS = ("avx2", "avx512", "avx512_vnni", "arm64")
 # fewer than MIN_CALIBRATION_IMAGES gives ranges from a handful of images, clipping on everything else.
 CALIBRATION_IMAGES = 256
 MIN_CALIBRATION_IMAGES = 32
-# "average": onnxruntime's MinMax calibrator with CalibMovingAverage, each range the mean of the per-batch extremes
-# (AVERAGE_BATCH images a batch; the ranges TensorFlow's quantization-aware training keeps). Some networks answer a
+# "average": each range the mean of the extremes of each batch of AVERAGE_BATCH images, as onnxruntime's MinMax
+# calibrator computes it with CalibMovingAverage (activation_ranges.py runs it a few images at a time; the ranges
+# TensorFlow's quantization-aware training keeps). Some networks answer a
 # few images with activations 100-1,000x the rest's: an 8-epoch EfficientNet-B0 student does so on 5 of its 256
 # calibration images (all sandals), and minmax ranges stretched to them round the other images' activations to zero
 # (top-1 82.89% -> 9.79%). The histogram methods cannot see that bulk either, their bins spread over the same extremes
@@ -52,6 +55,7 @@ MIN_CALIBRATION_IMAGES = 32
 CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "average": CalibrationMethod.MinMax,
                        "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
 AVERAGE_BATCH = 16
+PERCENTILE = 99.999  # onnxruntime's default: the share of |x| percentile ranges keep
 # "auto" (the guard's default): minmax, and when that loses more than the guard allows, averaged ranges, percentile
 # then entropy, before any node is kept in float. Clipping the rare extreme activations is often all a model needs.
 AUTO_CALIBRATION = ("minmax", "average", "percentile", "entropy")
@@ -347,15 +351,11 @@ def _quantize_static(source: Path, target: Path, preset: QuantPreset, images: np
         exclude += activation_matmuls(source)
     if preset.float_outputs:
         extra["OpTypesToExcludeOutputQuantization"] = list(preset.op_types or ())
-    if method == "percentile":
-        extra["CalibPercentile"] = 99.999
-    if method == "average":  # one collect_data call: each range is the plain mean over the batches
-        extra["CalibMovingAverage"] = True
-    # Histogram calibrators (entropy, percentile) fail in onnxruntime when the last batch is smaller than the others
-    # ("inhomogeneous shape"): feed them one image at a time.
-    reader = ArrayCalibrationReader(images, batch_size=1 if method in ("entropy", "percentile") else AVERAGE_BATCH)
+    # minmax: onnxruntime's calibrator, which reduces each tensor batch by batch; the other methods' ranges are
+    # computed here a few images at a time (activation_ranges.py) and handed to the quantizer as its calibration cache
+    reader = ArrayCalibrationReader(images, batch_size=RANGE_BATCH)
     with quiet_onnxruntime(), tempfile.TemporaryDirectory(prefix="edgekd-calibration-") as scratch:
-        cache = _entropy_ranges(source, reader, preset, Path(scratch)) if method == "entropy" else None
+        cache = None if method == "minmax" else _calibration_cache(source, images, preset, method, Path(scratch))
         quantize_static(str(source), str(target), reader, calibration_cache_path=cache,
                         quant_format=_FORMATS[preset.quant_format], op_types_to_quantize=_op_types(preset),
                         per_channel=preset.per_channel, reduce_range=preset.reduce_range,
@@ -396,19 +396,31 @@ ENTROPY_BINS = 512
 ENTROPY_LEVELS = 128
 
 
-def _entropy_ranges(source: Path, reader: CalibrationDataReader, preset: QuantPreset, scratch: Path) -> Path:
-    """Entropy-calibrated ranges for `source`, written where quantize_static reads a calibration cache. The window
-    is symmetric about zero; each end is then held to the values seen (a ReLU output's window does not reach below
-    0), so no level is spent where no value falls. The search is onnxruntime's, without its Python loops
-    (entropy_threshold.py)."""
-    calibrator = create_calibrator(source, _op_types(preset), augmented_model_path=str(scratch / "augmented.onnx"),
-                                   calibrate_method=CalibrationMethod.Entropy,
-                                   extra_options={"num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_LEVELS})
-    calibrator.collect_data(reader)
-    ranges = {name: (*entropy_threshold(histogram, ENTROPY_LEVELS), *histogram[:2])
-              for name, histogram in calibrator.collector.histogram_dict.items()}
-    save_tensors_data(TensorsData(CalibrationMethod.Entropy, ranges), scratch / "entropy.json")
-    return scratch / "entropy.json"
+PERCENTILE_BINS = 2048  # onnxruntime's for percentile calibration
+
+
+def _calibration_cache(source: Path, images: np.ndarray, preset: QuantPreset, method: str, scratch: Path) -> Path:
+    """`method`'s ranges for `source`, written where quantize_static reads a calibration cache.
+
+    average: the mean of each group of AVERAGE_BATCH images' extremes. percentile: onnxruntime's own arithmetic on
+    the histograms (99.999th percentile of |x|, held to the values seen). entropy: the window is symmetric about zero;
+    each end is then held to the values seen (a ReLU output's window does not reach below 0), so no level is spent
+    where no value falls; the search is onnxruntime's, without its Python loops (entropy_threshold.py)."""
+    calibration = CALIBRATION_METHODS[method]
+    tensors = CalibratedTensors(source, _op_types(preset), scratch)
+    if method == "average":
+        ranges: dict[str, tuple] = averaged_ranges(tensors, images, AVERAGE_BATCH)
+    elif method == "entropy":
+        histograms = activation_histograms(tensors, images, calibration, ENTROPY_BINS)
+        ranges = {name: (*entropy_threshold(histogram, ENTROPY_LEVELS), *histogram[:2])
+                  for name, histogram in histograms.items()}
+    else:
+        collector = HistogramCollector("percentile", symmetric=True, num_bins=PERCENTILE_BINS,
+                                       num_quantized_bins=ENTROPY_LEVELS, percentile=PERCENTILE, scenario="same")
+        collector.histogram_dict.update(activation_histograms(tensors, images, calibration, PERCENTILE_BINS))
+        ranges = collector.compute_collection_result()
+    save_tensors_data(TensorsData(calibration, ranges), scratch / f"{method}.json")
+    return scratch / f"{method}.json"
 
 
 def _float_graph_outputs(path: Path) -> int:

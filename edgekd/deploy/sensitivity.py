@@ -97,36 +97,61 @@ def rank_sensitive_nodes(fp32_path: Path, quant_path: Path, images: np.ndarray,
     return ranked
 
 
+NOISE_BATCH = 4  # images whose activations (every tensor, before and after its QDQ pair) are held at a time: 32
+# images of EfficientNet-B0 at 224 px held at once took 7.7 GB (benchmarks/results/quantization_memory.md)
+
+
 def quantization_noise(fp32_path: Path, quant_path: Path, images: np.ndarray) -> dict[str, float]:
     """Relative error each activation's own quantization adds in the QDQ model, over `images`: the tensor it
     dequantizes against the value it quantized (with the fp32 graph's ReLU/Clip the quantizer folded into the range
     applied), per channel (noise / signal power), averaged over channels."""
+    bounds = _activation_bounds(onnx.load(str(fp32_path)))
+    channels = _channel_counts(fp32_path)
+    power = _ChannelPower()
     with tempfile.TemporaryDirectory(prefix="edgekd-qdq-debug-") as work:
         quant_aug = Path(work) / "quant.onnx"
         modify_model_output_intermediate_tensors(str(quant_path), str(quant_aug))
-        activations = collect_activations(str(quant_aug), _Images(images))
-    bounds = _activation_bounds(onnx.load(str(fp32_path)))
-    channels = _channel_counts(fp32_path)
-    noise = {}
-    for name, pair in create_activation_matching(activations).items():
-        before, after = np.stack(pair["pre_qdq"]), np.stack(pair["post_qdq"])
-        if before.shape != after.shape:
-            continue
-        if name in bounds:
-            before = np.clip(before, *bounds[name])
-        noise[name] = _channel_noise(before, after, channels.get(name, 1))
-    return noise
+        for start in range(0, len(images), NOISE_BATCH):
+            activations = collect_activations(str(quant_aug), _Images(images[start:start + NOISE_BATCH]))
+            for name, pair in create_activation_matching(activations).items():
+                before, after = np.stack(pair["pre_qdq"]), np.stack(pair["post_qdq"])
+                if before.shape != after.shape:
+                    continue
+                if name in bounds:
+                    before = np.clip(before, *bounds[name])
+                power.add(name, before, after, channels.get(name, 1))
+    return power.noise()
 
 
-def _channel_noise(reference: np.ndarray, actual: np.ndarray, count: int) -> float:
-    """Mean over channels of noise / signal power, each at most 1 (images x flattened C x H x W arrays)."""
-    if reference.shape[1] % count:
-        count = 1
-    reference, actual = (a.reshape(len(a), count, -1) for a in (reference, actual))
-    power = np.mean(reference.astype(np.float64) ** 2, axis=(0, 2))
-    floor = max(_DEAD_CHANNEL * float(np.median(power)), _EPS)  # dead (all-zero) channels: no ratio to speak of
-    ratio = np.mean((reference - actual) ** 2, axis=(0, 2)) / np.maximum(power, floor)
-    return float(np.mean(np.minimum(ratio, 1.0)))  # a channel is at worst destroyed: 1
+class _ChannelPower:
+    """Per tensor and channel, the signal's and the noise's summed power, added a few images at a time."""
+
+    def __init__(self) -> None:
+        self.signal: dict[str, np.ndarray] = {}
+        self.error: dict[str, np.ndarray] = {}
+        self.values: dict[str, int] = {}  # values per channel so far (images x H x W)
+
+    def add(self, name: str, reference: np.ndarray, actual: np.ndarray, count: int) -> None:
+        """`reference` and `actual`: images x flattened C x H x W arrays."""
+        if reference.shape[1] % count:
+            count = 1
+        reference, actual = (a.reshape(len(a), count, -1).astype(np.float64) for a in (reference, actual))
+        signal, error = np.sum(reference ** 2, axis=(0, 2)), np.sum((reference - actual) ** 2, axis=(0, 2))
+        if name in self.signal:
+            self.signal[name] = self.signal[name] + signal
+            self.error[name] = self.error[name] + error
+        else:
+            self.signal[name], self.error[name], self.values[name] = signal, error, 0
+        self.values[name] += reference.shape[0] * reference.shape[2]
+
+    def noise(self) -> dict[str, float]:
+        """Mean over channels of noise / signal power, each at most 1 (a channel is at worst destroyed)."""
+        result = {}
+        for name, signal in self.signal.items():
+            # dead (all-zero) channels: no ratio to speak of (the floors are on mean power, times the values summed)
+            floor = max(_DEAD_CHANNEL * float(np.median(signal)), _EPS * self.values[name])
+            result[name] = float(np.mean(np.minimum(self.error[name] / np.maximum(signal, floor), 1.0)))
+        return result
 
 
 def _activation_bounds(model: onnx.ModelProto) -> dict[str, tuple[float, float]]:
@@ -153,23 +178,25 @@ def tensor_noise(fp32_path: Path, quant_path: Path, images: np.ndarray) -> dict[
     """Relative error of every activation the QDQ model quantizes against the same tensor of the float model, over
     `images`: per channel (noise / signal power), averaged over channels. (compute_activation_error's one SQNR per
     tensor is dominated by its loudest channel: an outlier channel 100x the others hides their destruction.)"""
+    channels = _channel_counts(fp32_path)
+    power = _ChannelPower()
     with tempfile.TemporaryDirectory(prefix="edgekd-qdq-debug-") as work:
         float_aug, quant_aug = Path(work) / "float.onnx", Path(work) / "quant.onnx"
         modify_model_output_intermediate_tensors(str(fp32_path), str(float_aug))
         modify_model_output_intermediate_tensors(str(quant_path), str(quant_aug))
-        float_activations = collect_activations(str(float_aug), _Images(images))
-        quant_activations = collect_activations(str(quant_aug), _Images(images))
-    channels = _channel_counts(fp32_path)
-    noise = {}
-    for name, pair in create_activation_matching(quant_activations, float_activations).items():
-        if "float" not in pair or "post_qdq" not in pair:
-            continue
-        # qdq_loss_debug saves each image's tensor flattened (C x H x W, batch 1): back to (images, C, -1)
-        reference, actual = np.stack(pair["float"]), np.stack(pair["post_qdq"])
-        if reference.shape != actual.shape:
-            continue
-        noise[name] = _channel_noise(reference, actual, channels.get(name, 1))
-    return noise
+        for start in range(0, len(images), NOISE_BATCH):
+            batch = images[start:start + NOISE_BATCH]
+            float_activations = collect_activations(str(float_aug), _Images(batch))
+            quant_activations = collect_activations(str(quant_aug), _Images(batch))
+            for name, pair in create_activation_matching(quant_activations, float_activations).items():
+                if "float" not in pair or "post_qdq" not in pair:
+                    continue
+                # qdq_loss_debug saves each image's tensor flattened (C x H x W, batch 1): back to (images, C, -1)
+                reference, actual = np.stack(pair["float"]), np.stack(pair["post_qdq"])
+                if reference.shape != actual.shape:
+                    continue
+                power.add(name, reference, actual, channels.get(name, 1))
+    return power.noise()
 
 
 def _channel_counts(model_path: Path) -> dict[str, int]:
