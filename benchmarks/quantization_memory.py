@@ -151,11 +151,13 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
     if args.no_save:
         return
-    results["runs"][args.label] = rows
+    # a run of some models or steps replaces those rows of its label and keeps the others
+    measured = {(row["model"], row["step"]) for row in rows}
+    kept = [row for row in results["runs"].get(args.label, []) if (row["model"], row["step"]) not in measured]
+    results["runs"][args.label] = kept + rows
     if args.label == "before":
         results["before_commit"] = edgekd_commit()
-    if args.label == "now" or "models" not in results:
-        results["models"] = args.models.split(",")
+    results["models"] = list(dict.fromkeys([*results.get("models", []), *args.models.split(",")]))
     results.update(cap_gb=args.cap_gb, size=args.size, date=str(date.today()),
                    machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2 ** 30:.0f} GiB")

@@ -11,22 +11,40 @@ values reach past the first batch's range grows the histogram by bins of the fir
 images peak 1,000x higher, like the 8-epoch B0 of quantization_host.md, would get about a million bins), and the
 ranges differ from the one-shot ones.
 
-Here the calibrator's own augmented graph, which exposes each tensor it calibrates whole, runs RANGE_BATCH images at a
-time, and the results are what onnxruntime computes in one shot: each histogram over the extremes of every image
-(one pass for the extremes, one to bin), each averaged range the mean of the extremes of each group of images.
-Memory holds one batch's activations and the histograms. The quantizer reads them as its calibration cache.
+Here the calibrator's own augmented graph, which exposes each tensor it calibrates whole, runs a few images at a time
+(RANGE_BATCH, fewer where they would return more than ACTIVATION_BUDGET), and the results are what onnxruntime
+computes in one shot: each histogram over the extremes of every image (one pass for the extremes, one to bin), each
+averaged range the mean of the extremes of each group of images. Memory holds one run's activations and the
+histograms. The quantizer reads them as its calibration cache.
 """
 
 from __future__ import annotations
 
+from math import prod
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Collection, Iterator, Sequence
 
 import numpy as np
+import onnx
 from onnxruntime.quantization import CalibrationMethod, create_calibrator
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
-RANGE_BATCH = 4  # images per run: one batch's activations are what the collection holds at a time
+RANGE_BATCH = 4  # images per run at most: one run's activations are what the collection holds at a time
+ACTIVATION_BUDGET = 1 << 30  # bytes of exposed activations a run may return; bigger graphs run fewer images
+
+
+def images_per_run(model: onnx.ModelProto, outputs: Collection[str], most: int = RANGE_BATCH,
+                   budget: int = ACTIVATION_BUDGET) -> int:
+    """How many images a run of `model` returning `outputs` may take: as many as keep the outputs (float32, their
+    sizes from shape inference) within `budget`, at most `most`, at least 1."""
+    graph = onnx.shape_inference.infer_shapes(model).graph
+    per_image = 0
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if value.name in outputs and len(dims) > 1 and all(d.dim_value > 0 for d in dims[1:]):
+            per_image += 4 * prod(d.dim_value for d in dims[1:])
+            outputs = set(outputs) - {value.name}  # counted once, however often it is listed
+    return max(1, min(most, budget // max(per_image, 1)))
 
 
 class CalibratedTensors:
@@ -43,10 +61,13 @@ class CalibratedTensors:
         self.names = [output.name for output in self.session.get_outputs()
                       if output.name in calibrator.tensors_to_calibrate]
         self.feed = self.session.get_inputs()[0].name
+        # a power of 2, so that it divides a group of averaged ranges
+        fits = images_per_run(onnx.load(str(source)), self.names)
+        self.batch_size = 1 << (fits.bit_length() - 1)
 
-    def batches(self, images: np.ndarray, batch_size: int = RANGE_BATCH) -> Iterator[dict[str, np.ndarray]]:
-        for start in range(0, len(images), batch_size):
-            batch = np.asarray(images[start:start + batch_size], dtype=np.float32)
+    def batches(self, images: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, len(images), self.batch_size):
+            batch = np.asarray(images[start:start + self.batch_size], dtype=np.float32)
             values = self.session.run(self.names, {self.feed: batch})
             yield {name: value for name, value in zip(self.names, values) if value.size}
 
@@ -55,8 +76,8 @@ def averaged_ranges(tensors: CalibratedTensors, images: np.ndarray,
                     group: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(low, high) of each tensor: the mean over groups of `group` images (the last may be short) of each group's
     extremes, as onnxruntime's MinMax calibrator with CalibMovingAverage computes them from batches of `group`."""
-    if group % RANGE_BATCH:
-        raise ValueError(f"a group of {group} images is not a whole number of batches of {RANGE_BATCH}")
+    if group % tensors.batch_size:
+        raise ValueError(f"a group of {group} images is not a whole number of batches of {tensors.batch_size}")
     lows: dict[str, list[np.ndarray]] = {}
     highs: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(images), group):

@@ -35,11 +35,13 @@ from onnxruntime.quantization import CalibrationDataReader
 from onnxruntime.quantization.qdq_loss_debug import (collect_activations, create_activation_matching,
                                                      modify_model_output_intermediate_tensors)
 
+from edgekd.deploy.activation_ranges import images_per_run
 from edgekd.deploy.verify import INPUT_NAME
 
 _EPS = 1e-12
 _DEAD_CHANNEL = 1e-3  # a channel quieter than this share of the tensor's median channel is measured against that floor
 _DEQUANTIZED = "_DequantizeLinear_Output"  # qdq_loss_debug's (and the quantizer's) suffix of a dequantized tensor
+_SAVED = "_ReshapedSavedOutput"  # qdq_loss_debug's suffix of the flattened copy it returns of a tensor
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
@@ -97,8 +99,9 @@ def rank_sensitive_nodes(fp32_path: Path, quant_path: Path, images: np.ndarray,
     return ranked
 
 
-NOISE_BATCH = 4  # images whose activations (every tensor, before and after its QDQ pair) are held at a time: 32
-# images of EfficientNet-B0 at 224 px held at once took 7.7 GB (benchmarks/results/quantization_memory.md)
+# The graph runs a few images at a time (activation_ranges.images_per_run: RANGE_BATCH, fewer where every tensor of
+# the QDQ graph for them would pass ACTIVATION_BUDGET): 32 images of EfficientNet-B0 at 224 px held at once took
+# 7.7 GB, 4 of ConvNeXt-tiny 7.7 GB (benchmarks/results/quantization_memory.md).
 
 
 def quantization_noise(fp32_path: Path, quant_path: Path, images: np.ndarray) -> dict[str, float]:
@@ -111,8 +114,9 @@ def quantization_noise(fp32_path: Path, quant_path: Path, images: np.ndarray) ->
     with tempfile.TemporaryDirectory(prefix="edgekd-qdq-debug-") as work:
         quant_aug = Path(work) / "quant.onnx"
         modify_model_output_intermediate_tensors(str(quant_path), str(quant_aug))
-        for start in range(0, len(images), NOISE_BATCH):
-            activations = collect_activations(str(quant_aug), _Images(images[start:start + NOISE_BATCH]))
+        batch = _images_per_run(quant_aug)
+        for start in range(0, len(images), batch):
+            activations = collect_activations(str(quant_aug), _Images(images[start:start + batch]))
             for name, pair in create_activation_matching(activations).items():
                 before, after = np.stack(pair["pre_qdq"]), np.stack(pair["post_qdq"])
                 if before.shape != after.shape:
@@ -184,8 +188,9 @@ def tensor_noise(fp32_path: Path, quant_path: Path, images: np.ndarray) -> dict[
         float_aug, quant_aug = Path(work) / "float.onnx", Path(work) / "quant.onnx"
         modify_model_output_intermediate_tensors(str(fp32_path), str(float_aug))
         modify_model_output_intermediate_tensors(str(quant_path), str(quant_aug))
-        for start in range(0, len(images), NOISE_BATCH):
-            batch = images[start:start + NOISE_BATCH]
+        step = _images_per_run(quant_aug)
+        for start in range(0, len(images), step):
+            batch = images[start:start + step]
             float_activations = collect_activations(str(float_aug), _Images(batch))
             quant_activations = collect_activations(str(quant_aug), _Images(batch))
             for name, pair in create_activation_matching(quant_activations, float_activations).items():
@@ -197,6 +202,12 @@ def tensor_noise(fp32_path: Path, quant_path: Path, images: np.ndarray) -> dict[
                     continue
                 power.add(name, reference, actual, channels.get(name, 1))
     return power.noise()
+
+
+def _images_per_run(augmented: Path) -> int:
+    """Images per run of qdq_loss_debug's augmented graph: it returns a flattened copy of every tensor."""
+    model = onnx.load(str(augmented))
+    return images_per_run(model, {output.name.removesuffix(_SAVED) for output in model.graph.output})
 
 
 def _channel_counts(model_path: Path) -> dict[str, int]:
