@@ -433,7 +433,7 @@ def test_the_entropy_search_picks_onnxruntime_s_window(resnet, tmp_path: Path) -
 @pytest.mark.parametrize("method", ["percentile", "entropy", "average"])
 def test_ranges_computed_a_few_images_at_a_time_are_onnxruntime_s(resnet, tmp_path: Path, method: str) -> None:
     """edgekd runs the calibration images a few at a time (onnxruntime's histogram calibrators hold every image's
-    activations until the last: killed at 24 GB for B0 at 224 px; its MinMax calibrator a batch's) and hands the
+    activations until the last: killed at 23.3 GB for B0 at 224 px; its MinMax calibrator a batch's) and hands the
     quantizer its ranges as a calibration cache. Those ranges are the ones onnxruntime computes in one shot, as
     quantize_static would set its calibrator up (op types, bins, percentile, symmetry), for the same tensors:
     exactly where onnxruntime runs the same batches (a convolution's last bits depend on the batch size): 36 images,

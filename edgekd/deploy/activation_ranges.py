@@ -2,10 +2,10 @@
 
 onnxruntime's calibrators hold more of the calibration set's activations than a laptop has room for. Its histogram
 calibrators (percentile, entropy) keep every image's activations until the last image has run and only then bin them:
-EfficientNet-B0 at 224 px on edgekd's 256 calibration images was killed at 24 GB, the machine's memory (percentile
-ranges). Its MinMax calibrator reduces each
-tensor as it goes, but the session still holds a whole batch's activations: averaged ranges, whose batches of 16
-are what they average over, peaked at 3.7 GB there (benchmarks/results/quantization_memory.md).
+EfficientNet-B0 at 224 px on edgekd's 256 calibration images was killed at 23.3 GB resident, the machine's memory
+(percentile ranges). Its MinMax calibrator reduces each tensor as it goes, but the session still holds a whole
+batch's activations: averaged ranges, whose batches of 16 are what they average over, peaked at 3.7 GB there
+(benchmarks/results/quantization_memory.md).
 Strided collection (`CalibStridedMinMax`) bounds the histograms' memory but not their size: a later batch whose
 values reach past the first batch's range grows the histogram by bins of the first batch's width (a tensor whose rare
 images peak 1,000x higher, like the 8-epoch B0 of quantization_host.md, would get about a million bins), and the

@@ -101,7 +101,7 @@ def rank_sensitive_nodes(fp32_path: Path, quant_path: Path, images: np.ndarray,
 
 # The graph runs a few images at a time (activation_ranges.images_per_run: RANGE_BATCH, fewer where every tensor of
 # the QDQ graph for them would pass ACTIVATION_BUDGET): 32 images of EfficientNet-B0 at 224 px held at once took
-# 7.7 GB, 4 of ConvNeXt-tiny 7.7 GB (benchmarks/results/quantization_memory.md).
+# 7.5 GB, 4 of ConvNeXt-tiny 7.5 GB (benchmarks/results/quantization_memory.md).
 
 
 def quantization_noise(fp32_path: Path, quant_path: Path, images: np.ndarray) -> dict[str, float]:
