@@ -84,6 +84,13 @@ def measure(model_name: str, step: str, work: Path, cap_gb: float, size: int) ->
     return {"model": model_name, "step": step, **json.loads(lines[-1])}
 
 
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else ())
+             if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def edgekd_commit() -> str:
     """The commit of the edgekd checkout a child process imports (PYTHONPATH may point at another one)."""
     where = "import edgekd, pathlib; print(pathlib.Path(edgekd.__file__).parents[1])"
@@ -161,7 +168,7 @@ def main() -> None:
         results["before_commit"] = edgekd_commit()
     results["models"] = list(dict.fromkeys([*results.get("models", []), *args.models.split(",")]))
     results.update(cap_gb=args.cap_gb, size=args.size, date=str(date.today()),
-                   machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                   machine=f"{cpu_name()}, {os.cpu_count()} cores, "
                            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2 ** 30:.0f} GiB")
     path.write_text(json.dumps(results, indent=1))
     path.with_suffix(".md").write_text(render(results))
