@@ -38,12 +38,12 @@ def images_per_run(model: onnx.ModelProto, outputs: Collection[str], most: int =
     """How many images a run of `model` returning `outputs` may take: as many as keep the outputs (float32, their
     sizes from shape inference) within `budget`, at most `most`, at least 1."""
     graph = onnx.shape_inference.infer_shapes(model).graph
-    per_image = 0
+    uncounted, per_image = set(outputs), 0
     for value in (*graph.input, *graph.value_info, *graph.output):
         dims = value.type.tensor_type.shape.dim
-        if value.name in outputs and len(dims) > 1 and all(d.dim_value > 0 for d in dims[1:]):
+        if value.name in uncounted and len(dims) > 1 and all(d.dim_value > 0 for d in dims[1:]):
             per_image += 4 * prod(d.dim_value for d in dims[1:])
-            outputs = set(outputs) - {value.name}  # counted once, however often it is listed
+            uncounted.discard(value.name)  # counted once, however often shape inference lists it
     return max(1, min(most, budget // max(per_image, 1)))
 
 
