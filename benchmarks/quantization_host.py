@@ -425,8 +425,9 @@ def channel_spread(path: Path, tensors: list[str], images: np.ndarray) -> dict[s
 # ------------------------------------------------------------------------------- part C: the guard on real photos
 
 def photos_stage(results: dict, redo: bool = False) -> None:
-    """The real Lite0 (ImageNet) on every photo crop, unlabeled: the guard measures agreement with fp32 and, at a
-    3-point allowance, must ship a form that agrees on >= 97% (issue 11's target) or fp32."""
+    """The real Lite0 (ImageNet) on every photo crop, unlabeled: the guard must ship a form that agrees with fp32 on
+    >= 97% (issue 11's target; --min-agreement 97) or fp32. (Before 2026-12-07 the guard took the disagreement rate
+    as the drop of unlabeled images, and this stage asked for it with a 3-point allowance: the same rule.)"""
     if "photos" in results and not redo:
         return
     isa = detect_isa()
@@ -438,7 +439,7 @@ def photos_stage(results: dict, redo: bool = False) -> None:
     with tempfile.TemporaryDirectory() as folder:
         fp32 = export_onnx(model, Path(folder) / "fp32.onnx", shape)
         decision = guarded_quantize(fp32, Path(folder) / "shipped.onnx", evalset=evalset, calibration=calibration,
-                                    isa=isa, guard=GuardConfig(max_accuracy_drop=3.0),
+                                    isa=isa, guard=GuardConfig(min_agreement=0.97),
                                     timing=lambda path, _: p50_ms(path, shape))
         entry = {"default": {"precision": decision.precision, "reason": decision.reason,
                              "fp32_ms": decision.fp32_latency_ms, "trials": trial_rows(decision)}}
@@ -584,8 +585,10 @@ def table(results: dict) -> str:
     photos = results.get("photos")
     if photos:
         lines += ["", "## C. The accuracy guard on the real Lite0 (ImageNet) and real photographs", "",
-                  f"{photos['images']} unlabeled crops (the guard measures agreement with fp32; a 3-point allowance "
-                  f"means >= 97% agreement), {photos['calibration_images']} other crops calibrate; the ISA's default "
+                  f"{photos['images']} unlabeled crops; a form must agree with fp32 on >= 97% of them (the run "
+                  "of 2026-12-07 asked it as a 3-point drop, which the guard then took to be the disagreement rate "
+                  f"of unlabeled images; now --min-agreement 97), {photos['calibration_images']} other crops "
+                  "calibrate; the ISA's default "
                   "presets, each with up to 4 rounds of keeping its most sensitive nodes in float.", "",
                   "| guard | preset | calibration | nodes in float | agreement | p50 ms | passed |",
                   "|---|---|---|---:|---:|---:|---|"]

@@ -21,8 +21,8 @@ from edgekd.deploy.guard import SIDE_BY_SIDE_ROUNDS, GuardConfig, Trial, guarded
 from edgekd.deploy.sensitivity import rank_sensitive_nodes
 from edgekd.distill.students import load_student, read_student_checkpoint
 from edgekd.models import create_model, preprocess_for
-from edgekd.deploy.verify import (EvalSet, batch_dependent, drop_standard_error, emulates_target, evaluate_onnx,
-                                  onnx_logits, preprocess_records, session)
+from edgekd.deploy.verify import (EvalSet, Reference, accuracy_drop, batch_dependent, drop_standard_error,
+                                  emulates_target, evaluate_onnx, onnx_logits, preprocess_records, session)
 from tests.helpers.tiny_students import tiny_student
 
 
@@ -202,7 +202,7 @@ def test_calibration_with_too_few_images_says_how_many(resnet, tmp_path: Path) -
 
 def test_a_drop_comes_with_its_standard_error_on_the_paired_predictions() -> None:
     """1,000 labeled images, int8 wrong on 15 that fp32 gets right and right on 5 it gets wrong: a 1-point drop known
-    to +-0.45 (the paired standard error); without labels, 2% of answers changed, known to +-0.44."""
+    to +-0.45 (the paired standard error)."""
     labels = np.zeros(1000, dtype=np.int64)
     reference, predictions = labels.copy(), labels.copy()
     reference[:5] = 1  # fp32 wrong where int8 is right
@@ -210,13 +210,51 @@ def test_a_drop_comes_with_its_standard_error_on_the_paired_predictions() -> Non
     paired = drop_standard_error(reference, predictions, labels)
     assert paired == pytest.approx(100 * np.sqrt(20 - 10 ** 2 / 1000) / 1000) == pytest.approx(0.446, abs=1e-3)
     assert drop_standard_error(reference, reference, labels) == 0.0
-    assert drop_standard_error(reference, predictions, np.full(1000, -1)) == pytest.approx(
-        100 * np.sqrt(0.02 * 0.98 / 1000))
+    assert np.isnan(drop_standard_error(reference, predictions, np.full(1000, -1)))  # no labels: no counted drop
     # partly labeled: top-1 counts the labeled images only, and so does the error of its drop
     partly = np.concatenate([labels, np.full(500, -1)])
     noise = np.arange(500) % 7  # the unlabeled rows' answers change, but they carry no top-1
     assert drop_standard_error(np.concatenate([reference, noise]), np.concatenate([predictions, noise + 1]),
                                partly) == pytest.approx(paired)
+
+
+def test_without_labels_a_changed_answer_costs_what_fp32_s_probabilities_say_it_costs() -> None:
+    """Four images, fp32's probabilities over three classes. A changed answer on a near-tie costs the 0.01 between
+    the two classes, a changed confident answer 0.85: one image in four either way, which the disagreement rate
+    would call a 25-point drop both times."""
+    probabilities = np.array([[0.50, 0.49, 0.01], [0.90, 0.05, 0.05], [0.2, 0.7, 0.1], [0.34, 0.33, 0.33]])
+    reference = Reference.of(np.log(probabilities).astype(np.float32) + 3.0)  # softmax ignores the shift
+    np.testing.assert_allclose(reference.probabilities, probabilities, rtol=1e-5)
+    assert list(reference.predictions) == [0, 0, 1, 0]
+    assert reference.estimated_drop(reference.predictions) == (0.0, 0.0)
+    near_tie, confident = np.array([1, 0, 1, 0]), np.array([0, 1, 1, 0])
+    assert reference.estimated_drop(near_tie)[0] == pytest.approx(100 * 0.01 / 4, abs=1e-4)
+    points, spread = reference.estimated_drop(confident)
+    assert points == pytest.approx(100 * 0.85 / 4, abs=1e-4)
+    assert spread == pytest.approx(100 * np.std([0.85, 0, 0, 0]) / 2, abs=1e-4)
+    unlabeled = accuracy_drop(reference, confident, np.full(4, -1))
+    assert unlabeled.estimated and unlabeled.images == 4 and unlabeled.points == pytest.approx(21.25, abs=1e-4)
+    # with labels the drop is counted, on the labeled images only: fp32 right on both, the form on one of the two
+    counted = accuracy_drop(reference, confident, np.array([0, 0, -1, -1]))
+    assert not counted.estimated and counted.images == 2 and counted.points == 50.0
+
+
+def test_the_guard_estimates_the_drop_when_the_images_have_no_labels(resnet, tmp_path: Path) -> None:
+    fp32, evalset, calibration = resnet
+    hidden = EvalSet(evalset.images, np.full(len(evalset), -1))
+    guard = GuardConfig(max_accuracy_drop=100.0, max_rounds=0, calibration_method="minmax")
+    decision = guarded_quantize(fp32, tmp_path / "int8.onnx", evalset=hidden, calibration=calibration,
+                                isa="avx512_vnni", precisions=("int8_static",), guard=guard)
+    [trial] = decision.trials
+    assert decision.precision == "int8_static" and trial.top1 is None and trial.drop_estimated
+    assert trial.to_dict()["drop_estimated"] and "no labels: estimated from fp32's probabilities" in decision.reason
+    answers = onnx_logits(tmp_path / "int8.onnx", hidden.images, target_isa="avx512_vnni").argmax(1)
+    points, spread = Reference.of(onnx_logits(fp32, hidden.images)).estimated_drop(answers)
+    assert trial.accuracy_drop == pytest.approx(points, abs=1e-6) and trial.drop_se == pytest.approx(spread, abs=1e-6)
+    assert trial.agreement == float((answers == onnx_logits(fp32, hidden.images).argmax(1)).mean())
+    with_labels = guarded_quantize(fp32, tmp_path / "labeled.onnx", evalset=evalset, calibration=calibration,
+                                   isa="avx512_vnni", precisions=("int8_static",), guard=guard).trials[0]
+    assert not with_labels.drop_estimated and with_labels.top1 is not None
 
 
 def test_guard_keeps_the_most_sensitive_nodes_in_float(resnet, tmp_path: Path, capsys) -> None:

@@ -22,7 +22,7 @@ from edgekd.deploy.export import export_onnx
 from edgekd.lite_weights import timm_state_dict
 from edgekd.models import create_model, preprocess_for
 from edgekd.deploy.quantize import default_preset, quantize_onnx
-from edgekd.deploy.verify import onnx_logits
+from edgekd.deploy.verify import Reference, onnx_logits
 from tests.helpers.photos import crops
 
 CONFIDENT = 0.3
@@ -96,6 +96,12 @@ def test_int8_static_keeps_the_real_lite0_s_answers(lite0, tmp_path):
     assert shipped >= 0.93 and shipped > agreement(nearest, images, probabilities), shipped
     divergences = [divergence(p, images, probabilities) for p in (int8, nearest, plain)]
     assert divergences[0] < 0.5 * divergences[1] and divergences[1] < 0.5 * divergences[2], divergences
+    # Without labels the guard estimates the top-1 drop from fp32's probabilities (verify.Reference): the changed
+    # answers are near-ties, so the shipped form costs a small fraction of a point where disagreement would say 3-7
+    # (measured on these 152 crops: 5.3% changed, estimated 0.05 points; without the weight corrections 15.1%, 0.47)
+    reference = Reference.of(onnx_logits(path, images))
+    estimates = [reference.estimated_drop(vnni_logits(p, images).argmax(1))[0] for p in (int8, plain)]
+    assert estimates[0] < 0.2 < 100 * (1 - shipped) and estimates[1] > 3 * estimates[0], estimates
 
 
 def test_the_guard_keeps_the_layers_nearest_the_input_in_float_when_the_ranking_misses_them(lite0, tmp_path):
@@ -109,10 +115,10 @@ def test_the_guard_keeps_the_layers_nearest_the_input_in_float_when_the_ranking_
     from edgekd.deploy.verify import EvalSet
 
     path, images, calibration, _ = lite0
-    evalset = EvalSet(images, np.full(len(images), -1))  # no labels: the guard measures agreement with fp32
+    evalset = EvalSet(images, np.full(len(images), -1))  # no labels: agreement with fp32 is what --min-agreement asks
     decision = guarded_quantize(path, tmp_path / "int8.onnx", evalset=evalset, calibration=calibration,
                                 isa="avx512_vnni", precisions=("int8_static",),
-                                guard=GuardConfig(max_accuracy_drop=3.0, calibration_method="minmax"))
+                                guard=GuardConfig(min_agreement=0.97, calibration_method="minmax"))
     first, last = decision.trials[0], decision.trials[-1]
     assert not first.passed and decision.trials[1].float_nodes_by == "sensitivity"  # both needed more
     assert not decision.trials[1].passed
@@ -202,10 +208,10 @@ def test_the_guard_keeps_the_ranked_nodes_in_float_and_recovers_an_outlier_chann
                                    torch.from_numpy(probabilities[:4]), atol=1e-4, rtol=1e-3)  # the same function
     path = export_onnx(model, tmp_path / "outlier.onnx", (3, 224, 224))
     confident = images[probabilities.max(axis=1) >= CONFIDENT]
-    evalset = EvalSet(confident, np.full(len(confident), -1))  # no labels: the guard measures agreement with fp32
+    evalset = EvalSet(confident, np.full(len(confident), -1))  # no labels: agreement is what --min-agreement asks
     decision = guarded_quantize(path, tmp_path / "int8.onnx", evalset=evalset, calibration=calibration,
                                 isa="avx512_vnni", precisions=("int8_static",),
-                                guard=GuardConfig(max_accuracy_drop=3.0, calibration_method="minmax"))
+                                guard=GuardConfig(min_agreement=0.97, calibration_method="minmax"))
     first, last = decision.trials[0], decision.trials[-1]
     assert first.agreement < 0.85, f"the outlier channel should break int8 here ({first.agreement:.1%})"
     assert decision.precision == "int8_static" and last.passed and last.agreement >= 0.97, decision.reason

@@ -30,7 +30,7 @@ from edgekd.deploy.attention_fusion import export_attention_fused
 from edgekd.deploy.export import export_with_parity
 from edgekd.select.latency import measure_onnx
 from edgekd.deploy.quantize import CALIBRATION_IMAGES, quantize_onnx
-from edgekd.deploy.guard import GuardConfig, QuantDecision, Timing, guard_drop, guarded_quantize
+from edgekd.deploy.guard import GuardConfig, QuantDecision, Timing, guarded_quantize
 from edgekd.deploy.raw_input import (
     MIN_AGREEMENT,
     RAW_MODEL_NAME,
@@ -50,7 +50,10 @@ from edgekd.deploy.verify import (
     EvalSet,
     OnnxMetrics,
     Parity,
+    Reference,
+    accuracy_drop,
     evaluate_onnx,
+    metrics_from_predictions,
     onnx_logits,
     precision_of_graph,
     preprocess_records,
@@ -158,13 +161,15 @@ def _build(model: torch.nn.Module, checkpoint: StudentCheckpoint, work: Path, st
         if "fp16" in options.precisions and evalset is None:
             log.warning("fp16 was asked for but there are no images to check it on: shipping fp32 (give --data)")
         quantize_onnx(fp32_path, model_path, precision)
-    reference = onnx_logits(fp32_path, evalset.images).argmax(1) if evalset else None
-    fp32_metrics = evaluate_onnx(fp32_path, evalset, reference) if evalset else OnnxMetrics(None, None, 0)
-    shipped = evaluate_onnx(model_path, evalset, reference) if evalset else OnnxMetrics(None, None, 0)
+    reference = Reference.of(onnx_logits(fp32_path, evalset.images)) if evalset else None
+    fp32_metrics = evaluate_onnx(fp32_path, evalset, reference.predictions) if reference else OnnxMetrics(None, None, 0)
+    shipped_answers = onnx_logits(model_path, evalset.images).argmax(1) if evalset else None
+    shipped = metrics_from_predictions(shipped_answers, evalset, reference.predictions) if reference else \
+        OnnxMetrics(None, None, 0)
     failure = None
-    if precision == "fp16" and evalset is not None:  # fp16 is held to the guard int8 is
+    if precision == "fp16" and reference is not None:  # fp16 is held to the guard int8 is
         agreement = shipped.agreement if shipped.agreement is not None else 0.0
-        failure = options.guard.failure(guard_drop(fp32_metrics.top1, shipped.top1, agreement), agreement)
+        failure = options.guard.failure(accuracy_drop(reference, shipped_answers, evalset.labels).points, agreement)
     if failure:
         log.warning("fp16 %s: shipping fp32", failure)
         precision, shipped = "fp32", fp32_metrics

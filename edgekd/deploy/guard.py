@@ -20,7 +20,7 @@ from edgekd.deploy.quantize import (AUTO_CALIBRATION, CALIBRATION_METHODS, COMPU
                                     activation_matmuls, prepare_for_quantization, presets_for, quantize_onnx,
                                     squeeze_excite_nodes)
 from edgekd.deploy.sensitivity import NodeSensitivity, rank_sensitive_nodes
-from edgekd.deploy.verify import (EvalSet, drop_standard_error, emulates_target, metrics_from_predictions,
+from edgekd.deploy.verify import (EvalSet, Reference, accuracy_drop, emulates_target, metrics_from_predictions,
                                   onnx_logits)
 from edgekd.distill.train_utils import progress
 from edgekd.errors import EdgekdError, first_line
@@ -35,7 +35,7 @@ Timing = Callable[[Path, str], "float | None"]  # (model file, its precision) ->
 class GuardConfig:
     """When a quantized model is good enough, and how hard to try before giving up on a preset."""
 
-    max_accuracy_drop: float = 1.0  # points of top-1 (of agreement with fp32 when the data has no labels)
+    max_accuracy_drop: float = 1.0  # points of top-1 (estimated from fp32's probabilities when there are no labels)
     min_agreement: float | None = None  # optional floor (a share, 0-1) on top-1 agreement with the fp32 model
     max_rounds: int = 4  # rounds of "keep the most sensitive nodes in float, quantize again"
     first_exclusion: float = 0.05  # share of quantizable nodes kept in float after round 1; doubles each round
@@ -54,12 +54,6 @@ class GuardConfig:
         if self.min_agreement is not None and agreement < self.min_agreement:
             return f"agrees with fp32 on {agreement:.1%} of the images (--min-agreement {100 * self.min_agreement:g})"
         return None
-
-
-def guard_drop(fp32_top1: float | None, top1: float | None, agreement: float) -> float:
-    """Points a form loses: of top-1 against fp32's, or of agreement with fp32 when the images have no labels."""
-    drop = 100.0 * (fp32_top1 - top1) if fp32_top1 is not None and top1 is not None else 100.0 * (1.0 - agreement)
-    return round(drop, 6)  # 3/300 images is 1.0 point, not 1.0000000000000009
 
 
 @dataclass(frozen=True)
@@ -82,14 +76,17 @@ class Trial:
     weight_corrections: str | None = None  # static QDQ: the bias correction / learned rounding the file kept
     float_nodes_by: str | None = None  # how its excluded nodes were chosen (FLOAT_NODE_SOURCES); None: none were
     finding: str | None = None  # what the guard found out about why this form failed (the manifest keeps it)
+    drop_estimated: bool = False  # the images have no labels: accuracy_drop is estimated (verify.Reference)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "preset": self.preset.to_dict(), "excluded_nodes": list(self.excluded_nodes)}
 
     def describe_drop(self) -> str:
-        """"accuracy drop 0.80 +- 0.45 points (1,000 images)": the figure with how precisely it is known."""
+        """"accuracy drop 0.80 +- 0.45 points (1,000 images)": the figure with how precisely it is known, and
+        whether it is estimated (images without labels)."""
         spread = f" +- {self.drop_se:.2f}" if self.drop_se is not None else ""
-        return f"accuracy drop {self.accuracy_drop:.2f}{spread} points ({self.images:,} images)"
+        estimated = ", no labels: estimated from fp32's probabilities" if self.drop_estimated else ""
+        return f"accuracy drop {self.accuracy_drop:.2f}{spread} points ({self.images:,} images{estimated})"
 
 
 @dataclass(frozen=True)
@@ -147,8 +144,8 @@ def guarded_quantize(fp32_path: Path, out_path: Path, *, evalset: EvalSet, calib
     unknown = [p for p in precisions if p not in ("int8_static", "int8_dynamic")]
     if unknown:
         raise EdgekdError(f"the accuracy guard handles int8_static and int8_dynamic, not {', '.join(unknown)}")
-    fp32_predictions = onnx_logits(fp32_path, evalset.images).argmax(axis=1)
-    fp32_top1 = metrics_from_predictions(fp32_predictions, evalset).top1
+    reference = Reference.of(onnx_logits(fp32_path, evalset.images))
+    fp32_top1 = metrics_from_predictions(reference.predictions, evalset).top1
     fp32_ms = timing(fp32_path, "fp32") if timing else None
     trials: list[Trial] = []
     best: tuple[Trial, Path] | None = None
@@ -171,7 +168,7 @@ def guarded_quantize(fp32_path: Path, out_path: Path, *, evalset: EvalSet, calib
                 attempt = Path(work) / f"{index}_{named.name}.onnx"
                 try:
                     rounds = _guarded_rounds(source, attempt, precision, named, isa, evalset, calibration,
-                                             replace(guard, calibration_method=method), fp32_predictions, fp32_top1,
+                                             replace(guard, calibration_method=method), reference,
                                              bar)
                 except Exception as error:  # noqa: BLE001 - the fused graph is a faster form, never a new failure
                     if source is prepared:
@@ -191,7 +188,7 @@ def guarded_quantize(fp32_path: Path, out_path: Path, *, evalset: EvalSet, calib
                     break
         if best is not None and timing is not None:
             candidate = _input_side_candidate(best, prepared, Path(work), isa, evalset, calibration, guard,
-                                              fp32_predictions, fp32_top1, bar) if closer else None
+                                              reference, bar) if closer else None
             fp32_ms, best, timed_candidate = _side_by_side(timing, fp32_path, best, candidate, guard.min_speedup)
             if timed_candidate is not None:
                 trials.append(timed_candidate)
@@ -222,8 +219,8 @@ NOT_CLOSER = "no closer to fp32 than the all-int8 form: not timed"
 
 
 def _input_side_candidate(best: tuple[Trial, Path], prepared: Path, work: Path, isa: str, evalset: EvalSet,
-                          calibration: np.ndarray, guard: GuardConfig, fp32_predictions: np.ndarray,
-                          fp32_top1: float | None, tick: Callable[[Trial], None]) -> tuple[Trial, Path] | None:
+                          calibration: np.ndarray, guard: GuardConfig, reference: Reference,
+                          tick: Callable[[Trial], None]) -> tuple[Trial, Path] | None:
     """For an all-int8 static `best`, the same form with the guard's first input-side share of compute nodes in
     float (its trial and file), to be timed beside it (_side_by_side); None where there is none or it failed."""
     trial, path = best
@@ -234,7 +231,7 @@ def _input_side_candidate(best: tuple[Trial, Path], prepared: Path, work: Path, 
     method = trial.calibration_method or guard.calibration_method
     try:
         candidate = _attempt(prepared, side, trial.precision, trial.preset, isa, evalset, calibration,
-                             replace(guard, calibration_method=method), near_input, fp32_predictions, fp32_top1,
+                             replace(guard, calibration_method=method), near_input, reference,
                              method, 1, "input side")
     except Exception as error:  # noqa: BLE001 - an optional second form: the guard has one to ship already
         log.warning("quantization: the input-side form left out: %s", first_line(error))
@@ -367,8 +364,8 @@ def _decide(best: tuple[Trial, Path] | None, fp32_top1: float | None, fp32_ms: f
 
 
 def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantPreset, isa: str, evalset: EvalSet,
-                    calibration: np.ndarray, guard: GuardConfig, fp32_predictions: np.ndarray,
-                    fp32_top1: float | None, tick: Callable[[Trial], None]) -> list[Trial]:
+                    calibration: np.ndarray, guard: GuardConfig, reference: Reference,
+                    tick: Callable[[Trial], None]) -> list[Trial]:
     """Quantize, measure, and while the guard fails keep the most sensitive nodes in float and try again; a round
     whose ranked nodes fail also tries that share of the compute nodes nearest the input, and round 1 then the
     squeeze-excite branches ("auto" calibration first tries each method of AUTO_CALIBRATION, then goes on with the
@@ -379,7 +376,7 @@ def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantP
     method = guard.calibration_method if preset.mode == "static" else None
     if method == "auto":
         method, first = _first_calibration(prepared, target, precision, preset, isa, evalset, calibration, guard,
-                                           fp32_predictions, fp32_top1, tick)
+                                           reference, tick)
         rounds += first
         if first[-1].passed or first[-1].error:
             return rounds
@@ -392,7 +389,7 @@ def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantP
             ranked_more, excluded = more != excluded, more
         if ranked_more:
             trial = _attempt(prepared, target, precision, preset, isa, evalset, calibration, guard, excluded,
-                             fp32_predictions, fp32_top1, method, round_index, "sensitivity" if round_index else None)
+                             reference, method, round_index, "sensitivity" if round_index else None)
             rounds.append(trial)
             tick(trial)
             if trial.passed or trial.error:
@@ -401,14 +398,14 @@ def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantP
         if near_input and near_input not in tried:  # nor did the ranked nodes: the compute nodes nearest the input
             tried.add(near_input)
             if _in_float_beside(prepared, target, precision, preset, isa, evalset, calibration, guard, near_input,
-                                fp32_predictions, fp32_top1, method, round_index, "input side", rounds, tick):
+                                reference, method, round_index, "input side", rounds, tick):
                 break
             # once, in round 1: the squeeze-excite branches (quantize.squeeze_excite_nodes), which the ranking misses:
             # the 2-epoch MobileNetV3-large student of quantization_host.md lost 2.32 points as static int8 and 0.15
             # with its 40 squeeze-excite nodes in float (its guard trials are recorded there)
             branches = squeeze_excite_nodes(prepared) if round_index == 1 and preset.mode == "static" else ()
             if branches and _in_float_beside(prepared, target, precision, preset, isa, evalset, calibration, guard,
-                                             branches, fp32_predictions, fp32_top1, method, round_index,
+                                             branches, reference, method, round_index,
                                              "squeeze-excite", rounds, tick):
                 break
         elif not ranked_more:
@@ -418,13 +415,13 @@ def _guarded_rounds(prepared: Path, target: Path, precision: str, preset: QuantP
 
 def _in_float_beside(prepared: Path, target: Path, precision: str, preset: QuantPreset, isa: str, evalset: EvalSet,
                      calibration: np.ndarray, guard: GuardConfig, nodes: tuple[str, ...],
-                     fp32_predictions: np.ndarray, fp32_top1: float | None, method: str | None, round_index: int,
+                     reference: Reference, method: str | None, round_index: int,
                      chosen_by: str, rounds: list[Trial], tick: Callable[[Trial], None]) -> bool:
     """A trial with `nodes` (chosen another way than by rank) in float, written beside `target` so that a failure
     leaves the ranked form there for the next round; appended to `rounds`. True if it passed (then it is `target`)."""
     side = target.with_name(f"{target.stem}.{chosen_by.replace(' ', '-')}.onnx")
-    trial = _attempt(prepared, side, precision, preset, isa, evalset, calibration, guard, nodes, fp32_predictions,
-                     fp32_top1, method, round_index, chosen_by)
+    trial = _attempt(prepared, side, precision, preset, isa, evalset, calibration, guard, nodes, reference,
+                     method, round_index, chosen_by)
     rounds.append(trial)
     tick(trial)
     if trial.passed:
@@ -447,8 +444,8 @@ FLOAT_NODE_SOURCES = ("sensitivity", "input side", "squeeze-excite")
 
 
 def _attempt(prepared: Path, target: Path, precision: str, preset: QuantPreset, isa: str, evalset: EvalSet,
-             calibration: np.ndarray, guard: GuardConfig, excluded: tuple[str, ...], fp32_predictions: np.ndarray,
-             fp32_top1: float | None, method: str | None, round_index: int, chosen_by: str | None) -> Trial:
+             calibration: np.ndarray, guard: GuardConfig, excluded: tuple[str, ...], reference: Reference,
+             method: str | None, round_index: int, chosen_by: str | None) -> Trial:
     """Quantize with `excluded` in float and measure it: one trial (with `error` set where it could not be done)."""
     def failed(message: str) -> Trial:
         log.info("quantization %s: %s", preset.name, message)
@@ -461,7 +458,7 @@ def _attempt(prepared: Path, target: Path, precision: str, preset: QuantPreset, 
     except EdgekdError as error:
         return failed(str(error))
     try:
-        trial = _measure(target, precision, preset, isa, excluded, evalset, fp32_predictions, fp32_top1, guard)
+        trial = _measure(target, precision, preset, isa, excluded, evalset, reference, guard)
     except ORT_RUN_ERRORS as error:
         return failed(f"{precision} does not run: {first_line(error, 160)}")
     trial = replace(trial, calibration_method=method, float_nodes_by=chosen_by)
@@ -497,16 +494,16 @@ def _more_in_float(prepared: Path, target: Path, precision: str, preset: QuantPr
 
 
 def _first_calibration(prepared: Path, target: Path, precision: str, preset: QuantPreset, isa: str,
-                       evalset: EvalSet, calibration: np.ndarray, guard: GuardConfig, fp32_predictions: np.ndarray,
-                       fp32_top1: float | None, tick: Callable[[Trial], None]) -> tuple[str, list[Trial]]:
+                       evalset: EvalSet, calibration: np.ndarray, guard: GuardConfig, reference: Reference,
+                       tick: Callable[[Trial], None]) -> tuple[str, list[Trial]]:
     """Round 0 of "auto" calibration: each method of AUTO_CALIBRATION in turn until one passes. Returns the method
     to go on with (the one that passed, else the one that lost least, its model left at `target`) and the trials."""
     trials: list[Trial] = []
     best: tuple[float, str] | None = None
     for method in AUTO_CALIBRATION:
         trial = _guarded_rounds(prepared, target, precision, preset, isa, evalset, calibration,
-                                replace(guard, calibration_method=method, max_rounds=0), fp32_predictions,
-                                fp32_top1, tick)[0]
+                                replace(guard, calibration_method=method, max_rounds=0), reference,
+                                tick)[0]
         if trial.passed or trial.error:
             return method, [*trials, trial]
         if method == "minmax":  # say why the next ranges may do better: a few images can stretch minmax's
@@ -542,18 +539,16 @@ SENSITIVITY_IMAGES = 32  # enough to rank nodes by the error they add; the guard
 
 
 def _measure(path: Path, precision: str, preset: QuantPreset, isa: str, excluded: tuple[str, ...],
-             evalset: EvalSet, fp32_predictions: np.ndarray, fp32_top1: float | None, guard: GuardConfig) -> Trial:
+             evalset: EvalSet, reference: Reference, guard: GuardConfig) -> Trial:
     """The trial's figures as the target's CPU computes them (verify.emulates_target: a file for another kind of CPU
     than this one is measured in float, not in this CPU's int8 kernels)."""
     if emulates_target(path, isa):
         log.info("measuring %s as %s computes it: this CPU's int8 kernels are another kind", path.name, isa)
     predictions = onnx_logits(path, evalset.images, target_isa=isa).argmax(axis=1)
-    metrics = metrics_from_predictions(predictions, evalset, reference=fp32_predictions)
+    metrics = metrics_from_predictions(predictions, evalset, reference=reference.predictions)
     agreement = metrics.agreement if metrics.agreement is not None else 0.0
-    drop = guard_drop(fp32_top1, metrics.top1, agreement)
-    passed = guard.failure(drop, agreement) is None
-    labels = evalset.labels if fp32_top1 is not None else None
-    spread = drop_standard_error(fp32_predictions, predictions, labels)
-    measured = int((labels >= 0).sum()) if labels is not None else len(predictions)  # what the drop counts
-    return Trial(precision, preset, excluded, metrics.top1, agreement, drop, passed, size_bytes=path.stat().st_size,
-                 drop_se=round(spread, 6), images=measured, weight_corrections=kept_corrections(path))
+    drop = accuracy_drop(reference, predictions, evalset.labels)
+    passed = guard.failure(drop.points, agreement) is None
+    return Trial(precision, preset, excluded, metrics.top1, agreement, drop.points, passed,
+                 size_bytes=path.stat().st_size, drop_se=drop.standard_error, images=drop.images,
+                 weight_corrections=kept_corrections(path), drop_estimated=drop.estimated)

@@ -250,23 +250,74 @@ def metrics_from_predictions(predictions: np.ndarray, evalset: EvalSet,
     return OnnxMetrics(top1=top1, agreement=agreement, count=len(predictions))
 
 
-def drop_standard_error(reference: np.ndarray, predictions: np.ndarray, labels: np.ndarray | None) -> float:
-    """The standard error, in points, of a top-1 drop (or, without labels, of a disagreement rate) measured on these
-    images: how far the guard's figure may sit from the drop on all such images. The two models answer the same
-    images, so only those where exactly one is right carry the error (the paired, McNemar setting); on 1,000 images
-    a model that changes 2% of its answers has a drop known to about +-0.45 points."""
-    labeled = labels >= 0 if labels is not None else np.zeros(len(predictions), dtype=bool)
-    if labeled.any():  # top-1 counts the labeled images only (metrics.accuracy): so does its error
-        reference, predictions, labels = reference[labeled], predictions[labeled], labels[labeled]
-        n = len(predictions)
-        lost = float(((reference == labels) & (predictions != labels)).sum())
-        gained = float(((reference != labels) & (predictions == labels)).sum())
-        return 100.0 * float(np.sqrt(max(0.0, lost + gained - (lost - gained) ** 2 / n))) / n
+@dataclass(frozen=True)
+class Reference:
+    """The fp32 model's answers on an EvalSet, what every other form of it is measured against: its top-1 class and
+    its softmax probabilities for each image."""
+
+    predictions: np.ndarray  # N
+    probabilities: np.ndarray  # N x classes, float32
+
+    @classmethod
+    def of(cls, logits: np.ndarray) -> "Reference":
+        shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+        probabilities = np.exp(shifted)
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        return cls(logits.argmax(axis=1), probabilities.astype(np.float32))
+
+    def estimated_drop(self, predictions: np.ndarray) -> tuple[float, float]:
+        """Points of top-1 accuracy that answering `predictions` instead of fp32's answers costs on images without
+        labels, estimated from fp32's own probabilities, and its standard error. Each image where the two differ
+        costs the probability fp32 gives its own class minus the one it gives the other's: what the change is
+        expected to cost if those probabilities are how often each class is right. Near-ties cost almost nothing,
+        as they do in top-1 (they flip both ways), where disagreement would count each as a whole wrong answer: on
+        a 2-epoch MobileNetV3-large student, int8 forms that lose 0.15-2.32 points of labeled top-1 change 16-23%
+        of its answers and are estimated to lose 2.0-3.5 (benchmarks/results/label_free_drop.md)."""
+        rows = np.arange(len(predictions))
+        cost = self.probabilities[rows, self.predictions].astype(np.float64) - \
+            self.probabilities[rows, predictions].astype(np.float64)
+        if len(cost) == 0:
+            return float("nan"), float("nan")
+        return 100.0 * float(cost.mean()), 100.0 * float(cost.std() / np.sqrt(len(cost)))
+
+
+@dataclass(frozen=True)
+class AccuracyDrop:
+    """Points of top-1 a form loses against fp32 on an EvalSet, with how precisely that is known."""
+
+    points: float
+    standard_error: float
+    images: int  # how many images measured it (the labeled ones, when there are labels)
+    estimated: bool  # no labels: estimated from fp32's probabilities (Reference.estimated_drop)
+
+
+def accuracy_drop(reference: Reference, predictions: np.ndarray, labels: np.ndarray) -> AccuracyDrop:
+    """The top-1 drop of `predictions` against fp32's: counted on the labeled images when there are any, estimated
+    from fp32's probabilities when there are none."""
+    labeled = labels >= 0
+    if labeled.any():
+        fp32_top1, _ = accuracy(reference.predictions, labels)
+        top1, _ = accuracy(predictions, labels)
+        points = 100.0 * (fp32_top1 - top1)
+        spread = drop_standard_error(reference.predictions, predictions, labels)
+        return AccuracyDrop(round(points, 6), round(spread, 6), int(labeled.sum()), False)  # 3/300 is 1.0 point
+    points, spread = reference.estimated_drop(predictions)
+    return AccuracyDrop(round(points, 6), round(spread, 6), len(predictions), True)
+
+
+def drop_standard_error(reference: np.ndarray, predictions: np.ndarray, labels: np.ndarray) -> float:
+    """The standard error, in points, of a top-1 drop measured on these images' labeled ones: how far the figure may
+    sit from the drop on all such images. The two models answer the same images, so only those where exactly one is
+    right carry the error (the paired, McNemar setting); on 1,000 images a model that changes 2% of its answers has a
+    drop known to about +-0.45 points. NaN when none is labeled (Reference.estimated_drop has its own)."""
+    labeled = labels >= 0  # top-1 counts the labeled images only (metrics.accuracy): so does its error
+    reference, predictions, labels = reference[labeled], predictions[labeled], labels[labeled]
     n = len(predictions)
     if n == 0:
         return float("nan")
-    changed = float((predictions != reference).mean())
-    return 100.0 * float(np.sqrt(changed * (1.0 - changed) / n))
+    lost = float(((reference == labels) & (predictions != labels)).sum())
+    gained = float(((reference != labels) & (predictions == labels)).sum())
+    return 100.0 * float(np.sqrt(max(0.0, lost + gained - (lost - gained) ** 2 / n))) / n
 
 
 def check_parity(model: torch.nn.Module, onnx_path: Path, images: np.ndarray, rtol: float = PARITY_RTOL) -> Parity:
