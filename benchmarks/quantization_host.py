@@ -8,11 +8,11 @@ crops fp32 is confident about (top-1 probability >= 0.3: elsewhere its top-1 is 
 Part B (students trained on Fashion-MNIST at 64 px, measured in-domain on the full 10,000-image test split,
 calibrated on 256 stratified training images): each int8 form's top-1 drop and agreement with fp32 (dynamic int8
 one image at a time, as it ships; also at batch 64, the old measurement), Optimum's forms on the same files and
-calibration images, and what edgekd's accuracy guard ships by default.
-Part B also runs the fine-tuned Lite0 under a 0.5-point guard ("strict" stage).
+calibration images, and what edgekd's accuracy guard ships by default (0.5 points since 2026-12-07; 1 point before,
+when a "strict" stage and rows ran the 0.5-point guard beside it).
 Part C (the accuracy guard on the real Lite0 and every photo crop): what ships when it must agree on >= 97%.
 
-    flock /tmp/edgekd-cpu.lock python benchmarks/quantization_host.py [all|latency|students|strict|photos|table]
+    flock /tmp/edgekd-cpu.lock python benchmarks/quantization_host.py [all|latency|students|photos|table]
         [--models deit_tiny_patch16_224,tf_efficientnet_lite0 --redo]   (latency: re-time some models only)
 
 The Optimum rows need its own environment (`make optimum-env`); without .venv-optimum they are left out and the
@@ -257,10 +257,6 @@ def form_figures(path: Path, evalset: EvalSet, reference: np.ndarray, fp32_top1:
             "p50_ms": p50_ms(path, shape), "size_mb": path.stat().st_size / 1e6}
 
 
-STRICT_DROP = 0.5  # issue 11's target for CNNs: where an int8 form within the default 1-point guard loses more, part
-# B also shows what a 0.5-point guard (--max-accuracy-drop 0.5) ships
-
-
 def students_stage(results: dict, models: tuple[str, ...] = LATENCY_MODELS, redo: bool = False) -> None:
     isa = detect_isa()
     data = load_data(DataSpec("fashion-mnist", max_train=TRAIN_IMAGES, max_val=VAL_IMAGES))
@@ -313,9 +309,7 @@ def students_stage(results: dict, models: tuple[str, ...] = LATENCY_MODELS, redo
                                         attention_fused=student.attention_fused,
                                         timing=lambda path, _, shape=student.pre.input_size: p50_ms(path, shape))
 
-            decisions = {"shipped": ships(GuardConfig())}  # the default guard, 1 point
-            if any(t.passed and t.accuracy_drop > STRICT_DROP for t in decisions["shipped"].trials):
-                decisions["strict"] = ships(GuardConfig(max_accuracy_drop=STRICT_DROP))  # what the target asks
+            decisions = {"shipped": ships(GuardConfig())}  # the default guard (edgekd.deploy.MAX_ACCURACY_DROP)
         rows[key] = {**facts, "fp32_top1": fp32_top1, "forms": figures, "optimum_missing": why_not,
                      "extreme_images": extreme,
                      "dynamic_batch64": {"top1": float((batched == evalset.labels).mean()),
@@ -327,27 +321,8 @@ def students_stage(results: dict, models: tuple[str, ...] = LATENCY_MODELS, redo
         save(results)
 
 
-def strict_stage(results: dict, redo: bool = False) -> None:
-    """The fine-tuned Lite0 under a 0.5-point guard (--max-accuracy-drop 0.5): issue 11's target for CNNs, which the
-    default 1-point guard does not ask for. Same training as part B (same seed), so the same student."""
-    if "strict" in results and not redo:
-        return
-    isa = detect_isa()
-    data = load_data(DataSpec("fashion-mnist", max_train=TRAIN_IMAGES, max_val=VAL_IMAGES))
-    with tempfile.TemporaryDirectory() as folder:
-        work = Path(folder)
-        student = exported_student(REAL, True, 2, data, work)
-        decision = guarded_quantize(student.fp32, work / "shipped.onnx", evalset=student.evalset,
-                                    calibration=student.calibration, isa=isa, guard=GuardConfig(max_accuracy_drop=0.5),
-                                    timing=lambda path, _, shape=student.pre.input_size: p50_ms(path, shape))
-    results["strict"] = {"student": REAL, "fp32_top1": decision.fp32_top1, "precision": decision.precision,
-                         "reason": decision.reason, "trials": trial_rows(decision)}
-    print(json.dumps(results["strict"], indent=1), flush=True)
-    save(results)
-
-
 def trial_rows(decision) -> list[dict[str, Any]]:
-    """Every trial of the guard's decision, as the strict and photos tables show them (part B's JSON keeps them)."""
+    """Every trial of the guard's decision, as the photos table shows them (part B's JSON keeps them)."""
     return [{"preset": t.preset.name, "calibration": t.calibration_method, "excluded": len(t.excluded_nodes),
              "top1": t.top1, "drop": t.accuracy_drop, "drop_se": t.drop_se, "excluded_by": t.float_nodes_by,
              "agreement": t.agreement, "latency_ms": t.latency_ms, "passed": t.passed, "error": t.error}
@@ -479,6 +454,11 @@ def this_machine() -> dict[str, Any]:
 def save(results: dict) -> None:
     for row in results.get("latency", {}).values():  # rows from before rows recorded it: the file's last host
         row.setdefault("machine", {k: results.get("host", {}).get(k) for k in ("isa", "int8_features", "cpu")})
+    # The default guard is 0.5 points since 2026-12-07: part B's "shipped" is what the old "strict" stage (the
+    # fine-tuned Lite0 under a 0.5-point guard) and rows (a student whose 1-point form lost more than 0.5) showed
+    results.pop("strict", None)
+    for row in results.get("students", {}).values():
+        row.pop("strict", None)
     results["host"] = {"isa": detect_isa(), "cpu": cpu_model(), "int8_features": int8_instructions(),
                        "onnxruntime": ort.__version__, "torch": torch.__version__, "threads": THREADS, "batch": 1}
     RESULTS.mkdir(exist_ok=True)
@@ -537,9 +517,6 @@ def table(results: dict) -> str:
                      f"{100 * old['agreement']:.1f}% | | |")
         lines.append(f"| **{name}: edgekd ships** | | **{entry['shipped']['precision']}** | | | | | "
                      f"{entry['shipped']['reason']} |")
-        if strict := entry.get("strict"):
-            lines.append(f"| **{name}: under a {STRICT_DROP}-point guard** | | **{strict['precision']}** | | | | | "
-                         f"{strict['reason']} |")
         if extreme := entry.get("extreme_images"):
             lines.append(f"| {name} | | calibration images with extreme activations (a conv's peak > {EXTREME:.0f}x "
                          f"the median image's) | {extreme['extreme']}/{extreme['images']} | | | | largest "
@@ -547,20 +524,6 @@ def table(results: dict) -> str:
                          f"{', '.join(extreme['classes']) or '-'} |")
         if entry.get("optimum_missing"):
             lines.append(f"| {name} | | Optimum not run: {entry['optimum_missing']} | | | | | |")
-    strict = results.get("strict")
-    if strict:
-        lines += ["", f"### {strict['student']} (fine-tuned) under a 0.5-point guard (`--max-accuracy-drop 0.5`)", "",
-                  f"fp32 top-1 {100 * strict['fp32_top1']:.2f}%. The default `--calibration auto` tries minmax, then "
-                  "averaged ranges, percentile and entropy, before keeping nodes in float.", "",
-                  "| preset | calibration | nodes in float | top-1 | drop (pts) | agreement | p50 ms | passed |",
-                  "|---|---|---:|---:|---:|---:|---:|---|"]
-        for trial in strict["trials"]:
-            ms = f"{trial['latency_ms']:.3f}" if trial["latency_ms"] else "-"
-            lines.append(f"| {trial['preset']} | {trial['calibration'] or '-'} | {float_nodes_cell(trial)} | "
-                         f"{100 * trial['top1']:.2f}% | {trial['drop']:.2f}{_se(trial)} | "
-                         f"{100 * trial['agreement']:.1f}% | {ms} | "
-                         f"{'yes' if trial['passed'] else 'no'} |")
-        lines.append(f"| **ships {strict['precision']}** | | | | | | | {strict['reason']} |")
     causes = results.get("causes")
     if causes:
         lines += ["", "### Why static int8 collapsed on an EfficientNet-B0 student and not on Lite0 "
@@ -752,13 +715,13 @@ equal or higher agreement for every student, within noise, and agrees better whe
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("stage", nargs="?", default="all",
-                        choices=("all", "latency", "students", "strict", "causes", "photos", "table"))
+                        choices=("all", "latency", "students", "causes", "photos", "table"))
     # A VNNI/AMX machine lent for minutes can re-time only what matters there: e.g.
     # `latency --models deit_tiny_patch16_224,tf_efficientnet_lite0 --redo` (issue 11's 2x and float-stem rows).
     parser.add_argument("--models", default=",".join(LATENCY_MODELS),
                         help="latency and students stages: comma-separated models (default: all of part A's)")
     parser.add_argument("--redo", action="store_true",
-                        help="measure again what has a row (latency, students: the --models; strict, photos)")
+                        help="measure again what has a row (latency, students: the --models; photos)")
     args = parser.parse_args()
     models = tuple(m for m in args.models.split(",") if m)
     if unknown := [m for m in models if m not in LATENCY_MODELS]:
@@ -770,8 +733,6 @@ def main() -> None:
         latency_stage(results, models, args.redo)
     if args.stage in ("all", "students"):
         students_stage(results, models, args.redo)
-    if args.stage in ("all", "strict"):
-        strict_stage(results, args.redo)
     if args.stage in ("all", "causes"):
         causes_stage(results, args.redo)
     if args.stage in ("all", "photos"):

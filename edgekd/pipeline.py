@@ -30,6 +30,7 @@ from edgekd.distill.train import DistillConfig, distill
 from edgekd.errors import EdgekdError
 from edgekd.interrupts import interrupts_held
 from edgekd.select.profiles import DeviceProfile, load_profile
+from edgekd.deploy import MAX_ACCURACY_DROP
 from edgekd.deploy.guard import GuardConfig
 from edgekd.record import StageRecord, code_digest, cpu_model, data_fingerprint, stage_key
 from edgekd.select.rule import PassedOver, Selection, select_student
@@ -61,7 +62,7 @@ class CompressConfig:
     student_init: StudentInit = StudentInit()  # where students start: pretrained (default), a checkpoint, random
     teacher_training: TrainConfig = TrainConfig()
     distillation: DistillConfig = DistillConfig()
-    max_accuracy_drop: float = 1.0  # points of top-1 the int8 model may lose against the fp32 student
+    max_accuracy_drop: float = MAX_ACCURACY_DROP  # points of top-1 int8 / fp16 may lose against the fp32 student
     min_agreement: float | None = None  # share of images where int8/fp16 must keep the fp32 student's top-1; None: any
     calibration_method: str = "auto"  # int8 static: auto or one of quantize.CALIBRATION_METHODS (AUTO_CALIBRATION)
     search_quantization: bool = False

@@ -23,6 +23,7 @@ from edgekd.cli.options import (
     Device,
     FashionMnistRoot,
     InputSize,
+    MaxAccuracyDrop,
     LabeledRepeat,
     LearningRate,
     Losses,
@@ -51,6 +52,7 @@ from edgekd.cli.options import (
     student_choice,
     teacher_specs,
 )
+from edgekd.deploy import MAX_ACCURACY_DROP
 from edgekd.recipe import DEFAULT_MIX, DEFAULT_MIX_ALPHA
 
 
@@ -85,8 +87,7 @@ def compress_command(
     cache_teacher: CacheTeacher = None,
     batch_size: BatchSize = 128,
     lr: LearningRate = None,
-    max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop",
-                                            help="Top-1 points int8 may lose against the fp32 student."),
+    max_accuracy_drop: MaxAccuracyDrop = MAX_ACCURACY_DROP,
     min_agreement: MinAgreement = None,
     search_quantization: bool = typer.Option(False, "--search-quantization",
                                              help="Try every quantization preset of the ISA, keep the fastest."),

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from edgekd.cli.app import app, log, user_errors
-from edgekd.cli.options import DATA_HELP, Calibration, MinAgreement
+from edgekd.cli.options import DATA_HELP, Calibration, MaxAccuracyDrop, MinAgreement
+from edgekd.deploy import MAX_ACCURACY_DROP
 from edgekd.errors import EdgekdError
 
 
@@ -19,7 +20,7 @@ def export_command(
     out: Path = typer.Option(Path("export"), "--out", "-o", help="The bundle folder to write."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP + " Needed for int8 (calibration)."),
     profile: str = typer.Option("host", "--profile", "-p", help="Target device profile: ISA, threads, precisions."),
-    max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", help="Top-1 points int8 may lose."),
+    max_accuracy_drop: MaxAccuracyDrop = MAX_ACCURACY_DROP,
     min_agreement: MinAgreement = None,
     search: bool = typer.Option(False, "--search-quantization", "--search",
                                 help="Try every quantization preset of the ISA; keep the fastest."),

@@ -9,6 +9,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
+from edgekd.deploy import MAX_ACCURACY_DROP
 from edgekd.errors import EdgekdError
 from edgekd.recipe import (DEFAULT_MIX, DEFAULT_MIX_ALPHA, FIXED_VIEWS_MAX_EPOCHS, FROM_RANDOM, FROM_REAL_WEIGHTS,
                            MIRROR_FIXED_VIEWS, MIX_MODES)
@@ -70,6 +71,11 @@ def _calibrations() -> tuple[str, ...]:
     return tuple(CALIBRATION_CHOICES)
 
 
+MaxAccuracyDrop = Annotated[float, typer.Option(
+    "--max-accuracy-drop", metavar="POINTS",
+    help=f"Top-1 points int8 (or fp16) may lose against the fp32 student (default {MAX_ACCURACY_DROP:g}). Counted on "
+    "the labeled validation images; on unlabeled ones estimated from the fp32 student's own probabilities (a changed "
+    "answer costs fp32's probability for its class minus the one for the new answer: near-ties cost little).")]
 MinAgreement = Annotated[Optional[float], typer.Option(
     "--min-agreement", callback=_percentage_as_share, metavar="PERCENT",
     help="Also require int8 (and fp16) to give the fp32 student's top-1 answer on at least this share of the "

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
+from edgekd.deploy import MAX_ACCURACY_DROP
 from edgekd.deploy.activation_peaks import extreme_images
 from edgekd.deploy.correction_check import kept_corrections
 from edgekd.deploy.export import is_transformer
@@ -35,7 +36,7 @@ Timing = Callable[[Path, str], "float | None"]  # (model file, its precision) ->
 class GuardConfig:
     """When a quantized model is good enough, and how hard to try before giving up on a preset."""
 
-    max_accuracy_drop: float = 1.0  # points of top-1 (estimated from fp32's probabilities when there are no labels)
+    max_accuracy_drop: float = MAX_ACCURACY_DROP  # points of top-1 (estimated from fp32's probabilities without labels)
     min_agreement: float | None = None  # optional floor (a share, 0-1) on top-1 agreement with the fp32 model
     max_rounds: int = 4  # rounds of "keep the most sensitive nodes in float, quantize again"
     first_exclusion: float = 0.05  # share of quantizable nodes kept in float after round 1; doubles each round
