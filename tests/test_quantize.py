@@ -237,6 +237,9 @@ def test_without_labels_a_changed_answer_costs_what_fp32_s_probabilities_say_it_
     # with labels the drop is counted, on the labeled images only: fp32 right on both, the form on one of the two
     counted = accuracy_drop(reference, confident, np.array([0, 0, -1, -1]))
     assert not counted.estimated and counted.images == 2 and counted.points == 50.0
+    with pytest.raises(ValueError, match="1 answers for 4 reference images"):
+        reference.estimated_drop(np.array([1]))  # numpy would have broadcast it
+    assert GuardConfig().failure(float("nan"), 1.0) is not None  # a drop nothing measured never passes
 
 
 def test_the_guard_estimates_the_drop_when_the_images_have_no_labels(resnet, tmp_path: Path) -> None:

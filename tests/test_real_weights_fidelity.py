@@ -143,7 +143,7 @@ def test_the_layers_nearest_the_input_ship_in_float_when_they_agree_better_at_th
     evalset = EvalSet(images, np.full(len(images), -1))
     decision = guarded_quantize(path, tmp_path / "int8.onnx", evalset=evalset, calibration=calibration,
                                 isa="avx512_vnni", precisions=("int8_static",),
-                                guard=GuardConfig(max_accuracy_drop=10.0, calibration_method="minmax"),
+                                guard=GuardConfig(min_agreement=0.9, calibration_method="minmax"),
                                 timing=lambda _, precision: 2.0 if precision == "fp32" else 1.0)
     all_int8, near_input = decision.trials[0], decision.trials[-1]
     assert all_int8.passed and not all_int8.excluded_nodes and near_input.float_nodes_by == "input side"

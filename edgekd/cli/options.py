@@ -9,7 +9,6 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from edgekd.deploy import MAX_ACCURACY_DROP
 from edgekd.errors import EdgekdError
 from edgekd.recipe import (DEFAULT_MIX, DEFAULT_MIX_ALPHA, FIXED_VIEWS_MAX_EPOCHS, FROM_RANDOM, FROM_REAL_WEIGHTS,
                            MIRROR_FIXED_VIEWS, MIX_MODES)
@@ -73,7 +72,7 @@ def _calibrations() -> tuple[str, ...]:
 
 MaxAccuracyDrop = Annotated[float, typer.Option(
     "--max-accuracy-drop", metavar="POINTS",
-    help=f"Top-1 points int8 (or fp16) may lose against the fp32 student (default {MAX_ACCURACY_DROP:g}). Counted on "
+    help="Top-1 points int8 (or fp16) may lose against the fp32 student. Counted on "
     "the labeled validation images; on unlabeled ones estimated from the fp32 student's own probabilities (a changed "
     "answer costs fp32's probability for its class minus the one for the new answer: near-ties cost little).")]
 MinAgreement = Annotated[Optional[float], typer.Option(

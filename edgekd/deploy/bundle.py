@@ -169,7 +169,10 @@ def _build(model: torch.nn.Module, checkpoint: StudentCheckpoint, work: Path, st
     failure = None
     if precision == "fp16" and reference is not None:  # fp16 is held to the guard int8 is
         agreement = shipped.agreement if shipped.agreement is not None else 0.0
-        failure = options.guard.failure(accuracy_drop(reference, shipped_answers, evalset.labels).points, agreement)
+        drop = accuracy_drop(reference, shipped_answers, evalset.labels)
+        failure = options.guard.failure(drop.points, agreement)
+        if failure and drop.estimated:
+            failure += " (no labels: estimated from fp32's probabilities)"
     if failure:
         log.warning("fp16 %s: shipping fp32", failure)
         precision, shipped = "fp32", fp32_metrics

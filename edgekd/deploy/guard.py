@@ -48,9 +48,9 @@ class GuardConfig:
         return self.first_exclusion * 2 ** (round_index - 1)
 
     def failure(self, drop: float, agreement: float) -> str | None:
-        """Why a form that loses `drop` points (guard_drop) and agrees with fp32 on `agreement` fails the guard, or
-        None when it passes: int8 forms and fp16 are held to the same rule."""
-        if drop > self.max_accuracy_drop:
+        """Why a form that loses `drop` points (verify.accuracy_drop) and agrees with fp32 on `agreement` fails the
+        guard, or None when it passes: int8 forms and fp16 are held to the same rule (a NaN drop fails)."""
+        if not drop <= self.max_accuracy_drop:
             return f"loses {drop:.2f} points (guard {self.max_accuracy_drop:g})"
         if self.min_agreement is not None and agreement < self.min_agreement:
             return f"agrees with fp32 on {agreement:.1%} of the images (--min-agreement {100 * self.min_agreement:g})"
@@ -72,7 +72,7 @@ class Trial:
     size_bytes: int = 0
     error: str | None = None  # the quantizer could not handle this preset on this graph
     calibration_method: str | None = None  # static presets: how activation ranges were calibrated
-    drop_se: float | None = None  # standard error of accuracy_drop on these images (verify.drop_standard_error)
+    drop_se: float | None = None  # accuracy_drop's sampling error on these images (verify.accuracy_drop)
     images: int = 0  # how many images measured it
     weight_corrections: str | None = None  # static QDQ: the bias correction / learned rounding the file kept
     float_nodes_by: str | None = None  # how its excluded nodes were chosen (FLOAT_NODE_SOURCES); None: none were
@@ -433,7 +433,7 @@ def _in_float_beside(prepared: Path, target: Path, precision: str, preset: Quant
 
 
 # The ranking scores each tensor by the error its own quantization adds, and an early tensor's error is small where it
-# is made and grows through every layer after it: on the real Lite0 (152 photo crops, a 3-point guard on agreement)
+# is made and grows through every layer after it: on the real Lite0 (152 photo crops, asked for 97% agreement)
 # four rounds of ranked nodes, up to 38 in float, left agreement at 96.1-96.7%, where the stem and the first
 # depthwise conv in float alone give 97.4% (int8_rounding.md). So a round whose ranked nodes fail also tries the
 # compute nodes nearest the input, as large a share (5%, 10%, ... of them). What those two keep is the tensor between

@@ -272,7 +272,11 @@ class Reference:
         expected to cost if those probabilities are how often each class is right. Near-ties cost almost nothing,
         as they do in top-1 (they flip both ways), where disagreement would count each as a whole wrong answer: on
         a 2-epoch MobileNetV3-large student, static int8 forms that lose 0.81-3.70 points of labeled top-1 change
-        10.8-22.5% of its answers and are estimated to lose 1.16-3.50 (benchmarks/results/label_free_drop.md)."""
+        10.8-22.5% of its answers and are estimated to lose 1.16-3.50 (benchmarks/results/label_free_drop.md).
+        The standard error is the sampling error alone: how far fp32's probabilities are from how often each class
+        is right (up to 1.2 points there, on an underfit student) is not in it."""
+        if len(predictions) != len(self.predictions):
+            raise ValueError(f"{len(predictions)} answers for {len(self.predictions)} reference images")
         rows = np.arange(len(predictions))
         cost = self.probabilities[rows, self.predictions].astype(np.float64) - \
             self.probabilities[rows, predictions].astype(np.float64)
