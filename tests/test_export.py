@@ -20,7 +20,8 @@ from edgekd.cli import app
 from edgekd.errors import EdgekdError
 from edgekd.deploy.export import classifier_input_shape, export_with_parity
 from edgekd.distill.students import load_student, read_student_checkpoint
-from edgekd.deploy.verify import onnx_logits, preprocess_records
+from edgekd.data import ArrayRecords
+from edgekd.deploy.verify import Reference, onnx_logits, preprocess_records
 from tests.helpers.mobile import assert_mobile_form_agrees
 from tests.helpers.tiny_students import tiny_student
 
@@ -177,6 +178,18 @@ def test_fp16_ships_only_within_the_guard_int8_is_held_to(small_fmnist, tmp_path
     assert refused.precision == "fp32" and refused.shipped == refused.fp32
     manifest = json.loads((tmp_path / "fp32" / "manifest.json").read_text())[0]
     assert manifest["config"]["precision"] == "fp32" and manifest["config"]["guard"]["min_agreement"] == 1.01
+    assert manifest["metrics"]["accuracy_drop_points"] == 0.0  # fp32 shipped: nothing lost against itself
+    # on images without labels fp16's drop is estimated from fp32's probabilities, and the manifest says so
+    unlabeled = replace(small_fmnist, val=ArrayRecords(small_fmnist.val.images, np.full(len(small_fmnist.val), -1)))
+    fp16 = bundle_from_checkpoint(checkpoint, tmp_path / "unlabeled", unlabeled,
+                                  BundleOptions(precisions=("fp16",), time_models=False, validation_images=100))
+    metrics = json.loads((tmp_path / "unlabeled" / "manifest.json").read_text())[0]["metrics"]
+    assert fp16.precision == "fp16" and fp16.shipped.top1 is None and metrics["accuracy_drop_estimated"]
+    images = preprocess_records(unlabeled.val, checkpoint.preprocess, limit=100).images
+    answers = onnx_logits(tmp_path / "unlabeled" / "model.onnx", images).argmax(1)
+    points, spread = Reference.of(onnx_logits(tmp_path / "fp32" / "model.onnx", images)).estimated_drop(answers)
+    assert metrics["accuracy_drop_points"] == pytest.approx(points, abs=1e-6)
+    assert metrics["accuracy_drop_standard_error"] == pytest.approx(spread, abs=1e-6)
 
 
 def test_a_staging_folder_a_killed_export_left_is_removed_by_the_next(tmp_path: Path):

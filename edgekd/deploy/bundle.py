@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
@@ -47,12 +46,12 @@ from edgekd.types import Artifact, Preprocess, StudentCheckpoint
 from edgekd.deploy.verify import (
     INPUT_NAME,
     OUTPUT_NAME,
+    AccuracyDrop,
     EvalSet,
     OnnxMetrics,
     Parity,
     Reference,
     accuracy_drop,
-    evaluate_onnx,
     metrics_from_predictions,
     onnx_logits,
     precision_of_graph,
@@ -141,6 +140,8 @@ def _build(model: torch.nn.Module, checkpoint: StudentCheckpoint, work: Path, st
              parity.max_abs_diff, 100 * parity.top1_agreement, parity.count)
     model_path = staging / MODEL_NAME
     decision, calibration_set = None, None
+    # fp32's answers on the validation images, computed once: the guard, fp16's check and the manifest all use them
+    reference = Reference.of(onnx_logits(fp32_path, evalset.images)) if evalset else None
     int8 = tuple(p for p in options.precisions if p.startswith("int8"))
     if evalset is not None and data is not None and int8:
         calibration_set = preprocess_records(data.train, pre, options.calibration_images)
@@ -153,7 +154,7 @@ def _build(model: torch.nn.Module, checkpoint: StudentCheckpoint, work: Path, st
         decision = guarded_quantize(fp32_path, model_path, evalset=evalset, calibration=calibration, isa=options.isa,
                                     precisions=int8, guard=options.guard, search=options.search, timing=timer,
                                     latency_source=source, attention_fused=fused,
-                                    times_files=options.latency_table is None)
+                                    times_files=options.latency_table is None, reference=reference)
         precision = decision.precision
     else:
         # fp16 needs no calibration, but it ships only when checked on real images (below); without them, fp32.
@@ -161,21 +162,21 @@ def _build(model: torch.nn.Module, checkpoint: StudentCheckpoint, work: Path, st
         if "fp16" in options.precisions and evalset is None:
             log.warning("fp16 was asked for but there are no images to check it on: shipping fp32 (give --data)")
         quantize_onnx(fp32_path, model_path, precision)
-    reference = Reference.of(onnx_logits(fp32_path, evalset.images)) if evalset else None
-    fp32_metrics = evaluate_onnx(fp32_path, evalset, reference.predictions) if reference else OnnxMetrics(None, None, 0)
+    fp32_metrics = metrics_from_predictions(reference.predictions, evalset, reference.predictions) if reference \
+        else OnnxMetrics(None, None, 0)
     shipped_answers = onnx_logits(model_path, evalset.images).argmax(1) if evalset else None
     shipped = metrics_from_predictions(shipped_answers, evalset, reference.predictions) if reference else \
         OnnxMetrics(None, None, 0)
+    drop = accuracy_drop(reference, shipped_answers, evalset.labels) if reference else None
     failure = None
-    if precision == "fp16" and reference is not None:  # fp16 is held to the guard int8 is
-        agreement = shipped.agreement if shipped.agreement is not None else 0.0
-        drop = accuracy_drop(reference, shipped_answers, evalset.labels)
-        failure = options.guard.failure(drop.points, agreement)
+    if precision == "fp16" and drop is not None:  # fp16 is held to the guard int8 is
+        failure = options.guard.failure(drop.points, shipped.agreement if shipped.agreement is not None else 0.0)
         if failure and drop.estimated:
             failure += " (no labels: estimated from fp32's probabilities)"
     if failure:
         log.warning("fp16 %s: shipping fp32", failure)
         precision, shipped = "fp32", fp32_metrics
+        drop = accuracy_drop(reference, reference.predictions, evalset.labels)
         quantize_onnx(fp32_path, model_path, precision)
     latency = decision.latency_ms if decision else None
     if options.ort_format:
@@ -186,7 +187,7 @@ def _build(model: torch.nn.Module, checkpoint: StudentCheckpoint, work: Path, st
     samples = {"validation": evalset.describe() if evalset else None,
                "calibration": calibration_set.describe() if calibration_set else None}
     write_json_atomic(staging / MANIFEST_NAME, _manifest(staging, checkpoint, options, parity, fp32_metrics, shipped,
-                                                         precision, latency, decision, samples, raw_check))
+                                                         drop, precision, latency, decision, samples, raw_check))
     return BundleResult(staging, precision, parity, fp32_metrics, shipped, latency, decision)
 
 
@@ -282,7 +283,8 @@ def _timer(options: BundleOptions, model_name: str, pre: Preprocess) -> tuple[Ti
 
 
 def _manifest(folder: Path, checkpoint: StudentCheckpoint, options: BundleOptions, parity: Parity,
-              fp32: OnnxMetrics, shipped: OnnxMetrics, precision: str, latency_ms: float | None,
+              fp32: OnnxMetrics, shipped: OnnxMetrics, drop: AccuracyDrop | None, precision: str,
+              latency_ms: float | None,
               decision: QuantDecision | None, samples: dict[str, Any],
               raw_check: RawInputCheck | str) -> list[dict[str, Any]]:
     parent = str(checkpoint.weights_path)
@@ -292,7 +294,11 @@ def _manifest(folder: Path, checkpoint: StudentCheckpoint, options: BundleOption
                             "isa": options.isa, "guard": asdict(options.guard), "search": options.search,
                             "edgekd": __version__, "onnxruntime": ort.__version__},
                         metrics={"parity": parity.to_dict(), "fp32": fp32.to_dict(), "shipped": shipped.to_dict(),
-                                 "accuracy_drop_points": _drop(fp32, shipped), "latency_p50_ms": latency_ms,
+                                 # the shipped file against fp32: counted on labeled images, else estimated
+                                 "accuracy_drop_points": drop.points if drop else None,
+                                 "accuracy_drop_standard_error": drop.standard_error if drop else None,
+                                 "accuracy_drop_estimated": drop.estimated if drop else None,
+                                 "latency_p50_ms": latency_ms,
                                  "size_bytes": (folder / MODEL_NAME).stat().st_size,
                                  # the shipped file by its name in the bundle, not the scratch folder it was made in
                                  "quantization": {**decision.to_dict(), "path": MODEL_NAME} if decision else None,
@@ -320,11 +326,6 @@ def _ort_entry(folder: Path, name: str, parent: str) -> list[Artifact]:
     return [Artifact(stage="export", path=name, sha256=sha256_file(folder / name), parent=parent,
                      config={"format": "ort", "optimization": "basic"})]
 
-
-def _drop(fp32: OnnxMetrics, shipped: OnnxMetrics) -> float | None:
-    if fp32.top1 is None or shipped.top1 is None:
-        return None
-    return float(np.round(100 * (fp32.top1 - shipped.top1), 4))
 
 
 def _not_a_bundles(folder: Path) -> list[str]:

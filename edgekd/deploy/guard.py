@@ -128,7 +128,8 @@ def guarded_quantize(fp32_path: Path, out_path: Path, *, evalset: EvalSet, calib
                      isa: str = "avx2", precisions: tuple[str, ...] = ("int8_static", "int8_dynamic"),
                      guard: GuardConfig = GuardConfig(), search: bool = False,
                      timing: Timing | None = None, latency_source: str = "timed here",
-                     attention_fused: Path | None = None, times_files: bool = True) -> QuantDecision:
+                     attention_fused: Path | None = None, times_files: bool = True,
+                     reference: Reference | None = None) -> QuantDecision:
     """Quantize within the accuracy guard and ship the fastest passing form, or fp32 when int8 does not pay.
 
     Each (precision, preset) is tried; one whose accuracy drop exceeds the guard keeps its most sensitive nodes
@@ -140,12 +141,15 @@ def guarded_quantize(fp32_path: Path, out_path: Path, *, evalset: EvalSet, calib
     as QAttention, with the same answers, faster (DeiT-tiny: 2.06x fp32 against 1.84x); a preset that fails on it
     (an error, or the guard) is tried again on the plain graph. `times_files`: `timing` measures the file it is
     given (False for a device's latency table, which has one figure per precision): only then is a static form with
-    its input-side nodes in float weighed against the all-int8 one (_input_side_candidate).
+    its input-side nodes in float weighed against the all-int8 one (_input_side_candidate). `reference`: fp32's
+    answers on `evalset`, where the caller has them already (None: computed here).
     """
     unknown = [p for p in precisions if p not in ("int8_static", "int8_dynamic")]
     if unknown:
         raise EdgekdError(f"the accuracy guard handles int8_static and int8_dynamic, not {', '.join(unknown)}")
-    reference = Reference.of(onnx_logits(fp32_path, evalset.images))
+    reference = reference or Reference.of(onnx_logits(fp32_path, evalset.images))
+    if len(reference.predictions) != len(evalset.images):
+        raise ValueError(f"the reference has {len(reference.predictions)} answers for {len(evalset.images)} images")
     fp32_top1 = metrics_from_predictions(reference.predictions, evalset).top1
     fp32_ms = timing(fp32_path, "fp32") if timing else None
     trials: list[Trial] = []
