@@ -24,8 +24,8 @@ import timm
 import torch
 from PIL import Image
 
-from distill_fashion_mnist import (OLD_RATE, Recipe, baseline_for, deltas_per_seed, default_recipe, earlier_rows,
-                                   read_runs, run_stage, save_record, seed_figures)
+from distill_fashion_mnist import (NO_MIX, OLD_RATE, Recipe, baseline_for, deltas_per_seed, default_recipe,
+                                   earlier_rows, read_runs, run_stage, save_record, seed_figures)
 from edgekd.data import load_data, stratified_subset
 from edgekd.distill import distill
 from edgekd.distill.teacher import prepare_teacher, read_teacher_result
@@ -50,16 +50,17 @@ class Row:
     epochs: float
 
 
-AUGMENTED = replace(default_recipe(), augment=True)  # the default's losses on random crop/flip views
+AUGMENTED = replace(NO_MIX, augment=True)  # the default's losses on random crop/flip views
 AT_DEFAULT_RATE = {  # fixed views, the teacher's answers cached, unless a row says -augmented (one crop/flip shared)
     "labels-only": Row(Recipe("ce=1"), unlabeled=False, epochs=LABELED_EPOCHS),  # crop/flip: its better form here
     # with the unlabeled folder: the teacher answers each of the 60,000 images once, so later epochs cost the
     # student's steps only
-    "default": Row(default_recipe(UNLABELED_EPOCHS), unlabeled=True, epochs=UNLABELED_EPOCHS),
+    # with --unlabeled-data the default adds no mixed images (edgekd.recipe.default_for_start)
+    "default": Row(default_recipe(UNLABELED_EPOCHS, unlabeled=True), unlabeled=True, epochs=UNLABELED_EPOCHS),
     "kd": Row(Recipe("ce=1,kd=1", augment=False), unlabeled=True, epochs=UNLABELED_EPOCHS),  # plain KD, fixed views
     # the teacher's pooled embedding through a trained projector (proj), on top of plain KD and of the default
     "kd+proj": Row(Recipe("ce=1,kd=1,proj=1", augment=False), unlabeled=True, epochs=UNLABELED_EPOCHS),
-    "default+proj": Row(replace(default_recipe(UNLABELED_EPOCHS), losses=default_recipe().losses + ",proj=1"),
+    "default+proj": Row(replace(NO_MIX, losses=NO_MIX.losses + ",proj=1"),
                         unlabeled=True, epochs=UNLABELED_EPOCHS),
 }
 # Every row of the previous version of this table, at the rate edgekd used then (2e-3).
@@ -67,10 +68,10 @@ AT_OLD_RATE = {
     **AT_DEFAULT_RATE,
     "labels-only-fixed-views": Row(Recipe("ce=1", augment=False), unlabeled=False, epochs=LABELED_EPOCHS),
     # on the 1,000 labeled images alone (40 epochs, past edgekd.recipe's fixed-view limit: crop/flip by default)
-    "default-labeled-only": Row(default_recipe(LABELED_EPOCHS), unlabeled=False, epochs=LABELED_EPOCHS),
-    "default-labeled-only-fixed-views": Row(replace(default_recipe(), augment=False), unlabeled=False,
+    "default-labeled-only": Row(replace(NO_MIX, augment=True), unlabeled=False, epochs=LABELED_EPOCHS),
+    "default-labeled-only-fixed-views": Row(NO_MIX, unlabeled=False,
                                             epochs=LABELED_EPOCHS),
-    "default-ce1": Row(replace(default_recipe(UNLABELED_EPOCHS), losses="ce=1,kd=9"), unlabeled=True,
+    "default-ce1": Row(replace(NO_MIX, losses="ce=1,kd=9"), unlabeled=True,
                        epochs=UNLABELED_EPOCHS),
     "default-augmented": Row(AUGMENTED, unlabeled=True, epochs=UNLABELED_EPOCHS),
     "default-augmented-2x-epochs": Row(AUGMENTED, unlabeled=True, epochs=2 * UNLABELED_EPOCHS),

@@ -33,6 +33,7 @@ from edgekd.cli.options import (
     MinAgreement,
     Mix,
     MixAlpha,
+    MixExtra,
     Precision,
     RandomInit,
     Seed,
@@ -53,7 +54,7 @@ from edgekd.cli.options import (
     teacher_specs,
 )
 from edgekd.deploy import MAX_ACCURACY_DROP
-from edgekd.recipe import DEFAULT_MIX, DEFAULT_MIX_ALPHA
+from edgekd.recipe import DEFAULT_MIX_ALPHA
 
 
 @app.command("compress")
@@ -80,8 +81,9 @@ def compress_command(
     loss: Losses = [],
     loss_option: LossOptions = [],
     temperature: Temperature = None,
-    mix: Mix = DEFAULT_MIX,
+    mix: Mix = None,
     mix_alpha: MixAlpha = DEFAULT_MIX_ALPHA,
+    mix_extra: MixExtra = None,
     augment: Augment = None,
     flip: Flip = None,
     cache_teacher: CacheTeacher = None,
@@ -134,7 +136,8 @@ def compress_command(
         teacher_training=TrainConfig(epochs=teacher_epochs, batch_size=batch_size, seed=seed, num_workers=workers,
                                      device=device, precision=precision, channels_last=channels_last),
         distillation=DistillConfig(losses=parse_loss_specs(loss, loss_option), temperature=temperature,
-                                   mix=mix, mix_alpha=mix_alpha, augment=augment, flip=flip,
+                                   mix=mix, mix_alpha=mix_alpha, mix_extra=mix_extra, augment=augment,
+                                   flip=flip,
                                    cache_teacher=cache_teacher,
                                    epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, num_workers=workers,
                                    labeled_repeat=labeled_repeat,

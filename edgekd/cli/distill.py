@@ -25,6 +25,7 @@ from edgekd.cli.options import (
     MaxVal,
     Mix,
     MixAlpha,
+    MixExtra,
     Precision,
     RandomInit,
     Seed,
@@ -45,7 +46,7 @@ from edgekd.cli.options import (
     teacher_specs,
 )
 from edgekd.errors import EdgekdError
-from edgekd.recipe import DEFAULT_MIX, DEFAULT_MIX_ALPHA
+from edgekd.recipe import DEFAULT_MIX_ALPHA
 
 
 def check_not_abandoning(out: Path, resume: bool, overwrite: bool) -> None:
@@ -88,8 +89,9 @@ def distill_command(
     batch_size: BatchSize = 128,
     lr: LearningRate = None,
     temperature: Temperature = None,
-    mix: Mix = DEFAULT_MIX,
+    mix: Mix = None,
     mix_alpha: MixAlpha = DEFAULT_MIX_ALPHA,
+    mix_extra: MixExtra = None,
     feature_pairs: Optional[str] = typer.Option(None, "--feature-pairs", help="STUDENT:TEACHER layer pairs, "
                                                 "comma-separated (default: stage ends matched by relative depth)."),
     teacher_weighting: str = typer.Option("confidence", "--teacher-weighting", help="Several teachers: confidence "
@@ -137,7 +139,7 @@ def distill_command(
         raise EdgekdError("under torchrun, prepare the teacher once first (`edgekd train-teacher ... --out DIR`) "
                           "and pass --teacher-dir DIR")
     config = DistillConfig(losses=parse_loss_specs(loss, loss_option), temperature=temperature,
-                           mix=mix, mix_alpha=mix_alpha,
+                           mix=mix, mix_alpha=mix_alpha, mix_extra=mix_extra,
                            feature_pairs=parse_feature_pairs(feature_pairs), teacher_weighting=teacher_weighting,
                            epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, labeled_repeat=labeled_repeat,
                            image_size=parse_input_size(input_size), augment=augment, flip=flip,

@@ -35,11 +35,16 @@ class MixedBatch:
     own_share: Tensor  # (B,) the fraction of each mixed image that is the sample's own image
 
 
-def check_mix(mode: str, alpha: float) -> None:
-    if mode not in MIX_MODES:
+def check_mix(mode: str | None, alpha: float, extra: float | None = None) -> None:
+    """`mode` and `extra` None: the recipe's (edgekd.recipe)."""
+    if mode is not None and mode not in MIX_MODES:
         raise EdgekdError(f"unknown --mix {mode!r}; use one of {', '.join(MIX_MODES)}")
     if mode != "none" and alpha <= 0:
         raise EdgekdError(f"--mix-alpha must be positive (got {alpha}); 1.0 draws the mixing ratio uniformly")
+    if extra is not None and extra < 0:
+        raise EdgekdError(f"--mix-extra must be 0 or more (got {extra:g}); 0.5 adds one mixed image per two")
+    if mode == "none" and extra:
+        raise EdgekdError("--mix-extra adds mixed images, and --mix is none; give --mix mixup (or cutmix)")
 
 
 def mix_batch(inputs: tuple[Tensor, ...], labels: Tensor, mode: str, alpha: float, seed: int, step: int) -> MixedBatch:

@@ -33,7 +33,7 @@ from edgekd.errors import EdgekdError
 from edgekd.interrupts import interrupts_held
 from edgekd.metrics import paired_agreement
 from edgekd.models import preprocess_for
-from edgekd.recipe import (DEFAULT_MIX, DEFAULT_MIX_ALPHA, MIRROR_FIXED_VIEWS, default_augment, default_for_start,
+from edgekd.recipe import (DEFAULT_MIX_ALPHA, MIRROR_FIXED_VIEWS, default_augment, default_for_start,
                            recipe_fingerprint)
 from edgekd.record import (TrainState, data_fingerprint, key_inputs, records_fingerprint, resume_training_state,
                            save_training_state, stage_key, state_kept_on_interrupt)
@@ -71,10 +71,14 @@ class DistillConfig:
     # fixed views only: each image or its mirror image, drawn per image and epoch, the same for every model; the
     # teacher cache then holds both (views.py). None: edgekd.recipe's
     flip: bool | None = None
-    mix: str = DEFAULT_MIX  # mixup / cutmix of the shared view, for teacher and student alike (mixing.py)
+    # mixup / cutmix of the shared view, for teacher and student alike (mixing.py); None: edgekd.recipe's
+    mix: str | None = None
     mix_alpha: float = DEFAULT_MIX_ALPHA  # the mixing ratio's Beta(alpha, alpha); 1.0: uniform, as in function matching
-    # reuse teacher outputs across epochs (only without augmentation, mixing or feature losses); None: wherever
-    # that holds, as it does on the default's fixed views
+    # mixed images added to each batch per image in it (0.5: 64 beside a batch of 128), the batch's own images kept;
+    # 0: every image is mixed instead. None: edgekd.recipe's
+    mix_extra: float | None = None
+    # reuse teacher outputs across epochs (only on fixed views, and without feature losses; with mixed images added
+    # the teacher answers those live); None: wherever that holds, as it does on the default's fixed views
     cache_teacher: bool | None = None
     labeled_repeat: int = 1  # with --unlabeled-data: each labeled image this many times per epoch (TrainingRecords)
     compile: bool = False  # torch.compile the student (and its adapters)
@@ -122,19 +126,21 @@ def _check(teachers: list[TeacherResult], config: DistillConfig) -> None:
     for option, value in (("--precision", config.precision), ("--teacher-precision", config.teacher_precision)):
         if value not in PRECISIONS:
             raise EdgekdError(f"unknown {option} {value!r}; use one of {', '.join(PRECISIONS)}")
-    check_mix(config.mix, config.mix_alpha)
+    check_mix(config.mix, config.mix_alpha, config.mix_extra)
     if config.epochs <= 0 or config.batch_size < 2 or (config.temperature or 1.0) <= 0:
         raise EdgekdError("epochs and temperature must be positive and the batch size at least 2")
 
 
-def _with_recipe_defaults(config: DistillConfig, transfer: bool) -> DistillConfig:
+def _with_recipe_defaults(config: DistillConfig, transfer: bool, unlabeled: bool) -> DistillConfig:
     """The settings left to edgekd (None) filled in from the default recipe (edgekd.recipe)."""
-    start = default_for_start(transfer)
+    start = default_for_start(transfer, unlabeled)
     augment = default_augment(config.epochs) if config.augment is None else config.augment
     if config.flip and augment:
         log.warning("--flip applies to fixed views; the random crop/flip of --augment flips images already")
+    mix = start.mix if config.mix is None else config.mix
+    mix_extra = (start.mix_extra if config.mix_extra is None else config.mix_extra) if mix != "none" else 0.0
     return replace(config, temperature=config.temperature or start.temperature,
-                   lr=config.lr if config.lr is not None else start.lr,
+                   lr=config.lr if config.lr is not None else start.lr, mix=mix, mix_extra=mix_extra,
                    augment=augment, flip=(MIRROR_FIXED_VIEWS if config.flip is None else config.flip) and not augment)
 
 
@@ -156,7 +162,7 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
         start = StudentStart(build_student(student_name, teachers[0].num_classes, image_size), "random", "random")
     student = start.model
     transfer = start.source != "random"  # the default recipe depends on it (edgekd.recipe)
-    config = _with_recipe_defaults(config, transfer)
+    config = _with_recipe_defaults(config, transfer, unlabeled=data.unlabeled is not None or not data.info.labeled)
     objective = Objective(config.losses or default_loss_specs(data.info.labeled, transfer), config.temperature)
     objective.check_labels(data.info.labeled)
     student_pre = preprocess_for(student, image_size)
@@ -284,7 +290,7 @@ def _teacher_cache(config: DistillConfig, objective: Objective, records, teacher
                    processes: Processes) -> TeacherCache | None:
     if config.cache_teacher is False:
         return None
-    new_views = config.augment or config.mix != "none"
+    new_views = config.augment or (config.mix != "none" and not config.mix_extra)  # no image is seen twice as it is
     if new_views or objective.needs_features:
         if config.cache_teacher:  # asked for by name: say why not; left to edgekd: nothing to say
             why = "augmentation shows the teacher a new view every epoch" if new_views else \
@@ -360,12 +366,19 @@ class DistillLoop:
 
     def mixed(self, batch: tuple, n_teachers: int, step: int) -> tuple:
         """The batch with its images mixed (the same mix for every model) and the partners' labels and shares
-        appended; unchanged without --mix."""
+        appended; unchanged without --mix. With --mix-extra the batch keeps its images as they are and the first
+        extra x B of its mixed images are added after them (their cache index -1: the teacher answers them live)."""
         if self.config.mix == "none":
             return batch
-        inputs, labels = batch[:1 + n_teachers], batch[1 + n_teachers]
+        inputs, labels, indices = batch[:1 + n_teachers], batch[1 + n_teachers], batch[2 + n_teachers]
         mixed = mix_batch(tuple(inputs), labels, self.config.mix, self.config.mix_alpha, self.config.seed, step)
-        return (*mixed.inputs, *batch[1 + n_teachers:], mixed.partner_labels, mixed.own_share)
+        if not self.config.mix_extra:
+            return (*mixed.inputs, *batch[1 + n_teachers:], mixed.partner_labels, mixed.own_share)
+        added = max(1, round(len(labels) * self.config.mix_extra))
+        return (*(torch.cat([x, m[:added]]) for x, m in zip(inputs, mixed.inputs)),
+                torch.cat([labels, labels[:added]]), torch.cat([indices, torch.full_like(indices[:added], -1)]),
+                torch.cat([labels, mixed.partner_labels[:added]]),  # an image as it is is its own partner
+                torch.cat([torch.ones_like(mixed.own_share), mixed.own_share[:added]]))
 
     def step(self, batch: tuple, n_teachers: int, progress_fraction: float) -> tuple[torch.Tensor, dict, int]:
         """One optimiser step on the batch, computed in memory-sized slices whose gradients accumulate (each
@@ -401,11 +414,27 @@ class DistillLoop:
         read back from the cache."""
         if self.cache is None:
             return self._teacher_forward(inputs)
+        live = indices.cpu() < 0  # mixed images (--mix-extra): new every step, never cached
+        if bool(live.any()):
+            return self._cached_and_live(inputs, indices, live)
         missing = self.cache.missing(indices)
         if bool(missing.any()):
             computed = self._teacher_forward([x[missing.to(x.device)] for x in inputs])
             self.cache.store(indices[missing], [(logits, embedding) for logits, embedding, _ in computed])
         return [(logits, embedding, ()) for logits, embedding in self.cache.read(indices, self.compute.device)]
+
+    def _cached_and_live(self, inputs: list[torch.Tensor], indices: torch.Tensor, live: torch.Tensor) -> list[tuple]:
+        """The cached rows from the cache, the live ones (index -1) from the teachers, in the batch's order."""
+        computed = self._teacher_forward([x[live.to(x.device)] for x in inputs])
+        if bool(live.all()):
+            return computed
+        cached = self.teacher_outputs([x[~live.to(x.device)] for x in inputs], indices[~live.to(indices.device)])
+        order = torch.cat([torch.nonzero(~live).flatten(), torch.nonzero(live).flatten()])
+        back = torch.empty_like(order)
+        back[order] = torch.arange(len(order))
+        return [(torch.cat([c_logits, logits.to(c_logits.device)])[back.to(c_logits.device)],
+                 torch.cat([c_embedding, embedding.to(c_embedding.device)])[back.to(c_embedding.device)], ())
+                for (c_logits, c_embedding, _), (logits, embedding, _) in zip(cached, computed)]
 
     def _teacher_forward(self, inputs: list[torch.Tensor]) -> list[tuple]:
         with torch.inference_mode(), self.teacher_compute.autocast():
@@ -455,7 +484,7 @@ def _finish(hinted: HintedStudent, loop: DistillLoop, teachers: list[TeacherResu
                "epochs": config.epochs, "seed": config.seed, "train_images": len(data.train),
                "unlabeled_images": len(data.unlabeled) if data.unlabeled is not None else 0,
                "labeled_repeat": config.labeled_repeat, "augment": config.augment, "flip": config.flip,
-               "mix": config.mix, "mix_alpha": config.mix_alpha,
+               "mix": config.mix, "mix_alpha": config.mix_alpha, "mix_extra": config.mix_extra,
                "teachers": [t.model_name for t in teachers], "teacher_val_top1": teachers[0].val_top1,
                "teacher_agreements": agreements,  # with each teacher, in the order of "teachers"
                "feature_pairs": [[f"{s.name}->{t.name}" for s, t in chosen] for chosen in pairs],

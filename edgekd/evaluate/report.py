@@ -126,7 +126,8 @@ NOT_LOSS_TERMS = frozenset({"epoch", "seconds", "images_per_s", "lr", "val_top1"
 
 def _distill_setup(log: Any) -> dict[str, Any]:
     """How the student was trained (losses, where and in what precision, how long), from distill_log.json."""
-    keys = ("student_init", "losses", "temperature", "augment", "mix", "mix_alpha", "compute", "teacher_compute",
+    keys = ("student_init", "losses", "temperature", "augment", "mix", "mix_alpha", "mix_extra", "compute",
+            "teacher_compute",
             "compiled", "teacher_cache", "processes", "seconds")
     return {key: log[key] for key in keys if isinstance(log, dict) and key in log}
 
@@ -137,7 +138,9 @@ def distill_line(distillation: dict[str, Any]) -> str | None:
     epochs = len(distillation.get("epochs", []))
     temperature = f" at T={distillation['temperature']:g}" if "temperature" in distillation else ""
     mix = distillation.get("mix", "none")
-    mixing = f", {mix} (alpha {distillation.get('mix_alpha', 1.0):g}) on views shared with the teacher" \
+    extra = distillation.get("mix_extra") or 0.0
+    added = f" added to each batch ({extra:g} per image)" if extra else ""
+    mixing = f", {mix} (alpha {distillation.get('mix_alpha', 1.0):g}){added} on views shared with the teacher" \
         if mix != "none" else ""
     views = ", fixed views (no crop/flip)" if distillation.get("augment") is False else ""
     return (f"Distillation: losses {', '.join(distillation['losses'])}{temperature}{views}{mixing}; student on "
