@@ -370,6 +370,11 @@ def test_cli_distill_reports_bad_input_on_one_line():
     result = CliRunner().invoke(app, ["distill", "--student", "test_resnet", "--teacher-dir", "nowhere",
                                       "--mix", "blend"])
     assert result.exit_code == 2 and "Invalid value for '--mix': 'blend' is not a mixing mode" in result.output
+    for command in (["distill", "--student", "test_resnet", "--teacher-dir", "nowhere"],
+                    ["compress", "--teacher", "resnet18", "--budget", "10ms"]):
+        result = CliRunner().invoke(app, [*command, "--mix", "none", "--mix-extra", "0.5"])
+        assert result.exit_code == 2 and result.output.count("\n") == 1
+        assert "--mix-extra adds mixed images, and --mix is none; give --mix mixup" in result.output
     result = CliRunner().invoke(app, ["distill", "--student", "test_resnet", "--teacher-dir", "nowhere",
                                       "--temperature", "-1"])
     assert result.exit_code == 2 and "Invalid value for '--temperature': -1 is not positive" in result.output

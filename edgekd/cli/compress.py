@@ -108,6 +108,7 @@ def compress_command(
 ) -> None:
     """Teacher + budget in; a distilled, quantized, checked student bundle and a report out. Resumable."""
     from edgekd.distill.losses import parse_loss_specs
+    from edgekd.distill.mixing import check_mix
     from edgekd.distill.train import DistillConfig
     from edgekd.evaluate.report import summary_lines
     from edgekd.pipeline import CompressConfig, compress
@@ -124,6 +125,7 @@ def compress_command(
     student, student_init = student_choice(student, student_checkpoint, student_pretrained)
     image_size = parse_input_size(input_size)
     run_dir = out or Path("runs") / f"{specs[0].name.split('.')[0]}-{budget.replace(' ', '')}"
+    check_mix(mix, mix_alpha, mix_extra)  # before the teacher is fine-tuned
     config = CompressConfig(
         teachers=tuple(specs), budget_ms=budget_ms, out=run_dir, profile=profile, image_size=image_size,
         student=student, student_init=student_init, candidates=tuple(_names(candidates) or ()) or None,

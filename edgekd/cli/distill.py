@@ -121,6 +121,7 @@ def distill_command(
     from edgekd.data import load_data
     from edgekd.distill import DistillConfig, distill, parse_loss_specs
     from edgekd.distill.features import parse_feature_pairs
+    from edgekd.distill.mixing import check_mix
     from edgekd.distill.students import initial_student
     from edgekd.distill.teacher import prepare_teachers, read_teacher_result
     from edgekd.distill.train import agreement_text
@@ -138,6 +139,7 @@ def distill_command(
     if teacher and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise EdgekdError("under torchrun, prepare the teacher once first (`edgekd train-teacher ... --out DIR`) "
                           "and pass --teacher-dir DIR")
+    check_mix(mix, mix_alpha, mix_extra)  # before any teacher is loaded
     config = DistillConfig(losses=parse_loss_specs(loss, loss_option), temperature=temperature,
                            mix=mix, mix_alpha=mix_alpha, mix_extra=mix_extra,
                            feature_pairs=parse_feature_pairs(feature_pairs), teacher_weighting=teacher_weighting,
