@@ -131,7 +131,7 @@ def _check(teachers: list[TeacherResult], config: DistillConfig) -> None:
         raise EdgekdError("epochs and temperature must be positive and the batch size at least 2")
 
 
-def _with_recipe_defaults(config: DistillConfig, transfer: bool, unlabeled: bool) -> DistillConfig:
+def _with_recipe_defaults(config: DistillConfig, transfer: bool, unlabeled: bool = False) -> DistillConfig:
     """The settings left to edgekd (None) filled in from the default recipe (edgekd.recipe)."""
     start = default_for_start(transfer, unlabeled)
     augment = default_augment(config.epochs) if config.augment is None else config.augment
