@@ -327,7 +327,6 @@ def _ort_entry(folder: Path, name: str, parent: str) -> list[Artifact]:
                      config={"format": "ort", "optimization": "basic"})]
 
 
-
 def _not_a_bundles(folder: Path) -> list[str]:
     """What in `folder` a bundle does not hold (its files, their .ort forms, web/), by relative path."""
     foreign = []
