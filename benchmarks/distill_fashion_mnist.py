@@ -53,11 +53,15 @@ class Recipe:
     lr: float | None = None  # the student's peak rate; None: edgekd's default for a student from random weights
     flip: bool = False  # fixed views: each image or its mirror image, per image and epoch (--flip)
     mix_extra: float = 0.0  # with a mix: mixed images added per image of a batch (--mix-extra); 0: every image mixed
+    mix_alpha: float = DistillConfig.mix_alpha  # the mixing ratio's Beta(alpha, alpha) (--mix-alpha)
+    # a change that only a prototype patch in benchmarks/experiments makes (the row then runs with it applied)
+    prototype: str = ""
 
     def distill_config(self, epochs: float, seed: int) -> DistillConfig:
         """The settings of a benchmark run (the teacher's forward pass in fp32 on every machine)."""
         return DistillConfig(losses=parse_loss_specs([self.losses], [self.options] if self.options else []),
-                             mix=self.mix, mix_extra=self.mix_extra, temperature=self.temperature,
+                             mix=self.mix, mix_extra=self.mix_extra, mix_alpha=self.mix_alpha,
+                             temperature=self.temperature,
                              epochs=epochs, seed=seed,
                              augment=self.augment, cache_teacher=self.cached_teacher or None,
                              teacher_precision="fp32", batch_size=self.batch_size, lr=self.lr, flip=self.flip)
@@ -75,6 +79,8 @@ class Recipe:
         parts += [f"`{self.options}`"] if self.options else []
         parts += [f"{self.mix} added ({self.mix_extra:g} per image)" if self.mix_extra else f"mix {self.mix}"] \
             if self.mix != "none" else []
+        parts += [f"ratio from Beta({self.mix_alpha:g}, {self.mix_alpha:g})"] \
+            if self.mix != "none" and self.mix_alpha != DistillConfig.mix_alpha else []
         parts += ["crop/flip"] if self.augment else \
             [f"fixed views{' and their mirror images' if self.flip else ''}, "
              f"{'cached teacher' if self.cached_teacher else 'teacher live (its maps are not cached)'}"]
@@ -82,6 +88,7 @@ class Recipe:
         parts += [f"{self.epochs_factor:g}x epochs"] if self.epochs_factor != 1.0 else []
         parts += [f"batch {self.batch_size}"] if self.batch_size != DistillConfig.batch_size else []
         parts += [f"lr {self.lr:g}"] if self.lr is not None else []
+        parts += [self.prototype] if self.prototype else []
         return ", ".join(parts)
 
 
@@ -114,6 +121,13 @@ AT_DEFAULT_RATE = {
     "labels-only+mix": Recipe("ce=1", augment=False, mix="mixup", mix_extra=0.5),
     "default-mix1": replace(default_recipe(), mix_extra=1.0),
     "default-cutmix": replace(default_recipe(), mix="cutmix"),
+    "default-mixup+cutmix": replace(default_recipe(), mix="mixup+cutmix"),  # one or the other per step
+    "default-mix-alpha2": replace(default_recipe(), mix_alpha=2.0),  # ratios nearer 0.5: images between two
+    # prototypes (benchmarks/experiments/mixup_ratio_per_image_prototype.patch, run with EDGEKD_EXP_MIX=per-sample
+    # or =mirror): a mixing ratio per image rather than per step (timm Mixup's mode "elem"); the partner mirrored
+    "default-ratio-per-image": replace(default_recipe(), prototype="a ratio per mixed image (prototype)"),
+    "default-mirrored-partner": replace(default_recipe(), prototype="the partner image mirrored (prototype)"),
+    "default-mix-alpha0.4": replace(default_recipe(), mix_alpha=0.4),  # ratios nearer 0 or 1: near the images
     # the standardized logits' temperature (the paper's 2), on the default without mixed images
     "default-no-mix-t1": replace(NO_MIX, temperature=1.0),
     "default-no-mix-t4": replace(NO_MIX, temperature=4.0),

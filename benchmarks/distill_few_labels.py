@@ -58,6 +58,10 @@ AT_DEFAULT_RATE = {  # fixed views, the teacher's answers cached, unless a row s
     # with --unlabeled-data the default adds no mixed images (edgekd.recipe.default_for_start)
     "default": Row(default_recipe(UNLABELED_EPOCHS, unlabeled=True), unlabeled=True, epochs=UNLABELED_EPOCHS),
     "kd": Row(Recipe("ce=1,kd=1", augment=False), unlabeled=True, epochs=UNLABELED_EPOCHS),  # plain KD, fixed views
+    # mixed images added to each batch (the default from random weights where every image is labeled), here with
+    # labeled and unlabeled images mixed alike
+    "default+mix": Row(replace(default_recipe(UNLABELED_EPOCHS, unlabeled=True), mix="mixup", mix_extra=0.5),
+                       unlabeled=True, epochs=UNLABELED_EPOCHS),
     # the teacher's pooled embedding through a trained projector (proj), on top of plain KD and of the default
     "kd+proj": Row(Recipe("ce=1,kd=1,proj=1", augment=False), unlabeled=True, epochs=UNLABELED_EPOCHS),
     "default+proj": Row(replace(NO_MIX, losses=NO_MIX.losses + ",proj=1"),

@@ -12,6 +12,8 @@ data loader would deliver them:
   distill ce+kd         teacher forward + student forward/backward + AdamW step (edgekd's default losses)
   distill ce+kd+fitnet  the same with feature hints (teacher taps, adapters)
   distill ce+kd cached  teacher outputs from the cache (edgekd --cache-teacher): what the student step costs alone
+  distill from random   edgekd's default for a student from random weights (edgekd.recipe.FROM_RANDOM): the batch's
+                        images from the cache, and half a batch of mixups of them added, which the teacher answers live
 
 It runs the real distillation step (edgekd.distill.train's wiring and loop), not a copy of it. Weights are
 random: throughput does not depend on them (no pretrained weights can be downloaded here).
@@ -27,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,13 +38,14 @@ from edgekd.distill.losses import Objective, parse_loss_specs
 from edgekd.distill.state import TeacherCache
 from edgekd.distill.train import DistillConfig, DistillLoop, wire_models
 from edgekd.models import create_model, preprocess_for
+from edgekd.recipe import FROM_RANDOM
 from edgekd.distill.train_utils import (SCRATCH_LR, Compute, cpu_has_native_bf16, make_optimizer, pick_device,
                                         warmup_cosine)
 from edgekd.types import TeacherResult
 
 RESULTS = Path(__file__).parent / "results"
 CASES = {"distill ce+kd": "ce=1,kd=1", "distill ce+kd+fitnet": "ce=1,kd=1,fitnet=1",
-         "distill ce+kd cached": "ce=1,kd=1"}
+         "distill ce+kd cached": "ce=1,kd=1", "distill from random": ",".join(FROM_RANDOM.losses)}
 
 
 def main() -> None:
@@ -115,6 +119,9 @@ def time_distill(args, compute: Compute, teacher_compute: Compute, batch: int, s
                             weights_source="random", fine_tuned=False, val_top1=None)
     # any temperature: only the speed is measured
     config = DistillConfig(losses=parse_loss_specs([losses]), temperature=4.0, augment=False, compile=compiled)
+    if case == "distill from random":
+        config = replace(config, losses=parse_loss_specs([losses], list(FROM_RANDOM.loss_options)),
+                         temperature=FROM_RANDOM.temperature, mix=FROM_RANDOM.mix, mix_extra=FROM_RANDOM.mix_extra)
     objective = Objective(config.losses, config.temperature)
     hinted, tapped, _ = wire_models(student, preprocess_for(student, size), [teacher_model], [teacher], objective,
                                     config, compute, teacher_compute)
@@ -122,12 +129,15 @@ def time_distill(args, compute: Compute, teacher_compute: Compute, batch: int, s
     scheduler = warmup_cosine(optimizer, 10_000, 0.0)
     model = torch.compile(hinted) if compiled else hinted
     with tempfile.TemporaryDirectory(prefix="edgekd-teacher-cache-") as scratch:  # the disk cache, as --cache-teacher
-        cache = TeacherCache(Path(scratch), batch, 1) if case.endswith("cached") else None
+        cached = case.endswith("cached") or case == "distill from random"
+        cache = TeacherCache(Path(scratch), batch, 1) if cached else None
         loop = DistillLoop(model, tapped, objective, optimizer, scheduler, config, compute, teacher_compute, cache,
                            10_000)
         batch_tuple = (torch.randn(batch, 3, *size), torch.randn(batch, 3, *size),
                        torch.randint(0, args.classes, (batch,)), torch.arange(batch))
-        return measure(case, compute, lambda: loop.step(batch_tuple, 1, 0.5), batch, steps, warmup, compiled)
+        # the loop's own mixing (DistillLoop.mixed: none outside the mixed case), as its epochs call it every step
+        return measure(case, compute, lambda: loop.step(loop.mixed(batch_tuple, 1, 0), 1, 0.5), batch, steps, warmup,
+                       compiled)
 
 
 def measure(case: str, compute: Compute, step, batch: int, steps: int, warmup: int, compiled: bool) -> dict:
@@ -192,6 +202,10 @@ def findings(record: dict) -> list[str]:
         student = rows["distill ce+kd cached"]["step_ms"]
         hints = rows.get("distill ce+kd+fitnet")
         extra = f"; feature hints change the step time by {100 * (hints['step_ms'] / step - 1):+.0f}%" if hints else ""
+        mixed = rows.get("distill from random")
+        extra += (f"; the default from random weights (cached, with half a batch of mixups the teacher answers live) "
+                  f"takes {mixed['step_ms']:.0f} ms, {mixed['step_ms'] / student:.1f}x the cached step and "
+                  f"{mixed['step_ms'] / step:.2f}x the uncached one") if mixed else ""
         out.append(f"* **{setting}** (student {rows['distill ce+kd']['precision']}, teacher "
                    f"{rows['distill ce+kd'].get('teacher_precision', '')}): the teacher's forward pass is "
                    f"{min(100.0, 100 * teacher / step):.0f}% of a ce+kd step ({teacher:.0f} of {step:.0f} ms) and the "

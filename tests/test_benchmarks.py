@@ -25,10 +25,12 @@ def test_distill_throughput_benchmark_runs_on_tiny_models(tmp_path):
     record = json.loads(out.read_text())
     cases = [(r["setting"], r["case"]) for r in record["rows"]]
     assert cases == [(s, c) for s in ("fp32", "auto") for c in ("teacher forward", "distill ce+kd",
-                                                                 "distill ce+kd+fitnet", "distill ce+kd cached")]
+                                                                 "distill ce+kd+fitnet", "distill ce+kd cached",
+                                                                 "distill from random")]
     assert all(r["images_per_s"] > 0 for r in record["rows"])
     markdown = out.with_suffix(".md").read_text()
     assert "## What limits it" in markdown and "**auto**" in markdown
+    assert markdown.count("the default from random weights (cached, with half a batch of mixups") == 2
     assert out.with_suffix(".png").stat().st_size > 1000
 
 

@@ -48,8 +48,8 @@ def seed_everything(seed: int) -> None:
 
 PRECISIONS = ("auto", "bf16", "fp32")
 # /proc/cpuinfo flags of CPUs that compute in bf16 natively (x86 AVX512-BF16 / AMX, Arm BF16). Without them torch
-# emulates bf16, slower than fp32; with them a ViT-B teacher's forward pass ran 3.3x faster on this project's
-# 2-core host (benchmarks/results/distill_throughput_cpu.md).
+# emulates bf16, slower than fp32; with them a ViT-B teacher's forward pass ran 3.6x faster on this project's
+# 2-core Xeon with AMX (benchmarks/results/distill_throughput_cpu.md; 3.3x on an AMD EPYC with AVX512-BF16).
 NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
 
 
