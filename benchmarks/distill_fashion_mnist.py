@@ -92,9 +92,9 @@ class Recipe:
         return ", ".join(parts)
 
 
-def default_recipe(epochs: float = STUDENT_EPOCHS, unlabeled: bool = False) -> Recipe:
+def default_recipe(epochs: float = STUDENT_EPOCHS) -> Recipe:
     """What `edgekd compress` and `edgekd distill` use for a student from random weights (edgekd.recipe)."""
-    losses = default_for_start(transfer=False, unlabeled=unlabeled)
+    losses = default_for_start(transfer=False)
     return Recipe(",".join(losses.losses), ",".join(losses.loss_options), losses.mix, losses.temperature,
                   augment=default_augment(epochs), mix_extra=losses.mix_extra)
 

@@ -83,9 +83,10 @@ def test_label_free_run_on_an_unlabeled_folder(data, teachers, tmp_path):
     assert checkpoint.val_top1 is None and 0.0 <= checkpoint.teacher_agreement <= 1.0
     log = json.loads((tmp_path / "out" / "distill_log.json").read_text())
     assert log["losses"] == ["kd=9(standardize=1)"] and "ce" not in log["epoch_log"][0]  # the default, less ce
-    # the default from random weights: fixed views, so the teacher's outputs are computed once and reused; no mixed
-    # images where the images themselves have no labels (edgekd.recipe.default_for_start)
-    assert log["augment"] is False and log["teacher_cache"] is True and (log["mix"], log["mix_extra"]) == ("none", 0)
+    # the default from random weights: fixed views, so the teacher's outputs are computed once and reused, and mixed
+    # images added to each batch (unlabeled too: the teacher answers them live, beside the cached images)
+    assert log["augment"] is False and log["teacher_cache"] is True
+    assert (log["mix"], log["mix_extra"]) == ("mixup", 0.5)
     assert log["teacher_cache_misses"] == 60 and log["teacher_cache_hits"] == 60  # epoch 1 computes, epoch 2 reads
     uncached = distill(teachers[:1], "test_resnet", unlabeled, replace(config, cache_teacher=False), tmp_path / "plain")
     cached_weights, plain_weights = load_file(str(checkpoint.weights_path)), load_file(str(uncached.weights_path))

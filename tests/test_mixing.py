@@ -207,6 +207,8 @@ def test_mixed_images_added_to_the_batch_are_answered_live_beside_its_cached_ima
     log = json.loads((tmp_path / "extra" / "distill_log.json").read_text())
     assert (log["mix"], log["mix_extra"], log["teacher_cache"]) == ("mixup", 0.5, True)
     assert log["teacher_cache_misses"] == 0 and log["teacher_cache_hits"] == 2 * len(data.train)
+    # img/s counts the data's 96 images per epoch, not the 48 mixed ones added to them
+    assert [round(e["images_per_s"] * e["seconds"]) for e in log["epoch_log"]] == [len(data.train)] * 2
 
 
 def test_the_report_says_how_the_shared_views_were_mixed():

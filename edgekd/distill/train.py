@@ -131,9 +131,9 @@ def _check(teachers: list[TeacherResult], config: DistillConfig) -> None:
         raise EdgekdError("epochs and temperature must be positive and the batch size at least 2")
 
 
-def _with_recipe_defaults(config: DistillConfig, transfer: bool, unlabeled: bool = False) -> DistillConfig:
+def _with_recipe_defaults(config: DistillConfig, transfer: bool) -> DistillConfig:
     """The settings left to edgekd (None) filled in from the default recipe (edgekd.recipe)."""
-    start = default_for_start(transfer, unlabeled)
+    start = default_for_start(transfer)
     augment = default_augment(config.epochs) if config.augment is None else config.augment
     if config.flip and augment:
         log.warning("--flip applies to fixed views; the random crop/flip of --augment flips images already")
@@ -162,7 +162,7 @@ def _run(teachers: list[TeacherResult], student_name: str, data: LoadedData, con
         start = StudentStart(build_student(student_name, teachers[0].num_classes, image_size), "random", "random")
     student = start.model
     transfer = start.source != "random"  # the default recipe depends on it (edgekd.recipe)
-    config = _with_recipe_defaults(config, transfer, unlabeled=data.unlabeled is not None or not data.info.labeled)
+    config = _with_recipe_defaults(config, transfer)
     objective = Objective(config.losses or default_loss_specs(data.info.labeled, transfer), config.temperature)
     objective.check_labels(data.info.labeled)
     student_pre = preprocess_for(student, image_size)
@@ -338,8 +338,11 @@ class DistillLoop:
                 if batch_index >= steps:
                     break
                 with interrupts_held():  # a step lands whole (weights, BatchNorm statistics, step count) or not
-                    total, terms, images = self.step(self.views(batch, n_teachers, epoch, state.step), n_teachers,
-                                                     state.step / self.total_steps)
+                    # img/s counts the loader's images: mixed images added to the batch (--mix-extra) are extra work
+                    # on them, not progress through the data
+                    images = len(batch[0])
+                    total, terms, _ = self.step(self.views(batch, n_teachers, epoch, state.step), n_teachers,
+                                                state.step / self.total_steps)
                     state.step += 1
                     self.scheduler.step_update(state.step)
                     for name, value in {"loss": total, **terms, "steps": 1, "images": images}.items():
