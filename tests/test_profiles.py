@@ -126,6 +126,13 @@ def test_fp16_is_offered_only_with_a_provider_that_has_fp16_kernels():
     assert "fp16" in gpu.precisions
 
 
+def _installed_edgekd() -> list[str]:
+    """The folders this environment's edgekd distributions are installed in (an editable install's too)."""
+    import importlib.metadata
+
+    return sorted(str(d.locate_file("")) for d in importlib.metadata.distributions() if d.metadata["Name"] == "edgekd")
+
+
 def test_an_installed_edgekd_finds_its_profiles_outside_the_checkout(tmp_path):
     """`pip install edgekd` (a wheel, not this checkout): `--profile host` must still be found. The wheel carries
     profiles/ as data files, which land under the install scheme's data path: sys.prefix in a venv, but /usr/local
@@ -138,6 +145,7 @@ def test_an_installed_edgekd_finds_its_profiles_outside_the_checkout(tmp_path):
     import sys
     import sysconfig
 
+    installed_before = _installed_edgekd()
     root, source = Path(__file__).resolve().parents[1], tmp_path / "source"
     source.mkdir()  # built from a copy: setuptools leaves build/ in the tree it builds
     for name in ("pyproject.toml", "README.md"):
@@ -165,8 +173,10 @@ def test_an_installed_edgekd_finds_its_profiles_outside_the_checkout(tmp_path):
     # editable edgekd stays out)
     Path(site, "borrowed.pth").write_text(borrowed + "\n")
     prefix = tmp_path / "prefix"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--prefix", str(prefix), wheel],
-                   check=True, capture_output=True)
+    # --ignore-installed: pip would otherwise uninstall this environment's own edgekd (the developer's editable
+    # install) before writing the wheel under the prefix
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--ignore-installed", "--prefix",
+                    str(prefix), wheel], check=True, capture_output=True)
     prefixed = next(prefix.glob("lib/python*/site-packages"))
     for command, installed in (([python, "-c", probe], site),
                                ([python, "-S", "-c", f"import sys; sys.path[:0] = [{str(prefixed)!r}, {borrowed!r}]; "
@@ -176,3 +186,6 @@ def test_an_installed_edgekd_finds_its_profiles_outside_the_checkout(tmp_path):
         module, profiles = shown.stdout.splitlines()
         assert module.startswith(installed)  # the installed copy, not this checkout
         assert profiles == "host ['desktop-avx2', 'host', 'phone-arm64', 'rpi4']"
+    # and this environment's own edgekd, if it had one, is still installed (make test must not uninstall the
+    # editable install that make demo and the benchmarks run)
+    assert _installed_edgekd() == installed_before

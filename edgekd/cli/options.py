@@ -115,7 +115,7 @@ MixExtra = Annotated[Optional[float], typer.Option(
     "per image (0.5: 64 beside a batch of 128; the teacher answers those live, the others from its cache); 0: "
     "every image is mixed instead, as in function matching. Default (edgekd/recipe.py): "
     f"{FROM_RANDOM.mix_extra:g} from random weights, else 0: with 10,000 labels over 8 epochs the default then beat "
-    "labels only by 1.3 points (every seed) and plain KD by 0.8 (two seeds of three), at 1.5x the time "
+    "labels only by 1.3 points (every seed) and plain KD by 0.6 (two seeds of four), at 1.5x the time "
     "(benchmarks/results/distill_fashion_mnist.md); with 1,000 labels and 59,000 unlabeled images it gained 0.4 "
     "(every seed; distill_few_labels.md); mixing every image cost 4-5 points.")]
 MixAlpha = Annotated[float, typer.Option(
