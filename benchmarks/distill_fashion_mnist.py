@@ -158,12 +158,13 @@ AT_DEFAULT_RATE = {
 # The student's rate from random weights, swept on seed 0: edgekd.recipe's 8e-3 is where labels-only and the
 # default peak.
 RATES = (0.004, 0.016)
+# The rate sweep and the old-rate rows were measured on the default of then (no mixed images): -lrX rows keep it.
+BEFORE_MIXING = {**AT_DEFAULT_RATE, "default": NO_MIX}
 # Every row of the previous version of this table, at the rate edgekd used then (2e-3): what each ingredient adds.
 OLD_RATE = 0.002
 AT_OLD_RATE = {
-    **AT_DEFAULT_RATE,
+    **BEFORE_MIXING,
     "default-ce1": replace(NO_MIX, losses="ce=1,kd=9"),  # the label term at full weight
-    "default-2x-epochs": replace(default_recipe(2 * STUDENT_EPOCHS), epochs_factor=2.0),
     # twice the optimiser steps in the same 8 epochs: how much of each recipe's score is under-training
     "default-batch64": replace(NO_MIX, batch_size=64),
     "labels-only-batch64": Recipe("ce=1", augment=False, batch_size=64),
@@ -183,7 +184,7 @@ AT_OLD_RATE = {
 }
 CONFIGS = {
     **AT_DEFAULT_RATE,
-    **{f"{name}-lr{rate:g}": replace(AT_DEFAULT_RATE[name], lr=rate)
+    **{f"{name}-lr{rate:g}": replace(BEFORE_MIXING[name], lr=rate)
        for rate in RATES for name in ("default", "labels-only", "kd-fixed-views")},
     **{f"{name}-lr{OLD_RATE:g}": replace(recipe, lr=OLD_RATE) for name, recipe in AT_OLD_RATE.items()},
 }

@@ -151,13 +151,11 @@ def test_teacher_and_student_receive_the_identical_mixed_tensor(small_run, tmp_p
         return _stem_inputs(lambda: distill([teacher], "test_efficientnet", data, replace(config, mix=mix),
                                             tmp_path / mix), 2)
 
-    student_pre = STUDENT_PRE
-    assert student_pre.mean != teacher.preprocess.mean
-    pixels = _pixels
+    assert STUDENT_PRE.mean != teacher.preprocess.mean
     teacher_plain, student_plain = first_step_inputs("none")
-    torch.testing.assert_close(pixels(teacher_plain, teacher.preprocess), pixels(student_plain, student_pre))
+    torch.testing.assert_close(_pixels(teacher_plain, teacher.preprocess), _pixels(student_plain, STUDENT_PRE))
     teacher_mixed, student_mixed = first_step_inputs("mixup")
-    torch.testing.assert_close(pixels(teacher_mixed, teacher.preprocess), pixels(student_mixed, student_pre))
+    torch.testing.assert_close(_pixels(teacher_mixed, teacher.preprocess), _pixels(student_mixed, STUDENT_PRE))
     expected = mix_batch((student_plain,), torch.zeros(32, dtype=torch.long), "mixup", config.mix_alpha,
                          config.seed, 0).inputs[0]
     torch.testing.assert_close(student_mixed, expected)

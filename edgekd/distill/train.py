@@ -341,8 +341,8 @@ class DistillLoop:
                     # img/s counts the loader's images: mixed images added to the batch (--mix-extra) are extra work
                     # on them, not progress through the data
                     images = len(batch[0])
-                    total, terms, _ = self.step(self.views(batch, n_teachers, epoch, state.step), n_teachers,
-                                                state.step / self.total_steps)
+                    total, terms = self.step(self.views(batch, n_teachers, epoch, state.step), n_teachers,
+                                             state.step / self.total_steps)
                     state.step += 1
                     self.scheduler.step_update(state.step)
                     for name, value in {"loss": total, **terms, "steps": 1, "images": images}.items():
@@ -383,7 +383,7 @@ class DistillLoop:
                 torch.cat([labels, mixed.partner_labels[:added]]),  # an image as it is is its own partner
                 torch.cat([torch.ones_like(mixed.own_share), mixed.own_share[:added]]))
 
-    def step(self, batch: tuple, n_teachers: int, progress_fraction: float) -> tuple[torch.Tensor, dict, int]:
+    def step(self, batch: tuple, n_teachers: int, progress_fraction: float) -> tuple[torch.Tensor, dict]:
         """One optimiser step on the batch, computed in memory-sized slices whose gradients accumulate (each
         slice's losses weighted by its share of the batch; relation losses see the pairs within a slice)."""
         size = len(batch[0])
@@ -393,7 +393,7 @@ class DistillLoop:
             lambda part: self._losses(tuple(x[part] for x in batch), n_teachers, progress_fraction), self.model)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
-        return total, terms, size
+        return total, terms
 
     def _losses(self, batch: tuple, n_teachers: int, progress_fraction: float) -> tuple[torch.Tensor, dict]:
         student_input = self.compute.inputs(batch[0])
