@@ -8,15 +8,12 @@ PY=${PYTHON:-.venv/bin/python}
 LOCK=${EDGEKD_LOCK:-/tmp/edgekd-cpu.lock}
 flock "$LOCK" "$PY" benchmarks/distill_fashion_mnist.py teacher
 for seed in ${SEEDS:-0 1 2 3}; do
-  for config in ${CONFIGS:-default labels-only kd-fixed-views}; do
+  for config in ${CONFIGS:-default labels-only kd-fixed-views kd}; do
     flock "$LOCK" "$PY" benchmarks/distill_fashion_mnist.py student "$config" --seed "$seed"
   done
 done
-if [ -z "${CONFIGS:-}" ]; then  # the ingredient rows the table shows with fewer seeds (see its notes)
-  for run in default-no-mix:0 default-no-mix:1 labels-only+mix:1 default-mix1:1 default-cutmix:1 \
-             default-no-mix-t1:1 default-no-mix-t4:1 kd-fixed-views+mix:2 default-mix-alpha2:2 \
-             default-mixup+cutmix:2; do  # default-ratio-per-image and default-mirrored-partner: see the notes
-    flock "$LOCK" "$PY" benchmarks/distill_fashion_mnist.py student "${run%:*}" --seed "${run#*:}"
-  done
-fi
+# The prototype rows (seeds 0-2) run with a patch from benchmarks/experiments applied (the table's notes name it):
+#   git apply benchmarks/experiments/mixup_confusable_partner_prototype.patch
+#   EDGEKD_EXP_MIX=confusable CONFIGS=default-confusable SEEDS="0 1 2" benchmarks/run_distill_fashion_mnist.sh
+# and likewise crop_views_added_prototype.patch with EDGEKD_EXP_MIX=crop-added for default-crop-added.
 "$PY" benchmarks/distill_fashion_mnist.py table

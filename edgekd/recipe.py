@@ -32,9 +32,9 @@ The measurements behind it (benchmarks/results/):
 - Mixed images added to each batch (--mix mixup --mix-extra 0.5, from random weights): the teacher answers half a
   batch of mixups of the batch's own images, beside them; function matching (Beyer et al., CVPR 2022) on images
   between the training images, without taking a step's clean images away. distill_fashion_mnist.md (10,000 labels,
-  8 epochs, 4 seeds, the 2026-12-07 run): 85.89%, +1.33 over labels only (every seed) and +0.58 over plain KD on
-  fixed views (+1.96, +0.84, -0.29, -0.18), at 1.5x the time per run; +1.38 and +0.57 over standardized KD alone (two
-  seeds). Labels only gains nothing from the same mixed images (-0.11, one seed), a whole batch of them or cutmix
+  8 epochs, two trainings of the teacher, 4 seeds each): +1.29 over labels only (every seed) and +0.47 over plain KD
+  on fixed views (6 of 8), at 1.5x the time per run (the 2026-12-08 run: 85.94%, +1.25 and +0.35); +1.38 and +0.57
+  over standardized KD alone (two seeds). Labels only gains nothing from the same mixed images (-0.11, one seed), a whole batch of them or cutmix
   less (one seed). Beside unlabeled images too (distill_few_labels.md, 3 seeds, the 2026-12-07 run): 80.88%
   against 80.47% without them (+0.36, +0.57, +0.30), 0.50 below the teacher and 6.25 above labels only, at 1.4x
   the time per run (376 s against 265 s).

@@ -115,7 +115,7 @@ MixExtra = Annotated[Optional[float], typer.Option(
     "per image (0.5: 64 beside a batch of 128; the teacher answers those live, the others from its cache); 0: "
     "every image is mixed instead, as in function matching. Default (edgekd/recipe.py): "
     f"{FROM_RANDOM.mix_extra:g} from random weights, else 0: with 10,000 labels over 8 epochs the default then beat "
-    "labels only by 1.3 points (every seed) and plain KD by 0.6 (two seeds of four), at 1.5x the time "
+    "labels only by 1.3 points (every seed) and plain KD by 0.5 (6 seed-runs of 8), at 1.5x the time "
     "(benchmarks/results/distill_fashion_mnist.md); with 1,000 labels and 59,000 unlabeled images it gained 0.4 "
     "(every seed; distill_few_labels.md); mixing every image cost 4-5 points.")]
 MixAlpha = Annotated[float, typer.Option(
@@ -138,7 +138,8 @@ Losses = Annotated[list[str], typer.Option(
     f"logit-standardized KD, trained at --lr {FROM_RANDOM.lr:g}, with mixed images added (--mix-extra): with 1,000 "
     "labels and 59,000 unlabeled images it ended 0.5 points below its teacher and 6.2 above labels only "
     "(benchmarks/results/distill_few_labels.md; without the mixed images, 3.7 above plain KD); with 10,000 labels, "
-    "1.3 above labels only and 0.6 above plain KD (distill_fashion_mnist.md, 4 seeds). For a student from real weights "
+    "1.3 above labels only and 0.5 above plain KD (distill_fashion_mnist.md, 8 seed-runs). For a student from real "
+    "weights "
     "(pretrained, teacher-derived, a checkpoint) " + " ".join(FROM_REAL_WEIGHTS.losses)
     + f" at --temperature {FROM_REAL_WEIGHTS.temperature:g}: "
     "the standardized recipe held the demo's student near its teacher (86.95% against 88.35-88.80%). No ce without "
