@@ -36,9 +36,9 @@ The measurements behind it (benchmarks/results/):
   on fixed views (6 of 8), at 1.3-1.5x the time per run (the 2026-12-08 run: 85.94%, +1.25 and +0.35); +1.38 and
   +0.57 over standardized KD alone (two seeds). Labels only gains nothing from the same mixed images (-0.11, one
   seed); a whole batch of them, cutmix, crop/flip views instead of mixups (-0.49, 3 seeds) or partners from the
-  class the teacher confuses (-0.29, 3 seeds) teach less. Beside unlabeled images too (distill_few_labels.md, 3 seeds, the 2026-12-07 run): 80.88%
-  against 80.47% without them (+0.36, +0.57, +0.30), 0.50 below the teacher and 6.25 above labels only, at 1.4x
-  the time per run (376 s against 265 s).
+  class the teacher confuses (-0.29, 3 seeds) teach less. Beside unlabeled images too (distill_few_labels.md, 3
+  seeds, the 2026-12-07 run): 80.88% against 80.47% without them (+0.36, +0.57, +0.30), 0.50 below the teacher and
+  6.25 above labels only, at 1.4x the time per run (376 s against 265 s).
 - Consistent mixup/cutmix of every image lost 4-5 points at 8 epochs (--mix-extra 0). So did mirror images on fixed
   views (--flip, each image or its mirror image per epoch, both views cached), on seed 0 of the 10,000-label
   setting: the default 0.28 points, plain KD 0.45, labels only 1.01: off by default.
