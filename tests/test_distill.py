@@ -233,7 +233,8 @@ def test_compiled_student_trains_like_the_eager_one(data, teachers, tmp_path):
     compiled = distill(teachers[:1], "test_resnet", data, replace(config, compile=True), tmp_path / "compiled")
     a, b = (json.loads((tmp_path / name / "distill_log.json").read_text()) for name in ("eager", "compiled"))
     assert b["compiled"] and not a["compiled"]
-    assert b["epoch_log"][0]["loss"] == pytest.approx(a["epoch_log"][0]["loss"], rel=1e-4)
+    # inductor's fused kernels sum in another order: 1.2e-4 apart on an AMD EPYC, under 1e-4 on the Xeons
+    assert b["epoch_log"][0]["loss"] == pytest.approx(a["epoch_log"][0]["loss"], rel=1e-3)
     assert compiled.val_top1 == pytest.approx(eager.val_top1, abs=0.05)
 
 

@@ -412,7 +412,9 @@ def test_averaged_ranges_keep_the_answers_rare_extreme_images_cost_minmax(resnet
     with caplog.at_level(logging.INFO, logger="edgekd"):
         decision = guarded_quantize(fp32, tmp_path / "model.onnx", evalset=evalset, calibration=extreme,
                                     isa="avx512_vnni", precisions=("int8_static",),
-                                    guard=GuardConfig(max_accuracy_drop=5.0, max_rounds=0))
+                                    guard=GuardConfig(max_accuracy_drop=10.0, max_rounds=0))
+    # averaged ranges' drop: under 5 points on the Xeons this was written on, 7.3 on an AMD EPYC (its int8 kernels
+    # round otherwise); minmax's stays near 40 on both
     assert [t.calibration_method for t in decision.trials] == ["minmax", "average"]
     assert decision.precision == "int8_static" and decision.trials[-1].passed
     assert f"minmax ranges: {found.describe()}; averaged ranges clip them" in caplog.text

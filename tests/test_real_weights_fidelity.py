@@ -119,16 +119,22 @@ def test_the_guard_keeps_the_layers_nearest_the_input_in_float_when_the_ranking_
     decision = guarded_quantize(path, tmp_path / "int8.onnx", evalset=evalset, calibration=calibration,
                                 isa="avx512_vnni", precisions=("int8_static",),
                                 guard=GuardConfig(min_agreement=0.97, calibration_method="minmax"))
-    first, last = decision.trials[0], decision.trials[-1]
-    assert not first.passed and decision.trials[1].float_nodes_by == "sensitivity"  # both needed more
-    assert not decision.trials[1].passed
-    assert decision.precision == "int8_static" and last.float_nodes_by == "input side" and last.agreement >= 0.97
+    first, ranked, nearest = decision.trials[:3]
+    assert not first.passed and ranked.float_nodes_by == "sensitivity" and not ranked.passed  # both needed more
+    # round 1's other trial: the layers nearest the input, which the ranking missed, agree better
+    assert nearest.float_nodes_by == "input side" and nearest.agreement > ranked.agreement
     graph = onnx.load(str(prepare_for_quantization(path, tmp_path / "prepared.onnx"))).graph  # what the guard read
-    assert last.excluded_nodes == tuple(n.name for n in graph.node if n.op_type == "Conv")[:len(last.excluded_nodes)]
-    # round 1 (the stem and the first depthwise conv) where an AVX2 host computes the VNNI file unfused; round 2 (the
-    # first 5 convs) where a VNNI/AMX Xeon runs it natively. (On half the calibration crops, noisier ranges, it took
-    # round 4: 20 nodes.)
-    assert len(last.excluded_nodes) <= 8
+    convs = tuple(n.name for n in graph.node if n.op_type == "Conv")
+    input_side = [t for t in decision.trials if t.float_nodes_by == "input side"]
+    assert all(t.excluded_nodes == convs[:len(t.excluded_nodes)] for t in input_side)
+    last = decision.trials[-1]
+    if decision.precision == "int8_static":
+        # round 1 (the stem and the first depthwise conv) where an AVX2 host computes the VNNI file unfused; round 2
+        # (the first 5 convs) where a VNNI/AMX Xeon runs it natively. (On half the calibration crops, noisier
+        # ranges, it took round 4: 20 nodes.)
+        assert last.float_nodes_by == "input side" and last.agreement >= 0.97 and len(last.excluded_nodes) <= 8
+    else:  # an AMD EPYC's VNNI kernels: round 1's input side 96.1% (ranked 94.1%), no round at 97%: fp32 ships
+        assert all(t.agreement < 0.97 for t in decision.trials)
 
 
 def test_the_layers_nearest_the_input_ship_in_float_when_they_agree_better_at_the_same_speed(lite0, tmp_path):
