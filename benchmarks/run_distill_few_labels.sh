@@ -9,8 +9,8 @@ LOCK=${EDGEKD_LOCK:-/tmp/edgekd-cpu.lock}
 flock "$LOCK" "$PY" benchmarks/distill_few_labels.py unlabeled-folder
 flock "$LOCK" "$PY" benchmarks/distill_few_labels.py teacher
 for seed in ${SEEDS:-0 1 2}; do
-  for config in ${CONFIGS:-labels-only default default-no-mix labels-only-lr0.002 labels-only-fixed-views-lr0.002 default-lr0.002 \
-                  default-ce1-lr0.002 default-augmented-lr0.002}; do
+  for config in ${CONFIGS:-labels-only default default-no-mix labels-only-lr0.002 labels-only-fixed-views-lr0.002 \
+                  default-lr0.002 default-ce1-lr0.002 default-augmented-lr0.002}; do
     flock "$LOCK" "$PY" benchmarks/distill_few_labels.py student "$config" --seed "$seed"
   done
 done
