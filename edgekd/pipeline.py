@@ -24,7 +24,7 @@ from edgekd.artifacts import make_artifact, sha256_file, write_json_atomic
 from edgekd.evaluate.bench import BENCH_MODELS_NAME, BenchModel, BenchResult, bench, bench_model_to_dict
 from edgekd.evaluate.report import REPORT_FILES, build_report, write_reports
 from edgekd.deploy.bundle import BUNDLE_FILES, BundleOptions, bundle_from_checkpoint, read_shipped_form
-from edgekd.select.candidates import check_measurable_here, choose_student
+from edgekd.select.candidates import check_measurable_here, choose_student, resolve_budget
 from edgekd.data import LoadedData, load_data, recall_unreadable, unreadable_marks
 from edgekd.distill.train import DistillConfig, distill
 from edgekd.errors import EdgekdError
@@ -33,7 +33,7 @@ from edgekd.select.profiles import DeviceProfile, load_profile
 from edgekd.deploy import MAX_ACCURACY_DROP
 from edgekd.deploy.guard import GuardConfig
 from edgekd.record import StageRecord, code_digest, cpu_model, data_fingerprint, stage_key
-from edgekd.select.rule import PassedOver, Selection, select_student
+from edgekd.select.rule import Budget, PassedOver, Selection, select_student
 from edgekd.distill.students import StudentInit, initial_student, read_student_checkpoint, start_fingerprint
 from edgekd.distill.teacher import NO_TEACHER, TeacherOutline, outline_teacher, prepare_teachers
 from edgekd.types import DataSpec, StudentCheckpoint, TeacherResult, TeacherSpec, TrainConfig
@@ -52,7 +52,7 @@ class CompressConfig:
     """Everything `edgekd compress` was asked for."""
 
     teachers: tuple[TeacherSpec, ...]
-    budget_ms: float
+    budget: Budget  # in ms, or a speed-up over the teacher (resolved on the profile when selecting)
     out: Path
     data: DataSpec = DataSpec("fashion-mnist")
     profile: str = "host"
@@ -121,8 +121,8 @@ def compress(config: CompressConfig) -> CompressResult:
     bench_result = _bench(config, record, run_dir, profile, models, data)
 
     _keep_unreadable(run_dir, data)
-    report = build_report(run_dir=run_dir, budget_ms=config.budget_ms, profile=profile, data=data, teachers=teachers,
-                          selection=selection, student=student, bundle_dir=bundle_dir, bench=bench_result,
+    report = build_report(run_dir=run_dir, profile=profile, data=data, teachers=teachers, selection=selection,
+                          student=student, bundle_dir=bundle_dir, bench=bench_result,
                           seconds=time.perf_counter() - started)
     write_reports(run_dir, report)
     _record_run(run_dir, config)
@@ -174,7 +174,9 @@ def _select(config: CompressConfig, record: StageRecord, run_dir: Path, profile:
     init = config.student_init
     key = stage_key("select", {
         "teacher": teacher.model_name, "classes": teacher.num_classes, "size": teacher.image_size,
-        "budget_ms": config.budget_ms, "profile": _jsonable(profile), "student": config.student,
+        # a relative budget is keyed as asked: the teacher's cached timing resolves it the same way again
+        "budget_ms": config.budget.ms, **({"budget_speedup": config.budget.speedup} if config.budget.speedup else {}),
+        "profile": _jsonable(profile), "student": config.student,
         "candidates": config.candidates, "pretrained": init.pretrained,
         "checkpoint": sha256_file(init.checkpoint) if init.checkpoint else None,
         # where the latencies come from: this machine's processor, or the device's table
@@ -184,14 +186,17 @@ def _select(config: CompressConfig, record: StageRecord, run_dir: Path, profile:
         selection = Selection.from_dict(json.loads(path.read_text()))
         log.info("select: reusing %s: %s (%s)", path, selection.chosen.model_name, selection.precision)
         return selection
-    selection = choose_student(teacher.model_name, config.budget_ms, profile, num_classes=teacher.num_classes,
+    budget = resolve_budget(config.budget, teacher.model_name, profile, num_classes=teacher.num_classes,
+                            image_size=teacher.image_size)
+    selection = choose_student(teacher.model_name, budget.ms, profile, num_classes=teacher.num_classes,
                                image_size=teacher.image_size, student=config.student,
                                names=list(config.candidates) if config.candidates else None,
                                student_init=config.student_init)
+    selection = replace(selection, budget_source=budget.source)
     best = selection.chosen.best
     _retire_report(run_dir, bench_too=False)  # the same student may come out: its bench may still be reused
     log.info("student: %s (%s, p90 %.3f ms against a %.3f ms budget): %s", selection.chosen.model_name,
-             selection.precision, best.p90_ms if best else float("nan"), config.budget_ms, selection.reason)
+             selection.precision, best.p90_ms if best else float("nan"), selection.budget_ms, selection.reason)
     write_json_atomic(path, selection.to_dict())
     record.done("select", key, path)
     return selection
@@ -206,7 +211,7 @@ def _next_if_shipped_form_misses(config: CompressConfig, record: StageRecord, ru
     accuracy and fp32 shipped because the guard, timing both side by side, found it at least as fast)."""
     shipped = read_shipped_form(bundle_dir)
     p90 = selection.p90_of(shipped.precision)
-    if selection.pinned or shipped.precision == selection.precision or p90 is None or p90 <= config.budget_ms:
+    if selection.pinned or shipped.precision == selection.precision or p90 is None or p90 <= selection.budget_ms:
         return None
     if shipped.int8_within_guard:
         log.info("%s ships %s: %s; its selection-time p90 (%.3f ms) is over the budget, but the guard's side-by-side "
@@ -215,16 +220,18 @@ def _next_if_shipped_form_misses(config: CompressConfig, record: StageRecord, ru
         return None
     passed = PassedOver(selection.chosen.model_name, shipped.precision, p90,
                         f"fitted the budget as {selection.precision}, but {shipped.precision} shipped "
-                        f"(p90 {p90:.3f} ms > {config.budget_ms:g} ms): {shipped.reason or 'the guard rejected int8'}")
+                        f"(p90 {p90:.3f} ms > {selection.budget_ms:g} ms): "
+                        f"{shipped.reason or 'the guard rejected int8'}")
     given_up = {p.model_name for p in selection.passed_over} | {passed.model_name}
     remaining = [v for v in selection.verdicts if v.candidate.model_name not in given_up]
     if not any(v.fits for v in remaining):
         log.warning("%s ships %s at p90 %.3f ms, over the %g ms budget, and no other candidate fits", passed.model_name,
-                    shipped.precision, p90, config.budget_ms)
+                    shipped.precision, p90, selection.budget_ms)
         return None
-    following = select_student([v.candidate for v in remaining], config.budget_ms)
+    following = select_student([v.candidate for v in remaining], selection.budget_ms)
     log.warning("%s: %s; taking the next candidate, %s", passed.model_name, passed.why, following.chosen.model_name)
     following = replace(following, verdicts=selection.verdicts, passed_over=(*selection.passed_over, passed),
+                        budget_source=selection.budget_source,
                         reason=f"{following.reason} (after {passed.model_name}: {passed.why})")
     write_json_atomic(run_dir / SELECTION_NAME, following.to_dict())  # same key: a re-run resumes from this choice
     record.rewrote("select", run_dir / SELECTION_NAME)

@@ -179,7 +179,8 @@ def test_rerun_reuses_every_stage_and_a_changed_option_redoes_only_its_dependent
     failed = runner.invoke(app, ["compress", *TINY, "--budget", "0.001ms", "--epochs", "1", "--out", str(run_dir)])
     assert failed.exit_code == 2 and "no candidate fits" in failed.output, failed.output
     recorded = json.loads((run_dir / "run.json").read_text())["config"]
-    assert recorded["budget_ms"] == 50 and recorded["max_accuracy_drop"] == 5 and recorded["min_agreement"] == 0.5
+    assert recorded["budget"] == {"ms": 50, "speedup": None}
+    assert recorded["max_accuracy_drop"] == 5 and recorded["min_agreement"] == 0.5
     report = json.loads((run_dir / "report.json").read_text())  # nothing was replaced: the report stays on top
 
     # a re-run killed while it replaces the bundle leaves no report beside a bundle it may not describe
@@ -409,10 +410,18 @@ def test_a_student_whose_int8_is_rejected_and_whose_fp32_misses_gives_way_to_the
         "rows": [latency_row(derived, "int8_static", 1.0), latency_row(derived, "fp32", 5.0),
                  latency_row(lcnet, "int8_static", 2.0), latency_row(lcnet, "fp32", 2.5)]}))
     run_dir = tmp_path / "run"
-    result = runner.invoke(app, ["compress", *TINY, "--profile", str(table), "--budget", "3ms", "--epochs", "1",
+    no_teacher = runner.invoke(app, ["compress", *TINY, "--profile", str(table), "--budget", "2x", "--epochs", "1",
+                                     "--out", str(run_dir)])
+    assert no_teacher.exit_code == 2 and "--budget 2x needs the teacher's own latency" in no_teacher.output
+    assert not (run_dir / "teacher").exists()  # said before the teacher is fine-tuned
+    raw = json.loads(table.read_text())
+    table.write_text(json.dumps({**raw, "rows": [*raw["rows"], latency_row("resnet18", "fp32", 6.0)]}))
+    # twice as fast as the teacher's 6 ms on the device: 3 ms
+    result = runner.invoke(app, ["compress", *TINY, "--profile", str(table), "--budget", "2x", "--epochs", "1",
                                  "--max-accuracy-drop=-100", "--out", str(run_dir)])
     assert result.exit_code == 0, result.output
     summary = json.loads((run_dir / "report.json").read_text())["summary"]
+    assert summary["budget_ms"] == 3.0 and "resnet18's fp32 p90 6 ms on board / 2 = 3 ms" in summary["budget_source"]
     assert summary["student"] == lcnet and summary["precision"] == "fp32"
     models = json.loads((run_dir / "bench_models.json").read_text())
     assert [m["role"] for m in models].count("student") == 1 and "student-fp32" not in [m["role"] for m in models]
@@ -422,7 +431,7 @@ def test_a_student_whose_int8_is_rejected_and_whose_fp32_misses_gives_way_to_the
     [passed] = summary["passed_over"]
     assert passed["model_name"] == derived and passed["shipped_precision"] == "fp32" and passed["p90_ms"] == 5.0
     assert "fitted the budget as int8_static" in passed["why"] and f"Passed over: {derived}" in result.output
-    again = runner.invoke(app, ["compress", *TINY, "--profile", str(table), "--budget", "3ms", "--epochs", "1",
+    again = runner.invoke(app, ["compress", *TINY, "--profile", str(table), "--budget", "2x", "--epochs", "1",
                                 "--max-accuracy-drop=-100", "--out", str(run_dir)])
     assert again.exit_code == 0 and "distill: reusing" in again.output, again.output  # resumes from the second choice
 

@@ -1,6 +1,7 @@
 """Probe packs: written here, run in a fresh environment holding only onnxruntime and numpy, read back as a profile."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -13,12 +14,12 @@ import onnxruntime
 import pytest
 
 from edgekd.deploy.bundle import BundleOptions, bundle_from_checkpoint
-from edgekd.select.candidates import PoolEntry, TimingConfig, measure_candidates
+from edgekd.select.candidates import PoolEntry, TimingConfig, measure_candidates, resolve_budget
 from edgekd.errors import EdgekdError
 from edgekd.select.probe import TABLE_NAME, write_probe_pack
 from edgekd.select.profiles import load_profile
 from edgekd.deploy.guard import GuardConfig
-from edgekd.select.rule import select_student
+from edgekd.select.rule import parse_budget, select_student
 from edgekd.distill.students import read_student_checkpoint
 from tests.helpers.tiny_students import tiny_student
 
@@ -70,7 +71,7 @@ def test_pack_holds_every_deployment_form_and_a_standalone_runner(pack):
     root, profile, runner = pack
     manifest = json.loads((runner.parent / "pack.json").read_text())
     assert {(m["model_name"], m["precision"]) for m in manifest["models"]} == \
-        {(n, p) for n in NAMES for p in profile.precisions}
+        {(n, p) for n in NAMES for p in profile.precisions} | {("test_vit", "fp32")}  # the teacher, as the user has it
     assert all((runner.parent / m["file"]).is_file() for m in manifest["models"]) and not manifest["not_exported"]
     assert manifest["profile"]["name"] == "board"
     assert not re.search(r"^\s*(from|import) (edgekd|torch|timm)\b", runner.read_text(), re.M)
@@ -107,6 +108,15 @@ def test_runner_in_a_bare_environment_and_its_table_as_profile(device_table, tmp
         assert all(m.stats is not None and "table" in m.source for m in by_name[name].measurements)
     assert all("not in the latency table" in m.error for m in by_name["test_efficientnet"].measurements)
     assert select_student(candidates, 1000.0).chosen.model_name == "derived:test_vit:depth=0.5"
+    # a relative budget divides the teacher's fp32 p90 on the device (its row in the table), not a host timing
+    teacher_p90 = next(row["stats"]["p90_ms"] for row in table["rows"]
+                       if (row["model_name"], row["precision"]) == ("test_vit", "fp32"))
+    resolved = resolve_budget(parse_budget("2x"), "test_vit", profile, num_classes=10, image_size=(32, 32),
+                              cache_dir=tmp_path / "cache")
+    assert math.isclose(resolved.ms, teacher_p90 / 2, rel_tol=5e-3) and "test_vit's fp32 p90" in resolved.source
+    with pytest.raises(EdgekdError, match=r"--budget 2x needs the teacher's own latency on .*not in the latency table"):
+        resolve_budget(parse_budget("2x"), "test_efficientnet", profile, num_classes=10, image_size=(32, 32),
+                       cache_dir=tmp_path / "cache")
     # the table at another input size than the one asked for: the error says so, not only "check the providers"
     other_size = measure_candidates(NAMES, profile, num_classes=10, image_size=(48, 48), pool=POOL,
                                     cache_dir=tmp_path / "cache")

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -13,7 +14,8 @@ from edgekd.errors import EdgekdError
 from edgekd.deploy.export import export_onnx
 from edgekd.select.latency import LatencyStats, measure_onnx
 from edgekd.select.profiles import profile_from_dict
-from edgekd.select.rule import DERIVED_FAMILY, Candidate, Measurement, format_table, parse_budget, select_student
+from edgekd.select.rule import (DERIVED_FAMILY, Budget, Candidate, Measurement, format_table, parse_budget,
+                               select_student)
 from edgekd.distill.students import build_student
 
 FAST = TimingConfig(warmup=2, min_runs=8, min_seconds=0.0)
@@ -25,12 +27,18 @@ TINY = ["test_resnet", "test_efficientnet", "derived:test_vit:depth=0.5"]
 @pytest.mark.parametrize("text, ms", [("10ms", 10.0), ("2.5 ms", 2.5), ("0.01s", 10.0), (" 7MS ", 7.0),
                                       ("500us", 0.5), (".5ms", 0.5)])
 def test_budget_accepts_durations(text, ms):
-    assert math.isclose(parse_budget(text), ms)
+    assert math.isclose(parse_budget(text).ms, ms) and parse_budget(text).speedup is None
+
+
+@pytest.mark.parametrize("text, speedup", [("4x", 4.0), ("2.5 X", 2.5), (" 1x ", 1.0)])
+def test_budget_accepts_a_speed_up_over_the_teacher(text, speedup):
+    assert parse_budget(text) == Budget(speedup=speedup) and str(parse_budget(text)).endswith("faster than the teacher")
 
 
 @pytest.mark.parametrize("text, message", [("0", "positive"), ("0ms", "positive"), ("-5ms", "positive"),
                                            ("ten ms", "not a duration"), ("10", "no unit"), ("", "not a duration"),
-                                           ("10 min", "not a duration"), ("nan ms", "not a duration")])
+                                           ("10 min", "not a duration"), ("nan ms", "not a duration"),
+                                           ("0.25x", "at least 1x"), ("-2x", "at least 1x"), ("10", "or 10x")])
 def test_budget_rejects_bad_input(text, message):
     with pytest.raises(EdgekdError, match=message):
         parse_budget(text)
@@ -184,11 +192,53 @@ def test_a_stale_optimistic_cache_entry_is_caught_by_measuring_the_choice_again(
     assert selection.chosen.best.p90_ms > 1e-3
 
 
+def _plant(cache, model: str, p90_ms: float) -> int:
+    """Every cached latency of `model` replaced by one run at `p90_ms`; the number of forms planted."""
+    planted = 0
+    for path in cache.glob("*.json"):
+        raw = json.loads(path.read_text())
+        if raw["key"].get("kind") == "latency" and raw["key"]["model"] == model:
+            raw["value"] = {"stats": {**raw["value"]["stats"], "p50_ms": p90_ms, "p90_ms": p90_ms}}
+            path.write_text(json.dumps(raw))
+            planted += 1
+    return planted
+
+
+def test_a_stale_pessimistic_near_miss_the_rule_prefers_is_measured_again(measured, host, tmp_path):
+    """A cached figure from 'a busy moment' puts the derived student (the rule's first preference) just over the
+    budget: it is timed again, three runs' median decides, and it is chosen. Far over, it is left as cached."""
+    first, cache = measured
+    budget = 3 * max(c.best.p90_ms for c in first)  # every candidate fits it, measured quietly
+    near = tmp_path / "near"
+    shutil.copytree(cache, near)
+    assert _plant(near, TINY[2], 1.1 * budget) == len(host.precisions)
+    assert select_student(measure_candidates(TINY, host, num_classes=10, image_size=(32, 32), pool=POOL,
+                                             cache_dir=near, timing=FAST), budget).chosen.model_name != TINY[2]
+    selection = choose_student("test_vit", budget, host, num_classes=10, names=TINY, pool=POOL, cache_dir=near,
+                               timing=FAST)
+    assert selection.chosen.model_name == TINY[2] and selection.chosen.best.p90_ms <= budget
+    derived = next(v.candidate for v in selection.verdicts if v.candidate.model_name == TINY[2])
+    assert all("3 times (p90" in m.source for m in derived.measurements), derived.measurements
+    far = tmp_path / "far"
+    shutil.copytree(cache, far)
+    _plant(far, TINY[2], 2 * budget)
+    selection = choose_student("test_vit", budget, host, num_classes=10, names=TINY, pool=POOL, cache_dir=far,
+                               timing=FAST)
+    derived = next(v.candidate for v in selection.verdicts if v.candidate.model_name == TINY[2])
+    assert selection.chosen.model_name != TINY[2]
+    assert all(m.source.endswith("(cached)") and m.p90_ms == 2 * budget for m in derived.measurements)
+
+
 def test_cli_select_prints_the_table_and_the_choice(measured, tmp_path):
     _, cache = measured
     args = ["select", "--teacher", "test_vit", "--profile", "host", "--num-classes", "10", "--input-size", "32",
             "--candidates", ",".join(TINY), "--cache-dir", str(cache)]
     runner = CliRunner()
+    relative = runner.invoke(app, [*args, "--budget", "1x"])  # as fast as the teacher: its fp32 p90 here
+    assert relative.exit_code == 0, relative.output
+    teacher_p90 = float(re.search(r"test_vit's fp32 p90 ([\d.]+) ms on host", relative.output)[1])
+    budget = float(re.search(r"budget ([\d.e-]+) ms p90", relative.output)[1])
+    assert math.isclose(budget, teacher_p90, rel_tol=1e-2) and "1x faster than the teacher" in relative.output
     low = runner.invoke(app, [*args, "--budget", "0.001ms"])
     assert low.exit_code == 2 and "no candidate fits 0.001 ms: the fastest is" in low.output
     assert all(name in low.output for name in TINY) and "too slow" in low.output

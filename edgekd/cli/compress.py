@@ -11,6 +11,7 @@ import typer
 from edgekd.cli.app import app, user_errors
 from edgekd.errors import EdgekdError
 from edgekd.cli.options import (
+    BUDGET_HELP,
     PROFILE_HELP,
     Augment,
     Flip,
@@ -61,8 +62,7 @@ from edgekd.recipe import DEFAULT_MIX_ALPHA
 @user_errors
 def compress_command(
     teacher: Teachers,
-    budget: str = typer.Option(..., "--budget", "-b",
-                               help="Latency budget per image on the profile: 10ms, 2.5 ms, 0.01s."),
+    budget: str = typer.Option(..., "--budget", "-b", help=BUDGET_HELP),
     data: Data = "fashion-mnist",
     unlabeled_data: UnlabeledData = [],
     labeled_repeat: LabeledRepeat = 1,
@@ -119,7 +119,7 @@ def compress_command(
         raise EdgekdError("compress runs as one process; on several GPUs run its distillation with torchrun: "
                           "`edgekd train-teacher`, then `torchrun ... -m edgekd.cli distill --teacher-dir DIR`, then "
                           "`edgekd export` (README, 'On several GPUs')")
-    budget_ms = parse_budget(budget)
+    wanted = parse_budget(budget)
     specs = teacher_specs(teacher, teacher_checkpoint, random_init)
     check_model_names("--student", [student] if student else [])
     student, student_init = student_choice(student, student_checkpoint, student_pretrained)
@@ -127,7 +127,7 @@ def compress_command(
     run_dir = out or Path("runs") / f"{specs[0].name.split('.')[0]}-{budget.replace(' ', '')}"
     check_mix(mix, mix_alpha, mix_extra)  # before the teacher is fine-tuned
     config = CompressConfig(
-        teachers=tuple(specs), budget_ms=budget_ms, out=run_dir, profile=profile, image_size=image_size,
+        teachers=tuple(specs), budget=wanted, out=run_dir, profile=profile, image_size=image_size,
         student=student, student_init=student_init, candidates=tuple(_names(candidates) or ()) or None,
         max_accuracy_drop=max_accuracy_drop, calibration_method=calibration,
         min_agreement=min_agreement,

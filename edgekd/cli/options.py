@@ -309,6 +309,8 @@ def teacher_specs(names: list[str], checkpoints: list[Path], random_init: bool):
 
 # ----------------------------------------------------------------------------------------------- devices + selection
 
+BUDGET_HELP = ("Latency budget per image on the profile (its p90): 10ms, 2.5 ms, 0.01s; or a speed-up over the "
+               "teacher, 4x: its fp32 p90 on the same profile / 4 (the same ask on a fast machine and a slow one).")
 PROFILE_HELP = ("Target device: a profile name (see `edgekd profiles`), a profile .toml, or the latency_table.json "
                 "a probe pack wrote on the device.")
 

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from edgekd.cli.app import app, user_errors
-from edgekd.cli.options import (PROFILE_HELP, Candidates, StudentPretrained, _names, check_model_names,
+from edgekd.cli.options import (BUDGET_HELP, PROFILE_HELP, Candidates, StudentPretrained, _names, check_model_names,
                                 parse_input_size)
 from edgekd.errors import EdgekdError
 
@@ -40,7 +40,7 @@ def profiles_command() -> None:
 @user_errors
 def select_command(
     teacher: str = typer.Option(..., "--teacher", "-t", help="The teacher (timm name or alias)."),
-    budget: str = typer.Option(..., "--budget", "-b", help="Latency budget per image, e.g. 10ms, 2.5 ms, 0.01s."),
+    budget: str = typer.Option(..., "--budget", "-b", help=BUDGET_HELP),
     profile: str = typer.Option("host", "--profile", "-p", help=PROFILE_HELP),
     student: Optional[str] = typer.Option(None, "--student", help="Pin this student; still reports if it fits."),
     num_classes: int = typer.Option(1000, "--num-classes", min=1,
@@ -54,20 +54,24 @@ def select_command(
     """Measure every candidate student on the profile's device in its deployment form; choose one that fits."""
     from edgekd.distill.students import StudentInit
     from edgekd.models import resolve_model_name
-    from edgekd.select.candidates import measure_for_teacher, select_confirmed
+    from edgekd.select.candidates import measure_for_teacher, resolve_budget, select_confirmed
     from edgekd.select.profiles import load_profile
     from edgekd.select.rule import RULE, format_table, parse_budget
 
     check_model_names("--student", [student] if student else [])
-    budget_ms = parse_budget(budget)
+    wanted = parse_budget(budget)
     device = load_profile(profile)
-    measured = measure_for_teacher(resolve_model_name(teacher), device, num_classes=num_classes,
-                                   image_size=parse_input_size(input_size), student=student,
+    teacher_name, size = resolve_model_name(teacher), parse_input_size(input_size)
+    resolved = resolve_budget(wanted, teacher_name, device, num_classes=num_classes, image_size=size,
+                              cache_dir=cache_dir)
+    budget_ms = resolved.ms
+    measured = measure_for_teacher(teacher_name, device, num_classes=num_classes, image_size=size, student=student,
                                    names=_names(candidates), cache_dir=cache_dir,
                                    student_init=StudentInit(pretrained=student_pretrained))
     source = f"the device's table {device.table_path}" if device.table_path else f"this machine ({device.name})"
     typer.echo(f"latency measured on {source}: {', '.join(device.providers)}, {device.threads} threads, batch "
-               f"{device.batch}; fastest of {', '.join(device.precisions)} per candidate; budget {budget_ms:g} ms p90")
+               f"{device.batch}; fastest of {', '.join(device.precisions)} per candidate; budget {budget_ms:.3g} ms p90"
+               + (f" ({resolved.source})" if resolved.source else ""))
     try:
         selection = select_confirmed(measured, budget_ms, device, num_classes=num_classes, student=student,
                                      cache_dir=cache_dir)

@@ -28,7 +28,7 @@ SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
 
 
-def build_report(*, run_dir: Path, budget_ms: float, profile: DeviceProfile, data: LoadedData,
+def build_report(*, run_dir: Path, profile: DeviceProfile, data: LoadedData,
                  teachers: list[TeacherResult], selection: Selection, student: StudentCheckpoint, bundle_dir: Path,
                  bench: BenchResult, seconds: float) -> dict[str, Any]:
     """Everything a person or a CI job needs to judge the run, as plain JSON values."""
@@ -37,10 +37,12 @@ def build_report(*, run_dir: Path, budget_ms: float, profile: DeviceProfile, dat
     shipped = _facts(bench, "student")
     fp32_student = _facts(bench, "student-fp32") or (shipped if shipped and shipped.precision == "fp32" else None)
     student_ms, teacher_ms, source = _budget_latencies(bench, profile, selection, shipped, teacher_fp32)
+    budget_ms = selection.budget_ms
     summary = {
         "student": student.model_name,
         "precision": shipped.precision if shipped else None,
         "budget_ms": budget_ms,
+        "budget_source": selection.budget_source or None,
         "student_p50_ms": student_ms[0],
         "student_p90_ms": student_ms[1],
         "meets_budget": student_ms[1] is not None and student_ms[1] <= budget_ms,
@@ -205,7 +207,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     lines = [
         f"Student: {s['student']} ({s['precision']}), p90 {_fmt(s['student_p90_ms'], 'ms')} ms at "
         f"{s['measured_threads']} thread(s): {verdict} the {_fmt(s['budget_ms'], 'ms')} ms budget "
-        f"({teacher_verdict}{speed}).",
+        f"({s['budget_source'] + '; ' if s.get('budget_source') else ''}{teacher_verdict}{speed}).",
         f"Accuracy: student {_fmt(s['student_top1'], 'pct')} vs teacher {_fmt(s['teacher_top1'], 'pct')} top-1 "
         f"({_fmt(s['accuracy_drop_points'])} points), top-1 agreement with the teacher "
         f"{_fmt(s['teacher_agreement'], 'pct')}; {_fmt(s['size_ratio'], 'x')} smaller file.",

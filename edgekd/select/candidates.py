@@ -34,7 +34,7 @@ from edgekd.models import count_params, preprocess_for, resolve_model_name
 from edgekd.select.profiles import DeviceProfile
 from edgekd.deploy.quantize import MIN_CALIBRATION_IMAGES, prepare_for_quantization, quantize_onnx
 from edgekd.record import code_digest, cpu_model
-from edgekd.select.rule import DERIVED_FAMILY, Candidate, Measurement, Selection, select_student
+from edgekd.select.rule import DERIVED_FAMILY, Budget, Candidate, Measurement, Selection, rule_rank, select_student
 from edgekd.distill.students import StudentInit, build_student, derived_name, parse_derived
 from edgekd.distill.train_utils import progress
 
@@ -44,6 +44,9 @@ DERIVED_DEPTH = 0.5  # the issue's starting point: a ViT keeps every other block
 CACHE_ENV = "EDGEKD_CACHE_DIR"
 MAX_CONFIRMATIONS = 6  # re-measured choices before the latest one stands unconfirmed (a very noisy machine)
 KEPT_MEASUREMENTS = 5  # timings of one form the latency cache keeps; their median stands for the form
+# a candidate the rule would rather choose whose cached p90 misses the budget by at most this factor is timed again:
+# on the 2-core host one form's p90 ranged over 1.9x between runs (make demo's student: 0.16-0.31 ms)
+NEAR_MISS = 1.25
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +117,35 @@ def resolve_image_size(teacher: str, profile: DeviceProfile, override: tuple[int
     return int(size[1]), int(size[2])
 
 
+@dataclass(frozen=True)
+class ResolvedBudget:
+    """A --budget in milliseconds, and how a relative one got there (for the selection and the report)."""
+
+    ms: float
+    source: str = ""  # "" for a budget given in ms
+
+
+def resolve_budget(budget: Budget, teacher: str, profile: DeviceProfile, *, num_classes: int,
+                   image_size: tuple[int, int] | None = None, cache_dir: Path | None = None,
+                   timing: TimingConfig = TimingConfig()) -> ResolvedBudget:
+    """A budget in ms as it is; a speed-up over the teacher divides the teacher's p90 in fp32 (the form the user has)
+    on `profile`, timed as a candidate is (here, cached alike; or the device's table, where probe packs put it)."""
+    if budget.ms is not None:
+        return ResolvedBudget(budget.ms)
+    as_given = replace(profile, precisions=("fp32",))
+    [measured] = measure_candidates([teacher], as_given, num_classes=num_classes,
+                                    image_size=resolve_image_size(teacher, profile, image_size), cache_dir=cache_dir,
+                                    timing=timing)
+    form = measured.form("fp32")
+    if form is None:
+        why = measured.error or next((m.error for m in measured.measurements if m.error), "not measured")
+        raise EdgekdError(f"--budget {budget.speedup:g}x needs the teacher's own latency on {profile.name}, which "
+                          f"failed: {why}; give the budget in ms (e.g. 10ms)")
+    ms = float(f"{form.p90_ms / budget.speedup:.3g}")  # as it is shown: the budget a reader can check
+    return ResolvedBudget(ms, f"{budget}: {teacher}'s fp32 p90 {form.p90_ms:.3g} ms on {profile.name} / "
+                              f"{budget.speedup:g} = {ms:.3g} ms")
+
+
 def choose_student(teacher: str, budget_ms: float, profile: DeviceProfile, *, num_classes: int,
                    image_size: tuple[int, int] | None = None, student: str | None = None,
                    names: list[str] | None = None, pool: tuple[PoolEntry, ...] = POOL, cache_dir: Path | None = None,
@@ -134,47 +166,84 @@ def choose_student(teacher: str, budget_ms: float, profile: DeviceProfile, *, nu
 def select_confirmed(measured: list[Candidate], budget_ms: float, profile: DeviceProfile, *, num_classes: int,
                      student: str | None = None, cache_dir: Path | None = None,
                      timing: TimingConfig = TimingConfig()) -> Selection:
-    """select_student, with the choice (timed here) measured again until a choice holds (see choose_student)."""
-    selection = select_student(measured, budget_ms, student=student)
-    if profile.latency != "host" or selection.pinned:
-        return selection
+    """select_student, with the figures that decide it (timed here) measured again until a choice holds (see
+    choose_student): the choice itself, and each near miss the rule would rather have (_near_misses)."""
+    if profile.latency != "host" or student is not None:
+        return select_student(measured, budget_ms, student=student)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    confirmed: set[tuple[str, str]] = set()
+    timed_again: set[tuple[str, str]] = set()
     for _ in range(MAX_CONFIRMATIONS):
+        for name, precision in _near_misses(measured, budget_ms, timed_again):
+            near = next(c for c in measured if c.model_name == name)
+            # to overturn the cached verdict takes a majority of timings that fit: an odd number of them
+            checked = _confirm(near, precision, profile, num_classes, cache, timing, odd=True)
+            timed_again.add((name, precision))
+            measured = [checked if c is near else c for c in measured]
+            log.info("%s %s (cached p90 %.3f ms, a near miss the rule prefers) measured again: p90 %.3f ms against "
+                     "a %g ms budget", name, precision, near.form(precision).p90_ms, checked.form(precision).p90_ms,
+                     budget_ms)
+        selection = select_student(measured, budget_ms)  # raises when nothing fits
         chosen, precision = selection.chosen, selection.precision
-        if (chosen.model_name, precision) in confirmed:
+        if (chosen.model_name, precision) in timed_again:
             return selection
         checked = _confirm(chosen, precision, profile, num_classes, cache, timing)
-        confirmed.add((chosen.model_name, precision))
+        timed_again.add((chosen.model_name, precision))
         measured = [checked if c is chosen else c for c in measured]
-        selection = select_student(measured, budget_ms, student=student)  # raises when nothing fits any more
+        selection = select_student(measured, budget_ms)  # raises when nothing fits any more
         if (selection.chosen.model_name, selection.precision) != (chosen.model_name, precision):
             log.warning("%s %s measured again at p90 %.3f ms against a %g ms budget; choosing again",
                         chosen.model_name, precision, checked.form(precision).p90_ms, budget_ms)
     return selection
 
 
+def _near_misses(measured: list[Candidate], budget_ms: float,
+                 timed_again: set[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(name, precision) of the forms, not yet timed again, whose cached p90 misses the budget by at most NEAR_MISS,
+    of candidates that fit in no form and that the rule would choose over the present choice (any, when nothing
+    fits). A cached figure from a busy moment must not rule out the student the rule wants for good, as one from a
+    quiet moment must not rule it in (_confirm)."""
+    fitting = [c for c in measured if c.best is not None and c.best.p90_ms <= budget_ms]
+    bar = rule_rank(min(fitting, key=rule_rank)) if fitting else None
+    return [(c.model_name, m.precision) for c in measured if c.best is not None and c.best.p90_ms > budget_ms
+            and (bar is None or rule_rank(c) < bar)
+            for m in c.measurements if m.stats is not None and m.p90_ms <= budget_ms * NEAR_MISS
+            and (c.model_name, m.precision) not in timed_again]
+
+
 def _confirm(candidate: Candidate, precision: str, profile: DeviceProfile, num_classes: int, cache: Path,
-             timing: TimingConfig) -> Candidate:
+             timing: TimingConfig, odd: bool = False) -> Candidate:
     """The candidate with its `precision` form timed afresh. The cache keeps the last KEPT_MEASUREMENTS runs of a
-    form and stands for them with the one whose p90 is their median: a figure from a quiet or a busy moment does not
-    decide alone, and re-timing does not ratchet the cached figure up (or down) for good."""
-    image_size = (candidate.input_size[1], candidate.input_size[2])
-    model = build_student(candidate.model_name, num_classes, image_size).eval()
-    fresh = _measure_forms(model, [precision], candidate.input_size, profile, timing)[precision]
+    form and stands for them with the one whose p90 is their median (the slower middle one of an even number): a
+    figure from a quiet or a busy moment does not decide alone, and re-timing does not ratchet the cached figure up
+    (or down) for good. `odd`: timed twice where once would leave an even number of kept runs."""
     old = candidate.form(precision)
-    if fresh.stats is None or old is None:
+    if old is None:
         return candidate
     key = _latency_key(profile, candidate.model_name, candidate.input_size, num_classes, precision, timing)
     cached = _cache_read(cache, key) or {"stats": old.stats.to_dict()}
     runs = [LatencyStats.from_dict(raw) for raw in cached.get("runs", [cached["stats"]])]
-    runs = [*runs, fresh.stats][-KEPT_MEASUREMENTS:]
+    times = 2 if odd and len(runs) + 1 < KEPT_MEASUREMENTS and (len(runs) + 1) % 2 == 0 else 1
+    fresh = _time_again(candidate, precision, profile, num_classes, timing, times)
+    if not fresh:
+        return candidate
+    runs = [*runs, *fresh][-KEPT_MEASUREMENTS:]
     median = sorted(runs, key=lambda stats: stats.p90_ms)[len(runs) // 2]
     _cache_write(cache, key, {"stats": median.to_dict(), "runs": [stats.to_dict() for stats in runs]})
     kept = Measurement(precision, median, f"measured on {profile.name} {len(runs)} times (p90 "
                                           f"{', '.join(f'{r.p90_ms:.3f}' for r in runs)} ms; the median counts)")
     return replace(candidate, measurements=tuple(kept if m.precision == precision else m
                                                  for m in candidate.measurements))
+
+
+def _time_again(candidate: Candidate, precision: str, profile: DeviceProfile, num_classes: int,
+                timing: TimingConfig, times: int) -> list[LatencyStats]:
+    """`times` fresh timings of the candidate's `precision` form, made once (none where it fails now)."""
+    image_size = (candidate.input_size[1], candidate.input_size[2])
+    model = build_student(candidate.model_name, num_classes, image_size).eval()
+    with tempfile.TemporaryDirectory(prefix="edgekd-candidate-") as work:
+        form = deployment_forms(model, candidate.input_size, [precision], profile.isa, Path(work), "model")[precision]
+        timed = [_time_form(form, precision, candidate.input_size, profile, timing) for _ in range(times)]
+    return [measurement.stats for measurement in timed if measurement.stats is not None]
 
 
 def measure_for_teacher(teacher: str, profile: DeviceProfile, *, num_classes: int,

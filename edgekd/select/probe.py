@@ -45,15 +45,18 @@ def write_probe_pack(teacher: str, profile: DeviceProfile, out_dir: Path, *, num
         raise EdgekdError(f"{out_dir} exists and is not a probe pack; give an empty or new folder with --out")
     size = resolve_image_size(teacher, profile, image_size)
     entries, errors = [], []
-    for name in progress(names or candidate_names(teacher, pool), desc="writing probe pack", unit="model"):
+    candidates = names or candidate_names(teacher, pool)
+    # the teacher as the user has it (fp32) too: a relative --budget (4x) divides its p90 on the device
+    timed = [(name, profile.precisions) for name in candidates] + \
+        ([] if teacher in candidates else [(teacher, ("fp32",))])
+    for name, precisions in progress(timed, desc="writing probe pack", unit="model"):
         try:
             model = build_student(name, num_classes, size).eval()
         except EdgekdError as error:
             errors.append({"model_name": name, "error": str(error)})
             continue
         input_size = preprocess_for(model, size).input_size
-        forms = deployment_forms(model, input_size, profile.precisions, profile.isa, out_dir / "models",
-                                 file_stem(name))
+        forms = deployment_forms(model, input_size, precisions, profile.isa, out_dir / "models", file_stem(name))
         for precision, form in forms.items():
             if isinstance(form, str):
                 errors.append({"model_name": name, "precision": precision, "error": form})

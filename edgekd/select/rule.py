@@ -27,6 +27,7 @@ DERIVED_FAMILY = "teacher-derived"
 
 _BUDGET_RE = re.compile(r"^\s*(?P<value>[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)\s*(?P<unit>ms|s|us|µs)?\s*$", re.I)
 _UNIT_MS = {"ms": 1.0, "s": 1e3, "us": 1e-3, "µs": 1e-3}
+_SPEEDUP_RE = re.compile(r"^\s*(?P<value>[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)\s*x\s*$", re.I)
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ class Selection:
     verdicts: tuple[Verdict, ...]  # every candidate, in table order
     rule: str = RULE
     passed_over: tuple[PassedOver, ...] = ()  # earlier choices whose shipped form missed the budget, in order
+    budget_source: str = ""  # how a relative budget became budget_ms ("4x faster than ..."); "" for one in ms
 
     def p90_of(self, precision: str) -> float | None:
         """The chosen candidate's measured p90 in `precision` on the profile (None: not measured)."""
@@ -121,7 +123,7 @@ class Selection:
     def to_dict(self) -> dict[str, Any]:
         return {"chosen": self.chosen.model_name, "precision": self.precision, "budget_ms": self.budget_ms,
                 "fits": self.fits, "pinned": self.pinned, "reason": self.reason, "rule": self.rule,
-                "passed_over": [asdict(p) for p in self.passed_over],
+                "passed_over": [asdict(p) for p in self.passed_over], "budget_source": self.budget_source,
                 "verdicts": [{"candidate": _candidate_to_dict(v.candidate), "fits": v.fits, "note": v.note}
                              for v in self.verdicts]}
 
@@ -131,7 +133,8 @@ class Selection:
         chosen = next(v.candidate for v in verdicts if v.candidate.model_name == raw["chosen"])
         return cls(chosen=chosen, precision=raw["precision"], budget_ms=float(raw["budget_ms"]), fits=raw["fits"],
                    pinned=raw["pinned"], reason=raw["reason"], verdicts=verdicts, rule=raw["rule"],
-                   passed_over=tuple(PassedOver(**p) for p in raw.get("passed_over", [])))
+                   passed_over=tuple(PassedOver(**p) for p in raw.get("passed_over", [])),
+                   budget_source=raw.get("budget_source", ""))
 
 
 def _candidate_to_dict(candidate: Candidate) -> dict[str, Any]:
@@ -147,17 +150,38 @@ def _candidate_from_dict(raw: dict[str, Any]) -> Candidate:
     return Candidate(**{**raw, "input_size": tuple(raw["input_size"]), "measurements": measurements})
 
 
-def parse_budget(text: str) -> float:
-    """`--budget`: "10ms", "2.5 ms", "0.01s", "500us" -> milliseconds."""
+@dataclass(frozen=True)
+class Budget:
+    """`--budget`: a latency per image (`ms`), or a speed-up over the teacher (`speedup`: `4x` is the teacher's fp32
+    p90 on the same profile divided by 4), which means the same on a fast machine and a slow one."""
+
+    ms: float | None = None
+    speedup: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.ms:g} ms" if self.ms is not None else f"{self.speedup:g}x faster than the teacher"
+
+
+def parse_budget(text: str) -> Budget:
+    """`--budget`: "10ms", "2.5 ms", "0.01s", "500us" (milliseconds), or "4x" (a speed-up over the teacher)."""
+    speedup = _SPEEDUP_RE.match(str(text))
+    if speedup:
+        value = float(speedup["value"])
+        if not (math.isfinite(value) and value >= 1):
+            raise EdgekdError(f"--budget {text!r}: a speed-up over the teacher is at least 1x (4x: a quarter of the "
+                              "teacher's latency); or give a duration, e.g. 10ms")
+        return Budget(speedup=value)
     match = _BUDGET_RE.match(str(text))
     if not match:
-        raise EdgekdError(f"--budget {text!r} is not a duration; write it like 10ms, 2.5 ms or 0.01s")
+        raise EdgekdError(f"--budget {text!r} is not a duration or a speed-up; write it like 10ms, 2.5 ms, 0.01s, "
+                          "or 4x (four times faster than the teacher)")
     value = float(match["value"])
     if not (math.isfinite(value) and value > 0):
         raise EdgekdError(f"--budget {text!r} must be a positive, finite duration, e.g. 10ms")
     if match["unit"] is None:
-        raise EdgekdError(f"--budget {text!r} has no unit; write {match['value']}ms or {match['value']}s")
-    return value * _UNIT_MS[match["unit"].lower()]
+        raise EdgekdError(f"--budget {text!r} has no unit; write {match['value']}ms or {match['value']}s "
+                          f"(or {match['value']}x: that many times faster than the teacher)")
+    return Budget(ms=value * _UNIT_MS[match["unit"].lower()])
 
 
 def verdicts(candidates: list[Candidate], budget_ms: float) -> list[Verdict]:
@@ -204,7 +228,7 @@ def select_student(candidates: list[Candidate], budget_ms: float, *, student: st
         raise EdgekdError(f"no candidate fits {budget_ms:g} ms: the fastest is {fastest.model_name} at p90 "
                           f"{form.p90_ms:.2f} ms ({form.precision}); raise --budget to at least "
                           f"{math.ceil(form.p90_ms * 100) / 100:g}ms or pick a faster profile")
-    chosen = min(fitting, key=_rank)
+    chosen = min(fitting, key=rule_rank)
     best = _best(chosen)
     random_note = "" if chosen.real_start else \
         "; it starts from RANDOM weights (none that fit has real ones here; --student-checkpoint gives some)"
@@ -252,7 +276,7 @@ def _p90(candidate: Candidate) -> float:
     return best.p90_ms if best is not None else math.inf
 
 
-def _rank(c: Candidate) -> tuple:
+def rule_rank(c: Candidate) -> tuple:
     """The rule as a sort key (lowest first); see RULE."""
     if not c.real_start:
         return (1, -float(c.macs), _p90(c))
