@@ -152,6 +152,8 @@ AT_DEFAULT_RATE = {
     # what the teacher's features add on top of the default (fitnet needs the teacher's maps: it runs live)
     "default+feature": replace(NO_MIX, losses=NO_MIX.losses + ",fitnet=1"),
     "default+relation": replace(NO_MIX, losses=NO_MIX.losses + ",rkd=1"),
+    # the same on today's default (mixed images added): FitNets hints beside the standardized KD, teacher live
+    "default+fitnet": replace(default_recipe(), losses=default_recipe().losses + ",fitnet=1"),
     # the teacher's pooled embedding (cached with its logits) through a trained linear projector (proj, Miles &
     # Mikolajczyk 2024), and correlation-based logit KD (dist, Huang et al. 2022; its CIFAR setting: T=4, 2 and 2)
     "default+proj": replace(NO_MIX, losses=NO_MIX.losses + ",proj=1"),
