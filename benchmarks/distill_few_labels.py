@@ -64,6 +64,10 @@ AT_DEFAULT_RATE = {  # fixed views, the teacher's answers cached, unless a row s
     "kd+proj": Row(Recipe("ce=1,kd=1,proj=1", augment=False), unlabeled=True, epochs=UNLABELED_EPOCHS),
     "default+proj": Row(replace(NO_MIX, losses=NO_MIX.losses + ",proj=1"),
                         unlabeled=True, epochs=UNLABELED_EPOCHS),
+    # FitNets hints beside the default (the teacher live: its maps are not cached), as on 10,000 labels
+    "default+fitnet": Row(replace(default_recipe(UNLABELED_EPOCHS),
+                                  losses=default_recipe(UNLABELED_EPOCHS).losses + ",fitnet=1"),
+                          unlabeled=True, epochs=UNLABELED_EPOCHS),
 }
 # Every row of the previous version of this table, at the rate edgekd used then (2e-3), with the default of then
 # (no mixed images).
