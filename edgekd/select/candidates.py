@@ -240,9 +240,7 @@ def _time_again(candidate: Candidate, precision: str, profile: DeviceProfile, nu
     """`times` fresh timings of the candidate's `precision` form, made once (none where it fails now)."""
     image_size = (candidate.input_size[1], candidate.input_size[2])
     model = build_student(candidate.model_name, num_classes, image_size).eval()
-    with tempfile.TemporaryDirectory(prefix="edgekd-candidate-") as work:
-        form = deployment_forms(model, candidate.input_size, [precision], profile.isa, Path(work), "model")[precision]
-        timed = [_time_form(form, precision, candidate.input_size, profile, timing) for _ in range(times)]
+    timed = _measure_forms(model, [precision], candidate.input_size, profile, timing, times)[precision]
     return [measurement.stats for measurement in timed if measurement.stats is not None]
 
 
@@ -317,7 +315,7 @@ def _measure_one(name: str, profile: DeviceProfile, num_classes: int, image_size
     missing = [p for p in profile.precisions if p not in measured]
     if missing:
         model = model if model is not None else build_student(name, num_classes, image_size).eval()
-        for precision, measurement in _measure_forms(model, missing, input_size, profile, timing).items():
+        for precision, (measurement,) in _measure_forms(model, missing, input_size, profile, timing).items():
             measured[precision] = measurement
             if measurement.stats is not None:
                 _cache_write(cache, keys[precision], {"stats": measurement.stats.to_dict()})
@@ -334,11 +332,11 @@ def _latency_key(profile: DeviceProfile, name: str, input_size: tuple[int, int, 
 
 
 def _measure_forms(model: torch.nn.Module, precisions: Sequence[str], input_size: tuple[int, int, int],
-                   profile: DeviceProfile, timing: TimingConfig) -> dict[str, Measurement]:
-    """Make each precision's deployment form in a scratch folder and time it on this machine."""
+                   profile: DeviceProfile, timing: TimingConfig, times: int = 1) -> dict[str, list[Measurement]]:
+    """Make each precision's deployment form in a scratch folder and time it on this machine, `times` times."""
     with tempfile.TemporaryDirectory(prefix="edgekd-candidate-") as work:
         forms = deployment_forms(model, input_size, precisions, profile.isa, Path(work), "model")
-        return {precision: _time_form(form, precision, input_size, profile, timing)
+        return {precision: [_time_form(form, precision, input_size, profile, timing) for _ in range(times)]
                 for precision, form in forms.items()}
 
 
